@@ -1,0 +1,31 @@
+# IGSM workflow: download → dense → prune → finetune → sample → FID → tables.
+# The paper's experiments by default; `--configfile config/demo.yaml` for the offline CPU demo.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# A config given on the command line replaces the paper config instead of merging into it:
+# merged, the demo would also schedule every paper experiment.
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, "schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/download.smk"
+include: "rules/dense.smk"
+include: "rules/prune.smk"
+include: "rules/finetune.smk"
+include: "rules/sample.smk"
+include: "rules/fid.smk"
+include: "rules/tables.smk"
+
+
+rule all_tables:
+    default_target: True
+    input:
+        all_table_files(),

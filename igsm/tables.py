@@ -1,0 +1,93 @@
+"""Result tables (paper Tables 1, 3–5, 10) assembled from the workflow's JSON files alone.
+
+One row per (dataset, model, channel ratio, objective): parameters, MACs, FID, training steps,
+and, where the paper reports the same experiment (same dense model, derived pruning-ratio label,
+criterion and objective weights), the published FID and our difference to it.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+
+TERMS = ("np", "kd", "jm1", "jm2")
+COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
+           "params_M", "macs_G", "fid", "fid_images", "fid_mode", "training_steps",
+           "paper_fid", "delta_fid", "paper_source"]
+
+
+def _load(path):
+    return json.loads(Path(path).read_text()) if path else {}
+
+
+def published_results() -> pd.DataFrame:
+    with resources.files("igsm").joinpath("paper_results.csv").open() as f:
+        return pd.read_csv(f, dtype=str, keep_default_na=False)
+
+
+def _weights_match(published: pd.Series, weights: dict) -> bool:
+    for term in TERMS:
+        ours = float(weights.get(term, 0.0))
+        theirs = published[term]
+        if theirs == "*":
+            if ours <= 0:
+                return False
+        elif abs(ours - float(theirs)) > 1e-12:
+            return False
+    return True
+
+
+def paper_value(dense_model: str, pr_label: str, criterion: str, weights: dict | None):
+    """(published FID, where) for the same experiment in the paper, or (None, '')."""
+    table = published_results()
+    table = table[(table.dense_model == dense_model) & (table.pr_label == pr_label)]
+    for _, row in table.iterrows():
+        if pr_label == "dense" or (row.criterion == criterion and _weights_match(row, weights)):
+            return float(row.fid), row.where
+    return None, ""
+
+
+def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]) -> pd.DataFrame:
+    """One table row per scored model; ``rows`` hold metadata and paths (rules/tables.smk)."""
+    out = []
+    for entry in rows:
+        fid, eff = _load(entry["fid"]), _load(entry["efficiency"])
+        summary, report = _load(entry["summary"]), _load(entry["prune_report"])
+        variant = entry["variant"]
+        label = report.get("paper_label", "") if report else ("dense" if variant == "dense" else "")
+        paper_fid, where = paper_value(dense_model, label, entry["criterion"], entry["weights"])
+        out.append({
+            "experiment": experiment,
+            "dataset": dataset,
+            "model": variant,
+            "criterion": entry["criterion"],
+            "channel_ratio": entry["channel_ratio"],
+            "pr_label": label,
+            "objective": entry["objective"],
+            "params_M": eff["params"] / 1e6,
+            "macs_G": eff["macs"] / 1e9,
+            "fid": fid["fid"],
+            "fid_images": fid["num_images"],
+            "fid_mode": fid["mode"],
+            "training_steps": summary.get("num_steps", 0),
+            "paper_fid": paper_fid,
+            "delta_fid": None if paper_fid is None else fid["fid"] - paper_fid,
+            "paper_source": where,
+        })
+    return pd.DataFrame(out, columns=COLUMNS)
+
+
+def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title: str = "") -> None:
+    if csv:
+        table.to_csv(csv, index=False)
+    shown = table.drop(columns=["experiment"]).rename(columns={
+        "params_M": "params (M)", "macs_G": "MACs (G)", "fid": "FID", "paper_fid": "paper FID",
+        "delta_fid": "Δ FID", "training_steps": "steps", "fid_images": "FID images"})
+    if markdown:
+        text = shown.to_markdown(index=False, floatfmt=".2f", missingval="–")
+        Path(markdown).write_text((f"## {title}\n\n" if title else "") + text + "\n")
+    if latex:
+        Path(latex).write_text(shown.to_latex(index=False, float_format="%.2f", na_rep="--"))

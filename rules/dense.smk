@@ -1,0 +1,64 @@
+# Stage 2: the dense teacher, either a pretrained diffusers U-Net or trained here from scratch
+# (with the same training loop and the NP objective). Also the untrained baseline.
+
+
+rule untrained:
+    output:
+        model=directory("results/untrained/{exp}/model"),
+    params:
+        settings=lambda w: as_json(EXPERIMENTS[w.exp]["architecture"]),
+        seed=lambda w: EXPERIMENTS[w.exp]["dense"].get("training", {}).get("seed", 0),
+    log:
+        "results/logs/untrained/{exp}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("download", "mem_mb"),
+        runtime=resource("download", "runtime"),
+    shell:
+        "igsm init --settings {params.settings:q} --seed {params.seed} --out {output.model} > {log} 2>&1"
+
+
+rule dense_pretrained:
+    output:
+        model=directory("results/dense/{exp}/pretrained/model"),
+    params:
+        model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
+    log:
+        "results/logs/dense/{exp}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("download", "mem_mb"),
+        runtime=resource("download", "runtime"),
+    shell:
+        "igsm pretrained --model-id {params.model_id:q} --out {output.model} > {log} 2>&1"
+
+
+rule dense_trained:
+    input:
+        init="results/untrained/{exp}/model",
+        data=dataset_file,
+    output:
+        model=directory("results/dense/{exp}/trained/model"),
+        metrics="results/dense/{exp}/trained/metrics.jsonl",
+        summary="results/dense/{exp}/trained/summary.json",
+    params:
+        settings=lambda w: as_json(
+            {
+                "diffusion": EXPERIMENTS[w.exp]["diffusion"],
+                "training": {**EXPERIMENTS[w.exp]["dense"]["training"], "objective": {"weights": {"np": 1.0}}},
+            }
+        ),
+        checkpoints="results/dense/{exp}/trained/checkpoints",
+    log:
+        "results/logs/dense/{exp}.log",
+    benchmark:
+        "results/benchmarks/dense/{exp}.tsv"
+    threads: resource("dense", "threads")
+    resources:
+        mem_mb=resource("dense", "mem_mb"),
+        runtime=resource("dense", "runtime"),
+        gpu=resource("dense", "gpu"),
+    shell:
+        "igsm train --model {input.init} --data {input.data} --settings {params.settings:q} "
+        "--out {output.model} --checkpoint-dir {params.checkpoints} --metrics {output.metrics} "
+        "--summary {output.summary} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,21 @@
+# Stage 1: datasets into results/data/<dataset>/train.npz (uint8 N×H×W×C + labels).
+
+
+rule download:
+    output:
+        data="results/data/{dataset}/train.npz",
+    params:
+        settings=lambda w: as_json(config["datasets"][w.dataset]),
+        cache="results/data/{dataset}/raw",
+    log:
+        "results/logs/download/{dataset}.log",
+    benchmark:
+        "results/benchmarks/download/{dataset}.tsv"
+    threads: resource("download", "threads")
+    resources:
+        mem_mb=resource("download", "mem_mb"),
+        runtime=resource("download", "runtime"),
+        gpu=resource("download", "gpu"),
+    shell:
+        "igsm download --settings {params.settings:q} --cache-dir {params.cache} "
+        "--out {output.data} > {log} 2>&1"

@@ -1,0 +1,60 @@
+# Stage 6: Inception statistics of the training set (cached per dataset, mode and size), then the
+# FID of each scored model against them; plus parameter and MAC counts of each model.
+
+
+rule fid_reference:
+    input:
+        data="results/data/{dataset}/train.npz",
+    output:
+        stats="results/fid_reference/{dataset}/{mode}-n{num}.npz",
+    params:
+        settings=lambda w: as_json({"mode": w.mode, "num_reference": int(w.num)}),
+    log:
+        "results/logs/fid_reference/{dataset}/{mode}-n{num}.log",
+    benchmark:
+        "results/benchmarks/fid_reference/{dataset}/{mode}-n{num}.tsv"
+    threads: resource("fid", "threads")
+    resources:
+        mem_mb=resource("fid", "mem_mb"),
+        runtime=resource("fid", "runtime"),
+        gpu=resource("fid", "gpu"),
+    shell:
+        "igsm fid-reference --data {input.data} --settings {params.settings:q} --out {output.stats} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule fid:
+    input:
+        samples="results/samples/{exp}/{variant}/samples.npz",
+        reference=lambda w: fid_reference_file(w.exp),
+    output:
+        score="results/fid/{exp}/{variant}.json",
+    params:
+        settings=lambda w: stage_settings(w.exp, "fid"),
+    log:
+        "results/logs/fid/{exp}/{variant}.log",
+    benchmark:
+        "results/benchmarks/fid/{exp}/{variant}.tsv"
+    threads: resource("fid", "threads")
+    resources:
+        mem_mb=resource("fid", "mem_mb"),
+        runtime=resource("fid", "runtime"),
+        gpu=resource("fid", "gpu"),
+    shell:
+        "igsm fid --samples {input.samples} --reference {input.reference} "
+        "--settings {params.settings:q} --out {output.score} --threads {threads} > {log} 2>&1"
+
+
+rule efficiency:
+    input:
+        model=model_dir,
+    output:
+        info="results/efficiency/{exp}/{variant}.json",
+    log:
+        "results/logs/efficiency/{exp}/{variant}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("tables", "mem_mb"),
+        runtime=resource("tables", "runtime"),
+    shell:
+        "igsm efficiency --model {input.model} --out {output.info} > {log} 2>&1"

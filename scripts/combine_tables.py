@@ -1,0 +1,10 @@
+# All experiments' tables in one Markdown and CSV file.
+import sys
+
+import pandas as pd
+
+from igsm.tables import write_tables
+
+sys.stderr = open(snakemake.log[0], "w")
+table = pd.concat([pd.read_csv(path) for path in snakemake.input.csv], ignore_index=True)
+write_tables(table, snakemake.output.markdown, snakemake.output.csv, title="All experiments")
