@@ -1,10 +1,13 @@
 # Shared helpers: naming of model variants, input functions, settings and resources per stage.
-import hashlib
 import json
 
 from snakemake.exceptions import WorkflowError
 
 EXPERIMENTS = config["experiments"]
+
+# Jobs run the package of this checkout (`python -m igsm`), whether it is pip-installed or not:
+# the per-stage conda environments in envs/ hold only third-party dependencies.
+shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 wildcard_constraints:
@@ -123,3 +126,41 @@ def all_table_files():
     return [f"results/tables/{exp}.md" for exp in EXPERIMENTS] + (
         ["results/tables/all.md"] if EXPERIMENTS else []
     )
+
+
+def table_rows(exp):
+    """One entry per scored model: its metadata and the JSON files that hold its numbers."""
+    settings = EXPERIMENTS[exp]
+    rows = []
+    for variant in scored_variants(exp):
+        row = {
+            "variant": variant,
+            "fid": f"results/fid/{exp}/{variant}.json",
+            "efficiency": f"results/efficiency/{exp}/{variant}.json",
+            "summary": None,
+            "prune_report": None,
+            "criterion": "",
+            "channel_ratio": None,
+            "objective": variant,
+            "weights": None,
+        }
+        if variant == "dense" and not settings["dense"]["pretrained"]:
+            row["summary"] = f"results/dense/{exp}/trained/summary.json"
+        if "/" in variant:
+            pruned, objective = variant.split("/")
+            criterion, ratio = pruned.rsplit("-cr", 1)
+            row.update(
+                criterion=criterion,
+                channel_ratio=float(ratio),
+                objective=objective,
+                weights=config["objectives"][objective]["weights"],
+                summary=f"results/finetune/{exp}/{variant}/summary.json",
+                prune_report=f"results/prune/{exp}/{pruned}/report.json",
+            )
+        rows.append(row)
+    return rows
+
+
+def table_inputs(exp):
+    return [path for row in table_rows(exp) for key, path in row.items()
+            if key in ("fid", "efficiency", "summary", "prune_report") and path]

@@ -3,6 +3,8 @@
 
 
 rule untrained:
+    conda:
+        "../envs/train.yaml"
     output:
         model=directory("results/untrained/{exp}/model"),
     params:
@@ -15,10 +17,12 @@ rule untrained:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
     shell:
-        "igsm init --settings {params.settings:q} --seed {params.seed} --out {output.model} > {log} 2>&1"
+        "python -m igsm init --settings {params.settings:q} --seed {params.seed} --out {output.model} > {log} 2>&1"
 
 
 rule dense_pretrained:
+    conda:
+        "../envs/train.yaml"
     output:
         model=directory("results/dense/{exp}/pretrained/model"),
     params:
@@ -30,10 +34,12 @@ rule dense_pretrained:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
     shell:
-        "igsm pretrained --model-id {params.model_id:q} --out {output.model} > {log} 2>&1"
+        "python -m igsm pretrained --model-id {params.model_id:q} --out {output.model} > {log} 2>&1"
 
 
 rule dense_trained:
+    conda:
+        "../envs/train.yaml"
     input:
         init="results/untrained/{exp}/model",
         data=dataset_file,
@@ -59,6 +65,6 @@ rule dense_trained:
         runtime=resource("dense", "runtime"),
         gpu=resource("dense", "gpu"),
     shell:
-        "igsm train --model {input.init} --data {input.data} --settings {params.settings:q} "
+        "python -m igsm train --model {input.init} --data {input.data} --settings {params.settings:q} "
         "--out {output.model} --checkpoint-dir {params.checkpoints} --metrics {output.metrics} "
         "--summary {output.summary} --threads {threads} > {log} 2>&1"

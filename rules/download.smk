@@ -2,6 +2,8 @@
 
 
 rule download:
+    conda:
+        "../envs/download.yaml"
     output:
         data="results/data/{dataset}/train.npz",
     params:
@@ -17,5 +19,5 @@ rule download:
         runtime=resource("download", "runtime"),
         gpu=resource("download", "gpu"),
     shell:
-        "igsm download --settings {params.settings:q} --cache-dir {params.cache} "
+        "python -m igsm download --settings {params.settings:q} --cache-dir {params.cache} "
         "--out {output.data} > {log} 2>&1"

@@ -3,6 +3,8 @@
 
 
 rule fid_reference:
+    conda:
+        "../envs/fid.yaml"
     input:
         data="results/data/{dataset}/train.npz",
     output:
@@ -19,11 +21,13 @@ rule fid_reference:
         runtime=resource("fid", "runtime"),
         gpu=resource("fid", "gpu"),
     shell:
-        "igsm fid-reference --data {input.data} --settings {params.settings:q} --out {output.stats} "
+        "python -m igsm fid-reference --data {input.data} --settings {params.settings:q} --out {output.stats} "
         "--threads {threads} > {log} 2>&1"
 
 
 rule fid:
+    conda:
+        "../envs/fid.yaml"
     input:
         samples="results/samples/{exp}/{variant}/samples.npz",
         reference=lambda w: fid_reference_file(w.exp),
@@ -41,11 +45,13 @@ rule fid:
         runtime=resource("fid", "runtime"),
         gpu=resource("fid", "gpu"),
     shell:
-        "igsm fid --samples {input.samples} --reference {input.reference} "
+        "python -m igsm fid --samples {input.samples} --reference {input.reference} "
         "--settings {params.settings:q} --out {output.score} --threads {threads} > {log} 2>&1"
 
 
 rule efficiency:
+    conda:
+        "../envs/prune.yaml"
     input:
         model=model_dir,
     output:
@@ -57,4 +63,4 @@ rule efficiency:
         mem_mb=resource("tables", "mem_mb"),
         runtime=resource("tables", "runtime"),
     shell:
-        "igsm efficiency --model {input.model} --out {output.info} > {log} 2>&1"
+        "python -m igsm efficiency --model {input.model} --out {output.info} > {log} 2>&1"

@@ -2,6 +2,8 @@
 
 
 rule finetune:
+    conda:
+        "../envs/train.yaml"
     input:
         student="results/prune/{exp}/{criterion}-cr{ratio}/model",
         teacher=dense_model,
@@ -31,6 +33,6 @@ rule finetune:
         runtime=resource("finetune", "runtime"),
         gpu=resource("finetune", "gpu"),
     shell:
-        "igsm train --model {input.student} --teacher {input.teacher} --data {input.data} "
+        "python -m igsm train --model {input.student} --teacher {input.teacher} --data {input.data} "
         "--settings {params.settings:q} --out {output.model} --checkpoint-dir {params.checkpoints} "
         "--metrics {output.metrics} --summary {output.summary} --threads {threads} > {log} 2>&1"

@@ -2,6 +2,8 @@
 
 
 rule prune:
+    conda:
+        "../envs/prune.yaml"
     input:
         model=dense_model,
         data=dataset_file,
@@ -20,6 +22,6 @@ rule prune:
         runtime=resource("prune", "runtime"),
         gpu=resource("prune", "gpu"),
     shell:
-        "igsm prune --model {input.model} --data {input.data} --criterion {wildcards.criterion} "
+        "python -m igsm prune --model {input.model} --data {input.data} --criterion {wildcards.criterion} "
         "--channel-ratio {wildcards.ratio} --settings {params.settings:q} --out {output.model} "
         "--report {output.report} --threads {threads} > {log} 2>&1"

@@ -2,6 +2,8 @@
 
 
 rule sample:
+    conda:
+        "../envs/sample.yaml"
     input:
         model=model_dir,
     output:
@@ -21,6 +23,6 @@ rule sample:
         runtime=resource("sample", "runtime"),
         gpu=resource("sample", "gpu"),
     shell:
-        "igsm sample --model {input.model} --num-images {params.num_images} "
+        "python -m igsm sample --model {input.model} --num-images {params.num_images} "
         "--first-seed {params.first_seed} --settings {params.settings:q} --out {output.samples} "
         "--grid {output.grid} --threads {threads} > {log} 2>&1"

@@ -2,45 +2,9 @@
 # published FID beside ours where the paper has the same experiment.
 
 
-def table_rows(exp):
-    """One entry per scored model: its metadata and the JSON files that hold its numbers."""
-    settings = EXPERIMENTS[exp]
-    rows = []
-    for variant in scored_variants(exp):
-        row = {
-            "variant": variant,
-            "fid": f"results/fid/{exp}/{variant}.json",
-            "efficiency": f"results/efficiency/{exp}/{variant}.json",
-            "summary": None,
-            "prune_report": None,
-            "criterion": "",
-            "channel_ratio": None,
-            "objective": variant,
-            "weights": None,
-        }
-        if variant == "dense" and not settings["dense"]["pretrained"]:
-            row["summary"] = f"results/dense/{exp}/trained/summary.json"
-        if "/" in variant:
-            pruned, objective = variant.split("/")
-            criterion, ratio = pruned.rsplit("-cr", 1)
-            row.update(
-                criterion=criterion,
-                channel_ratio=float(ratio),
-                objective=objective,
-                weights=config["objectives"][objective]["weights"],
-                summary=f"results/finetune/{exp}/{variant}/summary.json",
-                prune_report=f"results/prune/{exp}/{pruned}/report.json",
-            )
-        rows.append(row)
-    return rows
-
-
-def table_inputs(exp):
-    return [path for row in table_rows(exp) for key, path in row.items()
-            if key in ("fid", "efficiency", "summary", "prune_report") and path]
-
-
 rule tables:
+    conda:
+        "../envs/tables.yaml"
     input:
         lambda w: table_inputs(w.exp),
     output:
@@ -63,6 +27,8 @@ rule tables:
 
 
 rule combined_table:
+    conda:
+        "../envs/tables.yaml"
     input:
         csv=expand("results/tables/{exp}.csv", exp=EXPERIMENTS),
     output:

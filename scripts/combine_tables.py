@@ -1,6 +1,8 @@
 # All experiments' tables in one Markdown and CSV file.
 import sys
 
+sys.path.insert(0, snakemake.scriptdir + "/..")  # the package of this checkout
+
 import pandas as pd
 
 from igsm.tables import write_tables

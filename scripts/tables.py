@@ -1,6 +1,8 @@
 # Table assembly for one experiment: glue between Snakemake and igsm.tables.
 import sys
 
+sys.path.insert(0, snakemake.scriptdir + "/..")  # the package of this checkout
+
 from igsm.tables import build_rows, write_tables
 
 sys.stderr = open(snakemake.log[0], "w")

@@ -1,0 +1,3 @@
+from igsm.cli import main
+
+main()
