@@ -36,7 +36,10 @@ def _static_width_attributes():
         nn.GroupNorm: ("num_groups", "num_channels"),
         Upsample2D: ("channels", "out_channels"),
         Downsample2D: ("channels", "out_channels"),
-        Attention: ("heads", "inner_dim"),
+        # scale: pruned attention keeps the dense softmax temperature (igsm.pruning folds it
+        # into to_q and sets scale for diffusers' non-SDPA path); the dims are descriptive.
+        Attention: ("heads", "inner_dim", "inner_kv_dim", "query_dim", "cross_attention_dim",
+                    "out_dim", "scale"),
     }
 
 
@@ -110,7 +113,19 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
         for attr, value in attrs.items():
             setattr(modules[name], attr, value)
     state = load_file(Path(directory) / WEIGHTS_FILE, device=str(device))
-    net.load_state_dict(state, strict=True, assign=True)
+    # load_state_dict rejects shapes that differ from the dense skeleton even with assign=True,
+    # so pruned tensors are put in place one by one; every skeleton tensor must be replaced.
+    expected = set(net.state_dict())
+    if set(state) != expected:
+        raise ValueError(f"{directory}: weights do not match the architecture (missing "
+                         f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]})")
+    for key, tensor in state.items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = modules[owner_name]
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(tensor, requires_grad=owner._parameters[attr].requires_grad)
+        else:
+            owner._buffers[attr] = tensor
     return net.eval()
 
 
