@@ -142,6 +142,8 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, s
     except Interrupted as err:
         click.echo(str(err), err=True)
         sys.exit(75)  # EX_TEMPFAIL: a rerun continues
+    except FloatingPointError as err:
+        raise click.ClickException(str(err)) from None
     save_model(ema.cpu(), out, extra={"trained_from": model_dir, "num_steps": options.num_steps})
     _write_json(summary, {"num_steps": options.num_steps, "num_parameters": count_parameters(ema),
                           "teacher": teacher_dir, "settings": settings})

@@ -15,6 +15,9 @@ def save_grid(images: np.ndarray, path, nrow: int | None = None) -> None:
     from torchvision.utils import save_image
 
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    # Tiny images (the 16×16 demo) are enlarged with nearest neighbours to stay legible.
+    scale = max(1, 64 // x.shape[-1])
+    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_image(x, path, nrow=nrow or math.ceil(math.sqrt(len(x))), padding=1)
 

@@ -101,14 +101,12 @@ def stage_settings(exp, section):
 
 
 def objective_settings(name):
+    """An 'objectives' entry as igsm.objectives.build_objective takes it."""
     spec = config["objectives"][name]
-    return {
-        "weights": spec["weights"],
-        "projection": spec["projection"],
-        "num_directions": spec["num_directions"],
-        "directions": spec["directions"],
-        "otd": spec["otd"],
-    }
+    settings = {key: spec[key] for key in ("weights", "projection", "num_directions", "directions")}
+    if spec["directions"] == "otd":
+        settings["otd"] = spec["otd"]
+    return settings
 
 
 def resource(stage, key):

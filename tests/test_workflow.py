@@ -1,0 +1,124 @@
+"""The demo DAG end to end through Snakemake, with tiny settings: every stage for real."""
+
+import copy
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from conftest import REPO, run_snakemake
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_demo_config():
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    exp = config["experiments"]["digits_unet"]
+    exp["dense"]["training"].update(num_steps=150, log_every=25, checkpoint_every=50)
+    exp["prune"].update(num_images=16)
+    exp["finetune"]["training"].update(num_steps=10, log_every=5, checkpoint_every=5)
+    exp["sample"].update(num_images=64, num_steps=10, batch_size=64)
+    exp["fid"].update(num_reference=128)
+    return config
+
+
+def snakemake_in(workdir, config, *args):
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return run_snakemake(*args, "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                         "--profile", str(REPO / "profiles" / "local"), "--configfile", str(path),
+                         check=False)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    config = tiny_demo_config()
+    proc = snakemake_in(workdir, config, "all_tables")
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    return workdir, config
+
+
+def test_every_table_row_present_with_real_numbers(demo_run):
+    workdir, config = demo_run
+    import pandas as pd
+
+    table = pd.read_csv(workdir / "results" / "tables" / "digits_unet.csv")
+    assert sorted(table.model) == sorted(
+        ["dense", "untrained", "diff-pruning-cr0.3/np", "diff-pruning-cr0.3/igsm"])
+    assert all(math.isfinite(f) and f > 0 for f in table.fid)
+    fid = dict(zip(table.model, table.fid))
+    assert fid["dense"] < fid["untrained"], fid
+    params = dict(zip(table.model, table.params_M))
+    macs = dict(zip(table.model, table.macs_G))
+    for variant in ("diff-pruning-cr0.3/np", "diff-pruning-cr0.3/igsm"):
+        assert params[variant] < params["dense"] and macs[variant] < macs["dense"]
+    assert params["untrained"] == params["dense"]
+    steps = dict(zip(table.model, table.training_steps))
+    assert steps["dense"] == 150 and steps["diff-pruning-cr0.3/igsm"] == 10
+    assert set(table.fid_images) == {64}
+    for name in ("digits_unet.md", "digits_unet.tex", "all.md", "all.csv"):
+        assert (workdir / "results" / "tables" / name).stat().st_size > 0
+    score = json.loads((workdir / "results" / "fid" / "digits_unet" / "dense.json").read_text())
+    assert score["mode"] == "clean" and score["num_images"] == 64 and score["num_reference"] == 128
+
+
+def test_grids_are_images(demo_run):
+    workdir, _ = demo_run
+    grids = sorted((workdir / "results" / "samples").rglob("grid.png"))
+    assert len(grids) == 4
+    for grid in grids:
+        with Image.open(grid) as img:
+            pixels = np.asarray(img)
+        assert img.format == "PNG" and pixels.std() > 0
+
+
+def test_training_metrics_are_jsonl(demo_run):
+    workdir, _ = demo_run
+    lines = (workdir / "results/finetune/digits_unet/diff-pruning-cr0.3/igsm/metrics.jsonl").read_text()
+    records = [json.loads(line) for line in lines.splitlines()]
+    assert [r["step"] for r in records] == [5, 10]
+    assert {"loss", "np", "kd", "jm2"} <= set(records[0])
+
+
+def test_rerun_does_nothing(demo_run):
+    workdir, config = demo_run
+    proc = snakemake_in(workdir, config, "-n", "all_tables")
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout, proc.stdout[-3000:]
+
+
+def planned_jobs(output):
+    return set(re.findall(r"^rule (\w+):", output, re.M)) | set(re.findall(r"^localrule (\w+):", output, re.M))
+
+
+def test_changed_finetune_setting_reruns_only_what_depends_on_it(demo_run):
+    workdir, config = demo_run
+    changed = copy.deepcopy(config)
+    changed["experiments"]["digits_unet"]["finetune"]["training"]["lr"] = 1e-4
+    proc = snakemake_in(workdir, changed, "-n", "all_tables")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    jobs = planned_jobs(proc.stdout)
+    assert {"finetune", "sample", "fid", "tables"} <= jobs
+    assert not jobs & {"download", "dense_trained", "untrained", "prune", "fid_reference"}
+    # Only the finetuned variants are resampled: the dense and untrained samples stay.
+    assert "results/samples/digits_unet/dense/" not in proc.stdout
+
+
+def test_failed_job_leaves_nothing_that_looks_complete(demo_run):
+    workdir, config = demo_run
+    broken = copy.deepcopy(config)
+    broken["objectives"]["exploding"] = {"weights": {"np": 1.0}}
+    exp = broken["experiments"]["digits_unet"]
+    exp["finetune"]["runs"] = [{"channel_ratio": 0.3, "objectives": ["exploding"]}]
+    exp["finetune"]["training"]["lr"] = 1e12  # the loss turns non-finite: the loop stops
+    target = "results/finetune/digits_unet/diff-pruning-cr0.3/exploding/model"
+    proc = snakemake_in(workdir, broken, target)
+    assert proc.returncode != 0
+    out = workdir / "results/finetune/digits_unet/diff-pruning-cr0.3/exploding"
+    assert not (out / "model").exists() and not (out / "summary.json").exists()
+    log = (workdir / "results/logs/finetune/digits_unet/diff-pruning-cr0.3/exploding.log").read_text()
+    assert "loss is" in log
