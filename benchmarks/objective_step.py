@@ -142,6 +142,12 @@ def methods(lambda_jac: float) -> dict:
         "IGSM exact, vjp": objective_loss(build_objective(igsm, "vjp")),
         "IGSM exact, jvp": objective_loss(build_objective(igsm, "jvp")),
     }
+    # Exact, with the batch split into micro-batches whose gradients accumulate: the per-sample
+    # loss (GroupNorm is per sample) makes this the same gradient at a fraction of the memory.
+    for chunks in (2, 4):
+        loss_fn = objective_loss(build_objective(igsm, "vjp"))
+        loss_fn.micro_batches = chunks
+        table[f"IGSM exact, vjp, {chunks} micro-batches"] = loss_fn
     for fraction in FRACTIONS:
         table[f"IGSM vjp, Jacobian on {fraction:g} of batch"] = objective_loss(
             build_objective(igsm, "vjp", jacobian_fraction=fraction))
@@ -166,10 +172,12 @@ def time_method(loss_fn, student, teacher, batches, args, autocast):
                 start.record()
             else:
                 started = time.perf_counter()
-            with autocast():
-                loss = loss_fn(student, teacher, x_t, t, noise, generator)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            chunks = getattr(loss_fn, "micro_batches", 1)
+            for part in zip(x_t.chunk(chunks), t.chunk(chunks), noise.chunk(chunks)):
+                with autocast():
+                    loss = loss_fn(student, teacher, *part, generator) / chunks
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
             optimizer.step()
             if cuda:

@@ -227,6 +227,13 @@ def sample(model_dir, out, grid, first_seed, num_images, settings, device, threa
         save_grid(images[:64], grid)
 
 
+def _features(images, settings, device):
+    from igsm import fid
+
+    extractor = fid.feature_extractor(settings.get("mode", "clean"), device=_device(device))
+    return fid.image_features(images, extractor=extractor), extractor.metadata
+
+
 @main.command("fid-reference")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Statistics .npz.")
@@ -241,9 +248,10 @@ def fid_reference(data, out, settings, device, threads):
     _setup(threads)
     images = load_images(data)
     num = settings.get("num_reference") or len(images)
-    features = fid.image_features(images[:num], mode=settings.get("mode", "clean"),
-                                  device=_device(device))
-    fid.save_statistics(out, features, mode=settings.get("mode", "clean"), source=data)
+    if num > len(images):
+        raise click.ClickException(f"fid.num_reference: {num} images asked, {data} holds {len(images)}")
+    features, metadata = _features(images[:num], settings, device)
+    fid.save_statistics(out, features, source=data, **metadata)
 
 
 @main.command("fid")
@@ -259,15 +267,15 @@ def fid_score(samples, reference, out, settings, device, threads):
     from igsm.data import load_images
 
     _setup(threads)
-    mode = settings.get("mode", "clean")
-    ref = fid.load_statistics(reference)
-    if ref["mode"] != mode:
-        raise click.ClickException(f"{reference} holds '{ref['mode']}' statistics, not '{mode}'")
-    features = fid.image_features(load_images(samples), mode=mode, device=_device(device))
-    score = fid.frechet_distance(fid.statistics(features), ref)
-    _write_json(out, {"fid": score, "mode": mode, "num_images": len(features),
-                      "reference": reference, "num_reference": int(ref["num_images"]),
-                      "feature_extractor": ref.get("feature_extractor"), "samples": samples})
+    reference_stats = fid.load_statistics(reference)
+    features, metadata = _features(load_images(samples), settings, device)
+    try:
+        score = fid.frechet_distance(fid.statistics(features, **metadata), reference_stats)
+    except ValueError as err:
+        raise click.ClickException(f"{reference}: {err}") from None
+    _write_json(out, {"fid": score, "num_images": len(features), "samples": samples,
+                      "reference": reference, "num_reference": reference_stats.num_images,
+                      **metadata})
 
 
 @main.command()

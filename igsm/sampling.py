@@ -1,37 +1,186 @@
-"""Samplers as pure functions of (network, initial noise, schedule, per-image generators).
+"""Samplers as pure functions of (network, initial noise, schedule, per-image generators), and the
+sharded, resumable generation of the paper's 50k-image FID sets (Sec. 5.1).
 
 * DDIM (Song et al. 2021, Eq. 12) for the U-Nets: 100 steps, η = 0 in the paper (Sec. 5.1),
   "uniform" or "quad" timestep spacing as in the DDIM reference code (Diff-Pruning's numbers use
-  "quad").
+  "quad"). η = 1 with all 1000 steps is ancestral DDPM sampling (tests check it).
 * Euler–Maruyama on the VP-SDE for U-ViT (Song et al. 2021b; β ∈ [0.1, 20], t ∈ [1e-3, 1],
   network time input t·999), 1000 steps.
 
-Image k draws all its randomness from its own generator seeded with ``seed + k`` (edm's
-StackedRandomGenerator), so it is the same image at any batch size, shard split or GPU count.
+Reproducibility. Image k draws all its randomness from its own generator seeded with ``seed + k``
+(edm's StackedRandomGenerator), on the CPU, so its noise is the same on any device. Its *network*
+arithmetic must not depend on its neighbours either, and that is not free: CPU and GPU kernels of
+convolutions and matrix products pick their blocking from the batch shape (on CPU, a batch of 1
+and a batch of 64 give results 1e-6 apart in fp32). A ``Denoiser`` therefore calls the network on
+fixed-shape chunks of ``micro_batch`` images, padding the last chunk; at a fixed shape the kernels
+are the same and an image's result does not depend on its position or companions (tests check
+this bitwise on CPU; ``benchmarks/sampling.py`` checks it on the GPU). So, for a fixed
+``micro_batch``, precision and software/hardware, image k is bitwise identical at any batch size,
+shard split or GPU count. The fast path (bf16 autocast, channels_last, torch.compile/CUDA graphs)
+keeps the fixed shapes too, but its images are not the fp32 images: they differ by rounding, and
+``precision`` is recorded with every sample file and carried into the FID JSON.
+
+The elementwise sampler updates run in float64 on the batch; they are correctly rounded IEEE
+operations, identical whatever the vector width that computes them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from igsm.data import save_arrays, to_uint8
 from igsm.diffusion import NoiseSchedule
 from igsm.models import predict_noise
 
+SAMPLERS = ("ddim", "euler-maruyama")
+PRECISIONS = ("fp32", "tf32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image randomness
+# ---------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=4)
+def _pool(num_threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(num_threads, thread_name_prefix="igsm-noise")
+
 
 class ImageGenerators:
-    """One torch.Generator per image; ``randn`` stacks one draw from each."""
+    """One CPU torch.Generator per image; ``randn`` stacks one float32 draw from each.
 
-    def __init__(self, seeds, device="cpu"):
-        self.generators = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    Drawing is the cost of per-image seeds (~20 µs per 32×32×3 image on one core), so with
+    ``num_threads`` > 1 the generators are split into contiguous groups drawn in parallel: each
+    generator is still used by one thread, in order, so the numbers do not change.
+    """
 
-    def randn(self, shape, device="cpu", dtype=torch.float32):
-        return torch.stack([
-            torch.randn(shape, generator=g, device=g.device, dtype=dtype) for g in self.generators
-        ]).to(device)
+    def __init__(self, seeds, num_threads: int = 1):
+        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        self.num_threads = max(1, min(int(num_threads), len(self.generators)))
 
+    def __len__(self):
+        return len(self.generators)
+
+    def randn(self, shape, device="cpu", dtype=torch.float32) -> torch.Tensor:
+        device = torch.device(device)
+        out = torch.empty((len(self.generators), *shape), dtype=torch.float32,
+                          pin_memory=device.type == "cuda")
+
+        def draw(indices):
+            for i in indices:
+                torch.randn(shape, generator=self.generators[i], out=out[i])
+
+        if self.num_threads == 1:
+            draw(range(len(self.generators)))
+        else:
+            groups = np.array_split(np.arange(len(self.generators)), self.num_threads)
+            list(_pool(self.num_threads).map(draw, groups))
+        return out.to(device, dtype, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network as samplers call it
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def numerics(precision: str, device: torch.device):
+    """Global math flags of a precision, restored afterwards. fp32 is strict: cuDNN and cuBLAS TF32
+    off (cuDNN's default TF32 convolutions are *not* fp32, reference NOTES §3) and deterministic
+    cuDNN algorithms; tf32 and bf16 allow TF32 (bf16 autocast leaves some ops in fp32)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    strict = precision == "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = not strict
+    torch.backends.cudnn.allow_tf32 = not strict
+    torch.backends.cudnn.deterministic = strict
+    torch.backends.cudnn.benchmark = False  # autotuning may pick different algorithms per process
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
+
+
+class Denoiser:
+    """ε̂(x, t) of a network, float32, computed on fixed-shape chunks of ``micro_batch`` images.
+
+    ``micro_batch`` None: one call on the whole batch (its shape then follows the batch, and so do
+    the last bits of every image). ``precision``: ``fp32`` (strict), ``tf32`` or ``bf16`` (autocast).
+    ``channels_last`` converts the network (in place) and its inputs. ``compile_mode``: None (eager)
+    or a torch.compile mode; ``"reduce-overhead"`` replays CUDA graphs, whose outputs are copied out
+    before the next call. ``net`` may be a diffusers model or any module ``net(x, t)`` → ε̂.
+    """
+
+    def __init__(self, net, *, micro_batch: int | None = None, precision: str = "fp32",
+                 channels_last: bool = False, compile_mode: str | None = None):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode {compile_mode!r}: choose one of {COMPILE_MODES} or None")
+        if micro_batch is not None and micro_batch < 1:
+            raise ValueError(f"micro_batch {micro_batch}: must be ≥ 1 (or None)")
+        self.net, self.micro_batch, self.precision = net, micro_batch, precision
+        self.channels_last, self.compile_mode = channels_last, compile_mode
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
+        self._forward = (torch.compile(net, mode=compile_mode, dynamic=False) if compile_mode else net)
+
+    @property
+    def metadata(self) -> dict:
+        """What determines the bits of the images besides seeds and sampler settings."""
+        return {"precision": self.precision, "micro_batch": self.micro_batch,
+                "channels_last": self.channels_last, "compile_mode": self.compile_mode}
+
+    def _call(self, x, t):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        autocast = (torch.autocast(x.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            eps = predict_noise(self._forward, x, t)
+        # A copy, always: CUDA-graph outputs are overwritten by the next replay.
+        return eps.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with numerics(self.precision, x.device):
+            m = self.micro_batch
+            if m is None or len(x) == m:
+                return self._call(x, t)
+            out = []
+            for start in range(0, len(x), m):
+                xs, ts = x[start:start + m], t[start:start + m]
+                n = len(xs)
+                if n < m:  # pad with copies of the chunk's first image; their outputs are dropped
+                    xs = torch.cat([xs, xs[:1].expand(m - n, *xs.shape[1:])])
+                    ts = torch.cat([ts, ts[:1].expand(m - n)])
+                out.append(self._call(xs, ts)[:n])
+            return torch.cat(out)
+
+
+def as_denoiser(net) -> Denoiser:
+    return net if isinstance(net, Denoiser) else Denoiser(net)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------
 
 def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: str = "uniform") -> list[int]:
     """Increasing timesteps visited by DDIM, as in the DDIM reference implementation."""
@@ -47,14 +196,17 @@ def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: str = "uniform
 def ddim_sample(net, noise: torch.Tensor, schedule: NoiseSchedule, num_steps: int = 100,
                 eta: float = 0.0, spacing: str = "uniform", generators: ImageGenerators | None = None,
                 clip_x0: bool = False) -> torch.Tensor:
-    """x_T = ``noise`` → x_0 in [−1, 1] (unclamped unless ``clip_x0``)."""
+    """x_T = ``noise`` → x_0 in [−1, 1] (unclamped unless ``clip_x0``). ``net``: a module or ``Denoiser``."""
+    if eta > 0 and generators is None:
+        raise ValueError("DDIM with eta > 0 draws noise at every step: pass generators")
+    denoise = as_denoiser(net)
     abar = schedule.alphas_cumprod.to(noise.device)
     seq = ddim_timesteps(schedule.num_steps, num_steps, spacing)
     x = noise
     for i, j in zip(reversed(seq), reversed([-1] + seq[:-1])):
         a_t, a_next = abar[i], (abar[j] if j >= 0 else abar.new_tensor(1.0))
         t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
-        eps = predict_noise(net, x, t).to(torch.float64)
+        eps = denoise(x, t).double()
         x0 = (x.double() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         if clip_x0:
             x0 = x0.clamp(-1, 1)
@@ -68,20 +220,27 @@ def ddim_sample(net, noise: torch.Tensor, schedule: NoiseSchedule, num_steps: in
     return x
 
 
+def vp_log_alpha(t, beta_min: float = 0.1, beta_max: float = 20.0):
+    """log α(t) of the VP-SDE with linear β(t): x_t = α(t)·x_0 + σ(t)·ε, σ² = 1 − α²."""
+    return -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
+
+
 @torch.no_grad()
 def euler_maruyama_sample(net, noise: torch.Tensor, num_steps: int = 1000,
                           beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3,
                           generators: ImageGenerators | None = None) -> torch.Tensor:
     """Reverse VP-SDE dx = [−½β(t)x − β(t)∇log p_t(x)]dt + √β(t) dw̄, integrated from t=1 to t_min."""
+    if num_steps > 1 and generators is None:
+        raise ValueError("Euler–Maruyama draws noise at every step: pass generators")
+    denoise = as_denoiser(net)
     ts = torch.linspace(1.0, t_min, num_steps + 1, dtype=torch.float64)
     x = noise.double()
     for step in range(num_steps):
         t, h = ts[step], ts[step] - ts[step + 1]
         beta = beta_min + t * (beta_max - beta_min)
-        log_alpha = -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
-        sigma = (1 - torch.exp(2 * log_alpha)).sqrt()
+        sigma = (1 - torch.exp(2 * vp_log_alpha(t, beta_min, beta_max))).sqrt()
         t_in = torch.full((len(x),), float(t * 999), device=x.device)
-        score = -predict_noise(net, x.to(noise.dtype), t_in).double() / sigma
+        score = -denoise(x.to(noise.dtype), t_in).double() / sigma
         x = x + h * (0.5 * beta * x + beta * score)
         if step < num_steps - 1:  # the last step returns the mean, as U-ViT does
             x = x + (beta * h).sqrt() * generators.randn(x.shape[1:], device=x.device, dtype=torch.float64)
@@ -89,13 +248,256 @@ def euler_maruyama_sample(net, noise: torch.Tensor, num_steps: int = 1000,
 
 
 def generate(net, *, sampler: str, seeds, image_shape, schedule: NoiseSchedule | None = None,
-             device="cpu", **sampler_kwargs) -> torch.Tensor:
-    """One batch: image k of the batch from seed ``seeds[k]``, whatever the batch composition."""
-    generators = ImageGenerators(seeds)
+             device="cpu", micro_batch: int | None = None, noise_threads: int = 1,
+             **sampler_kwargs) -> torch.Tensor:
+    """One batch: image k of the batch from seed ``seeds[k]``. ``net``: a module (wrapped in a
+    ``Denoiser`` with ``micro_batch``) or a ``Denoiser``."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if not isinstance(net, Denoiser):
+        net = Denoiser(net, micro_batch=micro_batch)
+    generators = ImageGenerators(seeds, noise_threads)
     noise = generators.randn(image_shape, device=device)
     if sampler == "ddim":
         return ddim_sample(net, noise, schedule or NoiseSchedule.linear(), generators=generators,
                            **sampler_kwargs)
-    if sampler == "euler-maruyama":
-        return euler_maruyama_sample(net, noise, generators=generators, **sampler_kwargs)
-    raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'euler-maruyama'")
+    return euler_maruyama_sample(net, noise, generators=generators, **sampler_kwargs)
+
+
+def sampler_kwargs(settings: dict) -> dict:
+    """The sampler's keyword arguments from the config's 'sample' section."""
+    sampler = settings.get("sampler", "ddim")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sample.sampler: unknown {sampler!r}; choose one of {SAMPLERS}")
+    kwargs = {"num_steps": settings.get("num_steps", 100 if sampler == "ddim" else 1000)}
+    if sampler == "ddim":
+        kwargs.update(eta=settings.get("eta", 0.0), spacing=settings.get("spacing", "uniform"),
+                      clip_x0=settings.get("clip_x0", False))
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards, resumable batches, several GPUs
+# ---------------------------------------------------------------------------------------------
+
+def shard_range(num_images: int, num_shards: int, index: int) -> tuple[int, int]:
+    """[start, stop) image offsets of shard ``index``: shard i covers i·n/shards … (i+1)·n/shards."""
+    if not 0 <= index < num_shards:
+        raise ValueError(f"shard {index} of {num_shards}: index must be in 0..{num_shards - 1}")
+    if num_shards > num_images:
+        raise ValueError(f"{num_shards} shards for {num_images} images: at most one shard per image")
+    return index * num_images // num_shards, (index + 1) * num_images // num_shards
+
+
+def model_digest(model_dir) -> str:
+    """sha256 of a checkpoint folder's files: identifies the weights that made a batch."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PartialBatches:
+    """Finished batches of an interrupted job, one ``.npy`` each, in ``folder``.
+
+    ``fingerprint`` (JSON-able: model digest, sampler settings, precision, seeds, batch size …)
+    says what made them; a folder with another fingerprint is emptied, so a rerun with changed
+    settings never mixes old and new images. Every file is written under a temporary name and
+    renamed, so a batch file that exists is complete.
+    """
+
+    FINGERPRINT = "fingerprint.json"
+
+    def __init__(self, folder, fingerprint: dict, *, reset: bool = True):
+        self.folder = Path(folder)
+        text = json.dumps(fingerprint, sort_keys=True)
+        marker = self.folder / self.FINGERPRINT
+        if reset and self.folder.exists() and (not marker.exists() or marker.read_text() != text):
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if reset and not marker.exists():
+            _atomic_write(marker, lambda f: f.write(text.encode()))
+
+    def path(self, batch: int) -> Path:
+        return self.folder / f"batch-{batch:06d}.npy"
+
+    def done(self, batch: int) -> bool:
+        return self.path(batch).exists()
+
+    def save(self, batch: int, images: np.ndarray) -> None:
+        _atomic_write(self.path(batch), lambda f: np.save(f, images))
+
+    def load(self, num_batches: int) -> np.ndarray:
+        missing = [b for b in range(num_batches) if not self.done(b)]
+        if missing:
+            raise RuntimeError(f"{self.folder}: batches {missing[:10]} missing")
+        return np.concatenate([np.load(self.path(b)) for b in range(num_batches)])
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def sample_images(net, *, seeds, image_shape, batch_size: int, sampler: str = "ddim",
+                  schedule: NoiseSchedule | None = None, device="cpu", partial: PartialBatches | None = None,
+                  rank: int = 0, world_size: int = 1, noise_threads: int = 1, progress: bool = False,
+                  **kwargs) -> np.ndarray | None:
+    """uint8 N×H×W×C images of ``seeds``, generated ``batch_size`` at a time.
+
+    With ``partial``, every finished batch is stored there and batches already stored are not
+    redone (resume at batch granularity). With ``world_size`` > 1 this process does batches
+    ``rank::world_size`` (needs ``partial``, a folder all ranks see) and returns None; the caller
+    waits for all ranks, then reads ``partial.load``.
+    """
+    seeds = np.asarray(seeds)
+    if world_size > 1 and partial is None:
+        raise ValueError("several processes share their batches through a PartialBatches folder")
+    num_batches = math.ceil(len(seeds) / batch_size)
+    mine = range(rank, num_batches, world_size)
+    chunks = []
+    iterator = mine
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(mine, desc=f"sample (rank {rank})" if world_size > 1 else "sample", unit="batch")
+    for b in iterator:
+        if partial is not None and partial.done(b):
+            continue
+        x = generate(net, sampler=sampler, seeds=seeds[b * batch_size:(b + 1) * batch_size],
+                     image_shape=image_shape, schedule=schedule, device=device,
+                     noise_threads=noise_threads, **kwargs)
+        images = to_uint8(x)
+        if partial is not None:
+            partial.save(b, images)
+        else:
+            chunks.append(images)
+    if world_size > 1:
+        return None
+    return partial.load(num_batches) if partial is not None else np.concatenate(chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample files
+# ---------------------------------------------------------------------------------------------
+
+# Metadata that must agree between the shards of one sample set (everything that makes the bits).
+SHARD_INVARIANTS = ("model_digest", "sampler", "sampler_kwargs", "image_shape", "batch_size",
+                    "precision", "micro_batch", "channels_last", "compile_mode", "schedule")
+
+
+def save_samples(path, images: np.ndarray, seeds: np.ndarray, metadata: dict) -> None:
+    """images (uint8 N×H×W×C), seeds and JSON metadata, written atomically."""
+    save_arrays(path, images=images, seeds=np.asarray(seeds, dtype=np.int64),
+                metadata=np.array(json.dumps(metadata, sort_keys=True)))
+
+
+def load_samples(path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(images, seeds, metadata) of a samples file; metadata {} for files without it."""
+    with np.load(path, allow_pickle=False) as data:
+        metadata = json.loads(str(data["metadata"])) if "metadata" in data else {}
+        seeds = data["seeds"] if "seeds" in data else np.arange(len(data["images"]))
+        return data["images"], seeds, metadata
+
+
+def gather_shards(paths, first_seed: int, num_images: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Concatenate shard files in seed order; check that they hold exactly seeds
+    first_seed … first_seed+num_images−1 once each, made with the same settings."""
+    shards = [load_samples(p) for p in paths]
+    if not shards:
+        raise ValueError("no shards to gather")
+    order = sorted(range(len(shards)), key=lambda i: int(shards[i][1][0]) if len(shards[i][1]) else 0)
+    images = np.concatenate([shards[i][0] for i in order])
+    seeds = np.concatenate([shards[i][1] for i in order])
+    expected = np.arange(first_seed, first_seed + num_images)
+    if len(seeds) != num_images or not np.array_equal(seeds, expected):
+        raise ValueError(f"shards hold {len(seeds)} images with seeds {_describe(seeds)}; expected "
+                         f"{num_images} images with seeds {first_seed}..{first_seed + num_images - 1}")
+    first_meta = shards[order[0]][2]
+    for i in order[1:]:
+        meta = shards[i][2]
+        for key in SHARD_INVARIANTS:
+            if meta.get(key) != first_meta.get(key):
+                raise ValueError(f"{paths[i]}: {key} = {meta.get(key)!r}, but {paths[order[0]]} has "
+                                 f"{first_meta.get(key)!r}; shards of one set must be made alike")
+    metadata = {k: v for k, v in first_meta.items() if k not in ("first_seed", "num_images", "shard", "device")}
+    metadata.update(first_seed=int(first_seed), num_images=int(num_images), num_shards=len(shards),
+                    devices=sorted({str(shards[i][2].get("device")) for i in order}))
+    return images, seeds, metadata
+
+
+def _describe(seeds: np.ndarray) -> str:
+    if len(seeds) == 0:
+        return "(none)"
+    gaps = np.flatnonzero(np.diff(seeds) != 1)
+    text = f"{seeds[0]}..{seeds[-1]}"
+    return text + (f" (not contiguous after seed {seeds[gaps[0]]})" if len(gaps) else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun) inside one job
+# ---------------------------------------------------------------------------------------------
+
+def distributed_init() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank): from torchrun's environment, else (0, 1, 0).
+    Under torchrun, initialises the default process group (NCCL on GPUs, else gloo)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def distributed_barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput (efficiency stage, benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def forward_images_per_s(denoiser: Denoiser, image_shape, batch_size: int, device, *,
+                         warmup: int = 3, iters: int = 10) -> float:
+    """Network calls per second × images per call, after ``warmup`` calls; CUDA events on GPUs."""
+    device = torch.device(device)
+    x = torch.randn(batch_size, *image_shape, device=device)
+    t = torch.full((batch_size,), 500, device=device, dtype=torch.long)
+    for _ in range(warmup):
+        denoiser(x, t)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(iters):
+            denoiser(x, t)
+        end.record()
+        torch.cuda.synchronize(device)
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        import time
+
+        begin = time.perf_counter()
+        for _ in range(iters):
+            denoiser(x, t)
+        seconds = time.perf_counter() - begin
+    return batch_size * iters / seconds

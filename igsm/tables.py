@@ -8,7 +8,6 @@ criterion and objective weights), the published FID and our difference to it.
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -24,8 +23,7 @@ def _load(path):
 
 
 def published_results() -> pd.DataFrame:
-    with resources.files("igsm").joinpath("paper_results.csv").open() as f:
-        return pd.read_csv(f, dtype=str, keep_default_na=False)
+    return pd.read_csv(Path(__file__).with_name("paper_results.csv"), dtype=str, keep_default_na=False)
 
 
 def _weights_match(published: pd.Series, weights: dict) -> bool:
@@ -85,7 +83,10 @@ def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title
         table.to_csv(csv, index=False)
     shown = table.drop(columns=["experiment"]).rename(columns={
         "params_M": "params (M)", "macs_G": "MACs (G)", "fid": "FID", "paper_fid": "paper FID",
-        "delta_fid": "Δ FID", "training_steps": "steps", "fid_images": "FID images"})
+        "delta_fid": "Δ FID", "training_steps": "steps", "fid_images": "FID images",
+        "fid_mode": "FID mode", "pr_label": "PR label", "channel_ratio": "channel ratio",
+        "paper_source": "paper source"})
+    shown = shown.astype(object).where(shown.notna(), None)  # blanks print as "–", not "nan"
     if markdown:
         text = shown.to_markdown(index=False, floatfmt=".2f", missingval="–")
         Path(markdown).write_text((f"## {title}\n\n" if title else "") + text + "\n")

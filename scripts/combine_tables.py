@@ -1,7 +1,7 @@
 # All experiments' tables in one Markdown and CSV file.
 import sys
 
-sys.path.insert(0, snakemake.scriptdir + "/..")  # the package of this checkout
+sys.path.insert(0, str(__import__("pathlib").Path(snakemake.scriptdir).parent))  # the package of this checkout
 
 import pandas as pd
 

@@ -1,7 +1,7 @@
 # Table assembly for one experiment: glue between Snakemake and igsm.tables.
 import sys
 
-sys.path.insert(0, snakemake.scriptdir + "/..")  # the package of this checkout
+sys.path.insert(0, str(__import__("pathlib").Path(snakemake.scriptdir).parent))  # the package of this checkout
 
 from igsm.tables import build_rows, write_tables
 
