@@ -9,11 +9,13 @@ steps (weights, Adam state and gradients included).
 
 Methods: NP; NP+KD; the authors' formulation (NOTES §1, defects kept: teacher forward with a graph
 and parameter gradients, teacher VJP with create_graph then detached); exact IGSM through
-igsm.objectives in both projections; and the approximation igsm.objectives offers (Jacobian terms
-on a fraction of the batch), with its gradient error relative to the exact objective on the same
-batch and directions, beside the gradient noise of the exact objective itself (another direction
-draw; another batch) for scale. With --precision bf16 the bf16 gradient's error against fp32 is
-reported too.
+igsm.objectives in both projections; IGSM whose Jacobian-term gradient comes from mixed partials
+(``jacobian_method`` "mixed_fd", central and forward finite differences, and "mixed_jvp": no double
+backward); and the approximation igsm.objectives offers (Jacobian terms on a fraction of the
+batch). Gradient errors relative to the exact objective on the same batch and directions are
+reported for the approximate methods, for the total and for the Jacobian term alone, beside the
+gradient noise of the exact objective itself (another direction draw; another batch) for scale.
+With --precision bf16 the bf16 gradient's error against fp32 is reported too.
 
     python benchmarks/objective_step.py --batch 128 --precision fp32 --out results.json
     python benchmarks/objective_step.py --device cpu --batch 2 --tiny --steps 2 --warmup 1
@@ -50,6 +52,9 @@ TINY_UNET = dict(CIFAR10_UNET, sample_size=8, block_out_channels=(32, 64), layer
                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
 TINY_NARROW_WIDTHS = (24, 48)
 FRACTIONS = (0.5, 0.25)
+MIXED = {"IGSM mixed partials (fd)": dict(jacobian_method="mixed_fd"),
+         "IGSM mixed partials (fd, forward)": dict(jacobian_method="mixed_fd", fd_scheme="forward"),
+         "IGSM mixed partials (jvp)": dict(jacobian_method="mixed_jvp")}
 
 
 def authors_loss(student, teacher, x_t, t, noise, direction, weights=None):
@@ -142,6 +147,8 @@ def methods(lambda_jac: float) -> dict:
         "IGSM exact, vjp": objective_loss(build_objective(igsm, "vjp")),
         "IGSM exact, jvp": objective_loss(build_objective(igsm, "jvp")),
     }
+    for name, options in MIXED.items():
+        table[name] = objective_loss(build_objective(igsm, "vjp", **options))
     # Exact, with the batch split into micro-batches whose gradients accumulate: the per-sample
     # loss (GroupNorm is per sample) makes this the same gradient at a fraction of the memory.
     for chunks in (2, 4):
@@ -210,7 +217,8 @@ def gradient(student, teacher, weights, batch, directions, autocast=contextlib.n
     with autocast():
         total, _ = objective(student, teacher, x_t, t, noise, None)
     total.float().mean().backward()
-    flat = torch.cat([p.grad.flatten().float() for p in student.parameters() if p.grad is not None])
+    flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten().float()
+                      for p in student.parameters()])
     student.zero_grad(set_to_none=True)
     return flat
 
@@ -236,16 +244,20 @@ def measure_errors(student, teacher, batches, args, autocast):
         "exact: another direction draw, same batch": relative(gradient(student, teacher, igsm, batches[0], other_v), exact),
         "exact: another batch": relative(gradient(student, teacher, igsm, batches[1 % len(batches)], v), exact),
     }
-    for fraction in FRACTIONS:
-        name = f"IGSM vjp, Jacobian on {fraction:g} of batch"
-        errors[name] = relative(gradient(student, teacher, igsm, batches[0], v, jacobian_fraction=fraction), exact)
+    approximations = {f"IGSM vjp, Jacobian on {fraction:g} of batch": dict(jacobian_fraction=fraction)
+                      for fraction in FRACTIONS}
+    for name, options in {**MIXED, **approximations}.items():
+        errors[name] = relative(gradient(student, teacher, igsm, batches[0], v, **options), exact)
         errors[name + " (Jacobian term alone)"] = relative(
-            gradient(student, teacher, jac_only, batches[0], v, jacobian_fraction=fraction), exact_jac)
+            gradient(student, teacher, jac_only, batches[0], v, **options), exact_jac)
     if args.precision == "bf16":
         for projection in ("vjp", "jvp"):
             reference = exact if projection == "vjp" else gradient(student, teacher, igsm, batches[0], v, projection="jvp")
             errors[f"IGSM exact, {projection}: bf16 vs fp32"] = relative(
                 gradient(student, teacher, igsm, batches[0], v, autocast, projection=projection), reference)
+        for name, options in MIXED.items():  # against the exact fp32 gradient
+            errors[f"{name}: bf16 vs exact fp32"] = relative(
+                gradient(student, teacher, igsm, batches[0], v, autocast, **options), exact)
     student.train(was_training)
     return errors
 

@@ -49,6 +49,33 @@ runs (FID 4.71, 4.66, 4.67, 4.67) differ from each other and from the no-OTD bas
 which they would all equal if Prob = 1.0 meant "never applied". NOTES §1 reports that the authors'
 code applies OTD with probability 1 − otd_prob: to replay one of its runs, pass prob = 1 − otd_prob.
 
+Mixed partials (``jacobian_method``, vjp projection only; default "double_backward", exact as
+above). For a loss L of the student products g_k = J_kᵀv̂_k (jm1, jm2), the symmetry of second
+derivatives gives ∂L/∂θ = Σ_k ⟨u_k, ∂g_k/∂θ⟩ = ∂/∂θ Σ_k ⟨v̂_k, J u_k⟩ with u_k = ∂L/∂g_k held fixed:
+for jm2 u = 4(b − a)·g/k (a = ‖J_Dᵀv̂‖², b = ‖g‖²), for jm1 u = 2(g − g_D)/k, λ-weighted and summed
+(taken by autograd on detached products, so any product term works). So g is an ordinary input
+gradient (no ``create_graph``; it reuses the student forward's graph, which NP/KD need anyway: a
+separate pass would only add a forward), and J u comes from
+
+* ``"mixed_fd"``: finite differences of ordinary forwards, fused attention included,
+  ``fd_scheme`` "central" (s(x+hû) − s(x−hû))/2h (default) or "forward" (s(x+hû) − s(x))/h,
+  reusing s(x); h = δ‖x‖ per sample, δ = eps^(1/3)/2 resp. eps^(1/2) (float32 2.5e-3 / 3.5e-4,
+  :func:`mixed_partial_step`). Always float32 with TF32 off, forward and backward (bf16 FD leaves
+  ≥14% error); under autocast or TF32 the scheme is central.
+* ``"mixed_jvp"``: torch.func.jvp along u (math attention), then an ordinary backward (reverse over
+  forward), exact; float32 under autocast.
+
+``total`` = Σ λ·(true term value) + (surrogate − surrogate.detach()): its value is the loss (``terms``
+holds the true jm1/jm2) and total.mean().backward() gives the Jacobian terms' gradient. The teacher
+work is unchanged. Errors against the double backward (tests/test_objectives.py, benchmark):
+mixed_jvp ≈ 1e-15 (float64), float32 like exact; mixed_fd, Jacobian terms alone, float64 ≤ 5e-10
+(central) / 1e-7 (forward), float32 vs float64 exact 2e-4–4e-4 (central) / 2.5e-3 (forward).
+Passes per step, in student forwards F (a full backward ≈ 2F, an input-only backward ≈ F; the
+teacher adds T + T for its Jᵀv̂ to all VJP methods, NP+KD costs 3F + T): central 10F (forward,
+input backward, the pair, their backwards), forward 7F, jvp ≈ 8F in forward-AD and math-attention
+kernels; student activations held: 3, 2 and ≈ 2 forwards' worth (NP+KD: 1). Under bf16 autocast the
+pair/jvp runs in float32, i.e. at float32 cost.
+
 Approximation offered (off by default): ``jacobian_fraction`` < 1 evaluates the Jacobian terms on
 only ⌈f·B⌉ rows of the batch (the first rows of each antithetic half, so t/T−1−t pairs stay
 together) and rescales them by B/m, an unbiased estimate of the batch mean; the other rows take a
@@ -68,6 +95,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,6 +107,8 @@ from igsm.models import predict_noise
 NAMES = ("np", "kd", "jm1", "jm2")
 PROJECTIONS = ("vjp", "jvp")
 JVP_METHODS = ("forward", "double_vjp")
+JACOBIAN_METHODS = ("double_backward", "mixed_fd", "mixed_jvp")
+FD_SCHEMES = ("central", "forward")
 OTD_DEFAULTS = {"dt": 0.01, "steps": 1, "prob": 0.5}
 
 
@@ -241,6 +271,200 @@ class JVP:
             return s.detach(), products
 
 
+class RNGReplay:
+    """Replays the global RNG state of ``device`` (CPU, CUDA), so that repeated forwards of a
+    network in training mode draw the same dropout masks as the first (torch.utils.checkpoint's
+    preserve_rng_state). Each replay leaves the RNG where one forward from the start leaves it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device if device.type == "cuda" else None
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(self.cuda) if self.cuda is not None else None
+
+    def replay(self):
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda_state, self.cuda)
+
+
+def mixed_partial_step(dtype: torch.dtype, scheme: str) -> float:
+    """Default relative finite-difference step δ: eps^(1/3)/2 (central) or eps^(1/2) (forward).
+
+    The step is h = δ·‖x‖ per sample. Rounding contributes ~eps/δ and truncation ~C·δ² (central) or
+    ~C·δ (forward) to the relative error; for the orders of eps the optimum is at eps^(1/3) and
+    eps^(1/2) times a constant set by the networks' curvature. Float32 sweeps on two random tiny
+    U-Nets (Jacobian terms' gradient against float64 exact) put the central optimum at δ ≈ 1e-3 to
+    3e-3 (errors 1.3e-4, 1.8e-4) and the forward one at δ ≈ 3e-4 (2.3e-3, 2.7e-3), hence
+    float32: 2.5e-3 / 3.5e-4; float64: 3.0e-6 / 1.5e-8.
+    """
+    eps = torch.finfo(dtype).eps
+    return eps ** (1 / 3) / 2 if scheme == "central" else eps ** 0.5
+
+
+@contextlib.contextmanager
+def strict_fp32(device: torch.device):
+    """TF32 off for cuBLAS and cuDNN inside the block (restored after): TF32's 10-bit mantissa
+    would make finite differences of float32 forwards meaningless (rounding ~1e-3)."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def tf32_enabled(device: torch.device) -> bool:
+    return device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32
+                                      or torch.backends.cudnn.allow_tf32)
+
+
+class StrictSubgraph(torch.autograd.Function):
+    """``closure()``'s value, differentiated w.r.t. ``params`` with TF32 off in the backward too.
+
+    The closure builds its own graph (forward under strict numerics, see :meth:`MixedVJP.surrogate`);
+    the backward runs ``autograd.grad`` on it inside :func:`strict_fp32`, whatever the global flags
+    (the rest of the step keeps them). The inner graph is freed by the first backward.
+    """
+
+    @staticmethod
+    def forward(ctx, closure, *params):
+        with torch.enable_grad():
+            value = closure()
+        ctx.value, ctx.params = value, params
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, ctx.value = ctx.value, None
+        if value is None:
+            raise RuntimeError("mixed_fd: the finite-difference graph was already freed by a backward")
+        wanted = [i for i, p in enumerate(ctx.params) if ctx.needs_input_grad[1 + i]]
+        grads = [None] * len(ctx.params)
+        if wanted and value.requires_grad:
+            with strict_fp32(grad.device):
+                found = torch.autograd.grad(value, [ctx.params[i] for i in wanted], grad, allow_unused=True)
+            for i, g in zip(wanted, found):
+                grads[i] = g
+        return (None, *grads)
+
+
+class MixedVJP(VJP):
+    """Products Jᵀv̂ (as :class:`VJP`) whose gradient comes from mixed partials, no double backward.
+
+    The student's g = Jᵀv̂ is an ordinary input-gradient of its forward (no ``create_graph``; the
+    forward's graph is retained and serves NP/KD). For any loss L(g) of the products the symmetry of
+    second derivatives gives ∂L/∂θ = ⟨u, ∂g/∂θ⟩ = ∂/∂θ ⟨v̂, J u⟩ with u = ∂L/∂g held fixed, and
+    :meth:`surrogate` returns Σ_k ⟨v̂_k, J u_k⟩ per sample, J u from
+
+    * ``"mixed_fd"``: finite differences of ordinary forwards (fused attention allowed),
+      central (s(x + h û) − s(x − h û)) / 2h, error O(h²), or forward (s(x + h û) − s(x)) / h,
+      error O(h), reusing the forward s(x); û = u/‖u‖ per sample, h = δ · max(‖x‖, 1e-3 √n) per
+      sample, δ = ``fd_step`` or :func:`mixed_partial_step` of the parameters' dtype. The
+      difference forwards run in the parameters' dtype with autocast and TF32 off: in bf16 the
+      best step found on a tiny U-Net (δ = 0.1) still leaves 14% error in ⟨v̂, J û⟩ (fp32: 1.7e-4
+      at δ = 3e-3), so bf16/fp16 parameters are refused. Under autocast or TF32 the scheme is
+      always central: the forward scheme's s(x) would not be full precision.
+    * ``"mixed_jvp"``: forward mode (torch.func.jvp, math attention), exact; its primal output
+      replaces s(x) for NP/KD, so g comes from a torch.func.vjp forward that keeps no graph for
+      the parameters. Under autocast the jvp runs in float32 with autocast off (forward AD fails
+      under autocast, see :class:`JVP`) and the autocast s(x) keeps its graph for NP/KD.
+
+    Every forward after the first replays the first one's RNG state, so in training mode all of a
+    method's forwards draw the same dropout masks (tested on CPU).
+    """
+
+    mixed = True
+
+    def __init__(self, method: str, fd_scheme: str = "central", fd_step: float | None = None):
+        if method not in JACOBIAN_METHODS[1:]:
+            raise ValueError(f"jacobian_method: unknown {method!r}; expected one of {JACOBIAN_METHODS}")
+        if fd_scheme not in FD_SCHEMES:
+            raise ValueError(f"fd_scheme: unknown {fd_scheme!r}; expected one of {FD_SCHEMES}")
+        if fd_step is not None and not fd_step > 0:
+            raise ValueError(f"fd_step: {fd_step} is not > 0")
+        self.method, self.fd_scheme, self.fd_step = method, fd_scheme, fd_step
+
+    def student(self, net, x, t, directions):
+        """s(x) (with its graph unless the jvp replaces it), detached [Jᵀv̂], and the RNG state."""
+        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype = next(net.parameters()).dtype
+        if self.method == "mixed_fd" and torch.finfo(dtype).eps > 1e-6:
+            raise ValueError(f"jacobian_method='mixed_fd': finite differences with {dtype} parameters "
+                             "lose all digits; use float32 parameters (autocast is fine) or 'mixed_jvp'")
+        keep = self.method == "mixed_fd" or autocast  # s(x) serves NP/KD and the forward scheme
+        rng = RNGReplay(x.device)
+        if self.method == "mixed_jvp":
+            # Through torch.func, like the jvp after it: torch.func draws a dropout mask of a
+            # non-contiguous activation in another element order than eager mode (torch 2.14 CPU),
+            # so an eager forward here would not share the jvp's masks in training mode.
+            with torch.enable_grad() if keep else torch.no_grad():
+                s, pullback = torch.func.vjp(lambda z: predict_noise(net, z, t), x.detach())
+                products = [pullback(v.to(s.dtype))[0] for v in directions]
+            return s, [p.detach() for p in products], rng
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            s = predict_noise(net, x, t)
+            products = [torch.autograd.grad(s, x, v.to(s.dtype), retain_graph=True)[0]
+                        for v in directions]
+        return s, [p.detach() for p in products], rng
+
+    def surrogate(self, net, x, t, s, directions, tangents, rng):
+        """Per-sample Σ_k ⟨v̂_k, J u_k⟩ with its graph to the parameters, and s(x) for NP/KD."""
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = next(net.parameters()).dtype
+        x = x.detach().to(dtype)
+        f = lambda z: predict_noise(net, z, t)  # noqa: E731
+        precise = torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext()
+        if self.method == "mixed_jvp":
+            s_new, total = None, 0.0
+            with torch.enable_grad(), precise, math_attention():
+                for v, u in zip(directions, tangents):
+                    rng.replay()
+                    primal, ju = torch.func.jvp(f, (x,), (u.to(dtype),))
+                    s_new = primal if s_new is None else s_new
+                    total = total + (v.to(dtype) * ju).flatten(1).sum(1)
+            return total, (s if autocast else s_new)
+
+        scheme = "central" if autocast or tf32_enabled(x.device) else self.fd_scheme
+        if scheme != self.fd_scheme:
+            warnings.warn("mixed_fd: fd_scheme='forward' runs as 'central' under autocast or TF32 "
+                          "(its shared s(x) is not full float32)", stacklevel=2)
+        delta = self.fd_step or mixed_partial_step(dtype, scheme)
+        shape = (-1, *[1] * (x.ndim - 1))
+        h = delta * x.flatten(1).norm(dim=1).clamp_min(1e-3 * x[0].numel() ** 0.5)
+        width = 2 * h if scheme == "central" else h
+        # Per direction: c · ⟨v̂, s(x + h û)⟩ [− c · ⟨v̂, s(x − h û)⟩], c = ‖u‖ / width; the forward
+        # scheme's − c · ⟨v̂, s(x)⟩ goes through the graph of s(x) (same numerics: no autocast/TF32).
+        pairs = []
+        for v, u in zip(directions, tangents):
+            u, v = u.to(dtype), v.to(dtype)
+            norm = u.flatten(1).norm(dim=1)
+            unit = u / norm.clamp_min(torch.finfo(dtype).tiny).view(shape)
+            pairs.append((v, (norm / width).view(shape) * v, h.view(shape) * unit))
+
+        def differences():
+            result = 0.0
+            with precise, strict_fp32(x.device):
+                for _, weight, step in pairs:
+                    rng.replay()
+                    out = weight * f(x + step)
+                    if scheme == "central":
+                        rng.replay()
+                        out = out - weight * f(x - step)
+                    result = result + out.flatten(1).sum(1)
+            return result
+
+        params = [p for p in net.parameters() if p.requires_grad]
+        total = StrictSubgraph.apply(differences, *params)
+        if scheme == "forward":
+            total = total - sum((weight * s).flatten(1).sum(1) for _, weight, _ in pairs)
+        return total, s
+
+
 # ---------------------------------------------------------------------------------------------
 # Directions: each returns a (k, B, ...) tensor.
 
@@ -321,6 +545,10 @@ class Probe:
     teacher_products: list[Tensor] = field(default_factory=list)
     directions: Tensor | None = None
     rows: Tensor | None = None
+    # Mixed partials only: the Jacobian terms' detached values and the per-sample surrogate whose
+    # parameter gradient is theirs (weights included), for the rows ``rows``.
+    jacobian_values: dict = field(default_factory=dict)
+    surrogate: Tensor | None = None
 
 
 class NoisePrediction:
@@ -413,37 +641,71 @@ class Objective:
         with frozen(teacher):
             directions = self.directions(x_jac, t_jac, generator, teacher)
             s_dense, dense_products = self.projection.teacher(teacher, x_jac, t_jac, list(directions))
-        s, products = self.projection.student(student, x_jac, t_jac, list(directions))
+        if getattr(self.projection, "mixed", False):
+            s, products, values, surrogate = self.mixed_partials(student, x_jac, t_jac, directions,
+                                                                 dense_products)
+        else:
+            s, products = self.projection.student(student, x_jac, t_jac, list(directions))
+            values, surrogate = {}, None
         if rows is not None:
             s = torch.cat([s, predict_noise(student, x_t[rest], t[rest])])[order]
             if needs_kd:
                 with torch.no_grad():
                     s_dense = torch.cat([s_dense, predict_noise(teacher, x_t[rest], t[rest])])[order]
-        return Probe(noise, s, s_dense, products, dense_products, directions, rows)
+        return Probe(noise, s, s_dense, products, dense_products, directions, rows, values, surrogate)
+
+    def mixed_partials(self, student, x, t, directions, dense_products):
+        """Student products without create_graph, the Jacobian terms' values, and the surrogate.
+
+        The tangent u_k = ∂(Σ λ·term)/∂g_k is taken by autograd on the detached products (cheap:
+        elementwise), so any term reading the products gets its gradient through mixed partials.
+        """
+        s, products, rng = self.projection.student(student, x, t, list(directions))
+        leaves = [p.requires_grad_(True) for p in products]
+        probe = Probe(None, s.detach(), None, leaves, dense_products, directions)
+        with torch.enable_grad():
+            values = {name: term(probe) for name, (_, term) in self.terms.items() if term.needs_jacobian}
+            weighted = sum(self.terms[name][0] * value for name, value in values.items())
+            tangents = torch.autograd.grad(weighted.sum(), leaves, allow_unused=True)
+        tangents = [torch.zeros_like(p) if u is None else u for p, u in zip(products, tangents)]
+        surrogate, s = self.projection.surrogate(student, x, t, s, list(directions), tangents, rng)
+        values = {name: value.detach() for name, value in values.items()}
+        return s, [p.detach() for p in products], values, surrogate
 
     def __call__(self, student, teacher, x_t, t, noise, generator=None):
         probe = self.probe(student, teacher, x_t, t, noise, generator)
         total, values = 0.0, {}
+        spread = lambda value: value if probe.rows is None else torch.zeros(  # noqa: E731
+            x_t.shape[0], dtype=value.dtype, device=value.device).index_copy(
+                0, probe.rows, value * (x_t.shape[0] / len(probe.rows)))
         for name, (weight, term) in self.terms.items():
-            value = term(probe)
-            if term.needs_jacobian and probe.rows is not None:
-                value = torch.zeros(x_t.shape[0], dtype=value.dtype, device=value.device).index_copy(
-                    0, probe.rows, value * (x_t.shape[0] / len(probe.rows)))
+            value = probe.jacobian_values[name] if name in probe.jacobian_values else term(probe)
+            if term.needs_jacobian:
+                value = spread(value)
             total = total + weight * value
             values[name] = value.detach()
+        if probe.surrogate is not None:  # value 0, gradient that of the Jacobian terms
+            surrogate = spread(probe.surrogate)
+            total = total + (surrogate - surrogate.detach())
         return total, values
 
 
 def build_objective(weights: dict, projection: str = "vjp", num_directions: int = 1,
                     directions: str | Callable = "gaussian", otd: dict | None = None, *,
-                    jvp_method: str = "forward", jacobian_fraction: float = 1.0) -> Objective:
+                    jvp_method: str = "forward", jacobian_fraction: float = 1.0,
+                    jacobian_method: str = "double_backward", fd_scheme: str = "central",
+                    fd_step: float | None = None) -> Objective:
     """The objective from config: ``weights`` maps names among NAMES to λ (0 or absent: off).
 
     ``projection`` "vjp" (‖Jᵀv̂‖², authors' code) or "jvp" (‖Jv̂‖², paper text); ``num_directions``
     k ≥ 1 orthonormal directions per sample, the Jacobian terms averaged over them;
     ``directions`` "gaussian", "otd" (with ``otd`` = {"dt", "steps", "prob"}) or a callable
     ``(x_t, t, generator) -> Tensor``; ``jvp_method`` "forward" (torch.func.jvp) or "double_vjp";
-    ``jacobian_fraction`` in (0, 1]: share of the batch carrying the Jacobian terms (1 = exact).
+    ``jacobian_fraction`` in (0, 1]: share of the batch carrying the Jacobian terms (1 = exact);
+    ``jacobian_method`` (vjp projection): how the Jacobian terms' gradient is obtained,
+    "double_backward" (exact, default), "mixed_jvp" (exact, forward mode over an ordinary VJP) or
+    "mixed_fd" (finite differences, ``fd_scheme`` "central" or "forward", relative step
+    ``fd_step``, default :func:`mixed_partial_step`); see :class:`MixedVJP`.
     """
     for name in weights:
         if name not in NAMES:
@@ -459,6 +721,11 @@ def build_objective(weights: dict, projection: str = "vjp", num_directions: int 
         raise ValueError(f"jacobian_fraction: {jacobian_fraction} is outside (0, 1]")
     if jvp_method not in JVP_METHODS:
         raise ValueError(f"jvp_method: unknown {jvp_method!r}; expected one of {JVP_METHODS}")
+    if jacobian_method not in JACOBIAN_METHODS:
+        raise ValueError(f"jacobian_method: unknown {jacobian_method!r}; expected one of {JACOBIAN_METHODS}")
+    if jacobian_method != "double_backward" and projection != "vjp":
+        raise ValueError(f"jacobian_method={jacobian_method!r} needs projection='vjp'; the jvp "
+                         "projection already avoids the double backward by forward mode")
     if otd is not None and directions != "otd":
         raise ValueError(f"otd: settings given but directions is {directions!r}, not 'otd'")
     num_directions = int(num_directions)
@@ -474,5 +741,8 @@ def build_objective(weights: dict, projection: str = "vjp", num_directions: int 
         sampler = OTDDirections(num_directions, jvp_method=jvp_method, **settings)
     else:
         raise ValueError(f"directions: unknown {directions!r}; expected 'gaussian', 'otd' or a callable")
-    proj = VJP() if projection == "vjp" else JVP(jvp_method)
+    if jacobian_method != "double_backward":
+        proj = MixedVJP(jacobian_method, fd_scheme, fd_step)
+    else:
+        proj = VJP() if projection == "vjp" else JVP(jvp_method)
     return Objective(terms, proj, sampler, jacobian_fraction)

@@ -97,7 +97,10 @@ class ImageGenerators:
 def numerics(precision: str, device: torch.device):
     """Global math flags of a precision, restored afterwards. fp32 is strict: cuDNN and cuBLAS TF32
     off (cuDNN's default TF32 convolutions are *not* fp32, reference NOTES §3) and deterministic
-    cuDNN algorithms; tf32 and bf16 allow TF32 (bf16 autocast leaves some ops in fp32)."""
+    cuDNN algorithms chosen by heuristics, so every process picks the same ones. tf32 and bf16 allow
+    TF32 (bf16 autocast leaves some ops in fp32) and let cuDNN time its algorithms once per shape
+    (``cudnn.benchmark``): faster, but two processes may pick different ones, so their bits may
+    differ."""
     if device.type != "cuda":
         yield
         return
@@ -107,7 +110,7 @@ def numerics(precision: str, device: torch.device):
     torch.backends.cuda.matmul.allow_tf32 = not strict
     torch.backends.cudnn.allow_tf32 = not strict
     torch.backends.cudnn.deterministic = strict
-    torch.backends.cudnn.benchmark = False  # autotuning may pick different algorithms per process
+    torch.backends.cudnn.benchmark = not strict
     try:
         yield
     finally:
@@ -441,34 +444,6 @@ def _describe(seeds: np.ndarray) -> str:
     gaps = np.flatnonzero(np.diff(seeds) != 1)
     text = f"{seeds[0]}..{seeds[-1]}"
     return text + (f" (not contiguous after seed {seeds[gaps[0]]})" if len(gaps) else "")
-
-
-# ---------------------------------------------------------------------------------------------
-# Several processes (torchrun) inside one job
-# ---------------------------------------------------------------------------------------------
-
-def distributed_init() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank): from torchrun's environment, else (0, 1, 0).
-    Under torchrun, initialises the default process group (NCCL on GPUs, else gloo)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, 1, 0
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def distributed_barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------

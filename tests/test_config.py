@@ -99,7 +99,7 @@ def test_paper_config_dry_run_lists_the_full_job_graph():
     scored = 1 + finetunes  # dense + every finetuned student
     assert counts == {
         "download": 1, "dense_pretrained": 1, "prune": len(runs), "finetune": finetunes,
-        "sample": scored, "fid": scored, "efficiency": scored, "fid_reference": 1,
+        "sample": scored, "sample_gather": scored, "fid": scored, "efficiency": scored, "fid_reference": 1,
         "tables": 1, "combined_table": 1, "all_tables": 1, "total": counts["total"],
     }
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")

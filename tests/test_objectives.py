@@ -6,6 +6,7 @@ conv net. Runs in about a minute on one CPU thread.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch import nn
 from igsm.diffusion import NoiseSchedule, antithetic_timesteps
 from igsm.models import predict_noise
 from igsm.objectives import (NAMES, GaussianDirections, OTDDirections, build_objective,
-                             jacobian_rows, orthonormalize, otd_step)
+                             jacobian_rows, math_attention, orthonormalize, otd_step)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,6 +130,14 @@ def test_interface_errors():
         build_objective({"jm2": 1.0}, num_directions=0)
     with pytest.raises(ValueError, match="otd"):
         build_objective({"jm2": 1.0}, directions="otd", otd={"dt": 0.1, "step": 2})
+    with pytest.raises(ValueError, match="jacobian_method"):
+        build_objective({"jm2": 1.0}, jacobian_method="hessian")
+    with pytest.raises(ValueError, match="projection='vjp'"):
+        build_objective({"jm2": 1.0}, "jvp", jacobian_method="mixed_fd")
+    with pytest.raises(ValueError, match="fd_scheme"):
+        build_objective({"jm2": 1.0}, jacobian_method="mixed_fd", fd_scheme="backward")
+    with pytest.raises(ValueError, match="fd_step"):
+        build_objective({"jm2": 1.0}, jacobian_method="mixed_fd", fd_step=0.0)
     assert NAMES == ("np", "kd", "jm1", "jm2")
     assert not build_objective({"np": 1.0, "kd": 0.0}).needs_teacher
     assert build_objective({"np": 1.0, "kd": 1.0}).needs_teacher
@@ -140,6 +149,9 @@ def test_interface_errors():
     assert total.shape == (2,) and set(terms) == {"np"}
     with pytest.raises(ValueError, match="teacher"):
         build_objective({"np": 1.0, "jm1": 1.0})(student, None, x_t, t, noise, None)
+    with pytest.raises(ValueError, match="lose all digits"):  # finite differences in bf16
+        half = copy.deepcopy(student).bfloat16()
+        build_objective({"jm2": 1.0}, jacobian_method="mixed_fd")(half, half, x_t.bfloat16(), t, noise.bfloat16(), None)
 
 
 def test_gaussian_directions_are_orthonormal_per_sample():
@@ -245,20 +257,26 @@ def test_equals_authors_formulation():
 # --- the teacher keeps no graph ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("projection,jvp_method,directions", [
-    ("vjp", "forward", "gaussian"), ("jvp", "forward", "gaussian"),
-    ("jvp", "double_vjp", "gaussian"), ("vjp", "forward", "otd")])
-def test_teacher_gets_no_gradients_and_keeps_no_graph(projection, jvp_method, directions):
+@pytest.mark.parametrize("projection,jvp_method,directions,jacobian_method", [
+    ("vjp", "forward", "gaussian", "double_backward"), ("jvp", "forward", "gaussian", "double_backward"),
+    ("jvp", "double_vjp", "gaussian", "double_backward"), ("vjp", "forward", "otd", "double_backward"),
+    ("vjp", "forward", "gaussian", "mixed_fd"), ("vjp", "forward", "otd", "mixed_jvp")])
+def test_teacher_gets_no_gradients_and_keeps_no_graph(projection, jvp_method, directions, jacobian_method):
     student, teacher = tiny_unet((4, 8), seed=1), tiny_unet((8, 16), seed=2)
     assert all(p.requires_grad for p in teacher.parameters())  # as handed over, unfrozen
     x_t, t, noise = make_batch()
     objective = build_objective(ALL_TERMS, projection, num_directions=2, directions=directions,
                                 otd={"prob": 1.0} if directions == "otd" else None,
-                                jvp_method=jvp_method)
+                                jvp_method=jvp_method, jacobian_method=jacobian_method)
     probe = objective.probe(student, teacher, x_t, t, noise, torch.Generator().manual_seed(0))
     for value in [probe.teacher, *probe.teacher_products]:
         assert not value.requires_grad and value.grad_fn is None
-    assert all(p.requires_grad and p.grad_fn is not None for p in [probe.student, *probe.student_products])
+    if jacobian_method == "double_backward":
+        assert all(p.requires_grad and p.grad_fn is not None for p in [probe.student, *probe.student_products])
+    else:  # products are plain values; the surrogate carries their gradient
+        assert probe.student.grad_fn is not None and probe.surrogate.grad_fn is not None
+        assert all(p.grad_fn is None and not p.requires_grad for p in probe.student_products)
+        assert all(not v.requires_grad for v in probe.jacobian_values.values())
     total, _ = objective(student, teacher, x_t, t, noise, torch.Generator().manual_seed(0))
     total.mean().backward()
     assert all(p.grad is None for p in teacher.parameters())
@@ -295,6 +313,10 @@ def test_math_attention_only_where_needed(monkeypatch):
     calls.clear()
     build_objective(ALL_TERMS, "jvp")(student, teacher, x_t, t, noise, None)
     assert calls == [False] * 2 * per_net  # forward mode: no fused kernel has a formula
+    calls.clear()
+    total, _ = build_objective(ALL_TERMS, "vjp", jacobian_method="mixed_fd")(student, teacher, x_t, t, noise, None)
+    assert calls == [True] * 4 * per_net  # teacher, student, the difference pair: all fused
+    total.mean().backward()  # ordinary backwards only: fused kernels have them
 
 
 def test_forward_ad_on_diffusers_unet():
@@ -457,14 +479,159 @@ def test_jacobian_fraction_is_unbiased_and_reports_its_error():
     assert 0 < error < 1
 
 
+# --- mixed partials: the Jacobian terms' gradient without a double backward ---------------------
+
+MIXED = [("mixed_jvp", "central"), ("mixed_fd", "central"), ("mixed_fd", "forward")]
+JACOBIAN_ONLY = {"jm1": 0.3, "jm2": 0.1}  # the part mixed partials replace (NP/KD would dilute errors)
+# float64 bounds on the relative error of the Jacobian terms' gradient. mixed_jvp is exact (measured
+# ~2e-15); finite differences err by ≈ C·δ² + eps/δ (central, δ = 3e-6) or C'·δ + eps/δ (forward,
+# δ = 1.5e-8), with C ≲ 100 and C' ≲ 10 from the float32 step sweeps of tiny U-Nets
+# (igsm.objectives.mixed_partial_step): about 1e-9 and 2e-7 (measured 4e-10, 1e-7); bounds 100×
+# and 50× above.
+BOUNDS64 = {("mixed_jvp", "central"): 1e-10, ("mixed_fd", "central"): 1e-7, ("mixed_fd", "forward"): 1e-5}
+
+
+def step_of(objective, student, teacher, batch):
+    """(total value, terms, flat student gradient of total.mean()) of one objective call."""
+    student.zero_grad(set_to_none=True)
+    total, terms = objective(student, teacher, *batch, None)
+    total.mean().backward()
+    grad = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten().double()
+                      for p in student.parameters()])
+    student.zero_grad(set_to_none=True)
+    return total.detach(), terms, grad
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("net_name", list(NETS))
+def test_mixed_partials_match_exact_float64(net_name):
+    """Same term values and total value as the double backward; the gradient within BOUNDS64."""
+    student, teacher = NETS[net_name]()
+    batch = make_batch(batch=4)
+    # Two directions per row, fixed functions of the row (jacobian_fraction passes a subset of rows).
+    def direction_of(x, t_, g):
+        return orthonormalize(torch.stack([torch.sin(37 * x + 1), torch.cos(23 * x)]))
+
+    options = dict(num_directions=2, directions=direction_of)
+    errors = {}
+    for label, weights, fraction in [("all terms", ALL_TERMS, 1.0), ("Jacobian terms", JACOBIAN_ONLY, 1.0),
+                                     ("all terms, jacobian_fraction 0.5", ALL_TERMS, 0.5)]:
+        exact_total, exact_terms, exact = step_of(
+            build_objective(weights, jacobian_fraction=fraction, **options), student, teacher, batch)
+        for method, scheme in MIXED:
+            total, terms, grad = step_of(build_objective(
+                weights, jacobian_method=method, fd_scheme=scheme, jacobian_fraction=fraction, **options),
+                student, teacher, batch)
+            assert set(terms) == set(weights)
+            for name in weights:  # the true values, not the surrogate's
+                torch.testing.assert_close(terms[name], exact_terms[name], rtol=1e-10, atol=1e-14, msg=name)
+            torch.testing.assert_close(total, exact_total, rtol=1e-10, atol=1e-14)
+            errors[f"{method} {scheme}, {label}"] = error = relative(grad, exact)
+            assert error < BOUNDS64[method, scheme], (method, scheme, label, error)
+    print(f"{net_name}, float64 gradient rel. errors vs double backward:",
+          json.dumps({k: f"{e:.2g}" for k, e in errors.items()}, indent=1))
+
+
+def test_mixed_partials_float32_error():
+    """float32 gradients of the Jacobian terms against the float64 exact gradient.
+
+    Bounds from rounding + truncation at the default steps (igsm.objectives.mixed_partial_step):
+    central ≈ C·δ² + eps/δ = 100·(2.5e-3)² + 1.2e-7/2.5e-3 ≈ 7e-4, forward ≈ C'·δ + eps/δ ≈
+    10·3.5e-4 + 3.4e-4 ≈ 4e-3; asserted 3e-3 and 1e-2. Measured (this net): 3.8e-4 and 2.6e-3, exact
+    float32 1.4e-6; mixed_jvp like exact.
+    """
+    student, teacher = tiny_unet((4, 8), seed=1), tiny_unet((8, 16), seed=2)
+    batch = make_batch(batch=4)
+    v = fixed_directions(batch[0], 1)
+    options = dict(directions=lambda x, t_, g: v.to(x.dtype))
+    errors = {}
+    for label, weights in [("Jacobian terms", JACOBIAN_ONLY), ("all terms", ALL_TERMS)]:
+        reference = step_of(build_objective(weights, **options), student, teacher, batch)[2]
+        student32, teacher32 = copy.deepcopy(student).float(), copy.deepcopy(teacher).float()
+        batch32 = tuple(a.float() if a.is_floating_point() else a for a in batch)
+        errors[f"exact, {label}"] = relative(step_of(build_objective(weights, **options), student32, teacher32,
+                                                     batch32)[2], reference)
+        for method, scheme in MIXED:
+            objective = build_objective(weights, jacobian_method=method, fd_scheme=scheme, **options)
+            errors[f"{method} {scheme}, {label}"] = relative(step_of(objective, student32, teacher32, batch32)[2],
+                                                             reference)
+    print("float32 gradient rel. errors vs float64 exact:", json.dumps({k: f"{e:.2g}" for k, e in errors.items()},
+                                                                       indent=1))
+    jac = {k.split(",")[0]: e for k, e in errors.items() if k.endswith("Jacobian terms")}
+    assert jac["exact"] < 1e-5 and jac["mixed_jvp central"] < 1e-5
+    assert jac["mixed_fd central"] < 3e-3 and jac["mixed_fd forward"] < 1e-2
+
+
+def dropout_unet(seed):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(4, 8),
+                       layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+                       dropout=0.5).double().train()
+
+
+def test_mixed_partials_with_dropout():
+    """Training mode: every forward of a call draws the first one's dropout masks.
+
+    mixed_fd (eager forwards) equals the double backward for the same seed. mixed_jvp runs its
+    forwards through torch.func, whose dropout orders the mask of a non-contiguous activation
+    differently from eager mode, so its reference is the double backward through torch.func.vjp.
+    Either leaves the global RNG where one forward leaves it.
+    """
+    student, teacher = dropout_unet(1), tiny_unet((8, 16), seed=2)
+    batch = make_batch()
+    x_t, t, noise = batch
+    v = fixed_directions(x_t, 2)
+    options = dict(num_directions=2, directions=lambda x, t_, g: v)
+
+    def run(method, seed=0):
+        torch.manual_seed(seed)
+        result = step_of(build_objective(ALL_TERMS, jacobian_method=method, **options), student, teacher, batch)
+        return result, torch.rand(3)  # the RNG state after the call
+
+    (exact_total, exact_terms, exact), exact_after = run("double_backward")
+    assert relative(run("double_backward", seed=1)[0][2], exact) > 0.1  # the masks matter
+    (total, terms, grad), after = run("mixed_fd")
+    assert relative(grad, exact) < 1e-7
+    torch.testing.assert_close(total, exact_total, rtol=1e-10, atol=0)
+    torch.testing.assert_close(after, exact_after, rtol=0, atol=0)
+
+    (total, terms, grad), after = run("mixed_jvp")
+    torch.testing.assert_close(after, exact_after, rtol=0, atol=0)
+    with torch.no_grad():
+        s_dense, pullback = torch.func.vjp(lambda z: predict_noise(teacher, z, t), x_t)
+        g_dense = [pullback(d)[0] for d in v]
+    torch.manual_seed(0)
+    with math_attention():
+        s, pullback = torch.func.vjp(lambda z: predict_noise(student, z, t), x_t)
+        g = [pullback(d)[0] for d in v]
+    sq = lambda a: a.square().flatten(1).sum(1)  # noqa: E731
+    reference_terms = {"np": sq(s - noise), "kd": sq(s - s_dense),
+                       "jm1": torch.stack([sq(a - b) for a, b in zip(g, g_dense)]).mean(0),
+                       "jm2": torch.stack([(sq(b) - sq(a)).square() for a, b in zip(g, g_dense)]).mean(0)}
+    student.zero_grad(set_to_none=True)
+    sum(w * reference_terms[n] for n, w in ALL_TERMS.items()).mean().backward()
+    reference = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in student.parameters()])
+    for name in NAMES:
+        torch.testing.assert_close(terms[name], reference_terms[name].detach(), rtol=1e-10, atol=1e-14, msg=name)
+    assert relative(grad, reference) < 1e-10
+
+
 def test_bf16_autocast_error():
     """bf16 autocast (the benchmark's --precision bf16) against float32, same inputs/directions."""
     student, teacher = tiny_unet((4, 8), seed=1).float(), tiny_unet((8, 16), seed=2).float()
     x_t, t, noise = (a.float() if a.is_floating_point() else a for a in make_batch(batch=4))
     v = fixed_directions(x_t, 1)
     errors = {}
-    for projection in ("vjp", "jvp"):
-        objective = build_objective({"np": 1.0, "kd": 1.0, "jm2": 0.1}, projection, directions=lambda x, t_, g: v)
+    for projection, method in [("vjp", "double_backward"), ("jvp", "double_backward"),
+                               ("vjp", "mixed_fd"), ("vjp", "mixed_jvp")]:
+        objective = build_objective({"np": 1.0, "kd": 1.0, "jm2": 0.1}, projection, directions=lambda x, t_, g: v,
+                                    jacobian_method=method)
         results = []
         for autocast in (False, True):
             student.zero_grad(set_to_none=True)
@@ -473,9 +640,10 @@ def test_bf16_autocast_error():
             total.float().mean().backward()
             results.append((terms["jm2"].float(), torch.cat([p.grad.flatten().float() for p in student.parameters()])))
         (jm2, grad), (jm2_bf16, grad_bf16) = results
-        errors[projection] = {"jm2": ((jm2_bf16 - jm2).norm() / jm2.norm()).item(),
-                              "grad": ((grad_bf16 - grad).norm() / grad.norm()).item()}
-        assert torch.isfinite(grad_bf16).all() and errors[projection]["grad"] < 0.1
+        key = projection if method == "double_backward" else method
+        errors[key] = {"jm2": ((jm2_bf16 - jm2).norm() / jm2.norm()).item(),
+                       "grad": ((grad_bf16 - grad).norm() / grad.norm()).item()}
+        assert torch.isfinite(grad_bf16).all() and errors[key]["grad"] < 0.1
     print("bf16 vs fp32 relative errors:", json.dumps(errors))
 
 
@@ -483,6 +651,10 @@ def test_benchmark_runs_on_cpu(tmp_path):
     report = load_benchmark().main(["--device", "cpu", "--batch", "2", "--tiny", "--steps", "1",
                                     "--warmup", "0", "--out", str(tmp_path / "r.json")])
     methods = {r["method"]: r for r in report["methods"]}
-    assert {"NP", "NP+KD", "authors (NOTES §1)", "IGSM exact, vjp", "IGSM exact, jvp"} <= set(methods)
+    assert {"NP", "NP+KD", "authors (NOTES §1)", "IGSM exact, vjp", "IGSM exact, jvp", "IGSM mixed partials (fd)",
+            "IGSM mixed partials (fd, forward)", "IGSM mixed partials (jvp)"} <= set(methods)
+    errors = report["gradient_relative_errors"]
+    assert errors["IGSM mixed partials (jvp) (Jacobian term alone)"] < 1e-4
+    assert errors["IGSM mixed partials (fd) (Jacobian term alone)"] < 1e-2
     assert all(r["ms_per_step"] > 0 for r in methods.values())
     assert json.loads((tmp_path / "r.json").read_text())["student_params"] > 0
