@@ -14,7 +14,7 @@ import pandas as pd
 
 TERMS = ("np", "kd", "jm1", "jm2")
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
-           "params_M", "macs_G", "fid", "fid_images", "fid_mode", "training_steps",
+           "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
            "paper_fid", "delta_fid", "paper_source"]
 
 
@@ -67,6 +67,7 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             "objective": entry["objective"],
             "params_M": eff["params"] / 1e6,
             "macs_G": eff["macs"] / 1e9,
+            "images_per_s": eff.get("images_per_s"),
             "fid": fid["fid"],
             "fid_images": fid["num_images"],
             "fid_mode": fid["mode"],
@@ -75,14 +76,19 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             "delta_fid": None if paper_fid is None else fid["fid"] - paper_fid,
             "paper_source": where,
         })
-    return pd.DataFrame(out, columns=COLUMNS)
+    table = pd.DataFrame(out, columns=COLUMNS)
+    # The paper's "Speed" column: network throughput relative to the dense model (GPU jobs only).
+    dense_speed = table.loc[table.model == "dense", "images_per_s"]
+    if len(dense_speed) and pd.notna(dense_speed.iloc[0]):
+        table["speed"] = table.images_per_s / dense_speed.iloc[0]
+    return table
 
 
 def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title: str = "") -> None:
     if csv:
         table.to_csv(csv, index=False)
     shown = table.drop(columns=["experiment"]).rename(columns={
-        "params_M": "params (M)", "macs_G": "MACs (G)", "fid": "FID", "paper_fid": "paper FID",
+        "params_M": "params (M)", "macs_G": "MACs (G)", "images_per_s": "images/s", "speed": "speed", "fid": "FID", "paper_fid": "paper FID",
         "delta_fid": "Δ FID", "training_steps": "steps", "fid_images": "FID images",
         "fid_mode": "FID mode", "pr_label": "PR label", "channel_ratio": "channel ratio",
         "paper_source": "paper source"})
