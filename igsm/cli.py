@@ -119,21 +119,50 @@ def init(out, seed, settings):
 @click.option("--checkpoint-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", required=True, type=click.Path(dir_okay=False), help="JSONL per log step.")
 @click.option("--summary", required=True, type=click.Path(dir_okay=False), help="JSON summary.")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes per node, one per GPU; more than one in all reruns this command "
+                   "under torchrun (DDP; the batch is split between them).")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Nodes (> 1: inside a SLURM allocation, one torchrun per node through srun).")
 @SETTINGS
 @DEVICE
 @THREADS
-def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, settings, device, threads):
-    """Train or finetune with the one training loop (settings: 'training' + 'objective')."""
-    from igsm.data import load_images
-    from igsm.models import count_parameters, load_model, save_model
+def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, nproc_per_node, nnodes,
+          settings, device, threads):
+    """Train or finetune with the one training loop (settings: 'training' + 'objective').
+
+    Exits with 75 (EX_TEMPFAIL) after SIGTERM/SIGUSR1, once a snapshot is written: rerun to resume.
+    """
+    import os
+
+    from igsm import distributed
     from igsm.training import Interrupted, TrainingOptions, train as train_loop
 
-    _setup(threads)
     try:
         options = TrainingOptions.from_dict(settings["training"])
     except (KeyError, TypeError, ValueError) as err:
         raise click.ClickException(f"--settings: {err}") from None
+    if options.batch_size % (nproc_per_node * nnodes):
+        raise click.ClickException(f"--nproc-per-node: batch_size {options.batch_size} is not divisible "
+                                   f"by the {nproc_per_node * nnodes} processes (GPUs); the global "
+                                   f"batch is split evenly between them")
+    try:
+        command = distributed.launch_command(sys.argv[1:], nproc_per_node, nnodes)
+    except RuntimeError as err:
+        raise click.ClickException(f"--nnodes: {err}") from None
+    if command:
+        click.echo(" ".join(command), err=True)
+        os.execvp(command[0], command)  # same process (pid), so SLURM's signals still reach it
+
+    from igsm.data import load_images
+    from igsm.models import count_parameters, load_model, save_model
+
     device = _device(device)
+    if device.type == "cuda" and device.index is None and distributed.get_world_size() > 1:
+        device = _device(f"cuda:{distributed.get_local_rank()}")
+    # --threads is the job's CPUs on this node, shared by its processes.
+    _setup(max(1, threads // distributed.get_local_world_size()) if threads else None)
+    distributed.init(device)
     net = load_model(model_dir)
     teacher = load_model(teacher_dir) if teacher_dir else None
     try:
@@ -141,12 +170,17 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, s
                          schedule=_schedule(settings), device=device)
     except Interrupted as err:
         click.echo(str(err), err=True)
+        distributed.shutdown()
         sys.exit(75)  # EX_TEMPFAIL: a rerun continues
-    except FloatingPointError as err:
+    except (FloatingPointError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    save_model(ema.cpu(), out, extra={"trained_from": model_dir, "num_steps": options.num_steps})
-    _write_json(summary, {"num_steps": options.num_steps, "num_parameters": count_parameters(ema),
-                          "teacher": teacher_dir, "settings": settings})
+    if distributed.get_rank() == 0:
+        save_model(ema.cpu(), out, extra={"trained_from": model_dir, "num_steps": options.num_steps})
+        _write_json(summary, {"num_steps": options.num_steps, "num_parameters": count_parameters(ema),
+                              "num_processes": distributed.get_world_size(), "teacher": teacher_dir,
+                              "settings": settings})
+    distributed.barrier()
+    distributed.shutdown()
 
 
 @main.command()
@@ -182,56 +216,181 @@ def prune(model_dir, data, criterion, channel_ratio, out, report, settings, devi
     _write_json(report, result)
 
 
+def _shard(ctx, param, value):
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected INDEX/COUNT, e.g. 0/8") from None
+    if count < 1 or not 0 <= index < count:
+        raise click.BadParameter(f"{value!r}: INDEX must be in 0..COUNT−1")
+    return index, count
+
+
+# Mirrors igsm.sampling.PRECISIONS (not imported here: the CLI starts without torch).
+PRECISION_CHOICES = ("fp32", "tf32", "bf16")
+
+
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Images .npz (uint8).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="Images .npz: uint8 images, their seeds, JSON metadata.")
 @click.option("--grid", type=click.Path(dir_okay=False), help="PNG grid of the first 64 images.")
-@click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--num-images", type=click.IntRange(min=1), required=True)
+@click.option("--first-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the first image of the whole set; image k uses first_seed + k.")
+@click.option("--num-images", type=click.IntRange(min=1), required=True, help="Images in the whole set.")
+@click.option("--shard", default="0/1", show_default=True, callback=_shard,
+              help="INDEX/COUNT: make only shard INDEX of COUNT (images i·N/COUNT … (i+1)·N/COUNT − 1).")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), default=None,
+              help="fp32 (strict, TF32 off), tf32, or bf16 autocast. [default: sample.precision]")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the network. [default: sample.compile]")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="channels_last memory format. [default: sample.channels_last]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per sampler batch. [default: sample.batch_size]")
+@click.option("--micro-batch", type=click.IntRange(min=0), default=None,
+              help="Images per network call, 0 = batch size. [default: sample.micro_batch]")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes, one per GPU; more than one reruns this command under torchrun.")
 @SETTINGS
 @DEVICE
 @THREADS
-def sample(model_dir, out, grid, first_seed, num_images, settings, device, threads):
-    """Generate images with seeds first_seed .. first_seed+num_images−1 (settings: 'sample')."""
+def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compile_, channels_last,
+           batch_size, micro_batch, nproc_per_node, settings, device, threads):
+    """Generate images first_seed … first_seed+num_images−1, or one shard of them (settings: 'sample').
+
+    Resumable: finished batches are kept in OUT.partial/ until OUT is written, and a rerun with
+    the same model and settings does only the missing ones. Under torchrun, the processes share
+    the batches (one GPU each) and rank 0 writes OUT.
+    """
+    import os
+
     import numpy as np
     import torch
-    from tqdm import tqdm
 
-    from igsm.data import save_arrays, to_uint8
+    from igsm import distributed, sampling
     from igsm.models import load_model
-    from igsm.sampling import generate
 
-    _setup(threads)
+    command = distributed.launch_command(sys.argv[1:], nproc_per_node)
+    if command:
+        click.echo(" ".join(command), err=True)
+        os.execvp(command[0], command)
+    # --threads is the job's CPUs, shared by its processes.
+    _setup(max(1, threads // distributed.get_local_world_size()) if threads else None)
+    flags = {"precision": precision, "compile": compile_, "channels_last": channels_last,
+             "batch_size": batch_size, "micro_batch": micro_batch}
+    options = {**settings, **{k: v for k, v in flags.items() if v is not None}}
+    index, count = shard
+    try:
+        start, stop = sampling.shard_range(num_images, count, index)
+        kwargs = sampling.sampler_kwargs(options)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     device = _device(device)
+    if device.type == "cuda" and device.index is None and distributed.get_world_size() > 1:
+        device = torch.device("cuda", distributed.get_local_rank())
+    distributed.init(device)
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    batch_size = options.get("batch_size", 256)
     net = load_model(model_dir, device)
-    cfg = net.config
-    shape = (cfg["in_channels"], cfg["sample_size"], cfg["sample_size"])
-    sampler = settings.get("sampler", "ddim")
-    kwargs = {"num_steps": settings.get("num_steps", 100)}
-    if sampler == "ddim":
-        kwargs.update(eta=settings.get("eta", 0.0), spacing=settings.get("spacing", "uniform"),
-                      clip_x0=settings.get("clip_x0", False))
-    batch_size = settings.get("batch_size", 256)
-    seeds = np.arange(first_seed, first_seed + num_images)
-    chunks = []
-    for start in tqdm(range(0, num_images, batch_size), desc="sample", unit="batch"):
-        batch_seeds = seeds[start:start + batch_size]
-        x = generate(net, sampler=sampler, seeds=batch_seeds, image_shape=shape,
-                     schedule=_schedule(settings), device=device, **kwargs)
-        chunks.append(to_uint8(x))
-    images = np.concatenate(chunks)
-    save_arrays(out, images=images, seeds=seeds)
+    shape = (net.config["in_channels"], net.config["sample_size"], net.config["sample_size"])
+    try:
+        denoiser = sampling.Denoiser(
+            net, micro_batch=options.get("micro_batch", 0) or batch_size,
+            precision=options.get("precision", "fp32"), channels_last=options.get("channels_last", False),
+            compile_mode=options.get("compile_mode", "default") if options.get("compile", False) else None)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    seeds = np.arange(first_seed + start, first_seed + stop)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
+    fingerprint = {"model_digest": sampling.model_digest(model_dir), "sampler": options.get("sampler", "ddim"),
+                   "sampler_kwargs": kwargs, "image_shape": list(shape), "batch_size": batch_size,
+                   **denoiser.metadata, "schedule": settings.get("diffusion", {}),
+                   "first_seed": int(first_seed + start), "num_images": len(seeds),
+                   "torch": torch.__version__, "device": device_name}
+    folder = out + ".partial"
+    partial = sampling.PartialBatches(folder, fingerprint) if rank == 0 else None
+    distributed.barrier()  # rank 0 has emptied a stale folder before anyone writes
+    if partial is None:
+        partial = sampling.PartialBatches(folder, fingerprint, reset=False)
+    sampling.sample_images(denoiser, seeds=seeds, image_shape=shape, batch_size=batch_size,
+                           sampler=fingerprint["sampler"], schedule=_schedule(options), device=device,
+                           partial=partial, rank=rank, world_size=world_size,
+                           noise_threads=torch.get_num_threads() if threads else 1, progress=True, **kwargs)
+    distributed.barrier()
+    if rank == 0:
+        images = partial.load(-(-len(seeds) // batch_size))
+        sampling.save_samples(out, images, seeds, {**fingerprint, "model": model_dir, "shard": [index, count],
+                                                   "world_size": world_size})
+        partial.remove()
+        if grid:
+            from igsm.plots import save_grid
+
+            save_grid(images[:64], grid)
+        click.echo(f"{out}: {len(images)} images, seeds {seeds[0]}..{seeds[-1]}, {denoiser.precision}")
+    distributed.shutdown()
+
+
+@main.command("gather-samples")
+@click.argument("shards", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The whole set, .npz.")
+@click.option("--grid", type=click.Path(dir_okay=False), help="PNG grid of the first 64 images.")
+@click.option("--first-seed", type=click.IntRange(min=0), required=True)
+@click.option("--num-images", type=click.IntRange(min=1), required=True)
+def gather_samples(shards, out, grid, first_seed, num_images):
+    """Concatenate shard files in seed order, checking that every seed is there exactly once."""
+    from igsm import sampling
+
+    try:
+        images, seeds, metadata = sampling.gather_shards(list(shards), first_seed, num_images)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    sampling.save_samples(out, images, seeds, metadata)
     if grid:
         from igsm.plots import save_grid
 
         save_grid(images[:64], grid)
+    click.echo(f"{out}: {len(images)} images from {len(shards)} shards")
 
 
-def _features(images, settings, device):
+@main.command("export-png")
+@click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder to create: one PNG per image, named by its seed.")
+def export_png(samples, out):
+    """Write a samples file's images as PNG files (lossless: their FID equals the array's)."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    from igsm.sampling import load_samples
+
+    images, seeds, _ = load_samples(samples)
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for image, seed in zip(images, seeds):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp / f"{int(seed):06d}.png")
+    if Path(out).exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)  # the folder appears complete or not at all
+    click.echo(f"{out}: {len(images)} PNG files")
+
+
+def _features(images, settings, device, threads, batch_size):
     from igsm import fid
 
     extractor = fid.feature_extractor(settings.get("mode", "clean"), device=_device(device))
-    return fid.image_features(images, extractor=extractor), extractor.metadata
+    # clean-fid resizes every image on the CPU (PIL): worker processes keep the GPU fed.
+    workers = threads if threads and threads > 1 else 0
+    features = fid.image_features(images, extractor=extractor, batch_size=batch_size, num_workers=workers)
+    return features, extractor.metadata
+
+
+FID_BATCH = click.option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True,
+                         help="Images per Inception call.")
 
 
 @main.command("fid-reference")
@@ -240,7 +399,8 @@ def _features(images, settings, device):
 @SETTINGS
 @DEVICE
 @THREADS
-def fid_reference(data, out, settings, device, threads):
+@FID_BATCH
+def fid_reference(data, out, settings, device, threads, batch_size):
     """Inception statistics of the training images (settings: 'fid')."""
     from igsm import fid
     from igsm.data import load_images
@@ -250,7 +410,7 @@ def fid_reference(data, out, settings, device, threads):
     num = settings.get("num_reference") or len(images)
     if num > len(images):
         raise click.ClickException(f"fid.num_reference: {num} images asked, {data} holds {len(images)}")
-    features, metadata = _features(images[:num], settings, device)
+    features, metadata = _features(images[:num], settings, device, threads, batch_size)
     fid.save_statistics(out, features, source=data, **metadata)
 
 
@@ -261,31 +421,62 @@ def fid_reference(data, out, settings, device, threads):
 @SETTINGS
 @DEVICE
 @THREADS
-def fid_score(samples, reference, out, settings, device, threads):
+@FID_BATCH
+def fid_score(samples, reference, out, settings, device, threads, batch_size):
     """FID of generated images against reference statistics (settings: 'fid')."""
     from igsm import fid
-    from igsm.data import load_images
+    from igsm.sampling import load_samples
 
     _setup(threads)
     reference_stats = fid.load_statistics(reference)
-    features, metadata = _features(load_images(samples), settings, device)
+    images, _, sample_metadata = load_samples(samples)
+    features, metadata = _features(images, settings, device, threads, batch_size)
     try:
         score = fid.frechet_distance(fid.statistics(features, **metadata), reference_stats)
     except ValueError as err:
         raise click.ClickException(f"{reference}: {err}") from None
+    # "precision" is the features'; "image_precision" is the sampler network's (fp32, tf32, bf16).
     _write_json(out, {"fid": score, "num_images": len(features), "samples": samples,
                       "reference": reference, "num_reference": reference_stats.num_images,
-                      **metadata})
+                      "image_precision": sample_metadata.get("precision", "unknown"),
+                      "sampler": sample_metadata.get("sampler"),
+                      "sampler_kwargs": sample_metadata.get("sampler_kwargs"), **metadata})
 
 
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON with params, MACs.")
-def efficiency(model_dir, out):
-    """Parameter and MAC counts of a model (one image, one network call)."""
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON: params, MACs, images/s.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per timed network call.")
+@click.option("--throughput/--no-throughput", default=None,
+              help="Time network calls. [default: on a GPU only; on a CPU images_per_s is null]")
+@SETTINGS
+@DEVICE
+@THREADS
+def efficiency(model_dir, out, batch_size, throughput, settings, device, threads):
+    """Parameters and MACs (one image, one network call) and network throughput (settings: 'sample':
+    precision and channels_last as sampling runs the network; eager, without torch.compile)."""
+    import torch
+
     from igsm.models import load_model
     from igsm.pruning import count_params_macs
+    from igsm.sampling import Denoiser, forward_images_per_s
 
+    _setup(threads)
     net = load_model(model_dir)
     params, macs = count_params_macs(net, net.config["sample_size"], net.config["in_channels"])
-    _write_json(out, {"params": params, "macs": macs, "model": model_dir})
+    device = _device(device)
+    result = {"params": params, "macs": macs, "model": model_dir, "images_per_s": None,
+              "images_per_s_note": "not measured: no GPU (--throughput measures on a CPU)"}
+    if throughput if throughput is not None else device.type == "cuda":
+        precision = settings.get("precision", "fp32")
+        denoiser = Denoiser(net.to(device), precision=precision,
+                            channels_last=settings.get("channels_last", False))
+        shape = (net.config["in_channels"], net.config["sample_size"], net.config["sample_size"])
+        result.update(
+            images_per_s=forward_images_per_s(denoiser, shape, batch_size, device),
+            images_per_s_note=(f"network forward passes (one per sampler step), batch {batch_size}, "
+                               f"{precision}, eager, after 3 warm-up calls"),
+            batch_size=batch_size, precision=precision, channels_last=denoiser.channels_last,
+            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    _write_json(out, result)

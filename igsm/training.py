@@ -6,14 +6,26 @@ hyperparameters (App. B, Tables 6–7).
 
 Resume by rerunning (edm2 style): the loop writes ``step-XXXXXXX.pt`` snapshots into its
 checkpoint folder every ``checkpoint_every`` steps and when SLURM signals the end of the job
-(SIGTERM or SIGUSR1); the same call continues from the newest one. Data order, noise and dropout
-come from generators whose states are in the snapshot, so a resumed run ends with the same weights
-as an uninterrupted one.
+(SIGTERM or SIGUSR1: it finishes the step, writes a snapshot and raises :class:`Interrupted`); the
+same call continues from the newest one. Step s draws its images, flips, timesteps, noise,
+directions and dropout masks from generators seeded by (seed, s), and the snapshot holds the
+weights, EMA, optimizer state and the metrics so far, so a run stopped at any step, or killed,
+and rerun ends with bitwise the same weights as an uninterrupted one (same hardware, software and
+thread count). A snapshot carries the fingerprint of its run (:func:`run_fingerprint`); one from a
+different run (other settings, data, initial weights or teacher) is deleted, never resumed.
+
+Several processes (torchrun, igsm.distributed): ``batch_size`` is the global batch. Every process
+draws the whole global batch (indices, flips, timesteps, noise, Jacobian directions) from the same
+generators and keeps its own rows; gradients are averaged by one all-reduce per step, which also
+carries the logged values and the stop flag, so that every process stops after the same step. The
+result therefore does not depend on the number of processes, up to the order of float reductions,
+except for dropout, whose masks each process draws for its own rows. Only rank 0 writes files.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -27,8 +39,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from igsm import distributed
 from igsm.data import to_model_range
 from igsm.diffusion import NoiseSchedule, antithetic_timesteps
+
+# Options that do not change the weights: a snapshot stays resumable when only these change.
+BOOKKEEPING_OPTIONS = ("log_every", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
@@ -100,14 +116,111 @@ def batch_indices(step: int, batch_size: int, num_items: int, seed: int) -> torc
     return torch.tensor(out)
 
 
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """Seed of the draws of ``step`` (stream 0: batch noise; 1 + rank: that process's dropout)."""
+    # Reseeded every step: step s draws the same numbers whether the run was resumed or not.
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _hash_tensors(digest, tensors: dict) -> None:
+    for name, tensor in sorted(tensors.items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tensor.numel()};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+
+
+def run_fingerprint(net: nn.Module, images: np.ndarray, options: "TrainingOptions",
+                    teacher: nn.Module | None, schedule: NoiseSchedule) -> str:
+    """sha256 of what the trained weights depend on: the options (bar BOOKKEEPING_OPTIONS), the
+    noise schedule, the training images, the initial weights and the teacher's weights.
+
+    Not the number of processes: a run may resume on another GPU count (or device).
+    """
+    digest = hashlib.sha256()
+    settings = {k: v for k, v in asdict(options).items() if k not in BOOKKEEPING_OPTIONS}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(schedule.alphas_cumprod.double().numpy().tobytes())
+    digest.update(f"images:{images.dtype}:{images.shape};".encode())
+    digest.update(np.ascontiguousarray(images).data)
+    _hash_tensors(digest, net.state_dict())
+    digest.update(b"teacher;")
+    if teacher is not None:
+        _hash_tensors(digest, teacher.state_dict())
+    return digest.hexdigest()
+
+
 def _snapshots(directory: Path) -> list[Path]:
     return sorted(directory.glob("step-*.pt"))
+
+
+def _newest_snapshot_of_run(directory: Path, fingerprint: str) -> dict | None:
+    """The newest snapshot with this fingerprint; newer ones of another run are deleted (rank 0)."""
+    state, stale = None, []
+    for path in reversed(_snapshots(directory)):
+        candidate = torch.load(path, map_location="cpu", weights_only=True)
+        if candidate.get("fingerprint") == fingerprint:
+            state = candidate
+            distributed.print0(f"resuming from {path} (step {state['step']})", flush=True)
+            break
+        stale.append(path)
+    distributed.barrier()  # every process has read its snapshot before any file goes
+    if distributed.get_rank() == 0:
+        for path in stale:
+            print(f"discarding {path}: written by a different run (settings, data, initial "
+                  f"weights or teacher differ); not resumed", flush=True)
+            path.unlink()
+    return state
 
 
 def _update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), net.parameters()):
             e.lerp_(p.detach(), 1.0 - decay)
+
+
+class _GlobalBatchDirections:
+    """Gaussian Jacobian directions drawn for the whole global batch, this process keeping its rows,
+    so that sample i gets the same directions whatever the number of processes."""
+
+    needs_teacher = False
+
+    def __init__(self, num_directions: int, rows: slice, global_batch: int):
+        self.num_directions, self.rows, self.global_batch = num_directions, rows, global_batch
+
+    def __call__(self, x, t, generator, teacher=None):
+        from igsm.objectives import orthonormalize
+
+        if x.shape[0] != self.rows.stop - self.rows.start:
+            raise ValueError("jacobian_fraction < 1 is not supported with several processes")
+        v = torch.randn((self.num_directions, self.global_batch, *x.shape[1:]), generator=generator,
+                        device=x.device, dtype=x.dtype)
+        return orthonormalize(v[:, self.rows])
+
+
+def _draw_directions_for_global_batch(objective, rows: slice, global_batch: int) -> None:
+    from igsm.objectives import GaussianDirections, OTDDirections
+
+    sampler = objective.directions
+    if isinstance(sampler, GaussianDirections):
+        objective.directions = _GlobalBatchDirections(sampler.num_directions, rows, global_batch)
+    elif isinstance(sampler, OTDDirections):  # OTD evolves each sample's own directions
+        sampler.initial = _GlobalBatchDirections(sampler.initial.num_directions, rows, global_batch)
+    # A user callable gets this process's rows and draws what it likes.
+
+
+def _average_gradients(params: list[nn.Parameter], stats: torch.Tensor) -> torch.Tensor:
+    """Sum the gradients and ``stats`` over the processes in one all-reduce (in place)."""
+    if distributed.get_world_size() == 1:
+        return stats
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [stats.float()])
+    distributed.all_reduce_sum_(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        if p.grad is not None:
+            p.grad.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return flat[offset:]
 
 
 def train(
@@ -120,112 +233,136 @@ def train(
     schedule: NoiseSchedule | None = None,
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Train ``net`` on uint8 ``images`` (N×H×W×C) and return its EMA copy."""
+    """Train ``net`` on uint8 ``images`` (N×H×W×C) and return its EMA copy.
+
+    Under torchrun (igsm.distributed.init() called first) every process calls this with the same
+    arguments; ``options.batch_size`` is the global batch and must divide by the process count.
+    """
     from igsm.objectives import build_objective
 
     schedule = schedule or NoiseSchedule.linear()
     device = torch.device(device)
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    if options.batch_size % world_size:
+        raise ValueError(f"batch_size {options.batch_size} is not divisible by the {world_size} "
+                         f"processes (GPUs); the global batch is split evenly between them")
+    rows = slice(rank * options.batch_size // world_size, (rank + 1) * options.batch_size // world_size)
     objective = build_objective(**options.objective)
     if objective.needs_teacher and teacher is None:
         raise ValueError("the objective uses the dense teacher (kd/jm terms) but no teacher was given")
+    if world_size > 1:
+        _draw_directions_for_global_batch(objective, rows, options.batch_size)
+    fingerprint = run_fingerprint(net, images, options, teacher, schedule)
 
     net = net.to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     if teacher is not None:
         teacher = teacher.to(device).eval().requires_grad_(False)
+    params = list(net.parameters())
     optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[options.optimizer]
-    optimizer = optimizer_class(net.parameters(), lr=options.lr, betas=tuple(options.betas),
+    optimizer = optimizer_class(params, lr=options.lr, betas=tuple(options.betas),
                                 eps=options.eps, weight_decay=options.weight_decay)
-    # Noise, timesteps, flips and directions: one generator, saved in every snapshot.
-    generator = torch.Generator(device=device).manual_seed(options.seed)
-    torch.manual_seed(options.seed)  # dropout draws from the global generator
+    # Images, flips, timesteps, noise and directions (reseeded every step).
+    generator = torch.Generator(device=device)
 
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = Path(metrics_path)
-    start_step = 0
-    snapshots = _snapshots(checkpoint_dir)
-    if snapshots:
-        state = torch.load(snapshots[-1], map_location=device, weights_only=False)
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"].to(generator.get_state().device))
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        start_step = state["step"]
-        print(f"resuming from {snapshots[-1]} (step {start_step})", flush=True)
-    # Metrics past the snapshot belong to steps that will be redone.
-    _truncate_metrics(metrics_path, start_step)
-    (checkpoint_dir / "training_options.json").write_text(json.dumps(asdict(options), indent=2))
+    # Signals are caught from here on: one arriving while the run starts is acted on after its
+    # first step.
+    with _StopRequested() as stop:
+        start_step, records, running, count = 0, [], {}, 0
+        state = _newest_snapshot_of_run(checkpoint_dir, fingerprint)
+        if state is not None:
+            net.load_state_dict(state["net"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_step, records = state["step"], state["metrics"]
+            running, count = state["running"], state["running_steps"]
+        if rank == 0:
+            # The metrics file restarts from the snapshot's records: lines past it are redone, and a
+            # file deleted by Snakemake after an interrupted job comes back whole.
+            metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            (checkpoint_dir / "training_options.json").write_text(json.dumps(asdict(options), indent=2))
 
-    def save_snapshot(step: int) -> None:
-        state = {
-            "step": step, "net": net.state_dict(), "ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }
-        path = checkpoint_dir / f"step-{step:07d}.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-        for old in _snapshots(checkpoint_dir)[: -options.keep_checkpoints]:
-            old.unlink()
+        def save_snapshot(step: int) -> None:
+            if rank == 0:
+                state = {
+                    "step": step, "fingerprint": fingerprint, "net": net.state_dict(),
+                    "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "metrics": records, "running": running, "running_steps": count,
+                    "world_size": world_size,
+                }
+                path = checkpoint_dir / f"step-{step:07d}.pt"
+                tmp = path.with_suffix(".tmp")
+                torch.save(state, tmp)
+                tmp.replace(path)
+                for old in _snapshots(checkpoint_dir)[: -options.keep_checkpoints]:
+                    old.unlink()
+            distributed.barrier()
 
-    data = torch.from_numpy(images)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
-    progress = tqdm(range(start_step, options.num_steps), initial=start_step,
-                    total=options.num_steps, desc="train", mininterval=2.0)
-    running, count, started = {}, 0, time.perf_counter()
-    with _StopRequested() as stop, open(metrics_path, "a") as metrics:
-        for step in progress:
-            x0 = to_model_range(data[batch_indices(step, options.batch_size, len(data), options.seed)]).to(device)
-            if options.hflip:
-                flip = torch.rand(len(x0), generator=generator, device=device) < 0.5
-                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
-            t = antithetic_timesteps(len(x0), schedule.num_steps, generator, device)
-            noise = torch.randn(x0.shape, generator=generator, device=device)
-            x_t = schedule.add_noise(x0, noise, t)
+        data = torch.from_numpy(images)
+        batch = options.batch_size
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
+        progress = tqdm(range(start_step, options.num_steps), initial=start_step, total=options.num_steps,
+                        desc="train", mininterval=2.0, disable=rank != 0)
+        timed, started = 0, time.perf_counter()
+        metrics = open(metrics_path, "a") if rank == 0 else None
+        try:
+            for step in progress:
+                generator.manual_seed(step_seed(options.seed, step))
+                torch.manual_seed(step_seed(options.seed, step, 1 + rank))  # dropout
+                # The global batch's draws, of which this process keeps its rows.
+                x0 = to_model_range(data[batch_indices(step, batch, len(data), options.seed)[rows]]).to(device)
+                if options.hflip:
+                    flip = (torch.rand(batch, generator=generator, device=device) < 0.5)[rows]
+                    x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+                t = antithetic_timesteps(batch, schedule.num_steps, generator, device)[rows]
+                noise = torch.randn((batch, *x0.shape[1:]), generator=generator, device=device)[rows]
+                x_t = schedule.add_noise(x0, noise, t)
 
-            for group in optimizer.param_groups:
-                group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup_steps))
-            with autocast:
-                total, terms = objective(net, teacher, x_t, t, noise, generator)
-            loss = total.float().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), options.grad_clip)
-            optimizer.step()
-            # Short runs would keep the EMA at its initial weights: warm the decay up (DDPM codes do).
-            _update_ema(ema, net, min(options.ema_decay, (1 + step) / (10 + step)))
+                for group in optimizer.param_groups:
+                    group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup_steps))
+                with autocast:
+                    total, terms = objective(net, teacher, x_t, t, noise, generator)
+                loss = total.float().sum() / batch  # this process's share of the global batch mean
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                # One all-reduce: gradients, the logged values and whether any process was signalled.
+                stats = torch.stack([loss.detach(), *[v.float().sum() / batch for v in terms.values()],
+                                     torch.tensor(float(stop.signal is not None), device=device)])
+                loss_value, *term_values, stop_votes = _average_gradients(params, stats).tolist()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {step}: lower the lr or check data")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip))
+                optimizer.step()
+                # Short runs would keep the EMA at its initial weights: warm the decay up (DDPM codes do).
+                _update_ema(ema, net, min(options.ema_decay, (1 + step) / (10 + step)))
 
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower the lr or check data")
-            for name, value in {"loss": loss, "grad_norm": grad_norm, **terms}.items():
-                running[name] = running.get(name, 0.0) + float(value.float().mean())
-            count += 1
-            done = step + 1
-            if done % options.log_every == 0 or done == options.num_steps:
-                record = {"step": done, **{k: v / count for k, v in running.items()},
-                          "lr": optimizer.param_groups[0]["lr"],
-                          "sec_per_step": (time.perf_counter() - started) / count}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                progress.set_postfix(loss=f"{record['loss']:.4f}")
-                running, count, started = {}, 0, time.perf_counter()
-            if done % options.checkpoint_every == 0 or done == options.num_steps:
-                save_snapshot(done)
-            if stop.signal is not None:
-                save_snapshot(done)
-                raise Interrupted(f"stopped by signal {stop.signal} after step {done}; "
-                                  f"rerun to resume from {checkpoint_dir}")
-    return ema
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+                for name, value in {"loss": loss_value, "grad_norm": grad_norm,
+                                    **dict(zip(terms, term_values))}.items():
+                    running[name] = running.get(name, 0.0) + value
+                count, timed = count + 1, timed + 1
+                done = step + 1
+                if done % options.log_every == 0 or done == options.num_steps:
+                    record = {"step": done, **{k: v / count for k, v in running.items()},
+                              "lr": optimizer.param_groups[0]["lr"],
+                              "sec_per_step": (time.perf_counter() - started) / timed}
+                    records.append(record)
+                    if metrics is not None:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                    progress.set_postfix(loss=f"{record['loss']:.4f}")
+                    running, count, timed, started = {}, 0, 0, time.perf_counter()
+                stopping = stop_votes > 0 and done < options.num_steps
+                if done % options.checkpoint_every == 0 or done == options.num_steps or stopping:
+                    save_snapshot(done)
+                if stopping:
+                    cause = signal.Signals(stop.signal).name if stop.signal else "another process's signal"
+                    raise Interrupted(f"stopped by {cause} after step {done}; rerun to resume from "
+                                      f"{checkpoint_dir}")
+        finally:
+            if metrics is not None:
+                metrics.close()
+        return ema

@@ -11,7 +11,8 @@ shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH
 
 
 wildcard_constraints:
-    exp="[^/]+",
+    # Only configured experiments: results/tables/all.md is the combined table, not an experiment.
+    exp="|".join(EXPERIMENTS) or "[^/]+",
     dataset="[^/]+",
     criterion="[a-z-]+",
     ratio="[0-9.]+",
@@ -162,3 +163,103 @@ def table_rows(exp):
 def table_inputs(exp):
     return [path for row in table_rows(exp) for key, path in row.items()
             if key in ("fid", "efficiency", "summary", "prune_report") and path]
+
+
+# ---- sampling (stage 5) and efficiency ------------------------------------------------------
+
+
+def check_sample_config():
+    for name, exp in EXPERIMENTS.items():
+        sample = exp["sample"]
+        if sample["num_shards"] > sample["num_images"]:
+            raise WorkflowError(
+                f"experiments.{name}.sample.num_shards: {sample['num_shards']} shards for "
+                f"{sample['num_images']} images; at most one shard per image"
+            )
+
+
+check_sample_config()
+
+
+def sample_settings(exp):
+    """The 'sample' settings that make the images: not how many jobs make them, nor PNG export,
+    so that changing those reruns nothing that exists."""
+    sample = {k: v for k, v in EXPERIMENTS[exp]["sample"].items() if k not in ("num_shards", "png_export")}
+    return as_json({"diffusion": EXPERIMENTS[exp]["diffusion"], **sample})
+
+
+def sample_shard_files(exp, variant):
+    num_shards = EXPERIMENTS[exp]["sample"]["num_shards"]
+    return [f"results/samples/{exp}/{variant}/shard-{i}-of-{num_shards}.npz" for i in range(num_shards)]
+
+
+def sample_png_dirs():
+    """PNG folders of every scored model of the experiments with sample.png_export."""
+    return [f"results/samples/{exp}/{variant}/png" for exp in EXPERIMENTS
+            if EXPERIMENTS[exp]["sample"]["png_export"] for variant in scored_variants(exp)]
+
+
+def efficiency_settings(exp):
+    """How sampling runs the network, which is what the efficiency stage times."""
+    sample = EXPERIMENTS[exp]["sample"]
+    return as_json({"precision": sample["precision"], "channels_last": sample["channels_last"]})
+
+
+# ---- training jobs (dense, finetune): resources, processes, SLURM's signals --------------------
+import os
+import signal
+
+# SLURM's `--signal=USR1@<seconds>` (profiles/slurm) goes to every process of the job step, and
+# Snakemake and the job's shell die of it (the default action), taking the training with them
+# before it has written its snapshot. Inside a SLURM job they ignore it (their children inherit
+# that); the training loop sets its own handler: snapshot, exit 75, Snakemake's retry resumes.
+if "SLURM_JOB_ID" in os.environ:
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    except ValueError:  # not the main thread (Snakemake's API used from a thread): nothing to do
+        pass
+
+
+def training_job_settings(stage, exp):
+    """resources.<stage> of a training stage with experiments.<exp>.resources.<stage> laid over it."""
+    merged = dict(config["resources"][stage])
+    if exp is not None:
+        merged.update({k: v for k, v in EXPERIMENTS[exp]["resources"][stage].items() if v is not None})
+    if merged["cpus_per_gpu"] and merged["gpu"]:
+        merged["threads"] = merged["cpus_per_gpu"] * merged["gpu"]
+    return merged
+
+
+def training_threads(stage):
+    return lambda wildcards: training_job_settings(stage, wildcards.get("exp"))["threads"]
+
+
+def training_resources(stage):
+    """Resources of a training job as functions of its wildcards (None: not set, for SLURM too).
+
+    One node: gpu (`--gpus`), cpus_per_gpu. Several nodes: gres = GPUs per node, nodes, one task
+    per node, and mpi = "srun" so that the SLURM plugin runs the command in the batch step, where
+    `igsm train --nnodes` starts one torchrun per node with srun. tasks_per_gpu = 0 keeps the
+    plugin from turning tasks into --ntasks-per-gpu. nproc_per_node and nnodes are read by the
+    rule's command, not by the scheduler.
+    """
+
+    def settings(wildcards):
+        return training_job_settings(stage, wildcards.get("exp"))
+
+    def several_nodes(value):
+        return lambda w: value(settings(w)) if settings(w)["nodes"] > 1 else None
+
+    return {
+        "mem_mb": lambda w: settings(w)["mem_mb"],
+        "runtime": lambda w: settings(w)["runtime"],
+        "gpu": lambda w: settings(w)["gpu"] if settings(w)["gpu"] and settings(w)["nodes"] == 1 else None,
+        "cpus_per_gpu": lambda w: (settings(w)["cpus_per_gpu"] if settings(w)["gpu"] else 0) or None,
+        "gres": several_nodes(lambda s: f"gpu:{s['gpu']}" if s["gpu"] else None),
+        "nodes": several_nodes(lambda s: s["nodes"]),
+        "tasks": several_nodes(lambda s: s["nodes"]),
+        "tasks_per_gpu": several_nodes(lambda s: 0),
+        "mpi": several_nodes(lambda s: "srun"),
+        "nproc_per_node": lambda w: max(1, settings(w)["gpu"]),
+        "nnodes": lambda w: settings(w)["nodes"],
+    }

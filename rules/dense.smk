@@ -59,12 +59,11 @@ rule dense_trained:
         "results/logs/dense/{exp}.log",
     benchmark:
         "results/benchmarks/dense/{exp}.tsv"
-    threads: resource("dense", "threads")
+    threads: training_threads("dense")
     resources:
-        mem_mb=resource("dense", "mem_mb"),
-        runtime=resource("dense", "runtime"),
-        gpu=resource("dense", "gpu"),
-    shell:
-        "python -m igsm train --model {input.init} --data {input.data} --settings {params.settings:q} "
+        **training_resources("dense"),
+    shell:  # exec and processes: as rule finetune
+        "exec python -m igsm train --model {input.init} --data {input.data} --settings {params.settings:q} "
         "--out {output.model} --checkpoint-dir {params.checkpoints} --metrics {output.metrics} "
-        "--summary {output.summary} --threads {threads} > {log} 2>&1"
+        "--summary {output.summary} --threads {threads} "
+        "--nproc-per-node {resources.nproc_per_node} --nnodes {resources.nnodes} > {log} 2>&1"

@@ -1,5 +1,6 @@
-# Stage 6: Inception statistics of the training set (cached per dataset, mode and size), then the
-# FID of each scored model against them; plus parameter and MAC counts of each model.
+# Stage 6: Inception statistics of the training set (cached per dataset, mode and size; an
+# image-folder dataset gets its own), then the FID of each scored model against them, from the
+# samples array (no PNG files); plus parameter and MAC counts and network throughput of each model.
 
 
 rule fid_reference:
@@ -49,6 +50,8 @@ rule fid:
         "--settings {params.settings:q} --out {output.score} --threads {threads} > {log} 2>&1"
 
 
+# Parameters and MACs everywhere; images/s of the network only where the job has a GPU (the
+# sample stage's GPUs, precision and memory format), else null: the demo stays cheap on a CPU.
 rule efficiency:
     conda:
         "../envs/prune.yaml"
@@ -56,11 +59,15 @@ rule efficiency:
         model=model_dir,
     output:
         info="results/efficiency/{exp}/{variant}.json",
+    params:
+        settings=lambda w: efficiency_settings(w.exp),
     log:
         "results/logs/efficiency/{exp}/{variant}.log",
     threads: 1
     resources:
-        mem_mb=resource("tables", "mem_mb"),
+        mem_mb=resource("sample", "mem_mb"),
         runtime=resource("tables", "runtime"),
+        gpu=min(resource("sample", "gpu"), 1),
     shell:
-        "python -m igsm efficiency --model {input.model} --out {output.info} > {log} 2>&1"
+        "python -m igsm efficiency --model {input.model} --settings {params.settings:q} "
+        "--out {output.info} --threads {threads} > {log} 2>&1"

@@ -1,4 +1,6 @@
 # Stage 4: finetune a pruned student against the dense teacher with a named objective (Sec. 4).
+# With several GPUs `igsm train` runs itself under torchrun (DDP, same global batch); a job stopped
+# by SLURM (time limit, preemption) leaves a snapshot in checkpoints/ and its rerun continues.
 
 
 rule finetune:
@@ -27,12 +29,13 @@ rule finetune:
         "results/logs/finetune/{exp}/{criterion}-cr{ratio}/{objective}.log",
     benchmark:
         "results/benchmarks/finetune/{exp}/{criterion}-cr{ratio}/{objective}.tsv"
-    threads: resource("finetune", "threads")
+    threads: training_threads("finetune")
     resources:
-        mem_mb=resource("finetune", "mem_mb"),
-        runtime=resource("finetune", "runtime"),
-        gpu=resource("finetune", "gpu"),
+        **training_resources("finetune"),
+    # exec: the training is the job's process, so SLURM's SIGTERM (time limit, preemption) reaches
+    # it with no shell in between to die first; it snapshots and the rerun continues.
     shell:
-        "python -m igsm train --model {input.student} --teacher {input.teacher} --data {input.data} "
+        "exec python -m igsm train --model {input.student} --teacher {input.teacher} --data {input.data} "
         "--settings {params.settings:q} --out {output.model} --checkpoint-dir {params.checkpoints} "
-        "--metrics {output.metrics} --summary {output.summary} --threads {threads} > {log} 2>&1"
+        "--metrics {output.metrics} --summary {output.summary} --threads {threads} "
+        "--nproc-per-node {resources.nproc_per_node} --nnodes {resources.nnodes} > {log} 2>&1"

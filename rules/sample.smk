@@ -1,4 +1,8 @@
 # Stage 5: generate images from every scored model (DDIM for U-Nets, Euler–Maruyama for U-ViT).
+# `sample.num_shards` jobs per model, each making a contiguous range of seeds (resources.sample.gpu
+# > 1 runs torchrun inside each job); a gather step joins them in seed order and checks that every
+# seed is there once. A job that dies keeps its finished batches in <shard>.npz.partial/ and its
+# rerun does only the missing ones; a finished shard is never redone.
 
 
 rule sample:
@@ -7,16 +11,19 @@ rule sample:
     input:
         model=model_dir,
     output:
-        samples="results/samples/{exp}/{variant}/samples.npz",
-        grid="results/samples/{exp}/{variant}/grid.png",
+        shard="results/samples/{exp}/{variant}/shard-{shard}-of-{num_shards}.npz",
+    wildcard_constraints:
+        shard="[0-9]+",
+        num_shards="[0-9]+",
     params:
-        settings=lambda w: stage_settings(w.exp, "sample"),
+        settings=lambda w: sample_settings(w.exp),
         num_images=lambda w: EXPERIMENTS[w.exp]["sample"]["num_images"],
         first_seed=lambda w: EXPERIMENTS[w.exp]["sample"]["seed"],
+        nproc=max(1, resource("sample", "gpu")),
     log:
-        "results/logs/sample/{exp}/{variant}.log",
+        "results/logs/sample/{exp}/{variant}/shard-{shard}-of-{num_shards}.log",
     benchmark:
-        "results/benchmarks/sample/{exp}/{variant}.tsv"
+        "results/benchmarks/sample/{exp}/{variant}/shard-{shard}-of-{num_shards}.tsv"
     threads: resource("sample", "threads")
     resources:
         mem_mb=resource("sample", "mem_mb"),
@@ -24,5 +31,52 @@ rule sample:
         gpu=resource("sample", "gpu"),
     shell:
         "python -m igsm sample --model {input.model} --num-images {params.num_images} "
-        "--first-seed {params.first_seed} --settings {params.settings:q} --out {output.samples} "
-        "--grid {output.grid} --threads {threads} > {log} 2>&1"
+        "--first-seed {params.first_seed} --shard {wildcards.shard}/{wildcards.num_shards} "
+        "--nproc-per-node {params.nproc} --settings {params.settings:q} --out {output.shard} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule sample_gather:
+    conda:
+        "../envs/sample.yaml"
+    input:
+        shards=lambda w: sample_shard_files(w.exp, w.variant),
+    output:
+        samples="results/samples/{exp}/{variant}/samples.npz",
+        grid="results/samples/{exp}/{variant}/grid.png",
+    params:
+        num_images=lambda w: EXPERIMENTS[w.exp]["sample"]["num_images"],
+        first_seed=lambda w: EXPERIMENTS[w.exp]["sample"]["seed"],
+    log:
+        "results/logs/sample_gather/{exp}/{variant}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("tables", "mem_mb"),
+        runtime=resource("tables", "runtime"),
+    shell:
+        "python -m igsm gather-samples --first-seed {params.first_seed} --num-images {params.num_images} "
+        "--out {output.samples} --grid {output.grid} {input.shards} > {log} 2>&1"
+
+
+# PNG files of a model's samples, for users who want them (FID reads samples.npz directly):
+# `snakemake all_sample_pngs` with `sample.png_export: true`, or ask for one folder.
+rule sample_png:
+    conda:
+        "../envs/sample.yaml"
+    input:
+        samples="results/samples/{exp}/{variant}/samples.npz",
+    output:
+        folder=directory("results/samples/{exp}/{variant}/png"),
+    log:
+        "results/logs/sample_png/{exp}/{variant}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("tables", "mem_mb"),
+        runtime=resource("tables", "runtime"),
+    shell:
+        "python -m igsm export-png --samples {input.samples} --out {output.folder} > {log} 2>&1"
+
+
+rule all_sample_pngs:
+    input:
+        sample_png_dirs(),

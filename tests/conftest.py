@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -5,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -32,3 +34,86 @@ def cifar_subset():
     if not CIFAR_SUBSET.exists():
         pytest.skip(f"{CIFAR_SUBSET} not present (../shared beside the checkout)")
     return CIFAR_SUBSET
+
+
+# ---- the tiny demo DAG (test_workflow.py, test_slurm.py) ------------------------------------
+
+
+def tiny_demo_config():
+    """config/demo.yaml with tiny settings: every stage for real, in about a minute on a CPU."""
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    exp = config["experiments"]["digits_unet"]
+    exp["dense"]["training"].update(num_steps=150, log_every=25, checkpoint_every=50)
+    exp["prune"].update(num_images=16)
+    exp["finetune"]["training"].update(num_steps=10, log_every=5, checkpoint_every=5)
+    exp["sample"].update(num_images=64, num_steps=10, batch_size=64)
+    exp["fid"].update(num_reference=128)
+    return config
+
+
+def snakemake_in(workdir, config, *args, profile="local", timeout=1800):
+    """Snakemake on the repository's Snakefile in ``workdir`` with ``config`` (targets in args)."""
+    path = Path(workdir) / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return run_snakemake(*args, "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+                         "--profile", str(REPO / "profiles" / profile), "--configfile", str(path),
+                         check=False, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The tiny demo DAG run locally once per session: (workdir, config)."""
+    workdir = tmp_path_factory.mktemp("demo")
+    config = tiny_demo_config()
+    proc = snakemake_in(workdir, config, "all_tables")
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    return workdir, config
+
+
+# ---- tiny training runs through `python -m igsm train` (test_resume.py, test_ddp.py) ----------
+
+TINY_ARCHITECTURE = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=[8, 16],
+                         layers_per_block=1, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                         up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4,
+                         attention_head_dim=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_training(tmp_path_factory):
+    """Folder with a teacher, students with and without dropout, and 40 random 16×16 images."""
+    import numpy as np
+    import torch
+
+    from igsm.data import save_arrays
+    from igsm.models import build_unet, save_model
+
+    folder = tmp_path_factory.mktemp("tiny_training")
+    torch.manual_seed(0)
+    save_model(build_unet(TINY_ARCHITECTURE), folder / "student")
+    torch.manual_seed(0)
+    save_model(build_unet({**TINY_ARCHITECTURE, "dropout": 0.1}), folder / "student_dropout")
+    torch.manual_seed(1)
+    save_model(build_unet(TINY_ARCHITECTURE), folder / "teacher")
+    images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 1), dtype=np.uint8)
+    save_arrays(folder / "data.npz", images=images)
+    return folder
+
+
+def train_command(inputs, out, training, *extra, student="student"):
+    """argv of `python -m igsm train` on the tiny_training inputs, IGSM objective, outputs in out."""
+    settings = {"training": {"objective": {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}}, **training}}
+    return [sys.executable, "-m", "igsm", "train", "--model", str(inputs / student),
+            "--teacher", str(inputs / "teacher"), "--data", str(inputs / "data.npz"),
+            "--out", str(out / "model"), "--checkpoint-dir", str(out / "checkpoints"),
+            "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
+            "--settings", json.dumps(settings), "--device", "cpu", "--threads", "1", *extra]
+
+
+def command_env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def metric_records(out):
+    """Training metrics without the wall-clock column."""
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "sec_per_step"} for line in lines]

@@ -7,40 +7,11 @@ import re
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-from conftest import REPO, run_snakemake
+from conftest import snakemake_in
 
 pytestmark = pytest.mark.slow
-
-
-def tiny_demo_config():
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    exp = config["experiments"]["digits_unet"]
-    exp["dense"]["training"].update(num_steps=150, log_every=25, checkpoint_every=50)
-    exp["prune"].update(num_images=16)
-    exp["finetune"]["training"].update(num_steps=10, log_every=5, checkpoint_every=5)
-    exp["sample"].update(num_images=64, num_steps=10, batch_size=64)
-    exp["fid"].update(num_reference=128)
-    return config
-
-
-def snakemake_in(workdir, config, *args):
-    path = workdir / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return run_snakemake(*args, "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-                         "--profile", str(REPO / "profiles" / "local"), "--configfile", str(path),
-                         check=False)
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo")
-    config = tiny_demo_config()
-    proc = snakemake_in(workdir, config, "all_tables")
-    assert proc.returncode == 0, proc.stdout[-8000:]
-    return workdir, config
 
 
 def test_every_table_row_present_with_real_numbers(demo_run):

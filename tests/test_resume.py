@@ -1,0 +1,147 @@
+"""Preemption-safe training: a run stopped at an arbitrary step (SIGTERM, SIGUSR1 or SIGKILL) and
+rerun ends with bitwise the weights and metrics of an uninterrupted run; a snapshot of another run
+is never resumed. CPU, one thread, `python -m igsm train` in subprocesses as SLURM would run it."""
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import command_env, metric_records, train_command
+from igsm.diffusion import NoiseSchedule
+from igsm.training import TrainingOptions, run_fingerprint
+
+pytestmark = pytest.mark.slow
+
+# Dropout on, flips on, IGSM objective: every source of randomness the loop has.
+TRAINING = {"num_steps": 16, "batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "hflip": True,
+            "log_every": 1, "checkpoint_every": 5}
+
+
+def run(inputs, out, training=TRAINING, *extra):
+    proc = subprocess.run(train_command(inputs, out, training, *extra, student="student_dropout"),
+                          env=command_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=300)
+    return proc
+
+
+def interrupt(inputs, out, sig, after_step):
+    """Start a run, send ``sig`` once its metrics show ``after_step``; (exit code, output)."""
+    proc = subprocess.Popen(train_command(inputs, out, TRAINING, student="student_dropout"),
+                            env=command_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line)["step"] >= after_step
+                                    for line in metrics.read_text().splitlines()):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    output, _ = proc.communicate(timeout=240)
+    return proc.returncode, output
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_training, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = run(tiny_training, out)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return out
+
+
+def weights(out):
+    return (out / "model" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signalled_run_resumes_to_the_same_weights(tiny_training, uninterrupted, tmp_path, sig):
+    code, output = interrupt(tiny_training, tmp_path, sig, after_step=3)
+    assert code == 75, output[-3000:]
+    snapshots = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.pt"))
+    stopped = int(snapshots[-1][5:12])
+    assert 3 <= stopped < TRAINING["num_steps"], snapshots  # a snapshot at the step it stopped
+    assert not (tmp_path / "model").exists()
+
+    proc = run(tiny_training, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f"resuming from {tmp_path / 'checkpoints' / snapshots[-1]} (step {stopped})" in proc.stdout
+    assert weights(tmp_path) == weights(uninterrupted)
+    assert metric_records(tmp_path) == metric_records(uninterrupted)
+
+
+def test_killed_run_resumes_from_its_last_periodic_snapshot(tiny_training, uninterrupted, tmp_path):
+    code, output = interrupt(tiny_training, tmp_path, signal.SIGKILL, after_step=6)
+    assert code == -signal.SIGKILL, output[-3000:]
+    snapshots = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.pt"))
+    assert snapshots and snapshots[-1] < f"step-{TRAINING['num_steps']:07d}.pt", snapshots
+
+    proc = run(tiny_training, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "resuming from" in proc.stdout
+    assert weights(tmp_path) == weights(uninterrupted)
+    assert metric_records(tmp_path) == metric_records(uninterrupted)
+
+
+def test_snapshot_of_another_run_is_discarded(tiny_training, uninterrupted, tmp_path):
+    # The finished run's folder, then a changed setting (as when Snakemake reruns the job).
+    changed = {**TRAINING, "lr": 5e-4}
+    proc = run(tiny_training, tmp_path, changed)
+    assert proc.returncode == 0 and "resuming" not in proc.stdout
+    reference = weights(tmp_path)
+    for path in (tmp_path / "checkpoints").iterdir():
+        path.unlink()
+    for path in (uninterrupted / "checkpoints").glob("step-*.pt"):
+        (tmp_path / "checkpoints" / path.name).write_bytes(path.read_bytes())
+
+    proc = run(tiny_training, tmp_path, changed)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "resuming" not in proc.stdout
+    assert proc.stdout.count("written by a different run") == 2, proc.stdout[-3000:]
+    assert weights(tmp_path) == reference
+    assert [r["step"] for r in metric_records(tmp_path)] == list(range(1, changed["num_steps"] + 1))
+
+
+def test_fingerprint_covers_what_the_weights_depend_on(tiny_training):
+    from igsm.data import load_images
+    from igsm.models import load_model
+
+    net, teacher = load_model(tiny_training / "student"), load_model(tiny_training / "teacher")
+    images = load_images(tiny_training / "data.npz")
+    options = TrainingOptions.from_dict({**TRAINING, "objective": {"weights": {"np": 1.0}}})
+    schedule = NoiseSchedule.linear()
+
+    def fingerprint(net=net, images=images, teacher=teacher, schedule=schedule, **changes):
+        return run_fingerprint(net, images, TrainingOptions(**{**options.__dict__, **changes}),
+                               teacher, schedule)
+
+    base = fingerprint()
+    assert fingerprint() == base
+    # Bookkeeping does not change the weights: a run stays resumable across it.
+    assert fingerprint(log_every=7, checkpoint_every=3, keep_checkpoints=5) == base
+    other_net = load_model(tiny_training / "student")
+    with torch.no_grad():
+        next(other_net.parameters())[0].add_(1e-6)
+    changed_images = images.copy()
+    changed_images[0, 0, 0, 0] ^= 1
+    assert len({base, fingerprint(lr=2e-3), fingerprint(num_steps=17), fingerprint(seed=1),
+                fingerprint(objective={"weights": {"np": 1.0, "kd": 1.0}}),
+                fingerprint(net=other_net), fingerprint(teacher=None), fingerprint(teacher=other_net),
+                fingerprint(images=changed_images),
+                fingerprint(schedule=NoiseSchedule.linear(beta_end=0.03))}) == 10
+
+
+def test_rerun_of_a_finished_run_only_writes_the_outputs(tiny_training, uninterrupted, tmp_path):
+    # The job died after its last snapshot but before its outputs (or Snakemake deleted them).
+    (tmp_path / "checkpoints").mkdir()
+    last = f"step-{TRAINING['num_steps']:07d}.pt"
+    (tmp_path / "checkpoints" / last).write_bytes((uninterrupted / "checkpoints" / last).read_bytes())
+    proc = run(tiny_training, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert weights(tmp_path) == weights(uninterrupted)
+    assert metric_records(tmp_path) == metric_records(uninterrupted)
+    assert json.loads((tmp_path / "summary.json").read_text())["num_steps"] == TRAINING["num_steps"]
+    assert np.isfinite([r["loss"] for r in metric_records(tmp_path)]).all()
