@@ -34,8 +34,9 @@ class DownloadError(RuntimeError):
     pass
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
@@ -60,7 +61,7 @@ def download(url: str, destination: str | os.PathLike, sha256: str | None = None
             "(a mirror, or file:///path/to/the/archive)."
         ) from None
     if sha256 is not None:
-        actual = sha256_of(partial)
+        actual = file_digest(partial)
         if actual != sha256.lower():
             partial.unlink()
             raise DownloadError(
@@ -119,7 +120,7 @@ def prepare_dataset(spec: dict, out_path: str | os.PathLike, cache_dir: str | os
     source = spec["source"]
     if source == "cifar10":
         archive = Path(cache_dir) / "cifar-10-python.tar.gz"
-        if not archive.exists() or sha256_of(archive) != spec["sha256"].lower():
+        if not archive.exists() or file_digest(archive) != spec["sha256"].lower():
             download(spec["url"], archive, spec["sha256"])
         data = parse_cifar10(archive, spec.get("split", "train"))
     elif source == "sklearn-digits":

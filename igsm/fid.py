@@ -29,7 +29,6 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import json
 import os
@@ -49,6 +48,8 @@ from cleanfid.features import feature_extractor as cleanfid_feature_extractor
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.utils import ResizeDataset
 from tqdm.auto import tqdm
+
+from igsm.data import file_digest
 
 MODES = ("clean", "legacy_pytorch")
 CACHE_DIR_ENV = "IGSM_CACHE_DIR"
@@ -76,11 +77,7 @@ def default_cache_dir() -> Path:
 
 
 def sha1_of_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path, "sha1")
 
 
 def check_sha1(path: str | os.PathLike, expected_sha1: str) -> str:
