@@ -1,13 +1,20 @@
 # Shared helpers: naming of model variants, input functions, settings and resources per stage.
 import json
+import os
+import sys
 
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import DeploymentMethod
 
 EXPERIMENTS = config["experiments"]
 
 # Jobs run the package of this checkout (`python -m igsm`), whether it is pip-installed or not:
-# the per-stage conda environments in envs/ hold only third-party dependencies.
-shell.prefix(f"export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+# the per-stage conda environments in envs/ hold only third-party dependencies. Without
+# --use-conda, `python` is the interpreter running Snakemake (e.g. .venv/bin/snakemake called
+# without activating the venv), not whichever python comes first on PATH.
+_use_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+_python_path = "" if _use_conda else f"export PATH={os.path.dirname(sys.executable)}:$PATH; "
+shell.prefix(f"{_python_path}export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
 wildcard_constraints:
@@ -206,7 +213,6 @@ def efficiency_settings(exp):
 
 
 # ---- training jobs (dense, finetune): resources, processes, SLURM's signals --------------------
-import os
 import signal
 
 # SLURM's `--signal=USR1@<seconds>` (profiles/slurm) goes to every process of the job step, and
