@@ -4,7 +4,7 @@ What differs between variants is only the objective (NP alone for a dense model;
 Jacobian terms against a frozen dense teacher for a pruned student: Sec. 4, Eq. 7) and the
 hyperparameters (App. B, Tables 6–7).
 
-Resume by rerunning (edm2 style): the loop writes ``step-XXXXXXX.pt`` snapshots into its
+Resume by rerunning (edm2 style): the loop writes ``step-<7-digit step>.pt`` snapshots into its
 checkpoint folder every ``checkpoint_every`` steps and when SLURM signals the end of the job
 (SIGTERM or SIGUSR1: it finishes the step, writes a snapshot and raises :class:`Interrupted`); the
 same call continues from the newest one. Step s draws its images, flips, timesteps, noise,
