@@ -46,6 +46,34 @@ def _schedule(settings: dict):
                                 diffusion.get("beta_end", 2e-2))
 
 
+def _relaunch_under_torchrun(nproc_per_node: int, nnodes: int = 1) -> None:
+    """With several processes asked for, replace this one by torchrun running the same command."""
+    import os
+
+    from igsm import distributed
+
+    try:
+        command = distributed.launch_command(sys.argv[1:], nproc_per_node, nnodes)
+    except RuntimeError as err:
+        raise click.ClickException(f"--nnodes: {err}") from None
+    if command:
+        click.echo(" ".join(command), err=True)
+        os.execvp(command[0], command)  # same process (pid), so SLURM's signals still reach it
+
+
+def _start_process(device: str, threads: int | None):
+    """This process's device and CPU threads (--threads = the job's CPUs on this node, shared by
+    its processes), then the process group; returns the device."""
+    from igsm import distributed
+
+    device = _device(device)
+    if device.type == "cuda" and device.index is None and distributed.get_world_size() > 1:
+        device = _device(f"cuda:{distributed.get_local_rank()}")
+    _setup(max(1, threads // distributed.get_local_world_size()) if threads else None)
+    distributed.init(device)
+    return device
+
+
 SETTINGS = click.option("--settings", callback=_json, default="{}", show_default=True,
                         help="This stage's config section, as JSON.")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -133,7 +161,6 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
 
     Exits with 75 (EX_TEMPFAIL) after SIGTERM/SIGUSR1, once a snapshot is written: rerun to resume.
     """
-    import os
 
     from igsm import distributed
     from igsm.training import Interrupted, TrainingOptions, train as train_loop
@@ -146,23 +173,12 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
         raise click.ClickException(f"--nproc-per-node: batch_size {options.batch_size} is not divisible "
                                    f"by the {nproc_per_node * nnodes} processes (GPUs); the global "
                                    f"batch is split evenly between them")
-    try:
-        command = distributed.launch_command(sys.argv[1:], nproc_per_node, nnodes)
-    except RuntimeError as err:
-        raise click.ClickException(f"--nnodes: {err}") from None
-    if command:
-        click.echo(" ".join(command), err=True)
-        os.execvp(command[0], command)  # same process (pid), so SLURM's signals still reach it
+    _relaunch_under_torchrun(nproc_per_node, nnodes)
 
     from igsm.data import load_images
     from igsm.models import count_parameters, load_model, save_model
 
-    device = _device(device)
-    if device.type == "cuda" and device.index is None and distributed.get_world_size() > 1:
-        device = _device(f"cuda:{distributed.get_local_rank()}")
-    # --threads is the job's CPUs on this node, shared by its processes.
-    _setup(max(1, threads // distributed.get_local_world_size()) if threads else None)
-    distributed.init(device)
+    device = _start_process(device, threads)
     net = load_model(model_dir)
     teacher = load_model(teacher_dir) if teacher_dir else None
     try:
@@ -263,7 +279,6 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     the same model and settings does only the missing ones. Under torchrun, the processes share
     the batches (one GPU each) and rank 0 writes OUT.
     """
-    import os
 
     import numpy as np
     import torch
@@ -271,12 +286,7 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     from igsm import distributed, sampling
     from igsm.models import load_model
 
-    command = distributed.launch_command(sys.argv[1:], nproc_per_node)
-    if command:
-        click.echo(" ".join(command), err=True)
-        os.execvp(command[0], command)
-    # --threads is the job's CPUs, shared by its processes.
-    _setup(max(1, threads // distributed.get_local_world_size()) if threads else None)
+    _relaunch_under_torchrun(nproc_per_node)
     flags = {"precision": precision, "compile": compile_, "channels_last": channels_last,
              "batch_size": batch_size, "micro_batch": micro_batch}
     options = {**settings, **{k: v for k, v in flags.items() if v is not None}}
@@ -286,10 +296,7 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
         kwargs = sampling.sampler_kwargs(options)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
-    device = _device(device)
-    if device.type == "cuda" and device.index is None and distributed.get_world_size() > 1:
-        device = torch.device("cuda", distributed.get_local_rank())
-    distributed.init(device)
+    device = _start_process(device, threads)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     batch_size = options.get("batch_size", 256)
     net = load_model(model_dir, device)
