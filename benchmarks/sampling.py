@@ -15,7 +15,9 @@ at paper scale). Sections (``--sections``, all by default):
   ``--workers`` DataLoader processes), the network alone, and a GPU-resize variant (torch bicubic,
   antialias, clamped: PIL's filter; its FID difference is in the ``fid`` section).
 ``fid``: bf16 (fast path) vs fp32 images of the same ``--fid-samples`` seeds: FID of each against a
-  reference, and their difference; pixel differences; FID difference of the GPU resize.
+  reference, and their difference; pixel differences; FID difference of the GPU resize. The fp32
+  images may come from ``igsm sample`` shard files made in earlier runs (``--fp32-samples``): strict
+  fp32 makes 17 images/s on an H100, so 10k of them outlast one 10-minute call of the GPU machine.
 
 Random weights unless ``--model`` names a checkpoint: throughput does not depend on weight
 values, but FID values of random networks mean nothing; their *difference* between bf16 and fp32
@@ -172,7 +174,7 @@ def section_sampling(args, device, nets, report):
         baseline[model] = ips
         report.add("sampling", dict(row, config="diffusers DDIMPipeline fp32 eager (TF32 convs)", images_per_s=ips,
                                     speedup=1.0))
-        configs = dict(CONFIGS)
+        configs = {name: CONFIGS[name] for name in args.configs}
         for mode in args.compile_modes:
             configs[f"bf16+cl+compile({mode})"] = dict(precision="bf16", channels_last=True, compile_mode=mode)
         for name, options in configs.items():
@@ -299,7 +301,15 @@ def section_fid(args, device, nets, report):
                                       noise_threads=args.noise_threads)
 
     seeds = np.arange(n)
-    fp32, fp32_s = timed(lambda: images(sampling.Denoiser(copy.deepcopy(net), micro_batch=args.batch), seeds), device)
+    strict = sampling.Denoiser(copy.deepcopy(net), micro_batch=args.batch)
+    if args.fp32_samples:  # made earlier by `igsm sample --precision fp32` shards, maybe on other machines
+        fp32, _, made = sampling.gather_shards(args.fp32_samples, 0, n)
+        fp32_s = None
+        again = images(strict, seeds[:args.batch])  # the first batch once more, in this process
+        report.add("fid", {"fp32_samples": f"{len(args.fp32_samples)} files of `igsm sample`, devices {made['devices']}",
+                           "fp32_first_batch_bitwise_equal_here": bool(np.array_equal(again, fp32[:args.batch]))})
+    else:
+        fp32, fp32_s = timed(lambda: images(strict, seeds), device)
     torch._dynamo.reset()
     fast_net = sampling.Denoiser(copy.deepcopy(net), micro_batch=args.batch, **fast)  # compiled once, used twice
     bf16, bf16_s = timed(lambda: images(fast_net, seeds), device)  # includes compiling
@@ -309,10 +319,12 @@ def section_fid(args, device, nets, report):
         return fid.image_features(x, extractor=fx, batch_size=args.inception_batch, num_workers=args.workers,
                                   verbose=False)
 
+    fast_s = None
     if args.reference_stats:
         reference, reference_name = fid.load_statistics(args.reference_stats), args.reference_stats
     else:
-        reference = fid.statistics(features(images(fast_net, np.arange(n, 2 * n))), mode="clean")
+        others, fast_s = timed(lambda: images(fast_net, np.arange(n, 2 * n)), device)  # compiled already
+        reference = fid.statistics(features(others), mode="clean")
         reference_name = f"bf16 fast-path images of seeds {n}..{2 * n - 1}"
     f32, f16 = features(fp32), features(bf16)
     fid32 = fid.frechet_distance(fid.statistics(f32, mode="clean"), reference)
@@ -328,7 +340,8 @@ def section_fid(args, device, nets, report):
         fid_gpu_resize_minus_clean=fid_gpu_resize - fid32,
         pixel_levels_mean_abs_diff=float(levels.mean()), pixel_levels_max_abs_diff=int(levels.max()),
         pixels_differing_fraction=float((levels > 0).mean()),
-        fp32_images_per_s=n / fp32_s, fast_images_per_s_with_compile=n / bf16_s))
+        fp32_images_per_s=n / fp32_s if fp32_s else None, fast_images_per_s_with_compile=n / bf16_s,
+        fast_images_per_s=n / fast_s if fast_s else None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +396,8 @@ def main():
     parser.add_argument("--steps", type=int, default=100, help="DDIM steps.")
     parser.add_argument("--compile-modes", default="default,reduce-overhead",
                         help="torch.compile modes to time (comma-separated; '' for none).")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"Eager configurations to time (comma-separated, of {', '.join(CONFIGS)}; '' for none).")
     parser.add_argument("--micro-batches", default="125,250", help="Micro-batch sweep, bf16+cl eager, dense.")
     parser.add_argument("--noise-threads", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--check-images", type=int, default=48)
@@ -395,6 +410,10 @@ def main():
     parser.add_argument("--fid-samples", type=int, default=10000)
     parser.add_argument("--fid-model", default="dense", choices=["dense", "pruned cr0.3"])
     parser.add_argument("--reference-stats", default=None)
+    parser.add_argument("--fp32-samples", nargs="+", default=None, metavar="NPZ",
+                        help="fid section: fp32 images of seeds 0..fid-samples−1 from `igsm sample` shards "
+                             "(same model, --precision fp32, DDIM uniform, --batch-size = --batch) instead of "
+                             "making them here; the first batch is remade here and compared bitwise.")
     parser.add_argument("--write-half-inception", metavar="PATH", default=None,
                         help="Write an fp16 copy of the Inception weights found here, then exit.")
     parser.add_argument("--out", default=None, help="JSON results (rewritten after every measurement).")
@@ -410,6 +429,10 @@ def main():
             args.compile_modes = ""
     args.compile_modes = [m for m in args.compile_modes.split(",") if m]
     args.micro_batches = [int(m) for m in args.micro_batches.split(",") if m]
+    args.configs = [c for c in args.configs.split(",") if c]
+    unknown = sorted(set(args.configs) - set(CONFIGS))
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; choose from {sorted(CONFIGS)}")
     sections = set(args.sections.split(","))
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from igsm.data import save_arrays, to_uint8
 from igsm.diffusion import NoiseSchedule
@@ -118,12 +119,51 @@ def numerics(precision: str, device: torch.device):
          torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = saved
 
 
+class ChannelStatsGroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` with the statistics taken per channel first, then combined per group: the
+    group mean is the mean of its channel means, the group variance the mean of the channel variances
+    plus the variance of the channel means (exact; no E[x²] − E[x]² cancellation). Same parameters,
+    state_dict and result as ``nn.GroupNorm`` up to rounding.
+
+    Why: in channels_last memory a group is a few adjacent channels of every pixel (4 of 128 here),
+    so the per-(image, group) reduction that torch.compile makes of ``group_norm`` reads 8 bytes of
+    every 256; a per-channel reduction over the pixels reads whole pixel rows. Under autocast the
+    output is float32, as autocast makes ``group_norm``'s.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, g = x.shape[0], x.shape[1], self.num_groups
+        acc = torch.promote_types(x.dtype, torch.float32)  # at least float32, float64 stays float64
+        var_c, mean_c = torch.var_mean(x.to(acc), dim=tuple(range(2, x.ndim)), correction=0)
+        mean_c, var_c = mean_c.view(n, g, c // g), var_c.view(n, g, c // g)
+        mean = mean_c.mean(-1, keepdim=True)
+        var = var_c.mean(-1, keepdim=True) + (mean_c - mean).square().mean(-1, keepdim=True)
+        scale = torch.rsqrt(var + self.eps).expand(n, g, c // g)
+        shift = -mean * scale
+        if self.affine:
+            weight = self.weight.to(acc).view(g, c // g)
+            scale, shift = scale * weight, shift * weight + self.bias.to(acc).view(g, c // g)
+        shape = (n, c) + (1,) * (x.ndim - 2)
+        out = x.to(acc) * scale.reshape(shape) + shift.reshape(shape)
+        return out if torch.is_autocast_enabled(x.device.type) else out.to(x.dtype)
+
+
+def use_channel_stats_group_norm(net: nn.Module) -> nn.Module:
+    """Turn every ``nn.GroupNorm`` of ``net`` into a ``ChannelStatsGroupNorm``, in place."""
+    for module in net.modules():
+        if type(module) is nn.GroupNorm:
+            module.__class__ = ChannelStatsGroupNorm
+    return net
+
+
 class Denoiser:
     """ε̂(x, t) of a network, float32, computed on fixed-shape chunks of ``micro_batch`` images.
 
     ``micro_batch`` None: one call on the whole batch (its shape then follows the batch, and so do
     the last bits of every image). ``precision``: ``fp32`` (strict), ``tf32`` or ``bf16`` (autocast).
-    ``channels_last`` converts the network (in place) and its inputs. ``compile_mode``: None (eager)
+    ``channels_last`` converts the network (in place) and its inputs, and its GroupNorms into
+    ``ChannelStatsGroupNorm`` (13% less GPU time per compiled bf16 call on an H100: BENCHMARKS.md).
+    ``compile_mode``: None (eager)
     or a torch.compile mode; ``"reduce-overhead"`` replays CUDA graphs, whose outputs are copied out
     before the next call. ``net`` may be a diffusers model or any module ``net(x, t)`` → ε̂.
     """
@@ -139,7 +179,7 @@ class Denoiser:
         self.net, self.micro_batch, self.precision = net, micro_batch, precision
         self.channels_last, self.compile_mode = channels_last, compile_mode
         if channels_last:
-            net.to(memory_format=torch.channels_last)
+            use_channel_stats_group_norm(net.to(memory_format=torch.channels_last))
         self._forward = (torch.compile(net, mode=compile_mode, dynamic=False) if compile_mode else net)
 
     @property

@@ -19,7 +19,6 @@ rule sample:
         settings=lambda w: sample_settings(w.exp),
         num_images=lambda w: EXPERIMENTS[w.exp]["sample"]["num_images"],
         first_seed=lambda w: EXPERIMENTS[w.exp]["sample"]["seed"],
-        nproc=max(1, resource("sample", "gpu")),
     log:
         "results/logs/sample/{exp}/{variant}/shard-{shard}-of-{num_shards}.log",
     benchmark:
@@ -29,10 +28,13 @@ rule sample:
         mem_mb=resource("sample", "mem_mb"),
         runtime=resource("sample", "runtime"),
         gpu=resource("sample", "gpu"),
+        # A resource, not a param: another GPU count does not make finished shards stale (images
+        # do not depend on it).
+        nproc_per_node=max(1, resource("sample", "gpu")),
     shell:
         "python -m igsm sample --model {input.model} --num-images {params.num_images} "
         "--first-seed {params.first_seed} --shard {wildcards.shard}/{wildcards.num_shards} "
-        "--nproc-per-node {params.nproc} --settings {params.settings:q} --out {output.shard} "
+        "--nproc-per-node {resources.nproc_per_node} --settings {params.settings:q} --out {output.shard} "
         "--threads {threads} > {log} 2>&1"
 
 

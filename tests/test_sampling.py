@@ -123,6 +123,38 @@ def test_bf16_fast_path_is_close_to_fp32_but_not_equal(unet):
     assert levels.mean() < 2 and levels.max() <= 16, (levels.mean(), levels.max())
 
 
+@pytest.mark.parametrize("shape,groups,affine", [((3, 64, 5, 7), 16, True), ((2, 48, 11), 4, True),
+                                                 ((2, 12, 4, 4), 12, False)])
+def test_channel_stats_group_norm_is_group_norm(shape, groups, affine):
+    torch.manual_seed(0)
+    reference = torch.nn.GroupNorm(groups, shape[1], eps=1e-6, affine=affine).double()
+    if affine:
+        torch.nn.init.normal_(reference.weight)
+        torch.nn.init.normal_(reference.bias)
+    ours = sampling.ChannelStatsGroupNorm(groups, shape[1], eps=1e-6, affine=affine).double()
+    ours.load_state_dict(reference.state_dict())
+    # Channel means far apart and far from 0: the group variance is mostly between-channel spread.
+    x = torch.randn(shape, dtype=torch.float64) * 3 + torch.randn(1, shape[1], *[1] * (len(shape) - 2)) * 40
+    torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=1e-12)
+    if x.ndim == 4:  # float32 in channels_last memory, the fast path's layout
+        x32 = x.float().contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours.float()(x32), reference(x).float(), rtol=0, atol=2e-5)
+
+
+def test_channels_last_denoiser_uses_channel_stats_group_norm(unet):
+    import copy
+
+    net = copy.deepcopy(unet)
+    keys = list(net.state_dict())
+    x, t = torch.randn(4, *SHAPE), torch.full((4,), 300)
+    expected = sampling.Denoiser(copy.deepcopy(unet))(x, t)
+    denoiser = sampling.Denoiser(net, channels_last=True)
+    norms = [type(m) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and set(norms) == {sampling.ChannelStatsGroupNorm}
+    assert list(net.state_dict()) == keys  # checkpoints load into it unchanged
+    torch.testing.assert_close(denoiser(x, t), expected, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Samplers against exact answers
 # ---------------------------------------------------------------------------------------------

@@ -62,6 +62,15 @@ def test_rerun_does_nothing(demo_run):
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout, proc.stdout[-3000:]
 
 
+def test_another_gpu_count_reruns_nothing(demo_run):
+    """GPUs per job are resources: the images do not depend on them, so finished jobs stay valid."""
+    workdir, config = demo_run
+    changed = copy.deepcopy(config)
+    changed.setdefault("resources", {}).update(sample={"gpu": 2}, finetune={"gpu": 2})
+    proc = snakemake_in(workdir, changed, "-n", "all_tables")
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout, proc.stdout[-3000:]
+
+
 def planned_jobs(output):
     return set(re.findall(r"^rule (\w+):", output, re.M)) | set(re.findall(r"^localrule (\w+):", output, re.M))
 
