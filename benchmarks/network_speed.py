@@ -6,8 +6,12 @@ batch of ``--batch`` noisy images: the median over ``--repeats`` timings of ``--
 after warm-up (which also compiles). ``images/s (100 steps)`` = calls/s × batch / 100: the rate
 of DDIM-100 if the sampler added nothing. ``TFLOP/s`` counts 2 × MACs per image (6.06 GMACs).
 
-    python benchmarks/network_speed.py --out network_speed.json
-    python benchmarks/network_speed.py --variants bf16w+cl+freeze --profile --out profile.json
+    python benchmarks/network_speed.py --variants "autocast+cl+compile,autocast+cl+cudagraphs+csgn" --out speed.json
+    python benchmarks/network_speed.py --variants autocast+cl+compile+csgn --profile --out profile.json
+
+Variants run in turn in one process (all of them by default; max-autotune alone compiles for more
+than five minutes). cuDNN keeps its algorithm choice per shape for the process, so "(all cuDNN
+algos)" measures something only when it runs first. BENCHMARKS.md has the results.
 """
 
 from __future__ import annotations
@@ -87,7 +91,7 @@ def flags(kind, device):
             yield
 
 
-def make_call(dense, name, device):
+def make_call(dense, name):
     v = VARIANTS[name]
     net = copy.deepcopy(dense)
     if v["weights"] in DTYPES:
@@ -194,6 +198,9 @@ def main(argv=None):
     parser.add_argument("--top", type=int, default=80)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
     device = torch.device("cuda")
     torch.manual_seed(0)
     dense = build_unet({**ARCHITECTURE, "dropout": 0.0}).eval().to(device)
@@ -207,7 +214,7 @@ def main(argv=None):
                 # Inductor reads its options when it compiles: at the first call.
                 with torch.no_grad(), flags(VARIANTS[variant]["flags"], device), \
                         torch._inductor.config.patch(VARIANTS[variant]["inductor"]):
-                    call = make_call(dense, variant, device)
+                    call = make_call(dense, variant)
                     begin = time.perf_counter()
                     for i in range(3):
                         call(xs[i], t)

@@ -163,9 +163,9 @@ class Denoiser:
     the last bits of every image). ``precision``: ``fp32`` (strict), ``tf32`` or ``bf16`` (autocast).
     ``channels_last`` converts the network (in place) and its inputs, and its GroupNorms into
     ``ChannelStatsGroupNorm`` (13% less GPU time per compiled bf16 call on an H100: BENCHMARKS.md).
-    ``compile_mode``: None (eager)
-    or a torch.compile mode; ``"reduce-overhead"`` replays CUDA graphs, whose outputs are copied out
-    before the next call. ``net`` may be a diffusers model or any module ``net(x, t)`` → ε̂.
+    ``compile_mode``: None (eager) or a torch.compile mode; ``"reduce-overhead"`` replays CUDA
+    graphs, whose outputs are copied out before the next call. ``net`` may be a diffusers model or
+    any module ``net(x, t)`` → ε̂.
     """
 
     def __init__(self, net, *, micro_batch: int | None = None, precision: str = "fp32",
@@ -186,7 +186,8 @@ class Denoiser:
     def metadata(self) -> dict:
         """What determines the bits of the images besides seeds and sampler settings."""
         return {"precision": self.precision, "micro_batch": self.micro_batch,
-                "channels_last": self.channels_last, "compile_mode": self.compile_mode}
+                "channels_last": self.channels_last, "compile_mode": self.compile_mode,
+                "group_norm": "channel-stats" if self.channels_last else "native"}
 
     def _call(self, x, t):
         if self.channels_last:
@@ -435,7 +436,7 @@ def sample_images(net, *, seeds, image_shape, batch_size: int, sampler: str = "d
 
 # Metadata that must agree between the shards of one sample set (everything that makes the bits).
 SHARD_INVARIANTS = ("model_digest", "sampler", "sampler_kwargs", "image_shape", "batch_size",
-                    "precision", "micro_batch", "channels_last", "compile_mode", "schedule")
+                    "precision", "micro_batch", "channels_last", "compile_mode", "group_norm", "schedule")
 
 
 def save_samples(path, images: np.ndarray, seeds: np.ndarray, metadata: dict) -> None:

@@ -10,6 +10,7 @@
   DAG (dry run).
 """
 
+import copy
 import json
 import os
 import re
@@ -142,8 +143,6 @@ def test_channel_stats_group_norm_is_group_norm(shape, groups, affine):
 
 
 def test_channels_last_denoiser_uses_channel_stats_group_norm(unet):
-    import copy
-
     net = copy.deepcopy(unet)
     keys = list(net.state_dict())
     x, t = torch.randn(4, *SHAPE), torch.full((4,), 300)
@@ -152,6 +151,7 @@ def test_channels_last_denoiser_uses_channel_stats_group_norm(unet):
     norms = [type(m) for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert norms and set(norms) == {sampling.ChannelStatsGroupNorm}
     assert list(net.state_dict()) == keys  # checkpoints load into it unchanged
+    assert denoiser.metadata["group_norm"] == "channel-stats"  # part of what makes the bits
     torch.testing.assert_close(denoiser(x, t), expected, rtol=0, atol=1e-5)
 
 
