@@ -29,6 +29,18 @@ def run_snakemake(*args, cwd=REPO, check=True, timeout=1800):
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny in-process networks: on a shared CPU, more threads
+    only add contention (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def cifar_subset():
     if not CIFAR_SUBSET.exists():
@@ -107,6 +119,12 @@ def train_command(inputs, out, training, *extra, student="student"):
             "--out", str(out / "model"), "--checkpoint-dir", str(out / "checkpoints"),
             "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
             "--settings", json.dumps(settings), "--device", "cpu", "--threads", "1", *extra]
+
+
+def run_training(inputs, out, training, *extra, student="student"):
+    """`python -m igsm train` (train_command) to completion; the CompletedProcess, output merged."""
+    return subprocess.run(train_command(inputs, out, training, *extra, student=student), env=command_env(),
+                          text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
 
 
 def command_env():

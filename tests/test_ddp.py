@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import command_env, metric_records, train_command
+from conftest import command_env, metric_records, run_training, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,7 @@ TRAINING = {"num_steps": 12, "batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "hfl
 
 
 def run(inputs, out, *extra):
-    return subprocess.run(train_command(inputs, out, TRAINING, *extra), env=command_env(), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    return run_training(inputs, out, TRAINING, *extra)
 
 
 @pytest.fixture(scope="module")

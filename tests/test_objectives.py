@@ -21,15 +21,7 @@ from igsm.objectives import (NAMES, GaussianDirections, OTDDirections, build_obj
                              jacobian_rows, math_attention, orthonormalize, otd_step)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny networks: threads only add contention on shared CPUs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_unet(widths, seed, channels=2):

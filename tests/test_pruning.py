@@ -31,15 +31,7 @@ TINY_UNET = dict(
     norm_num_groups=8,
 )
 NUM_STEPS = 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are small: on a shared CPU, extra threads only add contention.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import command_env, metric_records, train_command
+from conftest import command_env, metric_records, run_training, train_command
 from igsm.diffusion import NoiseSchedule
 from igsm.training import TrainingOptions, run_fingerprint
 
@@ -23,10 +23,7 @@ TRAINING = {"num_steps": 16, "batch_size": 8, "lr": 1e-3, "ema_decay": 0.9, "hfl
 
 
 def run(inputs, out, training=TRAINING, *extra):
-    proc = subprocess.run(train_command(inputs, out, training, *extra, student="student_dropout"),
-                          env=command_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          timeout=300)
-    return proc
+    return run_training(inputs, out, training, *extra, student="student_dropout")
 
 
 def interrupt(inputs, out, sig, after_step):

@@ -34,18 +34,11 @@ TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channel
                  down_block_types=["DownBlock2D", "AttnDownBlock2D"],
                  up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4, attention_head_dim=None)
 SHAPE = (1, 8, 8)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class Killed(Exception):
     """A job's death at a chosen moment."""
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
