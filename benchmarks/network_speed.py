@@ -39,14 +39,16 @@ ARCHITECTURE = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["ex
 MACS_PER_IMAGE = 6.0641e9
 
 def variant(weights="bf16", channels_last=True, mode="default", inductor=None, flags="bf16",
-            group_norm="native", attention="default"):
+            group_norm="native", attention="default", streams=0):
     """weights: fp32 | bf16 | fp16 | autocast (fp32 weights under bf16 autocast); mode: a
     torch.compile mode or None (eager); inductor: Inductor options; flags: the numerics of
     ``igsm.sampling.numerics`` or one of ``flags()``'s variants; group_norm: native |
     channel-stats (``igsm.sampling.ChannelStatsGroupNorm``); attention: default | flash
-    (scaled_dot_product_attention restricted to the flash kernel)."""
+    (scaled_dot_product_attention restricted to the flash kernel); streams: k > 0 splits the batch
+    into k chunks, each on its own CUDA stream, all k forwards captured into one CUDA graph (the
+    memory-bound kernels of one chunk may then run beside the convolutions of another)."""
     return dict(weights=weights, channels_last=channels_last, mode=mode, inductor=inductor or {}, flags=flags,
-                group_norm=group_norm, attention=attention)
+                group_norm=group_norm, attention=attention, streams=streams)
 
 
 VARIANTS = {
@@ -58,6 +60,17 @@ VARIANTS = {
     "autocast+cl+cudagraphs": variant("autocast", mode="reduce-overhead"),
     "autocast+cl+cudagraphs+csgn": variant("autocast", mode="reduce-overhead", group_norm="channel-stats"),
     "autocast+cl+compile+csgn+flash": variant("autocast", group_norm="channel-stats", attention="flash"),
+    "autocast+cl+cudagraphs+csgn+coordesc": variant("autocast", mode="reduce-overhead", group_norm="channel-stats",
+                                                    inductor={"coordinate_descent_tuning": True}),
+    "autocast+cl+cudagraphs+csgn+multi-kernel": variant("autocast", mode="reduce-overhead",
+                                                        group_norm="channel-stats",
+                                                        inductor={"triton.multi_kernel": 1}),
+    "autocast+cl+cudagraphs+csgn+combo": variant("autocast", mode="reduce-overhead", group_norm="channel-stats",
+                                                 inductor={"combo_kernels": True}),
+    "autocast+cl+csgn+graph-1stream": variant("autocast", group_norm="channel-stats", streams=1),
+    "autocast+cl+csgn+graph-2streams": variant("autocast", group_norm="channel-stats", streams=2),
+    "autocast+cl+csgn+graph-4streams": variant("autocast", group_norm="channel-stats", streams=4),
+    "bf16w+cl+cudagraphs+csgn": variant(mode="reduce-overhead", group_norm="channel-stats"),
     "bf16w+cl+compile": variant(),
     "bf16w+cl+compile (all cuDNN algos)": variant(flags="bf16-all-algos"),
     "fp16w+cl+compile": variant("fp16"),
@@ -120,6 +133,45 @@ def make_call(dense, name):
             return predict_noise(forward, x, t).float()
 
     return call
+
+
+def make_stream_graph_call(call, batch, streams, device):
+    """Replays one CUDA graph holding ``streams`` forwards of batch/streams images each, every
+    chunk on its own stream (independent branches of the graph, which the GPU may overlap)."""
+    chunk = batch // streams
+    static_x = torch.randn(batch, 3, 32, 32, device=device)
+    static_t = torch.full((batch,), 500, device=device, dtype=torch.long)
+    side = [torch.cuda.Stream(device) for _ in range(streams)]
+
+    def forward_chunks():
+        main = torch.cuda.current_stream(device)
+        outs = []
+        for i, stream in enumerate(side):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(call(static_x[i * chunk:(i + 1) * chunk], static_t[i * chunk:(i + 1) * chunk]))
+        for stream in side:
+            main.wait_stream(stream)
+        return outs
+
+    warm = torch.cuda.Stream(device)  # warm-up (compilation, cuDNN plans) off the capture stream
+    warm.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(warm):
+        for _ in range(3):
+            forward_chunks()
+    torch.cuda.current_stream(device).wait_stream(warm)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = forward_chunks()
+
+    def replay(x, t):
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+        return torch.cat(static_out)
+
+    return replay
 
 
 def time_calls(call, xs, t, iters, repeats):
@@ -215,6 +267,8 @@ def main(argv=None):
                 with torch.no_grad(), flags(VARIANTS[variant]["flags"], device), \
                         torch._inductor.config.patch(VARIANTS[variant]["inductor"]):
                     call = make_call(dense, variant)
+                    if VARIANTS[variant]["streams"]:
+                        call = make_stream_graph_call(call, batch, VARIANTS[variant]["streams"], device)
                     begin = time.perf_counter()
                     for i in range(3):
                         call(xs[i], t)
