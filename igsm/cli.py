@@ -74,6 +74,19 @@ def _start_process(device: str, threads: int | None):
     return device
 
 
+def _denoiser(net, options: dict, micro_batch: int | None = None):
+    """The network as the 'sample' settings run it: precision, channels_last, compile (+ compile_mode)."""
+    from igsm.sampling import Denoiser
+
+    try:
+        return Denoiser(
+            net, micro_batch=micro_batch, precision=options.get("precision", "fp32"),
+            channels_last=options.get("channels_last", False),
+            compile_mode=options.get("compile_mode", "default") if options.get("compile", False) else None)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+
+
 SETTINGS = click.option("--settings", callback=_json, default="{}", show_default=True,
                         help="This stage's config section, as JSON.")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
@@ -301,13 +314,7 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     batch_size = options.get("batch_size", 256)
     net = load_model(model_dir, device)
     shape = (net.config["in_channels"], net.config["sample_size"], net.config["sample_size"])
-    try:
-        denoiser = sampling.Denoiser(
-            net, micro_batch=options.get("micro_batch", 0) or batch_size,
-            precision=options.get("precision", "fp32"), channels_last=options.get("channels_last", False),
-            compile_mode=options.get("compile_mode", "default") if options.get("compile", False) else None)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    denoiser = _denoiser(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
     seeds = np.arange(first_seed + start, first_seed + stop)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
@@ -461,13 +468,13 @@ def fid_score(samples, reference, out, settings, device, threads, batch_size):
 @DEVICE
 @THREADS
 def efficiency(model_dir, out, batch_size, throughput, settings, device, threads):
-    """Parameters and MACs (one image, one network call) and network throughput (settings: 'sample':
-    precision and channels_last as sampling runs the network; eager, without torch.compile)."""
+    """Parameters and MACs (one image, one network call) and network throughput (settings: those of
+    'sample' that decide how the network runs: precision, channels_last, compile, compile_mode)."""
     import torch
 
     from igsm.models import load_model
     from igsm.pruning import count_params_macs
-    from igsm.sampling import Denoiser, forward_images_per_s
+    from igsm.sampling import forward_images_per_s
 
     _setup(threads)
     net = load_model(model_dir)
@@ -476,14 +483,14 @@ def efficiency(model_dir, out, batch_size, throughput, settings, device, threads
     result = {"params": params, "macs": macs, "model": model_dir, "images_per_s": None,
               "images_per_s_note": "not measured: no GPU (--throughput measures on a CPU)"}
     if throughput if throughput is not None else device.type == "cuda":
-        precision = settings.get("precision", "fp32")
-        denoiser = Denoiser(net.to(device), precision=precision,
-                            channels_last=settings.get("channels_last", False))
+        denoiser = _denoiser(net.to(device), settings)
         shape = (net.config["in_channels"], net.config["sample_size"], net.config["sample_size"])
+        mode = denoiser.compile_mode
         result.update(
             images_per_s=forward_images_per_s(denoiser, shape, batch_size, device),
             images_per_s_note=(f"network forward passes (one per sampler step), batch {batch_size}, "
-                               f"{precision}, eager, after 3 warm-up calls"),
-            batch_size=batch_size, precision=precision, channels_last=denoiser.channels_last,
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+                               f"{denoiser.precision}, {f'torch.compile {mode}' if mode else 'eager'}, "
+                               "after 3 warm-up calls (compilation among them)"),
+            batch_size=batch_size, precision=denoiser.precision, channels_last=denoiser.channels_last,
+            compile_mode=mode, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     _write_json(out, result)

@@ -209,7 +209,7 @@ def sample_png_dirs():
 def efficiency_settings(exp):
     """How sampling runs the network, which is what the efficiency stage times."""
     sample = EXPERIMENTS[exp]["sample"]
-    return as_json({"precision": sample["precision"], "channels_last": sample["channels_last"]})
+    return as_json({k: sample[k] for k in ("precision", "channels_last", "compile", "compile_mode")})
 
 
 # ---- training jobs (dense, finetune): resources, processes, SLURM's signals --------------------

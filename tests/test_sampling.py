@@ -384,7 +384,20 @@ def test_efficiency_on_cpu_records_null_speed_unless_asked(model_dir, tmp_path):
     run_cli("efficiency", "--model", model_dir, "--out", out, "--device", "cpu", "--throughput", "--batch-size", 4,
             "--settings", '{"precision": "bf16"}')
     info = json.loads(out.read_text())
-    assert info["images_per_s"] > 0 and info["precision"] == "bf16"
+    assert info["images_per_s"] > 0 and info["precision"] == "bf16" and info["compile_mode"] is None
+    assert "eager" in info["images_per_s_note"]
+
+
+def test_efficiency_times_the_network_as_sampling_compiles_it(model_dir, tmp_path):
+    out = tmp_path / "eff.json"
+    run_cli("efficiency", "--model", model_dir, "--out", out, "--device", "cpu", "--throughput", "--batch-size", 4,
+            "--settings", '{"precision": "fp32", "compile": true, "compile_mode": "default"}')
+    info = json.loads(out.read_text())
+    assert info["images_per_s"] > 0 and info["compile_mode"] == "default"
+    assert "torch.compile default" in info["images_per_s_note"]
+    with pytest.raises(AssertionError, match="compile_mode"):
+        run_cli("efficiency", "--model", model_dir, "--out", out, "--device", "cpu", "--throughput",
+                "--settings", '{"compile": true, "compile_mode": "fastest"}')
 
 
 def test_torchrun_processes_share_a_shard(model_dir, uninterrupted, tmp_path):
