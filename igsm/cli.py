@@ -468,8 +468,8 @@ def fid_score(samples, reference, out, settings, device, threads, batch_size):
 @DEVICE
 @THREADS
 def efficiency(model_dir, out, batch_size, throughput, settings, device, threads):
-    """Parameters and MACs (one image, one network call) and network throughput (settings: those of
-    'sample' that decide how the network runs: precision, channels_last, compile, compile_mode)."""
+    """Parameters and MACs (one image, one network call) and network throughput (settings: how the
+    network runs, as in 'sample': precision, channels_last, compile, compile_mode)."""
     import torch
 
     from igsm.models import load_model
@@ -489,8 +489,9 @@ def efficiency(model_dir, out, batch_size, throughput, settings, device, threads
         result.update(
             images_per_s=forward_images_per_s(denoiser, shape, batch_size, device),
             images_per_s_note=(f"network forward passes (one per sampler step), batch {batch_size}, "
-                               f"{denoiser.precision}, {f'torch.compile {mode}' if mode else 'eager'}, "
-                               "after 3 warm-up calls (compilation among them)"),
+                               f"{denoiser.precision}, "
+                               + (f"torch.compile {mode}, after 3 warm-up calls (compilation among them)" if mode
+                                  else "eager, after 3 warm-up calls")),
             batch_size=batch_size, precision=denoiser.precision, channels_last=denoiser.channels_last,
             compile_mode=mode, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     _write_json(out, result)

@@ -207,7 +207,10 @@ def sample_png_dirs():
 
 
 def efficiency_settings(exp):
-    """How sampling runs the network, which is what the efficiency stage times."""
+    """How the efficiency stage runs the network: PyTorch's defaults, eager (the paper's way), or
+    as the sample stage runs it."""
+    if EXPERIMENTS[exp]["efficiency"]["network"] == "eager":
+        return as_json({"precision": "tf32"})
     sample = EXPERIMENTS[exp]["sample"]
     return as_json({k: sample[k] for k in ("precision", "channels_last", "compile", "compile_mode")})
 

@@ -61,6 +61,7 @@ rule efficiency:
         info="results/efficiency/{exp}/{variant}.json",
     params:
         settings=lambda w: efficiency_settings(w.exp),
+        batch_size=lambda w: EXPERIMENTS[w.exp]["efficiency"]["batch_size"],
     log:
         "results/logs/efficiency/{exp}/{variant}.log",
     threads: 1
@@ -70,4 +71,4 @@ rule efficiency:
         gpu=min(resource("sample", "gpu"), 1),
     shell:
         "python -m igsm efficiency --model {input.model} --settings {params.settings:q} "
-        "--out {output.info} --threads {threads} > {log} 2>&1"
+        "--batch-size {params.batch_size} --out {output.info} --threads {threads} > {log} 2>&1"

@@ -51,6 +51,10 @@ def set_unknown_criterion(c):
     experiment(c)["prune"]["criterion"] = "l1"
 
 
+def set_unknown_efficiency_network(c):
+    experiment(c)["efficiency"] = {"network": "fast"}
+
+
 def set_unknown_dataset(c):
     experiment(c)["dataset"] = "digitz"
 
@@ -64,6 +68,7 @@ def set_unknown_dataset(c):
     (set_unknown_loss_term, r"'jm3' was unexpected"),
     (set_unknown_criterion, r"'l1' is not one of.*\['prune'\]\['criterion'\]"),
     (set_unknown_dataset, r"experiments\.digits_unet\.dataset: unknown dataset 'digitz'"),
+    (set_unknown_efficiency_network, r"'fast' is not one of.*\['efficiency'\]\['network'\]"),
 ])
 def test_bad_config_is_rejected_naming_the_key(mutate, expected, tmp_path):
     config = demo_config()

@@ -413,6 +413,26 @@ def test_torchrun_processes_share_a_shard(model_dir, uninterrupted, tmp_path):
     assert metadata["world_size"] == 2 and np.array_equal(images, uninterrupted[0])
 
 
+@pytest.mark.parametrize("network, expected", [
+    ("eager", {"precision": "tf32"}),
+    ("as-sampled", {"precision": "bf16", "channels_last": True, "compile": True, "compile_mode": "default"}),
+])
+def test_efficiency_jobs_time_the_network_the_config_names(network, expected, tmp_path):
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    experiment = config["experiments"]["digits_unet"]
+    experiment["sample"].update(precision="bf16", channels_last=True, compile=True)
+    experiment["efficiency"] = {"network": network, "batch_size": 64}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_snakemake("-n", "-p", "--configfile", str(path), "-d", str(tmp_path), "-s", str(REPO / "Snakefile"),
+                         "all_tables")
+    commands = [line for line in proc.stdout.splitlines() if "-m igsm efficiency" in line]
+    assert len(commands) == 4  # dense, untrained, np, igsm
+    for command in commands:
+        settings = json.loads(re.search(r"--settings '([^']*)'", command).group(1))
+        assert settings == expected and "--batch-size 64" in command
+
+
 def test_dag_has_one_job_per_shard_a_gather_and_optional_pngs(tmp_path):
     config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
     config["experiments"]["digits_unet"]["sample"].update(num_shards=3, png_export=True)
