@@ -1,6 +1,6 @@
 """The workflow's efficiency stage (``igsm efficiency``, the paper's "Speed" column) on the dense
-CIFAR-10 U-Net and its magnitude-pruned copy (channel ratio 0.3), eager and as config/config.yaml
-samples (issue 5): the numbers the tables' speed-up is made of.
+CIFAR-10 U-Net and its magnitude-pruned copy (channel ratio 0.3), with the network run as each
+``efficiency.network`` setting runs it (and strict fp32), issue 5: what the tables' speed is made of.
 
     python benchmarks/efficiency_stage.py --batch-size 500 --out efficiency_stage.json
 
@@ -27,7 +27,9 @@ from igsm.pruning import prune  # noqa: E402
 
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["experiments"]["cifar10_unet"]
 SAMPLE = {k: CONFIG["sample"][k] for k in ("precision", "channels_last", "compile", "compile_mode")}
-SETTINGS = {"eager, fp32 (strict)": {}, "as config/config.yaml samples": SAMPLE}
+# efficiency.network: eager (PyTorch's defaults) | as-sampled; and strict fp32 for comparison
+SETTINGS = {"eager (tf32)": {"precision": "tf32"}, "eager, strict fp32": {},
+            "as-sampled (config.yaml)": SAMPLE}
 
 
 def main():
@@ -59,9 +61,9 @@ def main():
     if args.out:
         Path(args.out).write_text(json.dumps({"device": rows[0]["device"], "torch": torch.__version__,
                                               "args": vars(args), "rows": rows}, indent=2))
-    print(f"\n{'model':14s} {'settings':32s} {'params M':>9s} {'GMACs':>7s} {'net img/s':>10s} {'speed-up':>9s}")
+    print(f"\n{'model':14s} {'settings':26s} {'params M':>9s} {'GMACs':>7s} {'net img/s':>10s} {'speed-up':>9s}")
     for r in rows:
-        print(f"{r['model']:14s} {r['settings']:32s} {r['params'] / 1e6:9.2f} {r['macs'] / 1e9:7.2f} "
+        print(f"{r['model']:14s} {r['settings']:26s} {r['params'] / 1e6:9.2f} {r['macs'] / 1e9:7.2f} "
               f"{r['images_per_s']:10.0f} {r['speed_up']:8.2f}x")
 
 
