@@ -6,8 +6,9 @@
 * Euler–Maruyama on the VP-SDE reproduces the mean and variance of such a target.
 * The CLI: shards + gather = one job; a deleted shard or a job killed mid-way, rerun, gives the
   same images; stale partial batches are discarded; gather refuses holes; metadata reaches the
-  FID JSON; PNG export; efficiency on CPU; two processes (torchrun) share a shard; the sharded
-  DAG (dry run).
+  FID JSON; PNG export; efficiency on CPU (eager and compiled) and the network its jobs time
+  (config efficiency.network, dry run); two processes (torchrun) share a shard; the sharded DAG
+  (dry run).
 """
 
 import copy
