@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import network_speed  # noqa: E402
+from igsm.models import build_unet  # noqa: E402
 
 
 def sample_clocks(fn, seconds, calls_per_check=10):
@@ -52,7 +53,7 @@ def main():
     weight = torch.randn(128, 128, 3, 3, device=device, dtype=torch.bfloat16) / 34
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
     report["conv 128->128 @32x32, batch 500"] = sample_clocks(lambda: F.conv2d(x, weight, padding=1), args.seconds)
-    dense = network_speed.build_unet({**network_speed.ARCHITECTURE, "dropout": 0.0}).eval().to(device)
+    dense = build_unet({**network_speed.ARCHITECTURE, "dropout": 0.0}).eval().to(device)
     name = "autocast+cl+cudagraphs+csgn"
     xs = [torch.randn(500, 3, 32, 32, device=device) for _ in range(3)]
     t = torch.full((500,), 500, device=device, dtype=torch.long)

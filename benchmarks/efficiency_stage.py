@@ -34,7 +34,7 @@ SETTINGS = {"eager (tf32)": {"precision": "tf32"}, "eager, strict fp32": {},
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=256, help="config efficiency.batch_size's default")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)

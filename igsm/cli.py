@@ -486,12 +486,12 @@ def efficiency(model_dir, out, batch_size, throughput, settings, device, threads
         denoiser = _denoiser(net.to(device), settings)
         shape = (net.config["in_channels"], net.config["sample_size"], net.config["sample_size"])
         mode = denoiser.compile_mode
+        how = f"torch.compile {mode}, after 3 warm-up calls (compilation among them)" if mode else \
+            "eager, after 3 warm-up calls"
         result.update(
             images_per_s=forward_images_per_s(denoiser, shape, batch_size, device),
             images_per_s_note=(f"network forward passes (one per sampler step), batch {batch_size}, "
-                               f"{denoiser.precision}, "
-                               + (f"torch.compile {mode}, after 3 warm-up calls (compilation among them)" if mode
-                                  else "eager, after 3 warm-up calls")),
+                               f"{denoiser.precision}, {how}"),
             batch_size=batch_size, precision=denoiser.precision, channels_last=denoiser.channels_last,
             compile_mode=mode, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     _write_json(out, result)
