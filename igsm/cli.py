@@ -30,6 +30,12 @@ def _device(name: str):
     return torch.device(name)
 
 
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def _write_json(path, payload) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,8 +201,8 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
     net = load_model(model_dir)
     teacher = load_model(teacher_dir) if teacher_dir else None
     try:
-        ema = train_loop(net, load_images(data), options, checkpoint_dir, metrics, teacher=teacher,
-                         schedule=_schedule(settings), device=device)
+        ema, timing = train_loop(net, load_images(data), options, checkpoint_dir, metrics, teacher=teacher,
+                                 schedule=_schedule(settings), device=device)
     except Interrupted as err:
         click.echo(str(err), err=True)
         distributed.shutdown()
@@ -207,6 +213,7 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
         save_model(ema.cpu(), out, extra={"trained_from": model_dir, "num_steps": options.num_steps})
         _write_json(summary, {"num_steps": options.num_steps, "num_parameters": count_parameters(ema),
                               "num_processes": distributed.get_world_size(), "teacher": teacher_dir,
+                              "device": _device_name(device), "timing": timing.summary(),
                               "settings": settings})
     distributed.barrier()
     distributed.shutdown()
@@ -316,7 +323,7 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     shape = (net.config["in_channels"], net.config["sample_size"], net.config["sample_size"])
     denoiser = _denoiser(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
     seeds = np.arange(first_seed + start, first_seed + stop)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    device_name = _device_name(device)
     # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
     fingerprint = {"model_digest": sampling.model_digest(model_dir), "sampler": options.get("sampler", "ddim"),
                    "sampler_kwargs": kwargs, "image_shape": list(shape), "batch_size": batch_size,
@@ -428,33 +435,65 @@ def fid_reference(data, out, settings, device, threads, batch_size):
     fid.save_statistics(out, features, source=data, **metadata)
 
 
-@main.command("fid")
+# Sample metadata that the FID JSON reports, carried from the samples file by the statistics file.
+# "precision" is the features'; "image_precision" is the sampler network's (fp32, tf32, bf16).
+SAMPLE_KEYS = ("samples", "image_precision", "sampler", "sampler_kwargs")
+
+
+@main.command("fid-statistics")
 @click.option("--samples", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--reference", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="FID JSON.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Statistics .npz.")
 @SETTINGS
 @DEVICE
 @THREADS
 @FID_BATCH
-def fid_score(samples, reference, out, settings, device, threads, batch_size):
-    """FID of generated images against reference statistics (settings: 'fid')."""
+def fid_statistics(samples, out, settings, device, threads, batch_size):
+    """Inception statistics of generated images (settings: 'fid' mode): the costly half of the FID."""
     from igsm import fid
     from igsm.sampling import load_samples
 
     _setup(threads)
-    reference_stats = fid.load_statistics(reference)
     images, _, sample_metadata = load_samples(samples)
     features, metadata = _features(images, settings, device, threads, batch_size)
+    fid.save_statistics(out, features, samples=samples,
+                        image_precision=sample_metadata.get("precision", "unknown"),
+                        sampler=sample_metadata.get("sampler"),
+                        sampler_kwargs=sample_metadata.get("sampler_kwargs"), **metadata)
+
+
+@main.command("fid")
+@click.option("--statistics", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Statistics .npz of the generated images (igsm fid-statistics).")
+@click.option("--reference", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="FID JSON.")
+@SETTINGS
+@THREADS
+def fid_score(statistics, reference, out, settings, threads):
+    """FID of generated images' statistics against reference statistics (settings: 'fid').
+
+    Reads two statistics files only: a failure here never costs the Inception features again.
+    """
+    from igsm import fid
+
+    _setup(threads)
+    stats = fid.load_statistics(statistics)
+    reference_stats = fid.load_statistics(reference)
+    mode = settings.get("mode")
+    if mode and stats.metadata.get("mode") != mode:
+        raise click.ClickException(f"{statistics}: features of mode {stats.metadata.get('mode')!r}, "
+                                   f"but the settings ask for {mode!r}; recompute them.")
     try:
-        score = fid.frechet_distance(fid.statistics(features, **metadata), reference_stats)
+        score = fid.frechet_distance(stats, reference_stats)
     except ValueError as err:
-        raise click.ClickException(f"{reference}: {err}") from None
-    # "precision" is the features'; "image_precision" is the sampler network's (fp32, tf32, bf16).
-    _write_json(out, {"fid": score, "num_images": len(features), "samples": samples,
-                      "reference": reference, "num_reference": reference_stats.num_images,
-                      "image_precision": sample_metadata.get("precision", "unknown"),
-                      "sampler": sample_metadata.get("sampler"),
-                      "sampler_kwargs": sample_metadata.get("sampler_kwargs"), **metadata})
+        raise click.ClickException(f"{statistics} against {reference}: {err}") from None
+    sample_metadata = {key: stats.metadata.get(key) for key in SAMPLE_KEYS}
+    extractor_metadata = {k: v for k, v in stats.metadata.items() if k not in SAMPLE_KEYS}
+    _write_json(out, {"fid": score, "num_images": stats.num_images, "samples": sample_metadata["samples"],
+                      "statistics": statistics, "reference": reference,
+                      "num_reference": reference_stats.num_images,
+                      "image_precision": sample_metadata["image_precision"] or "unknown",
+                      "sampler": sample_metadata["sampler"],
+                      "sampler_kwargs": sample_metadata["sampler_kwargs"], **extractor_metadata})
 
 
 @main.command()
@@ -470,8 +509,6 @@ def fid_score(samples, reference, out, settings, device, threads, batch_size):
 def efficiency(model_dir, out, batch_size, throughput, settings, device, threads):
     """Parameters and MACs (one image, one network call) and network throughput (settings: how the
     network runs, as in 'sample': precision, channels_last, compile, compile_mode)."""
-    import torch
-
     from igsm.models import load_model
     from igsm.pruning import count_params_macs
     from igsm.sampling import forward_images_per_s
@@ -493,5 +530,5 @@ def efficiency(model_dir, out, batch_size, throughput, settings, device, threads
             images_per_s_note=(f"network forward passes (one per sampler step), batch {batch_size}, "
                                f"{denoiser.precision}, {how}"),
             batch_size=batch_size, precision=denoiser.precision, channels_last=denoiser.channels_last,
-            compile_mode=mode, device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+            compile_mode=mode, device=_device_name(device))
     _write_json(out, result)

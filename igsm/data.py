@@ -3,9 +3,15 @@
 Sources:
 * ``cifar10``: the official python-pickle archive (paper Sec. 5.1), fetched from a URL with a
   sha256 check; the URL is a config key so that a mirror or a local ``file://`` copy can serve.
+* ``fashion-mnist``: the four official idx archives (28×28 grayscale, 60,000 train / 10,000 test),
+  fetched from a folder URL with a sha256 per file (only the chosen split's two), parsed by a
+  strict idx reader and zero-padded (black, the background) to ``image_size``.
 * ``sklearn-digits``: scikit-learn's 8×8 digits (1,797 real images shipped inside its wheel),
   upsampled: the embedded offline demo.
 * ``image-folder``: a user's own images (any PIL-readable files), resized to ``image_size``.
+
+An empty ``url`` and an absent ``sha256`` mean the source's official ones (constants below).
+``check_dataset_spec`` reports the errors a config entry alone shows, before any job runs.
 
 Every dataset ends up as ``{"images": uint8 N×H×W×C, "labels": int64 N}`` in an ``.npz`` file:
 training, pruning, and FID reference statistics all read that one file.
@@ -13,20 +19,42 @@ training, pruning, and FID reference statistics all read that one file.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import pickle
+import re
 import shutil
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-SOURCES = ("cifar10", "sklearn-digits", "image-folder")
+SOURCES = ("cifar10", "fashion-mnist", "sklearn-digits", "image-folder")
+URL_SCHEMES = ("http", "https", "file")
+
+# Official archives, used when a config leaves 'url' empty / 'sha256' unset.
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_FILES = {  # split → (images, labels), the file names under the folder URL
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FASHION_MNIST_SHA256 = {  # of the official archives (Debian's recompressed copies differ)
+    "train-images-idx3-ubyte.gz": "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+    "train-labels-idx1-ubyte.gz": "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+    "t10k-images-idx3-ubyte.gz": "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+    "t10k-labels-idx1-ubyte.gz": "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+}
+FASHION_MNIST_SIDE = 28
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -72,6 +100,14 @@ def download(url: str, destination: str | os.PathLike, sha256: str | None = None
     return destination
 
 
+def fetch_cached(url: str, destination: str | os.PathLike, sha256: str) -> Path:
+    """``destination`` if it already holds the file with this sha256, else ``download`` it there."""
+    destination = Path(destination)
+    if not destination.exists() or file_digest(destination) != sha256.lower():
+        download(url, destination, sha256)
+    return destination
+
+
 def parse_cifar10(archive: str | os.PathLike, split: str = "train") -> dict:
     """Images and labels from the official ``cifar-10-python.tar.gz`` (any number of images)."""
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -86,6 +122,67 @@ def parse_cifar10(archive: str | os.PathLike, split: str = "train") -> dict:
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
     return {"images": np.ascontiguousarray(np.concatenate(images)), "labels": np.concatenate(labels)}
+
+
+IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # uint8 (0x08), 3 or 1 dimensions
+
+
+def read_idx(path: str | os.PathLike, magic: int, item_shape: tuple = ()) -> np.ndarray:
+    """The uint8 array of a gzipped idx file, checked strictly against its header.
+
+    Header: big-endian uint32 magic (0x0803 images, 0x0801 labels: its last byte is the number of
+    dimensions), then one uint32 per dimension (count, then rows and cols for images); then the
+    bytes, exactly count × rows × cols of them.
+    """
+    path = Path(path)
+    what = "images" if magic == IDX_IMAGES else "labels"
+    with open(path, "rb") as raw_file:
+        try:
+            with gzip.GzipFile(fileobj=raw_file) as f:
+                raw = f.read()
+        except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
+            raise ValueError(f"{path}: not a complete gzip file ({type(err).__name__}: {err})") from None
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    # The magic first: a file of the wrong kind should be named as such, not as "truncated".
+    found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
+    if found is not None and found != magic:
+        raise ValueError(f"{path}: idx magic number {found:#010x}, expected {magic:#010x} (uint8 {what})")
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated: {len(raw)} bytes, shorter than an idx {what} header ({header})")
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    if shape[1:] != tuple(item_shape):
+        raise ValueError(f"{path}: {what} of shape {shape[1:]}, expected {tuple(item_shape)}")
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        problem = "truncated" if len(raw) < expected else "trailing bytes"
+        raise ValueError(f"{path}: {problem}: its header announces {shape[0]} {what} ({expected} bytes "
+                         f"with the header), the file holds {len(raw)} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_fashion_mnist(images_path: str | os.PathLike, labels_path: str | os.PathLike, image_size: int) -> dict:
+    """Fashion-MNIST's idx pair, each 28×28 image centred on a black image_size² canvas."""
+
+    def bad_size(message):
+        raise ValueError(f"image_size: {message}")
+
+    _check_padded_size(image_size, bad_size)
+    side = FASHION_MNIST_SIDE
+    images = read_idx(images_path, IDX_IMAGES, (side, side))
+    labels = read_idx(labels_path, IDX_LABELS)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} "
+                         "labels: the two files are not one split's pair")
+    if len(labels) == 0:
+        raise ValueError(f"{labels_path}: no labels (count 0 in its header)")
+    if labels.max() > 9:
+        raise ValueError(f"{labels_path}: label {labels.max()} outside Fashion-MNIST's classes 0–9")
+    # 0 is Fashion-MNIST's background, so a zero border only widens it (no resampling of pixels).
+    pad = (image_size - side) // 2
+    padded = np.zeros((len(images), image_size, image_size, 1), dtype=np.uint8)
+    padded[:, pad:pad + side, pad:pad + side, 0] = images
+    return {"images": padded, "labels": labels.astype(np.int64)}
 
 
 def load_sklearn_digits(image_size: int) -> dict:
@@ -117,20 +214,86 @@ def load_image_folder(folder: str | os.PathLike, image_size: int, channels: int)
 
 def prepare_dataset(spec: dict, out_path: str | os.PathLike, cache_dir: str | os.PathLike) -> dict:
     """Build the dataset described by a config ``datasets.<name>`` entry and save it as .npz."""
-    source = spec["source"]
+    _check_spec(spec)
+    source, split, cache_dir = spec["source"], spec.get("split", "train"), Path(cache_dir)
     if source == "cifar10":
-        archive = Path(cache_dir) / "cifar-10-python.tar.gz"
-        if not archive.exists() or file_digest(archive) != spec["sha256"].lower():
-            download(spec["url"], archive, spec["sha256"])
-        data = parse_cifar10(archive, spec.get("split", "train"))
+        sha256 = spec.get("sha256") or CIFAR10_SHA256
+        archive = fetch_cached(spec.get("url") or CIFAR10_URL, cache_dir / "cifar-10-python.tar.gz", sha256)
+        data = parse_cifar10(archive, split)
+    elif source == "fashion-mnist":
+        folder = (spec.get("url") or FASHION_MNIST_URL).rstrip("/") + "/"
+        digests = spec.get("sha256") or FASHION_MNIST_SHA256
+        images, labels = (fetch_cached(folder + name, cache_dir / name, digests[name])
+                          for name in FASHION_MNIST_FILES[split])
+        data = load_fashion_mnist(images, labels, spec.get("image_size", 32))
     elif source == "sklearn-digits":
         data = load_sklearn_digits(spec["image_size"])
-    elif source == "image-folder":
+    else:  # image-folder (_check_spec rejected anything else)
         data = load_image_folder(spec["path"], spec["image_size"], spec["channels"])
-    else:
-        raise ValueError(f"unknown dataset source {source!r}; choose one of {SOURCES}")
     save_arrays(out_path, **data)
     return data
+
+
+def check_dataset_spec(name: str, spec: dict) -> None:
+    """Raise ValueError naming ``datasets.<name>.<key>`` for an error the config entry alone shows.
+
+    Touches neither the network nor the disk, except to see that an image-folder's ``path`` is a
+    folder, so the workflow can call it for every dataset before any job runs.
+    """
+    _check_spec(spec, f"datasets.{name}.")
+
+
+def _check_spec(spec: dict, prefix: str = "") -> None:
+    """check_dataset_spec's checks; keys absent from ``spec`` take the schema's defaults."""
+
+    def fail(key, message):
+        raise ValueError(f"{prefix}{key}: {message}")
+
+    source = spec.get("source")
+    if source not in SOURCES:
+        fail("source", f"unknown dataset source {source!r}; choose one of {SOURCES}")
+    split, image_size, sha256 = spec.get("split", "train"), spec.get("image_size", 32), spec.get("sha256")
+    if source in ("cifar10", "fashion-mnist"):
+        if split not in FASHION_MNIST_FILES:
+            fail("split", f"{split!r} is neither 'train' nor 'test'")
+        url = spec.get("url") or ""
+        if url and urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
+            fail("url", f"{url!r} is not an http://, https:// or file:// URL")
+    if source == "cifar10":
+        if image_size != 32:
+            fail("image_size", f"CIFAR-10 images are 32×32; set 32 (got {image_size!r})")
+        if sha256 is not None and not (isinstance(sha256, str) and _HEX64.fullmatch(sha256)):
+            fail("sha256", f"cifar10 is one archive: give its sha256 as one string of 64 hex digits "
+                           f"(got {sha256!r})")
+    elif source == "fashion-mnist":
+        _check_padded_size(image_size, lambda message: fail("image_size", message))
+        if sha256 is None:
+            return  # the official files' digests
+        if not isinstance(sha256, dict):
+            fail("sha256", f"fashion-mnist has one file per images/labels and split: give an object "
+                           f"mapping file names to sha256s, e.g. {{{FASHION_MNIST_FILES[split][0]}: "
+                           f"<64 hex digits>, {FASHION_MNIST_FILES[split][1]}: ...}} (got {sha256!r})")
+        unknown = sorted(set(sha256) - set(FASHION_MNIST_SHA256))
+        if unknown:
+            fail("sha256", f"unknown file name(s) {unknown}; Fashion-MNIST's are {sorted(FASHION_MNIST_SHA256)}")
+        missing = [name for name in FASHION_MNIST_FILES[split] if name not in sha256]
+        if missing:
+            fail("sha256", f"no sha256 for {missing} (split {split!r} reads {list(FASHION_MNIST_FILES[split])})")
+        for name, digest in sha256.items():
+            if not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+                fail(f"sha256.{name}", f"not 64 hex digits (got {digest!r})")
+    elif source == "image-folder":
+        path = spec.get("path") or ""
+        if not path:
+            fail("path", "source image-folder needs 'path', the folder of images")
+        if not Path(path).is_dir():
+            fail("path", f"{path} is not a folder")
+
+
+def _check_padded_size(image_size, fail) -> None:
+    if not isinstance(image_size, int) or image_size < FASHION_MNIST_SIDE or (image_size - FASHION_MNIST_SIDE) % 2:
+        fail(f"Fashion-MNIST's 28×28 images are zero-padded equally on each side, so it must be an "
+             f"integer ≥ 28 with image_size − 28 even (got {image_size!r})")
 
 
 def save_arrays(path: str | os.PathLike, **arrays) -> None:

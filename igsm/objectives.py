@@ -607,20 +607,24 @@ class Objective:
     mean estimates the exact one without bias).
     """
 
-    def __init__(self, terms: dict, projection, directions, jacobian_fraction: float = 1.0):
+    def __init__(self, terms: dict, projection, directions, jacobian_fraction: float = 1.0,
+                 jacobian_every: int = 1):
         self.terms = terms  # name -> (weight, term)
         self.projection = projection
         self.directions = directions
         self.jacobian_fraction = jacobian_fraction
+        self.jacobian_every = jacobian_every
         self.needs_jacobian = any(term.needs_jacobian for _, term in terms.values())
         self.needs_teacher = any(term.needs_teacher for _, term in terms.values())
 
-    def probe(self, student, teacher, x_t, t, noise, generator=None) -> Probe:
+    def probe(self, student, teacher, x_t, t, noise, generator=None, jacobian: bool = True) -> Probe:
+        """The shared quantities; ``jacobian=False`` skips the Jacobian products (their terms then
+        cannot be evaluated on this probe)."""
         if self.needs_teacher and teacher is None:
             active = [name for name, (_, term) in self.terms.items() if term.needs_teacher]
             raise ValueError(f"the terms {active} need the dense teacher, but teacher is None")
         needs_kd = "kd" in self.terms
-        if not self.needs_jacobian:
+        if not (self.needs_jacobian and jacobian):
             s = predict_noise(student, x_t, t)
             s_dense = None
             if needs_kd:
@@ -672,13 +676,28 @@ class Objective:
         values = {name: value.detach() for name, value in values.items()}
         return s, [p.detach() for p in products], values, surrogate
 
-    def __call__(self, student, teacher, x_t, t, noise, generator=None):
-        probe = self.probe(student, teacher, x_t, t, noise, generator)
+    def jacobian_step(self, step: int) -> bool:
+        """Whether training step ``step`` evaluates the Jacobian terms (every ``jacobian_every``-th)."""
+        return self.needs_jacobian and step % self.jacobian_every == 0
+
+    def __call__(self, student, teacher, x_t, t, noise, generator=None, step: int = 0):
+        """``step``: the training step, read only with ``jacobian_every`` > 1. Such an objective
+        evaluates the Jacobian terms on steps 0, k, 2k, … only, weighted by k, and reports them as
+        k × value there and 0 on the other steps: over every k consecutive steps the Jacobian terms'
+        gradient sums to k times the exact one, an unbiased estimate per step (as jacobian_fraction
+        over rows). Gradient clipping acts on the k-weighted step, which this estimate ignores."""
+        with_jacobian = self.jacobian_step(step)
+        probe = self.probe(student, teacher, x_t, t, noise, generator, jacobian=with_jacobian)
         total, values = 0.0, {}
-        spread = lambda value: value if probe.rows is None else torch.zeros(  # noqa: E731
-            x_t.shape[0], dtype=value.dtype, device=value.device).index_copy(
-                0, probe.rows, value * (x_t.shape[0] / len(probe.rows)))
+        # Jacobian terms, as unbiased estimates: ×B/m on the m rows carrying them (0 elsewhere),
+        # ×k on every k-th step (0 on the others).
+        scale = self.jacobian_every * (1.0 if probe.rows is None else x_t.shape[0] / len(probe.rows))
+        spread = lambda value: value * scale if probe.rows is None else torch.zeros(  # noqa: E731
+            x_t.shape[0], dtype=value.dtype, device=value.device).index_copy(0, probe.rows, value * scale)
         for name, (weight, term) in self.terms.items():
+            if term.needs_jacobian and not with_jacobian:
+                values[name] = torch.zeros(x_t.shape[0], dtype=probe.student.dtype, device=x_t.device)
+                continue
             value = probe.jacobian_values[name] if name in probe.jacobian_values else term(probe)
             if term.needs_jacobian:
                 value = spread(value)
@@ -694,7 +713,7 @@ def build_objective(weights: dict, projection: str = "vjp", num_directions: int 
                     directions: str | Callable = "gaussian", otd: dict | None = None, *,
                     jvp_method: str = "forward", jacobian_fraction: float = 1.0,
                     jacobian_method: str = "double_backward", fd_scheme: str = "central",
-                    fd_step: float | None = None) -> Objective:
+                    fd_step: float | None = None, jacobian_every: int = 1) -> Objective:
     """The objective from config: ``weights`` maps names among NAMES to λ (0 or absent: off).
 
     ``projection`` "vjp" (‖Jᵀv̂‖², authors' code) or "jvp" (‖Jv̂‖², paper text); ``num_directions``
@@ -705,7 +724,9 @@ def build_objective(weights: dict, projection: str = "vjp", num_directions: int 
     ``jacobian_method`` (vjp projection): how the Jacobian terms' gradient is obtained,
     "double_backward" (exact, default), "mixed_jvp" (exact, forward mode over an ordinary VJP) or
     "mixed_fd" (finite differences, ``fd_scheme`` "central" or "forward", relative step
-    ``fd_step``, default :func:`mixed_partial_step`); see :class:`MixedVJP`.
+    ``fd_step``, default :func:`mixed_partial_step`); see :class:`MixedVJP`; ``jacobian_every``
+    k ≥ 1: the Jacobian terms on every k-th training step only, weighted by k (see
+    :meth:`Objective.__call__`).
     """
     for name in weights:
         if name not in NAMES:
@@ -717,6 +738,8 @@ def build_objective(weights: dict, projection: str = "vjp", num_directions: int 
         raise ValueError(f"projection: unknown {projection!r}; expected one of {PROJECTIONS}")
     if int(num_directions) != num_directions or num_directions < 1:
         raise ValueError(f"num_directions: {num_directions} is not an integer ≥ 1")
+    if int(jacobian_every) != jacobian_every or jacobian_every < 1:
+        raise ValueError(f"jacobian_every: {jacobian_every} is not an integer ≥ 1")
     if not 0.0 < jacobian_fraction <= 1.0:
         raise ValueError(f"jacobian_fraction: {jacobian_fraction} is outside (0, 1]")
     if jvp_method not in JVP_METHODS:
@@ -745,4 +768,4 @@ def build_objective(weights: dict, projection: str = "vjp", num_directions: int 
         proj = MixedVJP(jacobian_method, fd_scheme, fd_step)
     else:
         proj = VJP() if projection == "vjp" else JVP(jvp_method)
-    return Objective(terms, proj, sampler, jacobian_fraction)
+    return Objective(terms, proj, sampler, jacobian_fraction, int(jacobian_every))

@@ -15,7 +15,7 @@ import pandas as pd
 TERMS = ("np", "kd", "jm1", "jm2")
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
            "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
-           "paper_fid", "delta_fid", "paper_source"]
+           "sec_per_step", "train_minutes", "peak_memory_GiB", "paper_fid", "delta_fid", "paper_source"]
 
 
 def _load(path):
@@ -54,6 +54,7 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
     for entry in rows:
         fid, eff = _load(entry["fid"]), _load(entry["efficiency"])
         summary, report = _load(entry["summary"]), _load(entry["prune_report"])
+        timing = summary.get("timing", {})
         variant = entry["variant"]
         label = report.get("paper_label", "") if report else ("dense" if variant == "dense" else "")
         paper_fid, where = paper_value(dense_model, label, entry["criterion"], entry["weights"])
@@ -72,6 +73,11 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             "fid_images": fid["num_images"],
             "fid_mode": fid["mode"],
             "training_steps": summary.get("num_steps", 0),
+            # Training cost over all attempts of the job (resumed runs included); absent in
+            # summaries written before it was recorded.
+            "sec_per_step": timing.get("sec_per_step"),
+            "train_minutes": timing["wall_time_s"] / 60 if "wall_time_s" in timing else None,
+            "peak_memory_GiB": timing["peak_memory_mib"] / 1024 if timing.get("peak_memory_mib") else None,
             "paper_fid": paper_fid,
             "delta_fid": None if paper_fid is None else fid["fid"] - paper_fid,
             "paper_source": where,
@@ -90,7 +96,8 @@ def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title
     shown = table.drop(columns=["experiment"]).rename(columns={
         "params_M": "params (M)", "macs_G": "MACs (G)", "images_per_s": "images/s", "speed": "speed", "fid": "FID", "paper_fid": "paper FID",
         "delta_fid": "Δ FID", "training_steps": "steps", "fid_images": "FID images",
-        "fid_mode": "FID mode", "pr_label": "PR label", "channel_ratio": "channel ratio",
+        "fid_mode": "FID mode", "pr_label": "PR label", "sec_per_step": "s/step",
+        "train_minutes": "train min", "peak_memory_GiB": "peak GiB", "channel_ratio": "channel ratio",
         "paper_source": "paper source"})
     shown = shown.astype(object).where(shown.notna(), None)  # blanks print as "–", not "nan"
     if markdown:

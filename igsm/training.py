@@ -44,7 +44,11 @@ from igsm.data import to_model_range
 from igsm.diffusion import NoiseSchedule, antithetic_timesteps
 
 # Options that do not change the weights: a snapshot stays resumable when only these change.
-BOOKKEEPING_OPTIONS = ("log_every", "checkpoint_every", "keep_checkpoints")
+# num_steps among them: nothing in a step depends on it (constant learning rate after warm-up,
+# EMA warm-up by step), so the state at step s is the same for any run of at least s steps, and
+# raising num_steps continues a finished run instead of restarting it (snapshots past a lowered
+# num_steps are not resumed).
+BOOKKEEPING_OPTIONS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints")
 
 
 @dataclass
@@ -153,11 +157,14 @@ def _snapshots(directory: Path) -> list[Path]:
     return sorted(directory.glob("step-*.pt"))
 
 
-def _newest_snapshot_of_run(directory: Path, fingerprint: str) -> dict | None:
-    """The newest snapshot with this fingerprint; newer ones of another run are deleted (rank 0)."""
+def _newest_snapshot_of_run(directory: Path, fingerprint: str, num_steps: int) -> dict | None:
+    """The newest snapshot with this fingerprint at step ≤ num_steps; newer ones of another run are
+    deleted (rank 0); those of this run past num_steps are left for a later, longer run."""
     state, stale = None, []
     for path in reversed(_snapshots(directory)):
         candidate = torch.load(path, map_location="cpu", weights_only=True)
+        if candidate.get("fingerprint") == fingerprint and candidate["step"] > num_steps:
+            continue
         if candidate.get("fingerprint") == fingerprint:
             state = candidate
             distributed.print0(f"resuming from {path} (step {state['step']})", flush=True)
@@ -176,6 +183,21 @@ def _update_ema(ema: nn.Module, net: nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), net.parameters()):
             e.lerp_(p.detach(), 1.0 - decay)
+
+
+@dataclass
+class Timing:
+    """Wall-clock cost of a training run over all its attempts (resumed runs included), for the
+    summary: the benchmark file of a rerun job holds only its last attempt."""
+
+    attempts: int = 0
+    wall_time_s: float = 0.0       # from the start of each attempt to its last snapshot or the end
+    step_time_s: float = 0.0       # inside the step loop only (no model loading, no resume)
+    steps_timed: int = 0
+    peak_memory_mib: float | None = None  # CUDA only: the largest of the attempts'
+
+    def summary(self) -> dict:
+        return {**asdict(self), "sec_per_step": self.step_time_s / max(1, self.steps_timed)}
 
 
 class _GlobalBatchDirections:
@@ -232,14 +254,15 @@ def train(
     teacher: nn.Module | None = None,
     schedule: NoiseSchedule | None = None,
     device: str | torch.device = "cpu",
-) -> nn.Module:
-    """Train ``net`` on uint8 ``images`` (N×H×W×C) and return its EMA copy.
+) -> tuple[nn.Module, Timing]:
+    """Train ``net`` on uint8 ``images`` (N×H×W×C); return its EMA copy and the run's timing.
 
     Under torchrun (igsm.distributed.init() called first) every process calls this with the same
     arguments; ``options.batch_size`` is the global batch and must divide by the process count.
     """
     from igsm.objectives import build_objective
 
+    attempt_started = time.perf_counter()
     schedule = schedule or NoiseSchedule.linear()
     device = torch.device(device)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
@@ -271,14 +294,25 @@ def train(
     # Signals are caught from here on: one arriving while the run starts is acted on after its
     # first step.
     with _StopRequested() as stop:
-        start_step, records, running, count = 0, [], {}, 0
-        state = _newest_snapshot_of_run(checkpoint_dir, fingerprint)
+        start_step, records, running, count, timing = 0, [], {}, 0, Timing()
+        state = _newest_snapshot_of_run(checkpoint_dir, fingerprint, options.num_steps)
         if state is not None:
             net.load_state_dict(state["net"])
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
             start_step, records = state["step"], state["metrics"]
             running, count = state["running"], state["running_steps"]
+            timing = Timing(**state.get("timing", {}))
+        timing.attempts += 1
+        earlier_wall_time = timing.wall_time_s
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def update_timing() -> None:
+            timing.wall_time_s = earlier_wall_time + time.perf_counter() - attempt_started
+            if device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(device) / 2**20
+                timing.peak_memory_mib = max(timing.peak_memory_mib or 0.0, peak)
         if rank == 0:
             # The metrics file restarts from the snapshot's records: lines past it are redone, and a
             # file deleted by Snakemake after an interrupted job comes back whole.
@@ -288,17 +322,21 @@ def train(
 
         def save_snapshot(step: int) -> None:
             if rank == 0:
+                update_timing()
                 state = {
                     "step": step, "fingerprint": fingerprint, "net": net.state_dict(),
                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                     "metrics": records, "running": running, "running_steps": count,
-                    "world_size": world_size,
+                    "world_size": world_size, "timing": asdict(timing),
                 }
                 path = checkpoint_dir / f"step-{step:07d}.pt"
                 tmp = path.with_suffix(".tmp")
                 torch.save(state, tmp)
                 tmp.replace(path)
-                for old in _snapshots(checkpoint_dir)[: -options.keep_checkpoints]:
+                # Older snapshots beyond keep_checkpoints go; later ones (of a longer run of the same
+                # trajectory, num_steps since lowered) stay.
+                earlier = [p for p in _snapshots(checkpoint_dir) if p.name <= path.name]
+                for old in earlier[: -options.keep_checkpoints]:
                     old.unlink()
             distributed.barrier()
 
@@ -325,7 +363,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup_steps))
                 with autocast:
-                    total, terms = objective(net, teacher, x_t, t, noise, generator)
+                    total, terms = objective(net, teacher, x_t, t, noise, generator, step=step)
                 loss = total.float().sum() / batch  # this process's share of the global batch mean
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -346,9 +384,11 @@ def train(
                 count, timed = count + 1, timed + 1
                 done = step + 1
                 if done % options.log_every == 0 or done == options.num_steps:
+                    elapsed = time.perf_counter() - started
+                    timing.step_time_s += elapsed
+                    timing.steps_timed += timed
                     record = {"step": done, **{k: v / count for k, v in running.items()},
-                              "lr": optimizer.param_groups[0]["lr"],
-                              "sec_per_step": (time.perf_counter() - started) / timed}
+                              "lr": optimizer.param_groups[0]["lr"], "sec_per_step": elapsed / timed}
                     records.append(record)
                     if metrics is not None:
                         metrics.write(json.dumps(record) + "\n")
@@ -365,4 +405,5 @@ def train(
         finally:
             if metrics is not None:
                 metrics.close()
-        return ema
+        update_timing()
+        return ema, timing

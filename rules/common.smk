@@ -28,6 +28,14 @@ wildcard_constraints:
 
 def check_config():
     """Cross-references the schema cannot express, named by their config keys."""
+    sys.path.insert(0, workflow.basedir)  # this checkout's package, as the jobs run it
+    from igsm.data import check_dataset_spec
+
+    for name, spec in config["datasets"].items():
+        try:
+            check_dataset_spec(name, spec)
+        except ValueError as err:
+            raise WorkflowError(str(err)) from None
     for name, exp in EXPERIMENTS.items():
         key = f"experiments.{name}"
         if exp["dataset"] not in config["datasets"]:
@@ -35,9 +43,21 @@ def check_config():
                 f"{key}.dataset: unknown dataset {exp['dataset']!r}; defined: {sorted(config['datasets'])}"
             )
         dense = exp["dense"]
-        if not dense["pretrained"] and "training" not in dense:
-            raise WorkflowError(f"{key}.dense: give 'pretrained' or 'training'")
-        if not dense["pretrained"] and not exp["architecture"]:
+        sources = [k for k in ("pretrained", "training", "from_experiment") if dense.get(k)]
+        if len(sources) != 1:
+            raise WorkflowError(f"{key}.dense: give exactly one of 'pretrained', 'training' or "
+                                f"'from_experiment' (got {sources or 'none'})")
+        owner = dense["from_experiment"]
+        if owner:
+            if owner not in EXPERIMENTS or owner == name or EXPERIMENTS[owner]["dense"]["from_experiment"]:
+                raise WorkflowError(
+                    f"{key}.dense.from_experiment: {owner!r} is not another experiment with its own "
+                    f"dense model; experiments: {sorted(EXPERIMENTS)}")
+            if EXPERIMENTS[owner]["dataset"] != exp["dataset"]:
+                raise WorkflowError(
+                    f"{key}.dense.from_experiment: {owner!r} trains on dataset "
+                    f"{EXPERIMENTS[owner]['dataset']!r}, this experiment on {exp['dataset']!r}")
+        if "training" in dense and not exp["architecture"]:
             raise WorkflowError(f"{key}.architecture: needed to train the dense model")
         if exp["untrained_baseline"] and not exp["architecture"]:
             raise WorkflowError(f"{key}.architecture: needed by untrained_baseline")
@@ -51,6 +71,12 @@ def check_config():
                         f"{key}.finetune.runs[{i}].objectives: unknown objective {objective!r}; "
                         f"defined under 'objectives': {sorted(config['objectives'])}"
                     )
+    for name, spec in config["objectives"].items():
+        key = f"objectives.{name}"
+        if not any(spec["weights"].values()):
+            raise WorkflowError(f"{key}.weights: every weight is 0; give at least one term a weight")
+        if spec["jacobian_method"] != "double_backward" and spec["projection"] != "vjp":
+            raise WorkflowError(f"{key}.jacobian_method: {spec['jacobian_method']!r} needs projection 'vjp'")
 
 
 check_config()
@@ -81,9 +107,19 @@ def scored_variants(exp):
     return ["dense"] + baseline + finetuned_variants(exp)
 
 
+def dense_owner(exp):
+    """The experiment whose dense model this one uses: itself, or its dense.from_experiment."""
+    return EXPERIMENTS[exp]["dense"]["from_experiment"] or exp
+
+
+def dense_folder(exp):
+    owner = dense_owner(exp)
+    kind = "pretrained" if EXPERIMENTS[owner]["dense"]["pretrained"] else "trained"
+    return f"results/dense/{owner}/{kind}"
+
+
 def dense_model(wildcards):
-    kind = "pretrained" if EXPERIMENTS[wildcards.exp]["dense"]["pretrained"] else "trained"
-    return f"results/dense/{wildcards.exp}/{kind}/model"
+    return f"{dense_folder(wildcards.exp)}/model"
 
 
 def model_dir(wildcards):
@@ -111,7 +147,9 @@ def stage_settings(exp, section):
 def objective_settings(name):
     """An 'objectives' entry as igsm.objectives.build_objective takes it."""
     spec = config["objectives"][name]
-    settings = {key: spec[key] for key in ("weights", "projection", "num_directions", "directions")}
+    settings = {key: spec[key] for key in ("weights", "projection", "num_directions", "directions",
+                                           "jacobian_method", "fd_scheme", "jacobian_fraction",
+                                           "jacobian_every")}
     if spec["directions"] == "otd":
         settings["otd"] = spec["otd"]
     return settings
@@ -150,8 +188,8 @@ def table_rows(exp):
             "objective": variant,
             "weights": None,
         }
-        if variant == "dense" and not settings["dense"]["pretrained"]:
-            row["summary"] = f"results/dense/{exp}/trained/summary.json"
+        if variant == "dense" and not EXPERIMENTS[dense_owner(exp)]["dense"]["pretrained"]:
+            row["summary"] = f"{dense_folder(exp)}/summary.json"
         if "/" in variant:
             pruned, objective = variant.split("/")
             criterion, ratio = pruned.rsplit("-cr", 1)
@@ -204,6 +242,14 @@ def sample_png_dirs():
     """PNG folders of every scored model of the experiments with sample.png_export."""
     return [f"results/samples/{exp}/{variant}/png" for exp in EXPERIMENTS
             if EXPERIMENTS[exp]["sample"]["png_export"] for variant in scored_variants(exp)]
+
+
+def exclusive_gpu_slots():
+    """GPU slots of a job that must have its GPU to itself (the efficiency timing): all of them
+    when the run limits `gpu` globally above 1 (jobs sharing GPUs: profiles/local), else 1."""
+    limit = workflow.global_resources.get("gpu")
+    limit = getattr(limit, "value", limit)
+    return limit if isinstance(limit, int) and limit > 1 else 1
 
 
 def efficiency_settings(exp):

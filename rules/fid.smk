@@ -1,6 +1,8 @@
 # Stage 6: Inception statistics of the training set (cached per dataset, mode and size; an
-# image-folder dataset gets its own), then the FID of each scored model against them, from the
-# samples array (no PNG files); plus parameter and MAC counts and network throughput of each model.
+# image-folder dataset gets its own) and of each scored model's samples (from the samples array, no
+# PNG files; GPU jobs), then the FID of each model from the two statistics files alone (a CPU job:
+# if it fails, its rerun never recomputes features); plus parameter and MAC counts and network
+# throughput of each model.
 
 
 rule fid_reference:
@@ -22,15 +24,39 @@ rule fid_reference:
         runtime=resource("fid", "runtime"),
         gpu=resource("fid", "gpu"),
     shell:
-        "python -m igsm fid-reference --data {input.data} --settings {params.settings:q} --out {output.stats} "
-        "--threads {threads} > {log} 2>&1"
+        "python -m igsm fid-reference --data {input.data:q} --settings {params.settings:q} "
+        "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"
+
+
+# Only the mode changes the features: another num_reference reruns the distance, not this.
+rule fid_statistics:
+    conda:
+        "../envs/fid.yaml"
+    input:
+        samples="results/samples/{exp}/{variant}/samples.npz",
+    output:
+        stats="results/fid_stats/{exp}/{variant}.npz",
+    params:
+        settings=lambda w: as_json({"mode": EXPERIMENTS[w.exp]["fid"]["mode"]}),
+    log:
+        "results/logs/fid_statistics/{exp}/{variant}.log",
+    benchmark:
+        "results/benchmarks/fid_statistics/{exp}/{variant}.tsv"
+    threads: resource("fid", "threads")
+    resources:
+        mem_mb=resource("fid", "mem_mb"),
+        runtime=resource("fid", "runtime"),
+        gpu=resource("fid", "gpu"),
+    shell:
+        "python -m igsm fid-statistics --samples {input.samples:q} --settings {params.settings:q} "
+        "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule fid:
     conda:
         "../envs/fid.yaml"
     input:
-        samples="results/samples/{exp}/{variant}/samples.npz",
+        statistics="results/fid_stats/{exp}/{variant}.npz",
         reference=lambda w: fid_reference_file(w.exp),
     output:
         score="results/fid/{exp}/{variant}.json",
@@ -38,16 +64,14 @@ rule fid:
         settings=lambda w: stage_settings(w.exp, "fid"),
     log:
         "results/logs/fid/{exp}/{variant}.log",
-    benchmark:
-        "results/benchmarks/fid/{exp}/{variant}.tsv"
-    threads: resource("fid", "threads")
+    threads: 1
     resources:
-        mem_mb=resource("fid", "mem_mb"),
-        runtime=resource("fid", "runtime"),
-        gpu=resource("fid", "gpu"),
+        mem_mb=resource("tables", "mem_mb"),
+        runtime=resource("tables", "runtime"),
+        gpu=0,
     shell:
-        "python -m igsm fid --samples {input.samples} --reference {input.reference} "
-        "--settings {params.settings:q} --out {output.score} --threads {threads} > {log} 2>&1"
+        "python -m igsm fid --statistics {input.statistics:q} --reference {input.reference:q} "
+        "--settings {params.settings:q} --out {output.score:q} --threads {threads} > {log:q} 2>&1"
 
 
 # Parameters and MACs everywhere; images/s of the network only where the job has a GPU (the
@@ -68,7 +92,8 @@ rule efficiency:
     resources:
         mem_mb=resource("sample", "mem_mb"),
         runtime=resource("tables", "runtime"),
-        gpu=min(resource("sample", "gpu"), 1),
+        # The GPU alone, whatever the run's sharing limit: timings of shared GPUs are contention.
+        gpu=exclusive_gpu_slots() if resource("sample", "gpu") else 0,
     shell:
         "python -m igsm efficiency --model {input.model} --settings {params.settings:q} "
         "--batch-size {params.batch_size} --out {output.info} --threads {threads} > {log} 2>&1"

@@ -15,7 +15,7 @@ rule tables:
         rows=lambda w: table_rows(w.exp),
         dataset=lambda w: EXPERIMENTS[w.exp]["dataset"],
         source=lambda w: config["datasets"][EXPERIMENTS[w.exp]["dataset"]]["source"],
-        pretrained=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
+        pretrained=lambda w: EXPERIMENTS[dense_owner(w.exp)]["dense"]["pretrained"],
     log:
         "results/logs/tables/{exp}.log",
     threads: 1

@@ -59,6 +59,30 @@ def set_unknown_dataset(c):
     experiment(c)["dataset"] = "digitz"
 
 
+def set_teacher_of_unknown_experiment(c):
+    experiment(c)["dense"] = {"from_experiment": "nope"}
+
+
+def set_two_teachers(c):
+    experiment(c)["dense"]["pretrained"] = "google/ddpm-cifar10-32"
+
+
+def set_all_zero_weights(c):
+    c["objectives"]["igsm"]["weights"] = {"np": 0.0, "jm2": 0}
+
+
+def set_mixed_partials_with_jvp(c):
+    c["objectives"]["igsm"].update(projection="jvp", jacobian_method="mixed_fd")
+
+
+def set_jacobian_every_zero(c):
+    c["objectives"]["igsm"]["jacobian_every"] = 0
+
+
+def set_fashion_mnist_odd_padding(c):
+    c["datasets"]["digits"] = {"source": "fashion-mnist", "image_size": 31}
+
+
 @pytest.mark.parametrize("mutate, expected", [
     (set_unknown_key, r"'trainig' was unexpected"),
     (set_wrong_type, r"'many' is not of type 'integer'.*\['sample'\]\['num_images'\]"),
@@ -69,6 +93,12 @@ def set_unknown_dataset(c):
     (set_unknown_criterion, r"'l1' is not one of.*\['prune'\]\['criterion'\]"),
     (set_unknown_dataset, r"experiments\.digits_unet\.dataset: unknown dataset 'digitz'"),
     (set_unknown_efficiency_network, r"'fast' is not one of.*\['efficiency'\]\['network'\]"),
+    (set_teacher_of_unknown_experiment, r"experiments\.digits_unet\.dense\.from_experiment: 'nope'"),
+    (set_two_teachers, r"experiments\.digits_unet\.dense: give exactly one of"),
+    (set_all_zero_weights, r"objectives\.igsm\.weights: every weight is 0"),
+    (set_mixed_partials_with_jvp, r"objectives\.igsm\.jacobian_method: 'mixed_fd' needs projection 'vjp'"),
+    (set_jacobian_every_zero, r"0 is less than the minimum of 1.*\['jacobian_every'\]"),
+    (set_fashion_mnist_odd_padding, r"datasets\.digits\.image_size"),
 ])
 def test_bad_config_is_rejected_naming_the_key(mutate, expected, tmp_path):
     config = demo_config()
@@ -104,7 +134,7 @@ def test_paper_config_dry_run_lists_the_full_job_graph():
     scored = 1 + finetunes  # dense + every finetuned student
     assert counts == {
         "download": 1, "dense_pretrained": 1, "prune": len(runs), "finetune": finetunes,
-        "sample": scored, "sample_gather": scored, "fid": scored, "efficiency": scored, "fid_reference": 1,
+        "sample": scored, "sample_gather": scored, "fid": scored, "fid_statistics": scored, "efficiency": scored, "fid_reference": 1,
         "tables": 1, "combined_table": 1, "all_tables": 1, "total": counts["total"],
     }
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
@@ -113,3 +143,44 @@ def test_paper_config_dry_run_lists_the_full_job_graph():
 def test_per_dataset_target_exists():
     proc = run_snakemake("-n", "dataset_cifar10")
     assert "tables" in job_counts(proc.stdout)
+
+
+def planned(output):
+    """{rule: [job block text, …]} of a dry run's job listing."""
+    blocks = re.split(r"\n(?=(?:local)?rule \w+:)", output)
+    jobs = {}
+    for block in blocks:
+        match = re.match(r"(?:local)?rule (\w+):", block)
+        if match:
+            jobs.setdefault(match.group(1), []).append(block)
+    return jobs
+
+
+def test_fashion_mnist_experiment_dry_runs(tmp_path):
+    """The Fashion-MNIST experiment plans one teacher for both experiments, the second seed's
+    finetunes and images with their own seeds, and the efficiency timing alone on a shared GPU."""
+    config = yaml.safe_load((REPO / "config" / "fashion_mnist.yaml").read_text())
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_snakemake("all_tables", "-n", "-p", "--resources", "gpu=3", "--cores", "16",
+                         "--configfile", str(path), check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    counts = job_counts(proc.stdout)
+    runs = {name: sum(len(r["objectives"]) for r in exp["finetune"]["runs"])
+            for name, exp in config["experiments"].items()}
+    scored = sum(1 + n for n in runs.values())
+    assert counts["dense_trained"] == 1 and counts["download"] == 1 and counts["fid_reference"] == 1
+    assert counts["finetune"] == sum(runs.values()) and counts["sample"] == scored
+    jobs = planned(proc.stdout)
+    seed1 = [b for b in jobs["finetune"] if "fmnist_unet_seed1/" in b]
+    assert len(seed1) == runs["fmnist_unet_seed1"]
+    for block in seed1:
+        assert "--teacher results/dense/fmnist_unet/trained/model" in block
+        assert '"seed": 1' in block
+    assert any('"seed": 1000000' in b and "samples/fmnist_unet_seed1/dense/" in b for b in jobs["sample"])
+    # GPU slots: one per job, all of them for the efficiency timing.
+    assert all("gpu=1" in b for b in jobs["finetune"] + jobs["sample"])
+    assert all("gpu=3" in b for b in jobs["efficiency"])
+    # The Jacobian variants reach the training settings.
+    every = [b for b in jobs["finetune"] if "/igsm_every4/" in b]
+    assert every and all('"jacobian_every": 4' in b for b in every)

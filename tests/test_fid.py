@@ -1,18 +1,27 @@
-"""igsm.fid against clean-fid itself, on CPU.
+"""igsm.fid against clean-fid itself and against closed forms, on CPU; the two FID commands.
 
 The Inception network extracts ~6 images/s on a 2-core CPU, so every test shares one extractor
-and one pair of small image sets (2 × 40 images, 32×32), about 200 extractions in all.
+and one pair of small image sets (2 × 40 images, 32×32), about 250 extractions in all. A Fréchet
+distance of 2048-D statistics costs ~10 s here (sqrtm): the tests that only check the arithmetic
+use small synthetic statistics.
 """
+
+import json
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
 from igsm import fid
+from igsm.cli import main as cli
+from igsm.sampling import save_samples
 
 NUM_IMAGES = 40
 SIZE = 32
+BATCH = 50  # Inception batch of every extraction here, clean-fid's included: the same float sums
 
 
 def blob_images(seed: int, num: int, blob_width: float) -> np.ndarray:
@@ -53,19 +62,165 @@ def sets():
 
 @pytest.fixture(scope="module")
 def features(extractor, sets):
-    return tuple(fid.image_features(images, extractor=extractor, verbose=False) for images in sets)
+    return tuple(fid.image_features(images, extractor=extractor, batch_size=BATCH, verbose=False)
+                 for images in sets)
 
 
-def test_fid_equals_clean_fid_on_png_folders(extractor, sets, features, tmp_path_factory):
+@pytest.fixture(scope="module")
+def fid_ab(extractor, features):
+    """igsm's FID of the two sets, from in-memory arrays."""
+    return fid.frechet_distance(*(fid.statistics(f, **extractor.metadata) for f in features))
+
+
+def test_fid_equals_clean_fid_compute_fid_on_png_folders(extractor, sets, features, fid_ab, tmp_path_factory):
+    # clean-fid end to end (its folder reader, resizer, statistics and frechet_distance with its
+    # sqrtm(disp=False)): the installed SciPy must be one where clean-fid still works (< 1.18).
     root = tmp_path_factory.mktemp("folders")
     folder_a, folder_b = (save_pngs(images, root / name) for images, name in zip(sets, "ab"))
     theirs = fid.cleanfid_fid.compute_fid(str(folder_a), str(folder_b), mode="clean",
                                           custom_feat_extractor=extractor, device=torch.device("cpu"),
-                                          num_workers=0, verbose=False)
-    ours = fid.frechet_distance(*(fid.statistics(f, **extractor.metadata) for f in features))
+                                          batch_size=BATCH, num_workers=0, verbose=False)
     assert features[0].shape == (NUM_IMAGES, 2048) and features[0].dtype == np.float32
-    assert ours > 1.0  # the two sets differ, so the comparison below is not 0 == 0
-    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-3)
+    assert fid_ab > 1.0  # the two sets differ, so the comparison below is not 0 == 0
+    assert fid_ab == pytest.approx(theirs, rel=1e-6, abs=0)
+
+
+# ---- the distance alone, on statistics with known answers --------------------------------------
+
+def random_rotation(dim: int, rng) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((dim, dim)))
+    return q * np.sign(np.diag(r))
+
+
+def random_spd(dim: int, rng, rank: int | None = None) -> np.ndarray:
+    """A random covariance (positive definite; semi-definite of ``rank`` if given)."""
+    x = rng.standard_normal((dim, rank or 2 * dim))
+    return x @ x.T / x.shape[1]
+
+
+def spd_sqrt(a: np.ndarray) -> np.ndarray:
+    w, v = scipy.linalg.eigh(a)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def brute_force_fid(mu_a, sigma_a, mu_b, sigma_b) -> float:
+    """tr √(Σa Σb) = tr √(√Σa Σb √Σa), a symmetric PSD matrix: float64 square roots by eigh, no sqrtm."""
+    root_a = spd_sqrt(sigma_a)
+    cross = spd_sqrt(root_a @ sigma_b @ root_a)
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(cross))
+
+
+def commuting_pair(dim: int, rng, rotate: bool):
+    """Two Gaussians with covariances Q diag(a) Qᵀ and Q diag(b) Qᵀ, and their FID in closed form:
+    ‖μa − μb‖² + Σ (√a − √b)²."""
+    mu_a, mu_b = rng.normal(0, 1, dim), rng.normal(0.3, 1, dim)
+    a, b = rng.uniform(0.05, 4, dim), rng.uniform(0.05, 4, dim)
+    q = random_rotation(dim, rng) if rotate else np.eye(dim)
+    exact = np.sum((mu_a - mu_b) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    return (mu_a, (q * a) @ q.T), (mu_b, (q * b) @ q.T), exact
+
+
+@pytest.mark.parametrize("rotate", [False, True], ids=["diagonal", "commuting"])
+def test_fid_of_commuting_gaussians_is_the_closed_form(rotate):
+    stats_a, stats_b, exact = commuting_pair(64, np.random.default_rng(1), rotate)
+    assert fid.frechet_distance(stats_a, stats_b) == pytest.approx(exact, rel=1e-10)
+    assert fid.frechet_distance(stats_b, stats_a) == pytest.approx(exact, rel=1e-10)
+
+
+def test_fid_of_non_commuting_gaussians_equals_brute_force():
+    rng = np.random.default_rng(2)
+    dim = 48
+    mu_a, mu_b = rng.normal(0, 1, dim), rng.normal(0, 1, dim)
+    sigma_a, sigma_b = random_spd(dim, rng), random_spd(dim, rng) * 2.5
+    assert np.abs(sigma_a @ sigma_b - sigma_b @ sigma_a).max() > 0.1  # really non-commuting
+    expected = brute_force_fid(mu_a, sigma_a, mu_b, sigma_b)
+    # The cross term is what this checks: the same statistics with Σa Σb's root taken as if the
+    # matrices commuted (√Σa √Σb) give another number.
+    wrong = float((mu_a - mu_b) @ (mu_a - mu_b) + np.trace(sigma_a) + np.trace(sigma_b)
+                  - 2 * np.trace(spd_sqrt(sigma_a) @ spd_sqrt(sigma_b)))
+    assert abs(wrong - expected) > 1e-3 * expected
+    assert fid.frechet_distance((mu_a, sigma_a), (mu_b, sigma_b)) == pytest.approx(expected, rel=1e-9)
+    # Rank-deficient covariances (fewer images than dimensions, as in small-sample FIDs).
+    sigma_c, sigma_d = random_spd(dim, rng, rank=20), random_spd(dim, rng, rank=30)
+    expected = brute_force_fid(mu_a, sigma_c, mu_b, sigma_d)
+    assert fid.frechet_distance((mu_a, sigma_c), (mu_b, sigma_d)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_equals_clean_fid_frechet_distance_bit_for_bit():
+    # Same sqrtm, same steps: the numbers stay those clean-fid reported with this SciPy.
+    rng = np.random.default_rng(3)
+    dim = 64
+    stats = [(rng.normal(0, 1, dim), random_spd(dim, rng, rank=40)) for _ in range(2)]
+    theirs = fid.cleanfid_fid.frechet_distance(*stats[0], *stats[1])
+    assert fid.frechet_distance(*stats) == theirs
+
+
+def sqrtm_without_disp(original):
+    """scipy.linalg.sqrtm as SciPy 1.18 has it: no `disp` (nor `blocksize`)."""
+    def sqrtm(A):
+        return original(A)
+    return sqrtm
+
+
+def test_fid_runs_where_sqrtm_has_no_disp_argument(monkeypatch):
+    rng = np.random.default_rng(4)
+    stats = [(rng.normal(0, 1, 32), random_spd(32, rng)) for _ in range(2)]
+    before = fid.frechet_distance(*stats)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp(scipy.linalg.sqrtm))
+    with pytest.raises(TypeError, match="disp"):  # what broke every FID job on SciPy 1.18
+        fid.cleanfid_fid.frechet_distance(*stats[0], *stats[1])
+    assert fid.frechet_distance(*stats) == before
+
+
+def test_fid_accepts_sqrtm_returning_a_tuple(monkeypatch):
+    # (root, error estimate), as sqrtm(disp=False) returned: should a SciPy return it by default.
+    rng = np.random.default_rng(5)
+    stats = [(rng.normal(0, 1, 32), random_spd(32, rng)) for _ in range(2)]
+    before = fid.frechet_distance(*stats)
+    original = scipy.linalg.sqrtm
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda A: (original(A), 0.0))
+    assert fid.frechet_distance(*stats) == before
+
+
+def test_non_finite_root_adds_eps_to_both_covariances(monkeypatch):
+    # Old SciPys return NaNs where the Schur method fails: then, as clean-fid, Σ + eps·I.
+    stats_a, stats_b, _ = commuting_pair(16, np.random.default_rng(6), rotate=False)
+    calls = []
+    original = scipy.linalg.sqrtm
+
+    def failing_once(A):
+        calls.append(np.array(A))
+        return np.full_like(A, np.nan) if len(calls) == 1 else original(A)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", failing_once)
+    eps = 1e-2
+    with pytest.warns(RuntimeWarning, match="singular"):
+        value = fid.frechet_distance(stats_a, stats_b, eps=eps)
+    offset = np.eye(16) * eps
+    np.testing.assert_allclose(calls[1], (stats_a[1] + offset) @ (stats_b[1] + offset), rtol=1e-14)
+    a, b = np.diag(stats_a[1]), np.diag(stats_b[1])
+    diff = stats_a[0] - stats_b[0]
+    # Traces of the unshifted covariances, root of the shifted product, as clean-fid.
+    expected = diff @ diff + a.sum() + b.sum() - 2 * np.sqrt((a + eps) * (b + eps)).sum()
+    assert value == pytest.approx(expected, rel=1e-12)
+
+
+def test_complex_root_real_part_or_clear_error(monkeypatch):
+    stats_a, stats_b, exact = commuting_pair(16, np.random.default_rng(7), rotate=True)
+    original = scipy.linalg.sqrtm
+    noise = np.random.default_rng(8).standard_normal((16, 16))
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda A: original(A) + 1e-6j * noise)
+    assert fid.frechet_distance(stats_a, stats_b) == pytest.approx(exact, rel=1e-10)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda A: original(A) + 0.5j * np.eye(16))
+    with pytest.raises(ValueError, match="imaginary parts up to 0.5"):
+        fid.frechet_distance(stats_a, stats_b)
+
+
+def test_statistics_of_different_shapes_are_refused():
+    rng = np.random.default_rng(9)
+    with pytest.raises(ValueError, match="different shapes"):
+        fid.frechet_distance((np.zeros(4), random_spd(4, rng)), (np.zeros(5), random_spd(5, rng)))
 
 
 def test_fid_of_a_set_against_itself_is_zero(features):
@@ -150,3 +305,82 @@ def test_strict_fp32_restores_settings():
         assert torch.get_float32_matmul_precision() == "highest"
     assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
             torch.get_float32_matmul_precision()) == before
+
+
+# ---- the two commands of the FID stage -------------------------------------------------------
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_fid_command_needs_only_the_statistics_files(extractor, sets, features, fid_ab, tmp_path, monkeypatch):
+    samples = tmp_path / "samples.npz"
+    save_samples(samples, sets[0], np.arange(NUM_IMAGES),
+                 {"precision": "bf16", "sampler": "ddim", "sampler_kwargs": {"eta": 0.0},
+                  "num_images": NUM_IMAGES, "device": "cpu"})
+    reference = tmp_path / "reference.npz"
+    fid.save_statistics(reference, features[1], source="train.npz", **extractor.metadata)
+    stats, score = tmp_path / "fid_stats" / "m.npz", tmp_path / "fid" / "m.json"
+    settings = json.dumps({"mode": "clean", "num_reference": NUM_IMAGES})
+
+    result = invoke("fid-statistics", "--samples", samples, "--out", stats, "--settings", '{"mode": "clean"}',
+                    "--device", "cpu", "--batch-size", BATCH)
+    assert result.exit_code == 0, result.output
+    saved = fid.load_statistics(stats)
+    expected = fid.statistics(features[0])
+    np.testing.assert_allclose(saved.mu, expected.mu, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(saved.sigma, expected.sigma, rtol=0, atol=1e-6)
+    assert saved.num_images == NUM_IMAGES
+    assert {k: saved.metadata[k] for k in ("mode", "weights_sha1", "precision", "samples", "image_precision",
+                                           "sampler", "sampler_kwargs")} == {
+        "mode": "clean", "weights_sha1": extractor.weights_sha1, "precision": "fp32", "samples": str(samples),
+        "image_precision": "bf16", "sampler": "ddim", "sampler_kwargs": {"eta": 0.0}}
+
+    samples.unlink()  # from here on, nothing may need the images
+    result = invoke("fid", "--statistics", stats, "--reference", reference, "--out", score, "--settings", settings)
+    assert result.exit_code == 0, result.output
+    first = score.read_text()
+    payload = json.loads(first)
+    # Every key of the single-step stage's JSON (scripts/tables.py reads fid, num_images, mode), plus
+    # the statistics file.
+    assert set(payload) == {"fid", "num_images", "samples", "statistics", "reference", "num_reference",
+                            "image_precision", "sampler", "sampler_kwargs", "mode", "feature_extractor",
+                            "weights_file", "weights_sha1", "precision", "device", "channels_last"}
+    assert payload["fid"] == pytest.approx(fid_ab, rel=1e-6)
+    assert (payload["num_images"], payload["num_reference"], payload["samples"], payload["statistics"],
+            payload["reference"], payload["image_precision"], payload["sampler"], payload["sampler_kwargs"],
+            payload["mode"], payload["weights_sha1"], payload["device"]) == (
+        NUM_IMAGES, NUM_IMAGES, str(samples), str(stats), str(reference), "bf16", "ddim", {"eta": 0.0},
+        "clean", extractor.weights_sha1, "cpu")
+
+    # The distance fails (as clean-fid's did on SciPy 1.18): no JSON, the statistics untouched...
+    stats_bytes = stats.read_bytes()
+    score.unlink()  # Snakemake removes a failed job's output
+
+    def broken(*args, **kwargs):
+        raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", broken)
+    with pytest.raises(TypeError, match="disp"):
+        invoke("fid", "--statistics", stats, "--reference", reference, "--out", score, "--settings", settings)
+    assert not score.exists() and stats.read_bytes() == stats_bytes
+    # ... and its rerun, from the statistics alone, writes the same JSON.
+    monkeypatch.undo()
+    score.write_text("{corrupt")  # a damaged JSON is simply replaced
+    result = invoke("fid", "--statistics", stats, "--reference", reference, "--out", score, "--settings", settings)
+    assert result.exit_code == 0, result.output
+    assert score.read_text() == first
+
+
+def test_fid_command_refuses_mismatched_modes(extractor, features, tmp_path):
+    stats, reference = tmp_path / "stats.npz", tmp_path / "reference.npz"
+    small = features[0][:, :8]  # the mode checks come before any arithmetic that would need 2048-D
+    fid.save_statistics(stats, small, **extractor.metadata)
+    fid.save_statistics(reference, small, **{**extractor.metadata, "mode": "legacy_pytorch"})
+    result = CliRunner().invoke(cli, ["fid", "--statistics", str(stats), "--reference", str(reference),
+                                      "--out", str(tmp_path / "a.json"), "--settings", '{"mode": "clean"}'])
+    assert result.exit_code == 1 and "'clean' against mode 'legacy_pytorch'" in result.output
+    result = CliRunner().invoke(cli, ["fid", "--statistics", str(stats), "--reference", str(stats),
+                                      "--out", str(tmp_path / "b.json"), "--settings", '{"mode": "legacy_pytorch"}'])
+    assert result.exit_code == 1 and "settings ask for 'legacy_pytorch'" in result.output
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()

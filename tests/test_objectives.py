@@ -650,3 +650,32 @@ def test_benchmark_runs_on_cpu(tmp_path):
     assert errors["IGSM mixed partials (fd) (Jacobian term alone)"] < 1e-2
     assert all(r["ms_per_step"] > 0 for r in methods.values())
     assert json.loads((tmp_path / "r.json").read_text())["student_params"] > 0
+
+
+def test_jacobian_every_is_unbiased_over_k_steps():
+    """jacobian_every k: over steps 0..k−1 the mean gradient equals the exact objective's; the
+    Jacobian step reports k × jm2, the others 0; NP and KD are exact on every step."""
+    student, teacher = tiny_unet((4, 8), seed=1), tiny_unet((8, 16), seed=2)
+    batch = make_batch(batch=4)
+    def direction_of(x, t_, g):
+        return orthonormalize(torch.sin(37.0 * x + 1.0)[None])
+
+    weights = {"np": 1.0, "kd": 1.0, "jm2": 0.1}
+    exact_total, exact_terms, exact = step_of(build_objective(weights, directions=direction_of),
+                                              student, teacher, batch)
+    every = build_objective(weights, directions=direction_of, jacobian_every=4)
+    grads = []
+    for step in range(4):
+        student.zero_grad(set_to_none=True)
+        total, terms = every(student, teacher, *batch, None, step=step)
+        total.mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in student.parameters()]))
+        torch.testing.assert_close(terms["np"], exact_terms["np"])
+        torch.testing.assert_close(terms["kd"], exact_terms["kd"])
+        expected = 4 * exact_terms["jm2"] if step == 0 else torch.zeros_like(exact_terms["jm2"])
+        torch.testing.assert_close(terms["jm2"], expected)
+    assert every.jacobian_step(8) and not every.jacobian_step(9)
+    torch.testing.assert_close(torch.stack(grads).mean(0), exact)
+    assert relative(grads[1], exact) > 1e-3  # a skipped step really lacks the Jacobian term
+    with pytest.raises(ValueError, match="jacobian_every"):
+        build_objective(weights, jacobian_every=0)

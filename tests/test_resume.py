@@ -26,9 +26,9 @@ def run(inputs, out, training=TRAINING, *extra):
     return run_training(inputs, out, training, *extra, student="student_dropout")
 
 
-def interrupt(inputs, out, sig, after_step):
+def interrupt(inputs, out, sig, after_step, training=TRAINING):
     """Start a run, send ``sig`` once its metrics show ``after_step``; (exit code, output)."""
-    proc = subprocess.Popen(train_command(inputs, out, TRAINING, student="student_dropout"),
+    proc = subprocess.Popen(train_command(inputs, out, training, student="student_dropout"),
                             env=command_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 240
@@ -124,7 +124,9 @@ def test_fingerprint_covers_what_the_weights_depend_on(tiny_training):
         next(other_net.parameters())[0].add_(1e-6)
     changed_images = images.copy()
     changed_images[0, 0, 0, 0] ^= 1
-    assert len({base, fingerprint(lr=2e-3), fingerprint(num_steps=17), fingerprint(seed=1),
+    # So does num_steps: step s is the same in any run of at least s steps (a run can be extended).
+    assert fingerprint(num_steps=17) == base
+    assert len({base, fingerprint(lr=2e-3), fingerprint(warmup_steps=3), fingerprint(seed=1),
                 fingerprint(objective={"weights": {"np": 1.0, "kd": 1.0}}),
                 fingerprint(net=other_net), fingerprint(teacher=None), fingerprint(teacher=other_net),
                 fingerprint(images=changed_images),
@@ -142,3 +144,42 @@ def test_rerun_of_a_finished_run_only_writes_the_outputs(tiny_training, uninterr
     assert metric_records(tmp_path) == metric_records(uninterrupted)
     assert json.loads((tmp_path / "summary.json").read_text())["num_steps"] == TRAINING["num_steps"]
     assert np.isfinite([r["loss"] for r in metric_records(tmp_path)]).all()
+
+
+def test_raising_num_steps_continues_a_finished_run(tiny_training, uninterrupted, tmp_path):
+    """A finished 10-step run, then num_steps 16: it resumes at step 10 and ends bitwise as the
+    uninterrupted 16-step run; the summary counts both attempts' wall time."""
+    short = {**TRAINING, "num_steps": 10}
+    assert run(tiny_training, tmp_path, short).returncode == 0
+    first = json.loads((tmp_path / "summary.json").read_text())["timing"]
+    assert first["attempts"] == 1 and first["steps_timed"] == 10
+    proc = run(tiny_training, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "(step 10)" in proc.stdout
+    assert weights(tmp_path) == weights(uninterrupted)
+    assert metric_records(tmp_path) == metric_records(uninterrupted)
+    timing = json.loads((tmp_path / "summary.json").read_text())["timing"]
+    assert timing["attempts"] == 2 and timing["steps_timed"] == 16
+    assert timing["wall_time_s"] > first["wall_time_s"]
+    # Lowered again: the step-16 snapshot is past it and not resumed; training restarts from step 0.
+    proc = run(tiny_training, tmp_path, {**TRAINING, "num_steps": 4})
+    assert proc.returncode == 0 and "resuming" not in proc.stdout, proc.stdout[-3000:]
+    assert [r["step"] for r in metric_records(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_jacobian_every_resumes_bitwise(tiny_training, tmp_path):
+    """The Jacobian terms on every 3rd step follow the step count, so a stop between them resumes
+    to the same weights (the snapshot lands on a step that skips them)."""
+    training = {**TRAINING, "num_steps": 9,
+                "objective": {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}, "jacobian_every": 3}}
+    whole = tmp_path / "whole"
+    assert run(tiny_training, whole, training).returncode == 0
+    records = metric_records(whole)
+    assert [r["jm2"] > 0 for r in records] == [True, False, False] * 3  # steps 1, 4, 7 carry it
+    stopped = tmp_path / "stopped"
+    code, output = interrupt(tiny_training, stopped, signal.SIGTERM, after_step=2, training=training)
+    assert code == 75, output[-3000:]
+    proc = run(tiny_training, stopped, training)
+    assert proc.returncode == 0 and "resuming" in proc.stdout, proc.stdout[-3000:]
+    assert weights(stopped) == weights(whole)
+    assert metric_records(stopped) == records

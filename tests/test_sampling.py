@@ -357,9 +357,10 @@ def test_fid_json_states_the_image_precision(model_dir, uninterrupted, tmp_path,
     # Inception itself is tested in test_fid.py; here only what the command writes.
     monkeypatch.setattr(cli_module, "_features", lambda images, *a: (rng.normal(size=(len(images), 8)),
                                                                       {"mode": "clean", "precision": "fp32"}))
-    out = tmp_path / "fid.json"
-    run_cli("fid", "--samples", samples, "--reference", reference, "--out", out, "--settings", '{"mode": "clean"}',
+    out, stats = tmp_path / "fid.json", tmp_path / "stats.npz"
+    run_cli("fid-statistics", "--samples", samples, "--out", stats, "--settings", '{"mode": "clean"}',
             "--device", "cpu")
+    run_cli("fid", "--statistics", stats, "--reference", reference, "--out", out, "--settings", '{"mode": "clean"}')
     score = json.loads(out.read_text())
     assert score["image_precision"] == "bf16" and score["precision"] == "fp32" and score["num_images"] == 10
     assert score["sampler"] == "ddim" and score["sampler_kwargs"]["num_steps"] == 4

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST experiment (config/fashion_mnist.yaml) on one GPU, as it was run for the report:
+#   1. the dense teacher grown in stages (dense.training.num_steps = each of TEACHER_STEPS in turn;
+#      each stage resumes from the last one's snapshot) with its 10k-sample FID after each stage;
+#   2. everything else: prune, finetune, sample, FID, tables.
+# Usage: docs/experiments/fashion_mnist/run.sh [teacher]   ("teacher": only train the first stage)
+# Environment: WORK (Snakemake's working directory; results/ goes there; default: the checkout),
+# GPU_JOBS (GPU jobs side by side on the one GPU; default 4), CORES (default: all),
+# TEACHER_STEPS (default "2500 4000"; the last must equal the config's num_steps).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../../.." && pwd)
+WORK=${WORK:-$REPO}
+CONFIG=$REPO/config/fashion_mnist.yaml
+TEACHER_STEPS=${TEACHER_STEPS:-"2500 4000"}
+# --resources takes several values: it goes before a single-valued option, targets after.
+SNAKEMAKE=(snakemake -s "$REPO/Snakefile" -d "$WORK" --profile "$REPO/profiles/local"
+           --resources "gpu=${GPU_JOBS:-4}" --cores "${CORES:-$(nproc)}")
+mkdir -p "$WORK/teacher_curve"
+
+stage_config() {  # the experiment's config with the teacher's num_steps set to $1
+    python - "$CONFIG" "$1" "$WORK/teacher_curve/config-$1.yaml" <<'PY'
+import sys, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+config["experiments"]["fmnist_unet"]["dense"]["training"]["num_steps"] = int(sys.argv[2])
+yaml.safe_dump(config, open(sys.argv[3], "w"), sort_keys=False)
+PY
+    echo "$WORK/teacher_curve/config-$1.yaml"
+}
+
+for steps in $TEACHER_STEPS; do
+    config=$(stage_config "$steps")
+    "${SNAKEMAKE[@]}" results/dense/fmnist_unet/trained/model --configfile "$config"
+    [ "${1:-}" = teacher ] && exit 0
+    "${SNAKEMAKE[@]}" results/fid/fmnist_unet/dense.json --configfile "$config"
+    cp "$WORK/results/fid/fmnist_unet/dense.json" "$WORK/teacher_curve/fid-$steps.json"
+    cp "$WORK/results/samples/fmnist_unet/dense/grid.png" "$WORK/teacher_curve/grid-$steps.png"
+done
+"${SNAKEMAKE[@]}" all_tables --configfile "$CONFIG"
