@@ -11,7 +11,7 @@ at paper scale). Sections (``--sections``, all by default):
   diffusers' on the same noise (strict fp32, x̂₀ clipped as diffusers' default, ε recomputed
   from it: ``use_clipped_model_output``); a micro-batch sweep.
 ``inception``: Inception-v3 features (clean-fid "clean" mode, strict fp32) of ``--inception-images``
-  32×32 images: the whole pipeline as ``igsm fid`` runs it (PIL resize on the CPU in
+  32×32 images: the whole pipeline as ``igsm fid-statistics`` runs it (PIL resize on the CPU in
   ``--workers`` DataLoader processes), the network alone, and a GPU-resize variant (torch bicubic,
   antialias, clamped: PIL's filter; its FID difference is in the ``fid`` section).
 ``fid``: bf16 (fast path) vs fp32 images of the same ``--fid-samples`` seeds: FID of each against a

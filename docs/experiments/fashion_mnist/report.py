@@ -1,0 +1,135 @@
+"""Collect the Fashion-MNIST experiment's numbers from a finished run's results/ (run.sh) into the
+files of its report: results.csv (one row per model), report.json (the same plus the teacher
+curve and wall time per stage), loss_curves.png, samples.png (sample grids side by side).
+
+    python docs/experiments/fashion_mnist/report.py WORK OUT
+
+WORK: the run's working directory (results/ and teacher_curve/ in it); OUT: where the files go.
+Every number is read from the workflow's own files; nothing here computes a result.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+EXPERIMENTS = ("fmnist_unet", "fmnist_unet_seed1")
+STAGES = ("download", "dense", "prune", "finetune", "sample", "fid_reference", "fid_statistics")
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def model_rows(results: Path) -> list[dict]:
+    rows = []
+    for exp in EXPERIMENTS:
+        for score in sorted((results / "fid" / exp).rglob("*.json")):
+            variant = str(score.relative_to(results / "fid" / exp).with_suffix(""))
+            fid = read_json(score)
+            eff = read_json(results / "efficiency" / exp / f"{variant}.json") or {}
+            folder = (results / "finetune" / exp / variant) if "/" in variant else \
+                (results / "dense" / "fmnist_unet" / "trained")
+            summary = read_json(folder / "summary.json") or {}
+            timing = summary.get("timing", {})
+            history = metrics(folder / "metrics.jsonl")
+            last = history[-1] if history else {}
+            rows.append({
+                "experiment": exp, "model": variant,
+                "objective": variant.split("/")[1] if "/" in variant else "dense",
+                "seed": summary.get("settings", {}).get("training", {}).get("seed", 0),
+                "fid": fid["fid"], "fid_images": fid["num_images"], "fid_mode": fid["mode"],
+                "params_M": eff.get("params", float("nan")) / 1e6, "macs_G": eff.get("macs", float("nan")) / 1e9,
+                "images_per_s": eff.get("images_per_s"),
+                "training_steps": summary.get("num_steps"), "sec_per_step": timing.get("sec_per_step"),
+                "train_minutes": timing.get("wall_time_s", float("nan")) / 60,
+                "peak_memory_GiB": (timing.get("peak_memory_mib") or float("nan")) / 1024,
+                "final_loss": last.get("loss"), "final_np": last.get("np"),
+            })
+    # Step time relative to NP+KD of the same experiment and seed (the runs shared the GPU alike).
+    reference = {(r["experiment"]): r["sec_per_step"] for r in rows if r["objective"] == "np_kd"}
+    for row in rows:
+        base = reference.get(row["experiment"])
+        row["step_time_vs_np_kd"] = (row["sec_per_step"] / base) if base and row["sec_per_step"] else None
+    return rows
+
+
+def stage_wall_times(results: Path) -> dict:
+    """Seconds per stage: the sum of the jobs' benchmark files (last attempt of each job)."""
+    out = {}
+    for stage in STAGES:
+        total = 0.0
+        for tsv in (results / "benchmarks" / stage).rglob("*.tsv"):
+            with open(tsv) as f:
+                total += float(next(csv.DictReader(f, delimiter="\t"))["s"])
+        out[stage] = round(total, 1)
+    return out
+
+
+def loss_plot(results: Path, out: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    teacher = metrics(results / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl")
+    axes[0].plot([r["step"] for r in teacher], [r["loss"] for r in teacher])
+    axes[0].set(title="dense teacher: NP loss", xlabel="step", yscale="log")
+    for exp, style in zip(EXPERIMENTS, ("-", "--")):
+        for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl")):
+            history = metrics(path)
+            label = f"{path.parent.name}" + (" (seed 1)" if exp.endswith("seed1") else "")
+            steps = [r["step"] for r in history]
+            axes[1].plot(steps, [r["np"] for r in history], style, label=label)
+            if "kd" in history[0]:
+                axes[2].plot(steps, [r["kd"] for r in history], style, label=label)
+    axes[1].set(title="finetunes: NP term", xlabel="step", yscale="log")
+    axes[2].set(title="finetunes: KD term", xlabel="step", yscale="log")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def sample_montage(results: Path, names: list[str], out: Path) -> None:
+    grids = [(name, results / "samples" / "fmnist_unet" / name / "grid.png") for name in names]
+    grids = [(n, p) for n, p in grids if p.exists()]
+    if not grids:
+        return
+    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4.4))
+    for ax, (name, path) in zip(np.atleast_1d(axes), grids):
+        ax.imshow(np.asarray(Image.open(path)), cmap="gray")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(work: Path, out: Path) -> None:
+    results = work / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = model_rows(results)
+    if rows:  # a run stopped early has fewer (or no) scored models: report what exists
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    curve = {int(p.stem.split("-")[1]): read_json(p)["fid"] for p in (work / "teacher_curve").glob("fid-*.json")}
+    report = {"models": rows, "teacher_fid_by_steps": dict(sorted(curve.items())),
+              "stage_seconds": stage_wall_times(results)}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    loss_plot(results, out / "loss_curves.png")
+    names = ["dense"] + sorted({r["model"] for r in rows if r["experiment"] == "fmnist_unet" and "/" in r["model"]})
+    sample_montage(results, names, out / "samples.png")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
