@@ -112,6 +112,26 @@ def _setup(threads):
         torch.set_num_threads(threads)
 
 
+@main.command("check-config")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def check_config(files):
+    """Check workflow config files as the workflow does before its first job (schema, then every
+    cross-field check), naming the key of each error, or the line of a YAML syntax error. Several
+    files are merged in order, as `snakemake --configfile A B` does (needs snakemake installed)."""
+    from igsm.config import ConfigError, load_config_file, validate
+
+    try:
+        from snakemake.utils import update_config
+
+        config = {}
+        for path in files:
+            update_config(config, load_config_file(path))
+        validate(config)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{', '.join(files)}: valid ({len(config['experiments'])} experiment(s))")
+
+
 @main.command()
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Dataset .npz to write.")
 @click.option("--cache-dir", required=True, type=click.Path(file_okay=False), help="Where archives go.")

@@ -1,6 +1,8 @@
 # Shared helpers: naming of model variants, input functions, settings and resources per stage.
 import json
 import os
+import re
+import shlex
 import sys
 
 from snakemake.exceptions import WorkflowError
@@ -13,73 +15,35 @@ EXPERIMENTS = config["experiments"]
 # --use-conda, `python` is the interpreter running Snakemake (e.g. .venv/bin/snakemake called
 # without activating the venv), not whichever python comes first on PATH.
 _use_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-_python_path = "" if _use_conda else f"export PATH={os.path.dirname(sys.executable)}:$PATH; "
-shell.prefix(f"{_python_path}export PYTHONPATH={workflow.basedir}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+_python_path = "" if _use_conda else f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; "
+shell.prefix(f"{_python_path}export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+
+
+def _one_of(names):
+    """A wildcard matching exactly these configured names (the schema keeps them path-safe)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
 wildcard_constraints:
-    # Only configured experiments: results/tables/all.md is the combined table, not an experiment.
-    exp="|".join(EXPERIMENTS) or "[^/]+",
-    dataset="[^/]+",
+    # Only configured names: results/tables/all.md is the combined table, not an experiment, and
+    # no wildcard can take a value that the config did not name.
+    exp=_one_of(EXPERIMENTS),
+    dataset=_one_of(config["datasets"]),
     criterion="[a-z-]+",
     ratio="[0-9.]+",
-    objective="[^/]+",
+    objective=_one_of(config["objectives"]),
 
 
-def check_config():
-    """Cross-references the schema cannot express, named by their config keys."""
-    sys.path.insert(0, workflow.basedir)  # this checkout's package, as the jobs run it
-    from igsm.data import check_dataset_spec
+# Every check the config allows, before any job: igsm.config (this checkout's package, as the
+# jobs run it), each error naming its key.
+sys.path.insert(0, workflow.basedir)
+from igsm.config import ConfigError, check_config, check_writable, training_job
 
-    for name, spec in config["datasets"].items():
-        try:
-            check_dataset_spec(name, spec)
-        except ValueError as err:
-            raise WorkflowError(str(err)) from None
-    for name, exp in EXPERIMENTS.items():
-        key = f"experiments.{name}"
-        if exp["dataset"] not in config["datasets"]:
-            raise WorkflowError(
-                f"{key}.dataset: unknown dataset {exp['dataset']!r}; defined: {sorted(config['datasets'])}"
-            )
-        dense = exp["dense"]
-        sources = [k for k in ("pretrained", "training", "from_experiment") if dense.get(k)]
-        if len(sources) != 1:
-            raise WorkflowError(f"{key}.dense: give exactly one of 'pretrained', 'training' or "
-                                f"'from_experiment' (got {sources or 'none'})")
-        owner = dense["from_experiment"]
-        if owner:
-            if owner not in EXPERIMENTS or owner == name or EXPERIMENTS[owner]["dense"]["from_experiment"]:
-                raise WorkflowError(
-                    f"{key}.dense.from_experiment: {owner!r} is not another experiment with its own "
-                    f"dense model; experiments: {sorted(EXPERIMENTS)}")
-            if EXPERIMENTS[owner]["dataset"] != exp["dataset"]:
-                raise WorkflowError(
-                    f"{key}.dense.from_experiment: {owner!r} trains on dataset "
-                    f"{EXPERIMENTS[owner]['dataset']!r}, this experiment on {exp['dataset']!r}")
-        if "training" in dense and not exp["architecture"]:
-            raise WorkflowError(f"{key}.architecture: needed to train the dense model")
-        if exp["untrained_baseline"] and not exp["architecture"]:
-            raise WorkflowError(f"{key}.architecture: needed by untrained_baseline")
-        runs = exp["finetune"]["runs"]
-        if runs and "training" not in exp["finetune"]:
-            raise WorkflowError(f"{key}.finetune.training: needed by finetune.runs")
-        for i, run in enumerate(runs):
-            for objective in run["objectives"]:
-                if objective not in config["objectives"]:
-                    raise WorkflowError(
-                        f"{key}.finetune.runs[{i}].objectives: unknown objective {objective!r}; "
-                        f"defined under 'objectives': {sorted(config['objectives'])}"
-                    )
-    for name, spec in config["objectives"].items():
-        key = f"objectives.{name}"
-        if not any(spec["weights"].values()):
-            raise WorkflowError(f"{key}.weights: every weight is 0; give at least one term a weight")
-        if spec["jacobian_method"] != "double_backward" and spec["projection"] != "vjp":
-            raise WorkflowError(f"{key}.jacobian_method: {spec['jacobian_method']!r} needs projection 'vjp'")
-
-
-check_config()
+try:
+    check_config(config)
+    check_writable("results")
+except ConfigError as err:
+    raise WorkflowError(f"config: {err}") from None
 
 
 def ratio_label(ratio):
@@ -105,6 +69,10 @@ def scored_variants(exp):
     """Every model of an experiment that gets samples and an FID."""
     baseline = ["untrained"] if EXPERIMENTS[exp]["untrained_baseline"] else []
     return ["dense"] + baseline + finetuned_variants(exp)
+
+
+wildcard_constraints:
+    variant=_one_of(sorted({variant for exp in EXPERIMENTS for variant in scored_variants(exp)})),
 
 
 def dense_owner(exp):
@@ -213,17 +181,6 @@ def table_inputs(exp):
 # ---- sampling (stage 5) and efficiency ------------------------------------------------------
 
 
-def check_sample_config():
-    for name, exp in EXPERIMENTS.items():
-        sample = exp["sample"]
-        if sample["num_shards"] > sample["num_images"]:
-            raise WorkflowError(
-                f"experiments.{name}.sample.num_shards: {sample['num_shards']} shards for "
-                f"{sample['num_images']} images; at most one shard per image"
-            )
-
-
-check_sample_config()
 
 
 def sample_settings(exp):
@@ -275,18 +232,8 @@ if "SLURM_JOB_ID" in os.environ:
         pass
 
 
-def training_job_settings(stage, exp):
-    """resources.<stage> of a training stage with experiments.<exp>.resources.<stage> laid over it."""
-    merged = dict(config["resources"][stage])
-    if exp is not None:
-        merged.update({k: v for k, v in EXPERIMENTS[exp]["resources"][stage].items() if v is not None})
-    if merged["cpus_per_gpu"] and merged["gpu"]:
-        merged["threads"] = merged["cpus_per_gpu"] * merged["gpu"]
-    return merged
-
-
 def training_threads(stage):
-    return lambda wildcards: training_job_settings(stage, wildcards.get("exp"))["threads"]
+    return lambda wildcards: training_job(config, stage, wildcards.get("exp"))["threads"]
 
 
 def training_resources(stage):
@@ -300,7 +247,7 @@ def training_resources(stage):
     """
 
     def settings(wildcards):
-        return training_job_settings(stage, wildcards.get("exp"))
+        return training_job(config, stage, wildcards.get("exp"))
 
     def several_nodes(value):
         return lambda w: value(settings(w)) if settings(w)["nodes"] > 1 else None

@@ -17,7 +17,7 @@ rule untrained:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
     shell:
-        "python -m igsm init --settings {params.settings:q} --seed {params.seed} --out {output.model} > {log} 2>&1"
+        "python -m igsm init --settings {params.settings:q} --seed {params.seed:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule dense_pretrained:
@@ -34,7 +34,7 @@ rule dense_pretrained:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
     shell:
-        "python -m igsm pretrained --model-id {params.model_id:q} --out {output.model} > {log} 2>&1"
+        "python -m igsm pretrained --model-id {params.model_id:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule dense_trained:
@@ -63,7 +63,7 @@ rule dense_trained:
     resources:
         **training_resources("dense"),
     shell:  # exec and processes: as rule finetune
-        "exec python -m igsm train --model {input.init} --data {input.data} --settings {params.settings:q} "
-        "--out {output.model} --checkpoint-dir {params.checkpoints} --metrics {output.metrics} "
-        "--summary {output.summary} --threads {threads} "
-        "--nproc-per-node {resources.nproc_per_node} --nnodes {resources.nnodes} > {log} 2>&1"
+        "exec python -m igsm train --model {input.init:q} --data {input.data:q} --settings {params.settings:q} "
+        "--out {output.model:q} --checkpoint-dir {params.checkpoints:q} --metrics {output.metrics:q} "
+        "--summary {output.summary:q} --threads {threads} "
+        "--nproc-per-node {resources.nproc_per_node} --nnodes {resources.nnodes} > {log:q} 2>&1"

@@ -19,5 +19,5 @@ rule download:
         runtime=resource("download", "runtime"),
         gpu=resource("download", "gpu"),
     shell:
-        "python -m igsm download --settings {params.settings:q} --cache-dir {params.cache} "
-        "--out {output.data} > {log} 2>&1"
+        "python -m igsm download --settings {params.settings:q} --cache-dir {params.cache:q} "
+        "--out {output.data:q} > {log:q} 2>&1"

@@ -95,5 +95,5 @@ rule efficiency:
         # The GPU alone, whatever the run's sharing limit: timings of shared GPUs are contention.
         gpu=exclusive_gpu_slots() if resource("sample", "gpu") else 0,
     shell:
-        "python -m igsm efficiency --model {input.model} --settings {params.settings:q} "
-        "--batch-size {params.batch_size} --out {output.info} --threads {threads} > {log} 2>&1"
+        "python -m igsm efficiency --model {input.model:q} --settings {params.settings:q} "
+        "--batch-size {params.batch_size:q} --out {output.info:q} --threads {threads} > {log:q} 2>&1"

@@ -35,7 +35,7 @@ rule finetune:
     # exec: the training is the job's process, so SLURM's SIGTERM (time limit, preemption) reaches
     # it with no shell in between to die first; it snapshots and the rerun continues.
     shell:
-        "exec python -m igsm train --model {input.student} --teacher {input.teacher} --data {input.data} "
-        "--settings {params.settings:q} --out {output.model} --checkpoint-dir {params.checkpoints} "
-        "--metrics {output.metrics} --summary {output.summary} --threads {threads} "
-        "--nproc-per-node {resources.nproc_per_node} --nnodes {resources.nnodes} > {log} 2>&1"
+        "exec python -m igsm train --model {input.student:q} --teacher {input.teacher:q} --data {input.data:q} "
+        "--settings {params.settings:q} --out {output.model:q} --checkpoint-dir {params.checkpoints:q} "
+        "--metrics {output.metrics:q} --summary {output.summary:q} --threads {threads} "
+        "--nproc-per-node {resources.nproc_per_node} --nnodes {resources.nnodes} > {log:q} 2>&1"

@@ -22,6 +22,6 @@ rule prune:
         runtime=resource("prune", "runtime"),
         gpu=resource("prune", "gpu"),
     shell:
-        "python -m igsm prune --model {input.model} --data {input.data} --criterion {wildcards.criterion} "
-        "--channel-ratio {wildcards.ratio} --settings {params.settings:q} --out {output.model} "
-        "--report {output.report} --threads {threads} > {log} 2>&1"
+        "python -m igsm prune --model {input.model:q} --data {input.data:q} --criterion {wildcards.criterion:q} "
+        "--channel-ratio {wildcards.ratio:q} --settings {params.settings:q} --out {output.model:q} "
+        "--report {output.report:q} --threads {threads} > {log:q} 2>&1"

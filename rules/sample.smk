@@ -32,10 +32,10 @@ rule sample:
         # do not depend on it).
         nproc_per_node=max(1, resource("sample", "gpu")),
     shell:
-        "python -m igsm sample --model {input.model} --num-images {params.num_images} "
-        "--first-seed {params.first_seed} --shard {wildcards.shard}/{wildcards.num_shards} "
-        "--nproc-per-node {resources.nproc_per_node} --settings {params.settings:q} --out {output.shard} "
-        "--threads {threads} > {log} 2>&1"
+        "python -m igsm sample --model {input.model:q} --num-images {params.num_images:q} "
+        "--first-seed {params.first_seed:q} --shard {wildcards.shard:q}/{wildcards.num_shards:q} "
+        "--nproc-per-node {resources.nproc_per_node} --settings {params.settings:q} --out {output.shard:q} "
+        "--threads {threads} > {log:q} 2>&1"
 
 
 rule sample_gather:
@@ -56,8 +56,8 @@ rule sample_gather:
         mem_mb=resource("tables", "mem_mb"),
         runtime=resource("tables", "runtime"),
     shell:
-        "python -m igsm gather-samples --first-seed {params.first_seed} --num-images {params.num_images} "
-        "--out {output.samples} --grid {output.grid} {input.shards} > {log} 2>&1"
+        "python -m igsm gather-samples --first-seed {params.first_seed:q} --num-images {params.num_images:q} "
+        "--out {output.samples:q} --grid {output.grid:q} {input.shards:q} > {log:q} 2>&1"
 
 
 # PNG files of a model's samples, for users who want them (FID reads samples.npz directly):
@@ -76,7 +76,7 @@ rule sample_png:
         mem_mb=resource("tables", "mem_mb"),
         runtime=resource("tables", "runtime"),
     shell:
-        "python -m igsm export-png --samples {input.samples} --out {output.folder} > {log} 2>&1"
+        "python -m igsm export-png --samples {input.samples:q} --out {output.folder:q} > {log:q} 2>&1"
 
 
 rule all_sample_pngs:

@@ -2,6 +2,8 @@
 paper config plans the full job graph."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -83,6 +85,50 @@ def set_fashion_mnist_odd_padding(c):
     c["datasets"]["digits"] = {"source": "fashion-mnist", "image_size": 31}
 
 
+def set_escaping_experiment_name(c):
+    c["experiments"]["../../escape"] = c["experiments"].pop("digits_unet")
+
+
+def set_shell_objective_name(c):
+    c["objectives"]["np$(touch pwned)"] = c["objectives"]["np"]
+
+
+def set_dataset_name_with_space(c):
+    c["datasets"]["my digits"] = c["datasets"].pop("digits")
+
+
+def set_size_mismatch(c):
+    experiment(c)["architecture"]["sample_size"] = 32
+
+
+def set_channel_mismatch(c):
+    experiment(c)["architecture"]["in_channels"] = 3
+
+
+def set_default_channels_mismatch(c):
+    del experiment(c)["architecture"]["out_channels"]  # diffusers' default: 3, the digits have 1
+
+
+def set_batch_not_divisible_by_gpus(c):
+    c.setdefault("resources", {})["finetune"] = {"gpu": 3}
+
+
+def set_too_many_reference_images(c):
+    experiment(c)["fid"]["num_reference"] = 5000
+
+
+def set_too_many_pruning_images(c):
+    experiment(c)["prune"]["num_images"] = 2000
+
+
+def set_missing_pretrained_folder(c):
+    experiment(c)["dense"] = {"pretrained": "./no/such/ddpm"}
+
+
+def set_image_folder_without_path(c):
+    c["datasets"]["digits"] = {"source": "image-folder", "image_size": 16, "channels": 1}
+
+
 @pytest.mark.parametrize("mutate, expected", [
     (set_unknown_key, r"'trainig' was unexpected"),
     (set_wrong_type, r"'many' is not of type 'integer'.*\['sample'\]\['num_images'\]"),
@@ -99,14 +145,29 @@ def set_fashion_mnist_odd_padding(c):
     (set_mixed_partials_with_jvp, r"objectives\.igsm\.jacobian_method: 'mixed_fd' needs projection 'vjp'"),
     (set_jacobian_every_zero, r"0 is less than the minimum of 1.*\['jacobian_every'\]"),
     (set_fashion_mnist_odd_padding, r"datasets\.digits\.image_size"),
+    (set_escaping_experiment_name, r"'\.\./\.\./escape' does not match.*\['experiments'\]"),
+    (set_shell_objective_name, r"'np\$\(touch pwned\)' does not match.*\['objectives'\]"),
+    (set_dataset_name_with_space, r"'my digits' does not match.*\['datasets'\]"),
+    (set_size_mismatch, r"experiments\.digits_unet\.architecture\.sample_size: 32, but datasets\.digits\.image_size is 16"),
+    (set_channel_mismatch, r"experiments\.digits_unet\.architecture\.in_channels: 3, but dataset 'digits'"),
+    (set_default_channels_mismatch, r"experiments\.digits_unet\.architecture\.out_channels: 3"),
+    (set_batch_not_divisible_by_gpus, r"experiments\.digits_unet\.finetune\.training\.batch_size: 64 does not split over the 3"),
+    (set_too_many_reference_images, r"experiments\.digits_unet\.fid\.num_reference: 5000 images asked, dataset 'digits' holds 1797"),
+    (set_too_many_pruning_images, r"experiments\.digits_unet\.prune\.num_images: 2000 images asked"),
+    (set_missing_pretrained_folder, r"experiments\.digits_unet\.dense\.pretrained: local folder \./no/such/ddpm does not exist"),
+    (set_image_folder_without_path, r"datasets\.digits\.path"),
 ])
 def test_bad_config_is_rejected_naming_the_key(mutate, expected, tmp_path):
+    """A real run (not a dry run) in an empty folder: it must stop before any job, with the key."""
     config = demo_config()
     mutate(config)
-    proc = dry_run(config, tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_snakemake("-d", str(tmp_path), "--cores", "1", "--configfile", str(path), check=False)
     assert proc.returncode != 0
     assert re.search(expected, proc.stdout, re.S), proc.stdout[-3000:]
     assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "results").exists() and not (tmp_path / "pwned").exists()
 
 
 def test_demo_config_is_valid(tmp_path):
@@ -184,3 +245,24 @@ def test_fashion_mnist_experiment_dry_runs(tmp_path):
     # The Jacobian variants reach the training settings.
     every = [b for b in jobs["finetune"] if "/igsm_every4/" in b]
     assert every and all('"jacobian_every": 4' in b for b in every)
+
+
+def test_check_config_names_the_line_of_a_yaml_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets:\n  digits: {source: sklearn-digits\nexperiments: {}\n")
+    proc = subprocess.run([sys.executable, "-m", "igsm", "check-config", str(bad)], cwd=REPO, text=True,
+                          capture_output=True)
+    assert proc.returncode != 0 and f"{bad}: not valid YAML at line 3" in proc.stderr, proc.stderr
+    good = subprocess.run([sys.executable, "-m", "igsm", "check-config", "config/demo.yaml"], cwd=REPO,
+                          text=True, capture_output=True)
+    assert good.returncode == 0 and "valid" in good.stdout, good.stderr
+
+
+def test_unwritable_results_folder_is_named(tmp_path, monkeypatch):
+    from igsm.config import ConfigError, check_writable
+
+    check_writable(tmp_path / "results")  # writable: passes
+    # As root every folder is writable, so the refusal is simulated at the permission check.
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    with pytest.raises(ConfigError, match=f"{tmp_path}: not writable"):
+        check_writable(tmp_path / "results")

@@ -1,0 +1,204 @@
+"""The workflow's config beyond its schema: every check that the config alone allows, made before
+any job runs, each error naming its key (``experiments.<name>.…``), and the YAML reading behind
+``igsm check-config``.
+
+The schema (schemas/config.schema.yaml) types and defaults every key; this module checks what
+JSON Schema cannot: references between sections, sizes and channels that must agree, batch sizes
+that must split over the GPUs, counts that cannot exceed a dataset of known size, local paths that
+must exist. The Snakefile calls :func:`check_config` on the validated config; ``igsm check-config``
+does the same for a file, with the line of a YAML syntax error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from igsm.data import (CIFAR10_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256, check_dataset_spec)
+
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+
+# Copies of Fashion-MNIST whose content is known: Debian's package recompressed the official files.
+DEBIAN_FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
+}
+SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
+               "fashion-mnist": {"train": 60_000, "test": 10_000}}
+CHANNELS = {"cifar10": 3, "fashion-mnist": 1, "sklearn-digits": 1}
+SKLEARN_DIGITS_SIZE = 1797
+# diffusers' UNet2DModel defaults, for architecture keys a config leaves out.
+UNET_DEFAULT_CHANNELS = 3
+
+
+class ConfigError(ValueError):
+    """One or more config errors, one per line, each starting with its key."""
+
+
+def dataset_channels(spec: dict) -> int:
+    return CHANNELS.get(spec["source"], spec.get("channels", 3))
+
+
+def dataset_size(spec: dict) -> int | None:
+    """Number of images of a dataset whose content the config pins down (official archives or a
+    known copy of them; scikit-learn's digits), else None."""
+    source = spec["source"]
+    split = spec.get("split", "train")
+    if source == "sklearn-digits":
+        return SKLEARN_DIGITS_SIZE
+    if source == "cifar10" and spec.get("sha256", CIFAR10_SHA256).lower() in ("", CIFAR10_SHA256):
+        return SPLIT_SIZES[source][split]
+    if source == "fashion-mnist":
+        files = FASHION_MNIST_FILES[split]
+        digests = spec.get("sha256") or FASHION_MNIST_SHA256
+        if isinstance(digests, dict) and all(
+                str(digests.get(f, "")).lower() in (FASHION_MNIST_SHA256[f], DEBIAN_FASHION_MNIST_SHA256[f])
+                for f in files):
+            return SPLIT_SIZES[source][split]
+    return None
+
+
+def looks_like_local_path(value: str) -> bool:
+    """A dense.pretrained value meant as a folder (a hub id is 'organisation/name')."""
+    return value.startswith(("/", "./", "../", "~"))
+
+
+def training_job(config: dict, stage: str, exp: str | None) -> dict:
+    """resources.<stage> of a training stage with experiments.<exp>.resources.<stage> laid over it."""
+    merged = dict(config["resources"][stage])
+    if exp is not None:
+        merged.update({k: v for k, v in config["experiments"][exp]["resources"][stage].items() if v is not None})
+    if merged["cpus_per_gpu"] and merged["gpu"]:
+        merged["threads"] = merged["cpus_per_gpu"] * merged["gpu"]
+    return merged
+
+
+def check_config(config: dict) -> None:
+    """Raise ConfigError listing every problem of a schema-validated config (defaults filled)."""
+    errors = []
+    datasets, objectives, experiments = config["datasets"], config["objectives"], config["experiments"]
+    for name, spec in datasets.items():
+        try:
+            check_dataset_spec(name, spec)
+        except ValueError as err:
+            errors.append(str(err))
+    for name, spec in objectives.items():
+        key = f"objectives.{name}"
+        if not any(spec["weights"].values()):
+            errors.append(f"{key}.weights: every weight is 0; give at least one term a weight")
+        if spec["jacobian_method"] != "double_backward" and spec["projection"] != "vjp":
+            errors.append(f"{key}.jacobian_method: {spec['jacobian_method']!r} needs projection 'vjp'")
+    for name, exp in experiments.items():
+        errors += _experiment_errors(config, name, exp)
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
+    key = f"experiments.{name}"
+    experiments = config["experiments"]
+    if exp["dataset"] not in config["datasets"]:
+        return [f"{key}.dataset: unknown dataset {exp['dataset']!r}; defined: {sorted(config['datasets'])}"]
+    errors = []
+    data = config["datasets"][exp["dataset"]]
+    dense = exp["dense"]
+    sources = [k for k in ("pretrained", "training", "from_experiment") if dense.get(k)]
+    if len(sources) != 1:
+        errors.append(f"{key}.dense: give exactly one of 'pretrained', 'training' or 'from_experiment' "
+                      f"(got {sources or 'none'})")
+    owner = dense["from_experiment"]
+    if owner:
+        if owner not in experiments or owner == name or experiments[owner]["dense"]["from_experiment"]:
+            errors.append(f"{key}.dense.from_experiment: {owner!r} is not another experiment with its own "
+                          f"dense model; experiments: {sorted(experiments)}")
+        elif experiments[owner]["dataset"] != exp["dataset"]:
+            errors.append(f"{key}.dense.from_experiment: {owner!r} trains on dataset "
+                          f"{experiments[owner]['dataset']!r}, this experiment on {exp['dataset']!r}")
+    pretrained = dense["pretrained"]
+    if pretrained and looks_like_local_path(pretrained) and not Path(pretrained).expanduser().is_dir():
+        errors.append(f"{key}.dense.pretrained: local folder {pretrained} does not exist")
+    arch = exp["architecture"]
+    if "training" in dense and not arch:
+        errors.append(f"{key}.architecture: needed to train the dense model")
+    if exp["untrained_baseline"] and not arch:
+        errors.append(f"{key}.architecture: needed by untrained_baseline")
+    if arch:
+        size = arch.get("sample_size")
+        if size is not None and size != data["image_size"]:
+            errors.append(f"{key}.architecture.sample_size: {size}, but datasets.{exp['dataset']}.image_size "
+                          f"is {data['image_size']}; the network would train on one size and sample another")
+        channels = dataset_channels(data)
+        for side in ("in_channels", "out_channels"):
+            value = arch.get(side, UNET_DEFAULT_CHANNELS)
+            if value != channels:
+                errors.append(f"{key}.architecture.{side}: {value}, but dataset {exp['dataset']!r} "
+                              f"({data['source']}) has {channels} channel(s)")
+    runs = exp["finetune"]["runs"]
+    if runs and "training" not in exp["finetune"]:
+        errors.append(f"{key}.finetune.training: needed by finetune.runs")
+    for i, run in enumerate(runs):
+        for objective in run["objectives"]:
+            if objective not in config["objectives"]:
+                errors.append(f"{key}.finetune.runs[{i}].objectives: unknown objective {objective!r}; "
+                              f"defined under 'objectives': {sorted(config['objectives'])}")
+    for stage, training in (("dense", dense.get("training")), ("finetune", exp["finetune"].get("training"))):
+        if training is None or (stage == "finetune" and not runs):
+            continue
+        job = training_job(config, stage, name)
+        processes = max(1, job["gpu"]) * job["nodes"]
+        if training["batch_size"] % processes:
+            errors.append(f"{key}.{stage}.training.batch_size: {training['batch_size']} does not split over "
+                          f"the {processes} training processes (resources.{stage}: gpu × nodes); the "
+                          "global batch is divided evenly between GPUs")
+    sample = exp["sample"]
+    if sample["num_shards"] > sample["num_images"]:
+        errors.append(f"{key}.sample.num_shards: {sample['num_shards']} shards for {sample['num_images']} "
+                      "images; at most one shard per image")
+    known = dataset_size(data)
+    if known is not None:
+        for path, value in ((f"{key}.fid.num_reference", exp["fid"]["num_reference"]),
+                            (f"{key}.prune.num_images", exp["prune"]["num_images"])):
+            if value > known:
+                errors.append(f"{path}: {value} images asked, dataset {exp['dataset']!r} holds {known}")
+    return errors
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """The workflow writes only under ``folder`` (results/): say so now if it cannot."""
+    path = Path(folder).resolve()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{existing}: not writable, and the workflow writes its results under {path}; "
+                          "run it from a folder you can write to (snakemake -d DIR), or fix the permissions")
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """A YAML config file; a syntax error names the file, line and column."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        raise ConfigError(f"{path}: not valid YAML at {where}: {err.problem or err.context}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (datasets:, objectives:, experiments:)")
+    return config
+
+
+def validate(config: dict) -> None:
+    """The schema's checks with its defaults filled in, as the Snakefile's ``validate`` does."""
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate as snakemake_validate
+
+    try:
+        snakemake_validate(config, str(SCHEMA))
+    except WorkflowError as err:
+        raise ConfigError(str(err)) from None
+    check_config(config)
