@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import pickle
 import re
@@ -108,22 +109,147 @@ def fetch_cached(url: str, destination: str | os.PathLike, sha256: str) -> Path:
     return destination
 
 
+def _latin1_bytes(text, encoding="latin1"):
+    """What a protocol-2 pickle calls for ``bytes``: ``_codecs.encode(text, 'latin1')``, nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode called with {type(text).__name__}, {encoding!r}: "
+                                     "only latin1-encoded strings (a pickled bytes object) are allowed")
+    return text.encode("latin1")
+
+
+# The globals a CIFAR-10 batch pickle may name, and what each resolves to. Plain dicts, lists,
+# bytes, str, ints and floats need none. Numpy arrays need their reconstruction functions: resolved
+# here from numpy itself, so both its 1.x ('numpy.core') and 2.x ('numpy._core') names work without
+# importing numpy.core (deprecated in numpy 2). Protocol-2 pickles written by Python 3 spell bytes
+# as _codecs.encode(str, 'latin1'): allowed through a wrapper that does only that.
+_ARRAY_RECONSTRUCT = np.empty(0).__reduce__()[0]
+_SCALAR = np.float64(0).__reduce__()[0]
+_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # protocol-5 pickles of arrays
+_CIFAR10_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _ARRAY_RECONSTRUCT for core in ("core", "_core")},
+    **{(f"numpy.{core}.multiarray", "scalar"): _SCALAR for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _FROMBUFFER for core in ("core", "_core")},
+    ("_codecs", "encode"): _latin1_bytes,
+}
+
+
+_CIFAR10_MAX_BATCH_BYTES = 1 << 29  # 512 MiB: a batch is read into memory whole
+
+
+class _RefusedGlobal(ValueError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only CIFAR-10 batch contents: never imports or calls anything else.
+
+    A pickle runs code only through the globals it names (``find_class``); this one resolves just
+    the allow-list above, so a hostile archive cannot reach os.system, eval, or any constructor.
+    """
+
+    def __init__(self, file, where: str):
+        super().__init__(file, encoding="bytes")
+        self.where = where
+
+    def find_class(self, module, name):
+        try:
+            return _CIFAR10_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{self.where}: refuses to load '{module}.{name}': not CIFAR-10 data "
+                                 "(a batch holds only a dict of numpy arrays, lists, bytes and ints). "
+                                 "Do not use this archive; point 'url' at the official one and set "
+                                 "'sha256' to its digest.") from None
+
+    def persistent_load(self, pid):
+        raise _RefusedGlobal(f"{self.where}: refuses a persistent id in the pickle: not CIFAR-10 data")
+
+
+def _cifar10_batch(blob: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images N×32×32×3 uint8, labels N int64) of one batch pickle, checked; ``where`` names it."""
+    try:
+        batch = _CifarUnpickler(io.BytesIO(blob), where).load()
+    except _RefusedGlobal:
+        raise
+    except Exception as err:  # anything a malformed pickle makes the unpickler raise
+        raise ValueError(f"{where}: not a readable pickle ({type(err).__name__}: {err}): the archive is "
+                         "corrupt or not CIFAR-10's; delete it and fix the dataset's 'url' or 'sha256'") from None
+
+    def bad(message):
+        raise ValueError(f"{where}: {message}: not a CIFAR-10 batch")
+
+    if not isinstance(batch, dict):
+        bad(f"a pickled {type(batch).__name__}, expected a dict with 'data' and 'labels'")
+    keys = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in batch.items()}
+    for key in ("data", "labels"):
+        if key not in keys:
+            bad(f"no {key!r} entry (keys: {sorted(map(str, keys))})")
+    data, labels = keys["data"], keys["labels"]
+    if not isinstance(data, (np.ndarray, list, tuple)) or not isinstance(labels, (np.ndarray, list, tuple)):
+        bad(f"'data' is a {type(data).__name__} and 'labels' a {type(labels).__name__}, expected "
+            "arrays or lists")
+    try:
+        data, labels = np.asarray(data), np.asarray(labels)
+    except ValueError as err:  # ragged lists
+        bad(f"'data' or 'labels' is not a regular array ({err})")
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) == 0:
+        bad(f"'data' of shape {data.shape}, expected N×3072 (N ≥ 1 images of 3×32×32)")
+    if data.dtype.kind not in "ui" or data.min() < 0 or data.max() > 255:
+        bad(f"'data' of dtype {data.dtype}, range {data.min()}..{data.max()}: expected bytes 0..255"
+            if data.dtype.kind in "uif" else f"'data' of dtype {data.dtype}, expected uint8")
+    if labels.shape != (len(data),):
+        bad(f"'labels' of shape {labels.shape}, expected ({len(data)},), one per image")
+    if labels.dtype.kind not in "ui" or labels.min() < 0 or labels.max() > 9:
+        bad(f"'labels' of dtype {labels.dtype}" + (f", range {labels.min()}..{labels.max()}"
+            if labels.dtype.kind in "uif" else "") + ": expected integers 0..9, CIFAR-10's classes")
+    images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, labels.astype(np.int64)
+
+
 def parse_cifar10(archive: str | os.PathLike, split: str = "train") -> dict:
-    """Images and labels from the official ``cifar-10-python.tar.gz`` (any number of images)."""
+    """Images and labels from the official ``cifar-10-python.tar.gz`` (any number of images).
+
+    The batches are pickles; they are read by an unpickler that resolves only numpy's array
+    reconstruction globals (see ``_CIFAR10_GLOBALS``), so an archive from an untrusted mirror whose
+    sha256 the user copied cannot run code: any other global is refused with a ValueError. A
+    truncated or corrupt archive (its gzip stream is checked to the CRC first) is a ValueError
+    naming it, as is a batch of the wrong structure.
+    """
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     images, labels = [], []
-    with tarfile.open(archive, "r:gz") as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-        for name in names:
-            if name not in members:
-                raise ValueError(f"{archive}: no {name} inside: not a CIFAR-10 python archive")
-            batch = pickle.load(tar.extractfile(members[name]), encoding="bytes")
-            data = np.asarray(batch[b"data"], dtype=np.uint8)
-            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+
+    try:
+        # The whole gzip stream first, to its CRC: tarfile stops silently at a garbled header
+        # after the first, and a member's bytes are checked only when the stream's end is read.
+        with gzip.open(archive, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+        with tarfile.open(archive, "r:gz") as tar:
+            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            for name in names:
+                if name not in members:
+                    raise ValueError(f"{archive}: no {name} inside: not a CIFAR-10 python archive. "
+                                     "Delete it and check the dataset's 'url' and 'sha256'")
+                if members[name].size > _CIFAR10_MAX_BATCH_BYTES:  # the official ones are 31 MB
+                    raise ValueError(f"{archive}: member {members[name].name} is {members[name].size} "
+                                     "bytes, far beyond a CIFAR-10 batch: not a CIFAR-10 python archive. "
+                                     "Delete it and check the dataset's 'url' and 'sha256'")
+                # Read whole first, so a broken archive and a broken pickle are told apart.
+                blob = tar.extractfile(members[name]).read()
+                batch_images, batch_labels = _cifar10_batch(blob, f"{archive}: member {members[name].name}")
+                images.append(batch_images)
+                labels.append(batch_labels)
+    except FileNotFoundError:
+        raise ValueError(f"{archive}: no such file") from None
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:  # gzip.BadGzipFile is an OSError
+        raise ValueError(f"{archive}: corrupt or truncated gzip/tar archive ({type(err).__name__}: {err}). "
+                         "Delete it and check the dataset's 'url' and 'sha256' (the digest must be the "
+                         "complete official archive's)") from None
     return {"images": np.ascontiguousarray(np.concatenate(images)), "labels": np.concatenate(labels)}
 
 
+_FIX_ARCHIVE = "Delete it and check the dataset's 'url' and 'sha256'"
 IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801  # uint8 (0x08), 3 or 1 dimensions
 
 
@@ -141,7 +267,8 @@ def read_idx(path: str | os.PathLike, magic: int, item_shape: tuple = ()) -> np.
             with gzip.GzipFile(fileobj=raw_file) as f:
                 raw = f.read()
         except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
-            raise ValueError(f"{path}: not a complete gzip file ({type(err).__name__}: {err})") from None
+            raise ValueError(f"{path}: not a complete gzip file ({type(err).__name__}: {err}): corrupt or "
+                             f"truncated. {_FIX_ARCHIVE}") from None
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     # The magic first: a file of the wrong kind should be named as such, not as "truncated".
@@ -149,7 +276,8 @@ def read_idx(path: str | os.PathLike, magic: int, item_shape: tuple = ()) -> np.
     if found is not None and found != magic:
         raise ValueError(f"{path}: idx magic number {found:#010x}, expected {magic:#010x} (uint8 {what})")
     if len(raw) < header:
-        raise ValueError(f"{path}: truncated: {len(raw)} bytes, shorter than an idx {what} header ({header})")
+        raise ValueError(f"{path}: truncated: {len(raw)} bytes, shorter than an idx {what} header ({header}). "
+                         f"{_FIX_ARCHIVE}")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     if shape[1:] != tuple(item_shape):
         raise ValueError(f"{path}: {what} of shape {shape[1:]}, expected {tuple(item_shape)}")
@@ -157,7 +285,7 @@ def read_idx(path: str | os.PathLike, magic: int, item_shape: tuple = ()) -> np.
     if len(raw) != expected:
         problem = "truncated" if len(raw) < expected else "trailing bytes"
         raise ValueError(f"{path}: {problem}: its header announces {shape[0]} {what} ({expected} bytes "
-                         f"with the header), the file holds {len(raw)} bytes")
+                         f"with the header), the file holds {len(raw)} bytes. {_FIX_ARCHIVE}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -196,20 +324,93 @@ def load_sklearn_digits(image_size: int) -> dict:
     return {"images": np.ascontiguousarray(images), "labels": digits.target.astype(np.int64)}
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_image_folder(folder: str | os.PathLike, image_size: int, channels: int) -> dict:
+    """Every image under ``folder`` (recursively, by suffix), converted to ``channels`` and resized.
+
+    Conversion of each PIL mode to 8-bit 'RGB' (channels 3) or 'L' (channels 1):
+
+    * 'L', 'RGB': as stored. 'L' → RGB repeats the grey; RGB → L is PIL's ITU-R 601-2 luma,
+      L = R·299/1000 + G·587/1000 + B·114/1000 (every colour mode reaches L through RGB).
+    * 16-bit greyscale ('I;16', 'I;16B', …) and 32-bit integer 'I' (how PIL opens some 16-bit
+      files): taken as 0..65535 and scaled to 0..255 as round(value / 257), so 65535 → 255 and
+      257·k → k (PIL's own convert would clip everything ≥ 255 to white). An 'I' image with values
+      outside 0..65535 is refused: its range is unknown.
+    * Alpha ('RGBA', 'LA', 'PA'): dropped, as PIL's convert does: the stored colour of each pixel
+      is kept whatever its opacity (no compositing onto a background).
+    * Palette 'P': each pixel's palette colour; with a 'transparency' entry it goes through
+      RGBA first (PIL's advice), then the alpha is dropped as above.
+    * 'CMYK': PIL's conversion, R = (255 − C)(255 − K)/255 (likewise G from M, B from Y), rounded.
+    * '1' (bilevel): 0 and 255.
+    * 'F' (32-bit float): refused, since its scale (0..1? 0..255? any?) is not knowable from the
+      file; save such images as 8- or 16-bit PNG.
+    * Other modes PIL can convert to RGB (e.g. 'YCbCr', 'HSV') go through PIL's convert.
+
+    A file PIL cannot read, or a mode it cannot convert, is a ValueError naming the file.
+    """
     from PIL import Image
 
+    if not str(folder):  # Path("") is the working directory: never scan that by accident
+        raise ValueError("image-folder: empty 'path'; set it to the folder of images")
     folder = Path(folder)
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: not a folder (image-folder's 'path')")
+    if channels not in (1, 3):
+        raise ValueError(f"channels: {channels!r}, expected 1 (greyscale) or 3 (RGB)")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"{folder}: no images found (looked for {sorted(IMAGE_SUFFIXES)})")
-    mode = {1: "L", 3: "RGB"}[channels]
     images = []
     for path in files:
-        with Image.open(path) as img:
-            img = img.convert(mode).resize((image_size, image_size), Image.BICUBIC)
-            images.append(np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels))
+        img = _open_image(path)
+        img = _convert_image(img, channels, path).resize((image_size, image_size), Image.BICUBIC)
+        images.append(np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels))
     return {"images": np.stack(images), "labels": np.zeros(len(images), dtype=np.int64)}
+
+
+def _open_image(path: Path):
+    """The decoded PIL image in ``path``, or a ValueError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except Exception as err:  # UnidentifiedImageError, truncated data, decompression bombs, ...
+        raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err}). Replace the "
+                         "file or remove it from the image folder") from None
+
+
+def _convert_image(img, channels: int, path: Path):
+    """``img`` as an 8-bit 'L' (channels 1) or 'RGB' (channels 3) image: see load_image_folder."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{path}: 32-bit integer image (PIL mode 'I') with values "
+                             f"{values.min()}..{values.max()}, outside the 16-bit range 0..65535 this "
+                             "loader scales from; save it as an 8- or 16-bit image")
+        # round(v / 257) in integers: 257 is odd, so v / 257 is never exactly halfway.
+        img = Image.fromarray(((2 * values + 257) // 514).astype(np.uint8))  # 2-D uint8: mode L
+        mode = "L"
+    elif mode == "F":
+        raise ValueError(f"{path}: 32-bit float image (PIL mode 'F'): its value range is not known "
+                         "(0..1? 0..255?); save it as an 8- or 16-bit PNG")
+    try:
+        if mode == "PA" or (mode == "P" and "transparency" in img.info):
+            img, mode = img.convert("RGBA"), "RGBA"
+        if channels == 3:
+            return img.convert("RGB")
+        if mode in ("L", "1", "LA"):
+            return img.convert("L")
+        return img.convert("RGB").convert("L")
+    except (ValueError, OSError) as err:  # e.g. a mode without a conversion to RGB
+        raise ValueError(f"{path}: cannot convert its PIL mode {img.mode!r} to "
+                         f"{'RGB' if channels == 3 else 'greyscale'} ({err})") from None
 
 
 def prepare_dataset(spec: dict, out_path: str | os.PathLike, cache_dir: str | os.PathLike) -> dict:

@@ -1,9 +1,14 @@
 """Dataset download and parsing: the real CIFAR-10 and Fashion-MNIST code on real images."""
 
+import builtins
 import gzip
+import io
 import os
+import pickle
 import re
 import shutil
+import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,8 @@ import pytest
 import igsm.data
 from conftest import CIFAR_SUBSET_SHA256, REPO
 from igsm.data import (DownloadError, check_dataset_spec, file_digest, load_fashion_mnist,
-                       prepare_dataset, read_idx, to_model_range, to_uint8)
+                       load_image_folder, parse_cifar10, prepare_dataset, read_idx, to_model_range,
+                       to_uint8)
 
 
 def cifar_spec(path, sha256=CIFAR_SUBSET_SHA256):
@@ -305,3 +311,290 @@ def test_check_dataset_spec_names_the_key(tmp_path, monkeypatch, source, change,
     with pytest.raises(ValueError, match=re.escape(f"{key}: ")):
         prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
+
+
+# ---- hostile, corrupt, or malformed CIFAR-10 archives ----------------------------------------
+
+def cifar_batch(n=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return {b"batch_label": b"training batch", b"labels": [int(x) for x in rng.integers(0, 10, n)],
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"a.png"] * n}
+
+
+def write_cifar_archive(path, batches, protocol=2):
+    """A tar.gz in the official layout; ``batches`` maps member names to objects or raw bytes."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, batch in batches.items():
+            blob = batch if isinstance(batch, bytes) else pickle.dumps(batch, protocol=protocol)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return path
+
+
+def train_archive(path, first, protocol=2):
+    """Five train batches, the first one ``first``, the others valid."""
+    batches = {"data_batch_1": first, **{f"data_batch_{i}": cifar_batch(seed=i) for i in range(2, 6)}}
+    return write_cifar_archive(path, batches, protocol)
+
+
+class Payload:
+    """Unpickling it calls ``call(*args)``: what a hostile archive would do."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("where", ["top", "nested"])
+@pytest.mark.parametrize("call, refused", [(os.system, re.escape(f"{os.system.__module__}.system")),
+                                           (builtins.eval, r"(builtins|__builtin__)\.eval")])
+def test_cifar10_malicious_pickle_is_refused(tmp_path, call, refused, where, protocol):
+    marker = tmp_path / "pwned"
+    payload = Payload(call, f"open({str(marker)!r}, 'w').close()" if call is builtins.eval
+                      else f"touch {marker}")
+    # The payload is live: plain pickle.loads runs it (on a different marker).
+    live = tmp_path / "live"
+    pickle.loads(pickle.dumps(Payload(call, *(a.replace(str(marker), str(live)) for a in payload.args))))
+    assert live.exists()
+    first = payload if where == "top" else {**cifar_batch(), b"filenames": [b"a.png", payload]}
+    archive = train_archive(tmp_path / "evil.tar.gz", first, protocol)
+    spec = {"source": "cifar10", "url": archive.as_uri(), "sha256": file_digest(archive)}
+    # (Protocol 2 spells builtins the Python 2 way, '__builtin__'.)
+    message = (re.escape("member cifar-10-batches-py/data_batch_1: refuses to load '") + refused
+               + "': not CIFAR-10")
+    with pytest.raises(ValueError, match=message):
+        prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
+    assert not marker.exists(), "the archive's pickle ran code"
+    assert not (tmp_path / "d.npz").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_synthetic_batches_parse_exactly(tmp_path, protocol):
+    """Pickles as Python 3 writes them (bytes via _codecs.encode at protocol 2, arrays via
+    numpy._core at 2 and 4, _frombuffer at 5), and numpy 1.x's 'numpy.core' spelling."""
+    batches = {f"data_batch_{i}": cifar_batch(n=i, seed=i) for i in range(1, 6)}
+    archive = write_cifar_archive(tmp_path / "c.tar.gz", batches, protocol)
+    data = parse_cifar10(archive)
+    expected = np.concatenate([b[b"data"] for b in batches.values()]).reshape(-1, 3, 32, 32)
+    assert np.array_equal(data["images"], expected.transpose(0, 2, 3, 1))
+    assert data["labels"].tolist() == sum((b[b"labels"] for b in batches.values()), [])
+    old = pickle.dumps(cifar_batch(), protocol=2)
+    assert b"numpy._core.multiarray\n_reconstruct" in old
+    old = old.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+    write_cifar_archive(tmp_path / "old.tar.gz", {"test_batch": old})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DeprecationWarning from importing numpy.core
+        assert parse_cifar10(tmp_path / "old.tar.gz", "test")["images"].shape == (2, 32, 32, 3)
+
+
+def changed(**entries):
+    return {**cifar_batch(), **{k.encode(): v for k, v in entries.items()}}
+
+
+@pytest.mark.parametrize("first, message", [
+    ([1, 2, 3], "a pickled list, expected a dict"),
+    ({b"data": np.zeros((2, 3072), np.uint8)}, "no 'labels' entry"),
+    (changed(data=np.zeros((2, 3071), np.uint8)), r"'data' of shape \(2, 3071\), expected N×3072"),
+    (changed(data=np.zeros((2, 3, 32, 32), np.uint8)), "expected N×3072"),
+    (changed(data=np.full((2, 3072), 256, np.int16)), "range 256..256: expected bytes 0..255"),
+    (changed(data=np.zeros((2, 3072), np.float32)), "dtype float32"),
+    (changed(data=b"\0" * 6144), "'data' is a bytes"),
+    (changed(labels=[1, 10]), "range 1..10: expected integers 0..9"),
+    (changed(labels=[1, -1]), "expected integers 0..9"),
+    (changed(labels=[1, 2, 3]), r"'labels' of shape \(3,\), expected \(2,\)"),
+    (changed(labels=["a", "b"]), "expected integers 0..9"),
+    (b"\x80\x02}q\x00", "not a readable pickle"),  # truncated pickle inside a whole archive
+])
+def test_cifar10_malformed_batch_names_the_member(tmp_path, first, message):
+    archive = train_archive(tmp_path / "bad.tar.gz", first)
+    with pytest.raises(ValueError, match=re.escape(f"{archive}: member cifar-10-batches-py/data_batch_1: ")
+                       + ".*" + message):
+        parse_cifar10(archive)
+
+
+def test_cifar10_archive_without_batches(tmp_path):
+    archive = write_cifar_archive(tmp_path / "meta.tar.gz", {"batches.meta": {b"label_names": []}})
+    with pytest.raises(ValueError, match=re.escape(f"{archive}: no test_batch inside: not a CIFAR-10")):
+        parse_cifar10(archive, "test")
+
+
+def half(data):
+    return data[: len(data) // 2]
+
+
+CORRUPT = "corrupt or truncated gzip/tar archive"
+
+
+@pytest.mark.parametrize("damage, message", [
+    (half, CORRUPT),                                    # cut in the middle of a member
+    (lambda data: data[:-100], CORRUPT),                # only the gzip trailer and the tar's end missing
+    (lambda data: data[:100], CORRUPT),                 # cut inside the first tar header
+    (lambda data: b"\0" * 1000, CORRUPT),               # not gzip at all
+    (lambda data: data[:5_000_000] + bytes(b ^ 0xFF for b in data[5_000_000:5_000_100]) + data[5_000_100:],
+     CORRUPT),                                          # flipped bytes: tarfile alone sees fewer members
+    (lambda data: gzip.compress(b"no tar here" * 100), CORRUPT),
+    (lambda data: data[:-8] + data[-8:-4][::-1] + data[-4:], CORRUPT),  # wrong CRC: only its check tells
+])
+def test_cifar10_truncated_or_corrupt_archive(cifar_subset, tmp_path, damage, message):
+    """An archive whose sha256 matches (the user copied a wrong digest): the parser must tell."""
+    mirror = tmp_path / "mirror.tar.gz"
+    mirror.write_bytes(damage(cifar_subset.read_bytes()))
+    cache = tmp_path / "raw"
+    spec = cifar_spec(mirror, sha256=file_digest(mirror))
+    with pytest.raises(ValueError, match=re.escape(str(cache / "cifar-10-python.tar.gz"))
+                       + ": " + message + ".*Delete it.*'url'.*'sha256'") as caught:
+        prepare_dataset(spec, tmp_path / "d.npz", cache)
+    assert not isinstance(caught.value, DownloadError)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert not (tmp_path / "d.npz").exists()
+
+
+# ---- image-folder: every PIL mode, converted to exact 8-bit values -------------------------
+
+
+def load_one(tmp_path, name, img, channels, **save):
+    """``img`` saved alone in a folder, loaded back through load_image_folder at its own size."""
+    folder = tmp_path / f"{name}-{channels}"
+    folder.mkdir()
+    img.save(folder / name, **save)
+    assert img.size[0] == img.size[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. PIL's "Palette images with Transparency ..." warning
+        data = load_image_folder(folder, img.size[0], channels)
+    assert data["images"].shape == (1, *img.size, channels) and data["images"].dtype == np.uint8
+    return data["images"][0]
+
+
+def luma(rgb):
+    """ITU-R 601-2 luma as PIL documents it for convert('L'), by hand."""
+    r, g, b = np.moveaxis(np.asarray(rgb, float), -1, 0)
+    return np.round((299 * r + 587 * g + 114 * b) / 1000).astype(int)
+
+
+SIXTEEN = np.array([[0, 257 * 10, 128], [129, 300, 257 * 200 + 128], [257 * 200 + 129, 65534, 65535]])
+SIXTEEN_AS_8 = [[0, 10, 0], [1, 1, 200], [201, 255, 255]]  # round(v / 257), by hand
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("mode, name", [("I;16", "a.png"), ("I;16B", "a.tif"), ("I", "a.tif")])
+def test_image_folder_16_bit_is_scaled_not_clipped(tmp_path, channels, mode, name):
+    from PIL import Image
+
+    dtype = {"I;16": "<u2", "I;16B": ">u2", "I": "<i4"}[mode]
+    img = Image.frombytes(mode, (3, 3), SIXTEEN.astype(dtype).tobytes())
+    folder_copy = tmp_path / "check"
+    folder_copy.mkdir()
+    img.save(folder_copy / name)
+    with Image.open(folder_copy / name) as reopened:  # the file really holds this mode and these values
+        assert reopened.mode == mode and np.asarray(reopened).tolist() == SIXTEEN.tolist()
+    loaded = load_one(tmp_path, name, img, channels)
+    for c in range(channels):
+        assert loaded[..., c].tolist() == SIXTEEN_AS_8
+
+
+def test_image_folder_refuses_float_and_out_of_range_int(tmp_path):
+    from PIL import Image
+
+    for name, array, message in [("f.tif", np.array([[0, 0.5], [1, 0.25]], np.float32), "float image"),
+                                 ("i.tif", np.array([[0, 70000], [1, 2]], np.int32), "0..70000, outside")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        Image.fromarray(array).save(folder / name)
+        with pytest.raises(ValueError, match=re.escape(str(folder / name)) + ".*" + message):
+            load_image_folder(folder, 2, 3)
+
+
+PALETTE = [(10, 200, 30), (255, 0, 0), (0, 0, 255), (7, 8, 9)]
+
+
+@pytest.mark.parametrize("transparency", [None, 0, bytes([0, 128, 255, 255])])
+def test_image_folder_palette(tmp_path, transparency):
+    """Each pixel's palette colour, whatever its transparency (alpha dropped, no compositing)."""
+    from PIL import Image
+
+    img = Image.new("P", (2, 2))
+    img.putpalette([v for colour in PALETTE for v in colour])
+    img.putdata([0, 1, 2, 3])
+    save = {} if transparency is None else {"transparency": transparency}
+    expected = np.array(PALETTE).reshape(2, 2, 3)
+    assert load_one(tmp_path, "p.png", img, 3, **save).tolist() == expected.tolist()
+    assert load_one(tmp_path, "p.png", img, 1, **save)[..., 0].tolist() == luma(expected).tolist()
+    assert luma(expected).tolist() == [[124, 76], [29, 8]]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder_alpha_cmyk_bilevel(tmp_path, channels):
+    from PIL import Image
+
+    def check(name, img, expected_rgb, **save):
+        got = load_one(tmp_path, name, img, channels, **save)
+        expected = np.asarray(expected_rgb)
+        expected = expected if channels == 3 else luma(expected)[..., None]
+        assert got.tolist() == expected.tolist(), name
+
+    # RGBA / LA: the stored colour, even under alpha 0 (compositing on black would give 0).
+    rgba = [(200, 100, 50, 0), (40, 90, 220, 128), (255, 255, 255, 255), (0, 0, 0, 0)]
+    img = Image.new("RGBA", (2, 2))
+    img.putdata(rgba)
+    check("rgba.png", img, np.array([c[:3] for c in rgba]).reshape(2, 2, 3))
+    img = Image.new("LA", (2, 2))
+    img.putdata([(100, 0), (7, 255), (255, 3), (0, 0)])
+    check("la.png", img, np.repeat(np.array([[100, 7], [255, 0]])[..., None], 3, axis=2))
+    # CMYK, PIL's conversion by hand: R = (255 − C)(255 − K)/255, rounded (never a tie: 255 is odd).
+    cmyk = [(100, 50, 0, 60), (0, 0, 0, 0), (255, 0, 0, 0), (10, 20, 30, 255)]
+    img = Image.new("CMYK", (2, 2))
+    img.putdata(cmyk)
+    expected = [[round((255 - v) * (255 - k) / 255) for v in c[:3]] for *c, k in [(*c[:3], c[3]) for c in cmyk]]
+    assert expected[0] == [119, 157, 195] and expected[1] == [255, 255, 255] and expected[3] == [0, 0, 0]
+    check("cmyk.tif", img, np.array(expected).reshape(2, 2, 3))
+    # '1': 0 and 255.
+    img = Image.new("1", (2, 2))
+    img.putdata([0, 1, 1, 0])
+    check("one.png", img, np.repeat(np.array([[0, 255], [255, 0]])[..., None], 3, axis=2))
+
+
+def test_image_folder_unreadable_file_is_named(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(folder / "a_good.png")
+    bad = folder / "b_bad.png"
+    bad.write_bytes(np.random.default_rng(0).bytes(500))
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ": not a readable image"):
+        load_image_folder(folder, 4, 3)
+    # A truncated PNG opens (its header is intact) and fails only when decoded.
+    big = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(big).save(tmp_path / "whole.png")
+    bad.write_bytes((tmp_path / "whole.png").read_bytes()[:2000])
+    with pytest.raises(ValueError, match=re.escape(str(bad)) + ": not a readable image"):
+        load_image_folder(folder, 4, 3)
+    bad.unlink()
+    assert load_image_folder(folder, 4, 3)["images"][0, 0, 0].tolist() == [1, 2, 3]
+
+
+def test_image_folder_empty_path_is_refused(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (4, 4)).save(tmp_path / "in_cwd.png")  # would be found if "" meant "."
+    with pytest.raises(ValueError, match="empty 'path'"):
+        load_image_folder("", 4, 1)
+    for spec in ({"source": "image-folder", "path": "", "image_size": 4, "channels": 1},
+                 {"source": "image-folder", "image_size": 4, "channels": 1}):
+        with pytest.raises(ValueError, match="path: .*needs 'path'"):
+            prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
+        with pytest.raises(ValueError, match="datasets.x.path"):
+            check_dataset_spec("x", spec)
+
+
+def test_cifar10_oversized_member_is_refused_before_reading(cifar_subset, monkeypatch):
+    """A batch is read into memory whole: a member beyond the cap (512 MiB; lowered here) is refused."""
+    monkeypatch.setattr(igsm.data, "_CIFAR10_MAX_BATCH_BYTES", 1000)
+    with pytest.raises(ValueError, match=re.escape(f"{cifar_subset}: member cifar-10-batches-py/data_batch_1 is "
+                                                   "4936284 bytes, far beyond a CIFAR-10 batch")):
+        parse_cifar10(cifar_subset)
