@@ -6,6 +6,7 @@ validated config section of that stage, so a changed setting reruns exactly the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -20,6 +21,16 @@ def _json(ctx, param, value):
         return json.loads(value)
     except json.JSONDecodeError as err:
         raise click.BadParameter(f"not valid JSON ({err})") from None
+
+
+@contextlib.contextmanager
+def _readable_inputs():
+    """A missing or corrupt input file (model, samples, statistics): the loader's message, which
+    names the file and what to do, instead of a traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
 
 
 def _device(name: str):
@@ -157,7 +168,7 @@ def pretrained(model_id, out):
 
     try:
         net = load_pretrained(model_id)
-    except RuntimeError as err:
+    except (RuntimeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     save_model(net, out, extra={"source": model_id})
 
@@ -218,8 +229,9 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
     from igsm.models import count_parameters, load_model, save_model
 
     device = _start_process(device, threads)
-    net = load_model(model_dir)
-    teacher = load_model(teacher_dir) if teacher_dir else None
+    with _readable_inputs():
+        net = load_model(model_dir)
+        teacher = load_model(teacher_dir) if teacher_dir else None
     try:
         ema, timing = train_loop(net, load_images(data), options, checkpoint_dir, metrics, teacher=teacher,
                                  schedule=_schedule(settings), device=device)
@@ -258,7 +270,8 @@ def prune(model_dir, data, criterion, channel_ratio, out, report, settings, devi
     from igsm.pruning import prune as prune_net
 
     _setup(threads)
-    images = load_images(data)
+    with _readable_inputs():
+        images = load_images(data)
     generator = torch.Generator().manual_seed(settings.get("seed", 0))
     pick = torch.randperm(len(images), generator=generator)[: settings.get("num_images", 128)]
     x0 = to_model_range(images[pick.numpy()]).to(_device(device))
@@ -339,7 +352,8 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     device = _start_process(device, threads)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     batch_size = options.get("batch_size", 256)
-    net = load_model(model_dir, device)
+    with _readable_inputs():
+        net = load_model(model_dir, device)
     shape = (net.config["in_channels"], net.config["sample_size"], net.config["sample_size"])
     denoiser = _denoiser(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
     seeds = np.arange(first_seed + start, first_seed + stop)
@@ -361,7 +375,8 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
                            noise_threads=torch.get_num_threads() if threads else 1, progress=True, **kwargs)
     distributed.barrier()
     if rank == 0:
-        images = partial.load(-(-len(seeds) // batch_size))
+        with _readable_inputs():  # an unreadable batch is deleted: the rerun redoes it
+            images = partial.load(-(-len(seeds) // batch_size))
         sampling.save_samples(out, images, seeds, {**fingerprint, "model": model_dir, "shard": [index, count],
                                                    "world_size": world_size})
         partial.remove()
@@ -408,7 +423,8 @@ def export_png(samples, out):
 
     from igsm.sampling import load_samples
 
-    images, seeds, _ = load_samples(samples)
+    with _readable_inputs():
+        images, seeds, _ = load_samples(samples)
     tmp = Path(out).with_name(Path(out).name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -447,7 +463,8 @@ def fid_reference(data, out, settings, device, threads, batch_size):
     from igsm.data import load_images
 
     _setup(threads)
-    images = load_images(data)
+    with _readable_inputs():
+        images = load_images(data)
     num = settings.get("num_reference") or len(images)
     if num > len(images):
         raise click.ClickException(f"fid.num_reference: {num} images asked, {data} holds {len(images)}")
@@ -473,7 +490,8 @@ def fid_statistics(samples, out, settings, device, threads, batch_size):
     from igsm.sampling import load_samples
 
     _setup(threads)
-    images, _, sample_metadata = load_samples(samples)
+    with _readable_inputs():
+        images, _, sample_metadata = load_samples(samples)
     features, metadata = _features(images, settings, device, threads, batch_size)
     fid.save_statistics(out, features, samples=samples,
                         image_precision=sample_metadata.get("precision", "unknown"),
@@ -496,8 +514,9 @@ def fid_score(statistics, reference, out, settings, threads):
     from igsm import fid
 
     _setup(threads)
-    stats = fid.load_statistics(statistics)
-    reference_stats = fid.load_statistics(reference)
+    with _readable_inputs():
+        stats = fid.load_statistics(statistics)
+        reference_stats = fid.load_statistics(reference)
     mode = settings.get("mode")
     if mode and stats.metadata.get("mode") != mode:
         raise click.ClickException(f"{statistics}: features of mode {stats.metadata.get('mode')!r}, "
@@ -534,7 +553,8 @@ def efficiency(model_dir, out, batch_size, throughput, settings, device, threads
     from igsm.sampling import forward_images_per_s
 
     _setup(threads)
-    net = load_model(model_dir)
+    with _readable_inputs():
+        net = load_model(model_dir)
     params, macs = count_params_macs(net, net.config["sample_size"], net.config["in_channels"])
     device = _device(device)
     result = {"params": params, "macs": macs, "model": model_dir, "images_per_s": None,

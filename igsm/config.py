@@ -14,7 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from igsm.data import (CIFAR10_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256, check_dataset_spec)
+from igsm.data import CIFAR10_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256, check_dataset_spec
+from igsm.models import looks_like_local_path
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -58,11 +59,6 @@ def dataset_size(spec: dict) -> int | None:
                 for f in files):
             return SPLIT_SIZES[source][split]
     return None
-
-
-def looks_like_local_path(value: str) -> bool:
-    """A dense.pretrained value meant as a folder (a hub id is 'organisation/name')."""
-    return value.startswith(("/", "./", "../", "~"))
 
 
 def training_job(config: dict, stage: str, exp: str | None) -> dict:

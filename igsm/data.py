@@ -31,6 +31,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -507,8 +508,18 @@ def save_arrays(path: str | os.PathLike, **arrays) -> None:
 
 
 def load_images(path: str | os.PathLike) -> np.ndarray:
-    with np.load(path) as data:
-        return data["images"]
+    """The uint8 N×H×W×C images of a dataset file written by :func:`prepare_dataset`."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            images = data["images"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is unreadable ({type(err).__name__}: {err}); it was not written "
+                         "completely or was changed since: delete it and rerun the workflow, which "
+                         "remakes it") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or not len(images):
+        raise ValueError(f"{path}: expected uint8 images N×H×W×C with C 1 or 3, found {images.dtype} "
+                         f"{images.shape}; delete it and rerun the workflow, which remakes it")
+    return images
 
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -413,13 +413,49 @@ def save_statistics(path: str | os.PathLike, features_or_stats, **metadata) -> S
 
 
 def load_statistics(path: str | os.PathLike) -> Statistics:
-    """Read a file of ``save_statistics``, or any .npz with ``mu`` and ``sigma`` (clean-fid, pytorch-fid)."""
-    with np.load(path, allow_pickle=False) as data:
-        if "mu" not in data or "sigma" not in data:
-            raise ValueError(f"{path}: no 'mu'/'sigma' arrays; keys are {sorted(data.keys())}.")
-        num_images = int(data["num_images"]) if "num_images" in data else -1
-        metadata = json.loads(str(data["metadata"])) if "metadata" in data else {}
-        return Statistics(data["mu"], data["sigma"], None if num_images < 0 else num_images, metadata)
+    """Read a file of ``save_statistics``, or any .npz with ``mu`` and ``sigma`` (clean-fid, pytorch-fid).
+
+    A missing, unreadable (truncated, not an .npz) or malformed file (no mu/sigma, mu not a vector,
+    sigma not the matching square matrix, non-finite values) raises ``ValueError`` naming it.
+    """
+    remedy = ("if the workflow wrote it, it was not written completely or was changed since: delete "
+              "it and rerun the workflow, which remakes it; if you supplied it (a reference file), "
+              "replace it by an .npz holding 'mu' (D) and 'sigma' (D×D)")
+    if not Path(path).is_file():
+        raise ValueError(f"statistics file {path} does not exist; check the path, or rerun the "
+                         f"workflow, which makes it")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # an .npy file: one array
+            raise ValueError(f"one {getattr(data, 'shape', '')} array (.npy), not an .npz archive")
+        with data:
+            keys = sorted(data.files)
+            arrays = {k: data[k] for k in ("mu", "sigma", "num_images", "metadata") if k in keys}
+    except Exception as err:  # BadZipFile, EOFError, zlib.error, ValueError, OSError, …
+        if "pickled" in str(err):  # numpy takes an unknown format for a pickle
+            text = "not a numpy file: its first bytes are neither an .npz (zip) nor an .npy header"
+        else:
+            text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+        raise ValueError(f"{path} is unreadable ({text}); {remedy}") from None
+    if "mu" not in arrays or "sigma" not in arrays:
+        raise ValueError(f"{path}: no 'mu'/'sigma' arrays; keys are {keys}; {remedy}")
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    if not (np.issubdtype(mu.dtype, np.number) and np.issubdtype(sigma.dtype, np.number)):
+        raise ValueError(f"{path}: mu ({mu.dtype}) and sigma ({sigma.dtype}) must be numeric; {remedy}")
+    if mu.ndim != 1 or len(mu) == 0 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected D and "
+                         f"D×D; {remedy}")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu or sigma holds NaN or infinite values; {remedy}")
+    try:
+        num_images = int(arrays["num_images"]) if "num_images" in arrays else -1
+        metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays else {}
+        if not isinstance(metadata, dict):
+            raise ValueError(f"a JSON {type(metadata).__name__}, not an object")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: malformed num_images or metadata ({err}); {remedy}") from None
+    return Statistics(mu, sigma, None if num_images < 0 else num_images, metadata)
 
 
 # Tolerance of clean-fid's frechet_distance on the imaginary part of sqrtm's diagonal.

@@ -91,34 +91,111 @@ def save_model(net: nn.Module, directory: str | os.PathLike, extra: dict | None 
     (directory / ARCHITECTURE_FILE).write_text(json.dumps(spec, indent=2, default=list))
 
 
+def _remake(directory) -> str:
+    return (f"it was not written completely or was changed since; delete {directory} and rerun the "
+            f"workflow, which remakes it")
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text if len(text) <= limit else text[:limit] + "…"
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 def read_architecture(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / ARCHITECTURE_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not a model checkpoint (no {ARCHITECTURE_FILE})")
-    return json.loads(path.read_text())
+    """The ``architecture.json`` of a checkpoint folder, checked to have what loading needs;
+    ``ValueError`` naming the file, what is wrong and what to do otherwise."""
+    directory = Path(directory)
+    path = directory / ARCHITECTURE_FILE
+    if not directory.is_dir():
+        raise ValueError(f"model folder {directory} does not exist (or is not a folder); check the "
+                         f"path, or rerun the workflow, which makes it")
+    if not path.is_file():
+        unfinished = (directory / WEIGHTS_FILE).exists()
+        raise ValueError(
+            f"{path} is missing: {directory} is not a model checkpoint"
+            + (f" or its save did not finish ({ARCHITECTURE_FILE} is written last); delete {directory} "
+               f"and rerun the workflow, which remakes it" if unfinished else
+               f" (a folder written by `igsm` holds {ARCHITECTURE_FILE} and {WEIGHTS_FILE})"))
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({_first_line(err)}); {_remake(directory)}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} holds a JSON {type(spec).__name__}, not a model description; "
+                         f"{_remake(directory)}")
+    missing = [k for k in ("class", "config", "widths") if k not in spec]
+    if missing:
+        raise ValueError(f"{path} lacks the key(s) {missing}; {_remake(directory)}")
+    if not isinstance(spec["config"], dict) or not isinstance(spec["widths"], dict) or not all(
+            isinstance(attrs, dict) for attrs in spec["widths"].values()):
+        raise ValueError(f"{path}: 'config' and 'widths' must be JSON objects (of objects); "
+                         f"{_remake(directory)}")
+    return spec
+
+
+def _check_widths(net: nn.Module, weights_path: Path, architecture_path: Path, directory) -> None:
+    """Every layer's tensors have the shapes its recorded widths imply (both files of one save)."""
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Conv2d):
+            expected = (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
+        elif isinstance(module, nn.Linear):
+            expected = (module.out_features, module.in_features)
+        elif isinstance(module, nn.GroupNorm):
+            expected = (module.num_channels,) if module.affine else None
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if expected is not None and weight is not None and tuple(weight.shape) != expected:
+            raise ValueError(
+                f"{weights_path}: {name}.weight has shape {tuple(weight.shape)}, but {architecture_path} "
+                f"gives that layer the shape {expected}; the two files are not of one save; "
+                f"{_remake(directory)}")
 
 
 def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a (possibly pruned) model saved by :func:`save_model`, in any process."""
+    """Rebuild a (possibly pruned) model saved by :func:`save_model`, in any process.
+
+    A missing folder or file, a malformed ``architecture.json``, a truncated or corrupt
+    ``model.safetensors`` or weights that do not fit the architecture raise ``ValueError`` naming
+    the file, what is wrong and what to do.
+    """
     from diffusers import UNet2DModel
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    directory = Path(directory)
+    architecture_path, weights_path = directory / ARCHITECTURE_FILE, directory / WEIGHTS_FILE
     spec = read_architecture(directory)
     if spec["class"] != "UNet2DModel":
-        raise ValueError(f"{directory}: unsupported model class {spec['class']!r}")
-    with torch.device("meta"):
-        net = UNet2DModel(**spec["config"])
+        raise ValueError(f"{architecture_path}: unsupported model class {spec['class']!r} (only "
+                         f"UNet2DModel); {_remake(directory)}")
+    try:
+        with torch.device("meta"):
+            net = UNet2DModel(**spec["config"])
+    except Exception as err:  # diffusers raises TypeError, ValueError, … on a bad config
+        raise ValueError(f"{architecture_path}: its 'config' does not build a UNet2DModel "
+                         f"({_first_line(err)}); {_remake(directory)}") from None
     modules = dict(net.named_modules())
     for name, attrs in spec["widths"].items():
+        if name not in modules:
+            raise ValueError(f"{architecture_path}: 'widths' names a layer {name!r} that its 'config' "
+                             f"does not have; {_remake(directory)}")
         for attr, value in attrs.items():
             setattr(modules[name], attr, value)
-    state = load_file(Path(directory) / WEIGHTS_FILE, device=str(device))
+    if not weights_path.is_file():
+        raise ValueError(f"{weights_path} is missing; {_remake(directory)}")
+    try:
+        state = load_file(weights_path, device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights_path} is unreadable ({_first_line(err)}); {_remake(directory)}") from None
     # load_state_dict rejects shapes that differ from the dense skeleton even with assign=True,
     # so pruned tensors are put in place one by one; every skeleton tensor must be replaced.
     expected = set(net.state_dict())
     if set(state) != expected:
-        raise ValueError(f"{directory}: weights do not match the architecture (missing "
-                         f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]})")
+        raise ValueError(f"{weights_path}: the weights do not match {architecture_path} (missing "
+                         f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}); "
+                         f"{_remake(directory)}")
     for key, tensor in state.items():
         owner_name, _, attr = key.rpartition(".")
         owner = modules[owner_name]
@@ -126,6 +203,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
             owner._parameters[attr] = nn.Parameter(tensor, requires_grad=owner._parameters[attr].requires_grad)
         else:
             owner._buffers[attr] = tensor
+    _check_widths(net, weights_path, architecture_path, directory)
     return net.eval()
 
 
@@ -141,11 +219,45 @@ def _hub_reachable(timeout_s: float = 5.0) -> bool:
         return False
 
 
+def looks_like_local_path(model_id: str) -> bool:
+    """A path rather than a hub id: absolute, ./ ../ ~ in front, or a first component that is a
+    folder here (hub ids are ``owner/name``, and ``owner`` is rarely a local folder)."""
+    separators = [s for s in (os.sep, os.altsep) if s]
+    if os.path.isabs(model_id) or model_id.startswith("~") or model_id in (".", ".."):
+        return True
+    if any(model_id.startswith(prefix + s) for prefix in (".", "..") for s in separators):
+        return True
+    return any(sep in model_id and Path(model_id.split(sep)[0]).is_dir() for sep in separators)
+
+
+def _load_local_pretrained(folder: Path) -> nn.Module:
+    from diffusers import UNet2DModel
+
+    # A UNet2DModel.save_pretrained folder, or a pipeline folder with the U-Net in unet/.
+    candidates = [sub for sub in ("", "unet") if (folder / sub / "config.json").is_file()]
+    if not candidates:
+        raise ValueError(
+            f"dense.pretrained: local folder {folder} holds no diffusers U-Net (neither config.json "
+            f"nor unet/config.json); point it at a folder written by UNet2DModel.save_pretrained or "
+            f"by `huggingface-cli download <model id> --local-dir DIR`")
+    errors = []
+    for sub in candidates:
+        try:
+            return UNet2DModel.from_pretrained(str(folder), **({"subfolder": sub} if sub else {}))
+        except Exception as err:  # diffusers raises OSError, ValueError, SafetensorError, …
+            errors.append(f"{folder / sub}: {_first_line(err)}" if sub else _first_line(err))
+    raise ValueError(
+        f"dense.pretrained: could not load a diffusers U-Net from local folder {folder} "
+        f"({'; '.join(errors)}); its files are incomplete or not a UNet2DModel: download it again "
+        f"(`huggingface-cli download <model id> --local-dir DIR`)")
+
+
 def load_pretrained(model_id: str) -> nn.Module:
     """A dense diffusers UNet2DModel from a local diffusers folder, the hub cache or the hub.
 
     Offline, the hub client retries for about a minute before giving up; we check the endpoint
-    first so that a missing model fails at once with instructions.
+    first so that a missing model fails at once with instructions (``RuntimeError``). A local path
+    that is not a folder, or a folder without a diffusers U-Net, raises ``ValueError``.
     """
     from diffusers import UNet2DModel
 
@@ -156,8 +268,14 @@ def load_pretrained(model_id: str) -> nn.Module:
             # Pipeline repositories keep the U-Net in a subfolder.
             return UNet2DModel.from_pretrained(model_id, subfolder="unet", **kwargs)
 
-    if Path(model_id).is_dir():
-        return attempt()
+    model_id = str(model_id)
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return _load_local_pretrained(local)
+    if looks_like_local_path(model_id):
+        raise ValueError(f"dense.pretrained: local folder {model_id} does not exist (looked for "
+                         f"{local.absolute()}); set it to an existing diffusers folder, or to a hub "
+                         f"id such as google/ddpm-cifar10-32")
     try:
         return attempt(local_files_only=True)
     except Exception:

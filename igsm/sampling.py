@@ -351,7 +351,9 @@ class PartialBatches:
     ``fingerprint`` (JSON-able: model digest, sampler settings, precision, seeds, batch size …)
     says what made them; a folder with another fingerprint is emptied, so a rerun with changed
     settings never mixes old and new images. Every file is written under a temporary name and
-    renamed, so a batch file that exists is complete.
+    renamed, so a batch file that exists is complete; one that still cannot be read (cut short by a
+    full disk or a copy) counts as missing and is redone (``done``), or, found only when the batches
+    are gathered (``load``), is removed with a ``ValueError`` so that the rerun redoes it.
     """
 
     FINGERPRINT = "fingerprint.json"
@@ -360,7 +362,7 @@ class PartialBatches:
         self.folder = Path(folder)
         text = json.dumps(fingerprint, sort_keys=True)
         marker = self.folder / self.FINGERPRINT
-        if reset and self.folder.exists() and (not marker.exists() or marker.read_text() != text):
+        if reset and self.folder.exists() and (not marker.is_file() or marker.read_bytes() != text.encode()):
             shutil.rmtree(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         if reset and not marker.exists():
@@ -370,19 +372,68 @@ class PartialBatches:
         return self.folder / f"batch-{batch:06d}.npy"
 
     def done(self, batch: int) -> bool:
-        return self.path(batch).exists()
+        """Whether ``batch`` is stored and readable; an unreadable one (cut short, changed) counts
+        as missing, with a message, and is redone (its file replaced)."""
+        path = self.path(batch)
+        if not path.exists():
+            return False
+        problem = _npy_problem(path)
+        if problem is not None:
+            print(f"{path} is unreadable ({problem}); batch {batch} is redone", flush=True)
+            return False
+        return True
 
     def save(self, batch: int, images: np.ndarray) -> None:
         _atomic_write(self.path(batch), lambda f: np.save(f, images))
 
     def load(self, num_batches: int) -> np.ndarray:
-        missing = [b for b in range(num_batches) if not self.done(b)]
+        missing = [b for b in range(num_batches) if not self.path(b).exists()]
         if missing:
             raise RuntimeError(f"{self.folder}: batches {missing[:10]} missing")
-        return np.concatenate([np.load(self.path(b)) for b in range(num_batches)])
+        batches = []
+        for b in range(num_batches):
+            path = self.path(b)
+            try:
+                images = np.load(path, allow_pickle=False)
+            except Exception as err:  # ValueError, EOFError, OSError, …
+                images, problem = None, _error_text(err, path)
+            else:
+                problem = _images_problem(images)
+            if problem is not None:
+                # Removed, so that the rerun redoes this batch instead of failing here again.
+                path.unlink(missing_ok=True)
+                raise ValueError(f"{path} is unreadable ({problem}); removed it: rerun the job, "
+                                 f"which redoes that batch and keeps the others")
+            batches.append(images)
+        return np.concatenate(batches)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _error_text(err: BaseException, path: Path | None = None) -> str:
+    """Why numpy could not read ``path``, in one line."""
+    if path is not None and "pickled" in str(err):  # numpy takes an unknown format for a pickle
+        return "not a numpy file: its first bytes are neither an .npz (zip) nor an .npy header"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+def _images_problem(images) -> str | None:
+    """What is wrong with an array meant to hold uint8 N×H×W×C images (None: nothing)."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        return (f"expected uint8 N×H×W×C images, found {getattr(images, 'dtype', type(images).__name__)} "
+                f"of shape {getattr(images, 'shape', '?')}")
+    return None
+
+
+def _npy_problem(path: Path) -> str | None:
+    """Why an .npy file of images cannot be read (None: it can), from its header and size only."""
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as err:  # a short file: "mmap length is greater than file size", EOFError, …
+        return _error_text(err, path)
+    return _images_problem(images)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -446,20 +497,55 @@ def save_samples(path, images: np.ndarray, seeds: np.ndarray, metadata: dict) ->
 
 
 def load_samples(path) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(images, seeds, metadata) of a samples file; metadata {} for files without it."""
-    with np.load(path, allow_pickle=False) as data:
-        metadata = json.loads(str(data["metadata"])) if "metadata" in data else {}
-        seeds = data["seeds"] if "seeds" in data else np.arange(len(data["images"]))
-        return data["images"], seeds, metadata
+    """(images, seeds, metadata) of a samples file; metadata {} for files without it.
+
+    A missing, unreadable (truncated, not an .npz) or malformed file raises ``ValueError`` naming it.
+    """
+    remedy = ("it was not written completely or was changed since; delete it and rerun the workflow, "
+              "which remakes it")
+    if not Path(path).is_file():
+        raise ValueError(f"samples file {path} does not exist; check the path, or rerun the workflow, "
+                         f"which makes it")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # an .npy file: one array
+            raise ValueError(f"one {getattr(data, 'shape', '')} array (.npy), not an .npz archive")
+        with data:
+            keys = sorted(data.files)
+            arrays = {k: data[k] for k in ("images", "seeds", "metadata") if k in keys}
+    except Exception as err:  # BadZipFile, EOFError, zlib.error, ValueError, OSError, …
+        raise ValueError(f"{path} is unreadable ({_error_text(err, Path(path))}); {remedy}") from None
+    if "images" not in arrays:
+        raise ValueError(f"{path}: no 'images' array; keys are {keys}; {remedy}")
+    images = arrays["images"]
+    problem = _images_problem(images)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}; {remedy}")
+    seeds = arrays["seeds"] if "seeds" in arrays else np.arange(len(images))
+    if seeds.ndim != 1 or len(seeds) != len(images) or not np.issubdtype(seeds.dtype, np.integer):
+        raise ValueError(f"{path}: {len(images)} images but seeds of shape {seeds.shape} ({seeds.dtype}); "
+                         f"expected one integer seed per image; {remedy}")
+    try:
+        metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays else {}
+        if not isinstance(metadata, dict):
+            raise ValueError(f"a JSON {type(metadata).__name__}, not an object")
+    except ValueError as err:
+        raise ValueError(f"{path}: malformed metadata ({err}); {remedy}") from None
+    return images, seeds, metadata
 
 
 def gather_shards(paths, first_seed: int, num_images: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """Concatenate shard files in seed order; check that they hold exactly seeds
-    first_seed … first_seed+num_images−1 once each, made with the same settings."""
+    first_seed … first_seed+num_images−1 once each, made with the same settings. An unreadable
+    shard raises ``ValueError`` naming it (:func:`load_samples`)."""
     shards = [load_samples(p) for p in paths]
     if not shards:
         raise ValueError("no shards to gather")
     order = sorted(range(len(shards)), key=lambda i: int(shards[i][1][0]) if len(shards[i][1]) else 0)
+    for i in order[1:]:
+        if shards[i][0].shape[1:] != shards[order[0]][0].shape[1:]:
+            raise ValueError(f"{paths[i]}: images of shape {shards[i][0].shape[1:]}, but {paths[order[0]]} "
+                             f"has {shards[order[0]][0].shape[1:]}; shards of one set must be made alike")
     images = np.concatenate([shards[i][0] for i in order])
     seeds = np.concatenate([shards[i][1] for i in order])
     expected = np.arange(first_seed, first_seed + num_images)

@@ -13,6 +13,10 @@ weights, EMA, optimizer state and the metrics so far, so a run stopped at any st
 and rerun ends with bitwise the same weights as an uninterrupted one (same hardware, software and
 thread count). A snapshot carries the fingerprint of its run (:func:`run_fingerprint`); one from a
 different run (other settings, data, initial weights or teacher) is deleted, never resumed.
+Snapshots are written under a temporary name and renamed, so a killed job leaves none half-written;
+one that still cannot be read (cut short by a full disk or a copy, or lacking what resuming needs)
+is renamed ``<name>.corrupt``, with a message, and the next older snapshot of the run is resumed
+(training starts over if there is none), so a rerun never trips on it again.
 
 Several processes (torchrun, igsm.distributed): ``batch_size`` is the global batch. Every process
 draws the whole global batch (indices, flips, timesteps, noise, Jacobian directions) from the same
@@ -157,25 +161,66 @@ def _snapshots(directory: Path) -> list[Path]:
     return sorted(directory.glob("step-*.pt"))
 
 
+# What train() reads from a snapshot, and the type each must have.
+SNAPSHOT_KEYS = {"step": int, "fingerprint": str, "net": dict, "ema": dict, "optimizer": dict,
+                 "metrics": list, "running": dict, "running_steps": int}
+
+
+def _read_snapshot(path: Path, fingerprint: str) -> tuple[dict | None, str | None]:
+    """(snapshot, None), or (None, why it cannot be resumed) for a file that torch.load cannot read
+    or that lacks what train() needs. A snapshot of another run (another fingerprint) is returned
+    as read: the caller deletes it whatever else it holds."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or garbage files raise RuntimeError, EOFError, KeyError, …
+        # The first sentence: torch appends a paragraph of advice to its zip errors.
+        text = str(err).strip().splitlines()[0].split(". ")[0][:200] if str(err).strip() else ""
+        size = path.stat().st_size if path.exists() else 0
+        return None, f"{type(err).__name__}{': ' + text if text else ''} ({size} bytes)"
+    if not isinstance(state, dict):
+        return None, f"it holds a {type(state).__name__}, not a snapshot"
+    if isinstance(state.get("fingerprint"), str) and state["fingerprint"] != fingerprint:
+        return state, None
+    wrong = [key for key, kind in SNAPSHOT_KEYS.items()
+             if not isinstance(state.get(key), kind) or (kind is int and isinstance(state[key], bool))]
+    if not wrong and not {"state", "param_groups"} <= set(state["optimizer"]):
+        wrong = ["optimizer"]
+    if wrong:
+        return None, f"missing or malformed: {', '.join(wrong)}"
+    return state, None
+
+
 def _newest_snapshot_of_run(directory: Path, fingerprint: str, num_steps: int) -> dict | None:
     """The newest snapshot with this fingerprint at step ≤ num_steps; newer ones of another run are
-    deleted (rank 0); those of this run past num_steps are left for a later, longer run."""
-    state, stale = None, []
+    deleted (rank 0); those of this run past num_steps are left for a later, longer run. A snapshot
+    that cannot be read, or that lacks what resuming needs, is renamed ``<name>.corrupt`` (rank 0),
+    so that no rerun trips on it again, and the next older one is tried."""
+    state, stale, corrupt = None, [], []
     for path in reversed(_snapshots(directory)):
-        candidate = torch.load(path, map_location="cpu", weights_only=True)
-        if candidate.get("fingerprint") == fingerprint and candidate["step"] > num_steps:
+        candidate, problem = _read_snapshot(path, fingerprint)
+        if problem is not None:
+            corrupt.append(path)
+            distributed.print0(f"snapshot {path} is unreadable: {problem}; renaming it to "
+                               f"{path.name}.corrupt; trying the previous snapshot", flush=True)
             continue
-        if candidate.get("fingerprint") == fingerprint:
+        if candidate["fingerprint"] == fingerprint and candidate["step"] > num_steps:
+            continue
+        if candidate["fingerprint"] == fingerprint:
             state = candidate
             distributed.print0(f"resuming from {path} (step {state['step']})", flush=True)
             break
         stale.append(path)
+    if corrupt and state is None:
+        distributed.print0(f"no readable snapshot of this run in {directory}: training starts "
+                           f"from step 0", flush=True)
     distributed.barrier()  # every process has read its snapshot before any file goes
     if distributed.get_rank() == 0:
         for path in stale:
             print(f"discarding {path}: written by a different run (settings, data, initial "
                   f"weights or teacher differ); not resumed", flush=True)
             path.unlink()
+        for path in corrupt:  # kept for inspection, out of the step-*.pt pattern
+            path.replace(path.with_name(path.name + ".corrupt"))
     return state
 
 
