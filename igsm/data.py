@@ -31,7 +31,6 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
 import zlib
 from pathlib import Path
 
@@ -507,18 +506,43 @@ def save_arrays(path: str | os.PathLike, **arrays) -> None:
     os.replace(tmp.name, path)
 
 
+# What to do about a file of results/ that cannot be read.
+REMAKE = "it was not written completely or was changed since; delete it and rerun the workflow, which remakes it"
+
+
+def numpy_error_text(err: BaseException) -> str:
+    """Why numpy could not read a file, in one line."""
+    if "pickled" in str(err):  # numpy takes an unknown format for a pickle
+        return "not a numpy file: its first bytes are neither an .npz (zip) nor an .npy header"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+def read_npz(path: str | os.PathLike, names: tuple, kind: str, remedy: str = REMAKE) -> tuple[dict, list]:
+    """(the arrays among ``names`` that an .npz file holds, all its keys); a missing or unreadable
+    file (truncated, not an .npz) raises ValueError naming it, its ``kind`` and ``remedy``."""
+    if not Path(path).is_file():
+        raise ValueError(f"{kind} file {path} does not exist; check the path, or rerun the workflow, "
+                         "which makes it")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # an .npy file: one array
+            raise ValueError(f"one {getattr(data, 'shape', '')} array (.npy), not an .npz archive")
+        with data:
+            keys = sorted(data.files)
+            return {k: data[k] for k in names if k in keys}, keys
+    except Exception as err:  # BadZipFile, EOFError, zlib.error, ValueError, OSError, …
+        raise ValueError(f"{path} is unreadable ({numpy_error_text(err)}); {remedy}") from None
+
+
 def load_images(path: str | os.PathLike) -> np.ndarray:
     """The uint8 N×H×W×C images of a dataset file written by :func:`prepare_dataset`."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            images = data["images"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is unreadable ({type(err).__name__}: {err}); it was not written "
-                         "completely or was changed since: delete it and rerun the workflow, which "
-                         "remakes it") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or not len(images):
-        raise ValueError(f"{path}: expected uint8 images N×H×W×C with C 1 or 3, found {images.dtype} "
-                         f"{images.shape}; delete it and rerun the workflow, which remakes it")
+    arrays, keys = read_npz(path, ("images",), "dataset")
+    images = arrays.get("images")
+    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) \
+            or not len(images):
+        found = f"{images.dtype} {images.shape}" if images is not None else f"keys {keys}"
+        raise ValueError(f"{path}: expected uint8 images N×H×W×C with C 1 or 3, found {found}; {REMAKE}")
     return images
 
 

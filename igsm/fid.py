@@ -51,7 +51,7 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.utils import ResizeDataset
 from tqdm.auto import tqdm
 
-from igsm.data import file_digest
+from igsm.data import file_digest, read_npz
 
 MODES = ("clean", "legacy_pytorch")
 CACHE_DIR_ENV = "IGSM_CACHE_DIR"
@@ -421,23 +421,7 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
     remedy = ("if the workflow wrote it, it was not written completely or was changed since: delete "
               "it and rerun the workflow, which remakes it; if you supplied it (a reference file), "
               "replace it by an .npz holding 'mu' (D) and 'sigma' (D×D)")
-    if not Path(path).is_file():
-        raise ValueError(f"statistics file {path} does not exist; check the path, or rerun the "
-                         f"workflow, which makes it")
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not hasattr(data, "files"):  # an .npy file: one array
-            raise ValueError(f"one {getattr(data, 'shape', '')} array (.npy), not an .npz archive")
-        with data:
-            keys = sorted(data.files)
-            arrays = {k: data[k] for k in ("mu", "sigma", "num_images", "metadata") if k in keys}
-    except Exception as err:  # BadZipFile, EOFError, zlib.error, ValueError, OSError, …
-        if "pickled" in str(err):  # numpy takes an unknown format for a pickle
-            text = "not a numpy file: its first bytes are neither an .npz (zip) nor an .npy header"
-        else:
-            text = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
-            text = f"{type(err).__name__}: {text}" if text else type(err).__name__
-        raise ValueError(f"{path} is unreadable ({text}); {remedy}") from None
+    arrays, keys = read_npz(path, ("mu", "sigma", "num_images", "metadata"), "statistics", remedy)
     if "mu" not in arrays or "sigma" not in arrays:
         raise ValueError(f"{path}: no 'mu'/'sigma' arrays; keys are {keys}; {remedy}")
     mu, sigma = arrays["mu"], arrays["sigma"]

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from igsm.data import save_arrays, to_uint8
+from igsm.data import REMAKE, numpy_error_text, read_npz, save_arrays, to_uint8
 from igsm.diffusion import NoiseSchedule
 from igsm.models import predict_noise
 
@@ -396,7 +396,7 @@ class PartialBatches:
             try:
                 images = np.load(path, allow_pickle=False)
             except Exception as err:  # ValueError, EOFError, OSError, …
-                images, problem = None, _error_text(err, path)
+                images, problem = None, numpy_error_text(err)
             else:
                 problem = _images_problem(images)
             if problem is not None:
@@ -409,14 +409,6 @@ class PartialBatches:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _error_text(err: BaseException, path: Path | None = None) -> str:
-    """Why numpy could not read ``path``, in one line."""
-    if path is not None and "pickled" in str(err):  # numpy takes an unknown format for a pickle
-        return "not a numpy file: its first bytes are neither an .npz (zip) nor an .npy header"
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
 
 
 def _images_problem(images) -> str | None:
@@ -432,7 +424,7 @@ def _npy_problem(path: Path) -> str | None:
     try:
         images = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as err:  # a short file: "mmap length is greater than file size", EOFError, …
-        return _error_text(err, path)
+        return numpy_error_text(err)
     return _images_problem(images)
 
 
@@ -501,36 +493,23 @@ def load_samples(path) -> tuple[np.ndarray, np.ndarray, dict]:
 
     A missing, unreadable (truncated, not an .npz) or malformed file raises ``ValueError`` naming it.
     """
-    remedy = ("it was not written completely or was changed since; delete it and rerun the workflow, "
-              "which remakes it")
-    if not Path(path).is_file():
-        raise ValueError(f"samples file {path} does not exist; check the path, or rerun the workflow, "
-                         f"which makes it")
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not hasattr(data, "files"):  # an .npy file: one array
-            raise ValueError(f"one {getattr(data, 'shape', '')} array (.npy), not an .npz archive")
-        with data:
-            keys = sorted(data.files)
-            arrays = {k: data[k] for k in ("images", "seeds", "metadata") if k in keys}
-    except Exception as err:  # BadZipFile, EOFError, zlib.error, ValueError, OSError, …
-        raise ValueError(f"{path} is unreadable ({_error_text(err, Path(path))}); {remedy}") from None
+    arrays, keys = read_npz(path, ("images", "seeds", "metadata"), "samples")
     if "images" not in arrays:
-        raise ValueError(f"{path}: no 'images' array; keys are {keys}; {remedy}")
+        raise ValueError(f"{path}: no 'images' array; keys are {keys}; {REMAKE}")
     images = arrays["images"]
     problem = _images_problem(images)
     if problem is not None:
-        raise ValueError(f"{path}: {problem}; {remedy}")
+        raise ValueError(f"{path}: {problem}; {REMAKE}")
     seeds = arrays["seeds"] if "seeds" in arrays else np.arange(len(images))
     if seeds.ndim != 1 or len(seeds) != len(images) or not np.issubdtype(seeds.dtype, np.integer):
         raise ValueError(f"{path}: {len(images)} images but seeds of shape {seeds.shape} ({seeds.dtype}); "
-                         f"expected one integer seed per image; {remedy}")
+                         f"expected one integer seed per image; {REMAKE}")
     try:
         metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays else {}
         if not isinstance(metadata, dict):
             raise ValueError(f"a JSON {type(metadata).__name__}, not an object")
     except ValueError as err:
-        raise ValueError(f"{path}: malformed metadata ({err}); {remedy}") from None
+        raise ValueError(f"{path}: malformed metadata ({err}); {REMAKE}") from None
     return images, seeds, metadata
 
 
