@@ -337,7 +337,7 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     import torch
 
     from igsm import distributed, sampling
-    from igsm.models import load_model
+    from igsm.models import image_shape, load_model
 
     _relaunch_under_torchrun(nproc_per_node)
     flags = {"precision": precision, "compile": compile_, "channels_last": channels_last,
@@ -354,7 +354,7 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     batch_size = options.get("batch_size", 256)
     with _readable_inputs():
         net = load_model(model_dir, device)
-    shape = (net.config["in_channels"], net.config["sample_size"], net.config["sample_size"])
+    shape = image_shape(net)
     denoiser = _denoiser(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
     seeds = np.arange(first_seed + start, first_seed + stop)
     device_name = _device_name(device)
@@ -548,20 +548,20 @@ def fid_score(statistics, reference, out, settings, threads):
 def efficiency(model_dir, out, batch_size, throughput, settings, device, threads):
     """Parameters and MACs (one image, one network call) and network throughput (settings: how the
     network runs, as in 'sample': precision, channels_last, compile, compile_mode)."""
-    from igsm.models import load_model
+    from igsm.models import image_shape, load_model
     from igsm.pruning import count_params_macs
     from igsm.sampling import forward_images_per_s
 
     _setup(threads)
     with _readable_inputs():
         net = load_model(model_dir)
-    params, macs = count_params_macs(net, net.config["sample_size"], net.config["in_channels"])
+    shape = image_shape(net)
+    params, macs = count_params_macs(net, shape[1], shape[0])
     device = _device(device)
     result = {"params": params, "macs": macs, "model": model_dir, "images_per_s": None,
               "images_per_s_note": "not measured: no GPU (--throughput measures on a CPU)"}
     if throughput if throughput is not None else device.type == "cuda":
         denoiser = _denoiser(net.to(device), settings)
-        shape = (net.config["in_channels"], net.config["sample_size"], net.config["sample_size"])
         mode = denoiser.compile_mode
         how = f"torch.compile {mode}, after 3 warm-up calls (compilation among them)" if mode else \
             "eager, after 3 warm-up calls"

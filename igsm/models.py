@@ -1,9 +1,10 @@
 """Networks and their checkpoints.
 
-The paper's U-Nets are diffusers' ``UNet2DModel`` (Sec. 5.1, App. B Table 6). A pruned U-Net has
-per-layer widths that no diffusers config can express, so a checkpoint is a folder holding
+Two model families (``FAMILIES``, by class name): the paper's U-Nets are diffusers'
+``UNet2DModel`` (Sec. 5.1, App. B Table 6), its Transformers U-ViT (igsm.uvit). A pruned network
+has per-layer widths that no config of either can express, so a checkpoint is a folder holding
 
-* ``architecture.json``: the dense diffusers config plus the static width attributes of every
+* ``architecture.json``: the family, its dense config and the static width attributes of every
   layer (conv/linear features, GroupNorm groups, Up/Downsample channels, attention heads);
 * ``model.safetensors``: the weights.
 
@@ -24,11 +25,36 @@ ARCHITECTURE_FILE = "architecture.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def _static_width_attributes():
+def _unet_class():
     # Imported lazily: diffusers is slow to import and only needed when a model is built.
+    from diffusers import UNet2DModel
+
+    return UNet2DModel
+
+
+def _uvit_class():
+    from igsm.uvit import UViT
+
+    return UViT
+
+
+# Model families by class name: how to get the class whose keyword arguments are the saved config.
+FAMILIES = {"UNet2DModel": _unet_class, "UViT": _uvit_class}
+
+
+def image_shape(net: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images a network of either family takes."""
+    config = net.config
+    if "img_size" in config:  # U-ViT
+        return config["in_chans"], config["img_size"], config["img_size"]
+    return config["in_channels"], config["sample_size"], config["sample_size"]
+
+
+def _static_width_attributes():
     from diffusers.models.attention_processor import Attention
     from diffusers.models.downsampling import Downsample2D
     from diffusers.models.upsampling import Upsample2D
+    from timm.models.vision_transformer import Attention as TimmAttention
 
     return {
         nn.Conv2d: ("in_channels", "out_channels"),
@@ -40,6 +66,8 @@ def _static_width_attributes():
         # into to_q and sets scale for diffusers' non-SDPA path); the dims are descriptive.
         Attention: ("heads", "inner_dim", "inner_kv_dim", "query_dim", "cross_attention_dim",
                     "out_dim", "scale"),
+        # U-ViT's attention (heads pruned: their number, width and the dense temperature).
+        TimmAttention: ("num_heads", "head_dim", "scale"),
     }
 
 
@@ -160,21 +188,20 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     ``model.safetensors`` or weights that do not fit the architecture raise ``ValueError`` naming
     the file, what is wrong and what to do.
     """
-    from diffusers import UNet2DModel
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
     architecture_path, weights_path = directory / ARCHITECTURE_FILE, directory / WEIGHTS_FILE
     spec = read_architecture(directory)
-    if spec["class"] != "UNet2DModel":
-        raise ValueError(f"{architecture_path}: unsupported model class {spec['class']!r} (only "
-                         f"UNet2DModel); {_remake(directory)}")
+    if spec["class"] not in FAMILIES:
+        raise ValueError(f"{architecture_path}: unsupported model class {spec['class']!r} (known: "
+                         f"{sorted(FAMILIES)}); {_remake(directory)}")
     try:
         with torch.device("meta"):
-            net = UNet2DModel(**spec["config"])
-    except Exception as err:  # diffusers raises TypeError, ValueError, … on a bad config
-        raise ValueError(f"{architecture_path}: its 'config' does not build a UNet2DModel "
+            net = FAMILIES[spec["class"]]()(**spec["config"])
+    except Exception as err:  # a bad config raises TypeError, ValueError, …
+        raise ValueError(f"{architecture_path}: its 'config' does not build a {spec['class']} "
                          f"({_first_line(err)}); {_remake(directory)}") from None
     modules = dict(net.named_modules())
     for name, attrs in spec["widths"].items():

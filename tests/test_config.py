@@ -266,3 +266,16 @@ def test_unwritable_results_folder_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr("os.access", lambda path, mode: False)
     with pytest.raises(ConfigError, match=f"{tmp_path}: not writable"):
         check_writable(tmp_path / "results")
+
+
+@pytest.mark.parametrize("sample, steps", [({"sampler": "euler-maruyama"}, 1000), ({"sampler": "ddim"}, 100),
+                                           ({}, 100), ({"sampler": "euler-maruyama", "num_steps": 50}, 50)])
+def test_sampler_steps_default_per_sampler(sample, steps):
+    """The schema alone fills sample.num_steps, per sampler (an Euler–Maruyama config without it
+    once ran DDIM's 100 steps)."""
+    from snakemake.utils import validate
+
+    config = demo_config()
+    experiment(config)["sample"] = dict(sample)
+    validate(config, str(REPO / "schemas" / "config.schema.yaml"))
+    assert experiment(config)["sample"]["num_steps"] == steps

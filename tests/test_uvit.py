@@ -1,0 +1,134 @@
+"""U-ViT (igsm.uvit) against the reference implementation's facts: parameter counts of the paper's
+two configs, its parameter names, its token layout and forward computation (written out here
+independently, in float64, from baofff/U-ViT's libs/uvit.py)."""
+
+import math
+
+import pytest
+import torch
+
+from igsm.uvit import CELEBA64_UVIT, CIFAR10_UVIT, UViT, patchify, timestep_embedding, unpatchify
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def count(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_parameter_counts_of_the_reference_configs():
+    assert count(UViT(**CIFAR10_UVIT)) == 44_255_328
+    assert count(UViT(**CELEBA64_UVIT)) == 44_292_228
+
+
+def test_reference_parameter_names_load_from_a_plain_state_dict(tmp_path):
+    net = UViT(**CIFAR10_UVIT)
+    keys = set(net.state_dict())
+    # Names as in the released checkpoints (cifar10_uvit_small.pth), a sample of each kind.
+    for key in ["pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "in_blocks.0.norm1.weight",
+                "in_blocks.0.attn.qkv.weight", "in_blocks.5.attn.proj.bias", "in_blocks.2.mlp.fc1.weight",
+                "mid_block.mlp.fc2.bias", "out_blocks.0.skip_linear.weight", "out_blocks.5.norm2.bias",
+                "norm.weight", "decoder_pred.weight", "decoder_pred.bias", "final_layer.weight"]:
+        assert key in keys, key
+    assert not any("qkv.bias" in k or "time_embed" in k or k.startswith("in_blocks.0.skip") for k in keys)
+    assert net.pos_embed.shape == (1, 1 + 16 * 16, 512) and net.decoder_pred.out_features == 12
+    path = tmp_path / "cifar10_uvit_small.pth"
+    torch.save({k: v.clone().normal_() for k, v in net.state_dict().items()}, path)
+    other = UViT(**CIFAR10_UVIT)
+    other.load_state_dict(torch.load(path, weights_only=True))  # strict: every name matches
+    assert torch.equal(other.pos_embed, torch.load(path, weights_only=True)["pos_embed"])
+
+
+def test_patchify_layout_and_round_trip():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float64).reshape(2, 3, 4, 4)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 4, 12)
+    # Token 1 is the patch at row 0, column 1; its entries run over (p1, p2, C), channel fastest.
+    expected = [x[0, c, i, 2 + j] for i in range(2) for j in range(2) for c in range(3)]
+    assert tokens[0, 1].tolist() == [float(v) for v in expected]
+    assert torch.equal(unpatchify(tokens, 3), x)
+
+
+def test_timestep_embedding_formula():
+    t = torch.tensor([0.0, 3.5, 999.0])
+    emb = timestep_embedding(t, 6)
+    freqs = [math.exp(-math.log(10000) * i / 3) for i in range(3)]
+    expected = [[math.cos(v * f) for f in freqs] + [math.sin(v * f) for f in freqs] for v in t.tolist()]
+    torch.testing.assert_close(emb, torch.tensor(expected, dtype=torch.float32))
+
+
+def reference_forward(net, x, t):
+    """U-ViT's forward written out: explicit patches, attention by its formula (B L (K H D) split)."""
+    cfg = net.config
+    p, d, heads = cfg["patch_size"], cfg["embed_dim"], cfg["num_heads"]
+    b, c, h, w = x.shape
+    patches = torch.stack([torch.stack([x[n, :, i:i + p, j:j + p].permute(1, 2, 0).reshape(-1)
+                                        for i in range(0, h, p) for j in range(0, w, p)]) for n in range(b)])
+    weight = net.patch_embed.proj.weight.permute(0, 2, 3, 1).reshape(d, -1)  # (D, p·p·C) in patch order
+    tokens = patches @ weight.T + net.patch_embed.proj.bias
+    half = d // 2
+    # In float32, as U-ViT computes its time embedding whatever the network's dtype.
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs
+    time = torch.cat([torch.cos(args), torch.sin(args)], dim=1).double()
+    z = torch.cat([time[:, None], tokens], dim=1) + net.pos_embed
+
+    def block(m, z, skip=None):
+        if skip is not None:
+            z = torch.cat([z, skip], -1) @ m.skip_linear.weight.T + m.skip_linear.bias
+        y = torch.nn.functional.layer_norm(z, (d,), m.norm1.weight, m.norm1.bias)
+        q, k, v = (y @ m.attn.qkv.weight.T).reshape(b, -1, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), -1) @ v
+        z = z + a.transpose(1, 2).reshape(b, -1, d) @ m.attn.proj.weight.T + m.attn.proj.bias
+        y = torch.nn.functional.layer_norm(z, (d,), m.norm2.weight, m.norm2.bias)
+        y = torch.nn.functional.gelu(y @ m.mlp.fc1.weight.T + m.mlp.fc1.bias)
+        return z + y @ m.mlp.fc2.weight.T + m.mlp.fc2.bias
+
+    skips = []
+    for m in net.in_blocks:
+        z = block(m, z)
+        skips.append(z)
+    z = block(net.mid_block, z)
+    for m in net.out_blocks:
+        z = block(m, z, skips.pop())
+    z = torch.nn.functional.layer_norm(z, (d,), net.norm.weight, net.norm.bias)
+    out = (z @ net.decoder_pred.weight.T + net.decoder_pred.bias)[:, 1:]
+    side = h // p
+    image = out.reshape(b, side, side, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(b, c, h, w)
+    return net.final_layer(image)
+
+
+def test_forward_equals_the_reference_computation():
+    torch.manual_seed(0)
+    net = UViT(img_size=8, patch_size=2, in_chans=3, embed_dim=16, depth=4, num_heads=2).double()
+    with torch.no_grad():
+        for param in net.parameters():  # nonzero biases everywhere, so every term shows
+            param.add_(0.05 * torch.randn_like(param))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    t = torch.tensor([3.0, 871.5], dtype=torch.float64)
+    torch.testing.assert_close(net(x, t), reference_forward(net, x, t), rtol=1e-10, atol=1e-12)
+
+
+def test_checkpoint_round_trip_and_counts(tmp_path):
+    """A U-ViT saves and reloads through the family registry (architecture.json + safetensors),
+    and the efficiency stage counts it."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from igsm.models import image_shape, load_model, save_model
+
+    torch.manual_seed(0)
+    net = UViT(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2)
+    save_model(net, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert type(back) is UViT and image_shape(back) == (1, 8, 8)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 10, 999])
+    with torch.no_grad():
+        assert torch.equal(back(x, t), net(x, t))
+    out = tmp_path / "e.json"
+    proc = subprocess.run([sys.executable, "-m", "igsm", "efficiency", "--model", str(tmp_path / "m"),
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["params"] == count(net)
