@@ -53,13 +53,25 @@ def unpatchify(tokens: torch.Tensor, channels: int) -> torch.Tensor:
     return x.reshape(b, channels, side * p, side * p)
 
 
+class PrunableAttention(Attention):
+    """timm's attention (its parameters and initialisation), reshaping by its own head count and
+    width rather than the input's, so that pruned heads or head dimensions keep working, and with
+    its recorded softmax scale, so that pruned heads keep the dense temperature."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
 class Block(nn.Module):
     """Pre-norm Transformer block; an out-block first merges the long skip (``skip_linear``)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, skip: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=False)
+        self.attn = PrunableAttention(dim, num_heads=num_heads, qkv_bias=False)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
