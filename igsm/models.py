@@ -54,7 +54,8 @@ def _static_width_attributes():
     from diffusers.models.attention_processor import Attention
     from diffusers.models.downsampling import Downsample2D
     from diffusers.models.upsampling import Upsample2D
-    from timm.models.vision_transformer import Attention as TimmAttention
+
+    from igsm.uvit import PrunableAttention
 
     return {
         nn.Conv2d: ("in_channels", "out_channels"),
@@ -66,8 +67,8 @@ def _static_width_attributes():
         # into to_q and sets scale for diffusers' non-SDPA path); the dims are descriptive.
         Attention: ("heads", "inner_dim", "inner_kv_dim", "query_dim", "cross_attention_dim",
                     "out_dim", "scale"),
-        # U-ViT's attention (heads pruned: their number, width and the dense temperature).
-        TimmAttention: ("num_heads", "head_dim", "scale"),
+        # U-ViT's attention (pruned heads: their number, width and the dense temperature).
+        PrunableAttention: ("num_heads", "head_dim", "scale"),
     }
 
 

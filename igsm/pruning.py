@@ -111,9 +111,7 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
         raise ValueError(f"thr: {thr} is outside [0, 1]")
     if images.ndim != 4 or images.shape[-1] != images.shape[-2] or images.shape[0] < 1:
         raise ValueError(f"images: expected one batch of square images (N, C, H, W), got shape {tuple(images.shape)}")
-    if not isinstance(getattr(net, "conv_out", None), nn.Module):
-        raise ValueError(f"net: {type(net).__name__} has no conv_out layer to keep unpruned; "
-                         "prune() expects a diffusers UNet2DModel")
+    plan = _pruning_plan(net)
     image_size, in_channels = images.shape[-1], images.shape[1]
 
     dense_params, dense_macs = _counted(net, image_size, in_channels)
@@ -132,19 +130,16 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
         "random": lambda: tp.importance.RandomImportance(),
         "reinit": lambda: tp.importance.MagnitudeImportance(p=2),
     }[criterion]()
-    # Multi-head attention: prune every head by the same number of dims so heads stay equal.
-    attention = _attention_modules(model)
-    num_heads = {lin: attn.heads for attn in attention.values() if attn.heads > 1
-                 for lin in (attn.to_q, attn.to_k, attn.to_v)}
-    dense_head_dims = {name: attn.inner_dim // attn.heads for name, attn in attention.items()}
+    plan = _pruning_plan(model)
 
     example_inputs = _example_inputs(model, image_size, in_channels)
     try:
         with _module_trace(model) as where:
             pruner = tp.pruner.MetaPruner(
                 model, example_inputs, importance=importance, pruning_ratio=channel_ratio,
-                global_pruning=False, iterative_steps=1, ignored_layers=[model.conv_out],
-                num_heads=num_heads,
+                global_pruning=False, iterative_steps=1, ignored_layers=plan["ignored_layers"],
+                num_heads=plan["num_heads"], unwrapped_parameters=plan["unwrapped_parameters"],
+                prune_head_dims=True, prune_num_heads=False,
                 # tp 1.4.0 keeps these in mutable default arguments and fills them with this
                 # model's layers: fresh dicts stop one call's modules leaking into the next.
                 in_channel_groups={}, out_channel_groups={}, channel_groups={},
@@ -168,7 +163,7 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
         for group in pruner.step(interactive=True):
             group.prune()
     del pruner
-    _sync_static_widths(model, dense_head_dims)
+    plan["sync_widths"]()
     model.zero_grad(set_to_none=True)
     if criterion == "reinit":
         with _seeded(seed, device):
@@ -242,6 +237,46 @@ def _accumulate_noise_prediction_gradients(model, images, schedule, *, seed, thr
             break
     steps.close()
     return losses
+
+
+def _pruning_plan(model: nn.Module) -> dict:
+    """What torch-pruning must keep, per model family, and how to resync static widths after.
+
+    U-Net (Diff-Pruning): every layer but ``conv_out``; each attention's heads keep equal widths.
+    U-ViT (no public code prunes it; NOTES §3): only inner dimensions, the attention's head widths
+    (qkv, then proj's input) and the MLP's hidden layer; the residual stream keeps its width, so
+    every layer writing it is kept (patch embedding, attention/MLP outputs, skip projections,
+    decoder, final convolution) and ``pos_embed`` is unwrapped along its token-feature axis.
+    """
+    from igsm.uvit import PrunableAttention, UViT
+
+    if isinstance(model, UViT):
+        blocks = [*model.in_blocks, model.mid_block, *model.out_blocks]
+        keep = [model.patch_embed.proj, model.decoder_pred, model.final_layer]
+        keep += [layer for b in blocks for layer in (b.attn.proj, b.mlp.fc2, b.skip_linear) if layer is not None]
+        attention = {name: m for name, m in model.named_modules() if isinstance(m, PrunableAttention)}
+
+        def sync_widths():
+            # Equal heads of a narrower width; the softmax scale stays the dense one (recorded).
+            for name, attn in attention.items():
+                if attn.qkv.out_features % (3 * attn.num_heads):
+                    raise ValueError(f"net: pruning left {name} with {attn.qkv.out_features} qkv "
+                                     f"features for {attn.num_heads} heads")
+                attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+
+        return {"ignored_layers": keep, "num_heads": {m.qkv: m.num_heads for m in attention.values()},
+                "unwrapped_parameters": [(model.pos_embed, 2)], "sync_widths": sync_widths}
+    if not isinstance(getattr(model, "conv_out", None), nn.Module):
+        raise ValueError(f"net: {type(model).__name__} has no conv_out layer to keep unpruned; "
+                         "prune() expects a diffusers UNet2DModel or a U-ViT")
+    # Multi-head attention: prune every head by the same number of dims so heads stay equal.
+    attention = _attention_modules(model)
+    dense_head_dims = {name: attn.inner_dim // attn.heads for name, attn in attention.items()}
+    return {"ignored_layers": [model.conv_out],
+            "num_heads": {lin: attn.heads for attn in attention.values() if attn.heads > 1
+                          for lin in (attn.to_q, attn.to_k, attn.to_v)},
+            "unwrapped_parameters": None,
+            "sync_widths": lambda: _sync_static_widths(model, dense_head_dims)}
 
 
 def _attention_modules(model: nn.Module) -> dict:
