@@ -181,8 +181,6 @@ def table_inputs(exp):
 # ---- sampling (stage 5) and efficiency ------------------------------------------------------
 
 
-
-
 def sample_settings(exp):
     """The 'sample' settings that make the images: not how many jobs make them, nor PNG export,
     so that changing those reruns nothing that exists."""
