@@ -4,8 +4,9 @@ sharded, resumable generation of the paper's 50k-image FID sets (Sec. 5.1).
 * DDIM (Song et al. 2021, Eq. 12) for the U-Nets: 100 steps, η = 0 in the paper (Sec. 5.1),
   "uniform" or "quad" timestep spacing as in the DDIM reference code (Diff-Pruning's numbers use
   "quad"). η = 1 with all 1000 steps is ancestral DDPM sampling (tests check it).
-* Euler–Maruyama on the VP-SDE for U-ViT (Song et al. 2021b; β ∈ [0.1, 20], t ∈ [1e-3, 1],
-  network time input t·999), 1000 steps.
+* Euler–Maruyama on the VP-SDE for U-ViT (Song et al. 2021b), exactly as U-ViT's ``sde.py``:
+  β ∈ [0.1, 20], the time grid [0] + linspace(1e-3, 1, N) walked from 1 down, network time input
+  t·999 at the upper end of each interval, the last interval (1e-3 → 0) without noise; N = 1000.
 
 Reproducibility. Image k draws all its randomness from its own generator seeded with ``seed + k``
 (edm's StackedRandomGenerator), on the CPU, so its noise is the same on any device. Its *network*
@@ -273,11 +274,13 @@ def vp_log_alpha(t, beta_min: float = 0.1, beta_max: float = 20.0):
 def euler_maruyama_sample(net, noise: torch.Tensor, num_steps: int = 1000,
                           beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3,
                           generators: ImageGenerators | None = None) -> torch.Tensor:
-    """Reverse VP-SDE dx = [−½β(t)x − β(t)∇log p_t(x)]dt + √β(t) dw̄, integrated from t=1 to t_min."""
+    """Reverse VP-SDE dx = [−½β(t)x − β(t)∇log p_t(x)]dt + √β(t) dw̄ from t = 1 to 0 on U-ViT's grid
+    [0] + linspace(t_min, 1, num_steps), the last step (t_min → 0) returning the mean."""
     if num_steps > 1 and generators is None:
         raise ValueError("Euler–Maruyama draws noise at every step: pass generators")
     denoise = as_denoiser(net)
-    ts = torch.linspace(1.0, t_min, num_steps + 1, dtype=torch.float64)
+    ts = torch.cat([torch.zeros(1, dtype=torch.float64),
+                    torch.linspace(t_min, 1.0, num_steps, dtype=torch.float64)]).flip(0)
     x = noise.double()
     for step in range(num_steps):
         t, h = ts[step], ts[step] - ts[step + 1]

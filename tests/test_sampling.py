@@ -450,3 +450,41 @@ def test_dag_has_one_job_per_shard_a_gather_and_optional_pngs(tmp_path):
     assert counts["sample_png"] == variants
     assert "--nproc-per-node 2" in proc.stdout
     assert "--shard 2/3" in proc.stdout and "shard-2-of-3.npz" in proc.stdout
+
+
+def test_euler_maruyama_walks_u_vits_time_grid():
+    """U-ViT's sde.py: grid [0] + linspace(1e-3, 1, N) from 1 down, the network at 999·t of each
+    interval's upper end, Euler–Maruyama steps, the last one (1e-3 → 0) without noise."""
+    seen = []
+
+    def zero_noise_net(x, t):  # ε̂ = 0: each step is x + h·½β(t)·x (+ noise)
+        seen.append(t[0].item())
+        return torch.zeros_like(x)
+
+    seeds, shape = np.array([5, 6]), (1, 2, 2)
+    gens = sampling.ImageGenerators(seeds)
+    noise = gens.randn(shape)
+    x = sampling.euler_maruyama_sample(zero_noise_net, noise, num_steps=3, generators=gens)
+    grid = [1.0, 0.5005, 1e-3, 0.0]  # linspace(1e-3, 1, 3) reversed, then 0
+    np.testing.assert_allclose(seen, [999 * t for t in grid[:-1]], rtol=1e-7)  # float32 inputs
+    check = sampling.ImageGenerators(seeds)
+    expected = check.randn(shape).double()
+    for i, (t, s) in enumerate(zip(grid, grid[1:])):
+        beta, h = 0.1 + t * 19.9, t - s
+        expected = expected + h * 0.5 * beta * expected
+        if s != 0:
+            expected = expected + (beta * h) ** 0.5 * check.randn(shape, dtype=torch.float64)
+    torch.testing.assert_close(x.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_u_vit_images_do_not_depend_on_the_batch():
+    from igsm.uvit import UViT
+
+    torch.manual_seed(0)
+    net = sampling.Denoiser(UViT(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2).eval(),
+                            micro_batch=4)
+    seeds = np.arange(7)
+    kwargs = dict(sampler="euler-maruyama", num_steps=5, image_shape=(1, 8, 8))
+    whole = sampling.generate(net, seeds=seeds, **kwargs)
+    parts = torch.cat([sampling.generate(net, seeds=seeds[i:i + 3], **kwargs) for i in range(0, 7, 3)])
+    assert torch.equal(parts, whole) and torch.isfinite(whole).all()
