@@ -14,18 +14,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from igsm.data import CIFAR10_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256, check_dataset_spec
+from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
+                       check_dataset_spec)
 from igsm.models import looks_like_local_path
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
-# Copies of Fashion-MNIST whose content is known: Debian's package recompressed the official files.
-DEBIAN_FASHION_MNIST_SHA256 = {
-    "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
-    "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
-    "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
-    "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05",
-}
 SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
                "fashion-mnist": {"train": 60_000, "test": 10_000}}
 CHANNELS = {"cifar10": 3, "fashion-mnist": 1, "sklearn-digits": 1}

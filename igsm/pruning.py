@@ -111,7 +111,7 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
         raise ValueError(f"thr: {thr} is outside [0, 1]")
     if images.ndim != 4 or images.shape[-1] != images.shape[-2] or images.shape[0] < 1:
         raise ValueError(f"images: expected one batch of square images (N, C, H, W), got shape {tuple(images.shape)}")
-    plan = _pruning_plan(net)
+    _pruning_plan(net)  # an unsupported family fails here, by name, before any counting
     image_size, in_channels = images.shape[-1], images.shape[1]
 
     dense_params, dense_macs = _counted(net, image_size, in_channels)
