@@ -37,7 +37,14 @@ def _device(name: str):
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        from igsm import distributed, gpus
+
+        # Several visible GPUs and one process (Snakemake's local executor): take the least used.
+        if distributed.get_world_size() == 1 and torch.cuda.device_count() > 1:
+            return torch.device(f"cuda:{gpus.claim(1, torch.cuda.device_count())[0]}")
+        return torch.device("cuda")
     return torch.device(name)
 
 
@@ -63,16 +70,27 @@ def _schedule(settings: dict):
                                 diffusion.get("beta_end", 2e-2))
 
 
-def _relaunch_under_torchrun(nproc_per_node: int, nnodes: int = 1) -> None:
-    """With several processes asked for, replace this one by torchrun running the same command."""
+def _relaunch_under_torchrun(nproc_per_node: int, nnodes: int = 1, device: str = "auto") -> None:
+    """With several processes asked for, replace this one by torchrun running the same command.
+
+    On one node with more GPUs visible than processes (``--device auto``), the job first claims
+    the least used ones (igsm.gpus) and shows torchrun only those."""
     import os
 
-    from igsm import distributed
+    from igsm import distributed, gpus
 
     try:
         command = distributed.launch_command(sys.argv[1:], nproc_per_node, nnodes)
     except RuntimeError as err:
         raise click.ClickException(f"--nnodes: {err}") from None
+    if command and device == "auto" and nnodes == 1:
+        import torch
+
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible > nproc_per_node:
+            names = gpus.visible_ids(visible)
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(
+                names[i] for i in gpus.claim(nproc_per_node, visible))
     if command:
         click.echo(" ".join(command), err=True)
         os.execvp(command[0], command)  # same process (pid), so SLURM's signals still reach it
@@ -223,7 +241,7 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
         raise click.ClickException(f"--nproc-per-node: batch_size {options.batch_size} is not divisible "
                                    f"by the {nproc_per_node * nnodes} processes (GPUs); the global "
                                    f"batch is split evenly between them")
-    _relaunch_under_torchrun(nproc_per_node, nnodes)
+    _relaunch_under_torchrun(nproc_per_node, nnodes, device)
 
     from igsm.data import load_images
     from igsm.models import count_parameters, load_model, save_model
@@ -339,7 +357,7 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     from igsm import distributed, sampling
     from igsm.models import image_shape, load_model
 
-    _relaunch_under_torchrun(nproc_per_node)
+    _relaunch_under_torchrun(nproc_per_node, device=device)
     flags = {"precision": precision, "compile": compile_, "channels_last": channels_last,
              "batch_size": batch_size, "micro_batch": micro_batch}
     options = {**settings, **{k: v for k, v in flags.items() if v is not None}}

@@ -69,6 +69,7 @@ class TrainingOptions:
     warmup_steps: int = 0
     hflip: bool = False               # random horizontal flips (CIFAR-10, as DDPM trains)
     precision: str = "fp32"           # "fp32" | "bf16" (autocast)
+    deterministic: bool = False       # GPU: deterministic kernels, so a rerun repeats the bits
     seed: int = 0
     log_every: int = 50
     checkpoint_every: int = 1000
@@ -276,6 +277,15 @@ def _draw_directions_for_global_batch(objective, rows: slice, global_batch: int)
     # A user callable gets this process's rows and draws what it likes.
 
 
+def _use_deterministic_kernels() -> None:
+    """PyTorch's deterministic algorithms for this process; ops without one only warn (an error
+    would end a long run for one op). cuBLAS reads its workspace setting when it starts, which
+    is after this: the training's first matrix product."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def _average_gradients(params: list[nn.Parameter], stats: torch.Tensor) -> torch.Tensor:
     """Sum the gradients and ``stats`` over the processes in one all-reduce (in place)."""
     if distributed.get_world_size() == 1:
@@ -323,6 +333,8 @@ def train(
         _draw_directions_for_global_batch(objective, rows, options.batch_size)
     fingerprint = run_fingerprint(net, images, options, teacher, schedule)
 
+    if options.deterministic and device.type == "cuda":
+        _use_deterministic_kernels()
     net = net.to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     if teacher is not None:
