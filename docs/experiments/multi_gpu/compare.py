@@ -58,10 +58,10 @@ def loss_agreement(one: list[dict], two: list[dict]) -> dict:
 
 
 def throughput(run: Path, objective: str) -> dict | None:
-    logged = records(run, objective)
-    if not logged:
+    logged, summary = records(run, objective), run / FINETUNE / objective / "summary.json"
+    if len(logged) < 2 or not summary.exists():  # not run, or not finished
         return None
-    summary = json.loads((run / FINETUNE / objective / "summary.json").read_text())
+    summary = json.loads(summary.read_text())
     # The first logged interval holds cuDNN's and the allocator's warm-up: left out.
     seconds = statistics.median(r["sec_per_step"] for r in logged[1:])
     return {"sec_per_step": seconds, "steps_per_s": 1 / seconds,
