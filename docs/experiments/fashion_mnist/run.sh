@@ -6,12 +6,12 @@
 # Usage: docs/experiments/fashion_mnist/run.sh [teacher]   ("teacher": only train the first stage)
 # Environment: WORK (Snakemake's working directory; results/ goes there; default: the checkout),
 # GPU_JOBS (GPU jobs side by side on the one GPU; default 4), CORES (default: all),
-# TEACHER_STEPS (default "2000 3500"; the last must equal the config's num_steps).
+# TEACHER_STEPS (default "1500 3000"; the last must equal the config's num_steps).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-$REPO}
 CONFIG=$REPO/config/fashion_mnist.yaml
-TEACHER_STEPS=${TEACHER_STEPS:-"2000 3500"}
+TEACHER_STEPS=${TEACHER_STEPS:-"1500 3000"}
 # --resources takes several values: it goes before a single-valued option, targets after.
 SNAKEMAKE=(snakemake -s "$REPO/Snakefile" -d "$WORK" --profile "$REPO/profiles/local"
            --resources "gpu=${GPU_JOBS:-4}" --cores "${CORES:-$(nproc)}")
