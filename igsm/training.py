@@ -280,10 +280,15 @@ def _draw_directions_for_global_batch(objective, rows: slice, global_batch: int)
 def _use_deterministic_kernels() -> None:
     """PyTorch's deterministic algorithms for this process; ops without one only warn (an error
     would end a long run for one op). cuBLAS reads its workspace setting when it starts, which
-    is after this: the training's first matrix product."""
+    is after this: the training's first matrix product. Attention takes the math path: the fused
+    kernels' backward passes are not deterministic (on an H100 the memory-efficient one warned
+    and a rerun on 2 GPUs differed by 1e-4: docs/experiments/multi_gpu/README.md)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def _average_gradients(params: list[nn.Parameter], stats: torch.Tensor) -> torch.Tensor:
