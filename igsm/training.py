@@ -52,7 +52,8 @@ from igsm.diffusion import NoiseSchedule, antithetic_timesteps
 # EMA warm-up by step), so the state at step s is the same for any run of at least s steps, and
 # raising num_steps continues a finished run instead of restarting it (snapshots past a lowered
 # num_steps are not resumed).
-BOOKKEEPING_OPTIONS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+# deterministic among them: it picks kernels, not the computation (like the number of processes).
+BOOKKEEPING_OPTIONS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "deterministic")
 
 
 @dataclass
