@@ -261,13 +261,19 @@ def looks_like_local_path(model_id: str) -> bool:
 def _load_local_pretrained(folder: Path) -> nn.Module:
     from diffusers import UNet2DModel
 
+    if (folder / "architecture.json").is_file():  # a model written by this workflow (save_model)
+        try:
+            return load_model(folder)
+        except ValueError as err:
+            raise ValueError(f"dense.pretrained: {err}") from None
     # A UNet2DModel.save_pretrained folder, or a pipeline folder with the U-Net in unet/.
     candidates = [sub for sub in ("", "unet") if (folder / sub / "config.json").is_file()]
     if not candidates:
         raise ValueError(
             f"dense.pretrained: local folder {folder} holds no diffusers U-Net (neither config.json "
-            f"nor unet/config.json); point it at a folder written by UNet2DModel.save_pretrained or "
-            f"by `huggingface-cli download <model id> --local-dir DIR`")
+            f"nor unet/config.json) and no model of this workflow (architecture.json); point it at "
+            f"a folder written by UNet2DModel.save_pretrained, by `huggingface-cli download "
+            f"<model id> --local-dir DIR`, or by a workflow stage (e.g. results/dense/<exp>/trained/model)")
     errors = []
     for sub in candidates:
         try:

@@ -140,6 +140,19 @@ def test_local_pretrained_folder_with_truncated_weights(tmp_path):
         load_pretrained(str(folder))
 
 
+def test_local_pretrained_folder_written_by_the_workflow(tmp_path):
+    """A teacher trained by another run of the workflow (architecture.json + model.safetensors)
+    serves as dense.pretrained; a damaged one is reported under that key."""
+    net = build_unet(TINY_ARCHITECTURE)
+    save_model(net, tmp_path / "teacher")
+    loaded = load_pretrained(str(tmp_path / "teacher"))
+    for name, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    truncate(tmp_path / "teacher" / "model.safetensors")
+    with pytest.raises(ValueError, match="^dense.pretrained: "):
+        load_pretrained(str(tmp_path / "teacher"))
+
+
 # ---- training snapshots -------------------------------------------------------------------------
 
 def fake_snapshot(step, fingerprint="run", **changes):
