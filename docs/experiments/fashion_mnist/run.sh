@@ -6,7 +6,9 @@
 # Usage: docs/experiments/fashion_mnist/run.sh [teacher]   ("teacher": only train the first stage)
 # Environment: WORK (Snakemake's working directory; results/ goes there; default: the checkout),
 # GPU_JOBS (GPU jobs side by side on the one GPU; default 4), CORES (default: all),
-# TEACHER_STEPS (default "1500 3000"; the last must equal the config's num_steps).
+# TEACHER_STEPS (default "1500 3000"; the last must equal the config's num_steps), TEACHER (a
+# teacher folder written by an earlier run, results/dense/fmnist_unet/trained/model: used as
+# dense.pretrained, no teacher stages).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-$REPO}
@@ -26,6 +28,17 @@ yaml.safe_dump(config, open(sys.argv[3], "w"), sort_keys=False)
 PY
     echo "$WORK/teacher_curve/config-$1.yaml"
 }
+
+if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teacher stages
+    config=$WORK/teacher_curve/config-pretrained.yaml
+    python - "$CONFIG" "$TEACHER" "$config" <<'PY'
+import sys, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+config["experiments"]["fmnist_unet"]["dense"] = {"pretrained": sys.argv[2]}
+yaml.safe_dump(config, open(sys.argv[3], "w"), sort_keys=False)
+PY
+    exec "${SNAKEMAKE[@]}" all_tables --configfile "$config"
+fi
 
 for steps in $TEACHER_STEPS; do
     config=$(stage_config "$steps")
