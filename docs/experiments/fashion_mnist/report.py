@@ -80,20 +80,25 @@ def stage_wall_times(results: Path) -> dict:
 
 
 def loss_plot(results: Path, out: Path) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    teacher = metrics(results / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl")
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
+    teacher_metrics = results / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl"
+    teacher = metrics(teacher_metrics) if teacher_metrics.exists() else []  # none when pretrained
     axes[0].plot([r["step"] for r in teacher], [r["loss"] for r in teacher])
     axes[0].set(title="dense teacher: NP loss", xlabel="step", yscale="log")
-    for exp, style in zip(EXPERIMENTS, ("-", "--")):
-        for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl")):
-            history = metrics(path)
-            label = f"{path.parent.name}" + (" (seed 1)" if exp.endswith("seed1") else "")
-            steps = [r["step"] for r in history]
-            axes[1].plot(steps, [r["np"] for r in history], style, label=label)
-            if "kd" in history[0]:
-                axes[2].plot(steps, [r["kd"] for r in history], style, label=label)
-    axes[1].set(title="finetunes: NP term", xlabel="step", yscale="log")
-    axes[2].set(title="finetunes: KD term", xlabel="step", yscale="log")
+    runs = [(exp, style, path) for exp, style in zip(EXPERIMENTS, ("-", "--"))
+            for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl"))]
+    # One colour per objective in every panel (a seed repeats its objective's colour, dashed).
+    objectives = sorted({path.parent.name for _, _, path in runs})
+    colour = {name: f"C{i}" for i, name in enumerate(objectives)}
+    for exp, style, path in runs:
+        history = metrics(path)
+        label = f"{path.parent.name}" + (" (seed 1)" if exp.endswith("seed1") else "")
+        steps = [r["step"] for r in history]
+        for axis, term in zip(axes[1:], ("np", "kd", "jm2")):
+            if history and term in history[0]:
+                axis.plot(steps, [r[term] for r in history], style, color=colour[path.parent.name], label=label)
+    for axis, title in zip(axes[1:], ("NP term", "KD term", "Jacobian term (jm2, unweighted)")):
+        axis.set(title=f"finetunes: {title}", xlabel="step", yscale="log")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
