@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import igsm.data
+import igsm.data.cifar10
+import igsm.data.common
 from conftest import CIFAR_SUBSET_SHA256, REPO
 from igsm.data import (DownloadError, check_dataset_spec, file_digest, load_fashion_mnist,
                        load_image_folder, parse_cifar10, prepare_dataset, read_idx, to_model_range,
@@ -239,11 +241,11 @@ def test_official_sources_when_url_and_sha256_unset(tmp_path, monkeypatch):
     """Empty url / no sha256 (the schema's defaults) mean the official archives; no network here."""
     calls = []
 
-    def fake_download(url, destination, sha256=None):
+    def fake_download(url, destination, sha256=None, algorithm="sha256"):
         calls.append((url, Path(destination).name, sha256))
         raise DownloadError(f"could not download {url}: offline test")
 
-    monkeypatch.setattr(igsm.data, "download", fake_download)
+    monkeypatch.setattr(igsm.data.common, "download", fake_download)
     for spec in ({"source": "cifar10", "url": ""}, {"source": "fashion-mnist", "url": "", "split": "test"}):
         with pytest.raises(DownloadError):
             prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
@@ -285,7 +287,7 @@ def set_key(key, value):
      "unknown file name"),
     ("fashion-mnist", set_key("sha256", {**DEBIAN_SHA256, "t10k-labels-idx1-ubyte.gz": "x"}),
      "sha256.t10k-labels-idx1-ubyte.gz", "64 hex digits"),
-    ("fashion-mnist", set_key("split", "val"), "split", "neither"),
+    ("fashion-mnist", set_key("split", "val"), "split", "has the splits"),
     ("fashion-mnist", set_key("url", "ftp://example.org/fmnist/"), "url", "not an http"),
     ("cifar10", set_key("image_size", 28), "image_size", "32×32"),
     ("cifar10", set_key("sha256", {"cifar-10-python.tar.gz": "ab" * 32}), "sha256", "one string"),
@@ -297,8 +299,8 @@ def test_check_dataset_spec_names_the_key(tmp_path, monkeypatch, source, change,
     def no_io(*args, **kwargs):
         raise AssertionError("check_dataset_spec must not download or read files")
 
-    monkeypatch.setattr(igsm.data, "download", no_io)
-    monkeypatch.setattr(igsm.data, "file_digest", no_io)
+    monkeypatch.setattr(igsm.data.common, "download", no_io)
+    monkeypatch.setattr(igsm.data.common, "file_digest", no_io)
     # A spec as the schema's defaults leave it, valid before the change.
     spec = {"source": source, "url": "", "split": "test", "path": str(tmp_path), "image_size": 32,
             "channels": 3}
@@ -594,7 +596,103 @@ def test_image_folder_empty_path_is_refused(tmp_path, monkeypatch):
 
 def test_cifar10_oversized_member_is_refused_before_reading(cifar_subset, monkeypatch):
     """A batch is read into memory whole: a member beyond the cap (512 MiB; lowered here) is refused."""
-    monkeypatch.setattr(igsm.data, "_CIFAR10_MAX_BATCH_BYTES", 1000)
+    monkeypatch.setattr(igsm.data.cifar10, "_CIFAR10_MAX_BATCH_BYTES", 1000)
     with pytest.raises(ValueError, match=re.escape(f"{cifar_subset}: member cifar-10-batches-py/data_batch_1 is "
                                                    "4936284 bytes, far beyond a CIFAR-10 batch")):
         parse_cifar10(cifar_subset)
+
+
+# ---- CelebA ---------------------------------------------------------------------------------------
+
+def celeba_files(folder, names_and_parts, size=(178, 218)):
+    """A CelebA-layout zip (img_align_celeba/<name>) and partition file. Lossless PNG bytes under the
+    .jpg names (PIL reads by content), each pixel a function of (row, column, image), so that crops
+    can be checked exactly."""
+    import zipfile
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, cols = np.mgrid[0:size[1], 0:size[0]]
+    with zipfile.ZipFile(folder / "img_align_celeba.zip", "w") as archive:
+        for k, (name, _) in enumerate(names_and_parts):
+            pixels = np.stack([rows % 256, cols % 256, np.full_like(rows, 10 * k)], axis=-1).astype(np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            archive.writestr(f"img_align_celeba/{name}", buffer.getvalue())
+    (folder / "list_eval_partition.txt").write_text(
+        "".join(f"{name} {part}\n" for name, part in names_and_parts))
+    return {name: file_digest(folder / name, "md5") for name in ("img_align_celeba.zip", "list_eval_partition.txt")}
+
+
+CELEBA_LAYOUT = [("000001.jpg", 0), ("000002.jpg", 1), ("000003.jpg", 0), ("000004.jpg", 2)]
+
+
+def test_celeba_split_and_crop_geometry(tmp_path):
+    md5 = celeba_files(tmp_path / "celeba", CELEBA_LAYOUT)
+    spec = {"source": "celeba", "url": (tmp_path / "celeba").as_uri(), "md5": md5, "split": "train",
+            "image_size": 128}
+    check_dataset_spec("celeba", spec)
+    data = prepare_dataset(spec, tmp_path / "train.npz", tmp_path / "raw")
+    # Partition 0 in the file's order: images 0 and 2 of the zip; the crop is rows 57..184 and
+    # columns 25..152 of the 218×178 aligned image (centre (89, 121)), not resized at 128.
+    assert data["images"].shape == (2, 128, 128, 3)
+    assert data["images"][1, 0, 0].tolist() == [57, 25, 20]
+    assert data["images"][0, -1, -1].tolist() == [184, 152, 0]
+    np.testing.assert_array_equal(data["images"][0, :, 0, 0], np.arange(57, 185))
+    np.testing.assert_array_equal(data["images"][0, 0, :, 1], np.arange(25, 153))
+    # At 64: PIL's bilinear resize of that crop (torchvision's Resize on a PIL image), nothing else.
+    from PIL import Image
+
+    small = prepare_dataset({**spec, "image_size": 64, "split": "test"}, tmp_path / "t.npz", tmp_path / "raw")
+    crop = data["images"][0].copy()
+    crop[..., 2] = 30  # image 3 of the zip (partition 2): its third channel is 10·k
+    expected = np.asarray(Image.fromarray(crop).resize((64, 64), Image.BILINEAR))
+    np.testing.assert_array_equal(small["images"][0], expected)
+
+
+def test_celeba_md5_mismatch_names_the_file(tmp_path):
+    md5 = celeba_files(tmp_path / "celeba", CELEBA_LAYOUT)
+    md5["list_eval_partition.txt"] = "0" * 32
+    spec = {"source": "celeba", "url": (tmp_path / "celeba").as_uri(), "md5": md5}
+    with pytest.raises(DownloadError, match="md5 mismatch for .*list_eval_partition.txt.*fix 'url' or 'md5'"):
+        prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
+    # Without an md5 key the official digests apply, which a test zip cannot have.
+    with pytest.raises(DownloadError, match="md5 mismatch for .*img_align_celeba.zip: expected 00d2c5bc"):
+        prepare_dataset({**spec, "md5": None}, tmp_path / "d.npz", tmp_path / "raw")
+
+
+@pytest.mark.parametrize("change, key, message", [
+    (lambda s: s.pop("url"), "url", "no official URL .*mmlab.ie.cuhk.edu.hk"),
+    (lambda s: s.update(split="val"), "split", "has the splits \\['train', 'valid', 'test'\\]"),
+    (lambda s: s.update(md5={"img_align_celeba.zip": "xyz"}), "md5.img_align_celeba.zip", "not 32 hex digits"),
+    (lambda s: s.update(md5={"celeba.zip": "0" * 32}), "md5", "unknown file name"),
+])
+def test_celeba_config_errors_name_the_key(change, key, message):
+    spec = {"source": "celeba", "url": "file:///data/celeba/", "split": "train", "image_size": 64}
+    check_dataset_spec("faces", spec)
+    change(spec)
+    with pytest.raises(ValueError, match=re.escape(f"datasets.faces.{key}: ") + ".*" + message):
+        check_dataset_spec("faces", spec)
+
+
+def test_celeba_damaged_files_are_named(tmp_path):
+    from igsm.data import load_celeba
+
+    celeba_files(tmp_path / "c", CELEBA_LAYOUT + [("000005.jpg", 0)], size=(178, 218))
+    (tmp_path / "c" / "list_eval_partition.txt").write_text("000001.jpg 0\n000009.jpg 0\n")
+    with pytest.raises(ValueError, match="no image 000009.jpg .* not the same release"):
+        load_celeba(tmp_path / "c" / "img_align_celeba.zip", tmp_path / "c" / "list_eval_partition.txt", "train", 64)
+    (tmp_path / "c" / "list_eval_partition.txt").write_text("000001.jpg train\n")
+    with pytest.raises(ValueError, match="line 1: .* not CelebA's list_eval_partition.txt"):
+        load_celeba(tmp_path / "c" / "img_align_celeba.zip", tmp_path / "c" / "list_eval_partition.txt", "train", 64)
+    celeba_files(tmp_path / "d", [("000001.jpg", 0)], size=(64, 64))
+    with pytest.raises(ValueError, match="member img_align_celeba/000001.jpg: 64×64 pixels, expected .* 178×218"):
+        load_celeba(tmp_path / "d" / "img_align_celeba.zip", tmp_path / "d" / "list_eval_partition.txt", "train", 64)
+
+
+def test_every_registered_source_is_in_the_schema():
+    import yaml
+
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    assert schema["$defs"]["dataset"]["properties"]["source"]["enum"] == list(igsm.data.SOURCES)

@@ -1,0 +1,132 @@
+"""What every data source shares: downloads checked by digest, the dataset file (.npz of uint8
+N×H×W×C images) and its readers, and the conversion to the networks' value range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+
+URL_SCHEMES = ("http", "https", "file")
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, destination: str | os.PathLike, sha256: str | None = None,
+             algorithm: str = "sha256") -> Path:
+    """Fetch ``url`` (http(s) or file://) to ``destination``, checking its digest (``sha256``: the
+    expected hex digest of ``algorithm``; CelebA publishes MD5s).
+
+    The file appears under its final name only once complete and verified.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(destination.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            shutil.copyfileobj(response, out, length=1 << 20)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        partial.unlink(missing_ok=True)
+        raise DownloadError(
+            f"could not download {url}: {err}. Point the dataset's 'url' at a reachable copy "
+            "(a mirror, or file:///path/to/the/archive)."
+        ) from None
+    if sha256 is not None:
+        actual = file_digest(partial, algorithm)
+        if actual != sha256.lower():
+            partial.unlink()
+            raise DownloadError(
+                f"{algorithm} mismatch for {url}: expected {sha256}, got {actual}. The file is "
+                f"corrupt or not the archive the config names; fix 'url' or '{algorithm}'."
+            )
+    partial.replace(destination)
+    return destination
+
+
+def fetch_cached(url: str, destination: str | os.PathLike, sha256: str, algorithm: str = "sha256") -> Path:
+    """``destination`` if it already holds the file with this digest, else ``download`` it there."""
+    destination = Path(destination)
+    if not destination.exists() or file_digest(destination, algorithm) != sha256.lower():
+        download(url, destination, sha256, algorithm)
+    return destination
+
+
+def save_arrays(path: str | os.PathLike, **arrays) -> None:
+    """np.savez written to a temporary name first, so a crash leaves no complete-looking file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+        np.savez(tmp, **arrays)
+    os.replace(tmp.name, path)
+
+
+# What to do about a file of results/ that cannot be read.
+REMAKE = "it was not written completely or was changed since; delete it and rerun the workflow, which remakes it"
+
+
+def numpy_error_text(err: BaseException) -> str:
+    """Why numpy could not read a file, in one line."""
+    if "pickled" in str(err):  # numpy takes an unknown format for a pickle
+        return "not a numpy file: its first bytes are neither an .npz (zip) nor an .npy header"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200]}" if text else type(err).__name__
+
+
+def read_npz(path: str | os.PathLike, names: tuple, kind: str, remedy: str = REMAKE) -> tuple[dict, list]:
+    """(the arrays among ``names`` that an .npz file holds, all its keys); a missing or unreadable
+    file (truncated, not an .npz) raises ValueError naming it, its ``kind`` and ``remedy``."""
+    if not Path(path).is_file():
+        raise ValueError(f"{kind} file {path} does not exist; check the path, or rerun the workflow, "
+                         "which makes it")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):  # an .npy file: one array
+            raise ValueError(f"one {getattr(data, 'shape', '')} array (.npy), not an .npz archive")
+        with data:
+            keys = sorted(data.files)
+            return {k: data[k] for k in names if k in keys}, keys
+    except Exception as err:  # BadZipFile, EOFError, zlib.error, ValueError, OSError, …
+        raise ValueError(f"{path} is unreadable ({numpy_error_text(err)}); {remedy}") from None
+
+
+def load_images(path: str | os.PathLike) -> np.ndarray:
+    """The uint8 N×H×W×C images of a dataset file written by :func:`prepare_dataset`."""
+    arrays, keys = read_npz(path, ("images",), "dataset")
+    images = arrays.get("images")
+    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) \
+            or not len(images):
+        found = f"{images.dtype} {images.shape}" if images is not None else f"keys {keys}"
+        raise ValueError(f"{path}: expected uint8 images N×H×W×C with C 1 or 3, found {found}; {REMAKE}")
+    return images
+
+
+def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 N×H×W×C → float N×C×H×W in [−1, 1], the range the networks model."""
+    x = torch.as_tensor(images_uint8)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float N×C×H×W in [−1, 1] → uint8 N×H×W×C, rounding as image writers do."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()

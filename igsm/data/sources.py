@@ -1,0 +1,86 @@
+"""The registry of data sources: each source is one module that registers how to check a config
+entry (``datasets.<name>``) and how to build the dataset from it. A new source is one new module
+imported by ``igsm/data/__init__.py`` (and its name added to the schema's ``source`` enum; a test
+keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from igsm.data.common import URL_SCHEMES, save_arrays
+
+Fail = Callable[[str, str], None]  # fail(key, message) raises, naming the key
+
+
+@dataclass(frozen=True)
+class DataSource:
+    name: str
+    check: Callable[[dict, Fail], None]  # errors the config entry alone shows (no network, no reading)
+    prepare: Callable[[dict, Path], dict]  # (entry, download cache) → {"images": uint8 N×H×W×C, "labels"}
+
+
+SOURCES: dict[str, DataSource] = {}
+
+
+def register(name: str, check: Callable[[dict, Fail], None], prepare: Callable[[dict, Path], dict]) -> DataSource:
+    if name in SOURCES:
+        raise ValueError(f"data source {name!r} is registered twice")
+    SOURCES[name] = DataSource(name, check, prepare)
+    return SOURCES[name]
+
+
+def prepare_dataset(spec: dict, out_path: str | os.PathLike, cache_dir: str | os.PathLike) -> dict:
+    """Build the dataset described by a config ``datasets.<name>`` entry and save it as .npz."""
+    _check_spec(spec)
+    data = SOURCES[spec["source"]].prepare(spec, Path(cache_dir))
+    save_arrays(out_path, **data)
+    return data
+
+
+def check_dataset_spec(name: str, spec: dict) -> None:
+    """Raise ValueError naming ``datasets.<name>.<key>`` for an error the config entry alone shows.
+
+    Touches neither the network nor the disk, except to see that an image-folder's ``path`` is a
+    folder, so the workflow can call it for every dataset before any job runs.
+    """
+    _check_spec(spec, f"datasets.{name}.")
+
+
+def _check_spec(spec: dict, prefix: str = "") -> None:
+    """The source's checks; keys absent from ``spec`` take the schema's defaults."""
+
+    def fail(key, message):
+        raise ValueError(f"{prefix}{key}: {message}")
+
+    source = spec.get("source")
+    if source not in SOURCES:
+        fail("source", f"unknown dataset source {source!r}; choose one of {tuple(SOURCES)}")
+    SOURCES[source].check(spec, fail)
+
+
+# ---- checks several sources share ----------------------------------------------------------------
+
+def check_split(spec: dict, fail: Fail, splits: tuple) -> None:
+    split = spec.get("split", "train")
+    if split not in splits:
+        fail("split", f"{split!r}: {spec.get('source')} has the splits {list(splits)}")
+
+
+def check_url(spec: dict, fail: Fail, required: str = "") -> None:
+    """An http(s):// or file:// URL; ``required`` (a hint where to get the files) when it has no default."""
+    url = spec.get("url") or ""
+    if not url and required:
+        fail("url", f"{spec.get('source')} has no official URL this workflow can download from: {required}")
+    if url and urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
+        fail("url", f"{url!r} is not an http://, https:// or file:// URL")
+
+
+def check_hex_digest(digest, length: int, key: str, fail: Fail) -> None:
+    if not (isinstance(digest, str) and re.fullmatch(f"[0-9a-fA-F]{{{length}}}", digest)):
+        fail(key, f"not {length} hex digits (got {digest!r})")
