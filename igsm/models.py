@@ -61,6 +61,7 @@ def _static_width_attributes():
         nn.Conv2d: ("in_channels", "out_channels"),
         nn.Linear: ("in_features", "out_features"),
         nn.GroupNorm: ("num_groups", "num_channels"),
+        nn.LayerNorm: ("normalized_shape",),  # U-ViT's last out-block and final norm, pruned
         Upsample2D: ("channels", "out_channels"),
         Downsample2D: ("channels", "out_channels"),
         # scale: pruned attention keeps the dense softmax temperature (igsm.pruning folds it
@@ -172,6 +173,8 @@ def _check_widths(net: nn.Module, weights_path: Path, architecture_path: Path, d
             expected = (module.out_features, module.in_features)
         elif isinstance(module, nn.GroupNorm):
             expected = (module.num_channels,) if module.affine else None
+        elif isinstance(module, nn.LayerNorm):
+            expected = tuple(module.normalized_shape) if module.elementwise_affine else None
         else:
             continue
         weight = getattr(module, "weight", None)
@@ -210,7 +213,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
             raise ValueError(f"{architecture_path}: 'widths' names a layer {name!r} that its 'config' "
                              f"does not have; {_remake(directory)}")
         for attr, value in attrs.items():
-            setattr(modules[name], attr, value)
+            setattr(modules[name], attr, tuple(value) if attr == "normalized_shape" else value)  # JSON lists
     if not weights_path.is_file():
         raise ValueError(f"{weights_path} is missing; {_remake(directory)}")
     try:

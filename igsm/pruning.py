@@ -139,6 +139,7 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
                 model, example_inputs, importance=importance, pruning_ratio=channel_ratio,
                 global_pruning=False, iterative_steps=1, ignored_layers=plan["ignored_layers"],
                 num_heads=plan["num_heads"], unwrapped_parameters=plan["unwrapped_parameters"],
+                pruning_ratio_dict=plan.get("pruning_ratio_dict", lambda ratio: {})(channel_ratio),
                 prune_head_dims=True, prune_num_heads=False,
                 # tp 1.4.0 keeps these in mutable default arguments and fills them with this
                 # model's layers: fresh dicts stop one call's modules leaking into the next.
@@ -243,18 +244,30 @@ def _pruning_plan(model: nn.Module) -> dict:
     """What torch-pruning must keep, per model family, and how to resync static widths after.
 
     U-Net (Diff-Pruning): every layer but ``conv_out``; each attention's heads keep equal widths.
-    U-ViT (no public code prunes it; NOTES §3): only inner dimensions, the attention's head widths
-    (qkv, then proj's input) and the MLP's hidden layer; the residual stream keeps its width, so
-    every layer writing it is kept (patch embedding, attention/MLP outputs, skip projections,
-    decoder, final convolution) and ``pos_embed`` is unwrapped along its token-feature axis.
+    U-ViT (no public code prunes it; NOTES §3): the inner dimensions (each head's width, qkv then
+    proj's input, and the MLP's hidden layer) and the residual stream of the last out-block only;
+    the other streams keep their width (patch embedding, position embedding, the in/mid blocks,
+    out-blocks 0..n−2 and every skip projection's input), as do the decoder's output and the final
+    convolution. A reconstruction, labelled as such: it is what porting Diff-Pruning to U-ViT with
+    torch-pruning gives when only the input and output layers are ignored (torch-pruning couples
+    the long skips' concatenation with the patch embedding, so only the last stream, which feeds
+    the decoder alone, is free), and it reproduces all of Table 5's U-ViT counts (0.5 → 22.74M /
+    5.81G … 0.8 → 10.42M / 2.64G vs 22.7M / 5.8G … 10.4M / 2.6G). Each head keeps ⌊head_dim·(1 −
+    ratio)⌋ dims, as torch-pruning ≥ 1.4.1 rounds (1.4.0 would keep head_dim − ⌊(D − ⌊D(1 − ratio)⌋)/heads⌋),
+    set through ``pruning_ratio_dict`` on each attention's ``proj``, the root of its group.
     """
     from igsm.uvit import PrunableAttention, UViT
 
     if isinstance(model, UViT):
         blocks = [*model.in_blocks, model.mid_block, *model.out_blocks]
+        last = model.out_blocks[-1]
         keep = [model.patch_embed.proj, model.decoder_pred, model.final_layer]
-        keep += [layer for b in blocks for layer in (b.attn.proj, b.mlp.fc2, b.skip_linear) if layer is not None]
+        keep += [layer for b in blocks if b is not last
+                 for layer in (b.attn.proj, b.mlp.fc2, b.skip_linear) if layer is not None]
         attention = {name: m for name, m in model.named_modules() if isinstance(m, PrunableAttention)}
+
+        def head_ratios(ratio):
+            return {b.attn.proj: 1 - int(b.attn.head_dim * (1 - ratio)) / b.attn.head_dim for b in blocks}
 
         def sync_widths():
             # Equal heads of a narrower width; the softmax scale stays the dense one (recorded).
@@ -265,7 +278,8 @@ def _pruning_plan(model: nn.Module) -> dict:
                 attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
 
         return {"ignored_layers": keep, "num_heads": {m.qkv: m.num_heads for m in attention.values()},
-                "unwrapped_parameters": [(model.pos_embed, 2)], "sync_widths": sync_widths}
+                "unwrapped_parameters": [(model.pos_embed, 2)], "sync_widths": sync_widths,
+                "pruning_ratio_dict": head_ratios}
     if not isinstance(getattr(model, "conv_out", None), nn.Module):
         raise ValueError(f"net: {type(model).__name__} has no conv_out layer to keep unpruned; "
                          "prune() expects a diffusers UNet2DModel or a U-ViT")
