@@ -19,6 +19,7 @@ With --precision bf16 the bf16 gradient's error against fp32 is reported too.
 
     python benchmarks/objective_step.py --batch 128 --precision fp32 --out results.json
     python benchmarks/objective_step.py --device cpu --batch 2 --tiny --steps 2 --warmup 1
+    python benchmarks/objective_step.py --family uvit --batch 128 --precision bf16 --out uvit.json
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout
 
 from igsm.diffusion import NoiseSchedule, antithetic_timesteps  # noqa: E402
-from igsm.models import count_parameters, predict_noise  # noqa: E402
+from igsm.models import count_parameters, image_shape, predict_noise  # noqa: E402
 from igsm.objectives import (build_objective, jacobian_rows, math_attention,  # noqa: E402
                              orthonormalize, sq_norm)
 
@@ -51,6 +52,10 @@ TINY_UNET = dict(CIFAR10_UNET, sample_size=8, block_out_channels=(32, 64), layer
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
 TINY_NARROW_WIDTHS = (24, 48)
+TINY_UVIT = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=4, num_heads=4, mlp_ratio=4.0)
+# U-ViT has LayerNorms: forward-mode AD through them gives wrong second derivatives in torch
+# (igsm.objectives refuses mixed_jvp there), so the jvp-based methods are left out for it.
+JVP_METHODS = ("IGSM exact, jvp", "IGSM mixed partials (jvp)")
 FRACTIONS = (0.5, 0.25)
 MIXED = {"IGSM mixed partials (fd)": dict(jacobian_method="mixed_fd"),
          "IGSM mixed partials (fd, forward)": dict(jacobian_method="mixed_fd", fd_scheme="forward"),
@@ -76,6 +81,23 @@ def authors_loss(student, teacher, x_t, t, noise, direction, weights=None):
     terms = {"np": sq_norm(s - noise).mean(), "kd": sq_norm(s - s_dense).mean(),
              "jm2": (sq_norm(jv_dense) - sq_norm(jv)).square().mean()}
     return sum(weights[name] * value for name, value in terms.items()), terms
+
+
+def build_uvit_networks(tiny: bool, device, ratio: float = 0.5):
+    """U-ViT teacher (the paper's CIFAR-10 config, 44.26M, or a tiny one) and its student pruned
+    by igsm.pruning at ``ratio`` (Table 5: 0.5 → 22.7M)."""
+    from igsm.pruning import prune
+    from igsm.uvit import CIFAR10_UVIT, UViT
+
+    torch.manual_seed(0)
+    config = TINY_UVIT if tiny else CIFAR10_UVIT
+    teacher = UViT(**config).to(device)
+    images = torch.rand(2, 3, config["img_size"], config["img_size"], device=device) * 2 - 1
+    student, _ = prune(teacher, criterion="magnitude", channel_ratio=ratio, images=images,
+                       schedule=NoiseSchedule.linear())
+    teacher.eval().requires_grad_(False)
+    student.train().requires_grad_(True)
+    return teacher, student, f"igsm.pruning.prune(criterion='magnitude', channel_ratio={ratio})"
 
 
 def build_networks(tiny: bool, device, batch: int, teacher_path: str | None = None):
@@ -246,16 +268,18 @@ def measure_errors(student, teacher, batches, args, autocast):
     }
     approximations = {f"IGSM vjp, Jacobian on {fraction:g} of batch": dict(jacobian_fraction=fraction)
                       for fraction in FRACTIONS}
-    for name, options in {**MIXED, **approximations}.items():
+    mixed = {name: options for name, options in MIXED.items()
+             if not (args.family == "uvit" and name in JVP_METHODS)}
+    for name, options in {**mixed, **approximations}.items():
         errors[name] = relative(gradient(student, teacher, igsm, batches[0], v, **options), exact)
         errors[name + " (Jacobian term alone)"] = relative(
             gradient(student, teacher, jac_only, batches[0], v, **options), exact_jac)
     if args.precision == "bf16":
-        for projection in ("vjp", "jvp"):
+        for projection in ("vjp",) if args.family == "uvit" else ("vjp", "jvp"):
             reference = exact if projection == "vjp" else gradient(student, teacher, igsm, batches[0], v, projection="jvp")
             errors[f"IGSM exact, {projection}: bf16 vs fp32"] = relative(
                 gradient(student, teacher, igsm, batches[0], v, autocast, projection=projection), reference)
-        for name, options in MIXED.items():  # against the exact fp32 gradient
+        for name, options in mixed.items():  # against the exact fp32 gradient
             errors[f"{name}: bf16 vs exact fp32"] = relative(
                 gradient(student, teacher, igsm, batches[0], v, autocast, **options), exact)
     student.train(was_training)
@@ -273,6 +297,9 @@ def main(argv=None):
     parser.add_argument("--lambda-jac", type=float, default=0.1, help="λ_Jac of IGSM (paper, PR 0.44)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="8×8 two-level U-Nets (CPU check)")
+    parser.add_argument("--family", choices=("unet", "uvit"), default="unet",
+                        help="unet: CIFAR-10 DDPM U-Net, student at channel ratio 0.3; uvit: CIFAR-10 "
+                             "U-ViT (paper Table 7), student at ratio 0.5 (Table 5)")
     parser.add_argument("--teacher", default=None,
                         help="trained teacher (checkpoint folder, diffusers folder or hub id); default: random init")
     parser.add_argument("--seed", type=int, default=0)
@@ -289,11 +316,18 @@ def main(argv=None):
     autocast = ((lambda: torch.autocast(device_type, dtype=torch.bfloat16))
                 if args.precision == "bf16" else contextlib.nullcontext)
 
-    teacher, student, source = build_networks(args.tiny, args.device, args.batch, args.teacher)
-    size = teacher.config.sample_size
+    if args.family == "uvit":
+        if args.teacher:
+            parser.error("--teacher is for --family unet")
+        teacher, student, source = build_uvit_networks(args.tiny, args.device)
+    else:
+        teacher, student, source = build_networks(args.tiny, args.device, args.batch, args.teacher)
+    size = image_shape(teacher)[1]
     batches = make_batches(4, args.batch, size, args.device, args.seed)
     results = []
     for name, loss_fn in methods(args.lambda_jac).items():
+        if args.family == "uvit" and name in JVP_METHODS:
+            continue
         results.append({"method": name, **time_method(loss_fn, student, teacher, batches, args, autocast)})
         print(f"{name}: {results[-1]}", file=sys.stderr, flush=True)
     errors = measure_errors(student, teacher, batches, args, autocast)
