@@ -63,11 +63,13 @@ def _write_json(path, payload) -> None:
 
 
 def _schedule(settings: dict):
-    from igsm.diffusion import NoiseSchedule
+    """The experiment's forward process (settings' 'diffusion': DDPM or VP-SDE, igsm.diffusion)."""
+    from igsm.diffusion import process_from_settings
 
-    diffusion = settings.get("diffusion", {})
-    return NoiseSchedule.linear(diffusion.get("num_steps", 1000), diffusion.get("beta_start", 1e-4),
-                                diffusion.get("beta_end", 2e-2))
+    try:
+        return process_from_settings(settings.get("diffusion", {}))
+    except ValueError as err:
+        raise click.ClickException(f"--settings: {err}") from None
 
 
 def _relaunch_under_torchrun(nproc_per_node: int, nnodes: int = 1, device: str = "auto") -> None:
@@ -178,14 +180,25 @@ def download(out, cache_dir, settings):
 
 
 @main.command()
-@click.option("--model-id", required=True, help="Hub id (google/ddpm-cifar10-32) or local folder.")
+@click.option("--model-id", required=True,
+              help="Hub id (google/ddpm-cifar10-32) or local folder; for a U-ViT architecture, a "
+                   "reference checkpoint (.pth file or URL).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-def pretrained(model_id, out):
-    """Fetch a pretrained dense diffusers U-Net and store it in the project's format."""
-    from igsm.models import load_pretrained, save_model
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where a checkpoint given by URL is downloaded (U-ViT).")
+@SETTINGS
+def pretrained(model_id, out, cache_dir, settings):
+    """Fetch a pretrained dense model and store it in the project's format (settings: the
+    experiment's 'architecture', needed for U-ViT checkpoints, which are plain state dicts)."""
+    from igsm.models import architecture_family, load_pretrained, save_model
 
     try:
-        net = load_pretrained(model_id)
+        if architecture_family(settings) == "uvit":
+            from igsm.uvit import load_reference_checkpoint
+
+            net = load_reference_checkpoint(model_id, settings, cache_dir or Path(out).parent / "download")
+        else:
+            net = load_pretrained(model_id)
     except (RuntimeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     save_model(net, out, extra={"source": model_id})
@@ -196,13 +209,13 @@ def pretrained(model_id, out):
 @click.option("--seed", type=int, default=0, show_default=True)
 @SETTINGS
 def init(out, seed, settings):
-    """A freshly initialised network from the experiment's 'architecture'."""
+    """A freshly initialised network from the experiment's 'architecture' (U-Net or U-ViT)."""
     import torch
 
-    from igsm.models import build_unet, save_model
+    from igsm.models import build_model, save_model
 
     torch.manual_seed(seed)
-    save_model(build_unet(settings), out, extra={"source": f"random init (seed {seed})"})
+    save_model(build_model(settings), out, extra={"source": f"random init (seed {seed})"})
 
 
 @main.command()
@@ -295,7 +308,9 @@ def prune(model_dir, data, criterion, channel_ratio, out, report, settings, devi
     x0 = to_model_range(images[pick.numpy()]).to(_device(device))
     try:
         pruned, result = prune_net(load_model(model_dir).to(x0.device), criterion=criterion,
-                                   channel_ratio=channel_ratio, images=x0, schedule=_schedule(settings),
+                                   channel_ratio=channel_ratio, images=x0,
+                                   # Diff-Pruning walks integer steps: a VP-SDE's at t = k/999.
+                                   schedule=_schedule(settings).integer_steps(),
                                    thr=settings.get("thr", 0.05), seed=settings.get("seed", 0))
     except ValueError as err:
         raise click.ClickException(str(err)) from None

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
-from igsm.models import looks_like_local_path
+from igsm.models import architecture_family, looks_like_local_path
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -24,8 +24,12 @@ SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
                "fashion-mnist": {"train": 60_000, "test": 10_000}}
 CHANNELS = {"cifar10": 3, "fashion-mnist": 1, "sklearn-digits": 1}
 SKLEARN_DIGITS_SIZE = 1797
-# diffusers' UNet2DModel defaults, for architecture keys a config leaves out.
+# diffusers' UNet2DModel defaults, for architecture keys a config leaves out (U-ViT's in_chans too).
 UNET_DEFAULT_CHANNELS = 3
+# Each forward process's own keys under experiments.<name>.diffusion (schema: defaults per process).
+PROCESS_KEYS = {"ddpm": ("num_steps", "beta_start", "beta_end"), "vpsde": ("beta_min", "beta_max")}
+UVIT_CHECKPOINT_SUFFIXES = (".pth", ".pt")
+CHECKPOINT_URL_SCHEMES = ("http://", "https://", "file://")
 
 
 class ConfigError(ValueError):
@@ -107,24 +111,36 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
             errors.append(f"{key}.dense.from_experiment: {owner!r} trains on dataset "
                           f"{experiments[owner]['dataset']!r}, this experiment on {exp['dataset']!r}")
     pretrained = dense["pretrained"]
-    if pretrained and looks_like_local_path(pretrained) and not Path(pretrained).expanduser().is_dir():
-        errors.append(f"{key}.dense.pretrained: local folder {pretrained} does not exist")
     arch = exp["architecture"]
+    family = architecture_family(arch)
+    if pretrained and family == "uvit":
+        if not pretrained.startswith(CHECKPOINT_URL_SCHEMES) and not Path(pretrained).expanduser().is_file():
+            errors.append(f"{key}.dense.pretrained: U-ViT checkpoint file {pretrained} does not exist "
+                          f"(give a local .pth file or an http(s):// / file:// URL)")
+    elif pretrained and pretrained.endswith(UVIT_CHECKPOINT_SUFFIXES):
+        errors.append(f"{key}.architecture: dense.pretrained {pretrained} is a U-ViT checkpoint (a plain "
+                      f"state dict); give U-ViT's architecture (img_size, patch_size, …) to build it")
+    elif pretrained and looks_like_local_path(pretrained) and not Path(pretrained).expanduser().is_dir():
+        errors.append(f"{key}.dense.pretrained: local folder {pretrained} does not exist")
     if "training" in dense and not arch:
         errors.append(f"{key}.architecture: needed to train the dense model")
     if exp["untrained_baseline"] and not arch:
         errors.append(f"{key}.architecture: needed by untrained_baseline")
     if arch:
-        size = arch.get("sample_size")
+        # U-ViT's keys (igsm.uvit: one in_chans for input and output) or diffusers U-Net's.
+        size_key, channel_keys = ("img_size", ("in_chans",)) if family == "uvit" else \
+            ("sample_size", ("in_channels", "out_channels"))
+        size = arch.get(size_key)
         if size is not None and size != data["image_size"]:
-            errors.append(f"{key}.architecture.sample_size: {size}, but datasets.{exp['dataset']}.image_size "
+            errors.append(f"{key}.architecture.{size_key}: {size}, but datasets.{exp['dataset']}.image_size "
                           f"is {data['image_size']}; the network would train on one size and sample another")
         channels = dataset_channels(data)
-        for side in ("in_channels", "out_channels"):
+        for side in channel_keys:
             value = arch.get(side, UNET_DEFAULT_CHANNELS)
             if value != channels:
                 errors.append(f"{key}.architecture.{side}: {value}, but dataset {exp['dataset']!r} "
                               f"({data['source']}) has {channels} channel(s)")
+    errors += _process_errors(config, name, exp, family)
     runs = exp["finetune"]["runs"]
     if runs and "training" not in exp["finetune"]:
         errors.append(f"{key}.finetune.training: needed by finetune.runs")
@@ -152,6 +168,35 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
                             (f"{key}.prune.num_images", exp["prune"]["num_images"])):
             if value > known:
                 errors.append(f"{path}: {value} images asked, dataset {exp['dataset']!r} holds {known}")
+    return errors
+
+
+def _process_errors(config: dict, name: str, exp: dict, family: str) -> list[str]:
+    """The forward process against what it must agree with: its own keys, the sampler, the
+    process a pretrained teacher was trained on, and a shared teacher's process."""
+    key = f"experiments.{name}.diffusion"
+    diffusion = exp["diffusion"]
+    process = diffusion["process"]
+    errors = [f"{key}.{k}: a key of process {other!r}, but process is {process!r} (it takes "
+              f"{', '.join(PROCESS_KEYS[process])})"
+              for other, keys in PROCESS_KEYS.items() if other != process for k in keys if k in diffusion]
+    if exp["sample"]["sampler"] == "euler-maruyama" and process != "vpsde":
+        errors.append(f"{key}.process: {process!r}, but sample.sampler 'euler-maruyama' integrates the "
+                      f"VP-SDE; set process: vpsde (a network trained on it), or sampler: ddim")
+    if exp["dense"]["pretrained"]:
+        # A teacher is finetuned on the process it learned: the released U-Nets (diffusers) are
+        # DDPM models, U-ViT's released checkpoints VP-SDE ones (t ~ U(0, 1), input t·999).
+        expected = "vpsde" if family == "uvit" else "ddpm"
+        if process != expected:
+            what = "U-ViT's released checkpoints were trained on the VP-SDE" if family == "uvit" else \
+                "pretrained diffusers U-Nets are DDPM models"
+            errors.append(f"{key}.process: {process!r}, but {what}; set process: {expected}")
+    owner = exp["dense"]["from_experiment"]
+    if owner in config["experiments"] and owner != name:
+        theirs = config["experiments"][owner]["diffusion"]
+        if theirs != diffusion:
+            errors.append(f"{key}: {diffusion}, but the dense model of experiments.{owner} (dense."
+                          f"from_experiment) was trained with {theirs}; a student learns its teacher's process")
     return errors
 
 

@@ -80,6 +80,19 @@ def build_unet(architecture: dict) -> nn.Module:
     return UNet2DModel(**architecture)
 
 
+def architecture_family(architecture: dict) -> str:
+    """"uvit" for U-ViT keyword arguments (``img_size``, as igsm.uvit's configs), else "unet"
+    (diffusers UNet2DModel's, ``sample_size``): the config names no family, its keys do."""
+    return "uvit" if "img_size" in architecture else "unet"
+
+
+def build_model(architecture: dict) -> nn.Module:
+    """A freshly initialised network of either family from the config's ``architecture``."""
+    if architecture_family(architecture) == "uvit":
+        return _uvit_class()(**architecture)
+    return build_unet(architecture)
+
+
 def predict_noise(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """ε̂ = net(x_t, t) for diffusers models (which wrap outputs) and plain modules alike."""
     out = net(x, t)

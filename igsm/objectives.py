@@ -172,8 +172,9 @@ def otd_step(directions: Tensor, jacobian_products: Tensor, dt: float) -> Tensor
 def jacobian_rows(batch_size: int, fraction: float) -> Tensor | None:
     """Rows carrying the Jacobian terms, None for all of them.
 
-    The first rows of each antithetic half (t and T−1−t pairs, igsm.diffusion.antithetic_timesteps)
-    so that the variance reduction of the pairing is kept; batch rows are i.i.d. otherwise.
+    The first rows of each antithetic half (t paired with its mirror, T−1−t or 1−t: the processes'
+    ``sample_times`` in igsm.diffusion) so that the variance reduction of the pairing is kept; batch
+    rows are i.i.d. otherwise.
     """
     count = min(batch_size, max(1, math.ceil(fraction * batch_size)))
     if count == batch_size:

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from igsm.data import REMAKE, numpy_error_text, read_npz, save_arrays, to_uint8
-from igsm.diffusion import NoiseSchedule
+from igsm.diffusion import VPSDE, NoiseSchedule, vp_log_alpha
 from igsm.models import predict_noise
 
 SAMPLERS = ("ddim", "euler-maruyama")
@@ -265,11 +265,6 @@ def ddim_sample(net, noise: torch.Tensor, schedule: NoiseSchedule, num_steps: in
     return x
 
 
-def vp_log_alpha(t, beta_min: float = 0.1, beta_max: float = 20.0):
-    """log α(t) of the VP-SDE with linear β(t): x_t = α(t)·x_0 + σ(t)·ε, σ² = 1 − α²."""
-    return -0.25 * t**2 * (beta_max - beta_min) - 0.5 * t * beta_min
-
-
 @torch.no_grad()
 def euler_maruyama_sample(net, noise: torch.Tensor, num_steps: int = 1000,
                           beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3,
@@ -294,33 +289,45 @@ def euler_maruyama_sample(net, noise: torch.Tensor, num_steps: int = 1000,
     return x.to(noise.dtype)
 
 
-def generate(net, *, sampler: str, seeds, image_shape, schedule: NoiseSchedule | None = None,
+def generate(net, *, sampler: str, seeds, image_shape, schedule: NoiseSchedule | VPSDE | None = None,
              device="cpu", micro_batch: int | None = None, noise_threads: int = 1,
              **sampler_kwargs) -> torch.Tensor:
     """One batch: image k of the batch from seed ``seeds[k]``. ``net``: a module (wrapped in a
-    ``Denoiser`` with ``micro_batch``) or a ``Denoiser``."""
+    ``Denoiser`` with ``micro_batch``) or a ``Denoiser``. ``schedule``: the process the network
+    was trained on (default: DDPM's for DDIM, U-ViT's VP-SDE for Euler–Maruyama). DDIM walks its
+    integer steps (a VP-SDE at t = k/999); Euler–Maruyama integrates the VP-SDE and refuses DDPM."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if sampler == "euler-maruyama" and schedule is not None and not isinstance(schedule, VPSDE):
+        raise ValueError("sampler euler-maruyama integrates the VP-SDE, but the model's process is "
+                         f"{schedule.kind!r}; use diffusion.process vpsde or sampler ddim")
     if not isinstance(net, Denoiser):
         net = Denoiser(net, micro_batch=micro_batch)
     generators = ImageGenerators(seeds, noise_threads)
     noise = generators.randn(image_shape, device=device)
     if sampler == "ddim":
-        return ddim_sample(net, noise, schedule or NoiseSchedule.linear(), generators=generators,
-                           **sampler_kwargs)
+        schedule = schedule.integer_steps() if schedule is not None else NoiseSchedule.linear()
+        return ddim_sample(net, noise, schedule, generators=generators, **sampler_kwargs)
+    if schedule is not None:
+        sampler_kwargs = {"beta_min": schedule.beta_min, "beta_max": schedule.beta_max, **sampler_kwargs}
     return euler_maruyama_sample(net, noise, generators=generators, **sampler_kwargs)
 
 
 def sampler_kwargs(settings: dict) -> dict:
-    """The sampler's keyword arguments from the config's 'sample' section."""
-    sampler = settings.get("sampler", "ddim")
+    """The sampler's keyword arguments from the config's 'sample' section, as the schema fills it.
+
+    No defaults here: the schema holds them (``num_steps`` per sampler: 100 for DDIM, 1000 for
+    Euler–Maruyama), so a second copy cannot disagree with it; a key it would have filled is an
+    error naming it."""
+    sampler = settings.get("sampler")
     if sampler not in SAMPLERS:
         raise ValueError(f"sample.sampler: unknown {sampler!r}; choose one of {SAMPLERS}")
-    kwargs = {"num_steps": settings.get("num_steps", 100 if sampler == "ddim" else 1000)}
-    if sampler == "ddim":
-        kwargs.update(eta=settings.get("eta", 0.0), spacing=settings.get("spacing", "uniform"),
-                      clip_x0=settings.get("clip_x0", False))
-    return kwargs
+    needed = ("num_steps", "eta", "spacing", "clip_x0") if sampler == "ddim" else ("num_steps",)
+    missing = [key for key in needed if key not in settings]
+    if missing:
+        raise ValueError(f"sample.{missing[0]}: missing from the sample settings (the workflow's schema "
+                         f"fills {', '.join(missing)} for the {sampler} sampler; give them with --settings)")
+    return {key: settings[key] for key in needed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,7 +446,7 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def sample_images(net, *, seeds, image_shape, batch_size: int, sampler: str = "ddim",
-                  schedule: NoiseSchedule | None = None, device="cpu", partial: PartialBatches | None = None,
+                  schedule: NoiseSchedule | VPSDE | None = None, device="cpu", partial: PartialBatches | None = None,
                   rank: int = 0, world_size: int = 1, noise_threads: int = 1, progress: bool = False,
                   **kwargs) -> np.ndarray | None:
     """uint8 N×H×W×C images of ``seeds``, generated ``batch_size`` at a time.

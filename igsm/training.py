@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from igsm import distributed
 from igsm.data import to_model_range
-from igsm.diffusion import NoiseSchedule, antithetic_timesteps
+from igsm.diffusion import NoiseSchedule, VPSDE
 
 # Options that do not change the weights: a snapshot stays resumable when only these change.
 # num_steps among them: nothing in a step depends on it (constant learning rate after warm-up,
@@ -140,16 +140,17 @@ def _hash_tensors(digest, tensors: dict) -> None:
 
 
 def run_fingerprint(net: nn.Module, images: np.ndarray, options: "TrainingOptions",
-                    teacher: nn.Module | None, schedule: NoiseSchedule) -> str:
+                    teacher: nn.Module | None, schedule: NoiseSchedule | VPSDE) -> str:
     """sha256 of what the trained weights depend on: the options (bar BOOKKEEPING_OPTIONS), the
-    noise schedule, the training images, the initial weights and the teacher's weights.
+    forward process (kind and parameters: igsm.diffusion), the training images, the initial
+    weights and the teacher's weights.
 
     Not the number of processes: a run may resume on another GPU count (or device).
     """
     digest = hashlib.sha256()
     settings = {k: v for k, v in asdict(options).items() if k not in BOOKKEEPING_OPTIONS}
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    digest.update(schedule.alphas_cumprod.double().numpy().tobytes())
+    digest.update(schedule.identity())
     digest.update(f"images:{images.dtype}:{images.shape};".encode())
     digest.update(np.ascontiguousarray(images).data)
     _hash_tensors(digest, net.state_dict())
@@ -314,10 +315,13 @@ def train(
     checkpoint_dir: str | os.PathLike,
     metrics_path: str | os.PathLike,
     teacher: nn.Module | None = None,
-    schedule: NoiseSchedule | None = None,
+    schedule: NoiseSchedule | VPSDE | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Timing]:
     """Train ``net`` on uint8 ``images`` (N×H×W×C); return its EMA copy and the run's timing.
+
+    ``schedule``: the forward process (igsm.diffusion: DDPM, the default, or the VP-SDE); the
+    objective sees its noisy images and the network's time input (t, resp. t·999).
 
     Under torchrun (igsm.distributed.init() called first) every process calls this with the same
     arguments; ``options.batch_size`` is the global batch and must divide by the process count.
@@ -420,9 +424,10 @@ def train(
                 if options.hflip:
                     flip = (torch.rand(batch, generator=generator, device=device) < 0.5)[rows]
                     x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
-                t = antithetic_timesteps(batch, schedule.num_steps, generator, device)[rows]
+                t = schedule.sample_times(batch, generator, device)[rows]
                 noise = torch.randn((batch, *x0.shape[1:]), generator=generator, device=device)[rows]
                 x_t = schedule.add_noise(x0, noise, t)
+                t = schedule.network_time(t)  # what the objective's networks see
 
                 for group in optimizer.param_groups:
                     group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup_steps))

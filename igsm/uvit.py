@@ -147,3 +147,49 @@ class UViT(nn.Module):
             h = block(h, skips.pop())
         h = self.decoder_pred(self.norm(h))[:, 1:]
         return self.final_layer(unpatchify(h, self.in_chans))
+
+
+def load_reference_checkpoint(source: str, architecture: dict, cache_dir) -> UViT:
+    """A dense U-ViT of ``architecture`` with the weights of a reference checkpoint (baofff/U-ViT's
+    released ``*.pth``: a plain state dict, read with ``weights_only=True``, nothing unpickled).
+
+    ``source``: a local file, or an http(s):// / file:// URL downloaded into ``cache_dir`` (kept:
+    a rerun reads it again). Errors are ``ValueError`` naming the file and what to do.
+    """
+    import hashlib
+    from pathlib import Path
+    from urllib.parse import unquote, urlsplit
+
+    from igsm.data import DownloadError, download
+
+    parts = urlsplit(source)
+    if parts.scheme in ("http", "https", "file"):
+        name = Path(unquote(parts.path)).name
+        # Google Drive's download URL has no file name: the query's id names it.
+        if not name.endswith((".pth", ".pt")):
+            name = f"checkpoint-{hashlib.sha256(source.encode()).hexdigest()[:16]}.pth"
+        path = Path(cache_dir) / name
+        if not path.is_file():
+            try:
+                download(source, path)
+            except DownloadError as err:
+                raise ValueError(f"dense.pretrained: {err} Or download the checkpoint elsewhere and set "
+                                 f"dense.pretrained to the local .pth file.") from None
+    else:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(f"dense.pretrained: {source} is not a file; set it to U-ViT's released "
+                             f"checkpoint (e.g. cifar10_uvit_small.pth) or its URL")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file, an HTML page (Google Drive's warning), a pickle
+        raise ValueError(f"dense.pretrained: {path} is not a torch state dict ({type(err).__name__}); "
+                         f"if it came from Google Drive it may be the page asking to confirm the "
+                         f"download: fetch the file in a browser and point dense.pretrained at it") from None
+    net = UViT(**architecture)
+    try:
+        net.load_state_dict(state if isinstance(state, dict) else {}, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"dense.pretrained: {path} does not fit the experiment's U-ViT architecture "
+                         f"{architecture}: {' '.join(str(err).split())[:400]}") from None
+    return net.eval()

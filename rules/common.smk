@@ -75,6 +75,10 @@ wildcard_constraints:
     variant=_one_of(sorted({variant for exp in EXPERIMENTS for variant in scored_variants(exp)})),
 
 
+# U-ViT experiments: their architecture has U-ViT's keys (igsm.models.architecture_family).
+UVIT_EXPERIMENTS = [exp for exp, spec in EXPERIMENTS.items() if "img_size" in spec["architecture"]]
+
+
 def dense_owner(exp):
     """The experiment whose dense model this one uses: itself, or its dense.from_experiment."""
     return EXPERIMENTS[exp]["dense"]["from_experiment"] or exp
@@ -107,9 +111,17 @@ def as_json(payload):
     return json.dumps(payload, sort_keys=True)
 
 
+def diffusion_settings(exp):
+    """The experiment's forward process (its 'diffusion' section) as the stages receive it. DDPM
+    goes without its 'process' key, as before the VP-SDE existed, so jobs made then stay valid
+    (a settings change reruns them); igsm.diffusion reads a missing process as ddpm."""
+    diffusion = EXPERIMENTS[exp]["diffusion"]
+    return {k: v for k, v in diffusion.items() if not (k == "process" and v == "ddpm")}
+
+
 def stage_settings(exp, section):
-    """JSON of one config section of an experiment, with the experiment's diffusion schedule."""
-    return as_json({"diffusion": EXPERIMENTS[exp]["diffusion"], **EXPERIMENTS[exp][section]})
+    """JSON of one config section of an experiment, with the experiment's diffusion process."""
+    return as_json({"diffusion": diffusion_settings(exp), **EXPERIMENTS[exp][section]})
 
 
 def objective_settings(name):
@@ -185,7 +197,7 @@ def sample_settings(exp):
     """The 'sample' settings that make the images: not how many jobs make them, nor PNG export,
     so that changing those reruns nothing that exists."""
     sample = {k: v for k, v in EXPERIMENTS[exp]["sample"].items() if k not in ("num_shards", "png_export")}
-    return as_json({"diffusion": EXPERIMENTS[exp]["diffusion"], **sample})
+    return as_json({"diffusion": diffusion_settings(exp), **sample})
 
 
 def sample_shard_files(exp, variant):

@@ -25,6 +25,8 @@ rule dense_pretrained:
         "../envs/train.yaml"
     output:
         model=directory("results/dense/{exp}/pretrained/model"),
+    wildcard_constraints:
+        exp=_one_of([e for e in EXPERIMENTS if e not in UVIT_EXPERIMENTS]),
     params:
         model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
     log:
@@ -35,6 +37,30 @@ rule dense_pretrained:
         runtime=resource("download", "runtime"),
     shell:
         "python -m igsm pretrained --model-id {params.model_id:q} --out {output.model:q} > {log:q} 2>&1"
+
+
+# U-ViT's checkpoints are plain state dicts: the architecture builds their skeleton. A rule of its
+# own, so that the U-Net rule's params (and the results made with it) stay as they were.
+rule dense_pretrained_uvit:
+    conda:
+        "../envs/train.yaml"
+    output:
+        model=directory("results/dense/{exp}/pretrained/model"),
+    wildcard_constraints:
+        exp=_one_of(UVIT_EXPERIMENTS),
+    params:
+        model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
+        settings=lambda w: as_json(EXPERIMENTS[w.exp]["architecture"]),
+        cache="results/dense/{exp}/pretrained/download",
+    log:
+        "results/logs/dense/{exp}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("download", "mem_mb"),
+        runtime=resource("download", "runtime"),
+    shell:
+        "python -m igsm pretrained --model-id {params.model_id:q} --settings {params.settings:q} "
+        "--cache-dir {params.cache:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule dense_trained:
@@ -50,7 +76,7 @@ rule dense_trained:
     params:
         settings=lambda w: as_json(
             {
-                "diffusion": EXPERIMENTS[w.exp]["diffusion"],
+                "diffusion": diffusion_settings(w.exp),
                 "training": {**EXPERIMENTS[w.exp]["dense"]["training"], "objective": {"weights": {"np": 1.0}}},
             }
         ),

@@ -129,7 +129,44 @@ def set_image_folder_without_path(c):
     c["datasets"]["digits"] = {"source": "image-folder", "image_size": 16, "channels": 1}
 
 
+def set_unknown_process(c):
+    experiment(c)["diffusion"] = {"process": "vp-sde"}
+
+
+def set_euler_maruyama_on_ddpm(c):
+    experiment(c)["sample"]["sampler"] = "euler-maruyama"
+
+
+def set_ddpm_key_on_vpsde(c):
+    experiment(c)["diffusion"] = {"process": "vpsde", "beta_end": 0.02}
+
+
+def set_pretrained_unet_on_vpsde(c):
+    experiment(c).update(dense={"pretrained": "google/ddpm-cifar10-32"}, diffusion={"process": "vpsde"},
+                         untrained_baseline=False)
+
+
+def set_pretrained_uvit_on_ddpm(c):
+    experiment(c).update(dense={"pretrained": "https://example.org/cifar10_uvit_small.pth"},
+                         architecture={"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 16,
+                                       "depth": 2, "num_heads": 2}, untrained_baseline=False)
+
+
+def set_uvit_channel_mismatch(c):
+    experiment(c).update(architecture={"img_size": 16, "patch_size": 4, "in_chans": 3, "embed_dim": 16,
+                                       "depth": 2, "num_heads": 2}, diffusion={"process": "vpsde"})
+
+
 @pytest.mark.parametrize("mutate, expected", [
+    (set_unknown_process, r"'vp-sde' is not one of \['ddpm', 'vpsde'\].*\['diffusion'\]\['process'\]"),
+    (set_euler_maruyama_on_ddpm, r"experiments\.digits_unet\.diffusion\.process: 'ddpm', but sample\.sampler "
+                                 r"'euler-maruyama' integrates the VP-SDE"),
+    (set_ddpm_key_on_vpsde, r"experiments\.digits_unet\.diffusion\.beta_end: a key of process 'ddpm'"),
+    (set_pretrained_unet_on_vpsde, r"experiments\.digits_unet\.diffusion\.process: 'vpsde', but pretrained "
+                                   r"diffusers U-Nets are DDPM models"),
+    (set_pretrained_uvit_on_ddpm, r"experiments\.digits_unet\.diffusion\.process: 'ddpm', but U-ViT's released "
+                                  r"checkpoints were trained on the VP-SDE"),
+    (set_uvit_channel_mismatch, r"experiments\.digits_unet\.architecture\.in_chans: 3, but dataset 'digits'"),
     (set_unknown_key, r"'trainig' was unexpected"),
     (set_wrong_type, r"'many' is not of type 'integer'.*\['sample'\]\['num_images'\]"),
     (set_ratio_above_range, r"1\.2 is greater than or equal to the maximum of 1.*\['channel_ratio'\]"),
@@ -186,19 +223,33 @@ def job_counts(output):
 
 
 def test_paper_config_dry_run_lists_the_full_job_graph():
+    """CIFAR-10 U-Net and U-ViT, CelebA U-ViT: one download and one FID reference per dataset (the
+    two CIFAR-10 experiments share them), a pretrained teacher each (U-ViT's by its own rule), every
+    run's prune and finetunes, each scored model's shards (U-ViT: 8 and 16) and FID."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    exp = config["experiments"]["cifar10_unet"]
-    runs = exp["finetune"]["runs"]
+    assert sorted(config["experiments"]) == ["celeba_uvit", "cifar10_unet", "cifar10_uvit"]
+    runs = [run for exp in config["experiments"].values() for run in exp["finetune"]["runs"]]
     finetunes = sum(len(run["objectives"]) for run in runs)
-    proc = run_snakemake("-n", "all_tables")  # no --configfile: the paper config is the default
+    scored = {name: 1 + sum(len(run["objectives"]) for run in exp["finetune"]["runs"])
+              for name, exp in config["experiments"].items()}  # dense + every finetuned student
+    shards = sum(n * config["experiments"][name]["sample"].get("num_shards", 1) for name, n in scored.items())
+    proc = run_snakemake("-n", "-p", "all_tables")  # no --configfile: the paper config is the default
     counts = job_counts(proc.stdout)
-    scored = 1 + finetunes  # dense + every finetuned student
+    total = sum(scored.values())
     assert counts == {
-        "download": 1, "dense_pretrained": 1, "prune": len(runs), "finetune": finetunes,
-        "sample": scored, "sample_gather": scored, "fid": scored, "fid_statistics": scored, "efficiency": scored, "fid_reference": 1,
-        "tables": 1, "combined_table": 1, "all_tables": 1, "total": counts["total"],
+        "download": 2, "dense_pretrained": 1, "dense_pretrained_uvit": 2, "prune": len(runs),
+        "finetune": finetunes, "sample": shards, "sample_gather": total, "fid": total,
+        "fid_statistics": total, "efficiency": total, "fid_reference": 2, "tables": 3,
+        "combined_table": 1, "all_tables": 1, "total": counts["total"],
     }
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+    jobs = planned(proc.stdout)
+    # U-ViT's jobs get its process; the U-Net's settings are those made before the VP-SDE existed.
+    uvit = [b for b in jobs["finetune"] + jobs["prune"] + jobs["sample"] if "_uvit/" in b]
+    unet = [b for b in jobs["finetune"] + jobs["prune"] + jobs["sample"] if "cifar10_unet/" in b]
+    assert uvit and all('"process": "vpsde"' in b and '"beta_max": 20.0' in b for b in uvit)
+    assert unet and all('"process"' not in b and '"beta_end": 0.02' in b for b in unet)
+    assert any("euler-maruyama" in b and '"num_steps": 1000' in b for b in jobs["sample"] if "cifar10_uvit/" in b)
 
 
 def test_per_dataset_target_exists():

@@ -226,7 +226,8 @@ def test_euler_maruyama_reproduces_a_gaussian_target():
 # The sample stage through its CLI
 # ---------------------------------------------------------------------------------------------
 
-SETTINGS = {"sampler": "ddim", "num_steps": 4, "eta": 0.5, "batch_size": 3, "micro_batch": 2,
+SETTINGS = {"sampler": "ddim", "num_steps": 4, "eta": 0.5, "spacing": "uniform", "clip_x0": False,
+            "batch_size": 3, "micro_batch": 2,
             "diffusion": {"num_steps": 1000, "beta_start": 1e-4, "beta_end": 0.02}}
 NUM_IMAGES = 10
 
@@ -488,3 +489,15 @@ def test_u_vit_images_do_not_depend_on_the_batch():
     whole = sampling.generate(net, seeds=seeds, **kwargs)
     parts = torch.cat([sampling.generate(net, seeds=seeds[i:i + 3], **kwargs) for i in range(0, 7, 3)])
     assert torch.equal(parts, whole) and torch.isfinite(whole).all()
+
+
+def test_sampler_settings_have_no_defaults_of_their_own():
+    """The schema alone holds the sample defaults (an Euler–Maruyama config without num_steps once ran
+    DDIM's 100 steps because two places disagreed): a key it would fill is an error naming it."""
+    assert sampling.sampler_kwargs({"sampler": "euler-maruyama", "num_steps": 1000}) == {"num_steps": 1000}
+    with pytest.raises(ValueError, match="sample.num_steps: missing .* euler-maruyama"):
+        sampling.sampler_kwargs({"sampler": "euler-maruyama"})
+    with pytest.raises(ValueError, match="sample.spacing: missing"):
+        sampling.sampler_kwargs({"sampler": "ddim", "num_steps": 10, "eta": 0.0, "clip_x0": False})
+    with pytest.raises(ValueError, match="sample.sampler: unknown None"):
+        sampling.sampler_kwargs({"num_steps": 10})

@@ -102,3 +102,46 @@ def test_failed_job_leaves_nothing_that_looks_complete(demo_run):
     assert not (out / "model").exists() and not (out / "summary.json").exists()
     log = (workdir / "results/logs/finetune/digits_unet/diff-pruning-cr0.3/exploding.log").read_text()
     assert "loss is" in log
+
+
+def tiny_uvit_config():
+    """A tiny U-ViT on the VP-SDE through every stage: dense training, Diff-Pruning, IGSM
+    finetuning, Euler–Maruyama sampling and FID, on the digits, in well under a minute of jobs."""
+    return {
+        "datasets": {"digits": {"source": "sklearn-digits", "image_size": 16}},
+        "objectives": {"igsm": {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}}},
+        "experiments": {"digits_uvit": {
+            "dataset": "digits",
+            "architecture": {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 2,
+                             "num_heads": 2},
+            "diffusion": {"process": "vpsde"},
+            "dense": {"training": {"num_steps": 20, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3,
+                                   "log_every": 10, "checkpoint_every": 10}},
+            "prune": {"criterion": "diff-pruning", "num_images": 8},
+            "finetune": {"runs": [{"channel_ratio": 0.5, "objectives": ["igsm"]}],
+                         "training": {"num_steps": 4, "batch_size": 8, "optimizer": "adamw",
+                                      "log_every": 2, "checkpoint_every": 2}},
+            "sample": {"sampler": "euler-maruyama", "num_images": 8, "num_steps": 10, "batch_size": 8},
+            "fid": {"mode": "clean", "num_reference": 16},
+        }},
+    }
+
+
+def test_tiny_uvit_runs_through_the_workflow(tmp_path):
+    workdir = tmp_path / "uvit"
+    workdir.mkdir()
+    # The FIDs, not the tables: the efficiency and table jobs are family-blind and cost time.
+    targets = [f"results/fid/digits_uvit/{v}.json" for v in ("dense", "diff-pruning-cr0.5/igsm")]
+    proc = snakemake_in(workdir, tiny_uvit_config(), *targets)
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    results = workdir / "results"
+    report = json.loads((results / "prune/digits_uvit/diff-pruning-cr0.5/report.json").read_text())
+    assert report["pruned_params"] < report["dense_params"] and report["num_gradient_steps"] > 0
+    records = [json.loads(line) for line in
+               (results / "finetune/digits_uvit/diff-pruning-cr0.5/igsm/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(math.isfinite(r[k]) for r in records for k in ("loss", "np", "kd", "jm2"))
+    for variant in ("dense", "diff-pruning-cr0.5/igsm"):
+        score = json.loads((results / f"fid/digits_uvit/{variant}.json").read_text())
+        assert math.isfinite(score["fid"]) and score["sampler"] == "euler-maruyama"
+        assert score["sampler_kwargs"]["num_steps"] == 10
