@@ -112,14 +112,11 @@ def _start_process(device: str, threads: int | None):
 
 
 def _denoiser(net, options: dict, micro_batch: int | None = None):
-    """The network as the 'sample' settings run it: precision, channels_last, compile (+ compile_mode)."""
-    from igsm.sampling import Denoiser
+    """The network as the 'sample' settings run it (igsm.sampling.denoiser_from_settings)."""
+    from igsm.sampling import denoiser_from_settings
 
     try:
-        return Denoiser(
-            net, micro_batch=micro_batch, precision=options.get("precision", "fp32"),
-            channels_last=options.get("channels_last", False),
-            compile_mode=options.get("compile_mode", "default") if options.get("compile", False) else None)
+        return denoiser_from_settings(net, options, micro_batch)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
 
@@ -370,7 +367,6 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     import torch
 
     from igsm import distributed, sampling
-    from igsm.models import image_shape, load_model
 
     _relaunch_under_torchrun(nproc_per_node, device=device)
     flags = {"precision": precision, "compile": compile_, "channels_last": channels_last,
@@ -383,42 +379,16 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     device = _start_process(device, threads)
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    batch_size = options.get("batch_size", 256)
-    with _readable_inputs():
-        net = load_model(model_dir, device)
-    shape = image_shape(net)
-    denoiser = _denoiser(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
-    seeds = np.arange(first_seed + start, first_seed + stop)
-    device_name = _device_name(device)
-    # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
-    fingerprint = {"model_digest": sampling.model_digest(model_dir), "sampler": options.get("sampler", "ddim"),
-                   "sampler_kwargs": kwargs, "image_shape": list(shape), "batch_size": batch_size,
-                   **denoiser.metadata, "schedule": settings.get("diffusion", {}),
-                   "first_seed": int(first_seed + start), "num_images": len(seeds),
-                   "torch": torch.__version__, "device": device_name}
-    folder = out + ".partial"
-    partial = sampling.PartialBatches(folder, fingerprint) if rank == 0 else None
-    distributed.barrier()  # rank 0 has emptied a stale folder before anyone writes
-    if partial is None:
-        partial = sampling.PartialBatches(folder, fingerprint, reset=False)
-    sampling.sample_images(denoiser, seeds=seeds, image_shape=shape, batch_size=batch_size,
-                           sampler=fingerprint["sampler"], schedule=_schedule(options), device=device,
-                           partial=partial, rank=rank, world_size=world_size,
-                           noise_threads=torch.get_num_threads() if threads else 1, progress=True, **kwargs)
-    distributed.barrier()
-    if rank == 0:
-        with _readable_inputs():  # an unreadable batch is deleted: the rerun redoes it
-            images = partial.load(-(-len(seeds) // batch_size))
-        sampling.save_samples(out, images, seeds, {**fingerprint, "model": model_dir, "shard": [index, count],
-                                                   "world_size": world_size})
-        partial.remove()
-        if grid:
-            from igsm.plots import save_grid
-
-            save_grid(images[:64], grid)
-        click.echo(f"{out}: {len(images)} images, seeds {seeds[0]}..{seeds[-1]}, {denoiser.precision}")
-    distributed.shutdown()
+    try:
+        with _readable_inputs():
+            written = sampling.sample_shard(
+                model_dir, out, seeds=np.arange(first_seed + start, first_seed + stop), shard=(index, count),
+                options=options, sampler_kwargs=kwargs, schedule=_schedule(options), device=device,
+                noise_threads=torch.get_num_threads() if threads else 1, grid=grid)
+        if written:
+            click.echo(written)
+    finally:
+        distributed.shutdown()
 
 
 @main.command("gather-samples")

@@ -334,6 +334,59 @@ def sampler_kwargs(settings: dict) -> dict:
 # Shards, resumable batches, several GPUs
 # ---------------------------------------------------------------------------------------------
 
+def denoiser_from_settings(net: nn.Module, options: dict, micro_batch: int | None = None) -> "Denoiser":
+    """The network as the 'sample' settings run it: precision, channels_last, compile (+ compile_mode)."""
+    return Denoiser(net, micro_batch=micro_batch, precision=options.get("precision", "fp32"),
+                    channels_last=options.get("channels_last", False),
+                    compile_mode=options.get("compile_mode", "default") if options.get("compile", False) else None)
+
+
+def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], options: dict,
+                 sampler_kwargs: dict, schedule, device: torch.device, noise_threads: int = 1,
+                 grid=None) -> str | None:
+    """The sample stage's job: images for ``seeds`` (one shard of a model's) into ``out``.
+
+    Resumable: finished batches wait in ``out.partial/`` until ``out`` is written, and a rerun with
+    the same model and settings (the fingerprint below) makes only the missing ones. Under
+    torchrun the processes share the batches and rank 0 writes. Returns rank 0's one-line summary.
+    """
+    from igsm import distributed
+    from igsm.models import image_shape, load_model
+
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    batch_size = options.get("batch_size", 256)
+    net = load_model(model_dir, device)
+    shape = image_shape(net)
+    denoiser = denoiser_from_settings(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
+    fingerprint = {"model_digest": model_digest(model_dir), "sampler": options["sampler"],
+                   "sampler_kwargs": sampler_kwargs, "image_shape": list(shape), "batch_size": batch_size,
+                   **denoiser.metadata, "schedule": options.get("diffusion", {}),
+                   "first_seed": int(seeds[0]), "num_images": len(seeds),
+                   "torch": torch.__version__, "device": device_name}
+    folder = str(out) + ".partial"
+    partial = PartialBatches(folder, fingerprint) if rank == 0 else None
+    distributed.barrier()  # rank 0 has emptied a stale folder before anyone writes
+    if partial is None:
+        partial = PartialBatches(folder, fingerprint, reset=False)
+    sample_images(denoiser, seeds=seeds, image_shape=shape, batch_size=batch_size, sampler=options["sampler"],
+                  schedule=schedule, device=device, partial=partial, rank=rank, world_size=world_size,
+                  noise_threads=noise_threads, progress=True, **sampler_kwargs)
+    distributed.barrier()
+    if rank != 0:
+        return None
+    images = partial.load(-(-len(seeds) // batch_size))  # an unreadable batch is deleted: a rerun redoes it
+    save_samples(out, images, seeds, {**fingerprint, "model": str(model_dir), "shard": list(shard),
+                                      "world_size": world_size})
+    partial.remove()
+    if grid:
+        from igsm.plots import save_grid
+
+        save_grid(images[:64], grid)
+    return f"{out}: {len(images)} images, seeds {seeds[0]}..{seeds[-1]}, {denoiser.precision}"
+
+
 def shard_range(num_images: int, num_shards: int, index: int) -> tuple[int, int]:
     """[start, stop) image offsets of shard ``index``: shard i covers i·n/shards … (i+1)·n/shards."""
     if not 0 <= index < num_shards:
