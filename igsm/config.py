@@ -11,8 +11,11 @@ does the same for a file, with the line of a YAML syntax error.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
+
+import yaml
 
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
@@ -225,6 +228,15 @@ def load_config_file(path: str | os.PathLike) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the top level must be a mapping (datasets:, objectives:, experiments:)")
     return config
+
+
+@functools.cache
+def schema_defaults(definition: str) -> dict:
+    """The defaults the schema gives the keys of ``$defs.<definition>``: the one copy of them that
+    code filling a partial section (igsm.training.TrainingOptions.from_dict) reads."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    properties = schema["$defs"][definition]["properties"]
+    return {key: spec["default"] for key, spec in properties.items() if "default" in spec}
 
 
 def validate(config: dict) -> None:

@@ -35,7 +35,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,32 +58,44 @@ BOOKKEEPING_OPTIONS = ("num_steps", "log_every", "checkpoint_every", "keep_check
 
 @dataclass
 class TrainingOptions:
+    """One training's settings: the config's ``training`` section plus the objective. No defaults
+    here: the schema (``$defs.training``) holds them, and :meth:`from_dict` fills what a partial
+    dict leaves out from it, so the two cannot disagree (tests/test_training.py compares them)."""
+
     num_steps: int
-    batch_size: int = 128
-    lr: float = 2e-4
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    optimizer: str = "adam"          # "adam" | "adamw" (U-ViT, Table 7)
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    warmup_steps: int = 0
-    hflip: bool = False               # random horizontal flips (CIFAR-10, as DDPM trains)
-    precision: str = "fp32"           # "fp32" | "bf16" (autocast)
-    deterministic: bool = False       # GPU: deterministic kernels, so a rerun repeats the bits
-    seed: int = 0
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    objective: dict = field(default_factory=lambda: {"weights": {"np": 1.0}})
+    batch_size: int
+    lr: float
+    betas: tuple
+    eps: float
+    weight_decay: float
+    optimizer: str                    # "adam" | "adamw" (U-ViT, Table 7)
+    grad_clip: float
+    ema_decay: float
+    warmup_steps: int
+    hflip: bool                       # random horizontal flips (CIFAR-10, as DDPM trains)
+    precision: str                    # "fp32" | "bf16" (autocast)
+    deterministic: bool               # GPU: deterministic kernels, so a rerun repeats the bits
+    seed: int
+    log_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    objective: dict                   # build_objective's keyword arguments (an objectives entry)
 
     @classmethod
     def from_dict(cls, settings: dict) -> "TrainingOptions":
+        """From a ``training`` section (+ ``objective``), the schema's defaults filling the rest."""
+        from igsm.config import schema_defaults
+
         known = set(cls.__dataclass_fields__)
         unknown = set(settings) - known
         if unknown:
             raise ValueError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**settings)
+        filled = {**schema_defaults("training"), **settings}
+        missing = sorted(known - set(filled))
+        if missing:
+            raise ValueError(f"training setting(s) {missing} missing (no default: num_steps, and the "
+                             f"objective, e.g. {{'weights': {{'np': 1.0}}}})")
+        return cls(**filled)
 
 
 class _StopRequested:

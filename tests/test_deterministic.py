@@ -37,8 +37,10 @@ def test_deterministic_kernels_take_the_math_attention_path(monkeypatch):
 def test_switching_it_on_keeps_a_run_resumable():
     """It picks kernels, not the computation: a run started without it resumes with it."""
     net, images = torch.nn.Linear(2, 2), np.zeros((4, 8, 8, 1), np.uint8)
-    plain, strict = TrainingOptions(num_steps=10), TrainingOptions(num_steps=10, deterministic=True)
+    base = {"num_steps": 10, "objective": {"weights": {"np": 1.0}}}
+    plain = TrainingOptions.from_dict(base)
+    strict = TrainingOptions.from_dict({**base, "deterministic": True})
     schedule = NoiseSchedule.linear()
     assert run_fingerprint(net, images, plain, None, schedule) == run_fingerprint(net, images, strict, None, schedule)
-    other = TrainingOptions(num_steps=10, lr=1e-3)
+    other = TrainingOptions.from_dict({**base, "lr": 1e-3})
     assert run_fingerprint(net, images, plain, None, schedule) != run_fingerprint(net, images, other, None, schedule)

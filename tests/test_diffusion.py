@@ -104,7 +104,7 @@ def test_fingerprint_changes_with_the_process():
 
     net = torch.nn.Linear(2, 2)
     images = np.zeros((4, 8, 8, 1), dtype=np.uint8)
-    options = TrainingOptions(num_steps=5)
+    options = TrainingOptions.from_dict({"num_steps": 5, "objective": {"weights": {"np": 1.0}}})
     prints = {name: run_fingerprint(net, images, options, None, process) for name, process in {
         "ddpm": NoiseSchedule.linear(), "vpsde": VPSDE(), "vpsde_other": VPSDE(0.1, 19.0)}.items()}
     assert len(set(prints.values())) == 3
