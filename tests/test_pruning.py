@@ -221,12 +221,63 @@ def test_diff_pruning_stops_at_the_first_loss_below_thr_times_the_max(tiny, imag
 
 
 def test_diff_pruning_ranks_by_accumulated_taylor_scores(tiny, images, schedule):
-    # Gradients decide which channels survive: a different gradient horizon keeps other weights.
+    """Catches the gradient horizon ignored (thr not reaching the loop): a different horizon must
+    keep other weights. Which channels each criterion keeps is checked on a network whose answer
+    is known (test_each_criterion_keeps_the_channels_it_should)."""
     early = _state(_pruned_tiny(tiny, images, schedule, criterion="diff-pruning", thr=0.999)[0])
     full = _state(_pruned_tiny(tiny, images, schedule, criterion="diff-pruning", thr=0.0)[0])
-    magnitude = _state(_pruned_tiny(tiny, images, schedule, criterion="magnitude")[0])
-    assert not _same(full, magnitude)
     assert not _same(early, full)
+
+
+class _Planted(nn.Module):
+    """conv_in (3→8) → ReLU → conv_out (8→3): one channel group (conv_in's outputs, conv_out's
+    inputs). Channels 1 and 5 have huge conv_in weights but conv_out never reads them (zero
+    weights): the largest magnitude, and zero Taylor score |w·∂L/∂w| (no gradient reaches them,
+    and w = 0 where one would). Channels 2 and 6 are tiny everywhere: the smallest magnitude."""
+
+    DEAD, SMALL = (1, 5), (2, 6)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv_in = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv_out = nn.Conv2d(8, 3, 3, padding=1)
+        with torch.no_grad():
+            for c in self.DEAD:
+                self.conv_in.weight[c] *= 50
+                self.conv_out.weight[:, c] = 0
+            for c in self.SMALL:
+                self.conv_in.weight[c] *= 1e-3
+                self.conv_in.bias[c] *= 1e-3
+                self.conv_out.weight[:, c] *= 1e-3
+
+    def forward(self, sample, timestep):
+        return self.conv_out(torch.relu(self.conv_in(sample)))
+
+
+def _kept_channels(dense, pruned):
+    """Indices of dense conv_in output channels that survive in ``pruned`` (matched by weights)."""
+    return {c for c in range(dense.conv_in.out_channels)
+            if any(torch.equal(dense.conv_in.weight[c], row) for row in pruned.conv_in.weight)}
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "diff-pruning", "taylor", "random"])
+def test_each_criterion_keeps_the_channels_it_should(images, schedule, criterion):
+    """Known answers: magnitude keeps the big dead channels and drops the tiny ones; the Taylor
+    criteria drop exactly the dead and the tiny ones (score 0 and ~1e-6). Catches a criterion
+    mapped to another importance (magnitude ↔ taylor, random in place of either: the random
+    draw of seed 2 fits neither answer, checked here), a sign flip that keeps the least important
+    channels, and gradients never accumulated (Taylor scores all 0: an arbitrary choice)."""
+    dense = _Planted()
+    kwargs = {"thr": 0.0} if criterion == "diff-pruning" else {}
+    pruned, _ = _prune(dense, images, schedule, criterion=criterion, channel_ratio=0.5, seed=2, **kwargs)
+    kept = _kept_channels(dense, pruned)
+    assert len(kept) == 4 == pruned.conv_in.out_channels
+    dead, small = set(_Planted.DEAD), set(_Planted.SMALL)
+    magnitude_answer = dead <= kept and not small & kept
+    taylor_answer = kept == set(range(8)) - dead - small
+    assert (magnitude_answer, taylor_answer) == {"magnitude": (True, False), "random": (False, False)}.get(
+        criterion, (False, True))
 
 
 # ----- errors -----

@@ -1,0 +1,121 @@
+"""igsm.tables on hand-made result files for experiments the paper reports (issue 19): the paper's
+column holds the paper's number, ours holds ours, the difference is ours − paper's, and rows the
+paper does not have get no paper value."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from igsm import tables
+
+DENSE = "google/ddpm-cifar10-32"
+IGSM = {"np": 1.0, "kd": 1.0, "jm2": 0.1}   # paper Table 1, PR 0.44: FID 4.58
+NP = {"np": 1.0}                            # Diff-Pruning, PR 0.44: 5.29
+CSV = pd.read_csv(tables.__file__.replace("tables.py", "paper_results.csv"), dtype=str, keep_default_na=False)
+
+
+def paper_fid(pr_label, criterion, **weights):
+    """The published FID, read from the CSV here (not through igsm.tables' matching)."""
+    rows = CSV[(CSV.dense_model == DENSE) & (CSV.pr_label == pr_label)]
+    if pr_label != "dense":
+        rows = rows[rows.criterion == criterion]
+        for term in tables.TERMS:
+            wanted = float(weights.get(term, 0.0))
+            rows = rows[rows[term].map(lambda v: v != "*" and float(v) == wanted)]
+    assert len(rows) == 1
+    return float(rows.fid.iloc[0])
+
+
+def write(path, payload):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+    return str(path)
+
+
+def results(tmp_path, variant, fid, params, macs, label=None, steps=None):
+    """The files the workflow writes for one scored model (rules/common.smk table_rows)."""
+    base = tmp_path / variant.replace("/", "__")
+    entry = {
+        "variant": variant,
+        "fid": write(base / "fid.json", {"fid": fid, "num_images": 50000, "mode": "clean",
+                                        "samples": "s.npz", "num_reference": 50000}),
+        "efficiency": write(base / "eff.json", {"params": params, "macs": macs, "images_per_s": None}),
+        "summary": None, "prune_report": None, "criterion": "", "channel_ratio": None,
+        "objective": variant, "weights": None,
+    }
+    if "/" in variant:
+        pruned, objective = variant.split("/")
+        criterion, ratio = pruned.rsplit("-cr", 1)
+        entry.update(criterion=criterion, channel_ratio=float(ratio), objective=objective,
+                     weights={"igsm": IGSM, "np": NP}[objective],
+                     summary=write(base / "summary.json", {"num_steps": steps, "timing": {
+                         "wall_time_s": 600.0, "sec_per_step": 0.1, "peak_memory_mib": 2048.0}}),
+                     prune_report=write(base / "report.json", {"paper_label": label,
+                                                               "criterion": criterion}))
+    return entry
+
+
+@pytest.fixture
+def table(tmp_path):
+    rows = [results(tmp_path, "dense", 4.35, 35.746e6, 6.064e9),
+            results(tmp_path, "diff-pruning-cr0.3/igsm", 4.50, 19.85e6, 3.39e9, "0.44", 100000),
+            results(tmp_path, "diff-pruning-cr0.3/np", 5.61, 19.85e6, 3.39e9, "0.44", 100000),
+            results(tmp_path, "magnitude-cr0.3/np", 5.40, 19.85e6, 3.39e9, "0.44", 100000),
+            results(tmp_path, "diff-pruning-cr0.45/np", 7.00, 12e6, 2.2e9, "0.64", 100000)]
+    return tables.build_rows("cifar10_unet", "cifar10", DENSE, rows).set_index("model")
+
+
+def test_paper_column_holds_the_papers_number_and_ours_holds_ours(table):
+    """Catches the paper's column filled with our value (or ours with the paper's), a paper value
+    looked up for the wrong experiment (criterion, objective weights or PR label ignored), and a difference
+    taken the other way round (paper − ours) or unsigned. The hand-made FIDs put ours below the
+    paper's for one row and above for another, so both signs are exercised."""
+    expected = {"dense": (4.35, paper_fid("dense", "")),
+                "diff-pruning-cr0.3/igsm": (4.50, paper_fid("0.44", "diff-pruning", **IGSM)),
+                "diff-pruning-cr0.3/np": (5.61, paper_fid("0.44", "diff-pruning", **NP)),
+                "magnitude-cr0.3/np": (5.40, paper_fid("0.44", "magnitude", **NP))}
+    assert [p for _, p in expected.values()] == [4.19, 4.58, 5.29, 5.48]  # the CSV's published numbers
+    for model, (ours, paper) in expected.items():
+        row = table.loc[model]
+        assert row.fid == ours and row.paper_fid == paper, model
+        assert row.delta_fid == pytest.approx(ours - paper, abs=1e-12), model
+    assert table.loc["diff-pruning-cr0.3/igsm", "delta_fid"] < 0 < table.loc["diff-pruning-cr0.3/np", "delta_fid"]
+
+
+def test_paper_source_names_the_papers_table(table):
+    """Catches the source column holding anything but the CSV's 'where' text (it held a bound
+    method's repr while the code read ``row.where``, which is pandas' ``Series.where``)."""
+    assert table.loc["dense", "paper_source"] == "IGSM Table 1"
+    assert table.loc["diff-pruning-cr0.3/igsm", "paper_source"] == "IGSM Table 1"
+    assert table.loc["diff-pruning-cr0.3/np", "paper_source"] == "IGSM Table 1 (Diff-Pruning)"
+
+
+def test_rows_the_paper_lacks_have_no_paper_value(table):
+    """Catches a lookup that falls back to any row of the dense model (PR label 0.64 is not in
+    the paper)."""
+    row = table.loc["diff-pruning-cr0.45/np"]
+    assert pd.isna(row.paper_fid) and pd.isna(row.delta_fid) and row.paper_source == ""
+
+
+def test_other_columns_come_from_their_files(table):
+    """Catches params/MACs unit slips and training cost read from the wrong keys."""
+    row = table.loc["diff-pruning-cr0.3/igsm"]
+    assert (row.params_M, row.macs_G) == pytest.approx((19.85, 3.39))
+    assert (row.pr_label, row.criterion, row.channel_ratio, row.objective) == ("0.44", "diff-pruning", 0.3, "igsm")
+    assert row.training_steps == 100000 and row.fid_images == 50000 and row.fid_mode == "clean"
+    assert (row.train_minutes, row.peak_memory_GiB, row.sec_per_step) == pytest.approx((10.0, 2.0, 0.1))
+
+
+def test_written_tables_put_each_number_in_its_column(table, tmp_path):
+    """Catches the Markdown/CSV writer swapping or renaming the FID, paper FID and Δ columns."""
+    md, csv = tmp_path / "t.md", tmp_path / "t.csv"
+    tables.write_tables(table.reset_index(), markdown=md, csv=csv)
+    back = pd.read_csv(csv).set_index("model")
+    assert back.loc["diff-pruning-cr0.3/igsm", ["fid", "paper_fid"]].tolist() == [4.50, 4.58]
+    lines = md.read_text().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    cells = next([c.strip() for c in line.strip("|").split("|")] for line in lines
+                 if "diff-pruning-cr0.3/igsm" in line)
+    row = dict(zip(header, cells))
+    assert (row["FID"], row["paper FID"], row["Δ FID"]) == ("4.50", "4.58", "-0.08")
