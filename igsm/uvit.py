@@ -163,7 +163,8 @@ def load_reference_checkpoint(source: str, architecture: dict, cache_dir) -> UVi
     from igsm.data import DownloadError, download
 
     parts = urlsplit(source)
-    if parts.scheme in ("http", "https", "file"):
+    downloaded = parts.scheme in ("http", "https", "file")
+    if downloaded:
         name = Path(unquote(parts.path)).name
         # Google Drive's download URL has no file name: the query's id names it.
         if not name.endswith((".pth", ".pt")):
@@ -183,9 +184,12 @@ def load_reference_checkpoint(source: str, architecture: dict, cache_dir) -> UVi
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated file, an HTML page (Google Drive's warning), a pickle
-        raise ValueError(f"dense.pretrained: {path} is not a torch state dict ({type(err).__name__}); "
-                         f"if it came from Google Drive it may be the page asking to confirm the "
-                         f"download: fetch the file in a browser and point dense.pretrained at it") from None
+        if downloaded:  # so that a rerun downloads it again instead of reading the same bytes
+            path.unlink(missing_ok=True)
+        raise ValueError(f"dense.pretrained: {path} is not a torch state dict ({type(err).__name__})"
+                         f"{' and was deleted' if downloaded else ''}; if it came from Google Drive it may "
+                         f"be the page asking to confirm the download: fetch the file in a browser and "
+                         f"point dense.pretrained at it") from None
     net = UViT(**architecture)
     try:
         net.load_state_dict(state if isinstance(state, dict) else {}, strict=True)

@@ -201,3 +201,27 @@ def test_paper_config_pruned_counts():
         assert abs(report["pruned_params"] / params - 1) < 0.02, (ratio, report["pruned_params"])
         assert abs(report["pruned_macs"] / macs - 1) < 0.02, (ratio, report["pruned_macs"])
     assert abs(report["dense_macs"] / 1e9 - 11.3) < 0.05  # the paper's 11.3G for the dense U-ViT
+
+
+def test_reference_checkpoint_loads_from_a_file_or_url_and_bad_files_are_named(tmp_path):
+    """dense.pretrained for U-ViT: U-ViT's released .pth (a plain state dict) from a path or a
+    file:// URL into the cache; Google Drive's HTML page instead of the file is an error naming the
+    key, and the bad download is deleted so that a rerun fetches it again."""
+    from igsm.uvit import load_reference_checkpoint
+
+    cfg = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=4, num_heads=4, mlp_ratio=4.0)
+    torch.manual_seed(0)
+    net = UViT(**cfg)
+    torch.save(net.state_dict(), tmp_path / "small.pth")
+    for source in (str(tmp_path / "small.pth"), (tmp_path / "small.pth").as_uri()):
+        loaded = load_reference_checkpoint(source, cfg, tmp_path / "cache")
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in net.state_dict().items())
+    assert (tmp_path / "cache" / "small.pth").is_file()
+    (tmp_path / "drive.pth").write_text("<html>Google Drive can't scan this file for viruses</html>")
+    with pytest.raises(ValueError, match="^dense.pretrained: .* not a torch state dict .* and was deleted"):
+        load_reference_checkpoint((tmp_path / "drive.pth").as_uri(), cfg, tmp_path / "cache2")
+    assert not (tmp_path / "cache2" / "drive.pth").exists()
+    with pytest.raises(ValueError, match="does not fit the experiment's U-ViT architecture"):
+        load_reference_checkpoint(str(tmp_path / "small.pth"), {**cfg, "embed_dim": 64}, tmp_path / "c3")
+    with pytest.raises(ValueError, match="is not a file"):
+        load_reference_checkpoint(str(tmp_path / "absent.pth"), cfg, tmp_path / "c4")
