@@ -49,23 +49,25 @@ def paper_value(dense_model: str, pr_label: str, criterion: str, weights: dict |
 
 
 def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]) -> pd.DataFrame:
-    """One table row per scored model; ``rows`` hold metadata and paths (rules/tables.smk)."""
+    """One table row per scored model; ``rows`` hold the paths of its JSON files (rules/common.smk
+    ``table_rows``): ``metadata`` (what the model is: results/variants/<exp>/<variant>.json),
+    ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` where it has them."""
     out = []
     for entry in rows:
-        fid, eff = _load(entry["fid"]), _load(entry["efficiency"])
+        meta, fid, eff = _load(entry["metadata"]), _load(entry["fid"]), _load(entry["efficiency"])
         summary, report = _load(entry["summary"]), _load(entry["prune_report"])
         timing = summary.get("timing", {})
-        variant = entry["variant"]
-        label = report.get("paper_label", "") if report else ("dense" if variant == "dense" else "")
-        paper_fid, where = paper_value(dense_model, label, entry["criterion"], entry["weights"])
+        variant = meta["variant"]
+        label = report.get("paper_label", "") if report else ("dense" if meta["kind"] == "dense" else "")
+        paper_fid, where = paper_value(dense_model, label, meta["criterion"], meta["weights"])
         out.append({
             "experiment": experiment,
             "dataset": dataset,
             "model": variant,
-            "criterion": entry["criterion"],
-            "channel_ratio": entry["channel_ratio"],
+            "criterion": meta["criterion"],
+            "channel_ratio": meta["channel_ratio"],
             "pr_label": label,
-            "objective": entry["objective"],
+            "objective": meta["objective"],
             "params_M": eff["params"] / 1e6,
             "macs_G": eff["macs"] / 1e9,
             "images_per_s": eff.get("images_per_s"),

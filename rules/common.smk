@@ -4,6 +4,7 @@ import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.settings.types import DeploymentMethod
@@ -54,21 +55,34 @@ def pruned_variant(criterion, ratio):
     return f"{criterion}-cr{ratio_label(ratio)}"
 
 
-def finetuned_variants(exp):
-    """'<criterion>-cr<ratio>/<objective>' for every finetuning run of an experiment."""
+def variant_metadata(exp):
+    """{variant: what it is} for every scored model of an experiment, from the config's structure
+    (dense, the untrained baseline, each run's criterion × ratio × objective). Written to
+    results/variants/<exp>/<variant>.json, which the tables read: nothing parses a folder name."""
     settings = EXPERIMENTS[exp]
-    out = []
+    plain = {"criterion": "", "channel_ratio": None, "weights": None, "pruned": None}
+    meta = {"dense": {"variant": "dense", "kind": "dense", "objective": "dense", **plain}}
+    if settings["untrained_baseline"]:
+        meta["untrained"] = {"variant": "untrained", "kind": "untrained", "objective": "untrained", **plain}
     for run in settings["finetune"]["runs"]:
         criterion = run.get("criterion", settings["prune"]["criterion"])
+        pruned = pruned_variant(criterion, run["channel_ratio"])
         for objective in run["objectives"]:
-            out.append(f"{pruned_variant(criterion, run['channel_ratio'])}/{objective}")
-    return out
+            variant = f"{pruned}/{objective}"
+            meta[variant] = {"variant": variant, "kind": "finetuned", "objective": objective,
+                             "criterion": criterion, "channel_ratio": run["channel_ratio"],
+                             "weights": config["objectives"][objective]["weights"], "pruned": pruned}
+    return meta
+
+
+def finetuned_variants(exp):
+    """'<criterion>-cr<ratio>/<objective>' for every finetuning run of an experiment."""
+    return [v for v, meta in variant_metadata(exp).items() if meta["kind"] == "finetuned"]
 
 
 def scored_variants(exp):
     """Every model of an experiment that gets samples and an FID."""
-    baseline = ["untrained"] if EXPERIMENTS[exp]["untrained_baseline"] else []
-    return ["dense"] + baseline + finetuned_variants(exp)
+    return list(variant_metadata(exp))
 
 
 wildcard_constraints:
@@ -152,42 +166,35 @@ def all_table_files():
     )
 
 
+def write_text_atomically(path, text):
+    """Write under a temporary name, then rename: never a half-written file that looks complete."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def table_rows(exp):
-    """One entry per scored model: its metadata and the JSON files that hold its numbers."""
-    settings = EXPERIMENTS[exp]
+    """One entry per scored model: the JSON files that hold its metadata and its numbers."""
     rows = []
-    for variant in scored_variants(exp):
+    for variant, meta in variant_metadata(exp).items():
         row = {
-            "variant": variant,
+            "metadata": f"results/variants/{exp}/{variant}.json",
             "fid": f"results/fid/{exp}/{variant}.json",
             "efficiency": f"results/efficiency/{exp}/{variant}.json",
             "summary": None,
             "prune_report": None,
-            "criterion": "",
-            "channel_ratio": None,
-            "objective": variant,
-            "weights": None,
         }
-        if variant == "dense" and not EXPERIMENTS[dense_owner(exp)]["dense"]["pretrained"]:
+        if meta["kind"] == "dense" and not EXPERIMENTS[dense_owner(exp)]["dense"]["pretrained"]:
             row["summary"] = f"{dense_folder(exp)}/summary.json"
-        if "/" in variant:
-            pruned, objective = variant.split("/")
-            criterion, ratio = pruned.rsplit("-cr", 1)
-            row.update(
-                criterion=criterion,
-                channel_ratio=float(ratio),
-                objective=objective,
-                weights=config["objectives"][objective]["weights"],
-                summary=f"results/finetune/{exp}/{variant}/summary.json",
-                prune_report=f"results/prune/{exp}/{pruned}/report.json",
-            )
+        if meta["kind"] == "finetuned":
+            row["summary"] = f"results/finetune/{exp}/{variant}/summary.json"
+            row["prune_report"] = f"results/prune/{exp}/{meta['pruned']}/report.json"
         rows.append(row)
     return rows
 
 
 def table_inputs(exp):
-    return [path for row in table_rows(exp) for key, path in row.items()
-            if key in ("fid", "efficiency", "summary", "prune_report") and path]
+    return [path for row in table_rows(exp) for path in row.values() if path]
 
 
 # ---- sampling (stage 5) and efficiency ------------------------------------------------------

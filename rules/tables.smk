@@ -2,6 +2,24 @@
 # published FID beside ours where the paper has the same experiment.
 
 
+localrules:
+    variant_metadata,
+
+
+# What each scored model is (igsm/tables.py reads it): written from the config, in the workflow's
+# own process (a few bytes; no job script needed).
+rule variant_metadata:
+    output:
+        "results/variants/{exp}/{variant}.json",
+    params:
+        metadata=lambda w: as_json(variant_metadata(w.exp)[w.variant]),
+    log:
+        "results/logs/variants/{exp}/{variant}.log",
+    run:
+        write_text_atomically(output[0], f"{params.metadata}\n")
+        Path(log[0]).write_text(f"{output[0]}: {params.metadata}\n")
+
+
 rule tables:
     conda:
         "../envs/tables.yaml"

@@ -33,36 +33,40 @@ def write(path, payload):
     return str(path)
 
 
-def results(tmp_path, variant, fid, params, macs, label=None, steps=None):
-    """The files the workflow writes for one scored model (rules/common.smk table_rows)."""
+def results(tmp_path, variant, fid, params, macs, label=None, steps=None, criterion="", ratio=None,
+            objective=None):
+    """The files the workflow writes for one scored model (rules/common.smk table_rows): what it
+    is (results/variants/…json, from the config) and its numbers."""
     base = tmp_path / variant.replace("/", "__")
+    finetuned = objective is not None
+    meta = {"variant": variant, "kind": "finetuned" if finetuned else variant, "criterion": criterion,
+            "channel_ratio": ratio, "objective": objective or variant,
+            "weights": {"igsm": IGSM, "np": NP}[objective] if finetuned else None,
+            "pruned": variant.split("/")[0] if finetuned else None}
     entry = {
-        "variant": variant,
+        "metadata": write(base / "variant.json", meta),
         "fid": write(base / "fid.json", {"fid": fid, "num_images": 50000, "mode": "clean",
                                         "samples": "s.npz", "num_reference": 50000}),
         "efficiency": write(base / "eff.json", {"params": params, "macs": macs, "images_per_s": None}),
-        "summary": None, "prune_report": None, "criterion": "", "channel_ratio": None,
-        "objective": variant, "weights": None,
+        "summary": None, "prune_report": None,
     }
-    if "/" in variant:
-        pruned, objective = variant.split("/")
-        criterion, ratio = pruned.rsplit("-cr", 1)
-        entry.update(criterion=criterion, channel_ratio=float(ratio), objective=objective,
-                     weights={"igsm": IGSM, "np": NP}[objective],
-                     summary=write(base / "summary.json", {"num_steps": steps, "timing": {
+    if finetuned:
+        entry.update(summary=write(base / "summary.json", {"num_steps": steps, "timing": {
                          "wall_time_s": 600.0, "sec_per_step": 0.1, "peak_memory_mib": 2048.0}}),
-                     prune_report=write(base / "report.json", {"paper_label": label,
-                                                               "criterion": criterion}))
+                     prune_report=write(base / "report.json", {"paper_label": label, "criterion": criterion}))
     return entry
 
 
 @pytest.fixture
 def table(tmp_path):
     rows = [results(tmp_path, "dense", 4.35, 35.746e6, 6.064e9),
-            results(tmp_path, "diff-pruning-cr0.3/igsm", 4.50, 19.85e6, 3.39e9, "0.44", 100000),
-            results(tmp_path, "diff-pruning-cr0.3/np", 5.61, 19.85e6, 3.39e9, "0.44", 100000),
-            results(tmp_path, "magnitude-cr0.3/np", 5.40, 19.85e6, 3.39e9, "0.44", 100000),
-            results(tmp_path, "diff-pruning-cr0.45/np", 7.00, 12e6, 2.2e9, "0.64", 100000)]
+            results(tmp_path, "diff-pruning-cr0.3/igsm", 4.50, 19.85e6, 3.39e9, "0.44", 100000,
+                    "diff-pruning", 0.3, "igsm"),
+            results(tmp_path, "diff-pruning-cr0.3/np", 5.61, 19.85e6, 3.39e9, "0.44", 100000,
+                    "diff-pruning", 0.3, "np"),
+            results(tmp_path, "magnitude-cr0.3/np", 5.40, 19.85e6, 3.39e9, "0.44", 100000, "magnitude", 0.3, "np"),
+            results(tmp_path, "diff-pruning-cr0.45/np", 7.00, 12e6, 2.2e9, "0.64", 100000,
+                    "diff-pruning", 0.45, "np")]
     return tables.build_rows("cifar10_unet", "cifar10", DENSE, rows).set_index("model")
 
 
