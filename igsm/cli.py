@@ -48,12 +48,6 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _device_name(device) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 def _write_json(path, payload) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -240,7 +234,7 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
     Exits with 75 (EX_TEMPFAIL) after SIGTERM/SIGUSR1, once a snapshot is written: rerun to resume.
     """
 
-    from igsm import distributed
+    from igsm import distributed, gpus
     from igsm.training import Interrupted, TrainingOptions, train as train_loop
 
     try:
@@ -273,7 +267,7 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
         save_model(ema.cpu(), out, extra={"trained_from": model_dir, "num_steps": options.num_steps})
         _write_json(summary, {"num_steps": options.num_steps, "num_parameters": count_parameters(ema),
                               "num_processes": distributed.get_world_size(), "teacher": teacher_dir,
-                              "device": _device_name(device), "timing": timing.summary(),
+                              "device": gpus.device_name(device), "timing": timing.summary(),
                               "settings": settings})
     distributed.barrier()
     distributed.shutdown()
@@ -551,6 +545,7 @@ def fid_score(statistics, reference, out, settings, threads):
 def efficiency(model_dir, out, batch_size, throughput, settings, device, threads):
     """Parameters and MACs (one image, one network call) and network throughput (settings: how the
     network runs, as in 'sample': precision, channels_last, compile, compile_mode)."""
+    from igsm import gpus
     from igsm.models import image_shape, load_model
     from igsm.pruning import count_params_macs
     from igsm.sampling import forward_images_per_s
@@ -573,5 +568,5 @@ def efficiency(model_dir, out, batch_size, throughput, settings, device, threads
             images_per_s_note=(f"network forward passes (one per sampler step), batch {batch_size}, "
                                f"{denoiser.precision}, {how}"),
             batch_size=batch_size, precision=denoiser.precision, channels_last=denoiser.channels_last,
-            compile_mode=mode, device=_device_name(device))
+            compile_mode=mode, device=gpus.device_name(device))
     _write_json(out, result)

@@ -55,6 +55,13 @@ def claim(count: int, num_gpus: int, pid: int | None = None, folder: Path | None
     return sorted(chosen)
 
 
+def device_name(device) -> str:
+    """The GPU's model name (recorded with timings and samples), or "cpu"."""
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def visible_ids(num_gpus: int) -> list[str]:
     """The names of the visible GPUs as CUDA_VISIBLE_DEVICES gives them (indices when unset)."""
     names = os.environ.get("CUDA_VISIBLE_DEVICES")

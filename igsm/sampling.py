@@ -350,7 +350,7 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
     the same model and settings (the fingerprint below) makes only the missing ones. Under
     torchrun the processes share the batches and rank 0 writes. Returns rank 0's one-line summary.
     """
-    from igsm import distributed
+    from igsm import distributed, gpus
     from igsm.models import image_shape, load_model
 
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
@@ -358,13 +358,12 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
     net = load_model(model_dir, device)
     shape = image_shape(net)
     denoiser = denoiser_from_settings(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
     fingerprint = {"model_digest": model_digest(model_dir), "sampler": options["sampler"],
                    "sampler_kwargs": sampler_kwargs, "image_shape": list(shape), "batch_size": batch_size,
                    **denoiser.metadata, "schedule": options.get("diffusion", {}),
                    "first_seed": int(seeds[0]), "num_images": len(seeds),
-                   "torch": torch.__version__, "device": device_name}
+                   "torch": torch.__version__, "device": gpus.device_name(device)}
     folder = str(out) + ".partial"
     partial = PartialBatches(folder, fingerprint) if rank == 0 else None
     distributed.barrier()  # rank 0 has emptied a stale folder before anyone writes

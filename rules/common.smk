@@ -39,6 +39,7 @@ wildcard_constraints:
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
 from igsm.config import ConfigError, check_config, check_writable, training_job
+from igsm.models import architecture_family
 
 try:
     check_config(config)
@@ -89,8 +90,8 @@ wildcard_constraints:
     variant=_one_of(sorted({variant for exp in EXPERIMENTS for variant in scored_variants(exp)})),
 
 
-# U-ViT experiments: their architecture has U-ViT's keys (igsm.models.architecture_family).
-UVIT_EXPERIMENTS = [exp for exp, spec in EXPERIMENTS.items() if "img_size" in spec["architecture"]]
+# U-ViT experiments: their architecture has U-ViT's keys.
+UVIT_EXPERIMENTS = [exp for exp, spec in EXPERIMENTS.items() if architecture_family(spec["architecture"]) == "uvit"]
 
 
 def dense_owner(exp):
