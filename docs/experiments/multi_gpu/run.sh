@@ -11,6 +11,7 @@
 #   t1, t2      throughput: both objectives, bf16, PyTorch's default kernels, 100 steps, one job
 #               at a time, 1 / 2 GPUs per job
 # Usage: WORK=/root/mg docs/experiments/multi_gpu/run.sh; python compare.py $WORK OUT
+# RESUME_ONLY=1: only base, g2 (igsm) and g2_resumed (and g2_again): the resume check alone.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-/root/mg}
@@ -46,8 +47,12 @@ variant t2 2 bf16 false 100 10
 stamp base; smk base 2 g1 results/prune/ddp/magnitude-cr0.3/model
 for run in g1 g2 g2_resumed t1 t2; do rm -rf "${WORK:?}/$run"; cp -a "$WORK/base" "$WORK/$run"; done
 
-stamp g1; smk g1 2 g1 "$FT/np_kd/model" "$FT/igsm/model" results/samples/ddp/dense/samples.npz
-stamp g2; smk g2 2 g2 "$FT/np_kd/model" "$FT/igsm/model" results/samples/ddp/dense/samples.npz
+if [ -n "${RESUME_ONLY:-}" ]; then
+    stamp g2; smk g2 2 g2 "$FT/igsm/model"
+else
+    stamp g1; smk g1 2 g1 "$FT/np_kd/model" "$FT/igsm/model" results/samples/ddp/dense/samples.npz
+    stamp g2; smk g2 2 g2 "$FT/np_kd/model" "$FT/igsm/model" results/samples/ddp/dense/samples.npz
+fi
 
 stamp g2_resumed
 smk g2_resumed 2 g2 "$FT/igsm/model" > "$WORK/g2_resumed-first.log" 2>&1 &
@@ -70,6 +75,7 @@ if ! cmp -s "$WORK/g2/$FT/igsm/model/model.safetensors" \
     smk g2_again 2 g2 "$FT/igsm/model"
 fi
 
+[ -n "${RESUME_ONLY:-}" ] && { stamp done; exit 0; }
 stamp t1; smk t1 1 t1 "$FT/np_kd/model" "$FT/igsm/model"
 stamp t2; smk t2 2 t2 "$FT/np_kd/model" "$FT/igsm/model"
 stamp done
