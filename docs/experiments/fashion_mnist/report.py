@@ -80,11 +80,14 @@ def stage_wall_times(results: Path) -> dict:
 
 
 def loss_plot(results: Path, out: Path) -> None:
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     teacher_metrics = results / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl"
     teacher = metrics(teacher_metrics) if teacher_metrics.exists() else []  # none when pretrained
-    axes[0].plot([r["step"] for r in teacher], [r["loss"] for r in teacher])
-    axes[0].set(title="dense teacher: NP loss", xlabel="step", yscale="log")
+    fig, axes = plt.subplots(1, 4 if teacher else 3, figsize=(21 if teacher else 16, 4.5))
+    if teacher:
+        axes[0].plot([r["step"] for r in teacher], [r["loss"] for r in teacher])
+        axes[0].set(title="dense teacher: NP loss", xlabel="step", yscale="log")
+    else:  # the panels below index from 1
+        axes = [None, *axes]
     runs = [(exp, style, path) for exp, style in zip(EXPERIMENTS, ("-", "--"))
             for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl"))]
     # One colour per objective in every panel (a seed repeats its objective's colour, dashed).
