@@ -37,7 +37,7 @@ config = yaml.safe_load(open(sys.argv[1]))
 config["experiments"]["fmnist_unet"]["dense"] = {"pretrained": sys.argv[2]}
 yaml.safe_dump(config, open(sys.argv[3], "w"), sort_keys=False)
 PY
-    exec "${SNAKEMAKE[@]}" all_tables --configfile "$config"
+    exec "${SNAKEMAKE[@]}" --keep-going all_tables --configfile "$config"
 fi
 
 for steps in $TEACHER_STEPS; do
@@ -48,4 +48,4 @@ for steps in $TEACHER_STEPS; do
     cp "$WORK/results/fid/fmnist_unet/dense.json" "$WORK/teacher_curve/fid-$steps.json"
     cp "$WORK/results/samples/fmnist_unet/dense/grid.png" "$WORK/teacher_curve/grid-$steps.png"
 done
-"${SNAKEMAKE[@]}" all_tables --configfile "$CONFIG"
+"${SNAKEMAKE[@]}" --keep-going all_tables --configfile "$CONFIG"
