@@ -155,19 +155,19 @@ def check_config(files):
 
 
 @main.command()
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Dataset .npz to write.")
+@click.option("--out", required=True, type=click.Path(), help="Image store (folder) to write.")
 @click.option("--cache-dir", required=True, type=click.Path(file_okay=False), help="Where archives go.")
 @SETTINGS
 def download(out, cache_dir, settings):
-    """Fetch and parse a dataset (config 'datasets.<name>')."""
+    """Fetch and parse a dataset (config 'datasets.<name>') into an image store."""
     from igsm.data import DownloadError, prepare_dataset
 
     try:
-        data = prepare_dataset(settings, out, cache_dir)
+        store = prepare_dataset(settings, out, cache_dir)
     except (DownloadError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    images = data["images"]
-    click.echo(f"{out}: {images.shape[0]} images of {images.shape[1]}×{images.shape[2]}×{images.shape[3]}")
+    n, h, w, c = store.shape
+    click.echo(f"{out}: {n} images of {h}×{w}×{c} in {len(store.index['shards'])} shard(s)")
 
 
 @main.command()
@@ -214,7 +214,7 @@ def init(out, seed, settings):
               help="Network to train (dense init, or pruned student).")
 @click.option("--teacher", "teacher_dir", type=click.Path(exists=True, file_okay=False),
               help="Frozen dense teacher (needed by kd/jm terms).")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True), help="Image store (results/data/<dataset>/train).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Final EMA model folder.")
 @click.option("--checkpoint-dir", required=True, type=click.Path(file_okay=False))
 @click.option("--metrics", required=True, type=click.Path(dir_okay=False), help="JSONL per log step.")
@@ -275,7 +275,7 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
 
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True), help="Image store (results/data/<dataset>/train).")
 @click.option("--criterion", required=True)
 @click.option("--channel-ratio", required=True, type=float)
 @click.option("--out", required=True, type=click.Path(file_okay=False))
@@ -448,7 +448,7 @@ FID_BATCH = click.option("--batch-size", type=click.IntRange(min=1), default=200
 
 
 @main.command("fid-reference")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", required=True, type=click.Path(exists=True), help="Image store (results/data/<dataset>/train).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Statistics .npz.")
 @SETTINGS
 @DEVICE
@@ -465,7 +465,7 @@ def fid_reference(data, out, settings, device, threads, batch_size):
     num = settings.get("num_reference") or len(images)
     if num > len(images):
         raise click.ClickException(f"fid.num_reference: {num} images asked, {data} holds {len(images)}")
-    features, metadata = _features(images[:num], settings, device, threads, batch_size)
+    features, metadata = _features(images.limit(num), settings, device, threads, batch_size)
     fid.save_statistics(out, features, source=data, **metadata)
 
 
@@ -526,6 +526,8 @@ def fid_score(statistics, reference, out, settings, threads):
     extractor_metadata = {k: v for k, v in stats.metadata.items() if k not in SAMPLE_KEYS}
     _write_json(out, {"fid": score, "num_images": stats.num_images, "samples": sample_metadata["samples"],
                       "statistics": statistics, "reference": reference,
+                      # The user's file (fid.reference_statistics), or the workflow's own statistics.
+                      "reference_kind": "supplied" if settings.get("reference_statistics") else "computed",
                       "num_reference": reference_stats.num_images,
                       "image_precision": sample_metadata["image_precision"] or "unknown",
                       "sampler": sample_metadata["sampler"],

@@ -25,7 +25,7 @@ SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
                "fashion-mnist": {"train": 60_000, "test": 10_000}}
-CHANNELS = {"cifar10": 3, "fashion-mnist": 1, "sklearn-digits": 1}
+CHANNELS = {"cifar10": 3, "fashion-mnist": 1, "sklearn-digits": 1, "lsun": 3}
 SKLEARN_DIGITS_SIZE = 1797
 # diffusers' UNet2DModel defaults, for architecture keys a config leaves out (U-ViT's in_chans too).
 UNET_DEFAULT_CHANNELS = 3
@@ -165,6 +165,10 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     if sample["num_shards"] > sample["num_images"]:
         errors.append(f"{key}.sample.num_shards: {sample['num_shards']} shards for {sample['num_images']} "
                       "images; at most one shard per image")
+    supplied = exp["fid"]["reference_statistics"]
+    if supplied and not (supplied.endswith(".npz") and Path(supplied).expanduser().is_file()):
+        errors.append(f"{key}.fid.reference_statistics: {supplied} is not an existing .npz file (give "
+                      "the path of a file holding 'mu' and 'sigma', or leave it empty)")
     known = dataset_size(data)
     if known is not None:
         for path, value in ((f"{key}.fid.num_reference", exp["fid"]["num_reference"]),

@@ -51,7 +51,7 @@ from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.utils import ResizeDataset
 from tqdm.auto import tqdm
 
-from igsm.data import file_digest, read_npz
+from igsm.data import ImageStore, file_digest, read_npz
 
 MODES = ("clean", "legacy_pytorch")
 CACHE_DIR_ENV = "IGSM_CACHE_DIR"
@@ -320,11 +320,13 @@ def _resolve_extractor(extractor, mode, device) -> FeatureExtractor:
 def image_features(images: np.ndarray, mode: str | None = None, device: str | torch.device = "cpu",
                    batch_size: int = 50, extractor: FeatureExtractor | None = None, num_workers: int = 0,
                    verbose: bool = True, description: str = "FID features") -> np.ndarray:
-    """Inception features (N×2048 float32) of uint8 images N×H×W×C, C = 1 (replicated) or 3.
+    """Inception features (N×2048 float32) of uint8 images N×H×W×C, C = 1 (replicated) or 3: an
+    array, or an image store (igsm.data.ImageStore), read an image at a time.
 
     ``mode`` defaults to ``"clean"``, or the extractor's mode when ``extractor`` is given.
     """
-    images = np.asarray(images)
+    if not isinstance(images, ImageStore):
+        images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) or len(images) == 0:
         raise ValueError(f"images: expected a non-empty uint8 array N×H×W×C with C in (1, 3), "
                          f"got {images.dtype} {images.shape}.")

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from igsm import distributed
-from igsm.data import to_model_range
+from igsm.data import ImageStore, to_model_range
 from igsm.diffusion import NoiseSchedule, VPSDE
 
 # Options that do not change the weights: a snapshot stays resumable when only these change.
@@ -151,11 +151,11 @@ def _hash_tensors(digest, tensors: dict) -> None:
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
 
 
-def run_fingerprint(net: nn.Module, images: np.ndarray, options: "TrainingOptions",
+def run_fingerprint(net: nn.Module, images: "ImageStore | np.ndarray", options: "TrainingOptions",
                     teacher: nn.Module | None, schedule: NoiseSchedule | VPSDE) -> str:
     """sha256 of what the trained weights depend on: the options (bar BOOKKEEPING_OPTIONS), the
-    forward process (kind and parameters: igsm.diffusion), the training images, the initial
-    weights and the teacher's weights.
+    forward process (kind and parameters: igsm.diffusion), the training images (a store by the
+    digests in its index, an array by its bytes), the initial weights and the teacher's weights.
 
     Not the number of processes: a run may resume on another GPU count (or device).
     """
@@ -163,8 +163,11 @@ def run_fingerprint(net: nn.Module, images: np.ndarray, options: "TrainingOption
     settings = {k: v for k, v in asdict(options).items() if k not in BOOKKEEPING_OPTIONS}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(schedule.identity())
-    digest.update(f"images:{images.dtype}:{images.shape};".encode())
-    digest.update(np.ascontiguousarray(images).data)
+    if isinstance(images, ImageStore):  # by the shard digests its index recorded when written
+        digest.update(f"images:store:{images.fingerprint()};".encode())
+    else:
+        digest.update(f"images:{images.dtype}:{images.shape};".encode())
+        digest.update(np.ascontiguousarray(images).data)
     _hash_tensors(digest, net.state_dict())
     digest.update(b"teacher;")
     if teacher is not None:
@@ -322,7 +325,7 @@ def _average_gradients(params: list[nn.Parameter], stats: torch.Tensor) -> torch
 
 def train(
     net: nn.Module,
-    images: np.ndarray,
+    images: "ImageStore | np.ndarray",
     options: TrainingOptions,
     checkpoint_dir: str | os.PathLike,
     metrics_path: str | os.PathLike,
@@ -330,7 +333,8 @@ def train(
     schedule: NoiseSchedule | VPSDE | None = None,
     device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, Timing]:
-    """Train ``net`` on uint8 ``images`` (N×H×W×C); return its EMA copy and the run's timing.
+    """Train ``net`` on uint8 ``images`` (N×H×W×C: an image store, read a batch at a time, or an
+    array); return its EMA copy and the run's timing.
 
     ``schedule``: the forward process (igsm.diffusion: DDPM, the default, or the VP-SDE); the
     objective sees its noisy images and the network's time input (t, resp. t·999).
@@ -420,7 +424,6 @@ def train(
                     old.unlink()
             distributed.barrier()
 
-        data = torch.from_numpy(images)
         batch = options.batch_size
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
         progress = tqdm(range(start_step, options.num_steps), initial=start_step, total=options.num_steps,
@@ -432,7 +435,7 @@ def train(
                 generator.manual_seed(step_seed(options.seed, step))
                 torch.manual_seed(step_seed(options.seed, step, 1 + rank))  # dropout
                 # The global batch's draws, of which this process keeps its rows.
-                x0 = to_model_range(data[batch_indices(step, batch, len(data), options.seed)[rows]]).to(device)
+                x0 = to_model_range(images[batch_indices(step, batch, len(images), options.seed)[rows].numpy()]).to(device)
                 if options.hflip:
                     flip = (torch.rand(batch, generator=generator, device=device) < 0.5)[rows]
                     x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)

@@ -119,7 +119,7 @@ def model_dir(wildcards):
 
 
 def dataset_file(wildcards):
-    return f"results/data/{EXPERIMENTS[wildcards.exp]['dataset']}/train.npz"
+    return f"results/data/{EXPERIMENTS[wildcards.exp]['dataset']}/train"
 
 
 def as_json(payload):
@@ -158,6 +158,8 @@ def resource(stage, key):
 def fid_reference_file(exp):
     settings = EXPERIMENTS[exp]
     fid = settings["fid"]
+    if fid["reference_statistics"]:  # the user's file (checked to exist by igsm.config)
+        return os.path.expanduser(fid["reference_statistics"])
     return f"results/fid_reference/{settings['dataset']}/{fid['mode']}-n{fid['num_reference']}.npz"
 
 

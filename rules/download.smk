@@ -1,11 +1,12 @@
-# Stage 1: datasets into results/data/<dataset>/train.npz (uint8 N×H×W×C + labels).
+# Stage 1: datasets into results/data/<dataset>/train, an image store (igsm/data/store.py:
+# memory-mapped uint8 N×H×W×C shards + labels, with their digests), published whole when complete.
 
 
 rule download:
     conda:
         "../envs/download.yaml"
     output:
-        data="results/data/{dataset}/train.npz",
+        data=directory("results/data/{dataset}/train"),
     params:
         settings=lambda w: as_json(config["datasets"][w.dataset]),
         cache="results/data/{dataset}/raw",

@@ -9,7 +9,7 @@ rule fid_reference:
     conda:
         "../envs/fid.yaml"
     input:
-        data="results/data/{dataset}/train.npz",
+        data="results/data/{dataset}/train",
     output:
         stats="results/fid_reference/{dataset}/{mode}-n{num}.npz",
     params:

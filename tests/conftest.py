@@ -96,7 +96,7 @@ def tiny_training(tmp_path_factory):
     import numpy as np
     import torch
 
-    from igsm.data import save_arrays
+    from igsm.data import write_store
     from igsm.models import build_unet, save_model
 
     folder = tmp_path_factory.mktemp("tiny_training")
@@ -107,7 +107,8 @@ def tiny_training(tmp_path_factory):
     torch.manual_seed(1)
     save_model(build_unet(TINY_ARCHITECTURE), folder / "teacher")
     images = np.random.default_rng(0).integers(0, 256, (40, 16, 16, 1), dtype=np.uint8)
-    save_arrays(folder / "data.npz", images=images)
+    # Shards of 7 images: batches and resumed runs read across shard boundaries.
+    write_store(folder / "data", [(images, np.zeros(len(images), np.int64))], shard_bytes=7 * 16 * 16)
     return folder
 
 
@@ -115,7 +116,7 @@ def train_command(inputs, out, training, *extra, student="student"):
     """argv of `python -m igsm train` on the tiny_training inputs, IGSM objective, outputs in out."""
     settings = {"training": {"objective": {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}}, **training}}
     return [sys.executable, "-m", "igsm", "train", "--model", str(inputs / student),
-            "--teacher", str(inputs / "teacher"), "--data", str(inputs / "data.npz"),
+            "--teacher", str(inputs / "teacher"), "--data", str(inputs / "data"),
             "--out", str(out / "model"), "--checkpoint-dir", str(out / "checkpoints"),
             "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
             "--settings", json.dumps(settings), "--device", "cpu", "--threads", "1", *extra]

@@ -117,6 +117,10 @@ def set_too_many_reference_images(c):
     experiment(c)["fid"]["num_reference"] = 5000
 
 
+def set_missing_reference_statistics(c):
+    experiment(c)["fid"]["reference_statistics"] = "no/such/fid_stats.npz"
+
+
 def set_too_many_pruning_images(c):
     experiment(c)["prune"]["num_images"] = 2000
 
@@ -191,6 +195,7 @@ def set_uvit_channel_mismatch(c):
     (set_batch_not_divisible_by_gpus, r"experiments\.digits_unet\.finetune\.training\.batch_size: 64 does not split over the 3"),
     (set_too_many_reference_images, r"experiments\.digits_unet\.fid\.num_reference: 5000 images asked, dataset 'digits' holds 1797"),
     (set_too_many_pruning_images, r"experiments\.digits_unet\.prune\.num_images: 2000 images asked"),
+    (set_missing_reference_statistics, r"experiments\.digits_unet\.fid\.reference_statistics: no/such/fid_stats\.npz is not an existing \.npz"),
     (set_missing_pretrained_folder, r"experiments\.digits_unet\.dense\.pretrained: local folder \./no/such/ddpm does not exist"),
     (set_image_folder_without_path, r"datasets\.digits\.path"),
 ])
@@ -210,6 +215,21 @@ def test_bad_config_is_rejected_naming_the_key(mutate, expected, tmp_path):
 def test_demo_config_is_valid(tmp_path):
     proc = dry_run(demo_config(), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_supplied_reference_statistics_replace_the_reference_job(tmp_path):
+    """fid.reference_statistics: no Inception statistics of the training images are made, and every
+    fid job reads the user's file."""
+    import numpy as np
+
+    supplied = tmp_path / "fid_stats_published.npz"
+    np.savez(supplied, mu=np.zeros(4), sigma=np.eye(4))
+    config = demo_config()
+    experiment(config)["fid"]["reference_statistics"] = str(supplied)
+    proc = dry_run(config, tmp_path, "--printshellcmds")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "rule fid_reference" not in proc.stdout
+    assert proc.stdout.count(f"--reference {supplied}") == job_counts(proc.stdout)["fid"] > 0
 
 
 def test_lint_has_no_findings():

@@ -380,18 +380,21 @@ def test_cli_names_a_corrupt_input_without_a_traceback(tmp_path):
     bad = tmp_path / "model"
     bad.mkdir()
     (bad / "architecture.json").write_text("{not json")
-    data = tmp_path / "train.npz"
-    data.write_bytes(b"PK\x03\x04 truncated")
+    data = tmp_path / "train"  # an image store whose index is cut short
+    data.mkdir()
+    (data / "index.json").write_text('{"format": "igsm-image-store/1", "num_im')
+    samples = tmp_path / "samples.npz"
+    samples.write_bytes(b"PK\x03\x04 truncated")
     commands = {
         "efficiency": ["efficiency", "--model", str(bad), "--out", str(tmp_path / "e.json")],
         "prune": ["prune", "--model", str(bad), "--data", str(data), "--criterion", "magnitude",
                   "--channel-ratio", "0.3", "--out", str(tmp_path / "p"), "--report", str(tmp_path / "r.json")],
         "fid-reference": ["fid-reference", "--data", str(data), "--out", str(tmp_path / "s.npz")],
-        "fid-statistics": ["fid-statistics", "--samples", str(data), "--out", str(tmp_path / "s.npz")],
+        "fid-statistics": ["fid-statistics", "--samples", str(samples), "--out", str(tmp_path / "s.npz")],
     }
     for name, args in commands.items():
         proc = subprocess.run([sys.executable, "-m", "igsm", *args], text=True, capture_output=True,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
         assert proc.returncode == 1, (name, proc.stderr)
         assert "Traceback" not in proc.stderr and "Error: " in proc.stderr, (name, proc.stderr)
-        assert str(bad) in proc.stderr or str(data) in proc.stderr, (name, proc.stderr)
+        assert any(str(p) in proc.stderr for p in (bad, data, samples)), (name, proc.stderr)

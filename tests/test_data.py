@@ -18,7 +18,7 @@ import igsm.data
 import igsm.data.cifar10
 import igsm.data.common
 from conftest import CIFAR_SUBSET_SHA256, REPO
-from igsm.data import (DownloadError, check_dataset_spec, file_digest, load_fashion_mnist,
+from igsm.data import (DownloadError, check_dataset_spec, file_digest, load_fashion_mnist, load_images,
                        load_image_folder, parse_cifar10, prepare_dataset, read_idx, to_model_range,
                        to_uint8)
 
@@ -28,18 +28,17 @@ def cifar_spec(path, sha256=CIFAR_SUBSET_SHA256):
 
 
 def test_cifar10_download_and_parse(cifar_subset, tmp_path):
-    out = tmp_path / "train.npz"
+    out = tmp_path / "train"
     prepare_dataset(cifar_spec(cifar_subset), out, tmp_path / "raw")
-    with np.load(out) as data:
-        images, labels = data["images"], data["labels"]
+    data = load_images(out)  # the store as the stages read it
+    images, labels = data[:], data.labels
     # The shared subset holds the first 1,017–1,329 images of each of the five train batches.
     assert images.shape == (5482, 32, 32, 3) and images.dtype == np.uint8
     assert labels.shape == (5482,) and set(np.unique(labels)) == set(range(10))
     assert images.min() == 0 and images.max() == 255
-    test = tmp_path / "test.npz"
+    test = tmp_path / "test"
     prepare_dataset({**cifar_spec(cifar_subset), "split": "test"}, test, tmp_path / "raw")
-    with np.load(test) as data:
-        assert data["images"].shape == (1017, 32, 32, 3)
+    assert load_images(test).shape == (1017, 32, 32, 3)
 
 
 # CIFAR-10's own first images (the subset keeps each batch's first images and labels unchanged):
@@ -88,21 +87,21 @@ def test_cifar10_first_images_are_cifar10s_own(cifar_subset, split, member):
 
 def test_cifar10_sha256_mismatch_is_an_error(cifar_subset, tmp_path):
     with pytest.raises(DownloadError, match="sha256 mismatch"):
-        prepare_dataset(cifar_spec(cifar_subset, sha256="0" * 64), tmp_path / "t.npz", tmp_path / "raw")
+        prepare_dataset(cifar_spec(cifar_subset, sha256="0" * 64), tmp_path / "t", tmp_path / "raw")
     assert not list((tmp_path / "raw").glob("*")), "a rejected download must leave nothing behind"
-    assert not (tmp_path / "t.npz").exists()
+    assert not (tmp_path / "t").exists()
 
 
 def test_unreachable_url_names_the_url(tmp_path):
     url = (tmp_path / "missing.tar.gz").as_uri()
     with pytest.raises(DownloadError, match=url):
-        prepare_dataset({"source": "cifar10", "url": url, "sha256": "0" * 64}, tmp_path / "t.npz", tmp_path)
+        prepare_dataset({"source": "cifar10", "url": url, "sha256": "0" * 64}, tmp_path / "t", tmp_path)
 
 
 def test_sklearn_digits_upsampled(tmp_path):
-    data = prepare_dataset({"source": "sklearn-digits", "image_size": 16}, tmp_path / "d.npz", tmp_path)
-    assert data["images"].shape == (1797, 16, 16, 1) and data["images"].dtype == np.uint8
-    assert data["images"].max() == 255
+    data = prepare_dataset({"source": "sklearn-digits", "image_size": 16}, tmp_path / "d", tmp_path)
+    assert data.shape == (1797, 16, 16, 1) and data[:].dtype == np.uint8
+    assert data[:].max() == 255
 
 
 def test_model_range_round_trip():
@@ -156,13 +155,13 @@ def raw_fmnist(folder, split):
     ("test", 36, 10000, [9, 2, 1, 1, 6, 1, 4, 6, 5, 7]),
 ])
 def test_fashion_mnist_download_and_parse(fmnist, tmp_path, split, image_size, count, first_labels):
-    out, cache = tmp_path / "d.npz", tmp_path / "raw"
+    out, cache = tmp_path / "d", tmp_path / "raw"
     prepare_dataset(fm_spec(fmnist, split, image_size, slash=split == "train"), out, cache)
     # Only the split's two files are fetched.
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         n for n in DEBIAN_SHA256 if n.startswith(PREFIX[split]))
-    with np.load(out) as data:
-        images, labels = data["images"], data["labels"]
+    data = load_images(out)
+    images, labels = data[:], data.labels
     assert images.shape == (count, image_size, image_size, 1) and images.dtype == np.uint8
     assert labels.shape == (count,) and labels.dtype == np.int64
     assert labels[:10].tolist() == first_labels
@@ -182,18 +181,18 @@ def test_fashion_mnist_download_and_parse(fmnist, tmp_path, split, image_size, c
 
 def test_fashion_mnist_cache_is_reused_and_repaired(fmnist, tmp_path):
     cache = tmp_path / "raw"
-    prepare_dataset(fm_spec(fmnist), tmp_path / "a.npz", cache)
+    prepare_dataset(fm_spec(fmnist), tmp_path / "a", cache)
     # Verified files in the cache: nothing is fetched, so an unreachable URL does not matter.
-    prepare_dataset(fm_spec(tmp_path / "nowhere"), tmp_path / "b.npz", cache)
+    prepare_dataset(fm_spec(tmp_path / "nowhere"), tmp_path / "b", cache)
     # A cached file with the wrong content is fetched again.
     (cache / "t10k-labels-idx1-ubyte.gz").write_bytes(b"stale")
-    prepare_dataset(fm_spec(fmnist), tmp_path / "c.npz", cache)
+    prepare_dataset(fm_spec(fmnist), tmp_path / "c", cache)
     assert file_digest(cache / "t10k-labels-idx1-ubyte.gz") == DEBIAN_SHA256["t10k-labels-idx1-ubyte.gz"]
 
 
 @pytest.mark.parametrize("wrong", ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"])
 def test_fashion_mnist_sha256_mismatch(fmnist, tmp_path, wrong):
-    cache, out = tmp_path / "raw", tmp_path / "d.npz"
+    cache, out = tmp_path / "raw", tmp_path / "d"
     spec = fm_spec(fmnist)
     spec["sha256"][wrong] = "0" * 64
     with pytest.raises(DownloadError, match="sha256 mismatch for " + re.escape((fmnist / wrong).as_uri())):
@@ -210,7 +209,7 @@ def test_fashion_mnist_missing_file_names_the_url(fmnist, tmp_path):
     shutil.copy(fmnist / "t10k-images-idx3-ubyte.gz", folder)  # the labels are missing
     url = (folder / "t10k-labels-idx1-ubyte.gz").as_uri()
     with pytest.raises(DownloadError, match="could not download " + re.escape(url)):
-        prepare_dataset(fm_spec(folder), tmp_path / "d.npz", tmp_path / "raw")
+        prepare_dataset(fm_spec(folder), tmp_path / "d", tmp_path / "raw")
 
 
 def truncated_gzip(source, target):
@@ -234,8 +233,8 @@ def test_fashion_mnist_truncated_archive(fmnist, tmp_path, truncate, message):
     # The truncated file's true sha256: the download passes, only the parser can tell.
     sha256 = {**DEBIAN_SHA256, name: file_digest(folder / name)}
     with pytest.raises(ValueError, match=re.escape(name) + ".*" + message):
-        prepare_dataset(fm_spec(folder, sha256=sha256), tmp_path / "d.npz", tmp_path / "raw")
-    assert not (tmp_path / "d.npz").exists()
+        prepare_dataset(fm_spec(folder, sha256=sha256), tmp_path / "d", tmp_path / "raw")
+    assert not (tmp_path / "d").exists()
 
 
 def write_idx(path, magic, dims, data=None, extra=b""):
@@ -290,7 +289,7 @@ def test_official_sources_when_url_and_sha256_unset(tmp_path, monkeypatch):
     monkeypatch.setattr(igsm.data.common, "download", fake_download)
     for spec in ({"source": "cifar10", "url": ""}, {"source": "fashion-mnist", "url": "", "split": "test"}):
         with pytest.raises(DownloadError):
-            prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
+            prepare_dataset(spec, tmp_path / "d", tmp_path / "raw")
     assert calls == [
         ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
          "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"),
@@ -353,7 +352,7 @@ def test_check_dataset_spec_names_the_key(tmp_path, monkeypatch, source, change,
         check_dataset_spec("mine", spec)
     # prepare_dataset makes the same checks before fetching anything (naming the bare key).
     with pytest.raises(ValueError, match=re.escape(f"{key}: ")):
-        prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
+        prepare_dataset(spec, tmp_path / "d", tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 
 
@@ -411,9 +410,9 @@ def test_cifar10_malicious_pickle_is_refused(tmp_path, call, refused, where, pro
     message = (re.escape("member cifar-10-batches-py/data_batch_1: refuses to load '") + refused
                + "': not CIFAR-10")
     with pytest.raises(ValueError, match=message):
-        prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
+        prepare_dataset(spec, tmp_path / "d", tmp_path / "raw")
     assert not marker.exists(), "the archive's pickle ran code"
-    assert not (tmp_path / "d.npz").exists()
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
@@ -491,10 +490,10 @@ def test_cifar10_truncated_or_corrupt_archive(cifar_subset, tmp_path, damage, me
     spec = cifar_spec(mirror, sha256=file_digest(mirror))
     with pytest.raises(ValueError, match=re.escape(str(cache / "cifar-10-python.tar.gz"))
                        + ": " + message + ".*Delete it.*'url'.*'sha256'") as caught:
-        prepare_dataset(spec, tmp_path / "d.npz", cache)
+        prepare_dataset(spec, tmp_path / "d", cache)
     assert not isinstance(caught.value, DownloadError)
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
-    assert not (tmp_path / "d.npz").exists()
+    assert not (tmp_path / "d").exists()
 
 
 # ---- image-folder: every PIL mode, converted to exact 8-bit values -------------------------
@@ -631,7 +630,7 @@ def test_image_folder_empty_path_is_refused(tmp_path, monkeypatch):
     for spec in ({"source": "image-folder", "path": "", "image_size": 4, "channels": 1},
                  {"source": "image-folder", "image_size": 4, "channels": 1}):
         with pytest.raises(ValueError, match="path: .*needs 'path'"):
-            prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
+            prepare_dataset(spec, tmp_path / "d", tmp_path / "raw")
         with pytest.raises(ValueError, match="datasets.x.path"):
             check_dataset_spec("x", spec)
 
@@ -675,22 +674,46 @@ def test_celeba_split_and_crop_geometry(tmp_path):
     spec = {"source": "celeba", "url": (tmp_path / "celeba").as_uri(), "md5": md5, "split": "train",
             "image_size": 128}
     check_dataset_spec("celeba", spec)
-    data = prepare_dataset(spec, tmp_path / "train.npz", tmp_path / "raw")
+    data = prepare_dataset(spec, tmp_path / "train", tmp_path / "raw")[:]
     # Partition 0 in the file's order: images 0 and 2 of the zip; the crop is rows 57..184 and
     # columns 25..152 of the 218×178 aligned image (centre (89, 121)), not resized at 128.
-    assert data["images"].shape == (2, 128, 128, 3)
-    assert data["images"][1, 0, 0].tolist() == [57, 25, 20]
-    assert data["images"][0, -1, -1].tolist() == [184, 152, 0]
-    np.testing.assert_array_equal(data["images"][0, :, 0, 0], np.arange(57, 185))
-    np.testing.assert_array_equal(data["images"][0, 0, :, 1], np.arange(25, 153))
+    assert data.shape == (2, 128, 128, 3)
+    assert data[1, 0, 0].tolist() == [57, 25, 20]
+    assert data[0, -1, -1].tolist() == [184, 152, 0]
+    np.testing.assert_array_equal(data[0, :, 0, 0], np.arange(57, 185))
+    np.testing.assert_array_equal(data[0, 0, :, 1], np.arange(25, 153))
     # At 64: PIL's bilinear resize of that crop (torchvision's Resize on a PIL image), nothing else.
     from PIL import Image
 
-    small = prepare_dataset({**spec, "image_size": 64, "split": "test"}, tmp_path / "t.npz", tmp_path / "raw")
-    crop = data["images"][0].copy()
+    small = prepare_dataset({**spec, "image_size": 64, "split": "test"}, tmp_path / "t", tmp_path / "raw")
+    crop = data[0].copy()
     crop[..., 2] = 30  # image 3 of the zip (partition 2): its third channel is 10·k
     expected = np.asarray(Image.fromarray(crop).resize((64, 64), Image.BILINEAR))
-    np.testing.assert_array_equal(small["images"][0], expected)
+    np.testing.assert_array_equal(small[0], expected)
+
+
+def test_celeba_and_image_folders_stream_in_chunks(tmp_path):
+    """A chunk boundary changes nothing: chunks of 1 and 2 images concatenate to the whole split."""
+    from igsm.data.celeba import iter_celeba, load_celeba
+    from PIL import Image
+
+    from igsm.data.image_folder import iter_image_folder
+
+    celeba_files(tmp_path / "celeba", [(f"{k:06d}.jpg", 0) for k in range(1, 6)])
+    args = (tmp_path / "celeba" / "img_align_celeba.zip", tmp_path / "celeba" / "list_eval_partition.txt", "train", 8)
+    whole = load_celeba(*args)["images"]
+    assert whole.shape == (5, 8, 8, 3) and len(np.unique(whole[..., 2])) > 1
+    for chunk in (1, 2):
+        parts = list(iter_celeba(*args, chunk=chunk))
+        assert [len(p[0]) for p in parts] == [chunk] * (5 // chunk) + [5 % chunk] * (5 % chunk > 0)
+        np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), whole)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for k in range(5):
+        Image.fromarray(np.full((4, 4, 3), 40 * k, np.uint8)).save(folder / f"{k}.png")
+    parts = list(iter_image_folder(folder, 4, 3, chunk=2))
+    assert [len(p[0]) for p in parts] == [2, 2, 1]
+    assert [int(p[0][i, 0, 0, 0]) for p in parts for i in range(len(p[0]))] == [0, 40, 80, 120, 160]
 
 
 def test_celeba_md5_mismatch_names_the_file(tmp_path):
@@ -698,10 +721,10 @@ def test_celeba_md5_mismatch_names_the_file(tmp_path):
     md5["list_eval_partition.txt"] = "0" * 32
     spec = {"source": "celeba", "url": (tmp_path / "celeba").as_uri(), "md5": md5}
     with pytest.raises(DownloadError, match="md5 mismatch for .*list_eval_partition.txt.*fix 'url' or 'md5'"):
-        prepare_dataset(spec, tmp_path / "d.npz", tmp_path / "raw")
+        prepare_dataset(spec, tmp_path / "d", tmp_path / "raw")
     # Without an md5 key the official digests apply, which a test zip cannot have.
     with pytest.raises(DownloadError, match="md5 mismatch for .*img_align_celeba.zip: expected 00d2c5bc"):
-        prepare_dataset({**spec, "md5": None}, tmp_path / "d.npz", tmp_path / "raw")
+        prepare_dataset({**spec, "md5": None}, tmp_path / "d", tmp_path / "raw")
 
 
 @pytest.mark.parametrize("change, key, message", [

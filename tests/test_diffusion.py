@@ -154,7 +154,7 @@ TINY_UVIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, nu
 
 @pytest.fixture(scope="module")
 def tiny_uvit(tmp_path_factory):
-    from igsm.data import save_arrays
+    from igsm.data import write_store
     from igsm.models import save_model
     from igsm.uvit import UViT
 
@@ -168,7 +168,7 @@ def tiny_uvit(tmp_path_factory):
     yy, xx = np.mgrid[:8, :8]
     centres = rng.uniform(1, 6, (32, 2))
     blobs = np.exp(-((yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2) / 4)
-    save_arrays(folder / "data.npz", images=(255 * blobs[..., None]).astype(np.uint8))
+    write_store(folder / "data", [((255 * blobs[..., None]).astype(np.uint8), np.zeros(len(blobs), np.int64))])
     return folder
 
 
@@ -179,7 +179,7 @@ def uvit_train(inputs, out, num_steps, process="vpsde"):
                              "log_every": 5, "checkpoint_every": 5, "ema_decay": 0.9,
                              "objective": {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}}}}
     command = [sys.executable, "-m", "igsm", "train", "--model", str(inputs / "student"),
-               "--teacher", str(inputs / "teacher"), "--data", str(inputs / "data.npz"),
+               "--teacher", str(inputs / "teacher"), "--data", str(inputs / "data"),
                "--out", str(out / "model"), "--checkpoint-dir", str(out / "checkpoints"),
                "--metrics", str(out / "metrics.jsonl"), "--summary", str(out / "summary.json"),
                "--settings", json.dumps(settings), "--device", "cpu", "--threads", "1"]

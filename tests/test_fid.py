@@ -369,7 +369,7 @@ def test_fid_command_needs_only_the_statistics_files(extractor, sets, features, 
     payload = json.loads(first)
     # Every key of the single-step stage's JSON (scripts/tables.py reads fid, num_images, mode), plus
     # the statistics file.
-    assert set(payload) == {"fid", "num_images", "samples", "statistics", "reference", "num_reference",
+    assert set(payload) == {"fid", "num_images", "samples", "statistics", "reference", "reference_kind", "num_reference",
                             "image_precision", "sampler", "sampler_kwargs", "mode", "feature_extractor",
                             "weights_file", "weights_sha1", "precision", "device", "channels_last"}
     assert payload["fid"] == pytest.approx(fid_ab, rel=1e-6)
@@ -396,6 +396,19 @@ def test_fid_command_needs_only_the_statistics_files(extractor, sets, features, 
     result = invoke("fid", "--statistics", stats, "--reference", reference, "--out", score, "--settings", settings)
     assert result.exit_code == 0, result.output
     assert score.read_text() == first
+    assert payload["reference_kind"] == "computed"
+
+    # A user's reference (fid.reference_statistics): a bare mu/sigma .npz as U-ViT publishes them.
+    supplied = tmp_path / "fid_stats_published.npz"
+    reference_stats = fid.load_statistics(reference)
+    np.savez(supplied, mu=reference_stats.mu, sigma=reference_stats.sigma)
+    result = invoke("fid", "--statistics", stats, "--reference", supplied, "--out", score, "--settings",
+                    json.dumps({"mode": "clean", "num_reference": 0, "reference_statistics": str(supplied)}))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(score.read_text())
+    assert (payload["reference_kind"], payload["reference"], payload["num_reference"]) == (
+        "supplied", str(supplied), None)
+    assert payload["fid"] == pytest.approx(fid_ab, rel=1e-6)
 
 
 def test_fid_command_refuses_mismatched_modes(extractor, features, tmp_path):

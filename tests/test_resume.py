@@ -102,12 +102,12 @@ def test_snapshot_of_another_run_is_discarded(tiny_training, uninterrupted, tmp_
     assert [r["step"] for r in metric_records(tmp_path)] == list(range(1, changed["num_steps"] + 1))
 
 
-def test_fingerprint_covers_what_the_weights_depend_on(tiny_training):
-    from igsm.data import load_images
+def test_fingerprint_covers_what_the_weights_depend_on(tiny_training, tmp_path):
+    from igsm.data import load_images, write_store
     from igsm.models import load_model
 
     net, teacher = load_model(tiny_training / "student"), load_model(tiny_training / "teacher")
-    images = load_images(tiny_training / "data.npz")
+    images = load_images(tiny_training / "data")
     options = TrainingOptions.from_dict({**TRAINING, "objective": {"weights": {"np": 1.0}}})
     schedule = NoiseSchedule.linear()
 
@@ -122,8 +122,15 @@ def test_fingerprint_covers_what_the_weights_depend_on(tiny_training):
     other_net = load_model(tiny_training / "student")
     with torch.no_grad():
         next(other_net.parameters())[0].add_(1e-6)
-    changed_images = images.copy()
-    changed_images[0, 0, 0, 0] ^= 1
+    # A store is identified by the digests its index records: the same images written again (other
+    # folder, other shard size) are the same data; one flipped bit is not.
+    same_images = write_store(tmp_path / "same", [(images[:], images.labels)], shard_bytes=1 << 20)
+    assert fingerprint(images=same_images) != base  # other shards: a new identity, never a false match
+    rewritten = write_store(tmp_path / "again", [(images[:], images.labels)], shard_bytes=7 * 16 * 16)
+    assert fingerprint(images=rewritten) == base
+    flipped = images[:]
+    flipped[0, 0, 0, 0] ^= 1
+    changed_images = write_store(tmp_path / "changed", [(flipped, images.labels)], shard_bytes=7 * 16 * 16)
     # So does num_steps: step s is the same in any run of at least s steps (a run can be extended).
     assert fingerprint(num_steps=17) == base
     assert len({base, fingerprint(lr=2e-3), fingerprint(warmup_steps=3), fingerprint(seed=1),

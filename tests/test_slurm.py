@@ -202,7 +202,7 @@ def test_outputs_equal_the_local_run(slurm_run, demo_run):
 def test_request_larger_than_any_node_fails_at_submission(slurm_cluster, tmp_path, resources, message):
     config = {**tiny_demo_config(), "resources": resources}
     started = time.monotonic()
-    proc = snakemake_in(tmp_path, config, "results/data/digits/train.npz", profile="slurm-test", timeout=300)
+    proc = snakemake_in(tmp_path, config, "results/data/digits/train", profile="slurm-test", timeout=300)
     assert proc.returncode != 0
     assert time.monotonic() - started < 120
     assert "SLURM sbatch failed" in proc.stdout and message in proc.stdout, proc.stdout[-5000:]

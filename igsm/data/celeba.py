@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -51,11 +52,19 @@ def read_partition(path: str | Path, split: str) -> list[str]:
 
 
 def load_celeba(zip_path: str | Path, partition_path: str | Path, split: str, image_size: int) -> dict:
-    """The split's images, cropped and resized (module docstring); labels are all 0."""
+    """The split's images in memory (see :func:`iter_celeba`)."""
+    chunks = list(iter_celeba(zip_path, partition_path, split, image_size))
+    return {"images": np.concatenate([c[0] for c in chunks]), "labels": np.concatenate([c[1] for c in chunks])}
+
+
+def iter_celeba(zip_path: str | Path, partition_path: str | Path, split: str, image_size: int,
+                chunk: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The split's images, cropped and resized (module docstring), in chunks of ``chunk`` images;
+    labels are all 0."""
     from PIL import Image
 
     names = read_partition(partition_path, split)
-    images = np.empty((len(names), image_size, image_size, 3), dtype=np.uint8)
+    images = np.empty((min(chunk, len(names)), image_size, image_size, 3), dtype=np.uint8)
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, OSError) as err:
@@ -79,8 +88,10 @@ def load_celeba(zip_path: str | Path, partition_path: str | Path, split: str, im
             crop = img.crop(CROP_BOX)
             if image_size != crop.size[0]:
                 crop = crop.resize((image_size, image_size), Image.BILINEAR)
-            images[row] = np.asarray(crop, dtype=np.uint8)
-    return {"images": images, "labels": np.zeros(len(names), dtype=np.int64)}
+            images[row % chunk] = np.asarray(crop, dtype=np.uint8)
+            filled = row % chunk + 1
+            if filled == chunk or row == len(names) - 1:
+                yield images[:filled].copy(), np.zeros(filled, dtype=np.int64)
 
 
 def check(spec: dict, fail) -> None:
@@ -96,12 +107,12 @@ def check(spec: dict, fail) -> None:
         check_hex_digest(digest, 32, f"md5.{name}", fail)
 
 
-def prepare(spec: dict, cache_dir: Path) -> dict:
+def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     folder = spec["url"].rstrip("/") + "/"
     digests = {**CELEBA_MD5, **(spec.get("md5") or {})}
     archive, partition = (fetch_cached(folder + name, cache_dir / name, digests[name], "md5")
                           for name in ("img_align_celeba.zip", "list_eval_partition.txt"))
-    return load_celeba(archive, partition, spec.get("split", "train"), spec.get("image_size", 64))
+    yield from iter_celeba(archive, partition, spec.get("split", "train"), spec.get("image_size", 64))
 
 
 register("celeba", check, prepare)

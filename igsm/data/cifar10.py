@@ -12,6 +12,7 @@ import pickle
 import tarfile
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -177,10 +178,11 @@ def check(spec: dict, fail) -> None:
         check_hex_digest(sha256, 64, "sha256", fail)
 
 
-def prepare(spec: dict, cache_dir: Path) -> dict:
+def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     archive = fetch_cached(spec.get("url") or CIFAR10_URL, cache_dir / "cifar-10-python.tar.gz",
                            spec.get("sha256") or CIFAR10_SHA256)
-    return parse_cifar10(archive, spec.get("split", "train"))
+    data = parse_cifar10(archive, spec.get("split", "train"))
+    yield data["images"], data["labels"]
 
 
 register("cifar10", check, prepare)

@@ -1,5 +1,5 @@
-"""What every data source shares: downloads checked by digest, the dataset file (.npz of uint8
-N×H×W×C images) and its readers, and the conversion to the networks' value range.
+"""What every data source shares: downloads checked by digest, .npz reading with clear errors, and
+the conversion between uint8 images and the networks' value range.
 """
 
 from __future__ import annotations
@@ -107,17 +107,6 @@ def read_npz(path: str | os.PathLike, names: tuple, kind: str, remedy: str = REM
             return {k: data[k] for k in names if k in keys}, keys
     except Exception as err:  # BadZipFile, EOFError, zlib.error, ValueError, OSError, …
         raise ValueError(f"{path} is unreadable ({numpy_error_text(err)}); {remedy}") from None
-
-
-def load_images(path: str | os.PathLike) -> np.ndarray:
-    """The uint8 N×H×W×C images of a dataset file written by :func:`prepare_dataset`."""
-    arrays, keys = read_npz(path, ("images",), "dataset")
-    images = arrays.get("images")
-    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3) \
-            or not len(images):
-        found = f"{images.dtype} {images.shape}" if images is not None else f"keys {keys}"
-        raise ValueError(f"{path}: expected uint8 images N×H×W×C with C 1 or 3, found {found}; {REMAKE}")
-    return images
 
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:

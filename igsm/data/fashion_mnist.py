@@ -9,6 +9,7 @@ import gzip
 import os
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -131,12 +132,13 @@ def check(spec: dict, fail) -> None:
         check_hex_digest(digest, 64, f"sha256.{name}", fail)
 
 
-def prepare(spec: dict, cache_dir: Path) -> dict:
+def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     folder = (spec.get("url") or FASHION_MNIST_URL).rstrip("/") + "/"
     digests = spec.get("sha256") or FASHION_MNIST_SHA256
     images, labels = (fetch_cached(folder + name, cache_dir / name, digests[name])
                       for name in FASHION_MNIST_FILES[spec.get("split", "train")])
-    return load_fashion_mnist(images, labels, spec.get("image_size", 32))
+    data = load_fashion_mnist(images, labels, spec.get("image_size", 32))
+    yield data["images"], data["labels"]
 
 
 register("fashion-mnist", check, prepare)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -15,8 +16,19 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+CHUNK = 1024  # images per chunk streamed into the store
+
+
 def load_image_folder(folder: str | os.PathLike, image_size: int, channels: int) -> dict:
-    """Every image under ``folder`` (recursively, by suffix), converted to ``channels`` and resized.
+    """Every image under ``folder`` in memory (see :func:`iter_image_folder`)."""
+    chunks = list(iter_image_folder(folder, image_size, channels))
+    return {"images": np.concatenate([c[0] for c in chunks]), "labels": np.concatenate([c[1] for c in chunks])}
+
+
+def iter_image_folder(folder: str | os.PathLike, image_size: int, channels: int,
+                      chunk: int = CHUNK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every image under ``folder`` (recursively, by suffix, in sorted path order), converted to
+    ``channels`` and resized, in chunks of ``chunk`` images (uint8 n×H×W×C, labels 0).
 
     Conversion of each PIL mode to 8-bit 'RGB' (channels 3) or 'L' (channels 1):
 
@@ -50,12 +62,13 @@ def load_image_folder(folder: str | os.PathLike, image_size: int, channels: int)
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"{folder}: no images found (looked for {sorted(IMAGE_SUFFIXES)})")
-    images = []
-    for path in files:
-        img = _open_image(path)
-        img = _convert_image(img, channels, path).resize((image_size, image_size), Image.BICUBIC)
-        images.append(np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels))
-    return {"images": np.stack(images), "labels": np.zeros(len(images), dtype=np.int64)}
+    for start in range(0, len(files), chunk):
+        images = []
+        for path in files[start: start + chunk]:
+            img = _open_image(path)
+            img = _convert_image(img, channels, path).resize((image_size, image_size), Image.BICUBIC)
+            images.append(np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels))
+        yield np.stack(images), np.zeros(len(images), dtype=np.int64)
 
 
 def _open_image(path: Path):
@@ -110,8 +123,8 @@ def check(spec: dict, fail) -> None:
         fail("path", f"{path} is not a folder")
 
 
-def prepare(spec: dict, cache_dir: Path) -> dict:
-    return load_image_folder(spec["path"], spec.get("image_size", 32), spec.get("channels", 3))
+def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    yield from iter_image_folder(spec["path"], spec.get("image_size", 32), spec.get("channels", 3))
 
 
 register("image-folder", check, prepare)

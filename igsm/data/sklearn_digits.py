@@ -5,6 +5,7 @@ the embedded offline demo.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,8 +30,9 @@ def check(spec: dict, fail) -> None:
     pass  # any image_size ≥ 8 (the schema's minimum)
 
 
-def prepare(spec: dict, cache_dir: Path) -> dict:
-    return load_sklearn_digits(spec.get("image_size", 32))
+def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    data = load_sklearn_digits(spec.get("image_size", 32))
+    yield data["images"], data["labels"]
 
 
 register("sklearn-digits", check, prepare)

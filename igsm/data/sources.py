@@ -11,36 +11,40 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
-from igsm.data.common import URL_SCHEMES, save_arrays
+import numpy as np
+
+from igsm.data.common import URL_SCHEMES
+from igsm.data.store import ImageStore, write_store
 
 Fail = Callable[[str, str], None]  # fail(key, message) raises, naming the key
+# (entry, download cache) → (uint8 n×H×W×C images, int64 n labels) chunks, streamed into the store:
+# a source never needs to hold its whole dataset in memory.
+Prepare = Callable[[dict, Path], Iterable[tuple[np.ndarray, np.ndarray]]]
 
 
 @dataclass(frozen=True)
 class DataSource:
     name: str
     check: Callable[[dict, Fail], None]  # errors the config entry alone shows (no network, no reading)
-    prepare: Callable[[dict, Path], dict]  # (entry, download cache) → {"images": uint8 N×H×W×C, "labels"}
+    prepare: Prepare
 
 
 SOURCES: dict[str, DataSource] = {}
 
 
-def register(name: str, check: Callable[[dict, Fail], None], prepare: Callable[[dict, Path], dict]) -> DataSource:
+def register(name: str, check: Callable[[dict, Fail], None], prepare: Prepare) -> DataSource:
     if name in SOURCES:
         raise ValueError(f"data source {name!r} is registered twice")
     SOURCES[name] = DataSource(name, check, prepare)
     return SOURCES[name]
 
 
-def prepare_dataset(spec: dict, out_path: str | os.PathLike, cache_dir: str | os.PathLike) -> dict:
-    """Build the dataset described by a config ``datasets.<name>`` entry and save it as .npz."""
+def prepare_dataset(spec: dict, out_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> ImageStore:
+    """Build the dataset described by a config ``datasets.<name>`` entry as an image store."""
     _check_spec(spec)
-    data = SOURCES[spec["source"]].prepare(spec, Path(cache_dir))
-    save_arrays(out_path, **data)
-    return data
+    return write_store(out_dir, SOURCES[spec["source"]].prepare(spec, Path(cache_dir)))
 
 
 def check_dataset_spec(name: str, spec: dict) -> None:

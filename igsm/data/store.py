@@ -1,0 +1,219 @@
+"""The on-disk image store that every stage reads (issue 14: datasets larger than memory).
+
+A dataset is a folder written once by the data stage:
+
+    index.json          format, image shape, count, each shard's file, count and sha256
+    images-00000.npy    uint8 n×H×W×C, about ``SHARD_BYTES`` each (numpy's .npy format)
+    labels.npy          int64 N
+
+Readers memory-map the shards (``np.load(mmap_mode="r")``): a batch reads only its own images,
+and a process's memory does not grow with the dataset (the OS page cache holds what was read).
+:class:`ImageStore` indexes like a read-only uint8 array (an int, a slice, an array of indices), so
+training, pruning and the FID reference take a store or an in-memory array alike.
+
+Identity: the sha256 digests of the shards are computed once, when written, and recorded in the
+index; :meth:`ImageStore.fingerprint` hashes the index, so a training run identifies its data
+without reading every image again (a 3M-image LSUN bedroom is hundreds of GB).
+
+The writer fills a temporary sibling folder and renames it into place when complete: a folder named
+like a store is always a whole one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from igsm.data.common import REMAKE, file_digest, numpy_error_text
+
+FORMAT = "igsm-image-store/1"
+INDEX = "index.json"
+LABELS = "labels.npy"
+SHARD_BYTES = 1 << 30  # 1 GiB of images per shard: a few hundred files for LSUN bedroom
+
+
+class ImageStore:
+    """Read-only uint8 images N×H×W×C in memory-mapped shards, with their labels."""
+
+    def __init__(self, directory: str | os.PathLike, _limit: int | None = None):
+        self.directory = Path(directory)
+        index_path = self.directory / INDEX
+        if not index_path.is_file():
+            if (self.directory.with_suffix(".npz")).is_file() or self.directory.suffix == ".npz":
+                hint = "it looks like a dataset file of an older version of the workflow"
+            else:
+                hint = "check the path, or rerun the workflow, which makes it"
+            raise ValueError(f"dataset {self.directory} is not an image store (no {INDEX}); {hint}")
+        try:
+            self.index = json.loads(index_path.read_text())
+            if self.index.get("format") != FORMAT:
+                raise ValueError(f"format {self.index.get('format')!r}, expected {FORMAT!r}")
+            shape = tuple(self.index["image_shape"])
+            self._shards = [self._open_shard(entry, shape) for entry in self.index["shards"]]
+        except (ValueError, KeyError, TypeError, OSError) as err:
+            raise ValueError(f"dataset {self.directory} is unreadable ({numpy_error_text(err)}); {REMAKE}") from None
+        counts = [len(s) for s in self._shards]
+        if sum(counts) != self.index["num_images"] or not counts:
+            raise ValueError(f"dataset {self.directory}: its shards hold {sum(counts)} images, its "
+                             f"index says {self.index['num_images']}; {REMAKE}")
+        self._starts = np.cumsum([0, *counts])
+        self._length = sum(counts) if _limit is None else min(_limit, sum(counts))
+        self.image_shape = shape
+
+    def _open_shard(self, entry: dict, shape: tuple) -> np.ndarray:
+        path = self.directory / entry["file"]
+        if Path(entry["file"]).name != entry["file"]:  # the index names files in its own folder only
+            raise ValueError(f"shard name {entry['file']!r} is not a file name")
+        shard = np.load(path, mmap_mode="r", allow_pickle=False)
+        if shard.dtype != np.uint8 or shard.shape != (entry["count"], *shape):
+            raise ValueError(f"{path}: {shard.dtype} {shard.shape}, the index says uint8 "
+                             f"{(entry['count'], *shape)}")
+        return shard
+
+    def __reduce__(self):
+        # Worker processes (DataLoader, spawn/forkserver) reopen the maps instead of receiving copies.
+        return ImageStore, (self.directory, self._length)
+
+    # ---- the array interface -------------------------------------------------------------------
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    @property
+    def shape(self) -> tuple:
+        return (self._length, *self.image_shape)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, key) -> np.ndarray:
+        """Images by position: an int (H×W×C), a slice or an array of indices (n×H×W×C), copied
+        out of the memory maps in the order asked."""
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self._length if key < 0 else 0)
+            if not 0 <= i < self._length:
+                raise IndexError(f"image {key} of a dataset of {self._length}")
+            shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+            return np.array(self._shards[shard][i - self._starts[shard]])
+        if isinstance(key, slice):
+            indices = np.arange(self._length)[key]
+        else:
+            indices = np.asarray(key)
+            if indices.dtype == bool or indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+                raise TypeError(f"index images by an int, a slice or a 1-D array of ints, not {indices.dtype} "
+                                f"{indices.shape}")
+            indices = np.where(indices < 0, indices + self._length, indices)
+            if len(indices) and (indices.min() < 0 or indices.max() >= self._length):
+                raise IndexError(f"images {indices.min()}…{indices.max()} of a dataset of {self._length}")
+        out = np.empty((len(indices), *self.image_shape), np.uint8)
+        shard_of = np.searchsorted(self._starts, indices, side="right") - 1
+        for shard in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == shard)
+            local = indices[rows] - self._starts[shard]
+            # Sorted reads from the map, then back into the order asked.
+            order = np.argsort(local, kind="stable")
+            out[rows[order]] = self._shards[shard][local[order]]
+        return out
+
+    def limit(self, num_images: int) -> "ImageStore":
+        """The first ``num_images`` images, as a store (nothing is read)."""
+        return ImageStore(self.directory, _limit=min(num_images, self._length))
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.load(self.directory / LABELS, allow_pickle=False)[: self._length]
+
+    def fingerprint(self) -> str:
+        """sha256 of what the images are: the index (with every shard's digest) and the count used."""
+        canonical = json.dumps({**self.index, "used": self._length}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class StoreWriter:
+    """Write a store from chunks of images, shard by shard; ``close()`` publishes it."""
+
+    def __init__(self, directory: str | os.PathLike, shard_bytes: int = SHARD_BYTES):
+        self.directory = Path(directory)
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
+        self.shard_bytes = shard_bytes
+        self.image_shape: tuple | None = None
+        self.shards: list[dict] = []
+        self.labels: list[np.ndarray] = []
+        self._pending: list[np.ndarray] = []
+        self._pending_count = 0
+
+    def append(self, images: np.ndarray, labels: np.ndarray) -> None:
+        images, labels = np.asarray(images), np.asarray(labels)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
+            raise ValueError(f"images: expected uint8 n×H×W×C with C 1 or 3, got {images.dtype} {images.shape}")
+        if labels.shape != (len(images),):
+            raise ValueError(f"labels: expected {len(images)} labels, got shape {labels.shape}")
+        if self.image_shape is None:
+            self.image_shape = images.shape[1:]
+        elif images.shape[1:] != self.image_shape:
+            raise ValueError(f"images of shape {images.shape[1:]} after {self.image_shape}: one dataset "
+                             "has one image size")
+        self.labels.append(labels.astype(np.int64))
+        per_shard = max(1, self.shard_bytes // int(np.prod(self.image_shape)))
+        while len(images):
+            take = min(len(images), per_shard - self._pending_count)
+            self._pending.append(images[:take])
+            self._pending_count += take
+            images = images[take:]
+            if self._pending_count == per_shard:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending_count:
+            return
+        name = f"images-{len(self.shards):05d}.npy"
+        np.save(self.partial / name, np.concatenate(self._pending), allow_pickle=False)
+        self.shards.append({"file": name, "count": self._pending_count,
+                            "sha256": file_digest(self.partial / name)})
+        self._pending, self._pending_count = [], 0
+
+    def close(self) -> None:
+        self._flush()
+        if not self.shards:
+            raise ValueError("the dataset has no images")
+        labels = np.concatenate(self.labels)
+        np.save(self.partial / LABELS, labels, allow_pickle=False)
+        index = {"format": FORMAT, "num_images": len(labels), "image_shape": list(self.image_shape),
+                 "shards": self.shards, "labels_sha256": file_digest(self.partial / LABELS)}
+        (self.partial / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+        if self.directory.exists():  # a rerun replaces the earlier store as a whole
+            shutil.rmtree(self.directory) if self.directory.is_dir() else self.directory.unlink()
+        os.replace(self.partial, self.directory)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_store(directory: str | os.PathLike, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+                shard_bytes: int = SHARD_BYTES) -> ImageStore:
+    """Write ``(images, labels)`` chunks as a store at ``directory`` and open it."""
+    with StoreWriter(directory, shard_bytes) as writer:
+        for images, labels in chunks:
+            writer.append(images, labels)
+    return ImageStore(directory)
+
+
+def load_images(path: str | os.PathLike) -> ImageStore:
+    """The images of a dataset written by the data stage (``results/data/<name>/train``)."""
+    return ImageStore(path)
