@@ -28,14 +28,15 @@ import torch
 from igsm.data import ImageStore, StoreWriter, to_model_range
 from igsm.training import batch_indices
 
-# google/ddpm-church-256 / ddpm-bedroom-256 (diffusers config.json): 113.7M parameters.
-LSUN_UNET = {
-    "sample_size": 256, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
-    "block_out_channels": [128, 128, 256, 256, 512, 512],
-    "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"],
-    "norm_eps": 1e-6, "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "attention_head_dim": None,
-}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lsun_architecture() -> dict:
+    """church_unet's architecture in config/config.yaml (google/ddpm-church-256's, 113.7M)."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    return config["experiments"]["church_unet"]["architecture"]
 
 
 def write_random_store(directory: Path, num_images: int, size: int) -> ImageStore:
@@ -70,7 +71,7 @@ def read_rate(store: ImageStore, batch: int, steps: int) -> dict:
 def training_step_time(batch: int, device: str, steps: int) -> dict:
     from igsm.models import build_unet
 
-    net = build_unet(LSUN_UNET).to(device)
+    net = build_unet(lsun_architecture()).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-5)
     x = torch.randn(batch, 3, 256, 256, device=device)
     times = []

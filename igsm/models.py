@@ -145,6 +145,17 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def _error_chain(err: BaseException) -> str:
+    """The first line of an error and of the errors behind it (diffusers wraps torch's refusal of
+    a pickle in an OSError that does not say why)."""
+    lines, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        lines.append(_first_line(err))
+        err = err.__cause__ or err.__context__
+    return " ← ".join(lines)
+
+
 def read_architecture(directory: str | os.PathLike) -> dict:
     """The ``architecture.json`` of a checkpoint folder, checked to have what loading needs;
     ``ValueError`` naming the file, what is wrong and what to do otherwise."""
@@ -251,10 +262,17 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     return net.eval()
 
 
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE set (huggingface_hub's own switch): never try the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _hub_reachable(timeout_s: float = 5.0) -> bool:
     import socket
     from urllib.parse import urlparse
 
+    if _hub_offline():
+        return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
         socket.create_connection((host, 443), timeout=timeout_s).close()
@@ -288,22 +306,27 @@ def _load_local_pretrained(folder: Path) -> nn.Module:
         raise ValueError(
             f"dense.pretrained: local folder {folder} holds no diffusers U-Net (neither config.json "
             f"nor unet/config.json) and no model of this workflow (architecture.json); point it at "
-            f"a folder written by UNet2DModel.save_pretrained, by `huggingface-cli download "
+            f"a folder written by UNet2DModel.save_pretrained, by `hf download "
             f"<model id> --local-dir DIR`, or by a workflow stage (e.g. results/dense/<exp>/trained/model)")
     errors = []
     for sub in candidates:
         try:
             return UNet2DModel.from_pretrained(str(folder), **({"subfolder": sub} if sub else {}))
         except Exception as err:  # diffusers raises OSError, ValueError, SafetensorError, …
-            errors.append(f"{folder / sub}: {_first_line(err)}" if sub else _first_line(err))
+            errors.append(f"{folder / sub}: {_error_chain(err)}" if sub else _error_chain(err))
     raise ValueError(
         f"dense.pretrained: could not load a diffusers U-Net from local folder {folder} "
         f"({'; '.join(errors)}); its files are incomplete or not a UNet2DModel: download it again "
-        f"(`huggingface-cli download <model id> --local-dir DIR`)")
+        f"(`hf download <model id> --local-dir DIR`)")
 
 
 def load_pretrained(model_id: str) -> nn.Module:
     """A dense diffusers UNet2DModel from a local diffusers folder, the hub cache or the hub.
+
+    Pickled weights (``diffusion_pytorch_model.bin``: google/ddpm-church-256 and -bedroom-256 ship
+    nothing else) are unpickled by diffusers through ``torch.load(weights_only=True)`` (diffusers
+    passes it; torch ≥ 2.6, which pyproject requires, defaults to it): tensors only, and a file
+    whose pickle would run code is refused (tests/test_lsun_unet.py).
 
     Offline, the hub client retries for about a minute before giving up; we check the endpoint
     first so that a missing model fails at once with instructions (``RuntimeError``). A local path
@@ -328,17 +351,25 @@ def load_pretrained(model_id: str) -> nn.Module:
                          f"id such as google/ddpm-cifar10-32")
     try:
         return attempt(local_files_only=True)
-    except Exception:
-        pass
+    except Exception as err:
+        from huggingface_hub import try_to_load_from_cache
+
+        if any(isinstance(try_to_load_from_cache(model_id, name), str)
+               for name in ("config.json", "unet/config.json")):  # in the cache, yet unloadable
+            raise ValueError(f"dense.pretrained: the hub cache's copy of {model_id} could not be "
+                             f"loaded ({_error_chain(err)}); delete it from the cache and download "
+                             "it again") from None
     error = None
     if _hub_reachable():
         try:
             return attempt()
         except Exception as err:  # the hub client raises many kinds; all mean "not available"
             error = f"{type(err).__name__}: {err}"
+    reason = error or ("HF_HUB_OFFLINE is set and it is not in the hub cache" if _hub_offline()
+                       else "the Hugging Face hub is unreachable")
     raise RuntimeError(
-        f"could not load the pretrained model {model_id!r} "
-        f"({error or 'the Hugging Face hub is unreachable'}). Without internet, download it "
-        f"elsewhere (huggingface-cli download {model_id} --local-dir DIR), copy DIR here and set "
-        "the experiment's 'dense.pretrained' to that local path."
+        f"could not load the pretrained model {model_id!r} ({reason}). Without internet, download "
+        f"it elsewhere (hf download {model_id} --local-dir DIR; older huggingface_hub: "
+        f"huggingface-cli download), copy DIR here and set the experiment's 'dense.pretrained' "
+        "to that local path."
     )

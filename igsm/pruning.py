@@ -33,11 +33,15 @@ from igsm.models import predict_noise
 
 CRITERIA = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
 
-# Dense CIFAR-10 U-Net (paper Table 5: 35.7M / 6.1G) and the four pruned points the paper labels
-# by a "pruning ratio" (Tables 4, 5, 10), as (params, MACs).
+# Each dense U-Net of the paper, (params, MACs), with the pruned points it labels by a "pruning
+# ratio": CIFAR-10 (Tables 4, 5, 10; dense 35.7M / 6.1G) and LSUN church / bedroom at 256 px
+# (Table 1; dense 113.7M / 248.7G, one point, "0.3", which reduces MACs by 0.44).
 PAPER_UNET_DENSE = (35.7e6, 6.1e9)
 PAPER_UNET_POINTS = {"0.44": (19.8e6, 3.4e9), "0.56": (14.3e6, 2.7e9),
                      "0.70": (8.6e6, 1.5e9), "0.82": (5.1e6, 1.1e9)}
+PAPER_LSUN_UNET_DENSE = (113.7e6, 248.7e9)
+PAPER_LSUN_UNET_POINTS = {"0.30": (63.2e6, 138.8e9)}
+PAPER_UNETS = {PAPER_UNET_DENSE: PAPER_UNET_POINTS, PAPER_LSUN_UNET_DENSE: PAPER_LSUN_UNET_POINTS}
 
 
 def _close(a: float, b: float, rel: float) -> bool:
@@ -49,15 +53,17 @@ def paper_label(pruned_params: float, pruned_macs: float, dense_params: float, d
 
     The paper's U-Net labels are not one formula of the counts: 0.44, 0.56 and 0.82 are MAC
     reductions as its tables print them (two significant figures), but its "0.70" point
-    (8.6M/1.5G) reduces MACs by 0.75 and params by 0.76. So: a pruned model of the paper's dense
-    CIFAR-10 U-Net (35.7M/6.1G within 1%) whose params and MACs are both within 5% of one of the
-    paper's points gets that point's label; any other model gets its MAC reduction, computed from
-    MACs rounded to two significant figures, to two decimals.
+    (8.6M/1.5G) reduces MACs by 0.75 and params by 0.76, and its LSUN point "0.3" reduces them by
+    0.44. So: a pruned model of one of the paper's dense U-Nets (``PAPER_UNETS``, within 1%) whose
+    params and MACs are both within 5% of one of that model's points gets that point's label; any
+    other model gets its MAC reduction, computed from MACs rounded to two significant figures, to
+    two decimals.
     """
-    if _close(dense_params, PAPER_UNET_DENSE[0], 0.01) and _close(dense_macs, PAPER_UNET_DENSE[1], 0.01):
-        for label, (params, macs) in PAPER_UNET_POINTS.items():
-            if _close(pruned_params, params, 0.05) and _close(pruned_macs, macs, 0.05):
-                return label
+    for (paper_params, paper_macs), points in PAPER_UNETS.items():
+        if _close(dense_params, paper_params, 0.01) and _close(dense_macs, paper_macs, 0.01):
+            for label, (params, macs) in points.items():
+                if _close(pruned_params, params, 0.05) and _close(pruned_macs, macs, 0.05):
+                    return label
 
     def printed(x: float) -> float:
         return float(f"{x:.2g}")

@@ -243,11 +243,13 @@ def job_counts(output):
 
 
 def test_paper_config_dry_run_lists_the_full_job_graph():
-    """CIFAR-10 U-Net and U-ViT, CelebA U-ViT: one download and one FID reference per dataset (the
-    two CIFAR-10 experiments share them), a pretrained teacher each (U-ViT's by its own rule), every
-    run's prune and finetunes, each scored model's shards (U-ViT: 8 and 16) and FID."""
+    """CIFAR-10 U-Net and U-ViT, CelebA U-ViT, LSUN church and bedroom U-Nets: one download and
+    one FID reference per dataset (the two CIFAR-10 experiments share them), a pretrained teacher
+    each (U-ViT's by its own rule), every run's prune and finetunes, each scored model's shards
+    (U-ViT: 8 and 16, LSUN: 20) and FID."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    assert sorted(config["experiments"]) == ["celeba_uvit", "cifar10_unet", "cifar10_uvit"]
+    assert sorted(config["experiments"]) == ["bedroom_unet", "celeba_uvit", "church_unet", "cifar10_unet",
+                                            "cifar10_uvit"]
     runs = [run for exp in config["experiments"].values() for run in exp["finetune"]["runs"]]
     finetunes = sum(len(run["objectives"]) for run in runs)
     scored = {name: 1 + sum(len(run["objectives"]) for run in exp["finetune"]["runs"])
@@ -257,9 +259,9 @@ def test_paper_config_dry_run_lists_the_full_job_graph():
     counts = job_counts(proc.stdout)
     total = sum(scored.values())
     assert counts == {
-        "download": 2, "dense_pretrained": 1, "dense_pretrained_uvit": 2, "prune": len(runs),
+        "download": 4, "dense_pretrained": 3, "dense_pretrained_uvit": 2, "prune": len(runs),
         "finetune": finetunes, "sample": shards, "sample_gather": total, "fid": total,
-        "fid_statistics": total, "efficiency": total, "fid_reference": 2, "tables": 3,
+        "fid_statistics": total, "efficiency": total, "fid_reference": 4, "tables": 5,
         "combined_table": 1, "all_tables": 1, "variant_metadata": total, "total": counts["total"],
     }
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")

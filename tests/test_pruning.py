@@ -105,6 +105,10 @@ def test_paper_label_rule():
     # Away from the paper's points, or for another dense model: the printed MAC reduction.
     assert pruning.paper_label(27.5e6, 5.11e9, *dense) == "0.16"  # 1 − 5.1/6.1
     assert pruning.paper_label(0.1e6, 0.01e9, 0.18e6, 0.0175e9) == "0.44"
+    # LSUN's 256-px U-Net (tests/test_lsun_unet.py counts it): the paper calls its point "0.3".
+    lsun = (113_673_219, 248.69e9)
+    assert pruning.paper_label(63_205_897, 138.87e9, *lsun) == "0.30"
+    assert pruning.paper_label(55.30e6, 136.48e9, *lsun) == "0.44"  # ratio 0.35: off the point
 
 
 # ----- checkpoints -----
