@@ -15,7 +15,8 @@ import pandas as pd
 TERMS = ("np", "kd", "jm1", "jm2")
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
            "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
-           "sec_per_step", "train_minutes", "peak_memory_GiB", "paper_fid", "delta_fid", "paper_source"]
+           "batch_size", "sec_per_step", "train_minutes", "peak_memory_GiB", "paper_fid", "delta_fid",
+           "paper_source"]
 
 
 def _load(path):
@@ -75,6 +76,7 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             "fid_images": fid["num_images"],
             "fid_mode": fid["mode"],
             "training_steps": summary.get("num_steps", 0),
+            "batch_size": summary.get("settings", {}).get("training", {}).get("batch_size"),
             # Training cost over all attempts of the job (resumed runs included); absent in
             # summaries written before it was recorded.
             "sec_per_step": timing.get("sec_per_step"),
@@ -97,7 +99,7 @@ def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title
         table.to_csv(csv, index=False)
     shown = table.drop(columns=["experiment"]).rename(columns={
         "params_M": "params (M)", "macs_G": "MACs (G)", "images_per_s": "images/s", "speed": "speed", "fid": "FID", "paper_fid": "paper FID",
-        "delta_fid": "Δ FID", "training_steps": "steps", "fid_images": "FID images",
+        "delta_fid": "Δ FID", "training_steps": "steps", "batch_size": "batch", "fid_images": "FID images",
         "fid_mode": "FID mode", "pr_label": "PR label", "sec_per_step": "s/step",
         "train_minutes": "train min", "peak_memory_GiB": "peak GiB", "channel_ratio": "channel ratio",
         "paper_source": "paper source"})

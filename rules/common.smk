@@ -40,6 +40,9 @@ wildcard_constraints:
 sys.path.insert(0, workflow.basedir)
 from igsm.config import ConfigError, check_config, check_writable, training_job
 from igsm.models import architecture_family
+from igsm.paper_tables import experiments_of, table_names
+
+PAPER_TABLES = table_names()
 
 try:
     check_config(config)
@@ -163,9 +166,16 @@ def fid_reference_file(exp):
     return f"results/fid_reference/{settings['dataset']}/{fid['mode']}-n{fid['num_reference']}.npz"
 
 
+def paper_tables_of_config():
+    """The paper's tables (igsm/paper_tables.yaml) that read at least one experiment of the config."""
+    return [t for t in PAPER_TABLES if any(exp in EXPERIMENTS for exp in experiments_of(t))]
+
+
 def all_table_files():
-    return [f"results/tables/{exp}.md" for exp in EXPERIMENTS] + (
-        ["results/tables/all.md"] if EXPERIMENTS else []
+    return (
+        [f"results/tables/{exp}.md" for exp in EXPERIMENTS]
+        + (["results/tables/all.md"] if EXPERIMENTS else [])
+        + [f"results/paper_tables/{table}.md" for table in paper_tables_of_config()]
     )
 
 

@@ -1,5 +1,6 @@
 # Stage 7: tables (Markdown, CSV, LaTeX) built from the JSON files alone, with the paper's
-# published FID beside ours where the paper has the same experiment.
+# published FID beside ours where the paper has the same experiment; then the paper's own tables
+# (igsm/paper_tables.yaml) from those: targets table1, table2, table3, table5, table8, table9.
 
 
 localrules:
@@ -68,3 +69,34 @@ for _dataset in config["datasets"]:
         name: f"dataset_{_dataset}"
         input:
             [f"results/tables/{exp}.md" for exp, s in EXPERIMENTS.items() if s["dataset"] == _dataset],
+
+
+# The paper's tables, in its layout, from the per-experiment tables of the experiments they name
+# (those the config has; the others' cells say "missing").
+rule paper_table:
+    conda:
+        "../envs/tables.yaml"
+    input:
+        csv=lambda w: [f"results/tables/{exp}.csv" for exp in experiments_of(w.table) if exp in EXPERIMENTS],
+    output:
+        markdown="results/paper_tables/{table}.md",
+        csv="results/paper_tables/{table}.csv",
+        latex="results/paper_tables/{table}.tex",
+    wildcard_constraints:
+        table="|".join(PAPER_TABLES),
+    log:
+        "results/logs/paper_tables/{table}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("tables", "mem_mb"),
+        runtime=resource("tables", "runtime"),
+    script:
+        "../scripts/paper_table.py"
+
+
+for _table in PAPER_TABLES:
+
+    rule:
+        name: _table
+        input:
+            f"results/paper_tables/{_table}.md",

@@ -1,0 +1,156 @@
+"""The paper's tables rebuilt from the workflow's own files (issue 15; paper Tables 1, 2, 3, 5 of
+Sec. 5 and Tables 8, 9 of App. C), in the paper's rows and columns, each cell with the published
+value, ours, the difference and where ours came from.
+
+``paper_tables.yaml`` holds the layout and the published numbers; ours come from the
+per-experiment tables (``results/tables/<exp>.csv``, igsm/tables.py), i.e. from the FID, efficiency
+and training-summary JSON files of each scored model. Every cell is one of:
+
+* ``ours``: a number from the named experiment's model (its source says which, and for FID the
+  mode and sample count);
+* ``quoted``: a row of a method this workflow does not run (DeepCache, O2MKD, SparseDM), the
+  paper's numbers only;
+* ``missing``: the experiment is not in the config, or the model was not scored — never a number.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+SPEC = Path(__file__).with_name("paper_tables.yaml")
+LONG_COLUMNS = ["table", "section", "method", "column", "paper", "ours", "delta", "status", "source", "note"]
+
+
+@functools.lru_cache(maxsize=1)
+def load_spec() -> dict:
+    return yaml.safe_load(SPEC.read_text())
+
+
+def table_names() -> list[str]:
+    return list(load_spec()["tables"])
+
+
+def experiments_of(name: str) -> list[str]:
+    """The experiments a table reads, in the order they first appear."""
+    found = []
+    for section in load_spec()["tables"][name]["sections"]:
+        for row in section["rows"]:
+            exp = row.get("ours", {}).get("experiment")
+            if exp and exp not in found:
+                found.append(exp)
+    return found
+
+
+def _ours(frame: pd.DataFrame, model: str, column: str):
+    rows = frame[frame.model == model]
+    if rows.empty:
+        return None
+    row = rows.iloc[0]
+    if column == "train_hours":
+        value = row.get("train_minutes")
+        return None if value is None or pd.isna(value) else float(value) / 60
+    value = row.get(column)
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _source(frame: pd.DataFrame, exp: str, model: str, column: str) -> str:
+    if column != "fid":
+        return f"{exp}/{model}"
+    row = frame[frame.model == model].iloc[0]
+    return f"{exp}/{model}, FID {row.fid_mode}, {int(row.fid_images)} images"
+
+
+def build(name: str, experiment_tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """One row per cell of table ``name``; ``experiment_tables`` maps the experiments of the
+    config to their per-experiment tables (an experiment the config lacks is simply absent)."""
+    spec = load_spec()["tables"][name]
+    cells = []
+    for section in spec["sections"]:
+        for row in section["rows"]:
+            target = row.get("ours")
+            for column in spec["columns"]:
+                paper = row.get("paper", {}).get(column)
+                cell = {"table": name, "section": section.get("name", ""), "method": row["method"],
+                        "column": column, "paper": paper, "ours": None, "delta": None,
+                        "source": "", "note": row.get("note", "")}
+                if row.get("quoted"):
+                    cell.update(status="quoted", source="paper (a method this workflow does not run)")
+                elif target["experiment"] not in experiment_tables:
+                    cell.update(status="missing", source=f"experiment {target['experiment']} is not in the config")
+                else:
+                    frame = experiment_tables[target["experiment"]]
+                    ours = _ours(frame, target["model"], column)
+                    if (frame.model == target["model"]).any():
+                        cell["source"] = _source(frame, target["experiment"], target["model"], column)
+                        cell.update(status="ours" if ours is not None else "missing", ours=ours)
+                        if ours is None:
+                            cell["source"] += " (no value recorded)"
+                    else:
+                        cell.update(status="missing", source=f"{target['experiment']} scores no model "
+                                                             f"{target['model']}")
+                    if ours is not None and paper is not None:
+                        cell["delta"] = ours - paper
+                cells.append(cell)
+    return pd.DataFrame(cells, columns=LONG_COLUMNS)
+
+
+# Counts, printed as counts (800k, 0.5M, 128) and compared without a difference.
+COUNT_COLUMNS = ("training_steps", "batch_size")
+
+
+def _number(value, column: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    value = float(value)
+    if column in COUNT_COLUMNS:
+        if value >= 1e6:
+            return f"{value / 1e6:g}M"
+        return f"{value / 1e3:g}k" if value >= 1e4 else f"{int(value)}"
+    return f"{value:.2f}"
+
+
+def _wide(cells: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
+    """The paper's layout: a row per method, a column per metric, each cell "ours / paper"."""
+    headings = load_spec()["columns"]
+    out = []
+    for (section, method), group in cells.groupby(["section", "method"], sort=False):
+        line = {"section": section, "method": method}
+        for _, cell in group.iterrows():
+            paper = _number(cell.paper, cell.column)
+            if cell.status == "quoted":
+                text = f"{paper} (quoted)"
+            elif cell.status == "missing":
+                text = f"missing / {paper}"
+            else:
+                text = f"{_number(cell.ours, cell.column)} / {paper}"
+                if cell.column not in COUNT_COLUMNS and not pd.isna(cell.delta):
+                    text += f" ({cell.delta:+.2f})"
+            line[headings[cell.column]] = text
+        notes = group.note.iloc[0]
+        line["note"] = notes or ""
+        out.append(line)
+    frame = pd.DataFrame(out)
+    if not frame.section.astype(bool).any():
+        frame = frame.drop(columns="section")
+    return frame
+
+
+def write(name: str, cells: pd.DataFrame, markdown=None, csv=None, latex=None) -> None:
+    """CSV: one line per cell (machine-readable); Markdown and LaTeX (booktabs): the paper's layout,
+    every cell "ours / paper (ours − paper)"."""
+    title = load_spec()["tables"][name]["title"]
+    if csv:
+        cells.to_csv(csv, index=False)
+    wide = _wide(cells)
+    if markdown:
+        legend = ("Each cell: ours / paper (ours − paper). \"quoted\": a method this workflow does not "
+                  "run, the paper's number; \"missing\": not run (see the CSV's source column).")
+        Path(markdown).write_text(f"## {title}\n\n{legend}\n\n" + wide.to_markdown(index=False) + "\n")
+    if latex:
+        body = wide.to_latex(index=False, escape=True, caption=title, label=f"tab:{name}")
+        Path(latex).write_text(body)

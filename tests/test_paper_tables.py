@@ -1,0 +1,137 @@
+"""The paper's tables (igsm/paper_tables.py): the layout of each, ours beside the published value
+with the difference and its source, quoted rows, missing runs shown as missing (never a number), and
+agreement of the spec with the default config and with the published FIDs used elsewhere."""
+
+import re
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+from igsm import paper_tables
+from igsm.tables import COLUMNS
+
+SPEC = paper_tables.load_spec()
+
+
+def experiment_table(exp, models):
+    """A per-experiment table (igsm/tables.py layout) with the given {model: {column: value}}."""
+    rows = []
+    for model, values in models.items():
+        row = {c: None for c in COLUMNS}
+        row.update(experiment=exp, model=model, fid_mode="clean", fid_images=50000, **values)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def test_every_table_has_the_papers_rows_and_columns():
+    assert paper_tables.table_names() == ["table1", "table2", "table3", "table5", "table8", "table9"]
+    layout = {name: [(s.get("name", ""), [r["method"] for r in s["rows"]]) for s in t["sections"]]
+              for name, t in SPEC["tables"].items()}
+    assert layout["table1"] == [
+        ("CIFAR-10 (32×32)", ["Dense", "Diff-Pruning", "Deep Cache", "O2MKD (N=4)", "IGSM"]),
+        ("LSUN-Church (256×256)", ["Dense", "Diff-Pruning", "Deep Cache", "O2MKD (N=4)", "IGSM"]),
+        ("LSUN-Bedroom (256×256)", ["Dense", "Diff-Pruning", "Deep Cache", "IGSM"])]
+    assert [len(rows) for _, rows in layout["table2"]] == [5, 5]
+    assert layout["table3"][0][1][0] == "NP" and len(layout["table3"][0][1]) == 4
+    assert SPEC["tables"]["table8"]["columns"] == ["batch_size", "peak_memory_GiB", "sec_per_step",
+                                                   "training_steps", "train_hours"]
+    for name, table in SPEC["tables"].items():
+        for section in table["sections"]:
+            for row in section["rows"]:
+                assert set(row["paper"]) <= set(table["columns"]), (name, row["method"])
+                assert row.get("quoted") or "ours" in row, (name, row["method"])
+
+
+def test_cells_hold_ours_the_paper_and_the_difference():
+    tables = {"cifar10_unet": experiment_table("cifar10_unet", {
+        "dense": {"params_M": 35.746, "macs_G": 6.064, "fid": 4.31, "speed": 1.0, "training_steps": 0},
+        "diff-pruning-cr0.3/np": {"params_M": 19.85, "macs_G": 3.39, "fid": 5.5, "speed": 1.3,
+                                  "training_steps": 100000},
+    })}
+    cells = paper_tables.build("table1", tables).set_index(["section", "method", "column"])
+    dense_fid = cells.loc[("CIFAR-10 (32×32)", "Dense", "fid")]
+    assert (dense_fid.status, dense_fid.ours, dense_fid.paper) == ("ours", 4.31, 4.19)
+    assert dense_fid.delta == pytest.approx(4.31 - 4.19)
+    assert dense_fid.source == "cifar10_unet/dense, FID clean, 50000 images"
+    dp = cells.loc[("CIFAR-10 (32×32)", "Diff-Pruning", "params_M")]
+    assert (dp.ours, dp.paper, dp.source) == (19.85, 19.8, "cifar10_unet/diff-pruning-cr0.3/np")
+    # A model of a present experiment that was not scored, an experiment the config lacks, a
+    # method the workflow does not run: never a number of ours.
+    igsm = cells.loc[("CIFAR-10 (32×32)", "IGSM", "fid")]
+    assert (igsm.status, igsm.paper) == ("missing", 4.58) and pd.isna(igsm.ours)
+    assert "scores no model diff-pruning-cr0.3/igsm" in igsm.source
+    church = cells.loc[("LSUN-Church (256×256)", "Dense", "fid")]
+    assert church.status == "missing" and pd.isna(church.ours) and "church_unet is not in the config" in church.source
+    cache = cells.loc[("CIFAR-10 (32×32)", "Deep Cache", "fid")]
+    assert (cache.status, cache.paper) == ("quoted", 4.70) and pd.isna(cache.ours)
+    # A present model without the value (no GPU: no speed) is missing, not zero.
+    no_speed = paper_tables.build("table1", {"cifar10_unet": experiment_table(
+        "cifar10_unet", {"dense": {"fid": 4.3, "params_M": 35.7, "macs_G": 6.1}})})
+    speed = no_speed.set_index(["section", "method", "column"]).loc[("CIFAR-10 (32×32)", "Dense", "speed")]
+    assert speed.status == "missing" and pd.isna(speed.ours) and "no value recorded" in speed.source
+
+
+def test_training_cost_comes_from_the_summaries_columns():
+    tables = {"cifar10_unet": experiment_table("cifar10_unet", {
+        "diff-pruning-cr0.3/igsm": {"batch_size": 128, "peak_memory_GiB": 14.5, "sec_per_step": 0.58,
+                                    "training_steps": 100000, "train_minutes": 990.0}})}
+    cells = paper_tables.build("table8", tables).set_index(["section", "method", "column"])
+    hours = cells.loc[("CIFAR-10 (PR 0.44)", "IGSM", "train_hours")]
+    assert (hours.ours, hours.paper) == (16.5, 18.1)
+    assert cells.loc[("CIFAR-10 (PR 0.44)", "IGSM", "batch_size")].ours == 128
+
+
+def test_written_files(tmp_path):
+    tables = {"cifar10_unet": experiment_table("cifar10_unet", {
+        f"diff-pruning-cr0.3/{o}": {"fid": f} for o, f in (("np", 5.4), ("np_kd", 5.1), ("igsm", 4.6))})}
+    cells = paper_tables.build("table3", tables)
+    paths = {kind: tmp_path / f"table3.{kind}" for kind in ("md", "csv", "tex")}
+    paper_tables.write("table3", cells, paths["md"], paths["csv"], paths["tex"])
+    markdown = paths["md"].read_text()
+    assert "## Table 3" in markdown
+    assert re.search(r"\| NP \+ KD \+ FTLE JM \(IGSM\)\s*\| 4\.60 / 4\.58 \(\+0\.02\)", markdown), markdown
+    assert re.search(r"\| NP \+ KD \+ 1st-order JM\s*\| missing / 5\.14", markdown), markdown
+    back = pd.read_csv(paths["csv"])
+    assert list(back.columns) == paper_tables.LONG_COLUMNS and len(back) == 4
+    latex = paths["tex"].read_text()
+    assert "\\toprule" in latex and "\\caption{Table 3" in latex
+
+
+def test_spec_agrees_with_the_default_config_and_the_published_fids():
+    """Every model a table names is a scored model of the default config (so all_tables fills it),
+    and every published FID equals the one igsm/paper_results.csv gives the per-experiment tables."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    scored = {}
+    for exp, settings in config["experiments"].items():
+        criterion = settings.get("prune", {}).get("criterion", "diff-pruning")
+        scored[exp] = {"dense"} | {f"{run.get('criterion', criterion)}-cr{run['channel_ratio']}/{o}"
+                                   for run in settings["finetune"]["runs"] for o in run["objectives"]}
+    for name, table in SPEC["tables"].items():
+        for section in table["sections"]:
+            for row in section["rows"]:
+                if "ours" in row:
+                    exp, model = row["ours"]["experiment"], row["ours"]["model"]
+                    assert model in scored.get(exp, ()), (name, row["method"], exp, model)
+    published = pd.read_csv(REPO / "igsm" / "paper_results.csv", dtype=str, keep_default_na=False)
+    fids = {}
+    for _, r in published.iterrows():
+        fids.setdefault((r.dense_model, r.pr_label), set()).add(float(r.fid))
+    t1 = SPEC["tables"]["table1"]["sections"]
+    for section, dense_model in zip(t1, ("google/ddpm-cifar10-32", "google/ddpm-church-256", "google/ddpm-bedroom-256")):
+        for row in section["rows"]:
+            if row.get("quoted"):
+                continue
+            label = "dense" if row["method"] == "Dense" else ("0.44" if "cifar10" in dense_model else "0.30")
+            assert row["paper"]["fid"] in fids[(dense_model, label)], (dense_model, row["method"])
+
+
+def test_default_config_builds_every_paper_table(tmp_path):
+    from conftest import run_snakemake
+
+    proc = run_snakemake("-n", "all_tables", "--configfile", str(REPO / "config" / "config.yaml"),
+                         "-d", str(tmp_path), check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for name in paper_tables.table_names():
+        assert f"results/paper_tables/{name}.md" in proc.stdout, name
