@@ -1,5 +1,5 @@
 """The paper's tables rebuilt from the workflow's own files (issue 15; paper Tables 1, 2, 3, 5 of
-Sec. 5 and Tables 8, 9 of App. C), in the paper's rows and columns, each cell with the published
+Sec. 5, Tables 8, 9 of App. C and Table 10 of App. D), in the paper's rows and columns, each cell with the published
 value, ours, the difference and where ours came from.
 
 ``paper_tables.yaml`` holds the layout and the published numbers; ours come from the
@@ -10,7 +10,8 @@ and training-summary JSON files of each scored model. Every cell is one of:
   mode and sample count);
 * ``quoted``: a row of a method this workflow does not run (DeepCache, O2MKD, SparseDM), the
   paper's numbers only;
-* ``missing``: the experiment is not in the config, or the model was not scored — never a number.
+* ``missing``: the experiment is not in the config, or the model was not scored — never a number;
+* ``none``: a λ_Jac the paper did not run at that pruning ratio (Table 10's blank cells).
 """
 
 from __future__ import annotations
@@ -35,6 +36,27 @@ def table_names() -> list[str]:
     return list(load_spec()["tables"])
 
 
+def field_of(column: str) -> str:
+    """The per-experiment table's field a column shows ("fid@1e-2" → "fid")."""
+    return column.split("@")[0]
+
+
+def heading_of(column: str) -> str:
+    if "@" in column:
+        return f"FID λ={column.split('@')[1]}"
+    return load_spec()["columns"][column]
+
+
+def _model_of(row: dict, column: str) -> str | None:
+    """The model behind a cell: the row's model, or for a λ_Jac column ("fid@λ") the one the row's
+    `models` names (λ 0: the row's model, Diff-Pruning's NP finetune); None: no such run."""
+    if column in row.get("models", {}):
+        return row["models"][column]
+    if "@" in column and column.split("@")[1] != "0":
+        return None
+    return row["ours"]["model"]
+
+
 def experiments_of(name: str) -> list[str]:
     """The experiments a table reads, in the order they first appear."""
     found = []
@@ -51,6 +73,7 @@ def _ours(frame: pd.DataFrame, model: str, column: str):
     if rows.empty:
         return None
     row = rows.iloc[0]
+    column = field_of(column)
     if column == "train_hours":
         value = row.get("train_minutes")
         return None if value is None or pd.isna(value) else float(value) / 60
@@ -59,7 +82,7 @@ def _ours(frame: pd.DataFrame, model: str, column: str):
 
 
 def _source(frame: pd.DataFrame, exp: str, model: str, column: str) -> str:
-    if column != "fid":
+    if field_of(column) != "fid":
         return f"{exp}/{model}"
     row = frame[frame.model == model].iloc[0]
     return f"{exp}/{model}, FID {row.fid_mode}, {int(row.fid_images)} images"
@@ -78,21 +101,23 @@ def build(name: str, experiment_tables: dict[str, pd.DataFrame]) -> pd.DataFrame
                 cell = {"table": name, "section": section.get("name", ""), "method": row["method"],
                         "column": column, "paper": paper, "ours": None, "delta": None,
                         "source": "", "note": row.get("note", "")}
+                model = None if row.get("quoted") else _model_of(row, column)
                 if row.get("quoted"):
                     cell.update(status="quoted", source="paper (a method this workflow does not run)")
+                elif model is None:  # a λ_Jac the paper did not run at this ratio
+                    cell.update(status="none", source="not in the paper")
                 elif target["experiment"] not in experiment_tables:
                     cell.update(status="missing", source=f"experiment {target['experiment']} is not in the config")
                 else:
                     frame = experiment_tables[target["experiment"]]
-                    ours = _ours(frame, target["model"], column)
-                    if (frame.model == target["model"]).any():
-                        cell["source"] = _source(frame, target["experiment"], target["model"], column)
+                    ours = _ours(frame, model, column)
+                    if (frame.model == model).any():
+                        cell["source"] = _source(frame, target["experiment"], model, column)
                         cell.update(status="ours" if ours is not None else "missing", ours=ours)
                         if ours is None:
                             cell["source"] += " (no value recorded)"
                     else:
-                        cell.update(status="missing", source=f"{target['experiment']} scores no model "
-                                                             f"{target['model']}")
+                        cell.update(status="missing", source=f"{target['experiment']} scores no model {model}")
                     if ours is not None and paper is not None:
                         cell["delta"] = ours - paper
                 cells.append(cell)
@@ -116,13 +141,14 @@ def _number(value, column: str) -> str:
 
 def _wide(cells: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
     """The paper's layout: a row per method, a column per metric, each cell "ours / paper"."""
-    headings = load_spec()["columns"]
     out = []
     for (section, method), group in cells.groupby(["section", "method"], sort=False):
         line = {"section": section, "method": method}
         for _, cell in group.iterrows():
             paper = _number(cell.paper, cell.column)
-            if cell.status == "quoted":
+            if cell.status == "none":
+                text = "–"
+            elif cell.status == "quoted":
                 text = f"{paper} (quoted)"
             elif cell.status == "missing":
                 text = f"missing / {paper}"
@@ -130,13 +156,14 @@ def _wide(cells: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
                 text = f"{_number(cell.ours, cell.column)} / {paper}"
                 if cell.column not in COUNT_COLUMNS and not pd.isna(cell.delta):
                     text += f" ({cell.delta:+.2f})"
-            line[headings[cell.column]] = text
+            line[heading_of(cell.column)] = text
         notes = group.note.iloc[0]
         line["note"] = notes or ""
         out.append(line)
     frame = pd.DataFrame(out)
-    if not frame.section.astype(bool).any():
-        frame = frame.drop(columns="section")
+    for column in ("section", "note"):  # columns with nothing in them
+        if not frame[column].astype(bool).any():
+            frame = frame.drop(columns=column)
     return frame
 
 

@@ -26,7 +26,7 @@ def experiment_table(exp, models):
 
 
 def test_every_table_has_the_papers_rows_and_columns():
-    assert paper_tables.table_names() == ["table1", "table2", "table3", "table5", "table8", "table9"]
+    assert paper_tables.table_names() == ["table1", "table2", "table3", "table5", "table8", "table9", "table10"]
     layout = {name: [(s.get("name", ""), [r["method"] for r in s["rows"]]) for s in t["sections"]]
               for name, t in SPEC["tables"].items()}
     assert layout["table1"] == [
@@ -40,7 +40,7 @@ def test_every_table_has_the_papers_rows_and_columns():
     for name, table in SPEC["tables"].items():
         for section in table["sections"]:
             for row in section["rows"]:
-                assert set(row["paper"]) <= set(table["columns"]), (name, row["method"])
+                assert set(row["paper"]) | set(row.get("models", {})) <= set(table["columns"]), (name, row["method"])
                 assert row.get("quoted") or "ours" in row, (name, row["method"])
 
 
@@ -83,6 +83,21 @@ def test_training_cost_comes_from_the_summaries_columns():
     assert cells.loc[("CIFAR-10 (PR 0.44)", "IGSM", "batch_size")].ours == 128
 
 
+def test_lambda_sweep_cells_read_each_lambdas_model():
+    """Table 10: a column per λ_Jac, each cell the FID of the row's ratio finetuned with that λ;
+    λ 0 is Diff-Pruning's NP finetune; a λ the paper did not run at that ratio is blank."""
+    fids = {"np": 5.3, "igsm_lam1e-2": 4.7, "igsm": 4.6, "igsm_lam1": 4.9}
+    tables = {"cifar10_unet": experiment_table("cifar10_unet", {
+        f"diff-pruning-cr0.3/{o}": {"fid": f} for o, f in fids.items()})}
+    cells = paper_tables.build("table10", tables).set_index(["method", "column"])
+    row = {c: cells.loc[("PR 0.44", c)] for c in ("fid@0", "fid@1e-4", "fid@1e-2", "fid@1e-1", "fid@1")}
+    assert [row[c].ours for c in ("fid@0", "fid@1e-2", "fid@1e-1", "fid@1")] == [5.3, 4.7, 4.6, 4.9]
+    assert row["fid@1e-1"].source.startswith("cifar10_unet/diff-pruning-cr0.3/igsm, FID")
+    assert row["fid@1e-4"].status == "none" and pd.isna(row["fid@1e-4"].ours)
+    assert cells.loc[("PR 0.56", "fid@1e-3")].status == "missing"  # that ratio was not scored here
+    assert paper_tables.heading_of("fid@1e-2") == "FID λ=1e-2"
+
+
 def test_written_files(tmp_path):
     tables = {"cifar10_unet": experiment_table("cifar10_unet", {
         f"diff-pruning-cr0.3/{o}": {"fid": f} for o, f in (("np", 5.4), ("np_kd", 5.1), ("igsm", 4.6))})}
@@ -112,8 +127,9 @@ def test_spec_agrees_with_the_default_config_and_the_published_fids():
         for section in table["sections"]:
             for row in section["rows"]:
                 if "ours" in row:
-                    exp, model = row["ours"]["experiment"], row["ours"]["model"]
-                    assert model in scored.get(exp, ()), (name, row["method"], exp, model)
+                    exp = row["ours"]["experiment"]
+                    for model in (row["ours"]["model"], *row.get("models", {}).values()):
+                        assert model in scored.get(exp, ()), (name, row["method"], exp, model)
     published = pd.read_csv(REPO / "igsm" / "paper_results.csv", dtype=str, keep_default_na=False)
     fids = {}
     for _, r in published.iterrows():
