@@ -25,6 +25,8 @@ import yaml
 
 SPEC = Path(__file__).with_name("paper_tables.yaml")
 LONG_COLUMNS = ["table", "section", "method", "column", "paper", "ours", "delta", "status", "source", "note"]
+# The paper's figures drawn from its tables: figure → (table, igsm.plots function name).
+FIGURES = {"fid_vs_ratio": ("table5", "plot_fid_vs_ratio"), "fid_vs_lambda": ("table10", "plot_fid_vs_lambda")}
 
 
 @functools.lru_cache(maxsize=1)

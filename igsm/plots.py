@@ -40,3 +40,72 @@ def plot_training_curves(metrics_files: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, paths) -> None:
+    for path in paths:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=130)
+
+
+def plot_fid_vs_ratio(table5, paths) -> None:
+    """FID against pruning ratio from Table 5's cells (igsm.paper_tables): U-Net and U-ViT panels,
+    Diff-Pruning and IGSM, ours solid (where scored), the paper's dashed."""
+    plt = _pyplot()
+    fid = table5[table5.column == "fid"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, section in zip(axes, ("U-Net", "U-ViT")):
+        cells = fid[fid.section == section]
+        for method, colour in (("DP", "C0"), ("IGSM", "C3")):
+            rows = cells[cells.method.str.startswith(f"{method}, PR ")]
+            ratios = rows.method.str.split("PR ").str[1].astype(float)
+            axis.plot(ratios, rows.paper.astype(float), "--", color=colour, marker="o", mfc="none",
+                      label=f"{method} (paper)")
+            ours = rows.status == "ours"
+            if ours.any():
+                axis.plot(ratios[ours], rows.ours[ours].astype(float), "-", color=colour, marker="o",
+                          label=f"{method} (ours)")
+        dense = cells[cells.method == "dense"]
+        if len(dense):
+            axis.axhline(float(dense.paper.iloc[0]), color="grey", lw=0.8, ls=":", label="dense (paper)")
+        axis.set(title=f"{section}, CIFAR-10 (Table 5)", xlabel="pruning ratio (paper's label)", ylabel="FID")
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, paths)
+    plt.close(fig)
+
+
+def plot_fid_vs_lambda(table10, paths) -> None:
+    """FID against λ_Jac at each pruning ratio from Table 10's cells: λ 0 (Diff-Pruning's NP) drawn
+    one decade left of the smallest λ, ours solid, the paper's dashed."""
+    plt = _pyplot()
+    cells = table10[table10.column.str.startswith("fid@") & (table10.method != "PR 0 (dense)")]
+    lambdas = sorted({float(c.split("@")[1]) for c in cells.column if c != "fid@0"})
+    zero_at = lambdas[0] / 10
+    fig, axis = plt.subplots(figsize=(6.5, 4))
+    for i, (method, rows) in enumerate(cells.groupby("method", sort=False)):
+        x = rows.column.str.split("@").str[1].astype(float).replace(0.0, zero_at)
+        shown = rows.paper.notna()
+        axis.plot(x[shown], rows.paper[shown].astype(float), "--", color=f"C{i}", marker="o", mfc="none",
+                  label=f"{method} (paper)")
+        ours = rows.status == "ours"
+        if ours.any():
+            axis.plot(x[ours], rows.ours[ours].astype(float), "-", color=f"C{i}", marker="o",
+                      label=f"{method} (ours)")
+    axis.set_xscale("log")
+    ticks = [zero_at, *lambdas]
+    axis.set_xticks(ticks, ["0"] + [f"{v:g}" for v in lambdas])
+    axis.set(title="CIFAR-10 U-Net (Table 10)", xlabel="λ_Jac", ylabel="FID")
+    axis.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _save(fig, paths)
+    plt.close(fig)

@@ -40,6 +40,7 @@ wildcard_constraints:
 sys.path.insert(0, workflow.basedir)
 from igsm.config import ConfigError, check_config, check_writable, training_job
 from igsm.models import architecture_family
+from igsm.paper_tables import FIGURES as PAPER_FIGURES
 from igsm.paper_tables import experiments_of, table_names
 
 PAPER_TABLES = table_names()
@@ -176,6 +177,8 @@ def all_table_files():
         [f"results/tables/{exp}.md" for exp in EXPERIMENTS]
         + (["results/tables/all.md"] if EXPERIMENTS else [])
         + [f"results/paper_tables/{table}.md" for table in paper_tables_of_config()]
+        + [f"results/paper_figures/{figure}.png" for figure, (table, _) in PAPER_FIGURES.items()
+           if table in paper_tables_of_config()]
     )
 
 

@@ -94,6 +94,27 @@ rule paper_table:
         "../scripts/paper_table.py"
 
 
+# Figures drawn from the paper's tables (ours solid, the paper's dashed): PNG and PDF.
+rule paper_figure:
+    conda:
+        "../envs/tables.yaml"
+    input:
+        cells=lambda w: f"results/paper_tables/{PAPER_FIGURES[w.figure][0]}.csv",
+    output:
+        png="results/paper_figures/{figure}.png",
+        pdf="results/paper_figures/{figure}.pdf",
+    wildcard_constraints:
+        figure="|".join(PAPER_FIGURES),
+    log:
+        "results/logs/paper_figures/{figure}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("tables", "mem_mb"),
+        runtime=resource("tables", "runtime"),
+    script:
+        "../scripts/paper_figure.py"
+
+
 for _table in PAPER_TABLES:
 
     rule:

@@ -143,6 +143,19 @@ def test_spec_agrees_with_the_default_config_and_the_published_fids():
             assert row["paper"]["fid"] in fids[(dense_model, label)], (dense_model, row["method"])
 
 
+def test_figures_from_the_tables(tmp_path):
+    """FID vs pruning ratio (Table 5) and vs λ_Jac (Table 10), PNG and PDF, with or without ours."""
+    from igsm import plots
+
+    tables = {"cifar10_unet": experiment_table("cifar10_unet", {
+        "diff-pruning-cr0.3/np": {"fid": 5.3}, "diff-pruning-cr0.3/igsm": {"fid": 4.6}})}
+    for figure, (table, function) in paper_tables.FIGURES.items():
+        for name, source in (("ours", tables), ("paper-only", {})):
+            paths = [tmp_path / f"{figure}-{name}.png", tmp_path / f"{figure}-{name}.pdf"]
+            getattr(plots, function)(paper_tables.build(table, source), paths)
+            assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
+
+
 def test_default_config_builds_every_paper_table(tmp_path):
     from conftest import run_snakemake
 
@@ -151,3 +164,5 @@ def test_default_config_builds_every_paper_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     for name in paper_tables.table_names():
         assert f"results/paper_tables/{name}.md" in proc.stdout, name
+    for figure in paper_tables.FIGURES:
+        assert f"results/paper_figures/{figure}.pdf" in proc.stdout, figure
