@@ -15,6 +15,10 @@ if not config:
 validate(config, "schemas/config.schema.yaml")
 
 
+# `snakemake --report report.html`: samples, tables, the paper's tables and figures, with captions.
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/dense.smk"

@@ -45,7 +45,8 @@ rule sample_gather:
         shards=lambda w: sample_shard_files(w.exp, w.variant),
     output:
         samples="results/samples/{exp}/{variant}/samples.npz",
-        grid="results/samples/{exp}/{variant}/grid.png",
+        grid=report("results/samples/{exp}/{variant}/grid.png", caption="../report/samples.rst",
+                    category="Samples", subcategory="{exp}", labels={"experiment": "{exp}", "model": "{variant}"}),
     params:
         num_images=lambda w: EXPERIMENTS[w.exp]["sample"]["num_images"],
         first_seed=lambda w: EXPERIMENTS[w.exp]["sample"]["seed"],

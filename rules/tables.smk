@@ -28,7 +28,8 @@ rule tables:
         lambda w: table_inputs(w.exp),
     output:
         markdown="results/tables/{exp}.md",
-        csv="results/tables/{exp}.csv",
+        csv=report("results/tables/{exp}.csv", caption="../report/table.rst", category="Tables",
+                   labels={"table": "{exp}"}),
         latex="results/tables/{exp}.tex",
     params:
         rows=lambda w: table_rows(w.exp),
@@ -80,7 +81,8 @@ rule paper_table:
         csv=lambda w: [f"results/tables/{exp}.csv" for exp in experiments_of(w.table) if exp in EXPERIMENTS],
     output:
         markdown="results/paper_tables/{table}.md",
-        csv="results/paper_tables/{table}.csv",
+        csv=report("results/paper_tables/{table}.csv", caption="../report/paper_table.rst",
+                   category="Paper tables", labels={"table": "{table}"}),
         latex="results/paper_tables/{table}.tex",
     wildcard_constraints:
         table="|".join(PAPER_TABLES),
@@ -101,7 +103,8 @@ rule paper_figure:
     input:
         cells=lambda w: f"results/paper_tables/{PAPER_FIGURES[w.figure][0]}.csv",
     output:
-        png="results/paper_figures/{figure}.png",
+        png=report("results/paper_figures/{figure}.png", caption="../report/paper_figure.rst",
+                   category="Paper figures", labels={"figure": "{figure}"}),
         pdf="results/paper_figures/{figure}.pdf",
     wildcard_constraints:
         figure="|".join(PAPER_FIGURES),

@@ -48,6 +48,19 @@ def test_grids_are_images(demo_run):
         assert img.format == "PNG" and pixels.std() > 0
 
 
+def test_html_report_of_the_demo(demo_run):
+    """`snakemake --report`: one self-contained file with every sample grid and table, captioned."""
+    workdir, config = demo_run
+    report = workdir / "report.html"
+    proc = snakemake_in(workdir, config, "--report", str(report))
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    html = report.read_text()
+    grids = sorted((workdir / "results" / "samples").rglob("grid.png"))
+    assert proc.stdout.count("Adding grid.png") == len(grids) == 4
+    assert "Samples" in html and "Tables" in html and "digits_unet" in html
+    assert "<script" in html and len(html) > 100_000  # the images are embedded, not linked
+
+
 def test_training_metrics_are_jsonl(demo_run):
     workdir, _ = demo_run
     lines = (workdir / "results/finetune/digits_unet/diff-pruning-cr0.3/igsm/metrics.jsonl").read_text()
