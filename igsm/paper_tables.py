@@ -59,6 +59,25 @@ def _model_of(row: dict, column: str) -> str | None:
     return row["ours"]["model"]
 
 
+# The paper's qualitative figures: sample grids side by side, a row per section (dataset) of these
+# tables, a column per method.
+SAMPLE_FIGURES = {"samples_unet": "table1", "samples_uvit": "table2"}
+SAMPLE_METHODS = {"Dense": "dense", "U-ViT": "dense", "Diff-Pruning": "Diff-Pruning", "IGSM": "IGSM"}
+
+
+def sample_grids(name: str, experiments) -> dict[str, dict[str, str]]:
+    """{section: {column: grid.png path}} of a sample figure, for the experiments of the config."""
+    out = {}
+    for section in load_spec()["tables"][SAMPLE_FIGURES[name]]["sections"]:
+        for row in section["rows"]:
+            column = SAMPLE_METHODS.get(row["method"])
+            target = row.get("ours")
+            if column and target and target["experiment"] in experiments:
+                out.setdefault(section["name"], {})[column] = (
+                    f"results/samples/{target['experiment']}/{target['model']}/grid.png")
+    return out
+
+
 def experiments_of(name: str) -> list[str]:
     """The experiments a table reads, in the order they first appear."""
     found = []

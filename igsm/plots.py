@@ -109,3 +109,26 @@ def plot_fid_vs_lambda(table10, paths) -> None:
     fig.tight_layout()
     _save(fig, paths)
     plt.close(fig)
+
+
+def plot_sample_comparison(grids: dict, paths, title: str = "") -> None:
+    """Sample grids side by side: ``grids`` maps a row label (dataset) to {column label: PNG}."""
+    from PIL import Image
+
+    plt = _pyplot()
+    columns = list(dict.fromkeys(c for row in grids.values() for c in row))
+    fig, axes = plt.subplots(len(grids), len(columns), figsize=(3.2 * len(columns), 3.4 * len(grids)),
+                             squeeze=False)
+    for i, (row, files) in enumerate(grids.items()):
+        for j, column in enumerate(columns):
+            axis = axes[i][j]
+            axis.axis("off")
+            if column in files:
+                with Image.open(files[column]) as img:
+                    axis.imshow(np.asarray(img.convert("RGB")))
+            axis.set_title(f"{row}: {column}" if j == 0 else column, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, paths)
+    plt.close(fig)

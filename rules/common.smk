@@ -41,7 +41,8 @@ sys.path.insert(0, workflow.basedir)
 from igsm.config import ConfigError, check_config, check_writable, training_job
 from igsm.models import architecture_family
 from igsm.paper_tables import FIGURES as PAPER_FIGURES
-from igsm.paper_tables import experiments_of, table_names
+from igsm.paper_tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
+from igsm.paper_tables import experiments_of, sample_grids, table_names
 
 PAPER_TABLES = table_names()
 
@@ -179,6 +180,8 @@ def all_table_files():
         + [f"results/paper_tables/{table}.md" for table in paper_tables_of_config()]
         + [f"results/paper_figures/{figure}.png" for figure, (table, _) in PAPER_FIGURES.items()
            if table in paper_tables_of_config()]
+        + [f"results/paper_figures/{figure}.png" for figure in PAPER_SAMPLE_FIGURES
+           if sample_grids(figure, EXPERIMENTS)]
     )
 
 

@@ -118,6 +118,30 @@ rule paper_figure:
         "../scripts/paper_figure.py"
 
 
+# The paper's qualitative figures: dense, Diff-Pruning and IGSM samples side by side per dataset.
+rule paper_samples:
+    conda:
+        "../envs/tables.yaml"
+    input:
+        grids=lambda w: [p for row in sample_grids(w.figure, EXPERIMENTS).values() for p in row.values()],
+    output:
+        png=report("results/paper_figures/{figure}.png", caption="../report/paper_figure.rst",
+                   category="Paper figures", labels={"figure": "{figure}"}),
+        pdf="results/paper_figures/{figure}.pdf",
+    params:
+        grids=lambda w: sample_grids(w.figure, EXPERIMENTS),
+    wildcard_constraints:
+        figure="|".join(PAPER_SAMPLE_FIGURES),
+    log:
+        "results/logs/paper_figures/{figure}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("tables", "mem_mb"),
+        runtime=resource("tables", "runtime"),
+    script:
+        "../scripts/paper_samples.py"
+
+
 for _table in PAPER_TABLES:
 
     rule:

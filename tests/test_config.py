@@ -262,7 +262,7 @@ def test_paper_config_dry_run_lists_the_full_job_graph():
         "download": 4, "dense_pretrained": 3, "dense_pretrained_uvit": 2, "prune": len(runs),
         "finetune": finetunes, "sample": shards, "sample_gather": total, "fid": total,
         "fid_statistics": total, "efficiency": total, "fid_reference": 4, "tables": 5,
-        "combined_table": 1, "paper_table": 7, "paper_figure": 2, "all_tables": 1, "variant_metadata": total,
+        "combined_table": 1, "paper_table": 7, "paper_figure": 2, "paper_samples": 2, "all_tables": 1, "variant_metadata": total,
         "total": counts["total"],
     }
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")

@@ -156,6 +156,33 @@ def test_figures_from_the_tables(tmp_path):
             assert paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[1].read_bytes()[:5] == b"%PDF-"
 
 
+def test_sample_comparison_figure(tmp_path):
+    """Dense, Diff-Pruning and IGSM grids side by side, a row per dataset the config has."""
+    import numpy as np
+    from PIL import Image
+
+    from igsm import plots
+
+    grids = paper_tables.sample_grids("samples_unet", {"cifar10_unet", "church_unet"})
+    assert grids == {
+        "CIFAR-10 (32×32)": {"dense": "results/samples/cifar10_unet/dense/grid.png",
+                             "Diff-Pruning": "results/samples/cifar10_unet/diff-pruning-cr0.3/np/grid.png",
+                             "IGSM": "results/samples/cifar10_unet/diff-pruning-cr0.3/igsm/grid.png"},
+        "LSUN-Church (256×256)": {"dense": "results/samples/church_unet/dense/grid.png",
+                                  "Diff-Pruning": "results/samples/church_unet/diff-pruning-cr0.3/np/grid.png",
+                                  "IGSM": "results/samples/church_unet/diff-pruning-cr0.3/igsm_lam1e-2/grid.png"}}
+    assert paper_tables.sample_grids("samples_uvit", {"cifar10_unet"}) == {}
+    files = {}
+    for k, column in enumerate(("dense", "Diff-Pruning", "IGSM")):
+        files[column] = tmp_path / f"{k}.png"
+        Image.fromarray(np.full((20, 20, 3), 80 * k, np.uint8)).save(files[column])
+    paths = [tmp_path / "samples.png", tmp_path / "samples.pdf"]
+    plots.plot_sample_comparison({"CIFAR-10": files}, paths)
+    with Image.open(paths[0]) as img:
+        pixels = np.asarray(img.convert("L"))
+    assert pixels.std() > 0 and paths[1].read_bytes()[:5] == b"%PDF-"
+
+
 def test_default_config_builds_every_paper_table(tmp_path):
     from conftest import run_snakemake
 
@@ -164,5 +191,5 @@ def test_default_config_builds_every_paper_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     for name in paper_tables.table_names():
         assert f"results/paper_tables/{name}.md" in proc.stdout, name
-    for figure in paper_tables.FIGURES:
+    for figure in (*paper_tables.FIGURES, *paper_tables.SAMPLE_FIGURES):
         assert f"results/paper_figures/{figure}.pdf" in proc.stdout, figure
