@@ -72,6 +72,25 @@ def training_job(config: dict, stage: str, exp: str | None) -> dict:
     return merged
 
 
+def apply_scale(config: dict) -> None:
+    """The config's ``scale`` applied in place: every training's num_steps and every sample
+    num_images multiplied by its factor (rounded, at least 1; sample shards at most one per image)."""
+    scale = config.get("scale") or {}
+    steps, samples = scale.get("steps", 1), scale.get("samples", 1)
+    if steps == 1 and samples == 1:
+        return
+    for exp in config["experiments"].values():
+        for stage in ("dense", "finetune"):
+            training = (exp.get(stage) or {}).get("training")
+            if training and "num_steps" in training:
+                training["num_steps"] = max(1, round(training["num_steps"] * steps))
+        sample = exp.get("sample") or {}
+        if "num_images" in sample:
+            sample["num_images"] = max(1, round(sample["num_images"] * samples))
+            if "num_shards" in sample:
+                sample["num_shards"] = min(sample["num_shards"], sample["num_images"])
+
+
 def check_config(config: dict) -> None:
     """Raise ConfigError listing every problem of a schema-validated config (defaults filled)."""
     errors = []
@@ -252,4 +271,5 @@ def validate(config: dict) -> None:
         snakemake_validate(config, str(SCHEMA))
     except WorkflowError as err:
         raise ConfigError(str(err)) from None
+    apply_scale(config)
     check_config(config)

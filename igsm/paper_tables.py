@@ -24,7 +24,8 @@ import pandas as pd
 import yaml
 
 SPEC = Path(__file__).with_name("paper_tables.yaml")
-LONG_COLUMNS = ["table", "section", "method", "column", "paper", "ours", "delta", "status", "source", "note"]
+LONG_COLUMNS = ["table", "section", "method", "column", "paper", "ours", "delta", "status", "source", "note",
+                "differs"]
 # The paper's figures drawn from its tables: figure → (table, igsm.plots function name).
 FIGURES = {"fid_vs_ratio": ("table5", "plot_fid_vs_ratio"), "fid_vs_lambda": ("table10", "plot_fid_vs_lambda")}
 
@@ -109,6 +110,28 @@ def _source(frame: pd.DataFrame, exp: str, model: str, column: str) -> str:
     return f"{exp}/{model}, FID {row.fid_mode}, {int(row.fid_images)} images"
 
 
+def _count(value: float) -> str:
+    return f"{value / 1e3:g}k" if value >= 1e4 else f"{int(value):,}"
+
+
+def differences(exp: str, frame: pd.DataFrame, models) -> str:
+    """How the row's models ran otherwise than the paper's numbers (``paper_settings``): finetune
+    steps (not for the pretrained dense model) and FID sample counts; "" when as the paper."""
+    paper = load_spec().get("paper_settings", {}).get(exp, {})
+    found = []
+    for model in dict.fromkeys(models):
+        rows = frame[frame.model == model]
+        if rows.empty:
+            continue
+        row = rows.iloc[0]
+        steps, images = row.get("training_steps"), row.get("fid_images")
+        if model != "dense" and "training_steps" in paper and pd.notna(steps) and steps != paper["training_steps"]:
+            found.append(f"{model}: {_count(steps)} finetune steps (paper {_count(paper['training_steps'])})")
+        if "fid_images" in paper and pd.notna(images) and images != paper["fid_images"]:
+            found.append(f"{model}: FID on {_count(images)} images (paper {_count(paper['fid_images'])})")
+    return "; ".join(dict.fromkeys(found))
+
+
 def build(name: str, experiment_tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """One row per cell of table ``name``; ``experiment_tables`` maps the experiments of the
     config to their per-experiment tables (an experiment the config lacks is simply absent)."""
@@ -117,11 +140,15 @@ def build(name: str, experiment_tables: dict[str, pd.DataFrame]) -> pd.DataFrame
     for section in spec["sections"]:
         for row in section["rows"]:
             target = row.get("ours")
+            differs = ""
+            if target and target["experiment"] in experiment_tables:
+                used = [m for m in (_model_of(row, c) for c in spec["columns"]) if m]
+                differs = differences(target["experiment"], experiment_tables[target["experiment"]], used)
             for column in spec["columns"]:
                 paper = row.get("paper", {}).get(column)
                 cell = {"table": name, "section": section.get("name", ""), "method": row["method"],
                         "column": column, "paper": paper, "ours": None, "delta": None,
-                        "source": "", "note": row.get("note", "")}
+                        "source": "", "note": row.get("note", ""), "differs": differs}
                 model = None if row.get("quoted") else _model_of(row, column)
                 if row.get("quoted"):
                     cell.update(status="quoted", source="paper (a method this workflow does not run)")
@@ -178,8 +205,8 @@ def _wide(cells: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
                 if cell.column not in COUNT_COLUMNS and not pd.isna(cell.delta):
                     text += f" ({cell.delta:+.2f})"
             line[heading_of(cell.column)] = text
-        notes = group.note.iloc[0]
-        line["note"] = notes or ""
+        notes = [group.note.iloc[0], group.differs.iloc[0] and f"† ours differ: {group.differs.iloc[0]}"]
+        line["note"] = "; ".join(n for n in notes if isinstance(n, str) and n)
         out.append(line)
     frame = pd.DataFrame(out)
     for column in ("section", "note"):  # columns with nothing in them

@@ -38,13 +38,15 @@ wildcard_constraints:
 # Every check the config allows, before any job: igsm.config (this checkout's package, as the
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
-from igsm.config import ConfigError, check_config, check_writable, training_job
+from igsm.config import ConfigError, apply_scale, check_config, check_writable, training_job
 from igsm.models import architecture_family
 from igsm.paper_tables import FIGURES as PAPER_FIGURES
 from igsm.paper_tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
 from igsm.paper_tables import experiments_of, sample_grids, table_names
 
 PAPER_TABLES = table_names()
+
+apply_scale(config)  # `scale`: shrink every experiment for a quick look (before any check)
 
 try:
     check_config(config)

@@ -232,6 +232,31 @@ def test_supplied_reference_statistics_replace_the_reference_job(tmp_path):
     assert proc.stdout.count(f"--reference {supplied}") == job_counts(proc.stdout)["fid"] > 0
 
 
+def test_scale_shrinks_every_experiment(tmp_path):
+    """`scale`: every training's num_steps and every sample count shrink by its factors (the jobs'
+    settings say so), rounded and at least 1; a factor outside (0, 1] is refused naming the key."""
+    from igsm.config import apply_scale
+
+    config = demo_config()
+    config["scale"] = {"steps": 0.01, "samples": 0.1}
+    exp = experiment(config)
+    dense_steps, finetune_steps = exp["dense"]["training"]["num_steps"], exp["finetune"]["training"]["num_steps"]
+    images = exp["sample"]["num_images"]
+    scaled = yaml.safe_load(yaml.safe_dump(config))
+    apply_scale(scaled)
+    s = experiment(scaled)
+    assert s["dense"]["training"]["num_steps"] == max(1, round(dense_steps * 0.01))
+    assert s["finetune"]["training"]["num_steps"] == max(1, round(finetune_steps * 0.01))
+    assert s["sample"]["num_images"] == max(1, round(images * 0.1))
+    proc = dry_run(config, tmp_path, "--printshellcmds")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert f'"num_steps": {s["finetune"]["training"]["num_steps"]},' in proc.stdout
+    assert f"--num-images {s['sample']['num_images']} " in proc.stdout
+    config["scale"] = {"steps": 0}
+    proc = dry_run(config, tmp_path)
+    assert proc.returncode != 0 and "scale" in proc.stdout and "exclusiveMinimum" in proc.stdout
+
+
 def test_lint_has_no_findings():
     proc = run_snakemake("--lint", "--configfile", "config/demo.yaml", check=False)
     assert proc.returncode == 0 and "Congratulations" in proc.stdout, proc.stdout[-5000:]

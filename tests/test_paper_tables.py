@@ -98,6 +98,24 @@ def test_lambda_sweep_cells_read_each_lambdas_model():
     assert paper_tables.heading_of("fid@1e-2") == "FID λ=1e-2"
 
 
+def test_rows_that_ran_otherwise_than_the_paper_are_marked(tmp_path):
+    """A quick look (`scale`): fewer finetune steps and FID images than the paper's are marked
+    on the row, in the CSV and the Markdown; the dense teacher's steps are not (it is pretrained)."""
+    tables = {"cifar10_unet": experiment_table("cifar10_unet", {
+        "dense": {"fid": 4.5, "fid_images": 5000, "training_steps": 0},
+        "diff-pruning-cr0.3/np": {"fid": 6.0, "fid_images": 5000, "training_steps": 1000},
+        "diff-pruning-cr0.3/igsm": {"fid": 5.0, "fid_images": 50000, "training_steps": 100000}})}
+    cells = paper_tables.build("table5", tables).set_index(["section", "method", "column"])
+    assert cells.loc[("U-Net", "DP, PR 0.44", "fid")].differs == (
+        "diff-pruning-cr0.3/np: 1,000 finetune steps (paper 100k); "
+        "diff-pruning-cr0.3/np: FID on 5,000 images (paper 50k)")
+    assert cells.loc[("U-Net", "dense", "fid")].differs == "dense: FID on 5,000 images (paper 50k)"
+    assert cells.loc[("U-Net", "IGSM, PR 0.44", "fid")].differs == ""
+    markdown = tmp_path / "t5.md"
+    paper_tables.write("table5", paper_tables.build("table5", tables), markdown)
+    assert "† ours differ: diff-pruning-cr0.3/np: 1,000 finetune steps (paper 100k)" in markdown.read_text()
+
+
 def test_written_files(tmp_path):
     tables = {"cifar10_unet": experiment_table("cifar10_unet", {
         f"diff-pruning-cr0.3/{o}": {"fid": f} for o, f in (("np", 5.4), ("np_kd", 5.1), ("igsm", 4.6))})}
