@@ -111,6 +111,9 @@ def _source(frame: pd.DataFrame, exp: str, model: str, column: str) -> str:
 
 
 def _count(value: float) -> str:
+    """800k, 0.5M, 1,000, 128."""
+    if value >= 1e6:
+        return f"{value / 1e6:g}M"
     return f"{value / 1e3:g}k" if value >= 1e4 else f"{int(value):,}"
 
 
@@ -179,12 +182,7 @@ COUNT_COLUMNS = ("training_steps", "batch_size")
 def _number(value, column: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
-    value = float(value)
-    if column in COUNT_COLUMNS:
-        if value >= 1e6:
-            return f"{value / 1e6:g}M"
-        return f"{value / 1e3:g}k" if value >= 1e4 else f"{int(value)}"
-    return f"{value:.2f}"
+    return _count(float(value)) if column in COUNT_COLUMNS else f"{float(value):.2f}"
 
 
 def _wide(cells: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
