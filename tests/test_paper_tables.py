@@ -20,7 +20,7 @@ def experiment_table(exp, models):
     rows = []
     for model, values in models.items():
         row = {c: None for c in COLUMNS}
-        row.update(experiment=exp, model=model, fid_mode="clean", fid_images=50000, **values)
+        row.update({"experiment": exp, "model": model, "fid_mode": "clean", "fid_images": 50000, **values})
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
