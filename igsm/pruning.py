@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from igsm.diffusion import NoiseSchedule
-from igsm.models import predict_noise
+from igsm.models import image_shape, predict_noise
 
 CRITERIA = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
 
@@ -82,8 +82,54 @@ def count_params_macs(net: nn.Module, image_size: int, in_channels: int) -> tupl
     return int(params), int(macs)
 
 
+IMPORTANCES = {
+    "diff-pruning": lambda: __import__("torch_pruning").importance.TaylorImportance(multivariable=False),
+    "taylor": lambda: __import__("torch_pruning").importance.TaylorImportance(multivariable=True),
+    "magnitude": lambda: __import__("torch_pruning").importance.MagnitudeImportance(p=2),
+    "random": lambda: __import__("torch_pruning").importance.RandomImportance(),
+    "reinit": lambda: __import__("torch_pruning").importance.MagnitudeImportance(p=2),
+}
+
+
+@contextlib.contextmanager
+def metapruner(model: nn.Module, importance, channel_ratio: float, image_size: int | None = None,
+               in_channels: int | None = None):
+    """torch-pruning's pruner of ``model`` as :func:`prune` configures it (the family's ignored
+    layers, heads, unwrapped parameters, per-layer ratios); ``importance`` is a criterion name or
+    an importance object. On exit, the static widths are resynced to whatever was pruned."""
+    import torch_pruning as tp
+
+    if isinstance(importance, str):
+        importance = IMPORTANCES[importance]()
+    if image_size is None or in_channels is None:
+        channels, size, _ = image_shape(model)
+        image_size, in_channels = image_size or size, in_channels or channels
+    plan = _pruning_plan(model)
+    example_inputs = _example_inputs(model, image_size, in_channels)
+    try:
+        with _module_trace(model) as where:
+            pruner = tp.pruner.MetaPruner(
+                model, example_inputs, importance=importance, pruning_ratio=channel_ratio,
+                global_pruning=False, iterative_steps=1, ignored_layers=plan["ignored_layers"],
+                num_heads=plan["num_heads"], unwrapped_parameters=plan["unwrapped_parameters"],
+                pruning_ratio_dict=plan.get("pruning_ratio_dict", lambda ratio: {})(channel_ratio),
+                prune_head_dims=True, prune_num_heads=False,
+                # tp 1.4.0 keeps these in mutable default arguments and fills them with this
+                # model's layers: fresh dicts stop one call's modules leaking into the next.
+                in_channel_groups={}, out_channel_groups={}, channel_groups={},
+            )
+    except Exception as err:  # tracing runs arbitrary model code; any failure means "untraceable"
+        raise ValueError(f"net: torch-pruning {tp_version()} could not trace {type(model).__name__}"
+                         f"{where.describe()}: {type(err).__name__}: {err}") from err
+    try:
+        yield pruner
+    finally:
+        plan["sync_widths"]()
+
+
 def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch.Tensor,
-          schedule: NoiseSchedule, thr: float = 0.05, seed: int = 0) -> tuple[nn.Module, dict]:
+          schedule: NoiseSchedule, thr: float = 0.05, seed: int = 0,
+          importance=None) -> tuple[nn.Module, dict]:
     """Prune a copy of ``net``; ``net`` itself (the dense teacher) is left untouched.
 
     ``channel_ratio`` is the fraction of channels torch-pruning removes from every layer (its
@@ -104,11 +150,11 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
       train-from-scratch baseline.
 
     Local pruning gives every criterion the same widths; only which channels survive differs.
-    The returned model has no gradients, every parameter requires grad, and it is in the
+    ``importance`` (a torch-pruning importance) replaces the criterion's ranking, e.g. the masks
+    of gradient-flow pruning (igsm.gradient_flow.MaskImportance); ``criterion`` is then only
+    reported. The returned model has no gradients, every parameter requires grad, and it is in the
     training mode ``net`` was in.
     """
-    import torch_pruning as tp
-
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: unknown {criterion!r}; valid criteria are {', '.join(CRITERIA)}")
     if not 0.0 <= channel_ratio < 1.0:
@@ -129,48 +175,22 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
     device = next(model.parameters()).device
     images = images.to(device)
 
-    importance = {
-        "diff-pruning": lambda: tp.importance.TaylorImportance(multivariable=False),
-        "taylor": lambda: tp.importance.TaylorImportance(multivariable=True),
-        "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
-        "random": lambda: tp.importance.RandomImportance(),
-        "reinit": lambda: tp.importance.MagnitudeImportance(p=2),
-    }[criterion]()
-    plan = _pruning_plan(model)
-
     example_inputs = _example_inputs(model, image_size, in_channels)
-    try:
-        with _module_trace(model) as where:
-            pruner = tp.pruner.MetaPruner(
-                model, example_inputs, importance=importance, pruning_ratio=channel_ratio,
-                global_pruning=False, iterative_steps=1, ignored_layers=plan["ignored_layers"],
-                num_heads=plan["num_heads"], unwrapped_parameters=plan["unwrapped_parameters"],
-                pruning_ratio_dict=plan.get("pruning_ratio_dict", lambda ratio: {})(channel_ratio),
-                prune_head_dims=True, prune_num_heads=False,
-                # tp 1.4.0 keeps these in mutable default arguments and fills them with this
-                # model's layers: fresh dicts stop one call's modules leaking into the next.
-                in_channel_groups={}, out_channel_groups={}, channel_groups={},
-            )
-    except Exception as err:  # tracing runs arbitrary model code; any failure means "untraceable"
-        raise ValueError(f"net: torch-pruning {tp_version()} could not trace {type(net).__name__}"
-                         f"{where.describe()}: {type(err).__name__}: {err}") from err
+    with metapruner(model, importance or criterion, channel_ratio, image_size, in_channels) as pruner:
+        groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types)
+        if next(iter(groups), None) is None:
+            raise ValueError(f"net: torch-pruning {tp_version()} found no prunable layer in "
+                             f"{type(net).__name__} (does its forward build an autograd graph?)")
 
-    groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                      root_module_types=pruner.root_module_types)
-    if next(iter(groups), None) is None:
-        raise ValueError(f"net: torch-pruning {tp_version()} found no prunable layer in "
-                         f"{type(net).__name__} (does its forward build an autograd graph?)")
+        losses = []
+        if importance is None and criterion in ("diff-pruning", "taylor"):
+            losses = _accumulate_noise_prediction_gradients(
+                model, images, schedule, seed=seed, thr=thr if criterion == "diff-pruning" else 0.0)
 
-    losses = []
-    if criterion in ("diff-pruning", "taylor"):
-        losses = _accumulate_noise_prediction_gradients(
-            model, images, schedule, seed=seed, thr=thr if criterion == "diff-pruning" else 0.0)
-
-    with _seeded(seed, device):  # RandomImportance draws from the global generator
-        for group in pruner.step(interactive=True):
-            group.prune()
-    del pruner
-    plan["sync_widths"]()
+        with _seeded(seed, device):  # RandomImportance draws from the global generator
+            for group in pruner.step(interactive=True):
+                group.prune()
     model.zero_grad(set_to_none=True)
     if criterion == "reinit":
         with _seeded(seed, device):

@@ -1,0 +1,144 @@
+"""Soft channel masks on torch-pruning's dependency groups: the substrate of gradient-flow pruning
+(issue 16; "Pruning for Sparse Diffusion Models based on Gradient Flow", arXiv 2501.09464, whose
+abstract is all that is public: ../shared/reference/gradient-flow-pruning-abstract.txt).
+
+What the abstract fixes: structured (channel) pruning, iterative and soft, a continuous mask moved
+along the gradient flow of an energy built from the criterion. Everything below is a
+**reconstruction** (pruning-methods-notes.md), labelled as such:
+
+* one mask value m ∈ [0, 1] per channel of each torch-pruning group (the groups and channel indices
+  Diff-Pruning's hard pruning uses, so the final widths are Diff-Pruning's at the same ratio);
+* a mask acts where the channel is made and wherever it is read: the convolution or linear layer
+  that makes it scales its output by m (so attention's q, k, v lose it before their products),
+  every convolution or linear layer that reads it sees it scaled by m again, and every GroupNorm
+  over it computes its statistics with the channels weighted by m. With m ∈ {0, 1} the masked
+  network therefore computes exactly what the hard-pruned network computes (tested): a channel at
+  0 reaches no layer and enters no statistic. Scaling only where it is made would not do: the
+  zeroed channel would still enter GroupNorm's mean and variance, and GroupNorm's bias would revive
+  it. (Soft values thus act as m² along a plain path; at 0 and 1 that changes nothing.)
+* the final hard prune keeps, per group, the channels with the largest m (torch-pruning ranks them,
+  equally within GroupNorm groups as for every criterion).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class _Use:
+    """Where one group's channels are read: ``channels`` of ``module``'s input (a Conv2d or Linear
+    consumer) or of its normalised channels (a GroupNorm), carrying the group's channels
+    ``positions`` (a concatenation may read one group's channel twice: the U-Net's skips)."""
+    group: int
+    channels: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass
+class SoftMasks:
+    """One mask vector per torch-pruning group (``masks[g]``, 1 = keep), and the layers that read
+    each group's channels. Build with :func:`soft_masks`, apply with :meth:`applied`."""
+    masks: list[torch.Tensor]
+    roots: list[str]  # each group's root layer (its first out-channel dependency), for reports
+    uses: dict[nn.Module, list[_Use]] = field(default_factory=dict)  # layers reading group channels
+    makes: dict[nn.Module, list[_Use]] = field(default_factory=dict)  # conv / linear layers making them
+
+    def channel_scale(self, uses: list[_Use], num_channels: int, like: torch.Tensor) -> torch.Tensor:
+        """The factor of each of ``num_channels`` channels: m where a group owns it, else 1."""
+        scale = torch.ones(num_channels, dtype=like.dtype, device=like.device)
+        for use in uses:
+            mask = self.masks[use.group].to(like.device, like.dtype)
+            scale = scale.index_put((use.channels.to(like.device),), mask[use.positions.to(like.device)])
+        return scale
+
+    @contextlib.contextmanager
+    def applied(self, net: nn.Module):
+        """``net`` computes as the masked network inside the block (hooks removed after)."""
+        handles = [module.register_forward_hook(self._producer_hook) for module in self.makes]
+        for module in self.uses:
+            if isinstance(module, nn.GroupNorm):
+                handles.append(module.register_forward_hook(self._group_norm_hook))
+            else:
+                handles.append(module.register_forward_pre_hook(self._consumer_hook))
+        try:
+            yield net
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _scaled(self, module, x, uses):
+        dim = 1 if isinstance(module, nn.Conv2d) else -1  # Linear works on (…, C)
+        shape = [1] * x.ndim
+        shape[dim] = x.shape[dim]
+        return x * self.channel_scale(uses, x.shape[dim], x).view(shape)
+
+    def _consumer_hook(self, module, args):
+        return (self._scaled(module, args[0], self.uses[module]), *args[1:])
+
+    def _producer_hook(self, module, args, output):
+        return self._scaled(module, output, self.makes[module])
+
+    def _group_norm_hook(self, module, args, output):
+        return masked_group_norm(args[0], module, self.channel_scale(self.uses[module], module.num_channels, args[0]))
+
+
+def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, weights: torch.Tensor) -> torch.Tensor:
+    """GroupNorm whose statistics weight channel c by ``weights[c]``: with 0/1 weights, the
+    GroupNorm of the kept channels alone (what a hard-pruned GroupNorm computes)."""
+    n, c = x.shape[:2]
+    groups = norm.num_groups
+    dtype = torch.promote_types(x.dtype, torch.float32)  # statistics at least in fp32 (bf16 runs)
+    xs = x.reshape(n, groups, c // groups, -1).to(dtype)
+    w = weights.to(dtype).reshape(1, groups, c // groups, 1)
+    count = (w.sum(dim=2, keepdim=True) * xs.shape[-1]).clamp_min(1e-12)  # a group masked whole: no NaN
+    mean = (xs * w).sum(dim=(2, 3), keepdim=True) / count
+    var = ((xs - mean).square() * w).sum(dim=(2, 3), keepdim=True) / count
+    y = ((xs - mean) / torch.sqrt(var + norm.eps)).reshape(x.shape).to(x.dtype)
+    if norm.affine:
+        shape = [1, c] + [1] * (x.ndim - 2)
+        y = y * norm.weight.view(shape) + norm.bias.view(shape)
+    return y
+
+
+def root_name(group) -> str:
+    """The module name of a torch-pruning group's root layer (its node name without the layer's
+    repr, which changes as layers are pruned)."""
+    return group[0].dep.target.name.split(" (")[0]
+
+
+def soft_masks(groups) -> SoftMasks:
+    """Masks of ones for torch-pruning ``groups`` (``DependencyGraph.get_all_groups``), with every
+    layer that reads their channels."""
+    import torch_pruning as tp
+
+    masks, roots, uses, makes = [], [], {}, {}
+    for g, group in enumerate(groups):
+        masks.append(torch.ones(len(group[0].idxs)))
+        roots.append(root_name(group))
+        for item in group:  # GroupItem: dep, idxs (the layer's channels), root_idxs (the group's)
+            module, handler = item.dep.target.module, item.dep.handler
+            use = _Use(g, torch.as_tensor(list(item.idxs), dtype=torch.long),
+                       torch.as_tensor(list(item.root_idxs), dtype=torch.long))
+            if isinstance(module, nn.GroupNorm) or (isinstance(module, (nn.Conv2d, nn.Linear)) and handler in (
+                    tp.prune_conv_in_channels, tp.prune_linear_in_channels)):
+                uses.setdefault(module, []).append(use)
+            elif isinstance(module, (nn.Conv2d, nn.Linear)) and handler in (
+                    tp.prune_conv_out_channels, tp.prune_linear_out_channels):
+                makes.setdefault(module, []).append(use)
+    return SoftMasks(masks, roots, uses, makes)
+
+
+class MaskImportance:
+    """torch-pruning importance that ranks each group's channels by their mask: the hard prune keeps
+    the channels the flow kept."""
+
+    def __init__(self, masks: SoftMasks):
+        self.by_root = {root: mask for root, mask in zip(masks.roots, masks.masks)}
+
+    def __call__(self, group, **kwargs) -> torch.Tensor:
+        return self.by_root[root_name(group)].detach().clone()

@@ -1,0 +1,117 @@
+"""Soft channel masks for gradient-flow pruning (igsm/gradient_flow.py, issue 16): at 0/1 they
+compute exactly the hard-pruned network; GroupNorm statistics follow the masks; the final hard
+prune keeps the channels with the largest masks, at Diff-Pruning's widths."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_ARCHITECTURE
+from igsm import gradient_flow, pruning
+from igsm.models import build_unet, count_parameters
+
+
+@pytest.fixture
+def tiny_unet():
+    torch.manual_seed(0)
+    net = build_unet(TINY_ARCHITECTURE).eval()
+    with torch.no_grad():  # GroupNorm affine parameters off their 1/0 init: biases must not revive channels
+        for module in net.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.5)
+    return net
+
+
+def inputs(seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    size, channels = TINY_ARCHITECTURE["sample_size"], TINY_ARCHITECTURE["in_channels"]
+    return torch.randn(3, channels, size, size, generator=generator), torch.tensor([5, 300, 999])
+
+
+def test_group_norm_with_0_1_weights_is_the_group_norm_of_the_kept_channels():
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 16, 5, 5, dtype=torch.float64)
+    keep = torch.tensor([1, 0, 1, 1] * 4, dtype=torch.bool)  # one channel of each group dropped
+    pruned = torch.nn.GroupNorm(4, 12).double()
+    with torch.no_grad():
+        pruned.weight.copy_(norm.weight[keep]), pruned.bias.copy_(norm.bias[keep])
+    got = gradient_flow.masked_group_norm(x, norm.double(), keep.double())
+    torch.testing.assert_close(got[:, keep], pruned(x[:, keep]), rtol=0, atol=1e-12)
+    # All ones: PyTorch's GroupNorm; a whole group at 0: finite (its channels are read by nobody).
+    torch.testing.assert_close(gradient_flow.masked_group_norm(x, norm, torch.ones(16, dtype=torch.float64)),
+                               norm(x), rtol=0, atol=1e-12)
+    assert torch.isfinite(gradient_flow.masked_group_norm(x, norm, torch.tensor([0.0] * 4 + [1.0] * 12))).all()
+
+
+def test_masks_at_0_1_compute_the_hard_pruned_network(tiny_unet):
+    """Hard-prune a copy (random ranking, ratio 0.5), then zero exactly the removed channels' masks
+    on the dense network: the two networks agree on every output."""
+    hard = copy.deepcopy(tiny_unet)
+    with pruning.metapruner(hard, "random", 0.5) as pruner:
+        removed = {}
+        torch.manual_seed(3)
+        for group in pruner.step(interactive=True):
+            removed[gradient_flow.root_name(group)] = list(group[0].idxs)
+            group.prune()
+    assert removed and count_parameters(hard) < count_parameters(tiny_unet)
+
+    dense = copy.deepcopy(tiny_unet)
+    with pruning.metapruner(dense, "magnitude", 0.5) as pruner:
+        masks = gradient_flow.soft_masks(pruner.DG.get_all_groups(
+            ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
+    assert set(removed) <= set(masks.roots)
+    for root, mask in zip(masks.roots, masks.masks):
+        mask[removed.get(root, [])] = 0.0
+    x, t = inputs()
+    with torch.no_grad():
+        expected = hard(x, t).sample
+        with masks.applied(dense):
+            got = dense(x, t).sample
+        unmasked = dense(x, t).sample  # hooks gone: the dense network again
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(unmasked, expected, atol=1e-3)
+
+
+def test_mask_gradients_flow_and_ones_change_nothing(tiny_unet):
+    with pruning.metapruner(tiny_unet, "magnitude", 0.5) as pruner:
+        masks = gradient_flow.soft_masks(pruner.DG.get_all_groups(
+            ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
+    x, t = inputs()
+    with torch.no_grad():
+        reference = tiny_unet(x, t).sample
+    for mask in masks.masks:
+        mask.requires_grad_(True)
+    with masks.applied(tiny_unet):
+        out = tiny_unet(x, t).sample
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    assert all(m.grad is not None and torch.isfinite(m.grad).all() for m in masks.masks)
+    assert sum(int((m.grad != 0).sum()) for m in masks.masks) > 0.9 * sum(m.numel() for m in masks.masks)
+
+
+def test_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_unet):
+    with pruning.metapruner(copy.deepcopy(tiny_unet), "magnitude", 0.5) as pruner:
+        masks = gradient_flow.soft_masks(pruner.DG.get_all_groups(
+            ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
+    generator = torch.Generator().manual_seed(4)
+    for mask in masks.masks:
+        mask.copy_(torch.rand(mask.shape, generator=generator))
+    images = torch.zeros(2, TINY_ARCHITECTURE["in_channels"], 16, 16)
+    from igsm.diffusion import NoiseSchedule
+
+    flow_net, flow_report = pruning.prune(tiny_unet, criterion="magnitude", channel_ratio=0.5, images=images,
+                                          schedule=NoiseSchedule.linear(), importance=gradient_flow.MaskImportance(masks))
+    _, dp_report = pruning.prune(tiny_unet, criterion="diff-pruning", channel_ratio=0.5, images=images,
+                                 schedule=NoiseSchedule.linear())
+    assert (flow_report["pruned_params"], flow_report["pruned_macs"]) == (dp_report["pruned_params"], dp_report["pruned_macs"])
+    # The kept channels of a group without GroupNorm coupling are its top half by mask.
+    conv = dict(flow_net.named_modules())["time_embedding.linear_1"]
+    root = masks.roots.index("time_embedding.linear_1")
+    kept = torch.sort(torch.topk(masks.masks[root], conv.out_features).indices).values
+    dense_weight = dict(tiny_unet.named_modules())["time_embedding.linear_1"].weight
+    torch.testing.assert_close(conv.weight, dense_weight[kept])
