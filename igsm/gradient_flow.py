@@ -142,3 +142,53 @@ class MaskImportance:
 
     def __call__(self, group, **kwargs) -> torch.Tensor:
         return self.by_root[root_name(group)].detach().clone()
+
+
+# ---- the flow (reconstruction: pruning-methods-notes.md) ---------------------------------------
+
+def gradient_norm_energy(net: nn.Module, masks: SoftMasks, loss_fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(½‖∇_θ L‖², its gradient with respect to each mask) for the masked network, where
+    ``loss_fn(net)`` computes the training loss (e.g. noise prediction on one batch).
+
+    The criterion of the abstract — keep what removing would lower the loss's gradient norm, prune
+    what removing would raise it — in continuous form: the flow raises ½‖∇_θ L‖² (the mask gradient
+    of GraSP's score −θ ⊙ Hg, taken per channel through the masks, by double backpropagation)."""
+    from igsm.objectives.products import math_attention  # fused attention has no double backward
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    for mask in masks.masks:
+        mask.requires_grad_(True)
+    with masks.applied(net), math_attention():
+        loss = loss_fn(net)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        energy = 0.5 * sum(g.square().sum() for g in grads if g is not None)
+        mask_grads = torch.autograd.grad(energy, masks.masks, allow_unused=True)
+    for mask in masks.masks:
+        mask.requires_grad_(False)
+    return energy.detach(), [torch.zeros_like(m) if g is None else g for m, g in zip(masks.masks, mask_grads)]
+
+
+def sparsity_indexed_step(masks: SoftMasks, ascent: list[torch.Tensor], dt: float, r: float = 1.1) -> None:
+    """One step of the sparsity-indexed flow (as PSO, Mo et al., ICML 2023): move the masks along
+    δ = x·a + y·b, with a the direction that raises the energy (``ascent``) and b = −∇G the one
+    that lowers the density G = mean(m), x and y chosen so that G falls by exactly ``dt`` (⟨∇G, δ⟩
+    = −1 per unit time) and ‖δ‖·‖b‖ = r (r > 1: room for the energy term beside the minimal-norm
+    step); masks are then clipped to [0, 1]."""
+    a = torch.cat([g.flatten() for g in ascent]).double()
+    n = a.numel()
+    b = torch.full_like(a, -1.0 / n)  # −∇ mean(m)
+    c = a @ b
+    denominator = a.square().sum() * b.square().sum() - c * c
+    x = torch.sqrt((r * r - 1) / denominator) if denominator > 1e-30 else torch.zeros((), dtype=a.dtype)
+    y = (1 - x * c) / b.square().sum()
+    delta = x * a + y * b
+    start = 0
+    for mask in masks.masks:
+        step = delta[start:start + mask.numel()].view_as(mask).to(mask.dtype)
+        mask.add_(dt * step).clamp_(0.0, 1.0)
+        start += mask.numel()
+
+
+def density(masks: SoftMasks) -> float:
+    """G = mean of all mask values (1: dense)."""
+    return float(torch.cat([m.flatten() for m in masks.masks]).mean())

@@ -115,3 +115,74 @@ def test_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_unet):
     kept = torch.sort(torch.topk(masks.masks[root], conv.out_features).indices).values
     dense_weight = dict(tiny_unet.named_modules())["time_embedding.linear_1"].weight
     torch.testing.assert_close(conv.weight, dense_weight[kept])
+
+
+# ---- the flow --------------------------------------------------------------------------------
+
+def tiny_masks(net):
+    with pruning.metapruner(net, "magnitude", 0.5) as pruner:
+        return gradient_flow.soft_masks(pruner.DG.get_all_groups(
+            ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
+
+
+def test_energy_gradient_equals_finite_differences(tiny_unet):
+    """d(½‖∇_θ L‖²)/dm by double backpropagation against central differences (float64)."""
+    masks = tiny_masks(tiny_unet)  # traced in float32, then the same layers in float64
+    net = tiny_unet.double()
+    generator = torch.Generator().manual_seed(5)
+    masks.masks[:] = [0.5 + 0.5 * torch.rand(m.shape, generator=generator, dtype=torch.float64)
+                      for m in masks.masks]
+    x, t = inputs()
+    x, noise = x.double(), torch.randn(x.shape, generator=generator, dtype=torch.float64)
+
+    def loss_fn(model):
+        return (model(x + noise, t).sample - noise).square().mean()
+
+    def energy():
+        params = [p for p in net.parameters()]
+        with masks.applied(net):
+            grads = torch.autograd.grad(loss_fn(net), params, allow_unused=True)
+        return 0.5 * sum(float(g.square().sum()) for g in grads if g is not None)
+
+    value, mask_grads = gradient_flow.gradient_norm_energy(net, masks, loss_fn)
+    assert value.item() == pytest.approx(energy(), rel=1e-12)
+    h = 1e-5
+    for g, i in ((0, 0), (3, 1), (len(masks.masks) - 1, 2)):
+        mask = masks.masks[g]
+        mask[i] += h
+        up = energy()
+        mask[i] -= 2 * h
+        down = energy()
+        mask[i] += h
+        assert mask_grads[g][i].item() == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-9)
+
+
+def test_sparsity_indexed_step_lowers_the_density_by_dt_at_norm_r(tiny_unet):
+    masks = tiny_masks(tiny_unet)
+    for mask in masks.masks:
+        mask.fill_(0.5)  # away from the [0, 1] bounds: no clipping
+    generator = torch.Generator().manual_seed(6)
+    ascent = [torch.randn(m.shape, generator=generator) for m in masks.masks]
+    before = torch.cat([m.flatten() for m in masks.masks]).double()
+    gradient_flow.sparsity_indexed_step(masks, ascent, dt=1e-3, r=1.1)
+    delta = (torch.cat([m.flatten() for m in masks.masks]).double() - before) / 1e-3
+    n = delta.numel()
+    assert delta.mean().item() == pytest.approx(-1.0, rel=1e-4)  # G = mean(m) falls by dt per step
+    assert (delta.norm() * (1.0 / n ** 0.5)).item() == pytest.approx(1.1, rel=1e-4)  # ‖δ‖·‖b‖ = r
+    a = torch.cat([g.flatten() for g in ascent]).double()
+    assert (delta @ a).item() > 0  # it also climbs the energy
+
+
+def test_schedule_brings_the_density_down_monotonically_to_its_target(tiny_unet):
+    masks = tiny_masks(tiny_unet)
+    generator = torch.Generator().manual_seed(7)
+    steps, target = 40, 0.5
+    dt = (gradient_flow.density(masks) - target) / steps
+    densities = [gradient_flow.density(masks)]
+    for _ in range(steps):
+        ascent = [torch.randn(m.shape, generator=generator) for m in masks.masks]
+        gradient_flow.sparsity_indexed_step(masks, ascent, dt=dt)
+        densities.append(gradient_flow.density(masks))
+    assert all(later < earlier for earlier, later in zip(densities, densities[1:]))
+    assert densities[-1] == pytest.approx(target, abs=0.05)
+    assert all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in masks.masks)
