@@ -23,6 +23,7 @@ along the gradient flow of an energy built from the criterion. Everything below 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -192,3 +193,77 @@ def sparsity_indexed_step(masks: SoftMasks, ascent: list[torch.Tensor], dt: floa
 def density(masks: SoftMasks) -> float:
     """G = mean of all mask values (1: dense)."""
     return float(torch.cat([m.flatten() for m in masks.masks]).mean())
+
+
+class MaskFlow:
+    """Gradient-flow pruning as a step hook of the training loop (igsm.training.train): the network
+    trains under the masks while, after every optimizer step, the masks take one flow step on the
+    same batch (energy: ½‖∇_θ L_NP‖²), their density falling linearly from 1 to ``target_density``
+    over ``num_steps``. The masks are saved in the loop's snapshots, so a resumed run continues
+    the schedule exactly."""
+
+    def __init__(self, masks: SoftMasks, target_density: float, num_steps: int, r: float = 1.1):
+        self.masks, self.target_density, self.num_steps, self.r = masks, target_density, num_steps, r
+        self.dt = (1.0 - target_density) / num_steps
+        self.densities: list[float] = []
+
+    def identity(self) -> str:
+        return f"gradient-flow:target={self.target_density!r}:steps={self.num_steps}:r={self.r!r}"
+
+    def applied(self, net: nn.Module):
+        return self.masks.applied(net)
+
+    def after_step(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> None:
+        from igsm.models import predict_noise
+
+        def loss_fn(model):
+            return (predict_noise(model, x_t, t).float() - noise.float()).square().flatten(1).sum(1).mean()
+
+        was_training = net.training
+        net.eval()  # the energy without dropout: a function of the masks alone
+        _, ascent = gradient_norm_energy(net, self.masks, loss_fn)
+        net.train(was_training)
+        sparsity_indexed_step(self.masks, ascent, self.dt, self.r)
+        self.densities.append(density(self.masks))
+
+    def state_dict(self) -> dict:
+        return {"masks": [m.detach().cpu().clone() for m in self.masks.masks], "densities": list(self.densities)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for mask, saved in zip(self.masks.masks, state["masks"]):
+            mask.copy_(saved.to(mask.device))
+        self.densities = list(state["densities"])
+
+
+def prune_with_gradient_flow(net: nn.Module, images, schedule, *, channel_ratio: float, options,
+                             checkpoint_dir, metrics_path, r: float = 1.1, device="cpu") -> tuple[nn.Module, dict]:
+    """Gradient-flow pruning of a copy of ``net``: ``options.num_steps`` training steps of the one
+    loop (``options``: igsm.training.TrainingOptions, its objective the noise prediction) under
+    soft masks whose density the flow brings from 1 to 1 − ``channel_ratio``, then the hard prune
+    of the trained (EMA) network to Diff-Pruning's widths at ``channel_ratio``, keeping each
+    group's largest masks. Resumable like any training (``checkpoint_dir``)."""
+    from dataclasses import asdict
+
+    from igsm import pruning
+    from igsm.data import to_model_range
+    from igsm.training import train
+
+    student = copy.deepcopy(net)
+    with pruning.metapruner(student, "magnitude", channel_ratio) as pruner:  # its groups; nothing is pruned
+        masks = soft_masks(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                                    root_module_types=pruner.root_module_types))
+    flow = MaskFlow(masks, 1.0 - channel_ratio, options.num_steps, r)
+    trained, timing = train(student, images, options, checkpoint_dir, metrics_path, schedule=schedule,
+                            device=device, step_hook=flow)
+    example = to_model_range(images[:1])  # the input shape for tracing and counting
+    pruned, report = pruning.prune(trained.cpu(), criterion="gradient-flow", channel_ratio=channel_ratio,
+                                   images=example, schedule=schedule, importance=MaskImportance(masks))
+    report["gradient_flow"] = {
+        "reconstruction": "soft masks on torch-pruning groups, energy ½‖∇θ L_NP‖², PSO's sparsity-indexed "
+                          "flow (igsm/gradient_flow.py): not the paper's code, which is not public",
+        "steps": options.num_steps, "r": r, "target_density": 1.0 - channel_ratio,
+        "densities": flow.densities,
+        "final_masks": {root: [round(float(v), 6) for v in mask] for root, mask in zip(masks.roots, masks.masks)},
+        "timing": asdict(timing),
+    }
+    return pruned, report

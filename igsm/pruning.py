@@ -155,8 +155,11 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
     reported. The returned model has no gradients, every parameter requires grad, and it is in the
     training mode ``net`` was in.
     """
-    if criterion not in CRITERIA:
+    if criterion not in (*CRITERIA, "gradient-flow"):
         raise ValueError(f"criterion: unknown {criterion!r}; valid criteria are {', '.join(CRITERIA)}")
+    if criterion == "gradient-flow" and importance is None:
+        raise ValueError("criterion: gradient-flow ranks channels by its trained masks: prune with "
+                         "igsm.gradient_flow.prune_with_gradient_flow")
     if not 0.0 <= channel_ratio < 1.0:
         raise ValueError(f"channel_ratio: {channel_ratio} is outside [0, 1)")
     if not 0.0 <= thr <= 1.0:

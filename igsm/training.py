@@ -28,6 +28,7 @@ except for dropout, whose masks each process draws for its own rows. Only rank 0
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -332,6 +333,7 @@ def train(
     teacher: nn.Module | None = None,
     schedule: NoiseSchedule | VPSDE | None = None,
     device: str | torch.device = "cpu",
+    step_hook=None,
 ) -> tuple[nn.Module, Timing]:
     """Train ``net`` on uint8 ``images`` (N×H×W×C: an image store, read a batch at a time, or an
     array); return its EMA copy and the run's timing.
@@ -341,6 +343,11 @@ def train(
 
     Under torchrun (igsm.distributed.init() called first) every process calls this with the same
     arguments; ``options.batch_size`` is the global batch and must divide by the process count.
+
+    ``step_hook`` (e.g. igsm.gradient_flow.MaskFlow) joins the loop without a loop of its own:
+    ``hook.applied(net)`` wraps each step's forward, ``hook.after_step(net, x_t, t,
+    noise)`` runs after each optimizer step, its ``state_dict()`` travels in the snapshots (a
+    resumed run continues it bitwise) and its ``identity()`` in the run's fingerprint.
     """
     from igsm.objectives import build_objective
 
@@ -358,6 +365,8 @@ def train(
     if world_size > 1:
         _draw_directions_for_global_batch(objective, rows, options.batch_size)
     fingerprint = run_fingerprint(net, images, options, teacher, schedule)
+    if step_hook is not None:
+        fingerprint = hashlib.sha256(f"{fingerprint};{step_hook.identity()}".encode()).hexdigest()
 
     if options.deterministic and device.type == "cuda":
         _use_deterministic_kernels()
@@ -387,6 +396,8 @@ def train(
             start_step, records = state["step"], state["metrics"]
             running, count = state["running"], state["running_steps"]
             timing = Timing(**state.get("timing", {}))
+            if step_hook is not None:
+                step_hook.load_state_dict(state["hook"])
         timing.attempts += 1
         earlier_wall_time = timing.wall_time_s
         if device.type == "cuda":
@@ -412,6 +423,7 @@ def train(
                     "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                     "metrics": records, "running": running, "running_steps": count,
                     "world_size": world_size, "timing": asdict(timing),
+                    **({"hook": step_hook.state_dict()} if step_hook is not None else {}),
                 }
                 path = checkpoint_dir / f"step-{step:07d}.pt"
                 tmp = path.with_suffix(".tmp")
@@ -446,7 +458,7 @@ def train(
 
                 for group in optimizer.param_groups:
                     group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup_steps))
-                with autocast:
+                with autocast, (step_hook.applied(net) if step_hook is not None else contextlib.nullcontext()):
                     total, terms = objective(net, teacher, x_t, t, noise, generator, step=step)
                 loss = total.float().sum() / batch  # this process's share of the global batch mean
                 optimizer.zero_grad(set_to_none=True)
@@ -461,6 +473,8 @@ def train(
                 optimizer.step()
                 # Short runs would keep the EMA at its initial weights: warm the decay up (DDPM codes do).
                 _update_ema(ema, net, min(options.ema_decay, (1 + step) / (10 + step)))
+                if step_hook is not None:
+                    step_hook.after_step(net, x_t, t, noise)
 
                 for name, value in {"loss": loss_value, "grad_norm": grad_norm,
                                     **dict(zip(terms, term_values))}.items():

@@ -186,3 +186,45 @@ def test_schedule_brings_the_density_down_monotonically_to_its_target(tiny_unet)
     assert all(later < earlier for earlier, later in zip(densities, densities[1:]))
     assert densities[-1] == pytest.approx(target, abs=0.05)
     assert all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in masks.masks)
+
+
+def flow_options(num_steps):
+    from igsm.training import TrainingOptions
+
+    return TrainingOptions.from_dict({"num_steps": num_steps, "batch_size": 8, "lr": 1e-3, "log_every": 1,
+                                      "checkpoint_every": 3, "keep_checkpoints": 3,
+                                      "objective": {"weights": {"np": 1.0}}})
+
+
+@pytest.mark.slow
+def test_gradient_flow_pruning_trains_the_masks_down_and_resumes_bitwise(tiny_training, tmp_path):
+    """Six steps of the one training loop under the flow: the density falls to 1 − ratio, the hard
+    prune has Diff-Pruning's widths; a run resumed from its step-3 snapshot ends bitwise equal."""
+    from igsm.data import load_images
+    from igsm.diffusion import NoiseSchedule
+    from igsm.models import load_model
+
+    net, images, schedule = load_model(tiny_training / "student"), load_images(tiny_training / "data"), NoiseSchedule.linear()
+
+    def run(folder):
+        return gradient_flow.prune_with_gradient_flow(
+            net, images, schedule, channel_ratio=0.5, options=flow_options(6),
+            checkpoint_dir=folder / "checkpoints", metrics_path=folder / "metrics.jsonl")
+
+    pruned, report = run(tmp_path / "a")
+    densities = report["gradient_flow"]["densities"]
+    assert len(densities) == 6 and all(b < a for a, b in zip(densities, densities[1:]))
+    assert densities[-1] == pytest.approx(0.5, abs=0.05)
+    _, dp = pruning.prune(net, criterion="magnitude", channel_ratio=0.5, images=torch.zeros(1, 1, 16, 16),
+                          schedule=schedule)
+    assert (report["pruned_params"], report["pruned_macs"]) == (dp["pruned_params"], dp["pruned_macs"])
+    # The same run cut after its step-3 snapshot, then started again: it resumes mid-schedule.
+    (tmp_path / "b").mkdir()
+    import shutil
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "b" / "checkpoints")
+    (tmp_path / "b" / "checkpoints" / "step-0000006.pt").unlink()
+    resumed, resumed_report = run(tmp_path / "b")
+    assert resumed_report["gradient_flow"]["final_masks"] == report["gradient_flow"]["final_masks"]
+    assert resumed_report["gradient_flow"]["densities"] == densities
+    assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), resumed.state_dict().values()))
+    assert resumed_report["gradient_flow"]["timing"]["attempts"] == 2
