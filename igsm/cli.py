@@ -294,6 +294,9 @@ def prune(model_dir, data, criterion, channel_ratio, out, report, settings, devi
     _setup(threads)
     with _readable_inputs():
         images = load_images(data)
+    if criterion == "gradient-flow":
+        _prune_with_gradient_flow(model_dir, images, channel_ratio, out, report, settings, device)
+        return
     generator = torch.Generator().manual_seed(settings.get("seed", 0))
     pick = torch.randperm(len(images), generator=generator)[: settings.get("num_images", 128)]
     x0 = to_model_range(images[pick.numpy()]).to(_device(device))
@@ -303,6 +306,30 @@ def prune(model_dir, data, criterion, channel_ratio, out, report, settings, devi
                                    # Diff-Pruning walks integer steps: a VP-SDE's at t = k/999.
                                    schedule=_schedule(settings).integer_steps(),
                                    thr=settings.get("thr", 0.05), seed=settings.get("seed", 0))
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    save_model(pruned.cpu(), out, extra={"pruned_from": model_dir, "pruning": result})
+    _write_json(report, result)
+
+
+def _prune_with_gradient_flow(model_dir, images, channel_ratio, out, report, settings, device):
+    """Gradient-flow pruning (settings' 'gradient_flow'): a short training run of the one loop,
+    resumable from ``<out>/../checkpoints``, then the hard prune."""
+    from igsm.gradient_flow import prune_with_gradient_flow
+    from igsm.models import load_model, save_model
+    from igsm.training import TrainingOptions
+
+    flow = settings.get("gradient_flow", {})
+    options = TrainingOptions.from_dict({
+        "num_steps": flow.get("num_steps", 100), "batch_size": flow.get("batch_size", 64),
+        "lr": flow.get("lr", 2e-4), "checkpoint_every": flow.get("checkpoint_every", 50),
+        "seed": settings.get("seed", 0), "objective": {"weights": {"np": 1.0}}})
+    folder = Path(out).parent
+    try:
+        pruned, result = prune_with_gradient_flow(
+            load_model(model_dir), images, _schedule(settings), channel_ratio=channel_ratio, options=options,
+            checkpoint_dir=folder / "checkpoints", metrics_path=folder / "flow_metrics.jsonl",
+            r=flow.get("r", 1.1), device=_device(device))
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     save_model(pruned.cpu(), out, extra={"pruned_from": model_dir, "pruning": result})

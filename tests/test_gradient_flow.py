@@ -228,3 +228,46 @@ def test_gradient_flow_pruning_trains_the_masks_down_and_resumes_bitwise(tiny_tr
     assert resumed_report["gradient_flow"]["densities"] == densities
     assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), resumed.state_dict().values()))
     assert resumed_report["gradient_flow"]["timing"]["attempts"] == 2
+
+
+@pytest.mark.slow
+def test_prune_stage_runs_gradient_flow(tiny_training, tmp_path):
+    """`igsm prune --criterion gradient-flow` (the workflow's prune job): flow settings from the
+    experiment's prune.gradient_flow, a loadable pruned model, its report with the flow."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from igsm.models import load_model
+
+    out = tmp_path / "prune" / "model"
+    settings = {"gradient_flow": {"num_steps": 4, "batch_size": 8, "checkpoint_every": 2}, "seed": 0}
+    proc = subprocess.run([sys.executable, "-m", "igsm", "prune", "--model", str(tiny_training / "student"),
+                           "--data", str(tiny_training / "data"), "--criterion", "gradient-flow",
+                           "--channel-ratio", "0.5", "--settings", json.dumps(settings), "--out", str(out),
+                           "--report", str(tmp_path / "prune" / "report.json"), "--device", "cpu"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "prune" / "report.json").read_text())
+    assert report["criterion"] == "gradient-flow" and len(report["gradient_flow"]["densities"]) == 4
+    assert report["gradient_flow"]["densities"][-1] == pytest.approx(0.5, abs=0.05)
+    pruned = load_model(out)
+    assert count_parameters(pruned) == report["pruned_params"]
+    assert sorted(p.name for p in (tmp_path / "prune" / "checkpoints").glob("step-*.pt"))[-1] == "step-0000004.pt"
+
+
+def test_config_accepts_gradient_flow(tmp_path):
+    import yaml
+
+    from conftest import REPO
+    from igsm.config import validate
+
+    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config["experiments"]["digits_unet"]["prune"].update(criterion="gradient-flow", gradient_flow={"num_steps": 10})
+    validate(config)
+    assert config["experiments"]["digits_unet"]["prune"]["gradient_flow"] == {
+        "num_steps": 10, "batch_size": 64, "lr": 2.0e-4, "r": 1.1, "checkpoint_every": 50}
+    config["experiments"]["digits_unet"]["prune"]["gradient_flow"]["r"] = 1.0
+    with pytest.raises(Exception, match="r"):
+        validate(config)
