@@ -49,6 +49,7 @@ def model_rows(results: Path) -> list[dict]:
             last = history[-1] if history else {}
             rows.append({
                 "experiment": exp, "model": variant,
+                "pruning": variant.split("/")[0].rsplit("-cr", 1)[0] if "/" in variant else "",
                 "objective": variant.split("/")[1] if "/" in variant else "dense",
                 "seed": summary.get("settings", {}).get("training", {}).get("seed", 0),
                 "fid": fid["fid"], "fid_images": fid["num_images"], "fid_mode": fid["mode"],
@@ -60,7 +61,8 @@ def model_rows(results: Path) -> list[dict]:
                 "final_loss": last.get("loss"), "final_np": last.get("np"),
             })
     # Step time relative to NP+KD of the same experiment and seed (the runs shared the GPU alike).
-    reference = {(r["experiment"]): r["sec_per_step"] for r in rows if r["objective"] == "np_kd"}
+    reference = {(r["experiment"]): r["sec_per_step"] for r in rows
+                 if r["objective"] == "np_kd" and r["pruning"] == "diff-pruning"}
     for row in rows:
         base = reference.get(row["experiment"])
         row["step_time_vs_np_kd"] = (row["sec_per_step"] / base) if base and row["sec_per_step"] else None
@@ -91,15 +93,19 @@ def loss_plot(results: Path, out: Path) -> None:
     runs = [(exp, style, path) for exp, style in zip(EXPERIMENTS, ("-", "--"))
             for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl"))]
     # One colour per objective in every panel (a seed repeats its objective's colour, dashed).
-    objectives = sorted({path.parent.name for _, _, path in runs})
+    def name(path):  # the objective, and the pruning method unless it is Diff-Pruning
+        method = path.parent.parent.name.rsplit("-cr", 1)[0]
+        return path.parent.name if method == "diff-pruning" else f"{path.parent.name} ({method})"
+
+    objectives = sorted({name(path) for _, _, path in runs})
     colour = {name: f"C{i}" for i, name in enumerate(objectives)}
     for exp, style, path in runs:
         history = metrics(path)
-        label = f"{path.parent.name}" + (" (seed 1)" if exp.endswith("seed1") else "")
+        label = name(path) + (" (seed 1)" if exp.endswith("seed1") else "")
         steps = [r["step"] for r in history]
         for axis, term in zip(axes[1:], ("np", "kd", "jm2")):
             if history and term in history[0]:
-                axis.plot(steps, [r[term] for r in history], style, color=colour[path.parent.name], label=label)
+                axis.plot(steps, [r[term] for r in history], style, color=colour[name(path)], label=label)
     for axis, title in zip(axes[1:], ("NP term", "KD term", "Jacobian term (jm2, unweighted)")):
         axis.set(title=f"finetunes: {title}", xlabel="step", yscale="log")
     axes[1].legend(fontsize=7)
