@@ -319,17 +319,19 @@ def _prune_with_gradient_flow(model_dir, images, channel_ratio, out, report, set
     from igsm.models import load_model, save_model
     from igsm.training import TrainingOptions
 
-    flow = settings.get("gradient_flow", {})
+    from igsm.config import schema_defaults
+
+    flow = {**schema_defaults("gradient_flow"), **settings.get("gradient_flow", {})}
     options = TrainingOptions.from_dict({
-        "num_steps": flow.get("num_steps", 100), "batch_size": flow.get("batch_size", 64),
-        "lr": flow.get("lr", 2e-4), "checkpoint_every": flow.get("checkpoint_every", 50),
-        "seed": settings.get("seed", 0), "objective": {"weights": {"np": 1.0}}})
+        "num_steps": flow["num_steps"], "batch_size": flow["batch_size"], "lr": flow["lr"],
+        "checkpoint_every": flow["checkpoint_every"], "seed": settings.get("seed", 0),
+        "objective": {"weights": {"np": 1.0}}})
     folder = Path(out).parent
     try:
         pruned, result = prune_with_gradient_flow(
             load_model(model_dir), images, _schedule(settings), channel_ratio=channel_ratio, options=options,
             checkpoint_dir=folder / "checkpoints", metrics_path=folder / "flow_metrics.jsonl",
-            r=flow.get("r", 1.1), device=_device(device))
+            r=flow["r"], device=_device(device))
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     save_model(pruned.cpu(), out, extra={"pruned_from": model_dir, "pruning": result})
