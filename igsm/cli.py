@@ -49,11 +49,9 @@ def _device(name: str):
 
 
 def _write_json(path, payload) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    from igsm.data import write_text_atomically
+
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _schedule(settings: dict):

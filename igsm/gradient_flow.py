@@ -248,7 +248,9 @@ def prune_with_gradient_flow(net: nn.Module, images, schedule, *, channel_ratio:
     from igsm.data import to_model_range
     from igsm.training import train
 
-    if "img_size" in net.config:  # U-ViT: its heads are pruner groups of their own, not covered yet
+    from igsm.models import architecture_family
+
+    if architecture_family(net.config) == "uvit":  # its heads are pruner groups of their own: not covered yet
         raise ValueError("criterion: gradient-flow pruning supports the U-Net family so far, not U-ViT")
     student = copy.deepcopy(net)
     with pruning.metapruner(student, "magnitude", channel_ratio) as pruner:  # its groups; nothing is pruned

@@ -24,11 +24,7 @@ def save_grid(images: np.ndarray, path, nrow: int | None = None) -> None:
 
 def plot_training_curves(metrics_files: dict, path) -> None:
     """Loss against step, one line per run; ``metrics_files`` maps a label to a JSONL file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, file in metrics_files.items():
         records = [json.loads(line) for line in Path(file).read_text().splitlines() if line]
@@ -38,7 +34,7 @@ def plot_training_curves(metrics_files: dict, path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, [path], dpi=120)
     plt.close(fig)
 
 
@@ -51,10 +47,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, paths) -> None:
+def _save(fig, paths, dpi: int = 130) -> None:
     for path in paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=130)
+        fig.savefig(path, dpi=dpi)
 
 
 def plot_fid_vs_ratio(table5, paths) -> None:

@@ -82,13 +82,17 @@ def count_params_macs(net: nn.Module, image_size: int, in_channels: int) -> tupl
     return int(params), int(macs)
 
 
-IMPORTANCES = {
-    "diff-pruning": lambda: __import__("torch_pruning").importance.TaylorImportance(multivariable=False),
-    "taylor": lambda: __import__("torch_pruning").importance.TaylorImportance(multivariable=True),
-    "magnitude": lambda: __import__("torch_pruning").importance.MagnitudeImportance(p=2),
-    "random": lambda: __import__("torch_pruning").importance.RandomImportance(),
-    "reinit": lambda: __import__("torch_pruning").importance.MagnitudeImportance(p=2),
-}
+def criterion_importance(criterion: str):
+    """torch-pruning's importance of a one-shot criterion (see :func:`prune`)."""
+    import torch_pruning as tp
+
+    return {
+        "diff-pruning": lambda: tp.importance.TaylorImportance(multivariable=False),
+        "taylor": lambda: tp.importance.TaylorImportance(multivariable=True),
+        "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
+        "random": lambda: tp.importance.RandomImportance(),
+        "reinit": lambda: tp.importance.MagnitudeImportance(p=2),
+    }[criterion]()
 
 
 @contextlib.contextmanager
@@ -100,7 +104,7 @@ def metapruner(model: nn.Module, importance, channel_ratio: float, image_size: i
     import torch_pruning as tp
 
     if isinstance(importance, str):
-        importance = IMPORTANCES[importance]()
+        importance = criterion_importance(importance)
     if image_size is None or in_channels is None:
         channels, size, _ = image_shape(model)
         image_size, in_channels = image_size or size, in_channels or channels

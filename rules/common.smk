@@ -39,6 +39,7 @@ wildcard_constraints:
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
 from igsm.config import ConfigError, apply_scale, check_config, check_writable, training_job
+from igsm.data import write_text_atomically
 from igsm.models import architecture_family
 from igsm.paper_tables import FIGURES as PAPER_FIGURES
 from igsm.paper_tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
@@ -185,13 +186,6 @@ def all_table_files():
         + [f"results/paper_figures/{figure}.png" for figure in PAPER_SAMPLE_FIGURES
            if sample_grids(figure, EXPERIMENTS)]
     )
-
-
-def write_text_atomically(path, text):
-    """Write under a temporary name, then rename: never a half-written file that looks complete."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def table_rows(exp):

@@ -18,7 +18,8 @@ training, pruning and the FID reference statistics read in batches.
 """
 
 from igsm.data.common import (REMAKE, URL_SCHEMES, DownloadError, download, fetch_cached, file_digest,
-                              numpy_error_text, read_npz, save_arrays, to_model_range, to_uint8)
+                              numpy_error_text, read_npz, save_arrays, to_model_range, to_uint8,
+                              write_text_atomically)
 from igsm.data.store import ImageStore, StoreWriter, load_images, write_store
 from igsm.data.sources import SOURCES, DataSource, check_dataset_spec, prepare_dataset, register
 

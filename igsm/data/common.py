@@ -71,6 +71,15 @@ def fetch_cached(url: str, destination: str | os.PathLike, sha256: str, algorith
     return destination
 
 
+def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+    """Write under a temporary name, then rename: never a half-written file that looks complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def save_arrays(path: str | os.PathLike, **arrays) -> None:
     """np.savez written to a temporary name first, so a crash leaves no complete-looking file."""
     path = Path(path)
