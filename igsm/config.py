@@ -106,6 +106,9 @@ def check_config(config: dict) -> None:
             errors.append(f"{key}.weights: every weight is 0; give at least one term a weight")
         if spec["jacobian_method"] != "double_backward" and spec["projection"] != "vjp":
             errors.append(f"{key}.jacobian_method: {spec['jacobian_method']!r} needs projection 'vjp'")
+        window = spec.get("jacobian_timesteps")
+        if window is not None and not window[0] < window[1]:
+            errors.append(f"{key}.jacobian_timesteps: {window} is not a range [lo, hi) with lo < hi")
     for name, exp in experiments.items():
         errors += _experiment_errors(config, name, exp)
     if errors:
@@ -180,6 +183,9 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     for stage, training in (("dense", dense.get("training")), ("finetune", exp["finetune"].get("training"))):
         if training is None or (stage == "finetune" and not runs):
             continue
+        edges = training["diagnostic_timesteps"]
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            errors.append(f"{key}.{stage}.training.diagnostic_timesteps: {edges} is not increasing")
         job = training_job(config, stage, name)
         processes = max(1, job["gpu"]) * job["nodes"]
         if training["batch_size"] % processes:

@@ -24,6 +24,14 @@ generators and keeps its own rows; gradients are averaged by one all-reduce per 
 carries the logged values and the stop flag, so that every process stops after the same step. The
 result therefore does not depend on the number of processes, up to the order of float reductions,
 except for dropout, whose masks each process draws for its own rows. Only rank 0 writes files.
+
+Diagnostics (issue 20; ``diagnostics``, on by default): at each log step the metrics line also holds
+``by_timestep``: for the timestep ranges cut at ``diagnostic_timesteps`` (default [0, 10), [10, 100),
+[100, T)), the rows of that step's batch in each range, every term's mean value there and the norm
+of the gradient the term's share from those rows gives the network (:func:`term_diagnostics`), so
+one can see where a term's weight goes, e.g. the Jacobian term's at t ≈ 0. They cost one backward
+per term and range on log steps (timed apart: ``diagnostics_s``, not in ``sec_per_step``) and
+change nothing else: the weights are bitwise those of a run without them.
 """
 
 from __future__ import annotations
@@ -54,7 +62,9 @@ from igsm.diffusion import NoiseSchedule, VPSDE
 # raising num_steps continues a finished run instead of restarting it (snapshots past a lowered
 # num_steps are not resumed).
 # deterministic among them: it picks kernels, not the computation (like the number of processes).
-BOOKKEEPING_OPTIONS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "deterministic")
+# The diagnostics read the step's graph without changing it or drawing random numbers.
+BOOKKEEPING_OPTIONS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "deterministic",
+                       "diagnostics", "diagnostic_timesteps")
 
 
 @dataclass
@@ -78,6 +88,8 @@ class TrainingOptions:
     deterministic: bool               # GPU: deterministic kernels, so a rerun repeats the bits
     seed: int
     log_every: int
+    diagnostics: bool                 # per-term values and gradient norms by timestep range, at log steps
+    diagnostic_timesteps: list        # the ranges' inner edges, in network time (DDPM steps)
     checkpoint_every: int
     keep_checkpoints: int
     objective: dict                   # build_objective's keyword arguments (an objectives entry)
@@ -324,6 +336,49 @@ def _average_gradients(params: list[nn.Parameter], stats: torch.Tensor) -> torch
     return flat[offset:]
 
 
+def timestep_ranges(edges) -> list[tuple[float, float]]:
+    """[0, e1), [e1, e2), …, [e_n, ∞) from the inner edges (network time)."""
+    bounds = [0.0, *map(float, edges), math.inf]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def term_diagnostics(parts: dict, values: dict, t: torch.Tensor, params: list, global_batch: int,
+                     edges) -> dict:
+    """What each term weighs in the step, by timestep range (issue 20): per range, the rows of the
+    global batch in it, each term's mean (unweighted) value on them, and the norm of the gradient
+    its weighted share of the batch-mean loss gives the parameters, ‖∇θ λ·Σ_{i in range} term_i / B‖
+    (before clipping); ``grad_norm_all`` is the norm of the term's whole gradient (the sum over the
+    ranges). ``parts``: the objective's contributions (``Objective(..., contributions=True)``).
+    One backward per (term, range), through the step's retained graph: log steps only."""
+    from igsm.objectives import retained_subgraphs
+
+    ranges = timestep_ranges(edges)
+    masks = [(t >= low) & (t < high) for low, high in ranges]
+    wide = torch.promote_types(next(iter(values.values())).dtype, torch.float32)
+    sums = torch.stack([torch.stack([m.sum().to(wide) for m in masks])] +
+                       [torch.stack([(v.to(wide) * m).sum() for m in masks]) for v in values.values()])
+    if distributed.get_world_size() > 1:
+        distributed.all_reduce_sum_(sums)
+    rows = sums[0].tolist()
+    record = {"ranges": [[low, None if math.isinf(high) else high] for low, high in ranges],
+              "rows": [int(r) for r in rows]}
+    for name, row in zip(values, sums[1:].tolist()):
+        record[name] = {"value": [total / r if r else None for total, r in zip(row, rows)]}
+    for name, part in parts.items():
+        norms, whole = [], None
+        for mask in masks:
+            share = (part * mask).to(torch.promote_types(part.dtype, torch.float32)).sum() / global_batch
+            with retained_subgraphs():
+                grads = torch.autograd.grad(share, params, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+            if distributed.get_world_size() > 1:
+                distributed.all_reduce_sum_(flat)
+            norms.append(float(flat.norm()))
+            whole = flat if whole is None else whole + flat
+        record.setdefault(name, {}).update(grad_norm=norms, grad_norm_all=float(whole.norm()))
+    return record
+
+
 def train(
     net: nn.Module,
     images: "ImageStore | np.ndarray",
@@ -440,7 +495,7 @@ def train(
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
         progress = tqdm(range(start_step, options.num_steps), initial=start_step, total=options.num_steps,
                         desc="train", mininterval=2.0, disable=rank != 0)
-        timed, started = 0, time.perf_counter()
+        timed, started, excluded = 0, time.perf_counter(), 0.0
         metrics = open(metrics_path, "a") if rank == 0 else None
         try:
             for step in progress:
@@ -458,9 +513,18 @@ def train(
 
                 for group in optimizer.param_groups:
                     group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup_steps))
+                done = step + 1
+                log_step = done % options.log_every == 0 or done == options.num_steps
+                diagnose = options.diagnostics and log_step
                 with autocast, (step_hook.applied(net) if step_hook is not None else contextlib.nullcontext()):
-                    total, terms = objective(net, teacher, x_t, t, noise, generator, step=step)
+                    total, terms, *parts = objective(net, teacher, x_t, t, noise, generator, step=step,
+                                                     contributions=diagnose)
                 loss = total.float().sum() / batch  # this process's share of the global batch mean
+                if diagnose:  # before the step's backward frees the graph; its time is not the step's
+                    diagnostics_started = time.perf_counter()
+                    by_timestep = term_diagnostics(parts[0], terms, t, params, batch,
+                                                   options.diagnostic_timesteps)
+                    excluded += time.perf_counter() - diagnostics_started
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # One all-reduce: gradients, the logged values and whether any process was signalled.
@@ -480,19 +544,21 @@ def train(
                                     **dict(zip(terms, term_values))}.items():
                     running[name] = running.get(name, 0.0) + value
                 count, timed = count + 1, timed + 1
-                done = step + 1
-                if done % options.log_every == 0 or done == options.num_steps:
-                    elapsed = time.perf_counter() - started
+                if log_step:
+                    elapsed = time.perf_counter() - started - excluded
                     timing.step_time_s += elapsed
                     timing.steps_timed += timed
                     record = {"step": done, **{k: v / count for k, v in running.items()},
                               "lr": optimizer.param_groups[0]["lr"], "sec_per_step": elapsed / timed}
+                    if diagnose:  # this step's batch alone, not averaged over the log interval
+                        record["by_timestep"] = by_timestep
+                        record["diagnostics_s"] = excluded
                     records.append(record)
                     if metrics is not None:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
                     progress.set_postfix(loss=f"{record['loss']:.4f}")
-                    running, count, timed, started = {}, 0, 0, time.perf_counter()
+                    running, count, timed, started, excluded = {}, 0, 0, time.perf_counter(), 0.0
                 stopping = stop_votes > 0 and done < options.num_steps
                 if done % options.checkpoint_every == 0 or done == options.num_steps or stopping:
                     save_snapshot(done)

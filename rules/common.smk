@@ -155,6 +155,8 @@ def objective_settings(name):
                                            "jacobian_every")}
     if spec["directions"] == "otd":
         settings["otd"] = spec["otd"]
+    if spec.get("jacobian_timesteps") is not None:
+        settings["jacobian_timesteps"] = spec["jacobian_timesteps"]
     return settings
 
 

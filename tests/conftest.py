@@ -133,9 +133,10 @@ def command_env():
 
 
 def metric_records(out):
-    """Training metrics without the wall-clock column."""
+    """Training metrics without the wall-clock columns."""
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "sec_per_step"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("sec_per_step", "diagnostics_s")}
+            for line in lines]
 
 
 # ---- optional inputs: skipped on a user's subset run, a failure in CI (issue 19) ---------------

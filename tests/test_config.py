@@ -81,6 +81,14 @@ def set_jacobian_every_zero(c):
     c["objectives"]["igsm"]["jacobian_every"] = 0
 
 
+def set_empty_jacobian_window(c):
+    c["objectives"]["igsm"]["jacobian_timesteps"] = [100, 10]
+
+
+def set_decreasing_diagnostic_edges(c):
+    experiment(c)["finetune"]["training"]["diagnostic_timesteps"] = [100, 10]
+
+
 def set_fashion_mnist_odd_padding(c):
     c["datasets"]["digits"] = {"source": "fashion-mnist", "image_size": 31}
 
@@ -185,6 +193,9 @@ def set_uvit_channel_mismatch(c):
     (set_all_zero_weights, r"objectives\.igsm\.weights: every weight is 0"),
     (set_mixed_partials_with_jvp, r"objectives\.igsm\.jacobian_method: 'mixed_fd' needs projection 'vjp'"),
     (set_jacobian_every_zero, r"0 is less than the minimum of 1.*\['jacobian_every'\]"),
+    (set_empty_jacobian_window, r"objectives\.igsm\.jacobian_timesteps: \[100, 10\] is not a range"),
+    (set_decreasing_diagnostic_edges, r"experiments\.digits_unet\.finetune\.training\.diagnostic_timesteps: "
+                                      r"\[100, 10\] is not increasing"),
     (set_fashion_mnist_odd_padding, r"datasets\.digits\.image_size"),
     (set_escaping_experiment_name, r"'\.\./\.\./escape' does not match.*\['experiments'\]"),
     (set_shell_objective_name, r"'np\$\(touch pwned\)' does not match.*\['objectives'\]"),

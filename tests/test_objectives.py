@@ -73,14 +73,17 @@ def per_sample_jacobians(net, x, t):
 
 
 def reference_terms(jac, jac_dense, s, s_dense, noise, directions, projection):
-    """The four terms from explicit Jacobians, per sample."""
+    """Every term from explicit Jacobians, per sample."""
     v = directions.flatten(2)  # (k, B, n)
     pattern = "bij,kbi->kbj" if projection == "vjp" else "bij,kbj->kbi"  # Jᵀv or Jv
     p, p_dense = torch.einsum(pattern, jac, v), torch.einsum(pattern, jac_dense, v)
+    a, b = p_dense.square().sum(2), p.square().sum(2)  # the expansions ‖P_D v̂‖², ‖P v̂‖²
     return {"np": (s - noise).square().flatten(1).sum(1),
             "kd": (s - s_dense).square().flatten(1).sum(1),
             "jm1": (p - p_dense).square().sum(2).mean(0),
-            "jm2": (p_dense.square().sum(2) - p.square().sum(2)).square().mean(0)}
+            "jm2": (a - b).square().mean(0),
+            "jm2_log": (torch.log(a) - torch.log(b)).square().mean(0),
+            "jm2_rel": ((a - b) / a).square().mean(0)}
 
 
 def tiny_uvit(embed_dim, seed, channels=2):
@@ -95,7 +98,7 @@ NETS = {
     "conv": lambda: (TinyConvNet(6, seed=1).double(), TinyConvNet(10, seed=2).double()),
     "uvit": lambda: (tiny_uvit(8, seed=1), tiny_uvit(16, seed=2)),
 }
-ALL_TERMS = {"np": 1.0, "kd": 0.5, "jm1": 0.3, "jm2": 0.1}
+ALL_TERMS = {"np": 1.0, "kd": 0.5, "jm1": 0.3, "jm2": 0.1, "jm2_log": 0.2, "jm2_rel": 0.4}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +141,7 @@ def test_interface_errors():
         build_objective({"jm2": 1.0}, jacobian_method="mixed_fd", fd_scheme="backward")
     with pytest.raises(ValueError, match="fd_step"):
         build_objective({"jm2": 1.0}, jacobian_method="mixed_fd", fd_step=0.0)
-    assert NAMES == ("np", "kd", "jm1", "jm2")
+    assert NAMES == ("np", "kd", "jm1", "jm2", "jm2_log", "jm2_rel")
     assert not build_objective({"np": 1.0, "kd": 0.0}).needs_teacher
     assert build_objective({"np": 1.0, "kd": 1.0}).needs_teacher
     assert build_objective({"jm2": 1.0}).needs_teacher
@@ -646,9 +649,12 @@ def test_mixed_partials_with_dropout():
         s, pullback = torch.func.vjp(lambda z: predict_noise(student, z, t), x_t)
         g = [pullback(d)[0] for d in v]
     sq = lambda a: a.square().flatten(1).sum(1)  # noqa: E731
+    mean = lambda compare: torch.stack([compare(sq(b), sq(a)) for a, b in zip(g, g_dense)]).mean(0)  # noqa: E731
     reference_terms = {"np": sq(s - noise), "kd": sq(s - s_dense),
                        "jm1": torch.stack([sq(a - b) for a, b in zip(g, g_dense)]).mean(0),
-                       "jm2": torch.stack([(sq(b) - sq(a)).square() for a, b in zip(g, g_dense)]).mean(0)}
+                       "jm2": mean(lambda dense, ours: (dense - ours).square()),
+                       "jm2_log": mean(lambda dense, ours: (dense.log() - ours.log()).square()),
+                       "jm2_rel": mean(lambda dense, ours: ((dense - ours) / dense).square())}
     student.zero_grad(set_to_none=True)
     sum(w * reference_terms[n] for n, w in ALL_TERMS.items()).mean().backward()
     reference = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in student.parameters()])

@@ -108,7 +108,7 @@ from igsm.models import predict_noise
 from igsm.objectives.directions import (OTD_DEFAULTS, CallableDirections, GaussianDirections,  # noqa: F401
                                         OTDDirections, orthonormalize, otd_step)
 from igsm.objectives.products import (FD_SCHEMES, JACOBIAN_METHODS, JVP, JVP_METHODS, VJP,  # noqa: F401
-                                      MixedVJP, RNGReplay, StrictSubgraph, double_vjp_products,
+                                      MixedVJP, RNGReplay, StrictSubgraph, double_vjp_products, retained_subgraphs,
                                       forward_jvp_products, frozen, math_attention, mixed_partial_step,
                                       sq_norm, strict_fp32, tf32_enabled, vjp_products)
 from igsm.objectives.terms import (NAMES, TERMS, Distillation, FirstOrderJacobianMatching,  # noqa: F401
@@ -146,12 +146,13 @@ class Objective:
     """
 
     def __init__(self, terms: dict, projection, directions, jacobian_fraction: float = 1.0,
-                 jacobian_every: int = 1):
+                 jacobian_every: int = 1, jacobian_timesteps: tuple | None = None):
         self.terms = terms  # name -> (weight, term)
         self.projection = projection
         self.directions = directions
         self.jacobian_fraction = jacobian_fraction
         self.jacobian_every = jacobian_every
+        self.jacobian_timesteps = jacobian_timesteps
         self.needs_jacobian = any(term.needs_jacobian for _, term in terms.values())
         self.needs_teacher = any(term.needs_teacher for _, term in terms.values())
 
@@ -206,7 +207,8 @@ class Objective:
         leaves = [p.requires_grad_(True) for p in products]
         probe = Probe(None, s.detach(), None, leaves, dense_products, directions)
         with torch.enable_grad():
-            values = {name: term(probe) for name, (_, term) in self.terms.items() if term.needs_jacobian}
+            values = {name: self.restrict(term(probe), t)
+                      for name, (_, term) in self.terms.items() if term.needs_jacobian}
             weighted = sum(self.terms[name][0] * value for name, value in values.items())
             tangents = torch.autograd.grad(weighted.sum(), leaves, allow_unused=True)
         tangents = [torch.zeros_like(p) if u is None else u for p, u in zip(products, tangents)]
@@ -214,44 +216,65 @@ class Objective:
         values = {name: value.detach() for name, value in values.items()}
         return s, [p.detach() for p in products], values, surrogate
 
+    def restrict(self, value: Tensor, t: Tensor) -> Tensor:
+        """A Jacobian term's per-sample ``value`` at network times ``t``, zero outside
+        ``jacobian_timesteps`` [lo, hi) (the products are still computed there: a mask, so that
+        batch shapes stay fixed and no step waits on the device to count rows)."""
+        if self.jacobian_timesteps is None:
+            return value
+        low, high = self.jacobian_timesteps
+        return value * ((t >= low) & (t < high)).to(value.dtype)
+
     def jacobian_step(self, step: int) -> bool:
         """Whether training step ``step`` evaluates the Jacobian terms (every ``jacobian_every``-th)."""
         return self.needs_jacobian and step % self.jacobian_every == 0
 
-    def __call__(self, student, teacher, x_t, t, noise, generator=None, step: int = 0):
+    def __call__(self, student, teacher, x_t, t, noise, generator=None, step: int = 0,
+                 contributions: bool = False):
         """``step``: the training step, read only with ``jacobian_every`` > 1. Such an objective
         evaluates the Jacobian terms on steps 0, k, 2k, … only, weighted by k, and reports them as
         k × value there and 0 on the other steps: over every k consecutive steps the Jacobian terms'
         gradient sums to k times the exact one, an unbiased estimate per step (as jacobian_fraction
-        over rows). Gradient clipping acts on the k-weighted step, which this estimate ignores."""
+        over rows). Gradient clipping acts on the k-weighted step, which this estimate ignores.
+
+        ``contributions``: also return, as a third value, each term's weighted per-sample share of
+        ``total`` with its graph (name -> Tensor[B]; their sum is ``total``), for per-term gradients
+        (igsm.training's diagnostics). Under mixed partials the Jacobian terms' gradient comes as
+        one surrogate: it is one entry, named by the terms joined with "+"."""
         with_jacobian = self.jacobian_step(step)
         probe = self.probe(student, teacher, x_t, t, noise, generator, jacobian=with_jacobian)
-        total, values = 0.0, {}
+        parts, values = {}, {}
         # Jacobian terms, as unbiased estimates: ×B/m on the m rows carrying them (0 elsewhere),
         # ×k on every k-th step (0 on the others).
         scale = self.jacobian_every * (1.0 if probe.rows is None else x_t.shape[0] / len(probe.rows))
         spread = lambda value: value * scale if probe.rows is None else torch.zeros(  # noqa: E731
             x_t.shape[0], dtype=value.dtype, device=value.device).index_copy(0, probe.rows, value * scale)
+        t_rows = t if probe.rows is None else t[probe.rows]
         for name, (weight, term) in self.terms.items():
             if term.needs_jacobian and not with_jacobian:
                 values[name] = torch.zeros(x_t.shape[0], dtype=probe.student.dtype, device=x_t.device)
                 continue
-            value = probe.jacobian_values[name] if name in probe.jacobian_values else term(probe)
-            if term.needs_jacobian:
-                value = spread(value)
-            total = total + weight * value
+            if name in probe.jacobian_values:  # mixed partials: restricted, no graph
+                value = spread(probe.jacobian_values[name])
+            else:
+                value = term(probe)
+                if term.needs_jacobian:
+                    value = spread(self.restrict(value, t_rows))
+                parts[name] = weight * value
             values[name] = value.detach()
         if probe.surrogate is not None:  # value 0, gradient that of the Jacobian terms
             surrogate = spread(probe.surrogate)
-            total = total + (surrogate - surrogate.detach())
-        return total, values
+            parts["+".join(probe.jacobian_values)] = surrogate - surrogate.detach()
+        total = sum(parts.values()) + sum(self.terms[name][0] * values[name] for name in probe.jacobian_values)
+        return (total, values, parts) if contributions else (total, values)
 
 
 def build_objective(weights: dict, projection: str = "vjp", num_directions: int = 1,
                     directions: str | Callable = "gaussian", otd: dict | None = None, *,
                     jvp_method: str = "forward", jacobian_fraction: float = 1.0,
                     jacobian_method: str = "double_backward", fd_scheme: str = "central",
-                    fd_step: float | None = None, jacobian_every: int = 1) -> Objective:
+                    fd_step: float | None = None, jacobian_every: int = 1,
+                    jacobian_timesteps: list | tuple | None = None) -> Objective:
     """The objective from config: ``weights`` maps names among NAMES to λ (0 or absent: off).
 
     ``projection`` "vjp" (‖Jᵀv̂‖², authors' code) or "jvp" (‖Jv̂‖², paper text); ``num_directions``
@@ -264,7 +287,9 @@ def build_objective(weights: dict, projection: str = "vjp", num_directions: int 
     "mixed_fd" (finite differences, ``fd_scheme`` "central" or "forward", relative step
     ``fd_step``, default :func:`mixed_partial_step`); see :class:`MixedVJP`; ``jacobian_every``
     k ≥ 1: the Jacobian terms on every k-th training step only, weighted by k (see
-    :meth:`Objective.__call__`).
+    :meth:`Objective.__call__`); ``jacobian_timesteps`` [lo, hi): the Jacobian terms only on samples
+    whose network time t (DDPM step, or t·999 on the VP-SDE) is in that range, 0 elsewhere (not the
+    paper's method; None: every t).
     """
     for name in weights:
         if name not in NAMES:
@@ -280,6 +305,11 @@ def build_objective(weights: dict, projection: str = "vjp", num_directions: int 
         raise ValueError(f"jacobian_every: {jacobian_every} is not an integer ≥ 1")
     if not 0.0 < jacobian_fraction <= 1.0:
         raise ValueError(f"jacobian_fraction: {jacobian_fraction} is outside (0, 1]")
+    if jacobian_timesteps is not None:
+        if len(jacobian_timesteps) != 2 or not 0 <= jacobian_timesteps[0] < jacobian_timesteps[1]:
+            raise ValueError(f"jacobian_timesteps: {jacobian_timesteps} is not a range [lo, hi) "
+                             "with 0 ≤ lo < hi")
+        jacobian_timesteps = tuple(float(x) for x in jacobian_timesteps)
     if jvp_method not in JVP_METHODS:
         raise ValueError(f"jvp_method: unknown {jvp_method!r}; expected one of {JVP_METHODS}")
     if jacobian_method not in JACOBIAN_METHODS:
@@ -306,4 +336,4 @@ def build_objective(weights: dict, projection: str = "vjp", num_directions: int 
         proj = MixedVJP(jacobian_method, fd_scheme, fd_step)
     else:
         proj = VJP() if projection == "vjp" else JVP(jvp_method)
-    return Objective(terms, proj, sampler, jacobian_fraction, int(jacobian_every))
+    return Objective(terms, proj, sampler, jacobian_fraction, int(jacobian_every), jacobian_timesteps)

@@ -183,12 +183,29 @@ def tf32_enabled(device: torch.device) -> bool:
                                       or torch.backends.cudnn.allow_tf32)
 
 
+_retain_subgraphs = False
+
+
+@contextlib.contextmanager
+def retained_subgraphs():
+    """Backward passes inside the block keep :class:`StrictSubgraph`'s inner graph (autograd cannot
+    tell a Function's backward whether the outer pass retains its graph): for the training loop's
+    diagnostics, several backward passes through the step's graph before the step's own."""
+    global _retain_subgraphs
+    saved, _retain_subgraphs = _retain_subgraphs, True
+    try:
+        yield
+    finally:
+        _retain_subgraphs = saved
+
+
 class StrictSubgraph(torch.autograd.Function):
     """``closure()``'s value, differentiated w.r.t. ``params`` with TF32 off in the backward too.
 
     The closure builds its own graph (forward under strict numerics, see :meth:`MixedVJP.surrogate`);
     the backward runs ``autograd.grad`` on it inside :func:`strict_fp32`, whatever the global flags
-    (the rest of the step keeps them). The inner graph is freed by the first backward.
+    (the rest of the step keeps them). The inner graph is freed by the first backward outside
+    :func:`retained_subgraphs`.
     """
 
     @staticmethod
@@ -200,14 +217,17 @@ class StrictSubgraph(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        value, ctx.value = ctx.value, None
+        value = ctx.value
+        if not _retain_subgraphs:
+            ctx.value = None
         if value is None:
             raise RuntimeError("mixed_fd: the finite-difference graph was already freed by a backward")
         wanted = [i for i, p in enumerate(ctx.params) if ctx.needs_input_grad[1 + i]]
         grads = [None] * len(ctx.params)
         if wanted and value.requires_grad:
             with strict_fp32(grad.device):
-                found = torch.autograd.grad(value, [ctx.params[i] for i in wanted], grad, allow_unused=True)
+                found = torch.autograd.grad(value, [ctx.params[i] for i in wanted], grad, allow_unused=True,
+                                            retain_graph=_retain_subgraphs)
             for i, g in zip(wanted, found):
                 grads[i] = g
         return (None, *grads)
