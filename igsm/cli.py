@@ -372,11 +372,13 @@ PRECISION_CHOICES = ("fp32", "tf32", "bf16")
               help="Images per network call, 0 = batch size. [default: sample.micro_batch]")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes, one per GPU; more than one reruns this command under torchrun.")
+@click.option("--plan", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A block-reuse gate table (igsm reuse-plan) the network follows.")
 @SETTINGS
 @DEVICE
 @THREADS
 def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compile_, channels_last,
-           batch_size, micro_batch, nproc_per_node, settings, device, threads):
+           batch_size, micro_batch, nproc_per_node, plan, settings, device, threads):
     """Generate images first_seed … first_seed+num_images−1, or one shard of them (settings: 'sample').
 
     Resumable: finished batches are kept in OUT.partial/ until OUT is written, and a rerun with
@@ -405,7 +407,7 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
             written = sampling.sample_shard(
                 model_dir, out, seeds=np.arange(first_seed + start, first_seed + stop), shard=(index, count),
                 options=options, sampler_kwargs=kwargs, schedule=_schedule(options), device=device,
-                noise_threads=torch.get_num_threads() if threads else 1, grid=grid)
+                noise_threads=torch.get_num_threads() if threads else 1, grid=grid, plan=plan)
         if written:
             click.echo(written)
     finally:
@@ -561,6 +563,42 @@ def fid_score(statistics, reference, out, settings, threads):
                       "sampler_kwargs": sample_metadata["sampler_kwargs"], **extractor_metadata})
 
 
+@main.command("reuse-plan")
+@click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--method", required=True, type=click.Choice(["dipgo", "deepcache", "reuse-eps"]))
+@click.option("--mac-fraction", required=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Share of the dense sampler's MACs still executed, averaged over the steps.")
+@click.option("--sample-settings", required=True, callback=_json, help="JSON 'sample' settings (+ 'diffusion').")
+@click.option("--learn-settings", callback=_json, default="{}", show_default=True,
+              help="JSON 'reuse.learn' settings (dipgo).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The plan, JSON.")
+@click.option("--picture", type=click.Path(dir_okay=False), default=None, help="PNG of the gate table.")
+@DEVICE
+@THREADS
+def reuse_plan(model_dir, method, mac_fraction, sample_settings, learn_settings, out, picture, device, threads):
+    """The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse):
+    DiP-GO learns it on the sampler's own chains; deepcache and reuse-eps follow a rule."""
+    from igsm.models import load_model
+    from igsm.reuse import make_plan
+
+    _setup(threads)
+    device = _device(device)
+    with _readable_inputs():
+        net = load_model(model_dir, device)
+    try:
+        plan = make_plan(net, method, mac_fraction, sample_settings, _schedule(sample_settings),
+                         learn_settings, device=device)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    if picture:
+        from igsm.plots import plot_reuse_plan
+
+        plot_reuse_plan(plan, picture)
+    plan.save(out)
+    click.echo(f"{out}: {method}, {plan.mac_fraction():.4f} of the dense MACs executed "
+               f"(target {mac_fraction})")
+
+
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSON: params, MACs, images/s.")
@@ -568,16 +606,21 @@ def fid_score(statistics, reference, out, settings, threads):
               help="Images per timed network call.")
 @click.option("--throughput/--no-throughput", default=None,
               help="Time network calls. [default: on a GPU only; on a CPU images_per_s is null]")
+@click.option("--sampler-settings", callback=_json, default=None,
+              help="JSON 'sample' settings: also the sampler's MACs per image and, where throughput is "
+                   "measured, whole sampling chains per second.")
+@click.option("--plan", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A block-reuse gate table the sampler follows (needs --sampler-settings).")
 @SETTINGS
 @DEVICE
 @THREADS
-def efficiency(model_dir, out, batch_size, throughput, settings, device, threads):
+def efficiency(model_dir, out, batch_size, throughput, sampler_settings, plan, settings, device, threads):
     """Parameters and MACs (one image, one network call) and network throughput (settings: how the
     network runs, as in 'sample': precision, channels_last, compile, compile_mode)."""
     from igsm import gpus
     from igsm.models import image_shape, load_model
     from igsm.pruning import count_params_macs
-    from igsm.sampling import forward_images_per_s
+    from igsm.sampling import forward_images_per_s, sampler_kwargs, sampling_images_per_s
 
     _setup(threads)
     with _readable_inputs():
@@ -585,9 +628,29 @@ def efficiency(model_dir, out, batch_size, throughput, settings, device, threads
     shape = image_shape(net)
     params, macs = count_params_macs(net, shape[1], shape[0])
     device = _device(device)
+    measure = throughput if throughput is not None else device.type == "cuda"
     result = {"params": params, "macs": macs, "model": model_dir, "images_per_s": None,
               "images_per_s_note": "not measured: no GPU (--throughput measures on a CPU)"}
-    if throughput if throughput is not None else device.type == "cuda":
+    if plan and sampler_settings is None:
+        raise click.UsageError("--plan needs --sampler-settings")
+    if sampler_settings is not None:
+        schedule = _schedule(sampler_settings)
+        reuse = None
+        if plan:
+            from igsm.reuse import load_plan_for
+
+            with _readable_inputs():
+                reuse = load_plan_for(plan, net, sampler_settings, schedule)
+        fraction = reuse.mac_fraction() if reuse else 1.0
+        result.update(sampler_steps=sampler_settings["num_steps"], reuse_mac_fraction=fraction,
+                      sampling_macs=macs * sampler_settings["num_steps"] * fraction,
+                      sampling_images_per_s=None)
+        if measure:
+            denoiser = _denoiser(net.to(device), {**sampler_settings, "compile": False})
+            result["sampling_images_per_s"] = sampling_images_per_s(
+                denoiser, shape, batch_size, device, sampler=sampler_settings["sampler"], schedule=schedule,
+                sampler_kwargs=sampler_kwargs(sampler_settings), plan=reuse)
+    if measure:
         denoiser = _denoiser(net.to(device), settings)
         mode = denoiser.compile_mode
         how = f"torch.compile {mode}, after 3 warm-up calls (compilation among them)" if mode else \

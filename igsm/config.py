@@ -193,6 +193,7 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
                           f"the {processes} training processes (resources.{stage}: gpu × nodes); the "
                           "global batch is divided evenly between GPUs")
     sample = exp["sample"]
+    errors += _reuse_errors(key, exp)
     if sample["num_shards"] > sample["num_images"]:
         errors.append(f"{key}.sample.num_shards: {sample['num_shards']} shards for {sample['num_images']} "
                       "images; at most one shard per image")
@@ -206,6 +207,42 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
                             (f"{key}.prune.num_images", exp["prune"]["num_images"])):
             if value > known:
                 errors.append(f"{path}: {value} images asked, dataset {exp['dataset']!r} holds {known}")
+    return errors
+
+
+def pruned_model_name(criterion: str, ratio: float) -> str:
+    """The name of a pruned model in result paths: '<criterion>-cr<ratio>'."""
+    return f"{criterion}-cr{float(ratio):g}"
+
+
+def scored_model_names(exp: dict) -> list[str]:
+    """The models an experiment samples and scores, bar block-reuse variants: dense, untrained
+    (with untrained_baseline), '<criterion>-cr<ratio>/<objective>' per finetuning run."""
+    names = ["dense"] + (["untrained"] if exp["untrained_baseline"] else [])
+    for run in exp["finetune"]["runs"]:
+        pruned = pruned_model_name(run.get("criterion", exp["prune"]["criterion"]), run["channel_ratio"])
+        names += [f"{pruned}/{objective}" for objective in run["objectives"]]
+    return names
+
+
+def _reuse_errors(key: str, exp: dict) -> list[str]:
+    reuse, sample = exp["reuse"], exp["sample"]
+    if not reuse["models"]:
+        return []
+    errors = []
+    known = scored_model_names(exp)
+    for model in reuse["models"]:
+        if model not in known or model == "untrained":
+            errors.append(f"{key}.reuse.models: {model!r} is not a scored model of this experiment; "
+                          f"choose among {[m for m in known if m != 'untrained']}")
+    if sample["compile"]:
+        errors.append(f"{key}.sample.compile: block reuse (reuse.models) runs the network eagerly; "
+                      "set compile: false")
+    if "fewer-steps" in reuse["methods"]:
+        for fraction in reuse["mac_fractions"]:
+            if sample["num_steps"] * fraction < 1:
+                errors.append(f"{key}.reuse.mac_fractions: {fraction} of {sample['num_steps']} sampler "
+                              "steps is less than one step (method fewer-steps)")
     return errors
 
 

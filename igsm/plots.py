@@ -128,3 +128,57 @@ def plot_sample_comparison(grids: dict, paths, title: str = "") -> None:
     fig.tight_layout()
     _save(fig, paths)
     plt.close(fig)
+
+
+def plot_reuse_plan(plan, path) -> None:
+    """A block-reuse gate table (igsm.reuse.ReusePlan, cascaded): sampling steps down, blocks
+    across, dark = the block runs, light = its cached output is reused."""
+    plt = _pyplot()
+    gates = plan.cascaded().recompute.numpy()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.35 * gates.shape[1]), 2.0 + min(8.0, 0.06 * gates.shape[0])))
+    ax.imshow(gates, aspect="auto", cmap="Greys", vmin=0, vmax=1.4, interpolation="nearest")
+    ax.set_xticks(range(len(plan.blocks)), plan.blocks, rotation=90, fontsize=7)
+    ax.set_ylabel("sampling step")
+    ax.set_title(f"{plan.method}: {plan.mac_fraction():.3f} of the dense MACs", fontsize=9)
+    fig.tight_layout()
+    _save(fig, [path], dpi=110)
+    plt.close(fig)
+
+
+def plot_gradient_share(metrics_files: dict, path) -> None:
+    """Where the Jacobian term's gradient comes from (issue 20): per run (``metrics_files`` maps a
+    label to a metrics JSONL with the training loop's ``by_timestep`` diagnostics) and timestep
+    range, the Jacobian terms' share ‖g_jac‖ / (‖g_np‖ + ‖g_kd‖ + ‖g_jac‖) of the gradient norms
+    from that range's rows, over training."""
+    plt = _pyplot()
+    runs = {label: [json.loads(line) for line in Path(file).read_text().splitlines() if line]
+            for label, file in metrics_files.items()}
+    ranges = next((r["by_timestep"]["ranges"] for records in runs.values() for r in records
+                   if "by_timestep" in r), None)
+    if ranges is None:
+        raise ValueError(f"no by_timestep diagnostics in {sorted(map(str, metrics_files.values()))}")
+    fig, axes = plt.subplots(1, len(ranges), figsize=(4 * len(ranges), 3.4), sharey=True)
+    for axis, (index, (low, high)) in zip(np.atleast_1d(axes), enumerate(ranges)):
+        for label, records in runs.items():
+            steps, shares = [], []
+            for record in records:
+                diagnosed = record.get("by_timestep")
+                if not diagnosed or not diagnosed["rows"][index]:
+                    continue
+                norms = {name: entry["grad_norm"][index] for name, entry in diagnosed.items()
+                         if isinstance(entry, dict) and "grad_norm" in entry}
+                jacobian = sum(v for name, v in norms.items() if name.startswith("jm"))
+                total = sum(norms.values())
+                if total > 0:
+                    steps.append(record["step"])
+                    shares.append(jacobian / total)
+            if steps:
+                axis.plot(steps, shares, marker=".", label=label)
+        axis.set_title(f"t in [{low:g}, {'T' if high is None else f'{high:g}'})", fontsize=9)
+        axis.set_xlabel("training step")
+        axis.set_ylim(-0.02, 1.02)
+    np.atleast_1d(axes)[0].set_ylabel("Jacobian terms' share of ‖gradient‖")
+    np.atleast_1d(axes)[-1].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, [path], dpi=120)
+    plt.close(fig)

@@ -343,35 +343,40 @@ def denoiser_from_settings(net: nn.Module, options: dict, micro_batch: int | Non
 
 def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], options: dict,
                  sampler_kwargs: dict, schedule, device: torch.device, noise_threads: int = 1,
-                 grid=None) -> str | None:
+                 grid=None, plan=None) -> str | None:
     """The sample stage's job: images for ``seeds`` (one shard of a model's) into ``out``.
 
     Resumable: finished batches wait in ``out.partial/`` until ``out`` is written, and a rerun with
     the same model and settings (the fingerprint below) makes only the missing ones. Under
     torchrun the processes share the batches and rank 0 writes. Returns rank 0's one-line summary.
+    ``plan``: a block-reuse gate table file (igsm.reuse) the network follows.
     """
     from igsm import distributed, gpus
     from igsm.models import image_shape, load_model
+    from igsm.reuse import apply_plan, load_plan_for
 
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     batch_size = options.get("batch_size", 256)
     net = load_model(model_dir, device)
     shape = image_shape(net)
+    reuse = load_plan_for(plan, net, options, schedule) if plan else None
     denoiser = denoiser_from_settings(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
     # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
     fingerprint = {"model_digest": model_digest(model_dir), "sampler": options["sampler"],
                    "sampler_kwargs": sampler_kwargs, "image_shape": list(shape), "batch_size": batch_size,
                    **denoiser.metadata, "schedule": options.get("diffusion", {}),
                    "first_seed": int(seeds[0]), "num_images": len(seeds),
-                   "torch": torch.__version__, "device": gpus.device_name(device)}
+                   "torch": torch.__version__, "device": gpus.device_name(device),
+                   **({"reuse_plan": reuse.digest()} if reuse else {})}
     folder = str(out) + ".partial"
     partial = PartialBatches(folder, fingerprint) if rank == 0 else None
     distributed.barrier()  # rank 0 has emptied a stale folder before anyone writes
     if partial is None:
         partial = PartialBatches(folder, fingerprint, reset=False)
-    sample_images(denoiser, seeds=seeds, image_shape=shape, batch_size=batch_size, sampler=options["sampler"],
-                  schedule=schedule, device=device, partial=partial, rank=rank, world_size=world_size,
-                  noise_threads=noise_threads, progress=True, **sampler_kwargs)
+    with apply_plan(net, reuse) if reuse else contextlib.nullcontext():
+        sample_images(denoiser, seeds=seeds, image_shape=shape, batch_size=batch_size, sampler=options["sampler"],
+                      schedule=schedule, device=device, partial=partial, rank=rank, world_size=world_size,
+                      noise_threads=noise_threads, progress=True, **sampler_kwargs)
     distributed.barrier()
     if rank != 0:
         return None
@@ -617,6 +622,27 @@ def _describe(seeds: np.ndarray) -> str:
 # ---------------------------------------------------------------------------------------------
 # Throughput (efficiency stage, benchmarks)
 # ---------------------------------------------------------------------------------------------
+
+def sampling_images_per_s(denoiser: Denoiser, image_shape, batch_size: int, device, *, sampler: str,
+                          schedule, sampler_kwargs: dict, plan=None) -> float:
+    """Whole sampling chains per second × images per chain: one batch of ``batch_size`` images
+    through ``sampler`` (with a block-reuse ``plan`` if given), timed after a warm-up batch."""
+    import time
+
+    from igsm.reuse import apply_plan
+
+    def chain():
+        generate(denoiser, sampler=sampler, seeds=range(batch_size), image_shape=image_shape,
+                 schedule=schedule, device=device, **sampler_kwargs)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with apply_plan(denoiser, plan) if plan else contextlib.nullcontext():
+        chain()  # warm-up: kernel selection, allocator
+        begin = time.perf_counter()
+        chain()
+        return batch_size / (time.perf_counter() - begin)
+
 
 @torch.no_grad()
 def forward_images_per_s(denoiser: Denoiser, image_shape, batch_size: int, device, *,

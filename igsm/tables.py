@@ -16,7 +16,7 @@ TERMS = ("np", "kd", "jm1", "jm2")
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
            "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
            "batch_size", "sec_per_step", "train_minutes", "peak_memory_GiB", "paper_fid", "delta_fid",
-           "paper_source"]
+           "paper_source", "reuse", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup"]
 
 
 def _load(path):
@@ -87,8 +87,20 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             "paper_fid": paper_fid,
             "delta_fid": None if paper_fid is None else fid["fid"] - paper_fid,
             "paper_source": where,
+            # Block reuse (experiments with reuse.models): the sampler's MACs per image and whole
+            # chains per second, against the base model's below.
+            "reuse": meta.get("reuse_method", ""),
+            "sampler_steps": eff.get("sampler_steps"),
+            "sampling_macs": eff.get("sampling_macs"),
+            "sampling_images_per_s": eff.get("sampling_images_per_s"),
+            "base": meta.get("base", variant),
         })
-    table = pd.DataFrame(out, columns=COLUMNS)
+    table = pd.DataFrame(out, columns=COLUMNS + ["sampling_macs", "base"])
+    base = table.set_index("model")
+    for column, ratio in (("sampling_macs", "mac_fraction"), ("sampling_images_per_s", "sampling_speedup")):
+        reference = pd.to_numeric(table.base.map(base[column]), errors="coerce")
+        table[ratio] = pd.to_numeric(table[column], errors="coerce") / reference
+    table = table.drop(columns=["sampling_macs", "base"])
     # The paper's "Speed" column: network throughput relative to the dense model (GPU jobs only).
     dense_speed = table.loc[table.model == "dense", "images_per_s"]
     if len(dense_speed) and pd.notna(dense_speed.iloc[0]):
@@ -104,7 +116,10 @@ def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title
         "delta_fid": "Δ FID", "training_steps": "steps", "batch_size": "batch", "fid_images": "FID images",
         "fid_mode": "FID mode", "pr_label": "PR label", "sec_per_step": "s/step",
         "train_minutes": "train min", "peak_memory_GiB": "peak GiB", "channel_ratio": "channel ratio",
-        "paper_source": "paper source"})
+        "paper_source": "paper source", "sampler_steps": "sampler steps", "mac_fraction": "MAC share",
+        "sampling_images_per_s": "samples/s", "sampling_speedup": "sampling speed-up"})
+    if not table.reuse.astype(bool).any():  # no block reuse in this experiment: its columns stay out
+        shown = shown.drop(columns=["reuse", "sampler steps", "MAC share", "samples/s", "sampling speed-up"])
     shown = shown.astype(object).where(shown.notna(), None)  # blanks print as "–", not "nan"
     if markdown:
         text = shown.to_markdown(index=False, floatfmt=".2f", missingval="–")

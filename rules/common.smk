@@ -38,8 +38,10 @@ wildcard_constraints:
 # Every check the config allows, before any job: igsm.config (this checkout's package, as the
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
-from igsm.config import ConfigError, apply_scale, check_config, check_writable, training_job
+from igsm.config import (ConfigError, apply_scale, check_config, check_writable, pruned_model_name,
+                         training_job)
 from igsm.data import write_text_atomically
+from igsm.reuse import fewer_steps_for_fraction
 from igsm.models import architecture_family
 from igsm.paper_tables import FIGURES as PAPER_FIGURES
 from igsm.paper_tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
@@ -56,12 +58,8 @@ except ConfigError as err:
     raise WorkflowError(f"config: {err}") from None
 
 
-def ratio_label(ratio):
-    return f"{float(ratio):g}"
-
-
 def pruned_variant(criterion, ratio):
-    return f"{criterion}-cr{ratio_label(ratio)}"
+    return pruned_model_name(criterion, ratio)
 
 
 def variant_metadata(exp):
@@ -81,7 +79,18 @@ def variant_metadata(exp):
             meta[variant] = {"variant": variant, "kind": "finetuned", "objective": objective,
                              "criterion": criterion, "channel_ratio": run["channel_ratio"],
                              "weights": config["objectives"][objective]["weights"], "pruned": pruned}
+    reuse = settings["reuse"]
+    for base in reuse["models"]:  # checked by igsm.config to be scored models of this experiment
+        for method in reuse["methods"]:
+            for fraction in reuse["mac_fractions"]:
+                variant = reuse_variant(base, method, fraction)
+                meta[variant] = {**meta[base], "variant": variant, "kind": "reuse", "base": base,
+                                 "reuse_method": method, "mac_fraction": fraction}
     return meta
+
+
+def reuse_variant(base, method, fraction):
+    return f"{base}/reuse-{method}-f{float(fraction):g}"
 
 
 def finetuned_variants(exp):
@@ -117,13 +126,20 @@ def dense_model(wildcards):
     return f"{dense_folder(wildcards.exp)}/model"
 
 
+def variant_model_dir(exp, variant):
+    """The folder of a scored model variant (a block-reuse variant samples its base model)."""
+    meta = variant_metadata(exp)[variant]
+    if meta["kind"] == "reuse":
+        return variant_model_dir(exp, meta["base"])
+    if variant == "dense":
+        return f"{dense_folder(exp)}/model"
+    if variant == "untrained":
+        return f"results/untrained/{exp}/model"
+    return f"results/finetune/{exp}/{variant}/model"
+
+
 def model_dir(wildcards):
-    """The folder of a scored model variant."""
-    if wildcards.variant == "dense":
-        return dense_model(wildcards)
-    if wildcards.variant == "untrained":
-        return f"results/untrained/{wildcards.exp}/model"
-    return f"results/finetune/{wildcards.exp}/{wildcards.variant}/model"
+    return variant_model_dir(wildcards.exp, wildcards.variant)
 
 
 def dataset_file(wildcards):
@@ -217,11 +233,29 @@ def table_inputs(exp):
 # ---- sampling (stage 5) and efficiency ------------------------------------------------------
 
 
-def sample_settings(exp):
-    """The 'sample' settings that make the images: not how many jobs make them, nor PNG export,
-    so that changing those reruns nothing that exists."""
+def sample_settings(exp, variant=None):
+    """The 'sample' settings that make a variant's images: not how many jobs make them, nor PNG
+    export, so that changing those reruns nothing that exists. The fewer-steps baseline of block
+    reuse samples with its own number of steps."""
     sample = {k: v for k, v in EXPERIMENTS[exp]["sample"].items() if k not in ("num_shards", "png_export")}
+    meta = variant_metadata(exp)[variant] if variant else {}
+    if meta.get("reuse_method") == "fewer-steps":
+        sample["num_steps"] = fewer_steps_for_fraction(sample["num_steps"], meta["mac_fraction"])
     return as_json({"diffusion": diffusion_settings(exp), **sample})
+
+
+def reuse_plan_file(exp, variant):
+    """The gate table a variant samples with, or None (not a reuse variant, or fewer steps)."""
+    meta = variant_metadata(exp)[variant]
+    if meta["kind"] != "reuse" or meta["reuse_method"] == "fewer-steps":
+        return None
+    return f"results/reuse/{exp}/{variant}/plan.json"
+
+
+def plan_option(exp, variant):
+    """The `--plan FILE` arguments of a job, as a list for Snakemake's :q quoting, or []."""
+    plan = reuse_plan_file(exp, variant)
+    return ["--plan", plan] if plan else []
 
 
 def sample_shard_files(exp, variant):

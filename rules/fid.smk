@@ -76,16 +76,21 @@ rule fid:
 
 # Parameters and MACs everywhere; images/s of the network only where the job has a GPU (the
 # sample stage's GPUs, precision and memory format), else null: the demo stays cheap on a CPU.
+# Experiments with block reuse also get the sampler's MACs per image and, on a GPU, whole sampling
+# chains per second (with the variant's gate table or number of steps).
 rule efficiency:
     conda:
         "../envs/prune.yaml"
     input:
         model=model_dir,
+        plan=lambda w: reuse_plan_file(w.exp, w.variant) or [],
     output:
         info="results/efficiency/{exp}/{variant}.json",
     params:
         settings=lambda w: efficiency_settings(w.exp),
         batch_size=lambda w: EXPERIMENTS[w.exp]["efficiency"]["batch_size"],
+        sampler=lambda w: ["--sampler-settings", sample_settings(w.exp, w.variant)] if EXPERIMENTS[w.exp]["reuse"]["models"] else [],
+        plan=lambda w: plan_option(w.exp, w.variant),
     log:
         "results/logs/efficiency/{exp}/{variant}.log",
     threads: 1
@@ -95,5 +100,5 @@ rule efficiency:
         # The GPU alone, whatever the run's sharing limit: timings of shared GPUs are contention.
         gpu=exclusive_gpu_slots() if resource("sample", "gpu") else 0,
     shell:
-        "python -m igsm efficiency --model {input.model:q} --settings {params.settings:q} "
-        "--batch-size {params.batch_size:q} --out {output.info:q} --threads {threads} > {log:q} 2>&1"
+        "python -m igsm efficiency --model {input.model:q} --settings {params.settings:q} {params.sampler:q} "
+        "{params.plan:q} --batch-size {params.batch_size:q} --out {output.info:q} --threads {threads} > {log:q} 2>&1"

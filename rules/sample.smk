@@ -1,4 +1,5 @@
-# Stage 5: generate images from every scored model (DDIM for U-Nets, Euler–Maruyama for U-ViT).
+# Stage 5: generate images from every scored model (DDIM for U-Nets, Euler–Maruyama for U-ViT;
+# a block-reuse variant with its gate table, rules/reuse.smk).
 # `sample.num_shards` jobs per model, each making a contiguous range of seeds (resources.sample.gpu
 # > 1 runs torchrun inside each job); a gather step joins them in seed order and checks that every
 # seed is there once. A job that dies keeps its finished batches in <shard>.npz.partial/ and its
@@ -10,13 +11,15 @@ rule sample:
         "../envs/sample.yaml"
     input:
         model=model_dir,
+        plan=lambda w: reuse_plan_file(w.exp, w.variant) or [],
     output:
         shard="results/samples/{exp}/{variant}/shard-{shard}-of-{num_shards}.npz",
     wildcard_constraints:
         shard="[0-9]+",
         num_shards="[0-9]+",
     params:
-        settings=lambda w: sample_settings(w.exp),
+        settings=lambda w: sample_settings(w.exp, w.variant),
+        plan=lambda w: plan_option(w.exp, w.variant),
         num_images=lambda w: EXPERIMENTS[w.exp]["sample"]["num_images"],
         first_seed=lambda w: EXPERIMENTS[w.exp]["sample"]["seed"],
     log:
@@ -34,7 +37,7 @@ rule sample:
     shell:
         "python -m igsm sample --model {input.model:q} --num-images {params.num_images:q} "
         "--first-seed {params.first_seed:q} --shard {wildcards.shard:q}/{wildcards.num_shards:q} "
-        "--nproc-per-node {resources.nproc_per_node} --settings {params.settings:q} --out {output.shard:q} "
+        "--nproc-per-node {resources.nproc_per_node} --settings {params.settings:q} {params.plan:q} --out {output.shard:q} "
         "--threads {threads} > {log:q} 2>&1"
 
 

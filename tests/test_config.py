@@ -89,6 +89,18 @@ def set_decreasing_diagnostic_edges(c):
     experiment(c)["finetune"]["training"]["diagnostic_timesteps"] = [100, 10]
 
 
+def set_unknown_reuse_model(c):
+    experiment(c)["reuse"]["models"] = ["diff-pruning-cr0.5/np"]
+
+
+def set_reuse_with_compile(c):
+    experiment(c)["sample"]["compile"] = True
+
+
+def set_reuse_fraction_under_one_step(c):
+    experiment(c)["reuse"]["mac_fractions"] = [0.01]
+
+
 def set_fashion_mnist_odd_padding(c):
     c["datasets"]["digits"] = {"source": "fashion-mnist", "image_size": 31}
 
@@ -196,6 +208,10 @@ def set_uvit_channel_mismatch(c):
     (set_empty_jacobian_window, r"objectives\.igsm\.jacobian_timesteps: \[100, 10\] is not a range"),
     (set_decreasing_diagnostic_edges, r"experiments\.digits_unet\.finetune\.training\.diagnostic_timesteps: "
                                       r"\[100, 10\] is not increasing"),
+    (set_unknown_reuse_model, r"experiments\.digits_unet\.reuse\.models: 'diff-pruning-cr0\.5/np' is not a "
+                              r"scored model of this experiment; choose among \['dense', 'diff-pruning-cr0\.3/np'"),
+    (set_reuse_with_compile, r"experiments\.digits_unet\.sample\.compile: block reuse"),
+    (set_reuse_fraction_under_one_step, r"experiments\.digits_unet\.reuse\.mac_fractions: 0\.01 of 20 sampler steps"),
     (set_fashion_mnist_odd_padding, r"datasets\.digits\.image_size"),
     (set_escaping_experiment_name, r"'\.\./\.\./escape' does not match.*\['experiments'\]"),
     (set_shell_objective_name, r"'np\$\(touch pwned\)' does not match.*\['objectives'\]"),

@@ -13,6 +13,8 @@ from conftest import snakemake_in
 
 pytestmark = pytest.mark.slow
 
+REUSE_VARIANTS = [f"dense/reuse-{method}-f0.6" for method in ("dipgo", "deepcache", "reuse-eps", "fewer-steps")]
+
 
 def test_every_table_row_present_with_real_numbers(demo_run):
     workdir, config = demo_run
@@ -20,7 +22,7 @@ def test_every_table_row_present_with_real_numbers(demo_run):
 
     table = pd.read_csv(workdir / "results" / "tables" / "digits_unet.csv")
     assert sorted(table.model) == sorted(
-        ["dense", "untrained", "diff-pruning-cr0.3/np", "diff-pruning-cr0.3/igsm"])
+        ["dense", "untrained", "diff-pruning-cr0.3/np", "diff-pruning-cr0.3/igsm"] + REUSE_VARIANTS)
     assert all(math.isfinite(f) and f > 0 for f in table.fid)
     fid = dict(zip(table.model, table.fid))
     assert fid["dense"] < fid["untrained"], fid
@@ -38,10 +40,45 @@ def test_every_table_row_present_with_real_numbers(demo_run):
     assert score["mode"] == "clean" and score["num_images"] == 64 and score["num_reference"] == 128
 
 
+def test_block_reuse_variants_meet_their_mac_fraction(demo_run):
+    """The demo's reuse section: a gate table per method (bar fewer-steps) stored next to the
+    variant, sampled with (the samples' metadata carries its digest), and the table's MAC share
+    at or under the target; fewer-steps samples with ⌊0.6 × 10⌋ = 6 steps."""
+    workdir, config = demo_run
+    import pandas as pd
+
+    from igsm.reuse import ReusePlan
+    from igsm.sampling import load_samples
+
+    table = pd.read_csv(workdir / "results" / "tables" / "digits_unet.csv").set_index("model")
+    reuse = config["experiments"]["digits_unet"]["reuse"]
+    target = reuse["mac_fractions"][0]
+    for variant in REUSE_VARIANTS:
+        method = table.loc[variant, "reuse"]
+        assert variant == f"dense/reuse-{method}-f{target:g}"
+        assert 0.3 < table.loc[variant, "mac_fraction"] <= target + 1e-9, variant
+        assert table.loc[variant, "params_M"] == table.loc["dense", "params_M"]
+        _, _, metadata = load_samples(workdir / "results" / "samples" / "digits_unet" / variant / "samples.npz")
+        folder = workdir / "results" / "reuse" / "digits_unet" / variant
+        if method == "fewer-steps":
+            assert not folder.exists() and table.loc[variant, "sampler_steps"] == 6
+            assert metadata["sampler_kwargs"]["num_steps"] == 6 and "reuse_plan" not in metadata
+            continue
+        plan = ReusePlan.load(folder / "plan.json")
+        assert plan.method == method and plan.mac_fraction() == pytest.approx(table.loc[variant, "mac_fraction"])
+        assert metadata["reuse_plan"] == plan.digest() and metadata["sampler_kwargs"]["num_steps"] == 10
+        assert Image.open(folder / "plan.png").size[0] > 100
+    assert table.loc["dense", "mac_fraction"] == 1.0
+    # DiP-GO trained its pruner for the configured steps, on the sampler's own chains.
+    history = ReusePlan.load(workdir / "results" / "reuse" / "digits_unet" / "dense" / "reuse-dipgo-f0.6" /
+                             "plan.json").metadata["history"]
+    assert len(history) == reuse["learn"]["train_steps"]
+
+
 def test_grids_are_images(demo_run):
     workdir, _ = demo_run
     grids = sorted((workdir / "results" / "samples").rglob("grid.png"))
-    assert len(grids) == 4
+    assert len(grids) == 4 + len(REUSE_VARIANTS)
     for grid in grids:
         with Image.open(grid) as img:
             pixels = np.asarray(img)

@@ -8,7 +8,8 @@
 # GPU_JOBS (GPU jobs side by side on the one GPU; default 4), CORES (default: all),
 # TEACHER_STEPS (default "1500 3000"; the last must equal the config's num_steps), TEACHER (a
 # teacher folder written by an earlier run, results/dense/fmnist_unet/trained/model: used as
-# dense.pretrained, no teacher stages).
+# dense.pretrained, no teacher stages), TARGETS (what to build; default all_tables, e.g.
+# "results/tables/fmnist_unet.md" for one experiment).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-$REPO}
@@ -37,7 +38,7 @@ config = yaml.safe_load(open(sys.argv[1]))
 config["experiments"]["fmnist_unet"]["dense"] = {"pretrained": sys.argv[2]}
 yaml.safe_dump(config, open(sys.argv[3], "w"), sort_keys=False)
 PY
-    exec "${SNAKEMAKE[@]}" --keep-going all_tables --configfile "$config"
+    exec "${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$config"
 fi
 
 for steps in $TEACHER_STEPS; do
@@ -48,4 +49,4 @@ for steps in $TEACHER_STEPS; do
     cp "$WORK/results/fid/fmnist_unet/dense.json" "$WORK/teacher_curve/fid-$steps.json"
     cp "$WORK/results/samples/fmnist_unet/dense/grid.png" "$WORK/teacher_curve/grid-$steps.png"
 done
-"${SNAKEMAKE[@]}" --keep-going all_tables --configfile "$CONFIG"
+"${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$CONFIG"

@@ -1,0 +1,33 @@
+# Block reuse at sampling time (experiments.<name>.reuse; igsm/reuse.py): the gate table of each
+# reuse variant (DiP-GO learns it on the sampler's own chains; DeepCache and reuse-eps are fixed
+# rules at the same MAC fraction), stored next to the variant's samples; the sample stage applies
+# it. The fewer-steps baseline needs no table: it samples with fewer steps (common.smk).
+
+
+rule reuse_plan:
+    conda:
+        "../envs/sample.yaml"
+    input:
+        model=model_dir,
+    output:
+        plan="results/reuse/{exp}/{variant}/plan.json",
+        picture="results/reuse/{exp}/{variant}/plan.png",
+    params:
+        method=lambda w: variant_metadata(w.exp)[w.variant]["reuse_method"],
+        mac_fraction=lambda w: variant_metadata(w.exp)[w.variant]["mac_fraction"],
+        sample=lambda w: sample_settings(w.exp, w.variant),
+        learn=lambda w: as_json(EXPERIMENTS[w.exp]["reuse"]["learn"]),
+    log:
+        "results/logs/reuse_plan/{exp}/{variant}.log",
+    benchmark:
+        "results/benchmarks/reuse_plan/{exp}/{variant}.tsv"
+    threads: resource("sample", "threads")
+    resources:
+        mem_mb=resource("sample", "mem_mb"),
+        runtime=resource("sample", "runtime"),
+        gpu=min(1, resource("sample", "gpu")),
+    shell:
+        "python -m igsm reuse-plan --model {input.model:q} --method {params.method:q} "
+        "--mac-fraction {params.mac_fraction:q} --sample-settings {params.sample:q} "
+        "--learn-settings {params.learn:q} --out {output.plan:q} --picture {output.picture:q} "
+        "--threads {threads} > {log:q} 2>&1"
