@@ -355,7 +355,10 @@ def test_fashion_mnist_experiment_dry_runs(tmp_path):
     counts = job_counts(proc.stdout)
     runs = {name: sum(len(r["objectives"]) for r in exp["finetune"]["runs"])
             for name, exp in config["experiments"].items()}
-    scored = sum(1 + n for n in runs.values())
+    reuse = {name: len(r.get("models", [])) * len(r.get("methods", [])) * len(r.get("mac_fractions", []))
+             for name, r in ((name, exp.get("reuse", {})) for name, exp in config["experiments"].items())}
+    untrained = {name: exp.get("untrained_baseline", False) for name, exp in config["experiments"].items()}
+    scored = sum(1 + untrained[name] + n + reuse[name] for name, n in runs.items())
     assert counts["dense_trained"] == 1 and counts["download"] == 1 and counts["fid_reference"] == 1
     assert counts["finetune"] == sum(runs.values()) and counts["sample"] == scored
     jobs = planned(proc.stdout)
@@ -371,6 +374,12 @@ def test_fashion_mnist_experiment_dry_runs(tmp_path):
     # The Jacobian variants reach the training settings.
     every = [b for b in jobs["finetune"] if "/igsm_every4/" in b]
     assert every and all('"jacobian_every": 4' in b for b in every)
+    # Block reuse: a gate table for each method but fewer-steps, which samples with fewer steps.
+    assert counts["reuse_plan"] == reuse["fmnist_reuse"] // 4 * 3
+    fewer = [b for b in jobs["sample"] if "reuse-fewer-steps-f0.45/" in b]
+    assert fewer and all('"num_steps": 45' in b and "--plan" not in b for b in fewer)
+    assert all("--plan results/reuse/fmnist_reuse/dense/reuse-dipgo" in b
+               for b in jobs["sample"] if "reuse-dipgo" in b)
 
 
 def test_check_config_names_the_line_of_a_yaml_error(tmp_path):
