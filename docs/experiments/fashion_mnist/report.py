@@ -1,6 +1,7 @@
 """Collect the Fashion-MNIST experiment's numbers from a finished run's results/ (run.sh) into the
 files of its report: results.csv (one row per model), report.json (the same plus the teacher
-curve and wall time per stage), loss_curves.png, samples.png (sample grids side by side).
+curve and wall time per stage), loss_curves.png, samples.png (sample grids side by side),
+gradient_share.png (the Jacobian terms' share of the gradient by timestep range, issue 20).
 
     python docs/experiments/fashion_mnist/report.py WORK OUT
 
@@ -22,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-EXPERIMENTS = ("fmnist_unet", "fmnist_unet_seed1")
+EXPERIMENTS = ("fmnist_unet", "fmnist_unet_seed1", "fmnist_unet_variants", "fmnist_gradient_flow", "fmnist_reuse")
 STAGES = ("download", "dense", "prune", "finetune", "sample", "fid_reference", "fid_statistics")
 
 
@@ -41,8 +42,9 @@ def model_rows(results: Path) -> list[dict]:
             variant = str(score.relative_to(results / "fid" / exp).with_suffix(""))
             fid = read_json(score)
             eff = read_json(results / "efficiency" / exp / f"{variant}.json") or {}
-            folder = (results / "finetune" / exp / variant) if "/" in variant else \
-                (results / "dense" / "fmnist_unet" / "trained")
+            meta = read_json(results / "variants" / exp / f"{variant}.json") or {}
+            folder = (results / "dense" / "fmnist_unet" / "trained") if variant == "dense" else \
+                (results / "finetune" / exp / variant)
             summary = read_json(folder / "summary.json") or {}
             timing = summary.get("timing", {})
             history = metrics(folder / "metrics.jsonl")
@@ -59,6 +61,9 @@ def model_rows(results: Path) -> list[dict]:
                 "train_minutes": timing.get("wall_time_s", float("nan")) / 60,
                 "peak_memory_GiB": (timing.get("peak_memory_mib") or float("nan")) / 1024,
                 "final_loss": last.get("loss"), "final_np": last.get("np"),
+                "reuse": meta.get("reuse_method", ""), "reuse_target": meta.get("mac_fraction"),
+                "sampler_steps": eff.get("sampler_steps"), "sampling_macs_G": (eff.get("sampling_macs") or float("nan")) / 1e9,
+                "sampling_images_per_s": eff.get("sampling_images_per_s"),
             })
     # Step time relative to NP+KD of the same experiment and seed (the runs shared the GPU alike).
     reference = {(r["experiment"]): r["sec_per_step"] for r in rows
@@ -143,6 +148,13 @@ def main(work: Path, out: Path) -> None:
     loss_plot(results, out / "loss_curves.png")
     names = ["dense"] + sorted({r["model"] for r in rows if r["experiment"] == "fmnist_unet" and "/" in r["model"]})
     sample_montage(results, names, out / "samples.png")
+    diagnosed = {f"{path.parent.name} ({exp})": path for exp in EXPERIMENTS
+                 for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl"))
+                 if any(k.startswith("jm") for k in (metrics(path) or [{}])[0])}
+    if diagnosed:
+        from igsm.plots import plot_gradient_share
+
+        plot_gradient_share(diagnosed, out / "gradient_share.png")
 
 
 if __name__ == "__main__":
