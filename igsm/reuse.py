@@ -391,25 +391,32 @@ class _StepTracker:
         self.last = value
 
 
-class _CachedBlock(nn.Module):
-    """Stands in for a block: runs it and keeps its output, or returns the kept output without
-    running it. Attributes it lacks are the block's (UNet2DModel.forward reads ``resnets``)."""
+class _StandIn(nn.Module):
+    """A module put in a block's place; attributes it lacks are the block's (UNet2DModel.forward
+    reads ``resnets`` of its up blocks)."""
 
-    def __init__(self, block: nn.Module, name: str, recompute: torch.Tensor, tracker: _StepTracker):
+    def __init__(self, block: nn.Module, name: str):
         super().__init__()
-        self.block = block
-        self.name = name
-        self.recompute = recompute.tolist()
-        # Keep an output only if some later step reuses it: no memory for always-run blocks.
-        self.reused_after = [not all(self.recompute[s + 1:]) for s in range(len(self.recompute))]
-        self.tracker = tracker
-        self.cache = {}  # chunk position within the step → the block's output
+        self.block, self.name = block, name
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["block"], name)
+
+
+class _CachedBlock(_StandIn):
+    """Stands in for a block: runs it and keeps its output, or returns the kept output without
+    running it."""
+
+    def __init__(self, block: nn.Module, name: str, recompute: torch.Tensor, tracker: _StepTracker):
+        super().__init__(block, name)
+        self.recompute = recompute.tolist()
+        # Keep an output only if some later step reuses it: no memory for always-run blocks.
+        self.reused_after = [not all(self.recompute[s + 1:]) for s in range(len(self.recompute))]
+        self.tracker = tracker
+        self.cache = {}  # chunk position within the step → the block's output
 
     def forward(self, *args, **kwargs):
         step, chunk = self.tracker.step, self.tracker.chunk
@@ -513,16 +520,12 @@ class _SuperNetState:
         self.outputs = {}    # block → its SuperNet output at this step
 
 
-class _GatedBlock(nn.Module):
-    def __init__(self, block: nn.Module, name: str, index: int, state: _SuperNetState):
-        super().__init__()
-        self.block, self.name, self.index, self.state = block, name, index, state
+class _GatedBlock(_StandIn):
+    """The SuperNet's block: g_reuse·cache + g_keep·F(input), F always run (training)."""
 
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["block"], name)
+    def __init__(self, block: nn.Module, name: str, index: int, state: _SuperNetState):
+        super().__init__(block, name)
+        self.index, self.state = index, state
 
     def forward(self, *args, **kwargs):
         out = self.block(*args, **kwargs)
