@@ -1,6 +1,6 @@
-"""The paper's tables rebuilt from the workflow's own files (issue 15; paper Tables 1, 2, 3, 5 of
-Sec. 5, Tables 8, 9 of App. C and Table 10 of App. D), in the paper's rows and columns, each cell with the published
-value, ours, the difference and where ours came from.
+"""The paper's tables rebuilt from the workflow's own files (issue 15; paper Tables 1-5 of Sec. 5,
+Tables 8, 9 of App. C, Tables 10-12 of App. D and Table 13 of App. E), in the paper's rows and
+columns, each cell with the published value, ours, the difference and where ours came from.
 
 ``paper_tables.yaml`` holds the layout and the published numbers; ours come from the
 per-experiment tables (``results/tables/<exp>.csv``, igsm/tables.py), i.e. from the FID, efficiency
@@ -11,7 +11,10 @@ and training-summary JSON files of each scored model. Every cell is one of:
 * ``quoted``: a row of a method this workflow does not run (DeepCache, O2MKD, SparseDM), the
   paper's numbers only;
 * ``missing``: the experiment is not in the config, or the model was not scored — never a number;
-* ``none``: a λ_Jac the paper did not run at that pruning ratio (Table 10's blank cells).
+* ``none``: a λ_Jac the paper did not run at that pruning ratio (Table 10's blank cells);
+* ``untranscribed``: a column of the row's ``untranscribed`` list: the paper's value (if it prints
+  one) is not transcribed because its text extraction cannot be read (Table 4) — never a paper
+  number; ours as for ``ours`` where that model is scored (its source says which), else none.
 """
 
 from __future__ import annotations
@@ -171,9 +174,16 @@ def build(name: str, experiment_tables: dict[str, pd.DataFrame]) -> pd.DataFrame
                         cell.update(status="missing", source=f"{target['experiment']} scores no model {model}")
                     if ours is not None and paper is not None:
                         cell["delta"] = ours - paper
+                if column in row.get("untranscribed", ()):
+                    source = NOT_RUN if model is None else cell["source"]
+                    cell.update(status="untranscribed", paper=None, delta=None,
+                                source=f"{source}; the paper's value not transcribed")
                 cells.append(cell)
     return pd.DataFrame(cells, columns=LONG_COLUMNS)
 
+
+# The source of an untranscribed cell whose λ_Jac this workflow does not run at that ratio.
+NOT_RUN = "not run here"
 
 # Counts, printed as counts (800k, 0.5M, 128) and compared without a difference.
 COUNT_COLUMNS = ("training_steps", "batch_size")
@@ -198,6 +208,9 @@ def _wide(cells: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
                 text = f"{paper} (quoted)"
             elif cell.status == "missing":
                 text = f"missing / {paper}"
+            elif cell.status == "untranscribed":  # ours: a number, "missing" (not scored) or "–" (not run)
+                ours = "missing" if pd.isna(cell.ours) and not cell.source.startswith(NOT_RUN) else None
+                text = f"{ours or _number(cell.ours, cell.column)} / n.t."
             else:
                 text = f"{_number(cell.ours, cell.column)} / {paper}"
                 if cell.column not in COUNT_COLUMNS and not pd.isna(cell.delta):
@@ -223,7 +236,12 @@ def write(name: str, cells: pd.DataFrame, markdown=None, csv=None, latex=None) -
     if markdown:
         legend = ("Each cell: ours / paper (ours − paper). \"quoted\": a method this workflow does not "
                   "run, the paper's number; \"missing\": not run (see the CSV's source column).")
+        if (cells.status == "untranscribed").any():
+            legend += (" \"n.t.\": the paper's value not transcribed (its text extraction cannot be read; "
+                       "igsm/paper_tables.yaml).")
         Path(markdown).write_text(f"## {title}\n\n{legend}\n\n" + wide.to_markdown(index=False) + "\n")
     if latex:
+        if (cells.status == "untranscribed").any():
+            title += " (n.t.: the paper's value not transcribed)"
         body = wide.to_latex(index=False, escape=True, caption=title, label=f"tab:{name}")
         Path(latex).write_text(body)

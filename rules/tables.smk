@@ -1,7 +1,8 @@
 # Stage 7: tables (Markdown, CSV, LaTeX) built from the JSON files alone, with the paper's
 # published FID beside ours where the paper has the same experiment; then the paper's own tables
-# (igsm/paper_tables.yaml) from those: targets table1, table2, table3, table5, table8, table9,
-# table10; figures drawn from them; `snakemake --report` gathers all of it with captions.
+# (igsm/paper_tables.yaml) from those: targets table1, table2, table3, table4, table5, table8,
+# table9, table10, table11, table12, table13; figures drawn from them; `snakemake --report`
+# gathers all of it with captions.
 
 
 localrules:

@@ -26,7 +26,8 @@ def experiment_table(exp, models):
 
 
 def test_every_table_has_the_papers_rows_and_columns():
-    assert paper_tables.table_names() == ["table1", "table2", "table3", "table5", "table8", "table9", "table10"]
+    assert paper_tables.table_names() == ["table1", "table2", "table3", "table4", "table5", "table8", "table9",
+                                          "table10", "table11", "table12", "table13"]
     layout = {name: [(s.get("name", ""), [r["method"] for r in s["rows"]]) for s in t["sections"]]
               for name, t in SPEC["tables"].items()}
     assert layout["table1"] == [
@@ -41,7 +42,55 @@ def test_every_table_has_the_papers_rows_and_columns():
         for section in table["sections"]:
             for row in section["rows"]:
                 assert set(row["paper"]) | set(row.get("models", {})) <= set(table["columns"]), (name, row["method"])
+                assert set(row.get("untranscribed", ())) <= set(table["columns"]) - set(row["paper"]), (name, row["method"])
                 assert row.get("quoted") or "ours" in row, (name, row["method"])
+
+
+def test_appendix_tables_have_the_papers_layout():
+    """Tables 4, 11, 12, 13: the paper's rows, columns and (transcribed) published values."""
+    tables = SPEC["tables"]
+    rows = {name: {r["method"]: r for s in tables[name]["sections"] for r in s["rows"]}
+            for name in ("table4", "table11", "table12", "table13")}
+    assert tables["table4"]["columns"] == ["fid@0", "fid@1e-3", "fid@5e-3", "fid@1e-2", "fid@1e-1", "fid@1"]
+    assert list(rows["table4"]) == ["PR 0.44", "PR 0.56", "PR 0.70"]
+    # Only the two FIDs the prose states; every other cell is marked untranscribed, none left blank.
+    assert [r["paper"] for r in rows["table4"].values()] == [{"fid@1e-1": 4.58}, {"fid@1e-2": 5.54}, {}]
+    for row in rows["table4"].values():
+        assert set(row["paper"]) | set(row["untranscribed"]) == set(tables["table4"]["columns"])
+    assert tables["table11"]["columns"] == ["params_M", "macs_G", "speed", "fid@0", "fid@5e-4", "fid@1e-3",
+                                            "fid@1e-2", "fid@5e-2", "fid@1e-1"]
+    assert tables["table12"]["columns"] == ["params_M", "macs_G", "speed", "fid@0", "fid@1e-3", "fid@5e-3",
+                                            "fid@1e-2", "fid@1e-1", "fid@5e-1"]
+    for name in ("table11", "table12"):
+        assert list(rows[name]) == ["PR 0 (dense)", "PR 0.5", "PR 0.7", "PR 0.8"]
+        assert [r["paper"]["params_M"] for r in rows[name].values()] == [44.3, 22.7, 14.5, 10.4]
+        assert [r["paper"]["speed"] for r in rows[name].values()] == [1.0, 1.4, 1.6, 1.7]
+    assert [r["paper"]["fid@0"] for r in rows["table11"].values()] == [3.11, 3.53, 4.63, 6.68]
+    assert rows["table11"]["PR 0.7"]["paper"]["fid@1e-2"] == 4.05  # the prose's
+    assert rows["table11"]["PR 0.8"]["paper"] == {"params_M": 10.4, "macs_G": 2.6, "speed": 1.7, "fid@0": 6.68,
+                                                  "fid@5e-4": 5.07, "fid@1e-3": 4.98, "fid@1e-2": 5.22}
+    assert [r["paper"]["fid@0"] for r in rows["table12"].values()] == [2.87, 3.25, 3.57, 4.61]
+    assert [rows["table12"]["PR 0.7"]["paper"][f"fid@{lam}"] for lam in ("1e-3", "5e-3", "1e-2", "1e-1", "5e-1")] == [
+        3.32, 3.33, 3.30, 3.36, 3.46]
+    # Cells whose column the text extraction leaves ambiguous say so on their row.
+    for name, method in (("table11", "PR 0.5"), ("table11", "PR 0.7"), ("table12", "PR 0.5"), ("table12", "PR 0.8")):
+        assert "ambiguous" in rows[name][method]["note"], (name, method)
+    assert tables["table13"]["columns"] == ["fid"]
+    assert list(rows["table13"]) == [f"Δt {dt}, step {step}, Prob {prob}" for dt in ("0.01", "0.1")
+                                     for step in (1, 2) for prob in ("0.2", "0.5", "1.0")] + ["no OTD (IGSM)"]
+    assert [r["paper"]["fid"] for r in rows["table13"].values()] == [
+        4.66, 4.62, 4.71, 4.63, 4.63, 4.66, 4.64, 4.62, 4.67, 4.63, 4.62, 4.67, 4.58]
+    assert rows["table13"]["no OTD (IGSM)"]["ours"]["model"] == "diff-pruning-cr0.3/igsm"
+
+
+def test_otd_rows_name_objectives_with_their_settings():
+    """Table 13's row "Δt d, step s, Prob p" is an IGSM objective (λ_Jac 0.1) with otd {d, s, p}."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for row in SPEC["tables"]["table13"]["sections"][0]["rows"][:-1]:
+        dt, step, prob = (float(part.split()[-1]) for part in row["method"].split(", "))
+        objective = config["objectives"][row["ours"]["model"].split("/")[1]]
+        assert objective == {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}, "directions": "otd",
+                             "otd": {"dt": dt, "steps": step, "prob": prob}}, row["method"]
 
 
 def test_cells_hold_ours_the_paper_and_the_difference():
@@ -96,6 +145,40 @@ def test_lambda_sweep_cells_read_each_lambdas_model():
     assert row["fid@1e-4"].status == "none" and pd.isna(row["fid@1e-4"].ours)
     assert cells.loc[("PR 0.56", "fid@1e-3")].status == "missing"  # that ratio was not scored here
     assert paper_tables.heading_of("fid@1e-2") == "FID λ=1e-2"
+
+
+def test_untranscribed_cells_show_ours_and_never_a_paper_number(tmp_path):
+    """Table 4: a cell the paper's text extraction does not let us read shows ours beside "n.t.",
+    never a number of the paper's (nor "–", which would say the paper has none)."""
+    fids = {"np": 5.3, "igsm_lam1e-2": 4.7, "igsm": 4.6, "igsm_lam1": 4.9}
+    tables = {"cifar10_unet": experiment_table("cifar10_unet", {
+        f"diff-pruning-cr0.3/{o}": {"fid": f} for o, f in fids.items()})}
+    cells = paper_tables.build("table4", tables)
+    untranscribed = cells[cells.status == "untranscribed"]
+    assert len(untranscribed) == 18 - 2 and untranscribed.paper.isna().all() and untranscribed.delta.isna().all()
+    assert (cells.status != "none").all()
+    by_cell = cells.set_index(["method", "column"])
+    stated = by_cell.loc[("PR 0.44", "fid@1e-1")]
+    assert (stated.status, stated.ours, stated.paper) == ("ours", 4.6, 4.58)
+    assert by_cell.loc[("PR 0.56", "fid@1e-2")].paper == 5.54
+    one = by_cell.loc[("PR 0.44", "fid@1")]
+    assert one.ours == 4.9 and one.source.startswith("cifar10_unet/diff-pruning-cr0.3/igsm_lam1, FID")
+    assert one.source.endswith("the paper's value not transcribed")
+    assert by_cell.loc[("PR 0.44", "fid@5e-3")].source == "not run here; the paper's value not transcribed"
+    assert pd.isna(by_cell.loc[("PR 0.44", "fid@5e-3")].ours)
+    markdown = tmp_path / "t4.md"
+    paper_tables.write("table4", cells, markdown)
+    text = markdown.read_text()
+    assert '"n.t.": the paper\'s value not transcribed' in text
+    line = next(line for line in text.splitlines() if line.startswith("| PR 0.44"))
+    assert re.findall(r"/ ([^|(]+?)\s*(?:\(|\|)", line) == ["n.t."] * 4 + ["4.58"] + ["n.t."], line
+    assert "5.30 / n.t." in line and "4.60 / 4.58 (+0.02)" in line and "– / n.t." in line  # 5e-3: not run
+    line = next(line for line in text.splitlines() if line.startswith("| PR 0.56"))
+    assert "missing / 5.54" in line and "missing / n.t." in line  # models of the config, not scored here
+    # No experiment at all: still no paper number in an untranscribed cell.
+    empty = paper_tables.build("table4", {})
+    assert empty[empty.status == "untranscribed"].paper.isna().all()
+    assert set(empty.status) == {"untranscribed", "missing"}
 
 
 def test_rows_that_ran_otherwise_than_the_paper_are_marked(tmp_path):
