@@ -425,6 +425,7 @@ def test_efficiency_jobs_time_the_network_the_config_names(network, expected, tm
     experiment = config["experiments"]["digits_unet"]
     experiment["sample"].update(precision="bf16", channels_last=True, compile=True)
     experiment["efficiency"] = {"network": network, "batch_size": 64}
+    experiment["reuse"] = {}  # block reuse samples eagerly: not with compile (tests/test_config.py)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = run_snakemake("-n", "-p", "--configfile", str(path), "-d", str(tmp_path), "-s", str(REPO / "Snakefile"),
@@ -446,7 +447,7 @@ def test_dag_has_one_job_per_shard_a_gather_and_optional_pngs(tmp_path):
                          "all_tables", "all_sample_pngs")
     table = proc.stdout.split("Job stats:")[1]
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
-    variants = 4  # dense, untrained, np, igsm
+    variants = 4 + 4  # dense, untrained, np, igsm; the demo's four block-reuse variants of dense
     assert counts["sample"] == 3 * variants and counts["sample_gather"] == variants
     assert counts["sample_png"] == variants
     assert "--nproc-per-node 2" in proc.stdout
