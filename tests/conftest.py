@@ -132,11 +132,18 @@ def command_env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+WALL_CLOCK_METRICS = ("sec_per_step", "diagnostics_s")  # metrics-line fields that time the run
+
+
+def metrics_without_wall_clock(path):
+    """A metrics JSONL file's records without the fields that time the run."""
+    return [{k: v for k, v in json.loads(line).items() if k not in WALL_CLOCK_METRICS}
+            for line in Path(path).read_text().splitlines()]
+
+
 def metric_records(out):
-    """Training metrics without the wall-clock columns."""
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in ("sec_per_step", "diagnostics_s")}
-            for line in lines]
+    """Training metrics of a training folder without the wall-clock columns."""
+    return metrics_without_wall_clock(Path(out) / "metrics.jsonl")
 
 
 # ---- optional inputs: skipped on a user's subset run, a failure in CI (issue 19) ---------------

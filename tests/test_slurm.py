@@ -27,7 +27,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, SHARED, snakemake_executable, snakemake_in, tiny_demo_config
+from conftest import REPO, SHARED, metrics_without_wall_clock, snakemake_executable, snakemake_in, tiny_demo_config
 
 pytestmark = pytest.mark.slow
 
@@ -156,10 +156,7 @@ def _same(local, remote):
     if suffix == ".png":
         return np.array_equal(np.asarray(Image.open(local)), np.asarray(Image.open(remote)))
     if suffix == ".jsonl":
-        def records(path):
-            return [{k: v for k, v in json.loads(line).items() if k != "sec_per_step"}
-                    for line in path.read_text().splitlines()]
-        return records(local) == records(remote)
+        return metrics_without_wall_clock(local) == metrics_without_wall_clock(remote)
     if suffix == ".json":  # training summaries time their runs: wall-clock values differ
         def content(path):
             return {k: v for k, v in json.loads(path.read_text()).items() if k != "timing"}

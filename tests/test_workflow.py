@@ -93,7 +93,7 @@ def test_html_report_of_the_demo(demo_run):
     assert proc.returncode == 0, proc.stdout[-5000:]
     html = report.read_text()
     grids = sorted((workdir / "results" / "samples").rglob("grid.png"))
-    assert proc.stdout.count("Adding grid.png") == len(grids) == 4
+    assert proc.stdout.count("Adding grid.png") == len(grids) == 4 + len(REUSE_VARIANTS)
     assert "Samples" in html and "Tables" in html and "digits_unet" in html
     assert "<script" in html and len(html) > 100_000  # the images are embedded, not linked
 
