@@ -7,6 +7,7 @@ The total loss is Σ λ_name · term_name over
 * ``jm1`` (first-order Jacobian matching, Table 3 / Eq. 8, projected)   mean_k ‖P v̂_k − P_D v̂_k‖²
 * ``jm2`` (second-order Jacobian matching = IGSM, Eq. 9 squared as in Eq. 28 and the authors'
   code)                                        mean_k (‖P_D v̂_k‖² − ‖P v̂_k‖²)²
+* ``jm2_log``, ``jm2_rel``: scale-free forms of ``jm2``, not the paper's formula (igsm.objectives.terms)
 
 where s is the pruned student's noise prediction, s_D the dense teacher's, J = ∂s/∂x_t the Jacobian
 w.r.t. the *input* image and P v̂ the projection chosen by ``projection``: ``"vjp"`` gives Jᵀv̂ (the
@@ -79,6 +80,10 @@ teacher adds T + T for its Jᵀv̂ to all VJP methods, NP+KD costs 3F + T): cent
 input backward, the pair, their backwards), forward 7F, jvp ≈ 8F in forward-AD and math-attention
 kernels; student activations held: 3, 2 and ≈ 2 forwards' worth (NP+KD: 1). Under bf16 autocast the
 pair/jvp runs in float32, i.e. at float32 cost.
+
+``jacobian_timesteps`` [lo, hi) keeps the Jacobian terms on samples with t in that range only (a mask,
+not the paper's method). ``Objective(..., contributions=True)`` also returns each term's weighted
+share of the total with its graph, for the training loop's per-term gradient diagnostics.
 
 Approximation offered (off by default): ``jacobian_fraction`` < 1 evaluates the Jacobian terms on
 only ⌈f·B⌉ rows of the batch (the first rows of each antithetic half, so t/T−1−t pairs stay
