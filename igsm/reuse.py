@@ -45,9 +45,10 @@ from torch.utils import flop_counter
 from torch.utils.checkpoint import checkpoint
 
 from igsm.data import write_text_atomically
-from igsm.diffusion import VPSDE, NoiseSchedule, vp_log_alpha
+from igsm.diffusion import VPSDE, NoiseSchedule
 from igsm.models import predict_noise
-from igsm.sampling import Denoiser, ImageGenerators, ddim_sample, ddim_timesteps, euler_maruyama_sample
+from igsm.sampling import (Denoiser, ImageGenerators, ddim_sample, ddim_step, ddim_timesteps, euler_maruyama_grid,
+                           euler_maruyama_sample, euler_maruyama_step, sampler_kwargs)
 
 REST = "rest"  # everything outside the blocks; it always runs and reads the last block's output
 REUSE, KEEP = 0, 1  # gate indices: (g_reuse, g_keep)
@@ -304,14 +305,8 @@ def sampler_timesteps(sampler: str, num_steps: int, *, schedule: NoiseSchedule |
         num_train_steps = (schedule.integer_steps() if schedule is not None else NoiseSchedule.linear()).num_steps
         return [int(t) for t in reversed(ddim_timesteps(num_train_steps, num_steps, spacing))]
     if sampler == "euler-maruyama":
-        return [float(t * 999) for t in _euler_maruyama_grid(num_steps, t_min)[:num_steps]]
+        return [float(t * 999) for t in euler_maruyama_grid(num_steps, t_min)[:num_steps]]
     raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'euler-maruyama'")
-
-
-def _euler_maruyama_grid(num_steps: int, t_min: float) -> torch.Tensor:
-    # As euler_maruyama_sample: [0] + linspace(t_min, 1, N), walked from 1 down.
-    return torch.cat([torch.zeros(1, dtype=torch.float64),
-                      torch.linspace(t_min, 1.0, num_steps, dtype=torch.float64)]).flip(0)
 
 
 def dense_plan(graph: BlockGraph, macs: dict, timesteps) -> ReusePlan:
@@ -576,7 +571,7 @@ def _unflatten(tensors, spec) -> dict:
 
 
 class _DDIMChain:
-    """``ddim_sample``'s update, step by step, differentiable (``ddim_sample`` is no_grad)."""
+    """``ddim_sample``'s chain one step at a time, with gradients (``ddim_sample`` is no_grad)."""
 
     def __init__(self, schedule: NoiseSchedule, num_steps: int, eta: float = 0.0, spacing: str = "uniform",
                  clip_x0: bool = False):
@@ -598,13 +593,7 @@ class _DDIMChain:
         i, j = self.pairs[step]
         abar = self.abar.to(x.device)
         a_t, a_next = abar[i], (abar[j] if j >= 0 else abar.new_tensor(1.0))
-        eps = eps.double()
-        x0 = (x.double() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        if self.clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = (x.double() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        sigma = self.eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
-        x_next = a_next.sqrt() * x0 + (1 - a_next - sigma**2).sqrt() * eps
+        x_next, sigma = ddim_step(x, eps, a_t, a_next, self.eta, self.clip_x0)
         if self.draws_noise(step):
             x_next = x_next + sigma * noise
         return x_next.to(x.dtype)
@@ -618,10 +607,10 @@ class _DDIMChain:
 
 
 class _EulerMaruyamaChain:
-    """``euler_maruyama_sample``'s update, step by step, differentiable; the state is float64 as there."""
+    """``euler_maruyama_sample``'s chain one step at a time, with gradients; the state is float64 as there."""
 
     def __init__(self, num_steps: int, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3):
-        self.ts = _euler_maruyama_grid(num_steps, t_min)
+        self.ts = euler_maruyama_grid(num_steps, t_min)
         self.num_steps, self.beta_min, self.beta_max, self.t_min = num_steps, beta_min, beta_max, t_min
 
     def draws_noise(self, step: int) -> bool:
@@ -635,11 +624,9 @@ class _EulerMaruyamaChain:
 
     def update(self, x, eps, step, noise):
         t, h = self.ts[step], self.ts[step] - self.ts[step + 1]
-        beta = self.beta_min + t * (self.beta_max - self.beta_min)
-        sigma = (1 - torch.exp(2 * vp_log_alpha(t, self.beta_min, self.beta_max))).sqrt()
-        x = x + h * (0.5 * beta * x + beta * (-eps.double() / sigma))
+        x, scale = euler_maruyama_step(x, eps, t, h, self.beta_min, self.beta_max)
         if self.draws_noise(step):
-            x = x + (beta * h).sqrt() * noise
+            x = x + scale * noise
         return x
 
     def finish(self, x, dtype):
@@ -968,10 +955,8 @@ def make_plan(net: nn.Module, method: str, mac_fraction: float, options: dict, s
     timesteps = _sampler_steps(options, schedule)
     graph = block_graph(net)
     if method == "dipgo":
-        sampler = {"eta": options.get("eta", 0.0), "spacing": options.get("spacing", "uniform"),
-                   "clip_x0": options.get("clip_x0", False)} if options["sampler"] == "ddim" else {}
-        plan = learn_plan(net, sampler=options["sampler"], schedule=schedule, num_steps=options["num_steps"],
-                          image_shape=shape, mac_fraction=mac_fraction, device=device, **sampler, **learn)
+        plan = learn_plan(net, sampler=options["sampler"], schedule=schedule, image_shape=shape,
+                          mac_fraction=mac_fraction, device=device, **sampler_kwargs(options), **learn)
     else:
         macs = block_macs(net, shape)
         if method == "deepcache":

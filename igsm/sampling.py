@@ -237,6 +237,36 @@ def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: str = "uniform
     raise ValueError(f"unknown DDIM spacing {spacing!r}; choose 'uniform' or 'quad'")
 
 
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_next: torch.Tensor, eta: float = 0.0,
+              clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update (Eq. 12) in float64 from x_t and ε̂: (the mean of x_{t−1}, σ_t); the caller
+    adds σ_t·z where it draws noise. Differentiable (igsm.reuse trains through it)."""
+    eps = eps.double()
+    x0 = (x.double() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x.double() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    # Eq. 12 of DDIM: σ_t = η·sqrt((1−ᾱ_{t−1})/(1−ᾱ_t))·sqrt(1−ᾱ_t/ᾱ_{t−1}).
+    sigma = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
+    return a_next.sqrt() * x0 + (1 - a_next - sigma**2).sqrt() * eps, sigma
+
+
+def euler_maruyama_grid(num_steps: int, t_min: float = 1e-3) -> torch.Tensor:
+    """U-ViT's time grid [0] + linspace(t_min, 1, N), walked from 1 down (float64)."""
+    return torch.cat([torch.zeros(1, dtype=torch.float64),
+                      torch.linspace(t_min, 1.0, num_steps, dtype=torch.float64)]).flip(0)
+
+
+def euler_maruyama_step(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
+                        beta_min: float = 0.1, beta_max: float = 20.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Euler–Maruyama step of the reverse VP-SDE from t to t − h, x float64: (the drift step,
+    the noise scale √(β(t)h)); the caller adds the noise except on the last step."""
+    beta = beta_min + t * (beta_max - beta_min)
+    sigma = (1 - torch.exp(2 * vp_log_alpha(t, beta_min, beta_max))).sqrt()
+    score = -eps.double() / sigma
+    return x + h * (0.5 * beta * x + beta * score), (beta * h).sqrt()
+
+
 @torch.no_grad()
 def ddim_sample(net, noise: torch.Tensor, schedule: NoiseSchedule, num_steps: int = 100,
                 eta: float = 0.0, spacing: str = "uniform", generators: ImageGenerators | None = None,
@@ -251,14 +281,7 @@ def ddim_sample(net, noise: torch.Tensor, schedule: NoiseSchedule, num_steps: in
     for i, j in zip(reversed(seq), reversed([-1] + seq[:-1])):
         a_t, a_next = abar[i], (abar[j] if j >= 0 else abar.new_tensor(1.0))
         t = torch.full((len(x),), i, device=x.device, dtype=torch.long)
-        eps = denoise(x, t).double()
-        x0 = (x.double() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        if clip_x0:
-            x0 = x0.clamp(-1, 1)
-            eps = (x.double() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
-        # Eq. 12 of DDIM: σ_t = η·sqrt((1−ᾱ_{t−1})/(1−ᾱ_t))·sqrt(1−ᾱ_t/ᾱ_{t−1}).
-        sigma = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
-        x_next = a_next.sqrt() * x0 + (1 - a_next - sigma**2).sqrt() * eps
+        x_next, sigma = ddim_step(x, denoise(x, t), a_t, a_next, eta, clip_x0)
         if eta > 0 and j >= 0:
             x_next = x_next + sigma * generators.randn(x.shape[1:], device=x.device, dtype=torch.float64)
         x = x_next.to(noise.dtype)
@@ -274,18 +297,14 @@ def euler_maruyama_sample(net, noise: torch.Tensor, num_steps: int = 1000,
     if num_steps > 1 and generators is None:
         raise ValueError("Euler–Maruyama draws noise at every step: pass generators")
     denoise = as_denoiser(net)
-    ts = torch.cat([torch.zeros(1, dtype=torch.float64),
-                    torch.linspace(t_min, 1.0, num_steps, dtype=torch.float64)]).flip(0)
+    ts = euler_maruyama_grid(num_steps, t_min)
     x = noise.double()
     for step in range(num_steps):
         t, h = ts[step], ts[step] - ts[step + 1]
-        beta = beta_min + t * (beta_max - beta_min)
-        sigma = (1 - torch.exp(2 * vp_log_alpha(t, beta_min, beta_max))).sqrt()
         t_in = torch.full((len(x),), float(t * 999), device=x.device)
-        score = -denoise(x.to(noise.dtype), t_in).double() / sigma
-        x = x + h * (0.5 * beta * x + beta * score)
+        x, scale = euler_maruyama_step(x, denoise(x.to(noise.dtype), t_in), t, h, beta_min, beta_max)
         if step < num_steps - 1:  # the last step returns the mean, as U-ViT does
-            x = x + (beta * h).sqrt() * generators.randn(x.shape[1:], device=x.device, dtype=torch.float64)
+            x = x + scale * generators.randn(x.shape[1:], device=x.device, dtype=torch.float64)
     return x.to(noise.dtype)
 
 

@@ -77,12 +77,10 @@ class FirstOrderJacobianMatching:
 
 
 class _ExpansionMatching:
-    """Mean over directions of ``compare(a, b)`` with a = ‖P_D v̂‖² (teacher), b = ‖P v̂‖² (student)."""
+    """Mean over directions of ``compare(a, b)`` with a = ‖P_D v̂‖² (teacher), b = ‖P v̂‖² (student);
+    each subclass defines ``compare``."""
 
     needs_teacher, needs_teacher_output, needs_jacobian = True, False, True
-
-    def compare(self, dense: Tensor, student: Tensor) -> Tensor:
-        raise NotImplementedError
 
     def __call__(self, probe: Probe) -> Tensor:
         per_direction = [self.compare(sq_norm(p_dense), sq_norm(p))
