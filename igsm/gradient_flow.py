@@ -206,6 +206,7 @@ class MaskFlow:
         self.masks, self.target_density, self.num_steps, self.r = masks, target_density, num_steps, r
         self.dt = (1.0 - target_density) / num_steps
         self.densities: list[float] = []
+        self.spreads: list[list[list[float]]] = []  # per step, per group: (min, mean, max) of its mask
 
     def identity(self) -> str:
         return f"gradient-flow:target={self.target_density!r}:steps={self.num_steps}:r={self.r!r}"
@@ -225,14 +226,17 @@ class MaskFlow:
         net.train(was_training)
         sparsity_indexed_step(self.masks, ascent, self.dt, self.r)
         self.densities.append(density(self.masks))
+        self.spreads.append([[float(m.min()), float(m.mean()), float(m.max())] for m in self.masks.masks])
 
     def state_dict(self) -> dict:
-        return {"masks": [m.detach().cpu().clone() for m in self.masks.masks], "densities": list(self.densities)}
+        return {"masks": [m.detach().cpu().clone() for m in self.masks.masks], "densities": list(self.densities),
+                "spreads": [list(map(list, step)) for step in self.spreads]}
 
     def load_state_dict(self, state: dict) -> None:
         for mask, saved in zip(self.masks.masks, state["masks"]):
             mask.copy_(saved.to(mask.device))
         self.densities = list(state["densities"])
+        self.spreads = [list(map(list, step)) for step in state.get("spreads", [])]
 
 
 def prune_with_gradient_flow(net: nn.Module, images, schedule, *, channel_ratio: float, options,
@@ -267,6 +271,9 @@ def prune_with_gradient_flow(net: nn.Module, images, schedule, *, channel_ratio:
                           "flow (igsm/gradient_flow.py): not the paper's code, which is not public",
         "steps": options.num_steps, "r": r, "target_density": 1.0 - channel_ratio,
         "densities": flow.densities,
+        # Each group's mask over the flow: (min, mean, max) after every step (report picture).
+        "mask_spreads": {root: [[round(v, 7) for v in step[g]] for step in flow.spreads]
+                         for g, root in enumerate(masks.roots)},
         "final_masks": {root: [round(float(v), 6) for v in mask] for root, mask in zip(masks.roots, masks.masks)},
         "timing": asdict(timing),
     }

@@ -244,6 +244,19 @@ def sample_settings(exp, variant=None):
     return as_json({"diffusion": diffusion_settings(exp), **sample})
 
 
+def statistics_file(exp, variant):
+    """The Inception statistics a model's FID reads. A dense model taken from another experiment
+    (dense.from_experiment) and sampled with the same settings (seeds, count, sampler) in the same
+    FID mode makes the same images: its FID reads the owner's statistics instead of sampling
+    10k images a second time."""
+    owner = dense_owner(exp)
+    if (variant == "dense" and owner != exp
+            and sample_settings(exp, "dense") == sample_settings(owner, "dense")
+            and EXPERIMENTS[exp]["fid"]["mode"] == EXPERIMENTS[owner]["fid"]["mode"]):
+        return f"results/fid_stats/{owner}/dense.npz"
+    return f"results/fid_stats/{exp}/{variant}.npz"
+
+
 def reuse_plan_file(exp, variant):
     """The gate table a variant samples with, or None (not a reuse variant, or fewer steps)."""
     meta = variant_metadata(exp)[variant]

@@ -1,7 +1,8 @@
 # Stage 6: Inception statistics of the training set (cached per dataset, mode and size; an
 # image-folder dataset gets its own) and of each scored model's samples (from the samples array, no
 # PNG files; GPU jobs), then the FID of each model from the two statistics files alone (a CPU job:
-# if it fails, its rerun never recomputes features); plus parameter and MAC counts and network
+# if it fails, its rerun never recomputes features; a dense model shared through dense.from_experiment
+# is sampled and featurised once, common.smk statistics_file); plus parameter and MAC counts and network
 # throughput of each model.
 
 
@@ -56,7 +57,7 @@ rule fid:
     conda:
         "../envs/fid.yaml"
     input:
-        statistics="results/fid_stats/{exp}/{variant}.npz",
+        statistics=lambda w: statistics_file(w.exp, w.variant),
         reference=lambda w: fid_reference_file(w.exp),
     output:
         score="results/fid/{exp}/{variant}.json",

@@ -361,9 +361,19 @@ def test_fashion_mnist_experiment_dry_runs(tmp_path):
              for name, r in ((name, exp.get("reuse", {})) for name, exp in config["experiments"].items())}
     untrained = {name: exp.get("untrained_baseline", False) for name, exp in config["experiments"].items()}
     scored = sum(1 + untrained[name] + n + reuse[name] for name, n in runs.items())
+    # The teacher's images are made once for every experiment that borrows it with the same
+    # sampling settings (all but the second seed's): their FIDs read fmnist_unet's statistics.
+    borrowed = [name for name, exp in config["experiments"].items()
+                if exp["dense"].get("from_experiment") and "seed" not in exp["sample"]]
+    assert len(borrowed) == 3
     assert counts["dense_trained"] == 1 and counts["download"] == 1 and counts["fid_reference"] == 1
-    assert counts["finetune"] == sum(runs.values()) and counts["sample"] == scored
+    assert counts["finetune"] == sum(runs.values()) and counts["sample"] == scored - len(borrowed)
+    assert counts["fid"] == scored and counts["fid_statistics"] == scored - len(borrowed)
     jobs = planned(proc.stdout)
+    for name in borrowed:
+        fid = [b for b in jobs["fid"] if f"results/fid/{name}/dense.json" in b]
+        assert len(fid) == 1 and "--statistics results/fid_stats/fmnist_unet/dense.npz" in fid[0]
+    assert any("--statistics results/fid_stats/fmnist_unet_seed1/dense.npz" in b for b in jobs["fid"])
     seed1 = [b for b in jobs["finetune"] if "fmnist_unet_seed1/" in b]
     assert len(seed1) == runs["fmnist_unet_seed1"]
     for block in seed1:

@@ -226,6 +226,9 @@ def test_gradient_flow_pruning_trains_the_masks_down_and_resumes_bitwise(tiny_tr
     resumed, resumed_report = run(tmp_path / "b")
     assert resumed_report["gradient_flow"]["final_masks"] == report["gradient_flow"]["final_masks"]
     assert resumed_report["gradient_flow"]["densities"] == densities
+    spreads = report["gradient_flow"]["mask_spreads"]  # the masks over time survive the resume too
+    assert resumed_report["gradient_flow"]["mask_spreads"] == spreads
+    assert all(len(steps) == 6 and all(lo <= mean <= hi for lo, mean, hi in steps) for steps in spreads.values())
     assert all(torch.equal(a, b) for a, b in zip(pruned.state_dict().values(), resumed.state_dict().values()))
     assert resumed_report["gradient_flow"]["timing"]["attempts"] == 2
 

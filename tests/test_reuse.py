@@ -395,7 +395,22 @@ def test_pruner_starts_at_recompute_and_its_gates_are_straight_through():
     assert torch.equal(gates.detach()[..., reuse.KEEP], torch.ones(7, 5))
     assert (pruner.scores() < 0.5).all()
     (gates[..., reuse.REUSE] * torch.arange(1.0, 36.0).view(7, 5)).sum().backward()
-    assert (pruner.position_bias.grad[..., reuse.REUSE] > 0).all()  # softmax gradient through hard gates
+    assert (pruner.out_bias.grad[..., reuse.REUSE] > 0).all()  # softmax gradient through hard gates
+
+
+def test_pruner_gates_have_their_own_parameters():
+    """A loss on one gate moves only that gate's logits at first (the heads' last layer starts at
+    zero, so nothing reaches the shared encoder): a shared output bias once moved every gate together."""
+    torch.manual_seed(0)
+    pruner = reuse.ReusePruner(num_steps=6, num_blocks=4, dim=16, num_heads=2)
+    before = pruner.logits().detach()
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=1.0)
+    pruner()[3, 2, reuse.KEEP].backward()  # lower the keep gate of one position
+    optimizer.step()
+    moved = (pruner.logits().detach() - before).abs().sum(-1)
+    assert moved[3, 2] > 0.1
+    moved[3, 2] = 0
+    assert moved.max() == 0
 
 
 def test_ssim_is_one_for_equal_images_and_less_otherwise():
