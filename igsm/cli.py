@@ -336,6 +336,20 @@ def _prune_with_gradient_flow(model_dir, images, channel_ratio, out, report, set
     _write_json(report, result)
 
 
+@main.command("plot-flow-masks")
+@click.option("--report", "report_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A gradient-flow prune report (report.json).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG picture.")
+def plot_flow_masks(report_file, out):
+    """Picture of a gradient-flow pruning run: masks over the flow, final widths."""
+    from igsm.plots import plot_flow_masks as plot
+
+    report = json.loads(Path(report_file).read_text())
+    if "gradient_flow" not in report:
+        raise click.ClickException(f"{report_file}: not a gradient-flow prune report (no 'gradient_flow')")
+    plot(report["gradient_flow"], out)
+
+
 def _shard(ctx, param, value):
     try:
         index, count = (int(part) for part in value.split("/"))

@@ -182,3 +182,37 @@ def plot_gradient_share(metrics_files: dict, path) -> None:
     fig.tight_layout()
     _save(fig, [path], dpi=120)
     plt.close(fig)
+
+
+def plot_flow_masks(report: dict, path) -> None:
+    """Gradient-flow pruning's own report (igsm.gradient_flow): each group's mask over the flow
+    (mean, and the spread max − min that ranks its channels for the hard prune) beside the overall
+    density, and each group's width before and after the hard prune. ``report``: the prune
+    report's 'gradient_flow' section."""
+    plt = _pyplot()
+    spreads = report["mask_spreads"]
+    widths = report["final_widths"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    for root, steps in spreads.items():
+        lows, means, highs = np.array(steps).T if steps else ([], [], [])
+        x = np.arange(1, len(means) + 1)
+        axes[0].plot(x, means, color="0.6", lw=0.7)
+        axes[1].plot(x, np.maximum(np.asarray(highs) - np.asarray(lows), 1e-9), lw=0.7,
+                     label=root if len(spreads) <= 12 else None)
+    axes[0].plot(np.arange(1, len(report["densities"]) + 1), report["densities"], color="k", lw=2,
+                 label="density (all masks)")
+    axes[0].axhline(report["target_density"], ls="--", color="k", lw=0.8)
+    axes[0].set(xlabel="flow step", ylabel="mask value", title="each group's mean mask (grey)")
+    axes[0].legend(fontsize=7)
+    axes[1].set(xlabel="flow step", ylabel="max − min within the group", yscale="log",
+                title="spread that ranks a group's channels")
+    names = list(widths)
+    axes[2].barh(range(len(names)), [widths[n][0] for n in names], color="0.85", label="dense")
+    axes[2].barh(range(len(names)), [widths[n][1] for n in names], color="C0", label="kept")
+    axes[2].set_yticks(range(len(names)), names, fontsize=5)
+    axes[2].invert_yaxis()
+    axes[2].set(xlabel="channels", title="widths after the hard prune")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, [path], dpi=120)
+    plt.close(fig)

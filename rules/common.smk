@@ -227,7 +227,13 @@ def table_rows(exp):
 
 
 def table_inputs(exp):
-    return [path for row in table_rows(exp) for path in row.values() if path]
+    return [path for row in table_rows(exp) for path in row.values() if path] + flow_pictures(exp)
+
+
+def flow_pictures(exp):
+    """The report picture of each gradient-flow pruning an experiment finetunes from."""
+    return sorted({f"results/prune/{exp}/{meta['pruned']}/masks.png" for meta in variant_metadata(exp).values()
+                   if meta["kind"] == "finetuned" and meta["criterion"] == "gradient-flow"})
 
 
 # ---- sampling (stage 5) and efficiency ------------------------------------------------------

@@ -25,3 +25,22 @@ rule prune:
         "python -m igsm prune --model {input.model:q} --data {input.data:q} --criterion {wildcards.criterion:q} "
         "--channel-ratio {wildcards.ratio:q} --settings {params.settings:q} --out {output.model:q} "
         "--report {output.report:q} --threads {threads} > {log:q} 2>&1"
+
+
+# Gradient-flow pruning's own report picture (masks over the flow, final widths), from its report.
+rule gradient_flow_picture:
+    conda:
+        "../envs/tables.yaml"
+    input:
+        report="results/prune/{exp}/gradient-flow-cr{ratio}/report.json",
+    output:
+        picture=report("results/prune/{exp}/gradient-flow-cr{ratio}/masks.png", caption="../report/flow_masks.rst",
+                       category="Pruning", labels={"experiment": "{exp}", "pruning": "gradient-flow-cr{ratio}"}),
+    log:
+        "results/logs/gradient_flow_picture/{exp}/cr{ratio}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("tables", "mem_mb"),
+        runtime=resource("tables", "runtime"),
+    shell:
+        "python -m igsm plot-flow-masks --report {input.report:q} --out {output.picture:q} > {log:q} 2>&1"

@@ -258,6 +258,15 @@ def test_prune_stage_runs_gradient_flow(tiny_training, tmp_path):
     pruned = load_model(out)
     assert count_parameters(pruned) == report["pruned_params"]
     assert sorted(p.name for p in (tmp_path / "prune" / "checkpoints").glob("step-*.pt"))[-1] == "step-0000004.pt"
+    # Its report: each group's width before → after is the pruned network's (widths read off the
+    # masks' lengths and the pruned layers, not assumed from the ratio), and the picture is drawn.
+    widths = report["gradient_flow"]["final_widths"]
+    assert widths and all(after == pruned.get_submodule(root).out_channels and after < before
+                          for root, (before, after) in widths.items() if "conv" in root)
+    picture = tmp_path / "prune" / "masks.png"
+    plot = subprocess.run([sys.executable, "-m", "igsm", "plot-flow-masks", "--report", str(tmp_path / "prune" / "report.json"),
+                           "--out", str(picture)], cwd=REPO, capture_output=True, text=True)
+    assert plot.returncode == 0 and picture.read_bytes()[:4] == b"\x89PNG", plot.stderr[-2000:]
 
 
 def test_config_accepts_gradient_flow(tmp_path):
