@@ -138,12 +138,6 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     pretrained = dense["pretrained"]
     arch = exp["architecture"]
     family = architecture_family(arch)
-    if family == "uvit":  # gradient-flow's masks follow torch-pruning's plain groups: U-Nets only so far
-        flows = [f"{key}.prune.criterion"] * (exp["prune"]["criterion"] == "gradient-flow") + [
-            f"{key}.finetune.runs[{i}].criterion" for i, run in enumerate(exp["finetune"]["runs"])
-            if run.get("criterion") == "gradient-flow"]
-        errors += [f"{where}: gradient-flow pruning supports the U-Net family so far, not U-ViT (whose "
-                   "attention heads torch-pruning prunes as groups of their own)" for where in flows]
     if pretrained and family == "uvit":
         if not pretrained.startswith(CHECKPOINT_URL_SCHEMES) and not Path(pretrained).expanduser().is_file():
             errors.append(f"{key}.dense.pretrained: U-ViT checkpoint file {pretrained} does not exist "

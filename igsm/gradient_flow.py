@@ -11,11 +11,15 @@ along the gradient flow of an energy built from the criterion. Everything below 
 * a mask acts where the channel is made and wherever it is read: the convolution or linear layer
   that makes it scales its output by m (so attention's q, k, v lose it before their products),
   every convolution or linear layer that reads it sees it scaled by m again, and every GroupNorm
-  over it computes its statistics with the channels weighted by m. With m ∈ {0, 1} the masked
-  network therefore computes exactly what the hard-pruned network computes (tested): a channel at
-  0 reaches no layer and enters no statistic. Scaling only where it is made would not do: the
-  zeroed channel would still enter GroupNorm's mean and variance, and GroupNorm's bias would revive
-  it. (Soft values thus act as m² along a plain path; at 0 and 1 that changes nothing.)
+  or LayerNorm over it computes its statistics with the channels weighted by m. With m ∈ {0, 1}
+  the masked network therefore computes exactly what the hard-pruned network computes (tested, both
+  families): a channel at 0 reaches no layer and enters no statistic. Scaling only where it is made
+  would not do: the zeroed channel would still enter the norm's mean and variance, and the norm's
+  bias would revive it. (Soft values thus act as m² along a plain path; at 0 and 1 that changes
+  nothing.)
+* U-ViT's fused ``qkv`` layer: torch-pruning's group holds its 3·d outputs, but the hard prune
+  removes head dim i from q, k and v together (with ``proj``'s input i, the root of its step's
+  group), so such a group gets d masks, mask i acting on q_i, k_i, v_i and proj's input i.
 * the final hard prune keeps, per group, the channels with the largest m (torch-pruning ranks them,
   equally within GroupNorm groups as for every criterion).
 """
@@ -48,6 +52,7 @@ class SoftMasks:
     roots: list[str]  # each group's root layer (its first out-channel dependency), for reports
     uses: dict[nn.Module, list[_Use]] = field(default_factory=dict)  # layers reading group channels
     makes: dict[nn.Module, list[_Use]] = field(default_factory=dict)  # conv / linear layers making them
+    aliases: dict[str, int] = field(default_factory=dict)  # other root names of a group (the hard prune's)
 
     def channel_scale(self, uses: list[_Use], num_channels: int, like: torch.Tensor) -> torch.Tensor:
         """The factor of each of ``num_channels`` channels: m where a group owns it, else 1."""
@@ -64,6 +69,8 @@ class SoftMasks:
         for module in self.uses:
             if isinstance(module, nn.GroupNorm):
                 handles.append(module.register_forward_hook(self._group_norm_hook))
+            elif isinstance(module, nn.LayerNorm):
+                handles.append(module.register_forward_hook(self._layer_norm_hook))
             else:
                 handles.append(module.register_forward_pre_hook(self._consumer_hook))
         try:
@@ -87,6 +94,10 @@ class SoftMasks:
     def _group_norm_hook(self, module, args, output):
         return masked_group_norm(args[0], module, self.channel_scale(self.uses[module], module.num_channels, args[0]))
 
+    def _layer_norm_hook(self, module, args, output):
+        x = args[0]
+        return masked_layer_norm(x, module, self.channel_scale(self.uses[module], x.shape[-1], x))
+
 
 def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, weights: torch.Tensor) -> torch.Tensor:
     """GroupNorm whose statistics weight channel c by ``weights[c]``: with 0/1 weights, the
@@ -106,6 +117,20 @@ def masked_group_norm(x: torch.Tensor, norm: nn.GroupNorm, weights: torch.Tensor
     return y
 
 
+def masked_layer_norm(x: torch.Tensor, norm: nn.LayerNorm, weights: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dimension whose statistics weight channel c by ``weights[c]``: with
+    0/1 weights, the LayerNorm of the kept channels alone."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xs, w = x.to(dtype), weights.to(dtype)
+    count = w.sum().clamp_min(1e-12)
+    mean = (xs * w).sum(-1, keepdim=True) / count
+    var = ((xs - mean).square() * w).sum(-1, keepdim=True) / count
+    y = ((xs - mean) / torch.sqrt(var + norm.eps)).to(x.dtype)
+    if norm.elementwise_affine:
+        y = y * norm.weight + (norm.bias if norm.bias is not None else 0)
+    return y
+
+
 def root_name(group) -> str:
     """The module name of a torch-pruning group's root layer (its node name without the layer's
     repr, which changes as layers are pruned)."""
@@ -117,21 +142,41 @@ def soft_masks(groups) -> SoftMasks:
     layer that reads their channels."""
     import torch_pruning as tp
 
-    masks, roots, uses, makes = [], [], {}, {}
+    masks, roots, uses, makes, aliases = [], [], {}, {}, {}
     for g, group in enumerate(groups):
-        masks.append(torch.ones(len(group[0].idxs)))
+        width = len(group[0].idxs)
+        fused = _fused_qkv_reader(group)
+        if fused is not None:  # one mask per head dim: q_i, k_i, v_i and proj's input i
+            aliases[fused[0]] = g
+            width = fused[1]
+        masks.append(torch.ones(width))
         roots.append(root_name(group))
         for item in group:  # GroupItem: dep, idxs (the layer's channels), root_idxs (the group's)
             module, handler = item.dep.target.module, item.dep.handler
             use = _Use(g, torch.as_tensor(list(item.idxs), dtype=torch.long),
-                       torch.as_tensor(list(item.root_idxs), dtype=torch.long))
-            if isinstance(module, nn.GroupNorm) or (isinstance(module, (nn.Conv2d, nn.Linear)) and handler in (
+                       torch.as_tensor(list(item.root_idxs), dtype=torch.long) % width)
+            if isinstance(module, (nn.GroupNorm, nn.LayerNorm)) or (isinstance(module, (nn.Conv2d, nn.Linear)) and handler in (
                     tp.prune_conv_in_channels, tp.prune_linear_in_channels)):
                 uses.setdefault(module, []).append(use)
             elif isinstance(module, (nn.Conv2d, nn.Linear)) and handler in (
                     tp.prune_conv_out_channels, tp.prune_linear_out_channels):
                 makes.setdefault(module, []).append(use)
-    return SoftMasks(masks, roots, uses, makes)
+    return SoftMasks(masks, roots, uses, makes, aliases)
+
+
+def _fused_qkv_reader(group) -> tuple[str, int] | None:
+    """(name, d) of the layer reading a fused q/k/v projection's group: a group rooted at a linear
+    layer's 3·d outputs whose only linear reader takes d of them (U-ViT's ``attn.proj`` reads v)."""
+    import torch_pruning as tp
+
+    root = group[0].dep.target.module
+    if not isinstance(root, nn.Linear):
+        return None
+    readers = [item for item in group if isinstance(item.dep.target.module, nn.Linear)
+               and item.dep.handler == tp.prune_linear_in_channels]
+    if len(readers) == 1 and 3 * len(readers[0].idxs) == len(group[0].idxs):
+        return readers[0].dep.target.name.split(" (")[0], len(readers[0].idxs)
+    return None
 
 
 class MaskImportance:
@@ -140,6 +185,7 @@ class MaskImportance:
 
     def __init__(self, masks: SoftMasks):
         self.by_root = {root: mask for root, mask in zip(masks.roots, masks.masks)}
+        self.by_root.update({alias: masks.masks[g] for alias, g in masks.aliases.items()})
 
     def __call__(self, group, **kwargs) -> torch.Tensor:
         return self.by_root[root_name(group)].detach().clone()
@@ -252,10 +298,6 @@ def prune_with_gradient_flow(net: nn.Module, images, schedule, *, channel_ratio:
     from igsm.data import to_model_range
     from igsm.training import train
 
-    from igsm.models import architecture_family
-
-    if architecture_family(net.config) == "uvit":  # its heads are pruner groups of their own: not covered yet
-        raise ValueError("criterion: gradient-flow pruning supports the U-Net family so far, not U-ViT")
     student = copy.deepcopy(net)
     with pruning.metapruner(student, "magnitude", channel_ratio) as pruner:  # its groups; nothing is pruned
         masks = soft_masks(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,

@@ -285,19 +285,121 @@ def test_config_accepts_gradient_flow(tmp_path):
         validate(config)
 
 
-def test_u_vit_is_refused_naming_the_key():
-    """Not covered yet: its attention heads are pruner groups of their own (README)."""
+# ---- U-ViT ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_uvit():
+    from igsm.uvit import UViT
+
+    torch.manual_seed(0)
+    net = UViT(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=4, num_heads=2).eval()
+    with torch.no_grad():  # LayerNorm affine parameters off their 1/0 init: biases must not revive channels
+        for module in net.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.5)
+    return net
+
+
+def uvit_masks(net):
+    with pruning.metapruner(net, "magnitude", 0.5) as pruner:
+        return gradient_flow.soft_masks(pruner.DG.get_all_groups(
+            ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
+
+
+def test_layer_norm_with_0_1_weights_is_the_layer_norm_of_the_kept_channels():
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(12).double()
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    keep = torch.tensor([1, 0, 1] * 4, dtype=torch.bool)
+    pruned = torch.nn.LayerNorm(8).double()
+    with torch.no_grad():
+        pruned.weight.copy_(norm.weight[keep]), pruned.bias.copy_(norm.bias[keep])
+    torch.testing.assert_close(gradient_flow.masked_layer_norm(x, norm, keep.double())[..., keep], pruned(x[..., keep]),
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(gradient_flow.masked_layer_norm(x, norm, torch.ones(12)), norm(x), rtol=0, atol=1e-12)
+
+
+def test_u_vit_masks_at_0_1_compute_the_hard_pruned_network(tiny_uvit):
+    """U-ViT (attention heads, the fused qkv layer, LayerNorms on the pruned residual stream): zero
+    the masks of the channels a random hard prune removes and the dense network computes the
+    pruned one. One mask per head dim ties q_i, k_i, v_i and proj's input i, as the hard prune does."""
+    hard = copy.deepcopy(tiny_uvit)
+    with pruning.metapruner(hard, "random", 0.5) as pruner:
+        removed = {}
+        torch.manual_seed(3)
+        for group in pruner.step(interactive=True):
+            removed[gradient_flow.root_name(group)] = list(group[0].idxs)
+            group.prune()
+    dense = copy.deepcopy(tiny_uvit)
+    masks = uvit_masks(dense)  # hooks on dense's own layers
+    by_name = {**{root: g for g, root in enumerate(masks.roots)}, **masks.aliases}
+    assert any("attn.proj" in name for name in removed) and set(removed) <= set(by_name)
+    qkv = [g for g, root in enumerate(masks.roots) if root.endswith("attn.qkv")]
+    assert qkv and all(masks.masks[g].numel() == 16 for g in qkv)  # d = embed_dim, not 3·d
+    for name, idxs in removed.items():
+        masks.masks[by_name[name]][idxs] = 0.0
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([5.0, 300.0, 999.0])
+    with torch.no_grad():
+        expected = hard(x, t)
+        with masks.applied(dense):
+            got = dense(x, t)
+        unmasked = dense(x, t)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(unmasked, expected, atol=1e-3)
+
+
+def test_u_vit_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_uvit):
+    from igsm.diffusion import NoiseSchedule
+
+    masks = uvit_masks(copy.deepcopy(tiny_uvit))
+    generator = torch.Generator().manual_seed(4)
+    for mask in masks.masks:
+        mask.copy_(torch.rand(mask.shape, generator=generator))
+    images = torch.zeros(2, 1, 8, 8)
+    flow_net, flow_report = pruning.prune(tiny_uvit, criterion="gradient-flow", channel_ratio=0.5, images=images,
+                                          schedule=NoiseSchedule.linear(), importance=gradient_flow.MaskImportance(masks))
+    _, dp_report = pruning.prune(tiny_uvit, criterion="diff-pruning", channel_ratio=0.5, images=images,
+                                 schedule=NoiseSchedule.linear())
+    assert (flow_report["pruned_params"], flow_report["pruned_macs"]) == (dp_report["pruned_params"], dp_report["pruned_macs"])
+    # The MLP's hidden layer keeps its top half by mask; an attention keeps the same head dims in
+    # q, k, v and proj: per head, the dims with the largest masks.
+    fc1, dense_fc1 = flow_net.mid_block.mlp.fc1, tiny_uvit.mid_block.mlp.fc1
+    mask = masks.masks[masks.roots.index("mid_block.mlp.fc1")]
+    kept = torch.sort(torch.topk(mask, fc1.out_features).indices).values
+    torch.testing.assert_close(fc1.weight, dense_fc1.weight[kept])
+    attn, dense_attn = flow_net.mid_block.attn, tiny_uvit.mid_block.attn
+    mask = masks.masks[masks.aliases["mid_block.attn.proj"]].view(2, 8)  # 2 heads of 8 dims
+    dims = torch.cat([h * 8 + torch.sort(torch.topk(mask[h], attn.head_dim).indices).values for h in range(2)])
+    torch.testing.assert_close(attn.proj.weight, dense_attn.proj.weight[:, dims])
+    torch.testing.assert_close(attn.qkv.weight, dense_attn.qkv.weight[torch.cat([dims, dims + 16, dims + 32])])
+
+
+@pytest.mark.slow
+def test_gradient_flow_prunes_a_u_vit(tiny_uvit, tmp_path):
+    """The flow on a U-ViT: the masks come down to the target and the pruned network has
+    Diff-Pruning's counts (the config accepts it for U-ViT experiments too)."""
+    import numpy as np
+
+    from igsm.diffusion import NoiseSchedule
+
+    images = np.random.default_rng(0).integers(0, 256, size=(32, 8, 8, 1), dtype=np.uint8)
+    pruned, report = gradient_flow.prune_with_gradient_flow(
+        tiny_uvit, images, NoiseSchedule.linear(), channel_ratio=0.5, options=flow_options(4),
+        checkpoint_dir=tmp_path / "checkpoints", metrics_path=tmp_path / "metrics.jsonl")
+    densities = report["gradient_flow"]["densities"]
+    assert len(densities) == 4 and densities[-1] == pytest.approx(0.5, abs=0.05)
+    _, dp = pruning.prune(tiny_uvit, criterion="magnitude", channel_ratio=0.5, images=torch.zeros(1, 1, 8, 8),
+                          schedule=NoiseSchedule.linear())
+    assert (report["pruned_params"], report["pruned_macs"]) == (dp["pruned_params"], dp["pruned_macs"])
+    assert count_parameters(pruned) == report["pruned_params"]
     import yaml
 
     from conftest import REPO
-    from igsm.config import ConfigError, validate
-    from igsm.uvit import UViT
+    from igsm.config import validate
 
-    with pytest.raises(ValueError, match="U-Net family so far"):
-        gradient_flow.prune_with_gradient_flow(UViT(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2,
-                                                    num_heads=2), None, None, channel_ratio=0.5, options=None,
-                                               checkpoint_dir=None, metrics_path=None)
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config["experiments"]["cifar10_uvit"]["finetune"]["runs"][0]["criterion"] = "gradient-flow"
-    with pytest.raises(ConfigError, match=r"experiments\.cifar10_uvit\.finetune\.runs\[0\]\.criterion: gradient-flow"):
-        validate(config)
+    validate(config)  # once refused for U-ViT: accepted now

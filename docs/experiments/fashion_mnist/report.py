@@ -1,7 +1,7 @@
 """Collect the Fashion-MNIST experiment's numbers from a finished run's results/ (run.sh) into the
 files of its report: results.csv (one row per model), report.json (the same plus the teacher
-curve and wall time per stage), loss_curves.png, samples.png (sample grids side by side),
-gradient_share.png (the Jacobian terms' share of the gradient by timestep range, issue 20).
+curve and wall time per stage), loss_curves.png and loss_curves_gradient_flow.png, samples.png,
+samples_gradient_flow.png and samples_reuse.png (sample grids side by side), gradient_share.png (the Jacobian terms' share of the gradient by timestep range, issue 20).
 
     python docs/experiments/fashion_mnist/report.py WORK OUT
 
@@ -52,6 +52,7 @@ def model_rows(results: Path) -> list[dict]:
             rows.append({
                 "experiment": exp, "model": variant,
                 "pruning": variant.split("/")[0].rsplit("-cr", 1)[0] if "/" in variant else "",
+                "channel_ratio": meta.get("channel_ratio"),
                 "objective": variant.split("/")[1] if "/" in variant else "dense",
                 "seed": summary.get("settings", {}).get("training", {}).get("seed", 0),
                 "fid": fid["fid"], "fid_images": fid["num_images"], "fid_mode": fid["mode"],
@@ -65,11 +66,13 @@ def model_rows(results: Path) -> list[dict]:
                 "sampler_steps": eff.get("sampler_steps"), "sampling_macs_G": (eff.get("sampling_macs") or float("nan")) / 1e9,
                 "sampling_images_per_s": eff.get("sampling_images_per_s"),
             })
-    # Step time relative to NP+KD of the same experiment and seed (the runs shared the GPU alike).
-    reference = {(r["experiment"]): r["sec_per_step"] for r in rows
-                 if r["objective"] == "np_kd" and r["pruning"] == "diff-pruning"}
+    # Step time relative to NP+KD of the same experiment and seed (the runs shared the GPU alike):
+    # from the same pruned network where it has an NP+KD run, else Diff-Pruning's at ratio 0.3.
+    reference = {(r["experiment"], r["model"].split("/")[0]): r["sec_per_step"] for r in rows
+                 if r["objective"] == "np_kd"}
     for row in rows:
-        base = reference.get(row["experiment"])
+        base = reference.get((row["experiment"], row["model"].split("/")[0]),
+                             reference.get((row["experiment"], "diff-pruning-cr0.3")))
         row["step_time_vs_np_kd"] = (row["sec_per_step"] / base) if base and row["sec_per_step"] else None
     return rows
 
@@ -86,7 +89,8 @@ def stage_wall_times(results: Path) -> dict:
     return out
 
 
-def loss_plot(results: Path, out: Path) -> None:
+def loss_plot(results: Path, out: Path, experiments=("fmnist_unet", "fmnist_unet_seed1")) -> None:
+    """The finetunes' loss terms, one colour per objective (and pruning), seed 1 dashed."""
     teacher_metrics = results / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl"
     teacher = metrics(teacher_metrics) if teacher_metrics.exists() else []  # none when pretrained
     fig, axes = plt.subplots(1, 4 if teacher else 3, figsize=(21 if teacher else 16, 4.5))
@@ -95,12 +99,15 @@ def loss_plot(results: Path, out: Path) -> None:
         axes[0].set(title="dense teacher: NP loss", xlabel="step", yscale="log")
     else:  # the panels below index from 1
         axes = [None, *axes]
-    runs = [(exp, style, path) for exp, style in zip(EXPERIMENTS, ("-", "--"))
+    runs = [(exp, "--" if exp.endswith("seed1") else "-", path) for exp in experiments
             for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl"))]
+    if not runs:
+        return
+
     # One colour per objective in every panel (a seed repeats its objective's colour, dashed).
-    def name(path):  # the objective, and the pruning method unless it is Diff-Pruning
-        method = path.parent.parent.name.rsplit("-cr", 1)[0]
-        return path.parent.name if method == "diff-pruning" else f"{path.parent.name} ({method})"
+    def name(path):  # the objective, and the pruning unless it is Diff-Pruning at ratio 0.3
+        pruned = path.parent.parent.name
+        return path.parent.name if pruned == "diff-pruning-cr0.3" else f"{path.parent.name} ({pruned})"
 
     objectives = sorted({name(path) for _, _, path in runs})
     colour = {name: f"C{i}" for i, name in enumerate(objectives)}
@@ -118,16 +125,17 @@ def loss_plot(results: Path, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def sample_montage(results: Path, names: list[str], out: Path) -> None:
-    grids = [(name, results / "samples" / "fmnist_unet" / name / "grid.png") for name in names]
+def sample_montage(grids: list[tuple[str, Path]], out: Path, per_row: int = 6) -> None:
     grids = [(n, p) for n, p in grids if p.exists()]
     if not grids:
         return
-    fig, axes = plt.subplots(1, len(grids), figsize=(4 * len(grids), 4.4))
-    for ax, (name, path) in zip(np.atleast_1d(axes), grids):
+    rows, cols = -(-len(grids) // per_row), min(per_row, len(grids))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, path) in zip(axes.flat, grids):
         ax.imshow(np.asarray(Image.open(path)), cmap="gray")
         ax.set_title(name, fontsize=9)
-        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
@@ -146,8 +154,15 @@ def main(work: Path, out: Path) -> None:
               "stage_seconds": stage_wall_times(results)}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     loss_plot(results, out / "loss_curves.png")
-    names = ["dense"] + sorted({r["model"] for r in rows if r["experiment"] == "fmnist_unet" and "/" in r["model"]})
-    sample_montage(results, names, out / "samples.png")
+    loss_plot(results, out / "loss_curves_gradient_flow.png", experiments=("fmnist_gradient_flow",))
+    # Sample grids: the teacher (its images are fmnist_unet's), then each experiment's models.
+    teacher = [("dense", results / "samples" / "fmnist_unet" / "dense" / "grid.png")]
+    for exp, picture in (("fmnist_unet", "samples.png"), ("fmnist_gradient_flow", "samples_gradient_flow.png"),
+                         ("fmnist_reuse", "samples_reuse.png")):
+        models = sorted({r["model"] for r in rows if r["experiment"] == exp and "/" in r["model"]})
+        if models:
+            sample_montage(teacher + [(m, results / "samples" / exp / m / "grid.png") for m in models],
+                           out / picture)
     diagnosed = {f"{path.parent.name} ({exp})": path for exp in EXPERIMENTS
                  for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl"))
                  if any(k.startswith("jm") for k in (metrics(path) or [{}])[0])}
