@@ -15,10 +15,14 @@ from igsm.models import build_unet, count_parameters
 @pytest.fixture
 def tiny_unet():
     torch.manual_seed(0)
-    net = build_unet(TINY_ARCHITECTURE).eval()
-    with torch.no_grad():  # GroupNorm affine parameters off their 1/0 init: biases must not revive channels
+    return with_norms_off_init(build_unet(TINY_ARCHITECTURE).eval())
+
+
+def with_norms_off_init(net):
+    """Norm layers' affine parameters off their 1/0 init: biases must not revive channels."""
+    with torch.no_grad():
         for module in net.modules():
-            if isinstance(module, torch.nn.GroupNorm):
+            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
                 module.weight.normal_(1.0, 0.2)
                 module.bias.normal_(0.0, 0.5)
     return net
@@ -48,16 +52,23 @@ def test_group_norm_with_0_1_weights_is_the_group_norm_of_the_kept_channels():
     assert torch.isfinite(gradient_flow.masked_group_norm(x, norm, torch.tensor([0.0] * 4 + [1.0] * 12))).all()
 
 
-def test_masks_at_0_1_compute_the_hard_pruned_network(tiny_unet):
-    """Hard-prune a copy (random ranking, ratio 0.5), then zero exactly the removed channels' masks
-    on the dense network: the two networks agree on every output."""
-    hard = copy.deepcopy(tiny_unet)
+def randomly_hard_pruned(net):
+    """A copy of ``net`` hard-pruned at ratio 0.5 with a random ranking, and the channels each
+    group (by the hard prune's root name) lost."""
+    hard = copy.deepcopy(net)
     with pruning.metapruner(hard, "random", 0.5) as pruner:
         removed = {}
         torch.manual_seed(3)
         for group in pruner.step(interactive=True):
             removed[gradient_flow.root_name(group)] = list(group[0].idxs)
             group.prune()
+    return hard, removed
+
+
+def test_masks_at_0_1_compute_the_hard_pruned_network(tiny_unet):
+    """Hard-prune a copy (random ranking, ratio 0.5), then zero exactly the removed channels' masks
+    on the dense network: the two networks agree on every output."""
+    hard, removed = randomly_hard_pruned(tiny_unet)
     assert removed and count_parameters(hard) < count_parameters(tiny_unet)
 
     dense = copy.deepcopy(tiny_unet)
@@ -292,13 +303,7 @@ def tiny_uvit():
     from igsm.uvit import UViT
 
     torch.manual_seed(0)
-    net = UViT(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=4, num_heads=2).eval()
-    with torch.no_grad():  # LayerNorm affine parameters off their 1/0 init: biases must not revive channels
-        for module in net.modules():
-            if isinstance(module, torch.nn.LayerNorm):
-                module.weight.normal_(1.0, 0.2)
-                module.bias.normal_(0.0, 0.5)
-    return net
+    return with_norms_off_init(UViT(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=4, num_heads=2).eval())
 
 
 def uvit_masks(net):
@@ -326,13 +331,7 @@ def test_u_vit_masks_at_0_1_compute_the_hard_pruned_network(tiny_uvit):
     """U-ViT (attention heads, the fused qkv layer, LayerNorms on the pruned residual stream): zero
     the masks of the channels a random hard prune removes and the dense network computes the
     pruned one. One mask per head dim ties q_i, k_i, v_i and proj's input i, as the hard prune does."""
-    hard = copy.deepcopy(tiny_uvit)
-    with pruning.metapruner(hard, "random", 0.5) as pruner:
-        removed = {}
-        torch.manual_seed(3)
-        for group in pruner.step(interactive=True):
-            removed[gradient_flow.root_name(group)] = list(group[0].idxs)
-            group.prune()
+    hard, removed = randomly_hard_pruned(tiny_uvit)
     dense = copy.deepcopy(tiny_uvit)
     masks = uvit_masks(dense)  # hooks on dense's own layers
     by_name = {**{root: g for g, root in enumerate(masks.roots)}, **masks.aliases}
