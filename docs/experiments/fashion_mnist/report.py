@@ -52,7 +52,9 @@ def model_rows(results: Path) -> list[dict]:
             rows.append({
                 "experiment": exp, "model": variant,
                 "pruning": variant.split("/")[0].rsplit("-cr", 1)[0] if "/" in variant else "",
-                "channel_ratio": meta.get("channel_ratio"),
+                # (a model scored without its table has no metadata file: its folder name says it)
+                "channel_ratio": meta.get("channel_ratio", float(variant.split("/")[0].rsplit("-cr", 1)[1])
+                                          if "-cr" in variant else None),
                 "objective": variant.split("/")[1] if "/" in variant else "dense",
                 "seed": summary.get("settings", {}).get("training", {}).get("seed", 0),
                 "fid": fid["fid"], "fid_images": fid["num_images"], "fid_mode": fid["mode"],
@@ -66,13 +68,15 @@ def model_rows(results: Path) -> list[dict]:
                 "sampler_steps": eff.get("sampler_steps"), "sampling_macs_G": (eff.get("sampling_macs") or float("nan")) / 1e9,
                 "sampling_images_per_s": eff.get("sampling_images_per_s"),
             })
-    # Step time relative to NP+KD of the same experiment and seed (the runs shared the GPU alike):
-    # from the same pruned network where it has an NP+KD run, else Diff-Pruning's at ratio 0.3.
+    # Step time relative to NP+KD of the same run (the jobs shared the GPU alike): of the same
+    # experiment and pruned network where it has an NP+KD run, else Diff-Pruning's at ratio 0.3
+    # of the same experiment, else of any experiment of the run.
     reference = {(r["experiment"], r["model"].split("/")[0]): r["sec_per_step"] for r in rows
                  if r["objective"] == "np_kd"}
+    any_dp = next((v for (exp, pruned), v in reference.items() if pruned == "diff-pruning-cr0.3"), None)
     for row in rows:
         base = reference.get((row["experiment"], row["model"].split("/")[0]),
-                             reference.get((row["experiment"], "diff-pruning-cr0.3")))
+                             reference.get((row["experiment"], "diff-pruning-cr0.3"), any_dp))
         row["step_time_vs_np_kd"] = (row["sec_per_step"] / base) if base and row["sec_per_step"] else None
     return rows
 
