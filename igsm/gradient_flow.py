@@ -336,13 +336,18 @@ def prune_with_gradient_flow(net: nn.Module, images, schedule, *, channel_ratio:
         "mask_spreads": {root: [[round(v, 7) for v in step[g]] for step in flow.spreads]
                          for g, root in enumerate(masks.roots)},
         "final_masks": {root: [round(float(v), 6) for v in mask] for root, mask in zip(masks.roots, masks.masks)},
-        # Each group's width before → after the hard prune (its root layer's output channels).
-        "final_widths": {root: [len(mask), _width(pruned.get_submodule(root))]
-                         for root, mask in zip(masks.roots, masks.masks)},
+        # Each group's width before → after the hard prune, in mask units: its root layer's output
+        # channels, or for a fused q/k/v group the head dims its reader (proj) keeps.
+        "final_widths": {root: [len(mask), _kept_width(pruned, root, masks.aliases, g)]
+                         for g, (root, mask) in enumerate(zip(masks.roots, masks.masks))},
         "timing": asdict(timing),
     }
     return pruned, report
 
 
-def _width(layer: nn.Module) -> int:
+def _kept_width(pruned: nn.Module, root: str, aliases: dict[str, int], group: int) -> int:
+    reader = next((name for name, g in aliases.items() if g == group), None)
+    if reader is not None:
+        return pruned.get_submodule(reader).in_features
+    layer = pruned.get_submodule(root)
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features

@@ -390,6 +390,8 @@ def test_gradient_flow_prunes_a_u_vit(tiny_uvit, tmp_path):
         checkpoint_dir=tmp_path / "checkpoints", metrics_path=tmp_path / "metrics.jsonl")
     densities = report["gradient_flow"]["densities"]
     assert len(densities) == 4 and densities[-1] == pytest.approx(0.5, abs=0.05)
+    # Widths in mask units: an attention's 16 head dims (q, k, v tied) → the 8 proj reads.
+    assert report["gradient_flow"]["final_widths"]["mid_block.attn.qkv"] == [16, pruned.mid_block.attn.proj.in_features] == [16, 8]
     _, dp = pruning.prune(tiny_uvit, criterion="magnitude", channel_ratio=0.5, images=torch.zeros(1, 1, 8, 8),
                           schedule=NoiseSchedule.linear())
     assert (report["pruned_params"], report["pruned_macs"]) == (dp["pruned_params"], dp["pruned_macs"])
