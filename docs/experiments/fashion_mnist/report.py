@@ -1,7 +1,8 @@
 """Collect the Fashion-MNIST experiment's numbers from a finished run's results/ (run.sh) into the
 files of its report: results.csv (one row per model), report.json (the same plus the teacher
 curve and wall time per stage), loss_curves.png and loss_curves_gradient_flow.png, samples.png,
-samples_gradient_flow.png and samples_reuse.png (sample grids side by side), gradient_share.png (the Jacobian terms' share of the gradient by timestep range, issue 20).
+samples_gradient_flow.png and samples_reuse.png (sample grids side by side), gradient_share.png
+(the Jacobian terms' share of the gradient by timestep range, issue 20).
 
     python docs/experiments/fashion_mnist/report.py WORK OUT
 
