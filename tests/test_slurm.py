@@ -73,6 +73,9 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     """The tiny demo DAG through profiles/slurm-test, the IGSM finetune preempted once."""
     workdir = tmp_path_factory.mktemp("slurm_demo")
     config = tiny_demo_config()
+    # Without the demo's block-reuse variants: every SLURM job starts its own Snakemake and Python,
+    # and their ~23 jobs more than doubled this run's time; test_workflow.py runs them locally.
+    config["experiments"]["digits_unet"].pop("reuse")
     # The finetunes ask for a (fake) GPU: --gpus=1, CUDA_VISIBLE_DEVICES set, and they still run
     # on the CPU, so their weights stay comparable with the local run.
     # 1 GB per job (requested, not enforced: the cluster has no cgroups), so that the node's
@@ -144,6 +147,12 @@ def test_signalled_finetune_was_resumed_by_the_retry(slurm_run):
 VOLATILE_COLUMNS = ("sec_per_step", "train_minutes", "peak_memory_GiB")
 
 
+# What an experiment with block reuse adds to every model's efficiency file and table row (the
+# SLURM run has no reuse section): the sampler's MACs and speed beside the network's.
+SAMPLER_KEYS = ("sampler_steps", "reuse_mac_fraction", "sampling_macs", "sampling_images_per_s")
+SAMPLER_COLUMNS = ("reuse", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup")
+
+
 def _same(local, remote):
     """Whether two result files hold the same content (volatile fields aside); None: not compared."""
     suffix = local.suffix
@@ -159,11 +168,14 @@ def _same(local, remote):
         return metrics_without_wall_clock(local) == metrics_without_wall_clock(remote)
     if suffix == ".json":  # training summaries time their runs: wall-clock values differ
         def content(path):
-            return {k: v for k, v in json.loads(path.read_text()).items() if k != "timing"}
+            return {k: v for k, v in json.loads(path.read_text()).items() if k not in ("timing", *SAMPLER_KEYS)}
         return content(local) == content(remote)
     if suffix == ".csv":  # the tables' training-cost columns are those wall-clock values
         def table(path):
-            return pd.read_csv(path).drop(columns=list(VOLATILE_COLUMNS), errors="ignore")
+            frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
+            if "reuse" in frame:
+                frame = frame[frame.reuse.isna()]  # the models both runs have
+            return frame.drop(columns=[*VOLATILE_COLUMNS, *SAMPLER_COLUMNS], errors="ignore").reset_index(drop=True)
         return table(local).equals(table(remote))
     return None  # .md/.tex: the same tables as the .csv, with the volatile columns in them
 
@@ -178,6 +190,8 @@ def test_outputs_equal_the_local_run(slurm_run, demo_run):
             continue
         if "exploding" in relative.parts:  # test_workflow.py's deliberately failed run
             continue
+        if relative.parts[1] == "reuse" or any(part.startswith("reuse-") for part in relative.parts):
+            continue  # block-reuse variants: not in the SLURM run
         remote = workdir / relative
         assert remote.exists(), relative
         same = _same(local, remote)
