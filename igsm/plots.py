@@ -193,12 +193,11 @@ def plot_flow_masks(report: dict, path) -> None:
     spreads = report["mask_spreads"]
     widths = report["final_widths"]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    for root, steps in spreads.items():
+    for steps in spreads.values():
         lows, means, highs = np.array(steps).T if steps else ([], [], [])
         x = np.arange(1, len(means) + 1)
         axes[0].plot(x, means, color="0.6", lw=0.7)
-        axes[1].plot(x, np.maximum(np.asarray(highs) - np.asarray(lows), 1e-9), lw=0.7,
-                     label=root if len(spreads) <= 12 else None)
+        axes[1].plot(x, np.maximum(np.asarray(highs) - np.asarray(lows), 1e-9), lw=0.7)
     axes[0].plot(np.arange(1, len(report["densities"]) + 1), report["densities"], color="k", lw=2,
                  label="density (all masks)")
     axes[0].axhline(report["target_density"], ls="--", color="k", lw=0.8)
