@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # The Fashion-MNIST experiment (config/fashion_mnist.yaml) on one GPU, as it was run for the report:
 #   1. the dense teacher grown in stages (dense.training.num_steps = each of TEACHER_STEPS in turn;
-#      each stage resumes from the last one's snapshot) with its 10k-sample FID after each stage;
+#      each stage resumes from the last one's snapshot); each stage's weights are copied to
+#      teacher_curve/model-<steps> and scored (10k-sample FID) as experiment teacher_<steps> in a
+#      Snakemake of their own (teacher_curve/score) while the next stage trains:
+#      teacher_curve/fid-<steps>.json, grid-<steps>.png;
 #   2. everything else: prune, finetune, sample, FID, tables.
-# Usage: docs/experiments/fashion_mnist/run.sh [teacher]   ("teacher": only train the first stage)
-# Environment: WORK (Snakemake's working directory; results/ goes there; default: the checkout),
+# Usage: docs/experiments/fashion_mnist/run.sh [teacher]   ("teacher": only the teacher curve)
+# Environment: CONFIG (default config/fashion_mnist.yaml), WORK (Snakemake's working directory; results/ goes there; default: the checkout),
 # GPU_JOBS (GPU jobs side by side on the one GPU; default 4), CORES (default: all),
-# TEACHER_STEPS (default "1500 3000"; the last must equal the config's num_steps), TEACHER (a
-# teacher folder written by an earlier run, results/dense/fmnist_unet/trained/model: used as
-# dense.pretrained, no teacher stages), TARGETS (what to build; default all_tables, e.g.
-# "results/tables/fmnist_unet.md" for one experiment).
+# TEACHER_STEPS (default "2500 5000 7500 10000"; the last must equal the config's num_steps),
+# TEACHER (a teacher folder written by an earlier run, results/dense/fmnist_unet/trained/model or
+# teacher_curve/model-<steps>: used as dense.pretrained, no teacher stages), TARGETS (what to
+# build; default all_tables, e.g. "results/tables/fmnist_unet.md" for one experiment).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-$REPO}
-CONFIG=$REPO/config/fashion_mnist.yaml
-TEACHER_STEPS=${TEACHER_STEPS:-"1500 3000"}
+CONFIG=${CONFIG:-$REPO/config/fashion_mnist.yaml}
+TEACHER_STEPS=${TEACHER_STEPS:-"2500 5000 7500 10000"}
 # --resources takes several values: it goes before a single-valued option, targets after.
 SNAKEMAKE=(snakemake -s "$REPO/Snakefile" -d "$WORK" --profile "$REPO/profiles/local"
            --resources "gpu=${GPU_JOBS:-4}" --cores "${CORES:-$(nproc)}")
@@ -41,12 +44,35 @@ PY
     exec "${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$config"
 fi
 
+score_stage() {  # the 10k-sample FID of teacher_curve/model-$1, as an experiment of its own
+    local score=$WORK/teacher_curve/score
+    mkdir -p "$score"
+    python - "$CONFIG" "$WORK/teacher_curve/model-$1" "$score/config-$1.yaml" "$1" <<'PY'
+import sys, yaml
+config = yaml.safe_load(open(sys.argv[1]))
+settings = config["experiments"]["fmnist_unet"]
+settings["dense"] = {"pretrained": sys.argv[2]}
+settings["finetune"]["runs"] = []
+config["experiments"] = {f"teacher_{sys.argv[4]}": settings}  # a name per stage: nothing reused
+yaml.safe_dump(config, open(sys.argv[3], "w"), sort_keys=False)
+PY
+    # One scoring at a time (they share the FID reference, computed by the first).
+    flock "$score.lock" snakemake -s "$REPO/Snakefile" -d "$score" --profile "$REPO/profiles/local" \
+        --configfile "$score/config-$1.yaml" --resources "gpu=1" --cores "${CORES:-$(nproc)}" \
+        "results/fid/teacher_$1/dense.json" > "$WORK/teacher_curve/score-$1.log" 2>&1
+    cp "$score/results/fid/teacher_$1/dense.json" "$WORK/teacher_curve/fid-$1.json"
+    cp "$score/results/samples/teacher_$1/dense/grid.png" "$WORK/teacher_curve/grid-$1.png"
+}
+
+scorers=()
 for steps in $TEACHER_STEPS; do
     config=$(stage_config "$steps")
     "${SNAKEMAKE[@]}" results/dense/fmnist_unet/trained/model --configfile "$config"
-    [ "${1:-}" = teacher ] && exit 0
-    "${SNAKEMAKE[@]}" results/fid/fmnist_unet/dense.json --configfile "$config"
-    cp "$WORK/results/fid/fmnist_unet/dense.json" "$WORK/teacher_curve/fid-$steps.json"
-    cp "$WORK/results/samples/fmnist_unet/dense/grid.png" "$WORK/teacher_curve/grid-$steps.png"
+    rm -rf "$WORK/teacher_curve/model-$steps.tmp"
+    cp -a "$WORK/results/dense/fmnist_unet/trained/model" "$WORK/teacher_curve/model-$steps.tmp"
+    mv "$WORK/teacher_curve/model-$steps.tmp" "$WORK/teacher_curve/model-$steps"
+    score_stage "$steps" & scorers+=($!)
 done
+for pid in "${scorers[@]}"; do wait "$pid"; done  # set -e: a failed scoring stops here
+[ "${1:-}" = teacher ] && exit 0
 "${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$CONFIG"
