@@ -1,8 +1,10 @@
 """Collect the Fashion-MNIST experiment's numbers from a finished run's results/ (run.sh) into the
 files of its report: results.csv (one row per model), report.json (the same plus the teacher
-curve and wall time per stage), loss_curves.png and loss_curves_gradient_flow.png, samples.png,
-samples_gradient_flow.png and samples_reuse.png (sample grids side by side), gradient_share.png
-(the Jacobian terms' share of the gradient by timestep range, issue 20).
+curve and wall time per stage), teacher_curve.png and samples_teacher_curve.png (the teacher's
+loss, FID and samples after each stage of run.sh), loss_curves.png and
+loss_curves_gradient_flow.png, samples.png, samples_gradient_flow.png and samples_reuse.png
+(sample grids side by side), gradient_share.png (the Jacobian terms' share of the gradient by
+timestep range, issue 20).
 
     python docs/experiments/fashion_mnist/report.py WORK OUT
 
@@ -130,6 +132,29 @@ def loss_plot(results: Path, out: Path, experiments=("fmnist_unet", "fmnist_unet
     fig.savefig(out, dpi=110)
 
 
+def teacher_curve_plot(work: Path, out: Path) -> None:
+    """The teacher grown in stages (run.sh): its NP loss over training and each stage's FID."""
+    history = metrics(work / "results" / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl")
+    scores = {int(p.stem.split("-")[1]): read_json(p) for p in (work / "teacher_curve").glob("fid-*.json")}
+    if not scores:
+        return
+    curve = [(steps, scores[steps]["fid"]) for steps in sorted(scores)]
+    last = scores[max(scores)]
+    fig, (loss_axis, fid_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if history:
+        loss_axis.plot([r["step"] for r in history], [r["loss"] for r in history])
+    loss_axis.set(title="dense teacher: NP loss (batch mean)", xlabel="step", yscale="log")
+    fid_axis.plot(*zip(*curve), "o-")
+    for steps, fid in curve:
+        fid_axis.annotate(f"{fid:.2f}", (steps, fid), textcoords="offset points", xytext=(0, 6), ha="center")
+    fid_axis.margins(0.1, 0.15)
+    fid_axis.set(title=f"dense teacher: FID ({last['num_images']} samples, "
+                       f"{last['sampler_kwargs']['num_steps']}-step {last['sampler'].upper()})",
+                 xlabel="training step", ylabel="FID")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def sample_montage(grids: list[tuple[str, Path]], out: Path, per_row: int = 6) -> None:
     grids = [(n, p) for n, p in grids if p.exists()]
     if not grids:
@@ -158,6 +183,9 @@ def main(work: Path, out: Path) -> None:
     report = {"models": rows, "teacher_fid_by_steps": dict(sorted(curve.items())),
               "stage_seconds": stage_wall_times(results)}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    teacher_curve_plot(work, out / "teacher_curve.png")
+    sample_montage([(f"teacher, {steps} steps", work / "teacher_curve" / f"grid-{steps}.png")
+                    for steps in sorted(curve)], out / "samples_teacher_curve.png")
     loss_plot(results, out / "loss_curves.png")
     loss_plot(results, out / "loss_curves_gradient_flow.png", experiments=("fmnist_gradient_flow",))
     # Sample grids: the teacher (its images are fmnist_unet's), then each experiment's models.
