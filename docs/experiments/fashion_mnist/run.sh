@@ -9,7 +9,7 @@
 # Usage: docs/experiments/fashion_mnist/run.sh [teacher]   ("teacher": only the teacher curve)
 # Environment: CONFIG (default config/fashion_mnist.yaml), WORK (Snakemake's working directory; results/ goes there; default: the checkout),
 # GPU_JOBS (GPU jobs side by side on the one GPU; default 4), CORES (default: all),
-# TEACHER_STEPS (default "2500 5000 7500 10000"; the last must equal the config's num_steps),
+# TEACHER_STEPS (default "2500 5000 7500 10000 12500"; the last must equal the config's num_steps),
 # TEACHER (a teacher folder written by an earlier run, results/dense/fmnist_unet/trained/model or
 # teacher_curve/model-<steps>: used as dense.pretrained, no teacher stages), TARGETS (what to
 # build; default all_tables, e.g. "results/tables/fmnist_unet.md" for one experiment).
@@ -17,7 +17,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-$REPO}
 CONFIG=${CONFIG:-$REPO/config/fashion_mnist.yaml}
-TEACHER_STEPS=${TEACHER_STEPS:-"2500 5000 7500 10000"}
+TEACHER_STEPS=${TEACHER_STEPS:-"2500 5000 7500 10000 12500"}
 # --resources takes several values: it goes before a single-valued option, targets after.
 SNAKEMAKE=(snakemake -s "$REPO/Snakefile" -d "$WORK" --profile "$REPO/profiles/local"
            --resources "gpu=${GPU_JOBS:-4}" --cores "${CORES:-$(nproc)}")
