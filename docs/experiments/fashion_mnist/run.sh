@@ -7,12 +7,15 @@
 #      teacher_curve/fid-<steps>.json, grid-<steps>.png;
 #   2. everything else: prune, finetune, sample, FID, tables.
 # Usage: docs/experiments/fashion_mnist/run.sh [teacher]   ("teacher": only the teacher curve)
-# Environment: CONFIG (default config/fashion_mnist.yaml), WORK (Snakemake's working directory;
-# results/ goes there; default: the checkout), GPU_JOBS (GPU jobs side by side on the one GPU; default 4), CORES (default: all),
-# TEACHER_STEPS (default "2500 5000 7500 10000 12500"; the last must equal the config's num_steps),
-# TEACHER (a teacher folder written by an earlier run, results/dense/fmnist_unet/trained/model or
-# teacher_curve/model-<steps>: used as dense.pretrained, no teacher stages), TARGETS (what to
-# build; default all_tables, e.g. "results/tables/fmnist_unet.md" for one experiment).
+# Environment:
+#   CONFIG         the config (default config/fashion_mnist.yaml)
+#   WORK           Snakemake's working directory, results/ goes there (default: the checkout)
+#   GPU_JOBS       GPU jobs side by side on the one GPU (default 4); CORES (default: all)
+#   TEACHER_STEPS  the stages (default "2500 5000 7500 10000 12500"; the last must equal the
+#                  config's num_steps)
+#   TEACHER        a teacher folder written by an earlier run (results/dense/fmnist_unet/trained/model
+#                  or teacher_curve/model-<steps>): used as dense.pretrained, no teacher stages
+#   TARGETS        what to build (default all_tables; e.g. "results/tables/fmnist_unet.md")
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-$REPO}
