@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -68,8 +69,22 @@ def slurm_job_of(workdir, rule, wildcards):
     return logs[-1].stem if logs else None
 
 
+def _signal_once_running(proc, workdir, deadline, signalled):
+    """Once the IGSM finetune's loop runs (it writes training_options.json after setting its signal
+    handler), send SIGUSR1 to the job's steps, as SLURM does ahead of the time limit with the
+    profile's --signal=USR1@<s>; the job id goes to ``signalled["job"]``."""
+    marker = workdir / IGSM_FINETUNE / "checkpoints" / "training_options.json"
+    while proc.poll() is None and time.monotonic() < deadline:
+        job = slurm_job_of(workdir, "finetune", "digits_unet_diff-pruning_0.3_igsm")
+        if job and marker.exists():
+            subprocess.run(["scancel", "--signal=USR1", job], check=True)
+            signalled["job"] = job
+            return
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, tmp_path_factory):
+def slurm_run(slurm_cluster, tmp_path_factory, request):
     """The tiny demo DAG through profiles/slurm-test, the IGSM finetune preempted once."""
     workdir = tmp_path_factory.mktemp("slurm_demo")
     config = tiny_demo_config()
@@ -87,23 +102,29 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     command = [snakemake_executable(), "all_tables", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
                "--profile", str(REPO / "profiles" / "slurm-test"), "--configfile", str(workdir / "config.yaml")]
     started = time.monotonic()
-    proc = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    # Once the IGSM finetune's loop runs (it writes training_options.json after setting its signal
-    # handler), send SIGUSR1 to the job's steps, as SLURM does ahead of the time limit with the
-    # profile's --signal=USR1@<s>.
-    marker = workdir / IGSM_FINETUNE / "checkpoints" / "training_options.json"
-    signalled = None
-    while proc.poll() is None and time.monotonic() - started < 900:
-        job = slurm_job_of(workdir, "finetune", "digits_unet_diff-pruning_0.3_igsm")
-        if job and marker.exists():
-            subprocess.run(["scancel", "--signal=USR1", job], check=True)
-            signalled = job
-            break
-        time.sleep(0.1)
-    output, _ = proc.communicate(timeout=max(1, 900 - (time.monotonic() - started)))
+    log = workdir / "snakemake.out"  # a file, not a pipe: nothing reads it until the run ends
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, text=True, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    signalled = {}
+    watcher = threading.Thread(target=_signal_once_running, args=(proc, workdir, started + 900, signalled),
+                               daemon=True)
+    watcher.start()
+    try:
+        # The local run of the same DAG (test_outputs_equal_the_local_run compares the two) is made
+        # meanwhile: most of this run's time is Snakemake waiting to see a job end (the SLURM
+        # executor's status checks back off by 10 s at each check that finds none ended), which
+        # leaves the CPUs to it.
+        request.getfixturevalue("demo_run")
+        watcher.join()
+        proc.wait(timeout=max(1, 900 - (time.monotonic() - started)))
+    except BaseException:  # the local run failed, or this one ran past 15 minutes
+        proc.kill()
+        proc.wait()
+        raise
+    output = log.read_text()
     assert proc.returncode == 0, output[-8000:]
-    return workdir, output, signalled, time.monotonic() - started
+    return workdir, output, signalled.get("job"), time.monotonic() - started
 
 
 def job_stats(output):
