@@ -23,8 +23,12 @@ demo: install
 	$(BIN)/snakemake --profile profiles/local --configfile config/demo.yaml
 	@cat results/tables/all.md
 
+# Two test processes (pytest-xdist; tests/conftest.py keeps each module in one and starts the
+# longest, the demo through SLURM, first): the SLURM run mostly waits, which leaves a core free.
+TEST_PROCESSES ?= 2
+
 test: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -v
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -v -n $(TEST_PROCESSES)
 
 test-quick: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q -m "not slow"
