@@ -177,12 +177,14 @@ def pytest_collection_modifyitems(config, items):
             continue
         if any(call in source for call in _WORKFLOW_CALLS) and "slow" not in item.keywords:
             item.add_marker(pytest.mark.slow)
+    # The demo pair first (below: two test processes); a stable sort, the rest keep their order.
+    items.sort(key=lambda item: _module_of(item.nodeid) != "demo")
 
 
 # ---- two test processes (make test: pytest -n 2, pytest-xdist) -------------------------------
 # Each module runs whole in one process, so its module fixtures are built once; test_slurm.py and
 # test_workflow.py share one, since both use the session's demo_run. That pair, the longest
-# (~9 minutes of a 2-core machine's), goes first: started last, the other process would sit idle.
+# (~11 minutes on 2 cores), goes first: started last, the other process would sit idle at the end.
 # (A scheduler of our own: xdist's --dist loadgroup ignores xdist_group marks under pytest 9.)
 SHARED_DEMO_MODULES = {"test_slurm.py", "test_workflow.py"}
 
@@ -190,10 +192,6 @@ SHARED_DEMO_MODULES = {"test_slurm.py", "test_workflow.py"}
 def _module_of(nodeid: str) -> str:
     module = nodeid.split("::", 1)[0]
     return "demo" if Path(module).name in SHARED_DEMO_MODULES else module
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: _module_of(item.nodeid) != "demo")  # stable: the rest keep their order
 
 
 try:
