@@ -132,13 +132,18 @@ def loss_plot(results: Path, out: Path, experiments=("fmnist_unet", "fmnist_unet
     fig.savefig(out, dpi=110)
 
 
-def teacher_curve_plot(work: Path, out: Path) -> None:
-    """The teacher grown in stages (run.sh): its NP loss over training and each stage's FID."""
-    history = metrics(work / "results" / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl")
+def teacher_scores(work: Path) -> dict[int, dict]:
+    """{steps: FID JSON} of the teacher's stages (run.sh's teacher_curve/fid-<steps>.json), sorted."""
     scores = {int(p.stem.split("-")[1]): read_json(p) for p in (work / "teacher_curve").glob("fid-*.json")}
+    return dict(sorted(scores.items()))
+
+
+def teacher_curve_plot(work: Path, scores: dict[int, dict], out: Path) -> None:
+    """The teacher grown in stages (run.sh): its NP loss over training and each stage's FID."""
     if not scores:
         return
-    curve = [(steps, scores[steps]["fid"]) for steps in sorted(scores)]
+    history = metrics(work / "results" / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl")
+    curve = [(steps, score["fid"]) for steps, score in scores.items()]
     last = scores[max(scores)]
     fig, (loss_axis, fid_axis) = plt.subplots(1, 2, figsize=(11, 4))
     if history:
@@ -179,13 +184,13 @@ def main(work: Path, out: Path) -> None:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    curve = {int(p.stem.split("-")[1]): read_json(p)["fid"] for p in (work / "teacher_curve").glob("fid-*.json")}
-    report = {"models": rows, "teacher_fid_by_steps": dict(sorted(curve.items())),
+    scores = teacher_scores(work)
+    report = {"models": rows, "teacher_fid_by_steps": {steps: score["fid"] for steps, score in scores.items()},
               "stage_seconds": stage_wall_times(results)}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    teacher_curve_plot(work, out / "teacher_curve.png")
-    sample_montage([(f"teacher, {steps} steps", work / "teacher_curve" / f"grid-{steps}.png")
-                    for steps in sorted(curve)], out / "samples_teacher_curve.png")
+    teacher_curve_plot(work, scores, out / "teacher_curve.png")
+    sample_montage([(f"teacher, {steps} steps", work / "teacher_curve" / f"grid-{steps}.png") for steps in scores],
+                   out / "samples_teacher_curve.png")
     loss_plot(results, out / "loss_curves.png")
     loss_plot(results, out / "loss_curves_gradient_flow.png", experiments=("fmnist_gradient_flow",))
     # Sample grids: the teacher (its images are fmnist_unet's), then each experiment's models.
