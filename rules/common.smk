@@ -181,6 +181,12 @@ def resource(stage, key):
     return config["resources"][stage][key]
 
 
+def gpu_memory(stage, gpus):
+    """The `gpu_mem_mb` resource of a job of the stage on `gpus` GPUs: what the run's
+    `--resources gpu_mem_mb=<MB>` counts (resources.<stage>.gpu_mem_mb per GPU; none on CPU)."""
+    return resource(stage, "gpu_mem_mb") * gpus
+
+
 def fid_reference_file(exp):
     settings = EXPERIMENTS[exp]
     fid = settings["fid"]
@@ -349,6 +355,7 @@ def training_resources(stage):
         "tasks": several_nodes(lambda s: s["nodes"]),
         "tasks_per_gpu": several_nodes(lambda s: 0),
         "mpi": several_nodes(lambda s: "srun"),
+        "gpu_mem_mb": lambda w: settings(w)["gpu_mem_mb"] * settings(w)["gpu"] * settings(w)["nodes"],
         "nproc_per_node": lambda w: max(1, settings(w)["gpu"]),
         "nnodes": lambda w: settings(w)["nodes"],
     }

@@ -24,6 +24,7 @@ rule fid_reference:
         mem_mb=resource("fid", "mem_mb"),
         runtime=resource("fid", "runtime"),
         gpu=resource("fid", "gpu"),
+        gpu_mem_mb=gpu_memory("fid", resource("fid", "gpu")),
     shell:
         "python -m igsm fid-reference --data {input.data:q} --settings {params.settings:q} "
         "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"
@@ -48,6 +49,7 @@ rule fid_statistics:
         mem_mb=resource("fid", "mem_mb"),
         runtime=resource("fid", "runtime"),
         gpu=resource("fid", "gpu"),
+        gpu_mem_mb=gpu_memory("fid", resource("fid", "gpu")),
     shell:
         "python -m igsm fid-statistics --samples {input.samples:q} --settings {params.settings:q} "
         "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"
@@ -100,6 +102,7 @@ rule efficiency:
         runtime=resource("tables", "runtime"),
         # The GPU alone, whatever the run's sharing limit: timings of shared GPUs are contention.
         gpu=exclusive_gpu_slots() if resource("sample", "gpu") else 0,
+        gpu_mem_mb=gpu_memory("sample", min(1, resource("sample", "gpu"))),
     shell:
         "python -m igsm efficiency --model {input.model:q} --settings {params.settings:q} {params.sampler:q} "
         "{params.plan:q} --batch-size {params.batch_size:q} --out {output.info:q} --threads {threads} > {log:q} 2>&1"

@@ -26,6 +26,7 @@ rule reuse_plan:
         mem_mb=resource("sample", "mem_mb"),
         runtime=resource("sample", "runtime"),
         gpu=min(1, resource("sample", "gpu")),
+        gpu_mem_mb=gpu_memory("sample", min(1, resource("sample", "gpu"))),
     shell:
         "python -m igsm reuse-plan --model {input.model:q} --method {params.method:q} "
         "--mac-fraction {params.mac_fraction:q} --sample-settings {params.sample:q} "

@@ -267,7 +267,8 @@ def dry_run_jobs(output):
 def test_training_resources_without_a_scheduler(tmp_path):
     """What Snakemake hands the SLURM plugin and the rule's command, per experiment (dry run)."""
     config = tiny_demo_config()
-    config["resources"] = {"finetune": {"gpu": 4, "cpus_per_gpu": 3, "mem_mb": 9000}, "dense": {"gpu": 0}}
+    config["resources"] = {"finetune": {"gpu": 4, "cpus_per_gpu": 3, "mem_mb": 9000, "gpu_mem_mb": 7000},
+                           "dense": {"gpu": 0, "gpu_mem_mb": 5000}, "sample": {"gpu": 1, "gpu_mem_mb": 3000}}
     config["experiments"]["digits_unet"]["resources"] = {"finetune": {"gpu": 2, "runtime": 5}}
     # As many GPU slots as the jobs ask for (profiles/local limits them to one).
     proc = snakemake_in(tmp_path, config, "-n", "-p", "all_tables", "--resources", "gpu=8", timeout=300)
@@ -277,11 +278,15 @@ def test_training_resources_without_a_scheduler(tmp_path):
     def resources(rule):
         return re.search(r"resources: (.*)", jobs[rule]).group(1).split(", ")
 
-    # The experiment's gpu and runtime over the global cpus_per_gpu and mem_mb.
-    for item in ("gpu=2", "cpus_per_gpu=3", "runtime=5", "mem_mb=9000", "nproc_per_node=2", "nnodes=1"):
+    # The experiment's gpu and runtime over the global cpus_per_gpu and mem_mb; GPU memory per GPU
+    # times the experiment's GPUs (what a run's `--resources gpu_mem_mb=` counts).
+    for item in ("gpu=2", "cpus_per_gpu=3", "runtime=5", "mem_mb=9000", "nproc_per_node=2", "nnodes=1",
+                 "gpu_mem_mb=14000"):
         assert item in resources("finetune"), resources("finetune")
     assert not any(r.split("=")[0] in ("nodes", "mpi", "tasks", "gres") for r in resources("finetune"))
     assert "--nproc-per-node 2 --nnodes 1" in jobs["finetune"]
     # A CPU job asks for no GPU and runs one process.
     assert not any(r.startswith(("gpu=", "cpus_per_gpu=")) for r in resources("dense_trained"))
+    assert "gpu_mem_mb=0" in resources("dense_trained")
+    assert "gpu_mem_mb=3000" in resources("sample")
     assert "--nproc-per-node 1 --nnodes 1" in jobs["dense_trained"]

@@ -11,6 +11,8 @@
 #   CONFIG         the config (default config/fashion_mnist.yaml)
 #   WORK           Snakemake's working directory, results/ goes there (default: the checkout)
 #   GPU_JOBS       GPU jobs side by side on the one GPU (default 4); CORES (default: all)
+#   GPU_MEM_MB     GPU memory in MB that they may hold together, counted by each stage's
+#                  resources.<stage>.gpu_mem_mb (default: all of the GPUs' memory, from nvidia-smi)
 #   TEACHER_STEPS  the stages (default "2500 5000 7500 10000 12500"; the last must equal the
 #                  config's num_steps)
 #   TEACHER        a teacher folder written by an earlier run (results/dense/fmnist_unet/trained/model
@@ -21,9 +23,14 @@ REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-$REPO}
 CONFIG=${CONFIG:-$REPO/config/fashion_mnist.yaml}
 TEACHER_STEPS=${TEACHER_STEPS:-"2500 5000 7500 10000 12500"}
+if [ -z "${GPU_MEM_MB:-}" ] && command -v nvidia-smi > /dev/null; then  # MiB per GPU → MB in all
+    GPU_MEM_MB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits \
+                 | awk '{ mib += $1 } END { printf "%d", mib * 1.048576 }')
+fi
 # --resources takes several values: it goes before a single-valued option, targets after.
 SNAKEMAKE=(snakemake -s "$REPO/Snakefile" -d "$WORK" --profile "$REPO/profiles/local"
-           --resources "gpu=${GPU_JOBS:-4}" --cores "${CORES:-$(nproc)}")
+           --resources "gpu=${GPU_JOBS:-4}" ${GPU_MEM_MB:+"gpu_mem_mb=$GPU_MEM_MB"}
+           --cores "${CORES:-$(nproc)}")
 mkdir -p "$WORK/teacher_curve"
 
 stage_config() {  # the experiment's config with the teacher's num_steps set to $1
