@@ -6,10 +6,13 @@ loss_curves_gradient_flow.png, samples.png, samples_gradient_flow.png and sample
 (sample grids side by side), gradient_share.png (the Jacobian terms' share of the gradient by
 timestep range, issue 20).
 
-    python docs/experiments/fashion_mnist/report.py WORK OUT
+    python docs/experiments/fashion_mnist/report.py WORK [WORK ...] OUT
 
-WORK: the run's working directory (results/ and teacher_curve/ in it); OUT: where the files go.
-Every number is read from the workflow's own files; nothing here computes a result.
+WORK: the run's working directory (results/ and teacher_curve/ in it); several when a run was
+split over leases of the GPU, each a Snakemake of its own: their models are reported together,
+each with its step time relative to NP+KD of its own WORK (jobs timed side by side) and the WORK's
+name in the "run" column. OUT: where the files go. Every number is read from the workflow's own
+files; nothing here computes a result.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def model_rows(results: Path) -> list[dict]:
+def model_rows(results: Path, run: str) -> list[dict]:
     rows = []
     for exp in EXPERIMENTS:
         for score in sorted((results / "fid" / exp).rglob("*.json")):
@@ -53,7 +56,7 @@ def model_rows(results: Path) -> list[dict]:
             history = metrics(folder / "metrics.jsonl")
             last = history[-1] if history else {}
             rows.append({
-                "experiment": exp, "model": variant,
+                "run": run, "experiment": exp, "model": variant,
                 "pruning": variant.split("/")[0].rsplit("-cr", 1)[0] if "/" in variant else "",
                 # (a model scored without its table has no metadata file: its folder name says it)
                 "channel_ratio": meta.get("channel_ratio", float(variant.split("/")[0].rsplit("-cr", 1)[1])
@@ -96,18 +99,18 @@ def stage_wall_times(results: Path) -> dict:
     return out
 
 
-def loss_plot(results: Path, out: Path, experiments=("fmnist_unet", "fmnist_unet_seed1")) -> None:
+def loss_plot(results: list[Path], out: Path, experiments=("fmnist_unet", "fmnist_unet_seed1")) -> None:
     """The finetunes' loss terms, one colour per objective (and pruning), seed 1 dashed."""
-    teacher_metrics = results / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl"
-    teacher = metrics(teacher_metrics) if teacher_metrics.exists() else []  # none when pretrained
+    teacher = next((metrics(p) for p in (r / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl"
+                                         for r in results) if p.exists()), [])  # none when pretrained
     fig, axes = plt.subplots(1, 4 if teacher else 3, figsize=(21 if teacher else 16, 4.5))
     if teacher:
         axes[0].plot([r["step"] for r in teacher], [r["loss"] for r in teacher])
         axes[0].set(title="dense teacher: NP loss", xlabel="step", yscale="log")
     else:  # the panels below index from 1
         axes = [None, *axes]
-    runs = [(exp, "--" if exp.endswith("seed1") else "-", path) for exp in experiments
-            for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl"))]
+    runs = [(exp, "--" if exp.endswith("seed1") else "-", path) for exp in experiments for part in results
+            for path in sorted((part / "finetune" / exp).glob("*/*/metrics.jsonl"))]
     if not runs:
         return
 
@@ -136,6 +139,10 @@ def teacher_scores(work: Path) -> dict[int, dict]:
     """{steps: FID JSON} of the teacher's stages (run.sh's teacher_curve/fid-<steps>.json), sorted."""
     scores = {int(p.stem.split("-")[1]): read_json(p) for p in (work / "teacher_curve").glob("fid-*.json")}
     return dict(sorted(scores.items()))
+
+
+def first_existing(paths, default: Path) -> Path:
+    return next((p for p in paths if p.exists()), default)
 
 
 def teacher_curve_plot(work: Path, scores: dict[int, dict], out: Path) -> None:
@@ -175,34 +182,40 @@ def sample_montage(grids: list[tuple[str, Path]], out: Path, per_row: int = 6) -
     fig.savefig(out, dpi=110)
 
 
-def main(work: Path, out: Path) -> None:
-    results = work / "results"
+def main(works: list[Path], out: Path) -> None:
+    results = [work / "results" for work in works]
     out.mkdir(parents=True, exist_ok=True)
-    rows = model_rows(results)
+    rows = [row for work in works for row in model_rows(work / "results", work.name)]
     if rows:  # a run stopped early has fewer (or no) scored models: report what exists
         with open(out / "results.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    scores = teacher_scores(work)
+    # The teacher curve: of the (first) WORK that grew one.
+    curve_work = next((work for work in works if teacher_scores(work)), works[0])
+    scores = teacher_scores(curve_work)
     report = {"models": rows, "teacher_fid_by_steps": {steps: score["fid"] for steps, score in scores.items()},
-              "stage_seconds": stage_wall_times(results)}
+              "stage_seconds": {work.name: stage_wall_times(work / "results") for work in works}}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    teacher_curve_plot(work, scores, out / "teacher_curve.png")
-    sample_montage([(f"teacher, {steps} steps", work / "teacher_curve" / f"grid-{steps}.png") for steps in scores],
-                   out / "samples_teacher_curve.png")
+    teacher_curve_plot(curve_work, scores, out / "teacher_curve.png")
+    sample_montage([(f"teacher, {steps} steps", curve_work / "teacher_curve" / f"grid-{steps}.png")
+                    for steps in scores], out / "samples_teacher_curve.png")
     loss_plot(results, out / "loss_curves.png")
     loss_plot(results, out / "loss_curves_gradient_flow.png", experiments=("fmnist_gradient_flow",))
+
+    def grid(exp, model):  # a model's sample grid, from the WORK that made it
+        paths = [part / "samples" / exp / model / "grid.png" for part in results]
+        return first_existing(paths, paths[0])
+
     # Sample grids: the teacher (its images are fmnist_unet's), then each experiment's models.
-    teacher = [("dense", results / "samples" / "fmnist_unet" / "dense" / "grid.png")]
+    teacher = [("dense", grid("fmnist_unet", "dense"))]
     for exp, picture in (("fmnist_unet", "samples.png"), ("fmnist_gradient_flow", "samples_gradient_flow.png"),
                          ("fmnist_reuse", "samples_reuse.png")):
         models = sorted({r["model"] for r in rows if r["experiment"] == exp and "/" in r["model"]})
         if models:
-            sample_montage(teacher + [(m, results / "samples" / exp / m / "grid.png") for m in models],
-                           out / picture)
-    diagnosed = {f"{path.parent.name} ({exp})": path for exp in EXPERIMENTS
-                 for path in sorted((results / "finetune" / exp).glob("*/*/metrics.jsonl"))
+            sample_montage(teacher + [(m, grid(exp, m)) for m in models], out / picture)
+    diagnosed = {f"{path.parent.name} ({exp})": path for exp in EXPERIMENTS for part in results
+                 for path in sorted((part / "finetune" / exp).glob("*/*/metrics.jsonl"))
                  if any(k.startswith("jm") for k in (metrics(path) or [{}])[0])}
     if diagnosed:
         from igsm.plots import plot_gradient_share
@@ -211,4 +224,6 @@ def main(work: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if len(sys.argv) < 3:
+        sys.exit("usage: report.py WORK [WORK ...] OUT")
+    main([Path(arg) for arg in sys.argv[1:-1]], Path(sys.argv[-1]))
