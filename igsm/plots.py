@@ -145,6 +145,26 @@ def plot_reuse_plan(plan, path) -> None:
     plt.close(fig)
 
 
+def gradient_shares(records: list[dict], index: int) -> tuple[list[int], list[float]]:
+    """(log steps, the Jacobian terms' share ‖g_jac‖ / (‖g_np‖ + ‖g_kd‖ + ‖g_jac‖) of the gradient
+    norms from timestep range ``index``) over a run's metrics records with ``by_timestep``.
+    Skipped: records without diagnostics, without rows in the range, or from a step that did not
+    evaluate the Jacobian terms (``jacobian_every`` > 1: no share to show, not a share of 0)."""
+    steps, shares = [], []
+    for record in records:
+        diagnosed = record.get("by_timestep")
+        if not diagnosed or not diagnosed["rows"][index]:
+            continue
+        norms = {name: entry["grad_norm"][index] for name, entry in diagnosed.items()
+                 if isinstance(entry, dict) and "grad_norm" in entry}
+        jacobian = [v for name, v in norms.items() if name.startswith("jm")]
+        total = sum(norms.values())
+        if jacobian and total > 0:
+            steps.append(record["step"])
+            shares.append(sum(jacobian) / total)
+    return steps, shares
+
+
 def plot_gradient_share(metrics_files: dict, path) -> None:
     """Where the Jacobian term's gradient comes from (issue 20): per run (``metrics_files`` maps a
     label to a metrics JSONL with the training loop's ``by_timestep`` diagnostics) and timestep
@@ -160,18 +180,7 @@ def plot_gradient_share(metrics_files: dict, path) -> None:
     fig, axes = plt.subplots(1, len(ranges), figsize=(4 * len(ranges), 3.4), sharey=True)
     for axis, (index, (low, high)) in zip(np.atleast_1d(axes), enumerate(ranges)):
         for label, records in runs.items():
-            steps, shares = [], []
-            for record in records:
-                diagnosed = record.get("by_timestep")
-                if not diagnosed or not diagnosed["rows"][index]:
-                    continue
-                norms = {name: entry["grad_norm"][index] for name, entry in diagnosed.items()
-                         if isinstance(entry, dict) and "grad_norm" in entry}
-                jacobian = sum(v for name, v in norms.items() if name.startswith("jm"))
-                total = sum(norms.values())
-                if total > 0:
-                    steps.append(record["step"])
-                    shares.append(jacobian / total)
+            steps, shares = gradient_shares(records, index)
             if steps:
                 axis.plot(steps, shares, marker=".", label=label)
         axis.set_title(f"t in [{low:g}, {'T' if high is None else f'{high:g}'})", fontsize=9)

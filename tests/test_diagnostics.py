@@ -147,3 +147,29 @@ def test_diagnostics_leave_training_bitwise_unchanged(tiny_training, tmp_path):
         for key in ("sec_per_step", "diagnostics_s"):
             on.pop(key), off.pop(key, None)
         assert on == off
+
+
+def test_gradient_shares_skip_steps_without_the_jacobian_term(tiny_training, tmp_path):
+    """With jacobian_every 2 the loop evaluates the term on steps 0 and 2 (logged as 1 and 3): the
+    plotted share comes from those log steps only, as ‖g_jac‖ over the terms' norms of the range;
+    the other log steps hold no Jacobian gradient and are left out, not drawn as a share of 0."""
+    from igsm.data import load_images
+    from igsm.models import load_model
+    from igsm.plots import gradient_shares
+    from igsm.training import TrainingOptions, train
+
+    options = TrainingOptions.from_dict({
+        "num_steps": 4, "batch_size": 8, "lr": 1e-3, "log_every": 1, "diagnostic_timesteps": [500],
+        "objective": {"weights": WEIGHTS, "jacobian_every": 2}})
+    train(load_model(tiny_training / "student"), load_images(tiny_training / "data"), options,
+          tmp_path / "checkpoints", tmp_path / "metrics.jsonl", teacher=load_model(tiny_training / "teacher"))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert ["grad_norm" in r["by_timestep"]["jm2"] for r in records] == [True, False, True, False]
+    index = next(i for i, rows in enumerate(records[0]["by_timestep"]["rows"]) if rows)
+    steps, shares = gradient_shares(records, index)
+    assert steps == [r["step"] for r in (records[0], records[2]) if r["by_timestep"]["rows"][index]]
+    first = records[0]["by_timestep"]
+    norms = {name: first[name]["grad_norm"][index] for name in WEIGHTS}
+    assert shares[0] == pytest.approx(norms["jm2"] / sum(norms.values()))
+    assert 0 < shares[0] < 1

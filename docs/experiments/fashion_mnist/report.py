@@ -2,9 +2,9 @@
 files of its report: results.csv (one row per model), report.json (the same plus the teacher
 curve and wall time per stage), teacher_curve.png and samples_teacher_curve.png (the teacher's
 loss, FID and samples after each stage of run.sh), loss_curves.png and
-loss_curves_gradient_flow.png, samples.png, samples_gradient_flow.png and samples_reuse.png
-(sample grids side by side), gradient_share.png (the Jacobian terms' share of the gradient by
-timestep range, issue 20).
+loss_curves_gradient_flow.png, samples.png, samples_variants.png, samples_gradient_flow.png and
+samples_reuse.png (sample grids side by side), gradient_share.png (the Jacobian terms' share of the
+gradient by timestep range, issue 20).
 
     python docs/experiments/fashion_mnist/report.py WORK [WORK ...] OUT
 
@@ -115,24 +115,27 @@ def loss_plot(results: list[Path], out: Path, experiments=("fmnist_unet", "fmnis
         return
 
     # One colour per objective in every panel (a seed repeats its objective's colour, dashed).
-    def name(path):  # the objective, and the pruning unless it is Diff-Pruning at ratio 0.3
-        pruned = path.parent.parent.name
-        return path.parent.name if pruned == "diff-pruning-cr0.3" else f"{path.parent.name} ({pruned})"
-
-    objectives = sorted({name(path) for _, _, path in runs})
+    objectives = sorted({model_label(path) for _, _, path in runs})
     colour = {name: f"C{i}" for i, name in enumerate(objectives)}
     for exp, style, path in runs:
         history = metrics(path)
-        label = name(path) + (" (seed 1)" if exp.endswith("seed1") else "")
+        label = model_label(path) + (" (seed 1)" if exp.endswith("seed1") else "")
         steps = [r["step"] for r in history]
         for axis, term in zip(axes[1:], ("np", "kd", "jm2")):
             if history and term in history[0]:
-                axis.plot(steps, [r[term] for r in history], style, color=colour[name(path)], label=label)
+                axis.plot(steps, [r[term] for r in history], style, color=colour[model_label(path)], label=label)
     for axis, title in zip(axes[1:], ("NP term", "KD term", "Jacobian term (jm2, unweighted)")):
         axis.set(title=f"finetunes: {title}", xlabel="step", yscale="log")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+
+
+def model_label(metrics_file: Path) -> str:
+    """A finetune's objective, and its pruning unless it is Diff-Pruning at ratio 0.3."""
+    pruned = metrics_file.parent.parent.name
+    objective = metrics_file.parent.name
+    return objective if pruned == "diff-pruning-cr0.3" else f"{objective} ({pruned})"
 
 
 def teacher_scores(work: Path) -> dict[int, dict]:
@@ -209,12 +212,12 @@ def main(works: list[Path], out: Path) -> None:
 
     # Sample grids: the teacher (its images are fmnist_unet's), then each experiment's models.
     teacher = [("dense", grid("fmnist_unet", "dense"))]
-    for exp, picture in (("fmnist_unet", "samples.png"), ("fmnist_gradient_flow", "samples_gradient_flow.png"),
-                         ("fmnist_reuse", "samples_reuse.png")):
+    for exp, picture in (("fmnist_unet", "samples.png"), ("fmnist_unet_variants", "samples_variants.png"),
+                         ("fmnist_gradient_flow", "samples_gradient_flow.png"), ("fmnist_reuse", "samples_reuse.png")):
         models = sorted({r["model"] for r in rows if r["experiment"] == exp and "/" in r["model"]})
         if models:
             sample_montage(teacher + [(m, grid(exp, m)) for m in models], out / picture)
-    diagnosed = {f"{path.parent.name} ({exp})": path for exp in EXPERIMENTS for part in results
+    diagnosed = {f"{model_label(path)}, {exp}": path for exp in EXPERIMENTS for part in results
                  for path in sorted((part / "finetune" / exp).glob("*/*/metrics.jsonl"))
                  if any(k.startswith("jm") for k in (metrics(path) or [{}])[0])}
     if diagnosed:
