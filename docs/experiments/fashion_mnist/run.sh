@@ -5,7 +5,9 @@
 #      teacher_curve/model-<steps> and scored (10k-sample FID) as experiment teacher_<steps> in a
 #      Snakemake of their own (teacher_curve/score) while the next stage trains:
 #      teacher_curve/fid-<steps>.json, grid-<steps>.png;
-#   2. everything else: prune, finetune, sample, FID, tables.
+#   2. everything else: prune, finetune, sample, FID, tables. The last stage is the run's teacher:
+#      its curve point is the run's own teacher FID (results/fid/fmnist_unet/dense.json), copied
+#      to teacher_curve/ once made, not a second scoring.
 # Usage: docs/experiments/fashion_mnist/run.sh [teacher]   ("teacher": only the teacher curve)
 # Environment:
 #   CONFIG         the config (default config/fashion_mnist.yaml)
@@ -75,14 +77,23 @@ PY
 }
 
 scorers=()
+last=${TEACHER_STEPS##* }
 for steps in $TEACHER_STEPS; do
     config=$(stage_config "$steps")
     "${SNAKEMAKE[@]}" results/dense/fmnist_unet/trained/model --configfile "$config"
     rm -rf "$WORK/teacher_curve/model-$steps.tmp"
     cp -a "$WORK/results/dense/fmnist_unet/trained/model" "$WORK/teacher_curve/model-$steps.tmp"
     mv "$WORK/teacher_curve/model-$steps.tmp" "$WORK/teacher_curve/model-$steps"
-    score_stage "$steps" & scorers+=($!)
+    if [ "${1:-}" = teacher ] || [ "$steps" != "$last" ]; then
+        score_stage "$steps" & scorers+=($!)
+    fi
 done
 for pid in "${scorers[@]}"; do wait "$pid"; done  # set -e: a failed scoring stops here
 [ "${1:-}" = teacher ] && exit 0
-"${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$CONFIG"
+status=0
+"${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$CONFIG" || status=$?
+if [ -f "$WORK/results/fid/fmnist_unet/dense.json" ]; then  # the last stage's curve point
+    cp "$WORK/results/fid/fmnist_unet/dense.json" "$WORK/teacher_curve/fid-$last.json"
+    cp "$WORK/results/samples/fmnist_unet/dense/grid.png" "$WORK/teacher_curve/grid-$last.png"
+fi
+exit "$status"
