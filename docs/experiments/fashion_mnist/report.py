@@ -144,10 +144,6 @@ def teacher_scores(work: Path) -> dict[int, dict]:
     return dict(sorted(scores.items()))
 
 
-def first_existing(paths, default: Path) -> Path:
-    return next((p for p in paths if p.exists()), default)
-
-
 def teacher_curve_plot(work: Path, scores: dict[int, dict], out: Path) -> None:
     """The teacher grown in stages (run.sh): its NP loss over training and each stage's FID."""
     if not scores:
@@ -208,7 +204,7 @@ def main(works: list[Path], out: Path) -> None:
 
     def grid(exp, model):  # a model's sample grid, from the WORK that made it
         paths = [part / "samples" / exp / model / "grid.png" for part in results]
-        return first_existing(paths, paths[0])
+        return next((p for p in paths if p.exists()), paths[0])
 
     # Sample grids: the teacher (its images are fmnist_unet's), then each experiment's models.
     teacher = [("dense", grid("fmnist_unet", "dense"))]
