@@ -181,10 +181,11 @@ def resource(stage, key):
     return config["resources"][stage][key]
 
 
-def gpu_memory(stage, gpus):
-    """The `gpu_mem_mb` resource of a job of the stage on `gpus` GPUs: what the run's
-    `--resources gpu_mem_mb=<MB>` counts (resources.<stage>.gpu_mem_mb per GPU; none on CPU)."""
-    return resource(stage, "gpu_mem_mb") * gpus
+def gpu_memory(stage, gpus=None):
+    """The `gpu_mem_mb` resource of a job of the stage on `gpus` GPUs (default: the stage's):
+    what the run's `--resources gpu_mem_mb=<MB>` counts (resources.<stage>.gpu_mem_mb per GPU;
+    none on CPU)."""
+    return resource(stage, "gpu_mem_mb") * (resource(stage, "gpu") if gpus is None else gpus)
 
 
 def fid_reference_file(exp):

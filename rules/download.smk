@@ -19,7 +19,7 @@ rule download:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
         gpu=resource("download", "gpu"),
-        gpu_mem_mb=gpu_memory("download", resource("download", "gpu")),
+        gpu_mem_mb=gpu_memory("download"),
     shell:
         "python -m igsm download --settings {params.settings:q} --cache-dir {params.cache:q} "
         "--out {output.data:q} > {log:q} 2>&1"

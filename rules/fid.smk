@@ -24,7 +24,7 @@ rule fid_reference:
         mem_mb=resource("fid", "mem_mb"),
         runtime=resource("fid", "runtime"),
         gpu=resource("fid", "gpu"),
-        gpu_mem_mb=gpu_memory("fid", resource("fid", "gpu")),
+        gpu_mem_mb=gpu_memory("fid"),
     shell:
         "python -m igsm fid-reference --data {input.data:q} --settings {params.settings:q} "
         "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"
@@ -49,7 +49,7 @@ rule fid_statistics:
         mem_mb=resource("fid", "mem_mb"),
         runtime=resource("fid", "runtime"),
         gpu=resource("fid", "gpu"),
-        gpu_mem_mb=gpu_memory("fid", resource("fid", "gpu")),
+        gpu_mem_mb=gpu_memory("fid"),
     shell:
         "python -m igsm fid-statistics --samples {input.samples:q} --settings {params.settings:q} "
         "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"

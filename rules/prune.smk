@@ -21,7 +21,7 @@ rule prune:
         mem_mb=resource("prune", "mem_mb"),
         runtime=resource("prune", "runtime"),
         gpu=resource("prune", "gpu"),
-        gpu_mem_mb=gpu_memory("prune", resource("prune", "gpu")),
+        gpu_mem_mb=gpu_memory("prune"),
     shell:
         "python -m igsm prune --model {input.model:q} --data {input.data:q} --criterion {wildcards.criterion:q} "
         "--channel-ratio {wildcards.ratio:q} --settings {params.settings:q} --out {output.model:q} "

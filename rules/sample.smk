@@ -31,7 +31,7 @@ rule sample:
         mem_mb=resource("sample", "mem_mb"),
         runtime=resource("sample", "runtime"),
         gpu=resource("sample", "gpu"),
-        gpu_mem_mb=gpu_memory("sample", resource("sample", "gpu")),
+        gpu_mem_mb=gpu_memory("sample"),
         # A resource, not a param: another GPU count does not make finished shards stale (images
         # do not depend on it).
         nproc_per_node=max(1, resource("sample", "gpu")),
