@@ -6,6 +6,11 @@
 # throughput of each model.
 
 
+# The FID from two statistics files: seconds on a CPU, in Snakemake's own process (tables.smk).
+localrules:
+    fid,
+
+
 rule fid_reference:
     conda:
         "../envs/fid.yaml"

@@ -5,8 +5,15 @@
 # gathers all of it with captions.
 
 
+# Seconds of CPU and little memory each: run in Snakemake's own process (on a cluster, the login
+# node) rather than waiting in SLURM's queue behind the GPU jobs.
 localrules:
     variant_metadata,
+    tables,
+    combined_table,
+    paper_table,
+    paper_figure,
+    paper_samples,
 
 
 # What each scored model is (igsm/tables.py reads it): written from the config, in the workflow's
