@@ -177,6 +177,13 @@ def pytest_collection_modifyitems(config, items):
             continue
         if any(call in source for call in _WORKFLOW_CALLS) and "slow" not in item.keywords:
             item.add_marker(pytest.mark.slow)
+    # A module that needs the session's demo run but is scheduled apart from the others would build
+    # it a second time in the other process (~5 minutes): the list below must name it.
+    strays = {Path(item.nodeid.split("::", 1)[0]).name for item in items if "demo_run" in item.fixturenames} \
+        - SHARED_DEMO_MODULES
+    if strays:
+        raise pytest.UsageError(f"tests/conftest.py: add {sorted(strays)} to SHARED_DEMO_MODULES "
+                                "(they use demo_run, built once per test process)")
     # The demo pair first (below: two test processes); a stable sort, the rest keep their order.
     items.sort(key=lambda item: _module_of(item.nodeid) != "demo")
 
