@@ -35,39 +35,35 @@ SNAKEMAKE=(snakemake -s "$REPO/Snakefile" -d "$WORK" --profile "$REPO/profiles/l
            --cores "${CORES:-$(nproc)}")
 mkdir -p "$WORK/teacher_curve"
 
-stage_config() {  # the experiment's config with the teacher's num_steps set to $1
-    python - "$CONFIG" "$1" "$WORK/teacher_curve/config-$1.yaml" <<'PY'
+derive_config() {  # derive_config OUT KEY VALUE [STEPS]: the config with fmnist_unet's teacher changed
+    # KEY num_steps: the teacher trains VALUE steps; KEY pretrained: the teacher is the folder VALUE.
+    # STEPS: the teacher alone, as an experiment teacher_<STEPS> (a name per stage: nothing reused).
+    python - "$CONFIG" "$@" <<'PY'
 import sys, yaml
-config = yaml.safe_load(open(sys.argv[1]))
-config["experiments"]["fmnist_unet"]["dense"]["training"]["num_steps"] = int(sys.argv[2])
-yaml.safe_dump(config, open(sys.argv[3], "w"), sort_keys=False)
+source, out, key, value, *steps = sys.argv[1:]
+config = yaml.safe_load(open(source))
+settings = config["experiments"]["fmnist_unet"]
+if key == "num_steps":
+    settings["dense"]["training"]["num_steps"] = int(value)
+else:
+    settings["dense"] = {"pretrained": value}
+if steps:
+    settings["finetune"]["runs"] = []
+    config["experiments"] = {f"teacher_{steps[0]}": settings}
+yaml.safe_dump(config, open(out, "w"), sort_keys=False)
 PY
-    echo "$WORK/teacher_curve/config-$1.yaml"
 }
 
 if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teacher stages
     config=$WORK/teacher_curve/config-pretrained.yaml
-    python - "$CONFIG" "$TEACHER" "$config" <<'PY'
-import sys, yaml
-config = yaml.safe_load(open(sys.argv[1]))
-config["experiments"]["fmnist_unet"]["dense"] = {"pretrained": sys.argv[2]}
-yaml.safe_dump(config, open(sys.argv[3], "w"), sort_keys=False)
-PY
+    derive_config "$config" pretrained "$TEACHER"
     exec "${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$config"
 fi
 
 score_stage() {  # the 10k-sample FID of teacher_curve/model-$1, as an experiment of its own
     local score=$WORK/teacher_curve/score
     mkdir -p "$score"
-    python - "$CONFIG" "$WORK/teacher_curve/model-$1" "$score/config-$1.yaml" "$1" <<'PY'
-import sys, yaml
-config = yaml.safe_load(open(sys.argv[1]))
-settings = config["experiments"]["fmnist_unet"]
-settings["dense"] = {"pretrained": sys.argv[2]}
-settings["finetune"]["runs"] = []
-config["experiments"] = {f"teacher_{sys.argv[4]}": settings}  # a name per stage: nothing reused
-yaml.safe_dump(config, open(sys.argv[3], "w"), sort_keys=False)
-PY
+    derive_config "$score/config-$1.yaml" pretrained "$WORK/teacher_curve/model-$1" "$1"
     # One scoring at a time (they share the FID reference, computed by the first).
     flock "$score.lock" snakemake -s "$REPO/Snakefile" -d "$score" --profile "$REPO/profiles/local" \
         --configfile "$score/config-$1.yaml" --resources "gpu=1" --cores "${CORES:-$(nproc)}" \
@@ -79,7 +75,8 @@ PY
 scorers=()
 last=${TEACHER_STEPS##* }
 for steps in $TEACHER_STEPS; do
-    config=$(stage_config "$steps")
+    config=$WORK/teacher_curve/config-$steps.yaml
+    derive_config "$config" num_steps "$steps"
     "${SNAKEMAKE[@]}" results/dense/fmnist_unet/trained/model --configfile "$config"
     rm -rf "$WORK/teacher_curve/model-$steps.tmp"
     cp -a "$WORK/results/dense/fmnist_unet/trained/model" "$WORK/teacher_curve/model-$steps.tmp"
