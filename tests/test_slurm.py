@@ -34,8 +34,8 @@ pytestmark = pytest.mark.slow
 
 SETUP = SHARED / "tools" / "slurm-local" / "setup-slurm.sh"
 IGSM_FINETUNE = "results/finetune/digits_unet/diff-pruning-cr0.3/igsm"
-# The SLURM run took 7–8 minutes alone on a 2-core machine, and over 15 on CI's beside the other
-# test process: a limit for a hung run, not a benchmark.
+# The SLURM run takes 7–8 minutes on a 2-core machine; it once ran past 15 on CI's, beside the other
+# test process (before the FID and table jobs ran locally): a limit for a hung run, not a benchmark.
 SLURM_RUN_LIMIT_S = 1500
 
 
@@ -110,8 +110,8 @@ def slurm_run(slurm_cluster, tmp_path_factory, request):
         proc = subprocess.Popen(command, cwd=REPO, text=True, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     signalled = {}
-    watcher = threading.Thread(target=_signal_once_running, args=(proc, workdir, started + SLURM_RUN_LIMIT_S, signalled),
-                               daemon=True)
+    watcher = threading.Thread(target=_signal_once_running, daemon=True,
+                               args=(proc, workdir, started + SLURM_RUN_LIMIT_S, signalled))
     watcher.start()
     try:
         # The local run of the same DAG (test_outputs_equal_the_local_run compares the two) is made
