@@ -25,10 +25,12 @@ demo: install
 
 # Two test processes (pytest-xdist; tests/conftest.py keeps each module in one and starts the
 # longest, the demo through SLURM, first): the SLURM run mostly waits, which leaves a core free.
+# One torch/BLAS thread per process, where a job does not set its own (`--threads`): with the
+# demo's jobs beside them, more threads only spin-wait for a core.
 TEST_PROCESSES ?= 2
 
 test: install
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -v -n $(TEST_PROCESSES)
+	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 $(BIN)/pytest -v -n $(TEST_PROCESSES)
 
 test-quick: install
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest -q -m "not slow"

@@ -211,4 +211,7 @@ else:
             return _module_of(nodeid)
 
     def pytest_xdist_make_scheduler(config, log):
+        # Keep the order of pytest_collection_modifyitems: by default xdist reorders modules by their
+        # number of tests, which started the demo pair ninth, its ~15 minutes last on one process.
+        config.option.loadscopereorder = False
         return ModuleScheduling(config, log)
