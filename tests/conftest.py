@@ -191,7 +191,7 @@ def pytest_collection_modifyitems(config, items):
 # ---- two test processes (make test: pytest -n 2, pytest-xdist) -------------------------------
 # Each module runs whole in one process, so its module fixtures are built once; test_slurm.py and
 # test_workflow.py share one, since both use the session's demo_run. That pair, the longest
-# (~11 minutes on 2 cores), goes first: started last, the other process would sit idle at the end.
+# (~12 minutes on 2 cores), goes first: started last, the other process would sit idle at the end.
 # (A scheduler of our own: xdist's --dist loadgroup ignores xdist_group marks under pytest 9.)
 SHARED_DEMO_MODULES = {"test_slurm.py", "test_workflow.py"}
 
