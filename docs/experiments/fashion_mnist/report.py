@@ -1,24 +1,42 @@
-"""Collect the Fashion-MNIST experiment's numbers from a finished run's results/ (run.sh) into the
-files of its report: results.csv (one row per model), report.json (the same plus the teacher
-curve and wall time per stage), teacher_curve.png and samples_teacher_curve.png (the teacher's
-loss, FID and samples after each stage of run.sh), loss_curves.png and
-loss_curves_gradient_flow.png, samples.png, samples_variants.png, samples_gradient_flow.png and
-samples_reuse.png (sample grids side by side), gradient_share.png (the Jacobian terms' share of the
-gradient by timestep range, issue 20).
+"""The Fashion-MNIST experiment's report, in two steps, so that every number of the report traces to a
+committed file (issue 33):
 
-    python docs/experiments/fashion_mnist/report.py WORK [WORK ...] OUT
+    python docs/experiments/fashion_mnist/report.py collect WORK RAW
+    python docs/experiments/fashion_mnist/report.py build RAW [RAW ...] OUT
+    python docs/experiments/fashion_mnist/report.py check [README]
 
-WORK: the run's working directory (results/ and teacher_curve/ in it); several when a run was
-split over leases of the GPU, each a Snakemake of its own: their models are reported together,
-each with its step time relative to NP+KD of its own WORK (jobs timed side by side) and the WORK's
-name in the "run" column. OUT: where the files go. Every number is read from the workflow's own
-files; nothing here computes a result.
+``collect`` copies what a finished run (run.sh's working directory WORK) measured into RAW, the
+folder that is committed (a few hundred KB per run): for each scored model of the experiments below
+its FID JSON, training ``summary.json``, ``metrics.jsonl`` (with the per-timestep diagnostics; thinned
+to at most ``MAX_METRIC_LINES`` lines, the last always kept), efficiency and variant JSON and sample
+grid under ``models/<experiment>/<model>/``; the teacher's stage scores (``teacher_curve/``); the
+seconds per stage; and ``digests.json``: the sha256 of the FID reference statistics, of the teacher
+and of each pruned student that the run used, so that runs split over several GPU machines can be
+checked to share them.
+
+``build`` makes every table, figure and number of the report from RAW folders alone (several when a
+run was split over GPU leases; each is a "run" column value): results.csv, report.json,
+teacher_curve.png, samples_teacher_curve.png, loss_curves.png, loss_curves_gradient_flow.png,
+samples*.png, gradient_share.png and, where models were scored at several finetune lengths (run.sh
+``ladder``), ladder.csv and ladder.png (the gap of each Jacobian objective to NP+KD per rung, with its
+seed spread). It refuses RAW folders whose reference statistics or pruned students differ
+(digests.json), naming both.
+
+``check`` reads the report's README: every number written as ``<number><!-- = FILE SELECTOR -->``
+must be what FILE (relative to the README) gives, rounded to the decimals written. SELECTOR is
+``COLUMN key=value ...`` for a CSV (the rows whose fields match; ``a–b`` before the tag checks the
+smallest and largest of them, a single number needs exactly one row), or ``json KEY.KEY...`` for a
+JSON file; ``SELECTOR minus SELECTOR`` and ``SELECTOR over SELECTOR`` give a difference or a ratio.
+Exit 1, listing each number that does not match the files.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,6 +49,9 @@ from PIL import Image  # noqa: E402
 
 EXPERIMENTS = ("fmnist_unet", "fmnist_unet_seed1", "fmnist_unet_variants", "fmnist_gradient_flow", "fmnist_reuse")
 STAGES = ("download", "dense", "prune", "finetune", "sample", "fid_reference", "fid_statistics")
+TEACHER = "fmnist_unet"          # the experiment that trains (or loads) the teacher
+MAX_METRIC_LINES = 400           # a committed metrics.jsonl keeps at most this many records
+JACOBIAN_OBJECTIVES = ("igsm", "igsm_lam1e-2", "igsm_t10")  # the ladder's, against np_kd
 
 
 def read_json(path: Path):
@@ -38,53 +59,85 @@ def read_json(path: Path):
 
 
 def metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def model_rows(results: Path, run: str) -> list[dict]:
-    rows = []
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """One sha256 over a model folder's files (names and contents), in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)}:{sha256(path)};".encode())
+    return digest.hexdigest()
+
+
+# --- collect: a run's working directory → the committed raw files ---------------------------------
+
+def thinned(lines: list[str], limit: int = MAX_METRIC_LINES) -> list[str]:
+    """At most ``limit`` records, evenly spaced, the last always kept."""
+    if len(lines) <= limit:
+        return lines
+    keep = {round(i * (len(lines) - 1) / (limit - 1)) for i in range(limit)}
+    return [line for i, line in enumerate(lines) if i in keep]
+
+
+def collect(work: Path, raw: Path) -> None:
+    results = work / "results"
+    if not results.is_dir():
+        sys.exit(f"{work}: no results/ folder (not a run.sh working directory)")
+    if raw.exists():
+        shutil.rmtree(raw)
+    raw.mkdir(parents=True)
+    digests = {"reference": {}, "teacher": None, "students": {}}
     for exp in EXPERIMENTS:
         for score in sorted((results / "fid" / exp).rglob("*.json")):
             variant = str(score.relative_to(results / "fid" / exp).with_suffix(""))
-            fid = read_json(score)
-            eff = read_json(results / "efficiency" / exp / f"{variant}.json") or {}
-            meta = read_json(results / "variants" / exp / f"{variant}.json") or {}
-            folder = (results / "dense" / "fmnist_unet" / "trained") if variant == "dense" else \
-                (results / "finetune" / exp / variant)
-            summary = read_json(folder / "summary.json") or {}
-            timing = summary.get("timing", {})
-            history = metrics(folder / "metrics.jsonl")
-            last = history[-1] if history else {}
-            rows.append({
-                "run": run, "experiment": exp, "model": variant,
-                "pruning": variant.split("/")[0].rsplit("-cr", 1)[0] if "/" in variant else "",
-                # (a model scored without its table has no metadata file: its folder name says it)
-                "channel_ratio": meta.get("channel_ratio", float(variant.split("/")[0].rsplit("-cr", 1)[1])
-                                          if "-cr" in variant else None),
-                "objective": variant.split("/")[1] if "/" in variant else "dense",
-                "seed": summary.get("settings", {}).get("training", {}).get("seed", 0),
-                "fid": fid["fid"], "fid_images": fid["num_images"], "fid_mode": fid["mode"],
-                "params_M": eff.get("params", float("nan")) / 1e6, "macs_G": eff.get("macs", float("nan")) / 1e9,
-                "images_per_s": eff.get("images_per_s"),
-                "training_steps": summary.get("num_steps"), "sec_per_step": timing.get("sec_per_step"),
-                "train_minutes": timing.get("wall_time_s", float("nan")) / 60,
-                "peak_memory_GiB": (timing.get("peak_memory_mib") or float("nan")) / 1024,
-                "final_loss": last.get("loss"), "final_np": last.get("np"),
-                "reuse": meta.get("reuse_method", ""), "reuse_target": meta.get("mac_fraction"),
-                "sampler_steps": eff.get("sampler_steps"), "sampling_macs_G": (eff.get("sampling_macs") or float("nan")) / 1e9,
-                "sampling_images_per_s": eff.get("sampling_images_per_s"),
-            })
-    # Step time relative to NP+KD of the same run (the jobs shared the GPU alike): of the same
-    # experiment and pruned network where it has an NP+KD run, else Diff-Pruning's at ratio 0.3
-    # of the same experiment, else of any experiment of the run.
-    reference = {(r["experiment"], r["model"].split("/")[0]): r["sec_per_step"] for r in rows
-                 if r["objective"] == "np_kd"}
-    any_dp = next((v for (exp, pruned), v in reference.items() if pruned == "diff-pruning-cr0.3"), None)
-    for row in rows:
-        base = reference.get((row["experiment"], row["model"].split("/")[0]),
-                             reference.get((row["experiment"], "diff-pruning-cr0.3"), any_dp))
-        row["step_time_vs_np_kd"] = (row["sec_per_step"] / base) if base and row["sec_per_step"] else None
-    return rows
+            out = raw / "models" / exp / variant
+            out.mkdir(parents=True)
+            shutil.copy(score, out / "fid.json")
+            reference = Path(read_json(score)["reference"])
+            reference = reference if reference.is_absolute() else work / reference
+            if reference.exists():
+                digests["reference"][str(reference.relative_to(work))] = sha256(reference)
+            folder = teacher_folder(results) if variant == "dense" else (results / "finetune" / exp / variant)
+            for name in ("summary.json",):
+                if (folder / name).exists():
+                    shutil.copy(folder / name, out / name)
+            if (folder / "metrics.jsonl").exists():
+                lines = (folder / "metrics.jsonl").read_text().splitlines()
+                (out / "metrics.jsonl").write_text("".join(line + "\n" for line in thinned(lines)))
+            for source, name in ((results / "efficiency" / exp / f"{variant}.json", "efficiency.json"),
+                                 (results / "variants" / exp / f"{variant}.json", "variant.json"),
+                                 (results / "samples" / exp / variant / "grid.png", "grid.png")):
+                if source.exists():
+                    shutil.copy(source, out / name)
+            if "/" in variant:
+                student = results / "prune" / exp / variant.split("/")[0] / "model"
+                if student.is_dir():
+                    digests["students"][f"{exp}/{variant.split('/')[0]}"] = folder_digest(student)
+    if (teacher_folder(results) / "model").is_dir():
+        digests["teacher"] = folder_digest(teacher_folder(results) / "model")
+    (raw / "digests.json").write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+    (raw / "stage_seconds.json").write_text(json.dumps(stage_wall_times(results), indent=1) + "\n")
+    curve = work / "teacher_curve"
+    for path in sorted(curve.glob("fid-*.json")) + sorted(curve.glob("grid-*.png")):
+        (raw / "teacher_curve").mkdir(exist_ok=True)
+        shutil.copy(path, raw / "teacher_curve" / path.name)
+    print(f"{raw}: {sum(1 for _ in (raw / 'models').glob('*/**/fid.json')) if (raw / 'models').exists() else 0}"
+          f" scored models")
+
+
+def teacher_folder(results: Path) -> Path:
+    """The teacher's folder: trained by this run, or an earlier run's (run.sh TEACHER)."""
+    trained = results / "dense" / TEACHER / "trained"
+    return trained if trained.exists() else results / "dense" / TEACHER / "pretrained"
 
 
 def stage_wall_times(results: Path) -> dict:
@@ -99,24 +152,131 @@ def stage_wall_times(results: Path) -> dict:
     return out
 
 
-def loss_plot(results: list[Path], out: Path, experiments=("fmnist_unet", "fmnist_unet_seed1")) -> None:
+# --- build: committed raw files → the report's tables and figures ---------------------------------
+
+def check_shared_inputs(raws: list[Path]) -> None:
+    """Runs reported together must have used the same reference statistics and pruned students
+    (a split run carries them from one machine to the next; run.sh SHARED)."""
+    seen: dict[tuple[str, str], tuple[str, Path]] = {}
+    for raw in raws:
+        digests = read_json(raw / "digests.json") or {}
+        items = [("reference", name, value) for name, value in digests.get("reference", {}).items()]
+        items += [("student", name, value) for name, value in digests.get("students", {}).items()]
+        items += [("teacher", "teacher", digests["teacher"])] if digests.get("teacher") else []
+        for kind, name, value in items:
+            key = (kind, name)
+            if key in seen and seen[key][0] != value:
+                sys.exit(f"{seen[key][1] / 'digests.json'} and {raw / 'digests.json'}: different {kind} "
+                         f"{name!r} ({seen[key][0][:12]}… vs {value[:12]}…): these runs are not comparable")
+            seen.setdefault(key, (value, raw))
+
+
+def model_rows(raw: Path, run: str) -> list[dict]:
+    rows = []
+    for score in sorted((raw / "models").glob("*/**/fid.json")):
+        exp, variant = score.parent.relative_to(raw / "models").parts[0], \
+            "/".join(score.parent.relative_to(raw / "models").parts[1:])
+        folder = score.parent
+        fid = read_json(score)
+        eff = read_json(folder / "efficiency.json") or {}
+        meta = read_json(folder / "variant.json") or {}
+        summary = read_json(folder / "summary.json") or {}
+        timing = summary.get("timing", {})
+        history = metrics(folder / "metrics.jsonl")
+        last = history[-1] if history else {}
+        rows.append({
+            "run": run, "experiment": exp, "model": variant,
+            "pruning": variant.split("/")[0].rsplit("-cr", 1)[0] if "/" in variant else "",
+            # (a model scored without its table has no metadata file: its folder name says it)
+            "channel_ratio": meta.get("channel_ratio", float(variant.split("/")[0].rsplit("-cr", 1)[1])
+                                      if "-cr" in variant else None),
+            "objective": variant.split("/")[1] if "/" in variant else "dense",
+            "seed": summary.get("settings", {}).get("training", {}).get("seed", 0),
+            "fid": fid["fid"], "fid_images": fid["num_images"], "fid_mode": fid["mode"],
+            "params_M": eff.get("params", float("nan")) / 1e6, "macs_G": eff.get("macs", float("nan")) / 1e9,
+            "images_per_s": eff.get("images_per_s"),
+            "training_steps": summary.get("num_steps"), "sec_per_step": timing.get("sec_per_step"),
+            "train_minutes": timing.get("wall_time_s", float("nan")) / 60,
+            "peak_memory_GiB": (timing.get("peak_memory_mib") or float("nan")) / 1024,
+            "final_loss": last.get("loss"), "final_np": last.get("np"), "final_kd": last.get("kd"),
+            "reuse": meta.get("reuse_method", ""), "reuse_target": meta.get("mac_fraction"),
+            "sampler_steps": eff.get("sampler_steps"), "sampling_macs_G": (eff.get("sampling_macs") or float("nan")) / 1e9,
+            "sampling_images_per_s": eff.get("sampling_images_per_s"),
+        })
+    # Step time relative to NP+KD of the same run (the jobs shared the GPU alike): of the same
+    # experiment, pruned network and finetune length where it has an NP+KD run, else Diff-Pruning's
+    # at ratio 0.3 of the same experiment, else of any experiment of the run.
+    reference = {(r["experiment"], r["model"].split("/")[0]): r["sec_per_step"] for r in rows
+                 if r["objective"] == "np_kd"}
+    any_dp = next((v for (exp, pruned), v in reference.items() if pruned == "diff-pruning-cr0.3"), None)
+    for row in rows:
+        base = reference.get((row["experiment"], row["model"].split("/")[0]),
+                             reference.get((row["experiment"], "diff-pruning-cr0.3"), any_dp))
+        row["step_time_vs_np_kd"] = (row["sec_per_step"] / base) if base and row["sec_per_step"] else None
+    return rows
+
+
+def ladder_rows(rows: list[dict]) -> list[dict]:
+    """Per channel ratio, finetune length and Jacobian objective: FID minus NP+KD's of the same seed
+    (experiments fmnist_unet = seed 0, fmnist_unet_seed1 = seed 1), its mean and the spread over seeds."""
+    fids: dict[tuple, float] = {}
+    for r in rows:
+        if r["experiment"] in ("fmnist_unet", "fmnist_unet_seed1") and r["training_steps"]:
+            fids[(r["channel_ratio"], r["training_steps"], r["objective"], r["seed"])] = r["fid"]
+    out = []
+    for (ratio, steps, objective, seed), fid in sorted(fids.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if objective in JACOBIAN_OBJECTIVES and (ratio, steps, "np_kd", seed) in fids:
+            out.append({"channel_ratio": ratio, "steps": steps, "objective": objective, "seed": seed,
+                        "fid": fid, "np_kd_fid": fids[(ratio, steps, "np_kd", seed)],
+                        "gap": fid - fids[(ratio, steps, "np_kd", seed)]})
+    return out
+
+
+def ladder_plot(gaps: list[dict], out: Path) -> None:
+    """The gap FID(objective) − FID(NP+KD) against finetune steps, one panel per ratio; the line
+    through the seeds' mean, the bar their range."""
+    ratios = sorted({g["channel_ratio"] for g in gaps})
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
+    for axis, ratio in zip(axes[0], ratios):
+        for i, objective in enumerate(JACOBIAN_OBJECTIVES):
+            points = {}
+            for g in gaps:
+                if g["channel_ratio"] == ratio and g["objective"] == objective:
+                    points.setdefault(g["steps"], []).append(g["gap"])
+            if not points:
+                continue
+            steps = sorted(points)
+            mean = [float(np.mean(points[s])) for s in steps]
+            low = [m - min(points[s]) for m, s in zip(mean, steps)]
+            high = [max(points[s]) - m for m, s in zip(mean, steps)]
+            axis.errorbar(steps, mean, yerr=[low, high], marker="o", capsize=3, color=f"C{i}", label=objective)
+        axis.axhline(0, color="black", linewidth=0.8)
+        axis.set(title=f"channel ratio {ratio}: FID − FID(NP+KD), same seed", xlabel="finetune steps",
+                 xscale="log", ylabel="FID gap (below 0: the Jacobian objective wins)")
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def loss_plot(raws: list[Path], out: Path, experiments=("fmnist_unet", "fmnist_unet_seed1")) -> None:
     """The finetunes' loss terms, one colour per objective (and pruning), seed 1 dashed."""
-    teacher = next((metrics(p) for p in (r / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl"
-                                         for r in results) if p.exists()), [])  # none when pretrained
+    teacher = next((metrics(p) for p in (r / "models" / TEACHER / "dense" / "metrics.jsonl"
+                                         for r in raws) if p.exists()), [])  # none when pretrained
+    runs = [(exp, "--" if exp.endswith("seed1") else "-", path) for exp in experiments for raw in raws
+            for path in sorted((raw / "models" / exp).glob("*/*/metrics.jsonl"))]
+    if not runs:
+        return
     fig, axes = plt.subplots(1, 4 if teacher else 3, figsize=(21 if teacher else 16, 4.5))
     if teacher:
         axes[0].plot([r["step"] for r in teacher], [r["loss"] for r in teacher])
         axes[0].set(title="dense teacher: NP loss", xlabel="step", yscale="log")
     else:  # the panels below index from 1
         axes = [None, *axes]
-    runs = [(exp, "--" if exp.endswith("seed1") else "-", path) for exp in experiments for part in results
-            for path in sorted((part / "finetune" / exp).glob("*/*/metrics.jsonl"))]
-    if not runs:
-        return
 
     # One colour per objective in every panel (a seed repeats its objective's colour, dashed).
     objectives = sorted({model_label(path) for _, _, path in runs})
-    colour = {name: f"C{i}" for i, name in enumerate(objectives)}
+    colour = {name: f"C{i % 10}" for i, name in enumerate(objectives)}
     for exp, style, path in runs:
         history = metrics(path)
         label = model_label(path) + (" (seed 1)" if exp.endswith("seed1") else "")
@@ -129,6 +289,7 @@ def loss_plot(results: list[Path], out: Path, experiments=("fmnist_unet", "fmnis
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def model_label(metrics_file: Path) -> str:
@@ -138,17 +299,17 @@ def model_label(metrics_file: Path) -> str:
     return objective if pruned == "diff-pruning-cr0.3" else f"{objective} ({pruned})"
 
 
-def teacher_scores(work: Path) -> dict[int, dict]:
+def teacher_scores(raw: Path) -> dict[int, dict]:
     """{steps: FID JSON} of the teacher's stages (run.sh's teacher_curve/fid-<steps>.json), sorted."""
-    scores = {int(p.stem.split("-")[1]): read_json(p) for p in (work / "teacher_curve").glob("fid-*.json")}
+    scores = {int(p.stem.split("-")[1]): read_json(p) for p in (raw / "teacher_curve").glob("fid-*.json")}
     return dict(sorted(scores.items()))
 
 
-def teacher_curve_plot(work: Path, scores: dict[int, dict], out: Path) -> None:
+def teacher_curve_plot(raw: Path, scores: dict[int, dict], out: Path) -> None:
     """The teacher grown in stages (run.sh): its NP loss over training and each stage's FID."""
     if not scores:
         return
-    history = metrics(work / "results" / "dense" / "fmnist_unet" / "trained" / "metrics.jsonl")
+    history = metrics(raw / "models" / TEACHER / "dense" / "metrics.jsonl")
     curve = [(steps, score["fid"]) for steps, score in scores.items()]
     last = scores[max(scores)]
     fig, (loss_axis, fid_axis) = plt.subplots(1, 2, figsize=(11, 4))
@@ -164,6 +325,7 @@ def teacher_curve_plot(work: Path, scores: dict[int, dict], out: Path) -> None:
                  xlabel="training step", ylabel="FID")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
 def sample_montage(grids: list[tuple[str, Path]], out: Path, per_row: int = 6) -> None:
@@ -179,42 +341,57 @@ def sample_montage(grids: list[tuple[str, Path]], out: Path, per_row: int = 6) -
         ax.set_title(name, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)
 
 
-def main(works: list[Path], out: Path) -> None:
-    results = [work / "results" for work in works]
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def build(raws: list[Path], out: Path) -> None:
+    for raw in raws:
+        if not (raw / "digests.json").exists():
+            sys.exit(f"{raw}: no digests.json (not a folder written by `report.py collect`)")
+    check_shared_inputs(raws)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [row for work in works for row in model_rows(work / "results", work.name)]
+    rows = [row for raw in raws for row in model_rows(raw, raw.name)]
     if rows:  # a run stopped early has fewer (or no) scored models: report what exists
-        with open(out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    # The teacher curve: of the (first) WORK that grew one.
-    curve_work = next((work for work in works if teacher_scores(work)), works[0])
-    scores = teacher_scores(curve_work)
-    report = {"models": rows, "teacher_fid_by_steps": {steps: score["fid"] for steps, score in scores.items()},
-              "stage_seconds": {work.name: stage_wall_times(work / "results") for work in works}}
+        write_csv(rows, out / "results.csv")
+    gaps = ladder_rows(rows)
+    if len({g["steps"] for g in gaps}) > 1:
+        write_csv(gaps, out / "ladder.csv")
+        ladder_plot(gaps, out / "ladder.png")
+    # The teacher curve: of the (first) RAW that grew one.
+    curve_raw = next((raw for raw in raws if teacher_scores(raw)), raws[0])
+    scores = teacher_scores(curve_raw)
+    report = {"models": rows, "ladder": gaps,
+              "teacher_fid_by_steps": {steps: score["fid"] for steps, score in scores.items()},
+              "stage_seconds": {raw.name: read_json(raw / "stage_seconds.json") for raw in raws},
+              "digests": {raw.name: read_json(raw / "digests.json") for raw in raws}}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    teacher_curve_plot(curve_work, scores, out / "teacher_curve.png")
-    sample_montage([(f"teacher, {steps} steps", curve_work / "teacher_curve" / f"grid-{steps}.png")
+    teacher_curve_plot(curve_raw, scores, out / "teacher_curve.png")
+    sample_montage([(f"teacher, {steps} steps", curve_raw / "teacher_curve" / f"grid-{steps}.png")
                     for steps in scores], out / "samples_teacher_curve.png")
-    loss_plot(results, out / "loss_curves.png")
-    loss_plot(results, out / "loss_curves_gradient_flow.png", experiments=("fmnist_gradient_flow",))
+    loss_plot(raws, out / "loss_curves.png")
+    loss_plot(raws, out / "loss_curves_gradient_flow.png", experiments=("fmnist_gradient_flow",))
 
-    def grid(exp, model):  # a model's sample grid, from the WORK that made it
-        paths = [part / "samples" / exp / model / "grid.png" for part in results]
+    def grid(exp, model):  # a model's sample grid, from the RAW that has it
+        paths = [raw / "models" / exp / model / "grid.png" for raw in raws]
         return next((p for p in paths if p.exists()), paths[0])
 
     # Sample grids: the teacher (its images are fmnist_unet's), then each experiment's models.
-    teacher = [("dense", grid("fmnist_unet", "dense"))]
+    teacher = [("dense", grid(TEACHER, "dense"))]
     for exp, picture in (("fmnist_unet", "samples.png"), ("fmnist_unet_variants", "samples_variants.png"),
                          ("fmnist_gradient_flow", "samples_gradient_flow.png"), ("fmnist_reuse", "samples_reuse.png")):
         models = sorted({r["model"] for r in rows if r["experiment"] == exp and "/" in r["model"]})
         if models:
             sample_montage(teacher + [(m, grid(exp, m)) for m in models], out / picture)
-    diagnosed = {f"{model_label(path)}, {exp}": path for exp in EXPERIMENTS for part in results
-                 for path in sorted((part / "finetune" / exp).glob("*/*/metrics.jsonl"))
+    diagnosed = {f"{model_label(path)}, {path.parent.parent.parent.name}, {raw.name}": path
+                 for raw in raws for exp in EXPERIMENTS
+                 for path in sorted((raw / "models" / exp).glob("*/*/metrics.jsonl"))
                  if any(k.startswith("jm") for k in (metrics(path) or [{}])[0])}
     if diagnosed:
         from igsm.plots import plot_gradient_share
@@ -222,7 +399,93 @@ def main(works: list[Path], out: Path) -> None:
         plot_gradient_share(diagnosed, out / "gradient_share.png")
 
 
+# --- check: the README's numbers against the files -------------------------------------------------
+
+TAG = re.compile(r"(?P<number>[-+−]?[\d,]*\d(?:\.\d+)?(?:\s*[–-]\s*[-+−]?[\d,]*\d(?:\.\d+)?)?)"
+                 r"(?P<suffix>[×%]?)\*{0,2}<!-- = (?P<file>\S+) (?P<selector>.*?) -->")
+
+
+def _number(text: str) -> tuple[float, int]:
+    """(value, decimals) of a number as written: thousands separators, a Unicode minus."""
+    text = text.replace(",", "").replace("−", "-").replace("+", "")
+    return float(text), len(text.split(".")[1]) if "." in text else 0
+
+
+def _select(path: Path, selector: str) -> list[float]:
+    """The values one selector picks from a CSV (``COLUMN key=value ...``) or JSON (``json a.b``)."""
+    words = selector.split()
+    if words[0] == "json":
+        value = read_json(path)
+        for key in words[1].split("."):
+            value = value[int(key)] if isinstance(value, list) else value[key]
+        return [float(value)]
+    column, conditions = words[0], dict(word.split("=", 1) for word in words[1:])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def same(a: str, b: str) -> bool:
+        try:
+            return float(a) == float(b)
+        except ValueError:
+            return a == b
+    return [float(row[column]) for row in rows if all(same(row.get(k, ""), v) for k, v in conditions.items())]
+
+
+def check(readme: Path) -> int:
+    """0 when every tagged number of ``readme`` is what its file gives, else 1 (each mismatch printed)."""
+    text = readme.read_text()
+    problems, count = [], 0
+    for match in TAG.finditer(text):
+        count += 1
+        line = text.count("\n", 0, match.start()) + 1
+        where = f"{readme}:{line}: {match.group(0)!r}"
+        path = readme.parent / match.group("file")
+        if not path.exists():
+            problems.append(f"{where}: no file {path}")
+            continue
+        selector = match.group("selector")
+        try:
+            if " minus " in selector or " over " in selector:
+                op = " minus " if " minus " in selector else " over "
+                left, right = (_select(path, part) for part in selector.split(op))
+                if len(left) != 1 or len(right) != 1:
+                    raise ValueError(f"{len(left)} and {len(right)} rows match (need one each)")
+                values = [left[0] - right[0] if op == " minus " else left[0] / right[0]]
+            else:
+                values = _select(path, selector)
+        except (KeyError, ValueError, IndexError, TypeError) as err:
+            problems.append(f"{where}: cannot read it from {path}: {err!r}")
+            continue
+        if match.group("suffix") == "%":
+            values = [100 * v for v in values]
+        parts = re.split(r"\s*[–]\s*|(?<=\d)\s*-\s*(?=[\d+−-])", match.group("number"))
+        if not values:
+            problems.append(f"{where}: no row of {path} matches")
+            continue
+        expected = [min(values), max(values)] if len(parts) == 2 else values
+        if len(parts) == 1 and len(values) != 1:
+            problems.append(f"{where}: {len(values)} rows match, need one")
+            continue
+        for written, value in zip(parts, expected):
+            number, decimals = _number(written)
+            if round(value, decimals) != number:
+                problems.append(f"{where}: the file gives {value:.{decimals + 2}f}")
+    for problem in problems:
+        print(problem)
+    print(f"{readme}: {count} tagged numbers, {len(problems)} not what the files give")
+    return 1 if problems or count == 0 else 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit("usage: report.py WORK [WORK ...] OUT")
-    main([Path(arg) for arg in sys.argv[1:-1]], Path(sys.argv[-1]))
+    usage = "usage: report.py collect WORK RAW | build RAW [RAW ...] OUT | check [README]"
+    if len(sys.argv) < 2 or sys.argv[1] not in ("collect", "build", "check"):
+        sys.exit(usage)
+    command, args = sys.argv[1], sys.argv[2:]
+    if command == "collect" and len(args) == 2:
+        collect(Path(args[0]), Path(args[1]))
+    elif command == "build" and len(args) >= 2:
+        build([Path(arg) for arg in args[:-1]], Path(args[-1]))
+    elif command == "check" and len(args) <= 1:
+        sys.exit(check(Path(args[0]) if args else Path(__file__).with_name("README.md")))
+    else:
+        sys.exit(usage)

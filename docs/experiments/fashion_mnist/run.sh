@@ -8,7 +8,13 @@
 #   2. everything else: prune, finetune, sample, FID, tables. The last stage is the run's teacher:
 #      its curve point is the run's own teacher FID (results/fid/fmnist_unet/dense.json), copied
 #      to teacher_curve/ once made, not a second scoring.
-# Usage: docs/experiments/fashion_mnist/run.sh [teacher]   ("teacher": only the teacher curve)
+#   3. ("ladder" mode, issue 33) the ladder's finetunes (LADDER below: ratios 0.3 and 0.5 × np_kd,
+#      igsm, igsm_lam1e-2, igsm_t10 × seeds 0 and 1) extended rung by rung to each of LADDER_STEPS,
+#      each rung resuming the last one's snapshots, scored with 10k samples; each rung's raw files
+#      go to ladder/<steps>/ (report.py collect), the shared inputs to shared.tar (below).
+# Usage: docs/experiments/fashion_mnist/run.sh [teacher | ladder]
+#   ("teacher": only the teacher curve; "ladder": the ladder, on TEACHER)
+# After a run: report.py collect WORK RAW, report.py build RAW... OUT (report.py's docstring).
 # Environment:
 #   CONFIG         the config (default config/fashion_mnist.yaml)
 #   WORK           Snakemake's working directory, results/ goes there (default: the checkout)
@@ -20,6 +26,12 @@
 #   TEACHER        a teacher folder written by an earlier run (results/dense/fmnist_unet/trained/model
 #                  or teacher_curve/model-<steps>): used as dense.pretrained, no teacher stages
 #   TARGETS        what to build (default all_tables; e.g. "results/tables/fmnist_unet.md")
+#   LADDER_STEPS   the ladder's rungs (default "600 2400 6000")
+#   SHARED         shared.tar of an earlier machine's run of the same experiment: its pruned
+#                  students and FID reference statistics are used here (each file checked against
+#                  the tar's digests.json, and against a copy already in WORK), so that a run split
+#                  over several GPU machines compares models of one student and one reference.
+#                  Every run writes its own $WORK/shared.tar for the next machine.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-$REPO}
@@ -54,11 +66,77 @@ yaml.safe_dump(config, open(out, "w"), sort_keys=False)
 PY
 }
 
+ladder_config() {  # ladder_config OUT STEPS: the ladder's experiments, finetunes of STEPS steps
+    python - "$1" "$2" <<'PY'
+import sys, yaml
+out, steps = sys.argv[1:]
+config = yaml.safe_load(open(out))
+runs = [{"channel_ratio": ratio, "objectives": ["np_kd", "igsm", "igsm_lam1e-2", "igsm_t10"]} for ratio in (0.3, 0.5)]
+experiments = config["experiments"]
+config["experiments"] = {name: experiments[name] for name in ("fmnist_unet", "fmnist_unet_seed1")}
+for settings in config["experiments"].values():
+    settings["finetune"]["runs"] = runs
+    settings["finetune"]["training"]["num_steps"] = int(steps)
+yaml.safe_dump(config, open(out, "w"), sort_keys=False)
+with open(out + ".targets", "w") as f:  # every model's FID file
+    for name in config["experiments"]:
+        f.write(f"results/fid/{name}/dense.json\n")
+        for run in runs:
+            for objective in run["objectives"]:
+                f.write(f"results/fid/{name}/diff-pruning-cr{run['channel_ratio']}/{objective}.json\n")
+PY
+}
+
+# The inputs that several machines of one split run must share: pruned students and FID reference.
+SHARED_PATHS=(results/prune results/fid_reference)
+share_inputs() {  # $WORK/shared.tar with a digests.json of its files, for the next machine
+    (cd "$WORK" && find "${SHARED_PATHS[@]}" -type f 2>/dev/null | sort | xargs -r sha256sum \
+        > shared-digests.txt && tar -cf shared.tar.tmp shared-digests.txt $(cut -c67- shared-digests.txt) \
+        && mv shared.tar.tmp shared.tar)
+}
+use_shared() {  # unpack $SHARED into $WORK/results, each file checked against the tar's digests
+    local unpacked=$WORK/shared.in
+    rm -rf "$unpacked"; mkdir -p "$unpacked"
+    tar -xf "$SHARED" -C "$unpacked"
+    (cd "$unpacked" && sha256sum --quiet -c shared-digests.txt) \
+        || { echo "$SHARED: a file does not match its digest in shared-digests.txt" >&2; exit 1; }
+    while read -r digest path; do
+        if [ -e "$WORK/$path" ] && [ "$(sha256sum < "$WORK/$path" | cut -c1-64)" != "$digest" ]; then
+            echo "$WORK/$path differs from $path in $SHARED: these runs would not share their inputs" >&2
+            exit 1
+        fi
+        mkdir -p "$(dirname "$WORK/$path")"; cp -p "$unpacked/$path" "$WORK/$path"
+        touch "$WORK/$path"  # newer than the teacher, so that Snakemake keeps it
+    done < "$unpacked/shared-digests.txt"
+}
+
 if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teacher stages
     config=$WORK/teacher_curve/config-pretrained.yaml
     derive_config "$config" pretrained "$TEACHER"
-    exec "${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$config"
+    if [ -n "${SHARED:-}" ]; then  # the teacher's folder first, then the shared files, newer
+        "${SNAKEMAKE[@]}" results/dense/fmnist_unet/pretrained/model --configfile "$config"
+        use_shared
+    fi
+    if [ "${1:-}" = ladder ]; then
+        for steps in ${LADDER_STEPS:-600 2400 6000}; do
+            cp "$config" "$WORK/teacher_curve/config-ladder-$steps.yaml"
+            ladder_config "$WORK/teacher_curve/config-ladder-$steps.yaml" "$steps"
+            mapfile -t targets < "$WORK/teacher_curve/config-ladder-$steps.yaml.targets"
+            status=0
+            "${SNAKEMAKE[@]}" --keep-going --configfile "$WORK/teacher_curve/config-ladder-$steps.yaml" \
+                "${targets[@]}" || status=$?
+            share_inputs
+            python "$REPO/docs/experiments/fashion_mnist/report.py" collect "$WORK" "$WORK/ladder/$steps"
+            [ "$status" = 0 ] || exit "$status"
+        done
+        exit 0
+    fi
+    status=0
+    "${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$config" || status=$?
+    share_inputs
+    exit "$status"
 fi
+[ "${1:-}" = ladder ] && { echo "run.sh ladder needs TEACHER (a teacher folder)" >&2; exit 2; }
 
 score_stage() {  # the 10k-sample FID of teacher_curve/model-$1, as an experiment of its own
     local score=$WORK/teacher_curve/score

@@ -1,0 +1,116 @@
+"""The Fashion-MNIST report (docs/experiments/fashion_mnist/report.py, issue 33): every number the
+README quotes is what the committed files give, the report is built from the committed raw files
+alone, and runs that did not share their inputs are not reported together."""
+
+import csv
+import hashlib
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+EXPERIMENT = Path(__file__).resolve().parent.parent / "docs" / "experiments" / "fashion_mnist"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("fmnist_report", EXPERIMENT / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_committed_readme_quotes_what_the_committed_files_give(report, capsys):
+    assert report.check(EXPERIMENT / "README.md") == 0, capsys.readouterr().out
+
+
+def test_a_number_that_disagrees_with_its_file_is_named(report, tmp_path, capsys):
+    # Bug caught: a README number typed (or rounded) differently from the run's files.
+    shutil.copytree(EXPERIMENT, tmp_path / "fm", ignore=shutil.ignore_patterns("*.png"))
+    readme = tmp_path / "fm" / "README.md"
+    text = readme.read_text()
+    tag = "**7.67**<!-- = run9/results.csv"
+    assert tag in text
+    readme.write_text(text.replace(tag, "**7.76**<!-- = run9/results.csv", 1))
+    assert report.check(readme) == 1
+    out = capsys.readouterr().out
+    assert "7.76" in out and "the file gives 7.6698" in out
+
+
+def write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload))
+
+
+def fake_run(work: Path, steps: int, fids: dict, student: bytes = b"student") -> Path:
+    """A run.sh working directory with the files the workflow writes for these models."""
+    results = work / "results"
+    reference = results / "fid_reference" / "fashion_mnist" / "clean-n0.npz"
+    reference.parent.mkdir(parents=True)
+    reference.write_bytes(b"reference statistics")
+    teacher = results / "dense" / "fmnist_unet" / "pretrained" / "model"
+    teacher.mkdir(parents=True)
+    (teacher / "model.safetensors").write_bytes(b"teacher")
+    for (exp, model), fid in fids.items():
+        write_json(results / "fid" / exp / f"{model}.json",
+                   {"fid": fid, "num_images": 10000, "mode": "clean", "reference": str(reference.relative_to(work)),
+                    "sampler": "ddim", "sampler_kwargs": {"num_steps": 100}})
+        if model == "dense":
+            continue
+        pruned, objective = model.split("/")
+        (results / "prune" / exp / pruned / "model").mkdir(parents=True, exist_ok=True)
+        (results / "prune" / exp / pruned / "model" / "model.safetensors").write_bytes(student)
+        folder = results / "finetune" / exp / model
+        seed = 1 if exp.endswith("seed1") else 0
+        write_json(folder / "summary.json", {"num_steps": steps, "settings": {"training": {"seed": seed}},
+                                             "timing": {"sec_per_step": 0.5, "wall_time_s": 60.0}})
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0, "np": 1.0, "kd": 0.5})
+                                                      + "\n" for s in range(0, steps, 50)))
+        write_json(results / "variants" / exp / f"{model}.json", {"channel_ratio": float(pruned.rsplit("cr", 1)[1])})
+    return work
+
+
+LADDER = {600: {("fmnist_unet", "diff-pruning-cr0.3/np_kd"): 8.0, ("fmnist_unet", "diff-pruning-cr0.3/igsm"): 18.0,
+                ("fmnist_unet_seed1", "diff-pruning-cr0.3/np_kd"): 7.5,
+                ("fmnist_unet_seed1", "diff-pruning-cr0.3/igsm"): 18.5, ("fmnist_unet", "dense"): 6.3},
+          2400: {("fmnist_unet", "diff-pruning-cr0.3/np_kd"): 7.0, ("fmnist_unet", "diff-pruning-cr0.3/igsm"): 9.0,
+                 ("fmnist_unet_seed1", "diff-pruning-cr0.3/np_kd"): 7.1,
+                 ("fmnist_unet_seed1", "diff-pruning-cr0.3/igsm"): 8.1, ("fmnist_unet", "dense"): 6.3}}
+
+
+def test_collect_then_build_reports_the_ladder_from_the_raw_files_alone(report, tmp_path):
+    raws = []
+    for steps, fids in LADDER.items():
+        work = fake_run(tmp_path / f"work{steps}", steps, fids)
+        raws.append(tmp_path / "raw" / str(steps))
+        report.collect(work, raws[-1])
+        shutil.rmtree(work)  # build must need nothing but the raw folders
+    digests = json.loads((raws[0] / "digests.json").read_text())
+    assert digests["reference"] == {"results/fid_reference/fashion_mnist/clean-n0.npz":
+                                    hashlib.sha256(b"reference statistics").hexdigest()}
+    report.build(raws, tmp_path / "out")
+    with open(tmp_path / "out" / "ladder.csv") as f:
+        gaps = {(int(r["steps"]), int(r["seed"])): float(r["gap"]) for r in csv.DictReader(f)}
+    # FID(IGSM) − FID(NP+KD) of the same seed and rung.
+    assert gaps == pytest.approx({(600, 0): 10.0, (600, 1): 11.0, (2400, 0): 2.0, (2400, 1): 1.0})
+    assert (tmp_path / "out" / "ladder.png").stat().st_size > 0
+    with open(tmp_path / "out" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 and {r["run"] for r in rows} == {"600", "2400"}
+
+
+def test_runs_with_different_students_are_not_reported_together(report, tmp_path):
+    # Bug caught: a run split over two machines, each pruning its own student, reported as one.
+    fids = LADDER[600]
+    report.collect(fake_run(tmp_path / "a", 600, fids, student=b"one"), tmp_path / "raw_a")
+    report.collect(fake_run(tmp_path / "b", 600, fids, student=b"another"), tmp_path / "raw_b")
+    with pytest.raises(SystemExit, match=r"raw_a/digests.json and .*raw_b/digests.json: different student"):
+        report.build([tmp_path / "raw_a", tmp_path / "raw_b"], tmp_path / "out")
+
+
+def test_long_metrics_are_thinned_keeping_the_last_record(report):
+    lines = [str(i) for i in range(1000)]
+    kept = report.thinned(lines, limit=10)
+    assert len(kept) == 10 and kept[0] == "0" and kept[-1] == "999"
