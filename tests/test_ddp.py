@@ -110,7 +110,8 @@ def test_signal_to_one_process_stops_all_after_the_same_step(tiny_training, two_
     from igsm.data import file_digest  # digests: a failure reports at once, not after a 200 KB diff
 
     assert file_digest(tmp_path / "model" / "model.safetensors") == \
-        file_digest(two_processes / "model" / "model.safetensors"), "resumed weights differ from the uninterrupted run's"
+        file_digest(two_processes / "model" / "model.safetensors"), \
+        "resumed weights differ from the uninterrupted two-process run's"
     assert metric_records(tmp_path) == metric_records(two_processes)
 
 
