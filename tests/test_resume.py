@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import command_env, metric_records, run_training, train_command
+from igsm.data import file_digest
 from igsm.diffusion import NoiseSchedule
 from igsm.training import TrainingOptions, run_fingerprint
 
@@ -51,7 +52,9 @@ def uninterrupted(tiny_training, tmp_path_factory):
 
 
 def weights(out):
-    return (out / "model" / "model.safetensors").read_bytes()
+    """sha256 of a run's saved weights: compared as digests, a failure reports at once (pytest's
+    diff of two ~200 KB byte strings ran for over 10 minutes)."""
+    return file_digest(out / "model" / "model.safetensors")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -66,7 +69,7 @@ def test_signalled_run_resumes_to_the_same_weights(tiny_training, uninterrupted,
     proc = run(tiny_training, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert f"resuming from {tmp_path / 'checkpoints' / snapshots[-1]} (step {stopped})" in proc.stdout
-    assert weights(tmp_path) == weights(uninterrupted)
+    assert weights(tmp_path) == weights(uninterrupted), "resumed weights differ from the uninterrupted run's"
     assert metric_records(tmp_path) == metric_records(uninterrupted)
 
 
@@ -79,7 +82,7 @@ def test_killed_run_resumes_from_its_last_periodic_snapshot(tiny_training, unint
     proc = run(tiny_training, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resuming from" in proc.stdout
-    assert weights(tmp_path) == weights(uninterrupted)
+    assert weights(tmp_path) == weights(uninterrupted), "resumed weights differ from the uninterrupted run's"
     assert metric_records(tmp_path) == metric_records(uninterrupted)
 
 
@@ -98,7 +101,7 @@ def test_snapshot_of_another_run_is_discarded(tiny_training, uninterrupted, tmp_
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "resuming" not in proc.stdout
     assert proc.stdout.count("written by a different run") == 2, proc.stdout[-3000:]
-    assert weights(tmp_path) == reference
+    assert weights(tmp_path) == reference, "weights differ from the fresh run's: a stale snapshot was resumed?"
     assert [r["step"] for r in metric_records(tmp_path)] == list(range(1, changed["num_steps"] + 1))
 
 
@@ -147,7 +150,7 @@ def test_rerun_of_a_finished_run_only_writes_the_outputs(tiny_training, uninterr
     (tmp_path / "checkpoints" / last).write_bytes((uninterrupted / "checkpoints" / last).read_bytes())
     proc = run(tiny_training, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert weights(tmp_path) == weights(uninterrupted)
+    assert weights(tmp_path) == weights(uninterrupted), "resumed weights differ from the uninterrupted run's"
     assert metric_records(tmp_path) == metric_records(uninterrupted)
     assert json.loads((tmp_path / "summary.json").read_text())["num_steps"] == TRAINING["num_steps"]
     assert np.isfinite([r["loss"] for r in metric_records(tmp_path)]).all()
@@ -163,7 +166,7 @@ def test_raising_num_steps_continues_a_finished_run(tiny_training, uninterrupted
     proc = run(tiny_training, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "(step 10)" in proc.stdout
-    assert weights(tmp_path) == weights(uninterrupted)
+    assert weights(tmp_path) == weights(uninterrupted), "resumed weights differ from the uninterrupted run's"
     assert metric_records(tmp_path) == metric_records(uninterrupted)
     timing = json.loads((tmp_path / "summary.json").read_text())["timing"]
     assert timing["attempts"] == 2 and timing["steps_timed"] == 16
@@ -188,5 +191,5 @@ def test_jacobian_every_resumes_bitwise(tiny_training, tmp_path):
     assert code == 75, output[-3000:]
     proc = run(tiny_training, stopped, training)
     assert proc.returncode == 0 and "resuming" in proc.stdout, proc.stdout[-3000:]
-    assert weights(stopped) == weights(whole)
+    assert weights(stopped) == weights(whole), "resumed weights differ from the uninterrupted run's"
     assert metric_records(stopped) == records

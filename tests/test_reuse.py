@@ -5,7 +5,8 @@
 * An all-recompute plan reproduces the samplers bitwise, chunked or not; reused blocks are not
   executed; reusing every block returns the previous ε exactly; chunked sampling with repeated
   timesteps keeps image k independent of its batch.
-* The cascade rule on both topologies; post-processing and the baselines meet their MAC targets.
+* The cascade rule on both topologies; a plan's executed MACs are its cascade's, as measured when it
+  runs; post-processing and the baselines meet their MAC targets.
 * The SuperNet chain with every gate at "keep" is the dense sampler; the pruner starts at "keep";
   a short learn_plan gives a valid plan; plans survive save/load, and a bad file is named.
 """
@@ -291,6 +292,35 @@ def test_cascade_on_the_uvit_topology_reaches_a_fixed_point(uvit):
     only_last = torch.ones(2, len(names), dtype=torch.bool)
     only_last[1, :-1] = False
     assert plan_for(uvit, only_last, [900, 100]).cascaded().recompute[1].tolist() == [False] * 4 + [True]
+
+
+@pytest.mark.parametrize("family", ["unet", "uvit"])
+def test_executed_macs_are_what_the_plan_runs_after_the_cascade(unet, uvit, family):
+    """A plan's executed MACs (and its mac_fraction) are those of its cascade, which is what
+    apply_plan runs: measured here by FlopCounterMode on each sampling step of a plan the cascade
+    changes, one image per call as block_macs counts. Catches MACs counted on the plan's own gates
+    (harmless for the cascaded plans the package returns, wrong for the raw hard gates DiP-GO's
+    learning measures to stop its sparsity term, and for any plan read from a file)."""
+    from igsm.models import predict_noise
+
+    net = unet if family == "unet" else uvit
+    timesteps = reuse.sampler_timesteps("ddim", 8)
+    plan = random_plan(net, timesteps, seed=3)
+    cascaded = plan.cascaded()
+    assert not torch.equal(plan.recompute, cascaded.recompute)  # the cascade matters for this plan
+    measured = []
+    with reuse.apply_plan(net, plan), torch.no_grad():
+        for t in timesteps:
+            counter = torch.utils.flop_counter.FlopCounterMode(display=False, custom_mapping={
+                torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: reuse._cpu_sdpa_flop})
+            with counter:
+                predict_noise(net, torch.randn(1, *SHAPE), torch.tensor([t]))
+            measured.append(counter.get_total_flops() / 2)
+    measured = torch.tensor(measured, dtype=torch.float64)
+    assert plan.executed_macs().tolist() == pytest.approx(measured.tolist(), rel=1e-9)
+    assert torch.equal(plan.executed_macs(), cascaded.executed_macs())
+    assert plan.mac_fraction() == cascaded.mac_fraction() == pytest.approx(
+        float(measured.mean()) / plan.dense_macs(), rel=1e-9)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
