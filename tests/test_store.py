@@ -292,3 +292,28 @@ def test_a_killed_writers_temporary_folder_goes_with_the_next_run(tmp_path):
     assert result.returncode == 0, result.stdout
     assert sorted(p.name for p in data.iterdir()) == [".valid.abcd1234", "train"]
     assert len(load_images(data / "train")) == 1797
+
+
+@pytest.mark.parametrize("limit", ["full tmpfs", "RLIMIT_FSIZE"])
+def test_a_full_disk_while_saving_a_model_names_the_file(tmp_path, limit):
+    """The other stages' big outputs too: `igsm init` writing a model (safetensors raises its own
+    error type, which named neither the file nor the disk)."""
+    from conftest import TINY_ARCHITECTURE
+
+    def init(folder, preexec_fn=None):
+        return subprocess.run([sys.executable, "-m", "igsm", "init", "--out", str(folder / "model"),
+                               "--settings", json.dumps(TINY_ARCHITECTURE)], env=command_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120, preexec_fn=preexec_fn)
+
+    if limit == "full tmpfs":
+        with full_disk(tmp_path / "disk", size="16k") as disk:
+            result = init(disk)
+        assert "the disk is full: make room there and rerun" in result.stdout
+        folder = disk
+    else:
+        result = init(tmp_path, preexec_fn=limit_file_size)
+        folder = tmp_path
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.startswith(f"Error: cannot write {folder / 'model' / 'model.safetensors'}: ")
+    assert re.search(r"\([\d.]+ (bytes|KiB|MiB|GiB|TiB) free on /", result.stdout), result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout

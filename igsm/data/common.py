@@ -53,23 +53,29 @@ def _size_text(num_bytes: float) -> str:
     return f"{num_bytes:.1f} TiB"
 
 
+NEARLY_FULL_BYTES = 16 << 20  # less free than this after a failed write: the disk is full
+
+
 @contextlib.contextmanager
-def reporting_write_errors(path: str | os.PathLike):
+def reporting_write_errors(path: str | os.PathLike, also: tuple = ()):
     """Turn an OSError raised while writing ``path`` (ENOSPC, EDQUOT, EFBIG, …) into one WriteError
-    naming the file and the free space, instead of a traceback that names neither."""
+    naming the file and the free space, instead of a traceback that names neither. ``also``: the
+    exceptions of writers that do not raise OSError (torch.save's RuntimeError, safetensors')."""
     try:
         yield
     except WriteError:
         raise
-    except OSError as err:
-        reason = err.strerror or str(err) or type(err).__name__
+    except (OSError, *also) as err:
+        code = getattr(err, "errno", None)
+        reason = getattr(err, "strerror", None) or str(err).strip().split("\n")[0][:200] or type(err).__name__
         free, mount = _free_space(path)
         space = f"{_size_text(free)} free on {mount}" if free is not None else f"free space on {mount} unknown"
-        # (numpy reports a short write without an errno: "N requested and M written")
-        full = err.errno in (errno.ENOSPC, errno.EDQUOT) or free == 0
+        # numpy and torch report a short write without an errno ("N requested and M written",
+        # "unexpected pos"): the free space left tells
+        full = code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < NEARLY_FULL_BYTES)
         advice = "; the disk is full: make room there and rerun" if full else ""
         error = WriteError(f"cannot write {path}: {reason} ({space}){advice}")
-        error.errno = err.errno
+        error.errno = code
         raise error from None
 
 
