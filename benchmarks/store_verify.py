@@ -69,7 +69,8 @@ def main() -> None:
         store = write_one_shard_store(Path(work) / "train")
         shard = store.directory / store.index["shards"][0]["file"]
         result = {"shard_gib": round(shard.stat().st_size / 2**30, 3), "cpus": os.cpu_count(),
-                  "machine": platform.node(), "repeats": args.repeats}
+                  "machine": platform.node(), "repeats": args.repeats,
+                  "load_average_1min": os.getloadavg()[0]}  # other processes sharing the CPUs
         result["open_unchanged_ms"] = 1000 * statistics.median(time_open(store.directory)
                                                                for _ in range(args.repeats))
         for kind in ("warm", "cold"):

@@ -23,7 +23,7 @@ last hashed. Any write through the filesystem changes a file's ctime, which no o
 whose stat is unchanged holds the bytes that were hashed. The writer records the stats of the shards
 it hashed when writing them, so in the workflow no job hashes a store again unless a file changed
 (or the store was copied elsewhere): then the first job that opens it hashes those files once
-(~1 s per 1 GiB shard on one CPU core) and records them. A mismatch is an error naming the file.
+(1–3 s per 1 GiB shard on one CPU core) and records them. A mismatch is an error naming the file.
 
 The writer fills a temporary sibling folder (``.<name>.XXXXXXXX``) and renames it into place when
 complete: a folder named like a store is always a whole one. It first removes such folders that a
@@ -51,6 +51,8 @@ from igsm.data.common import REMAKE, file_digest, numpy_error_text, reporting_wr
 FORMAT = "igsm-image-store/1"
 INDEX = "index.json"
 LABELS = "labels.npy"
+# Updated after the store is published; Snakemake dates a directory output by the
+# .snakemake_timestamp it puts inside, so this does not make the jobs that read the store outdated.
 VERIFIED = "verified.json"
 SHARD_BYTES = 1 << 30  # 1 GiB of images per shard: a few hundred files for LSUN bedroom
 
