@@ -158,11 +158,17 @@ def check_config(files):
 @SETTINGS
 def download(out, cache_dir, settings):
     """Fetch and parse a dataset (config 'datasets.<name>') into an image store."""
+    import faulthandler
+
     from igsm.data import DownloadError, prepare_dataset
 
+    # Sources read archives through memory maps (LSUN's LMDB): should a damaged file still end in a
+    # fatal signal, the log shows where instead of being empty.
+    with contextlib.suppress(Exception):  # a stderr without a file descriptor (click's test runner)
+        faulthandler.enable()
     try:
         store = prepare_dataset(settings, out, cache_dir)
-    except (DownloadError, ValueError) as err:
+    except (DownloadError, ValueError, OSError) as err:  # OSError: WriteError names the file, free space
         raise click.ClickException(str(err)) from None
     n, h, w, c = store.shape
     click.echo(f"{out}: {n} images of {h}×{w}×{c} in {len(store.index['shards'])} shard(s)")

@@ -52,6 +52,7 @@ from cleanfid.utils import ResizeDataset
 from tqdm.auto import tqdm
 
 from igsm.data import ImageStore, file_digest, read_npz
+from igsm.data.common import reporting_write_errors
 
 MODES = ("clean", "legacy_pytorch")
 CACHE_DIR_ENV = "IGSM_CACHE_DIR"
@@ -406,7 +407,7 @@ def save_statistics(path: str | os.PathLike, features_or_stats, **metadata) -> S
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename: a half-written reference file must never look complete.
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with reporting_write_errors(path), open(tmp, "wb") as f:
         np.savez(f, mu=stats.mu, sigma=stats.sigma,
                  num_images=np.int64(-1 if stats.num_images is None else stats.num_images),
                  metadata=np.array(json.dumps(stats.metadata, sort_keys=True)))

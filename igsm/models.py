@@ -116,10 +116,14 @@ def count_parameters(net: nn.Module) -> int:
 
 def save_model(net: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> None:
     """Write ``architecture.json`` + ``model.safetensors`` into ``directory`` (created)."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from igsm.data.common import reporting_write_errors
+
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    with reporting_write_errors(directory):
+        directory.mkdir(parents=True, exist_ok=True)
     config = {k: v for k, v in dict(net.config).items() if not k.startswith("_")}
     spec = {
         "class": type(net).__name__,
@@ -129,9 +133,11 @@ def save_model(net: nn.Module, directory: str | os.PathLike, extra: dict | None 
         **(extra or {}),
     }
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    save_file(state, directory / WEIGHTS_FILE)
+    with reporting_write_errors(directory / WEIGHTS_FILE, also=(SafetensorError,)):
+        save_file(state, directory / WEIGHTS_FILE)
     # Written last: a folder without architecture.json is an unfinished save.
-    (directory / ARCHITECTURE_FILE).write_text(json.dumps(spec, indent=2, default=list))
+    with reporting_write_errors(directory / ARCHITECTURE_FILE):
+        (directory / ARCHITECTURE_FILE).write_text(json.dumps(spec, indent=2, default=list))
 
 
 def _remake(directory) -> str:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from igsm.data import REMAKE, numpy_error_text, read_npz, save_arrays, to_uint8
+from igsm.data.common import reporting_write_errors
 from igsm.diffusion import VPSDE, NoiseSchedule, vp_log_alpha
 from igsm.models import predict_noise
 
@@ -516,7 +517,7 @@ def _npy_problem(path: Path) -> str | None:
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with reporting_write_errors(path), open(tmp, "wb") as f:
         write(f)
     os.replace(tmp, path)
 

@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from igsm import distributed
 from igsm.data import ImageStore, to_model_range
+from igsm.data.common import reporting_write_errors
 from igsm.diffusion import NoiseSchedule, VPSDE
 
 # Options that do not change the weights: a snapshot stays resumable when only these change.
@@ -482,7 +483,8 @@ def train(
                 }
                 path = checkpoint_dir / f"step-{step:07d}.pt"
                 tmp = path.with_suffix(".tmp")
-                torch.save(state, tmp)
+                with reporting_write_errors(tmp, also=(RuntimeError,)):  # torch's: "unexpected pos"
+                    torch.save(state, tmp)
                 tmp.replace(path)
                 # Older snapshots beyond keep_checkpoints go; later ones (of a longer run of the same
                 # trajectory, num_steps since lowered) stay.

@@ -5,6 +5,10 @@ http:// URLs. Each image is compared with a reference built by plain PIL calls o
 import functools
 import http.server
 import io
+import json
+import os
+import subprocess
+import sys
 import threading
 import zipfile
 
@@ -15,8 +19,10 @@ import yaml
 from PIL import Image
 
 import igsm.data.lsun as lsun
-from conftest import REPO
-from igsm.data import DownloadError, check_dataset_spec, file_digest
+from conftest import REPO, command_env
+from igsm.data import DownloadError, check_dataset_spec, download, file_digest
+from igsm.data.common import WriteError
+from test_store import full_disk
 
 SIZE = 16
 # (key, width, height, format): several aspect ratios; short sides ≥ 2·SIZE (BOX halving), between
@@ -238,3 +244,42 @@ def test_schema_agrees_with_the_module():
     assert set(lsun.LSUN_SPLITS) <= set(dataset["properties"]["split"]["enum"])
     assert dataset["if"]["properties"]["source"]["const"] == "lsun"
     assert dataset["then"]["properties"]["image_size"]["default"] == lsun.DEFAULT_IMAGE_SIZE == 256
+
+
+# ---- hostile cases (issue 29): a truncated LMDB, a full disk while unpacking ---------------------
+
+@pytest.mark.parametrize("cut", ["half", "last byte"])
+def test_truncated_lmdb_is_an_error_naming_the_file(tmp_path, cut):
+    """lmdb reads through a memory map: a data.mdb shorter than its pages killed the data job with
+    SIGBUS and an empty log. The CLI runs in its own process, so a regression cannot kill pytest."""
+    folder = write_lmdb(tmp_path / "lsun" / "church_outdoor_train_lmdb", lsun_entries())
+    data = folder / "data.mdb"
+    size = data.stat().st_size
+    os.truncate(data, size // 2 if cut == "half" else size - 1)
+    run = tmp_path / "run"
+    run.mkdir()
+    result = subprocess.run([sys.executable, "-m", "igsm", "download", "--out", "results/data/church/train",
+                             "--cache-dir", "results/data/church/raw",
+                             "--settings", json.dumps(spec_for((tmp_path / "lsun").as_uri()))],
+                            cwd=run, env=command_env(), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, timeout=120)
+    assert result.returncode == 1, f"exit status {result.returncode}: {result.stdout}"
+    assert result.stdout.startswith(f"Error: {data} is truncated: ") and "header says" in result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout
+    assert not (run / "results" / "data" / "church" / "train").exists()
+
+
+def test_full_disk_while_unpacking_is_not_called_a_bad_archive(mirror, tmp_path):
+    """The zip is good, the cache's disk is full: the error names the file being written and the
+    free space (it used to say 'not a readable zip archive; delete it', for a good 43 GB archive)."""
+    folder, _ = mirror
+    with full_disk(tmp_path / "disk", size="16k") as disk:
+        with pytest.raises(WriteError, match=f"cannot write {disk}/church_outdoor_train_lmdb.part/data.mdb: "
+                                             r"No space left on device \(\d+ \w+ free on "):
+            list(lsun.prepare(spec_for(folder.as_uri()), disk))
+        assert list(disk.iterdir()) == []  # the partial unpack is removed
+        # A download to a full disk names the file it was writing, not the URL it was reading.
+        large = tmp_path / "build" / "church_outdoor_train_lmdb" / "data.mdb"  # 24 KiB
+        with pytest.raises(WriteError, match=f"cannot write {disk}/data.mdb.part: No space left"):
+            download(large.as_uri(), disk / "data.mdb")
+        assert list(disk.iterdir()) == []

@@ -1,14 +1,27 @@
 """The on-disk image store (igsm/data/store.py): what it reads equals the array it was written from,
 in every indexing form and across shard boundaries; it is published whole or not at all; damage is
-reported naming the file; worker processes reopen it instead of copying it."""
+reported naming the file (a changed byte too, hashing each file once per change); worker processes
+reopen it instead of copying it; a full disk is one error naming the file and the free space; a
+killed writer's temporary folder goes with the next run."""
 
+import contextlib
 import json
+import os
 import pickle
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import command_env
 from igsm.data import ImageStore, StoreWriter, load_images, write_store
 from igsm.training import batch_indices
 
@@ -154,3 +167,153 @@ def test_the_data_stage_writes_a_store(tmp_path):
     assert "1797 images of 8×8×1 in 1 shard(s)" in result.output
     store = ImageStore(out)
     assert store.shape == (1797, 8, 8, 1) and store[:].max() == 255
+
+
+# ---- hostile cases (issue 29): a changed byte, a full disk, a killed writer ----------------------
+
+def flip_byte(path, offset_from_end=1):
+    """Change one byte of a file in place (a pixel of a shard's last image), then set its mtime
+    back, as a careless tool or a copy that keeps times would leave it."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+@pytest.mark.parametrize("name", ["images-00003.npy", "labels.npy"])
+def test_a_changed_byte_is_an_error_naming_the_file(store, name):
+    load_images(store.directory)  # intact: opens
+    flip_byte(store.directory / name)
+    with pytest.raises(ValueError, match=f"{store.directory / name} was changed or damaged after the store "
+                                         "was written .*index.json records"):
+        load_images(store.directory)
+    with pytest.raises(ValueError, match="changed or damaged"):  # not recorded as verified by the failure
+        load_images(store.directory)
+
+
+def test_files_are_hashed_once_and_again_only_when_changed(store, images, tmp_path, monkeypatch):
+    import igsm.data.store as store_module
+
+    hashed = []
+    real_digest = store_module.file_digest
+
+    def counting_digest(path):
+        hashed.append(Path(path).name)
+        return real_digest(path)
+
+    monkeypatch.setattr(store_module, "file_digest", counting_digest)
+    shard_names = [entry["file"] for entry in store.index["shards"]]
+    # The writer hashed every file while writing it: opening the new store (and a worker reopening
+    # it) reads nothing again.
+    load_images(store.directory)
+    pickle.loads(pickle.dumps(store.limit(20)))
+    assert hashed == []
+    # Touched (its ctime changes, its bytes do not): hashed once more, then recorded again.
+    os.utime(store.directory / "images-00002.npy")
+    load_images(store.directory)
+    assert hashed == ["images-00002.npy"]
+    load_images(store.directory)
+    assert hashed == ["images-00002.npy"]
+    # A copy (new inodes) is hashed whole, once.
+    hashed.clear()
+    shutil.copytree(store.directory, tmp_path / "copy")
+    np.testing.assert_array_equal(load_images(tmp_path / "copy")[:], images)
+    assert sorted(hashed) == sorted([*shard_names, "labels.npy"])
+    load_images(tmp_path / "copy")
+    assert len(hashed) == len(shard_names) + 1
+
+
+def run_data_stage(cwd, dataset="digits", preexec_fn=None):
+    """`python -m igsm download` of the 8-px scikit-learn digits (115 KB of images) into
+    results/data/<dataset>/train under ``cwd``, as the workflow runs it."""
+    return subprocess.run([sys.executable, "-m", "igsm", "download", "--out", f"results/data/{dataset}/train",
+                           "--cache-dir", f"results/data/{dataset}/raw",
+                           "--settings", json.dumps({"source": "sklearn-digits", "image_size": 8})],
+                          cwd=cwd, env=command_env(), text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=120, preexec_fn=preexec_fn)
+
+
+@contextlib.contextmanager
+def full_disk(folder, size="64k"):
+    """A real filesystem of ``size`` at ``folder`` (tmpfs; needs root), unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root; the RLIMIT_FSIZE variant runs instead")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def limit_file_size():
+    """In the child: files may not grow past 64 KiB; a write beyond fails with EFBIG (SIGXFSZ ignored)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+
+@pytest.mark.parametrize("limit", ["full tmpfs", "RLIMIT_FSIZE"])
+def test_a_full_disk_names_the_file_and_the_free_space(tmp_path, limit):
+    if limit == "full tmpfs":
+        with full_disk(tmp_path / "disk") as disk:
+            result = run_data_stage(disk)
+            left = sorted(p.name for p in (disk / "results" / "data" / "digits").iterdir())
+        assert "the disk is full: make room there and rerun" in result.stdout
+    else:
+        result = run_data_stage(tmp_path, preexec_fn=limit_file_size)
+        left = sorted(p.name for p in (tmp_path / "results" / "data" / "digits").iterdir())
+    assert result.returncode == 1, result.stdout
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stdout, result.stdout
+    assert re.fullmatch(r"Error: cannot write results/data/digits/\.train\.\w{8}/images-00000\.npy: "
+                        r".+ \([\d.]+ (bytes|KiB|MiB|GiB|TiB) free on /\S*\).*", lines[0]), lines[0]
+    assert left == [], "no store and no temporary folder after a failed write"
+
+
+def test_a_killed_writers_temporary_folder_goes_with_the_next_run(tmp_path):
+    """kill -9 in the middle of writing a store, then a good rerun: it leaves only the store."""
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, signal, numpy as np
+        from igsm.data import StoreWriter
+        writer = StoreWriter("results/data/digits/train", shard_bytes=64)
+        writer.append(np.zeros((4, 4, 4, 1), np.uint8), np.zeros(4, np.int64))  # one 64-byte shard written
+        os.kill(os.getpid(), signal.SIGKILL)
+        """)], cwd=tmp_path, env=command_env())
+    assert killed.returncode == -signal.SIGKILL
+    data = tmp_path / "results" / "data" / "digits"
+    [stale] = [p for p in data.iterdir() if p.name.startswith(".train.")]
+    assert (stale / "images-00000.npy").is_file()
+    # Another dataset's store being written beside it is not this writer's to remove.
+    other = data / ".valid.abcd1234"
+    other.mkdir()
+    result = run_data_stage(tmp_path)
+    assert result.returncode == 0, result.stdout
+    assert sorted(p.name for p in data.iterdir()) == [".valid.abcd1234", "train"]
+    assert len(load_images(data / "train")) == 1797
+
+
+@pytest.mark.parametrize("limit", ["full tmpfs", "RLIMIT_FSIZE"])
+def test_a_full_disk_while_saving_a_model_names_the_file(tmp_path, limit):
+    """The other stages' big outputs too: `igsm init` writing a model (safetensors raises its own
+    error type, which named neither the file nor the disk)."""
+    from conftest import TINY_ARCHITECTURE
+
+    def init(folder, preexec_fn=None):
+        return subprocess.run([sys.executable, "-m", "igsm", "init", "--out", str(folder / "model"),
+                               "--settings", json.dumps(TINY_ARCHITECTURE)], env=command_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120, preexec_fn=preexec_fn)
+
+    if limit == "full tmpfs":
+        with full_disk(tmp_path / "disk", size="16k") as disk:
+            result = init(disk)
+        assert "the disk is full: make room there and rerun" in result.stdout
+        folder = disk
+    else:
+        result = init(tmp_path, preexec_fn=limit_file_size)
+        folder = tmp_path
+    assert result.returncode == 1, result.stdout
+    assert result.stdout.startswith(f"Error: cannot write {folder / 'model' / 'model.safetensors'}: ")
+    assert re.search(r"\([\d.]+ (bytes|KiB|MiB|GiB|TiB) free on /", result.stdout), result.stdout
+    assert len(result.stdout.strip().splitlines()) == 1, result.stdout

@@ -1,9 +1,12 @@
-"""What every data source shares: downloads checked by digest, .npz reading with clear errors, and
-the conversion between uint8 images and the networks' value range.
+"""What every data source shares: downloads checked by digest, .npz reading with clear errors, writes
+that name the file and the free space when the disk is full, and the conversion between uint8
+images and the networks' value range.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -23,6 +26,77 @@ class DownloadError(RuntimeError):
     pass
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a quota, a file-size limit, a read-only folder);
+    the message names the file and the space left on its filesystem."""
+
+
+def _free_space(path: str | os.PathLike) -> tuple[int | None, Path]:
+    """(bytes free or None if unknown, mount point) of the filesystem that holds ``path``."""
+    folder = Path(os.path.abspath(path))
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    mount = folder
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        return shutil.disk_usage(folder).free, mount
+    except OSError:
+        return None, mount
+
+
+def _size_text(num_bytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024:
+            return f"{num_bytes:.0f} {unit}" if unit == "bytes" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"
+
+
+NEARLY_FULL_BYTES = 16 << 20  # less free than this after a failed write: the disk is full
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: str | os.PathLike, also: tuple = ()):
+    """Turn an OSError raised while writing ``path`` (ENOSPC, EDQUOT, EFBIG, …) into one WriteError
+    naming the file and the free space, instead of a traceback that names neither. ``also``: the
+    exceptions of writers that do not raise OSError (torch.save's RuntimeError, safetensors')."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, *also) as err:
+        code = getattr(err, "errno", None)
+        reason = getattr(err, "strerror", None) or str(err).strip().split("\n")[0][:200] or type(err).__name__
+        free, mount = _free_space(path)
+        space = f"{_size_text(free)} free on {mount}" if free is not None else f"free space on {mount} unknown"
+        # numpy and torch report a short write without an errno ("N requested and M written",
+        # "unexpected pos"): the free space left tells
+        full = code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < NEARLY_FULL_BYTES)
+        advice = "; the disk is full: make room there and rerun" if full else ""
+        error = WriteError(f"cannot write {path}: {reason} ({space}){advice}")
+        error.errno = code
+        raise error from None
+
+
+def copy_to_file(source, destination: str | os.PathLike, block_size: int = 1 << 20) -> None:
+    """Stream the binary file object ``source`` into ``destination``. A failed write raises
+    WriteError naming ``destination``; a failed read (network, archive) propagates unchanged, so
+    the caller can tell a full disk from a broken download."""
+    with reporting_write_errors(destination):
+        out = open(destination, "wb")
+    try:
+        while block := source.read(block_size):
+            with reporting_write_errors(destination):
+                out.write(block)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            out.close()
+        raise
+    with reporting_write_errors(destination):
+        out.close()  # it flushes: a full disk may show only here
+
+
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.new(algorithm)
@@ -40,11 +114,15 @@ def download(url: str, destination: str | os.PathLike, sha256: str | None = None
     The file appears under its final name only once complete and verified.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_name(destination.name + ".part")
+    with reporting_write_errors(destination.parent):
+        destination.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
-            shutil.copyfileobj(response, out, length=1 << 20)
+        with urllib.request.urlopen(url, timeout=60) as response:
+            copy_to_file(response, partial)
+    except WriteError:
+        partial.unlink(missing_ok=True)
+        raise
     except (urllib.error.URLError, OSError, ValueError) as err:
         partial.unlink(missing_ok=True)
         raise DownloadError(
@@ -74,19 +152,29 @@ def fetch_cached(url: str, destination: str | os.PathLike, sha256: str, algorith
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Write under a temporary name, then rename: never a half-written file that looks complete."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        with reporting_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(text)
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_arrays(path: str | os.PathLike, **arrays) -> None:
     """np.savez written to a temporary name first, so a crash leaves no complete-looking file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
-        np.savez(tmp, **arrays)
-    os.replace(tmp.name, path)
+    tmp = None
+    try:
+        with reporting_write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as tmp:
+                np.savez(tmp, **arrays)
+            os.replace(tmp.name, path)
+    finally:
+        if tmp is not None:
+            Path(tmp.name).unlink(missing_ok=True)
 
 
 # What to do about a file of results/ that cannot be read.

@@ -41,7 +41,7 @@ from typing import Iterator
 
 import numpy as np
 
-from igsm.data.common import DownloadError, download, file_digest
+from igsm.data.common import DownloadError, WriteError, copy_to_file, download, file_digest
 from igsm.data.sources import check_hex_digest, check_split, check_url, register
 
 LSUN_URL = "http://dl.yf.io/lsun/scenes/"
@@ -75,7 +75,9 @@ def read_lmdb(path: str | Path, image_size: int, max_images: int | None = None,
     """Chunks (uint8 n×S×S×3 images, int64 zero labels; ``chunk`` images each, default
     ``CHUNK``) of an LSUN LMDB folder, in key order.
 
-    A value that is not a readable image raises ValueError naming its key and the LMDB.
+    A value that is not a readable image raises ValueError naming its key and the LMDB; so does a
+    truncated ``data.mdb`` (shorter than the pages its header says are in use), which lmdb, reading
+    through a memory map, would otherwise meet as a SIGBUS that kills the job without a word.
     """
     import lmdb
     from PIL import Image
@@ -83,11 +85,21 @@ def read_lmdb(path: str | Path, image_size: int, max_images: int | None = None,
     path, chunk = Path(path), chunk or CHUNK
     if not (path / "data.mdb").is_file():
         raise ValueError(f"{path}: no data.mdb: not an LMDB folder (an unpacked <category>_<split>_lmdb/)")
+    if (path / "data.mdb").stat().st_size == 0:
+        raise ValueError(f"{path / 'data.mdb'} is empty; delete it and unpack or download it again")
     try:
         env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False)
+        # The meta pages at the file's start name the last page in use.
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
     except lmdb.Error as err:
         raise ValueError(f"{path}: not a readable LMDB ({type(err).__name__}: {err}); delete it and "
                          "check 'url'") from None
+    size = (path / "data.mdb").stat().st_size
+    if size < needed:
+        env.close()
+        raise ValueError(f"{path / 'data.mdb'} is truncated: {size:,} bytes, its header says the database "
+                         f"fills {needed:,} (an interrupted copy or unpack, or a full disk); delete it and "
+                         "unpack or download it again")
     limit = max_images if max_images is not None else float("inf")
     count = 0
     try:
@@ -137,8 +149,11 @@ def _unpack(archive: Path, name: str, target: Path, stamp: dict) -> None:
                 raise ValueError(f"{archive}: {len(members)} data.mdb members, expected one "
                                  f"({name}/data.mdb): not an LSUN LMDB export")
             partial.mkdir(parents=True)
-            with zf.open(members[0]) as src, open(partial / "data.mdb", "wb") as out:
-                shutil.copyfileobj(src, out, length=1 << 24)
+            with zf.open(members[0]) as src:
+                copy_to_file(src, partial / "data.mdb", block_size=1 << 24)
+    except WriteError:  # a full disk, not a bad archive
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         shutil.rmtree(partial, ignore_errors=True)
         raise ValueError(f"{archive}: not a readable zip archive ({type(err).__name__}: {err}); delete it "

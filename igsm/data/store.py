@@ -5,6 +5,7 @@ A dataset is a folder written once by the data stage:
     index.json          format, image shape, count, each shard's file, count and sha256
     images-00000.npy    uint8 n×H×W×C, about ``SHARD_BYTES`` each (numpy's .npy format)
     labels.npy          int64 N
+    verified.json       each file's sha256 and the stat (inode, size, mtime, ctime) it had when hashed
 
 Readers memory-map the shards (``np.load(mmap_mode="r")``): a batch reads only its own images,
 and a process's memory does not grow with the dataset (the OS page cache holds what was read).
@@ -15,27 +16,44 @@ Identity: the sha256 digests of the shards are computed once, when written, and 
 index; :meth:`ImageStore.fingerprint` hashes the index, so a training run identifies its data
 without reading every image again (a 3M-image LSUN bedroom is hundreds of GB).
 
-The writer fills a temporary sibling folder and renames it into place when complete: a folder named
-like a store is always a whole one.
+Integrity: opening a store checks each shard (and the labels) against the sha256 its index records,
+but hashes only files whose stat differs from the one recorded in ``verified.json`` when they were
+last hashed. Any write through the filesystem changes a file's ctime, which no one can set back
+(``touch``/``utime`` set mtime only, and themselves change ctime), and a copy is a new inode: a file
+whose stat is unchanged holds the bytes that were hashed. The writer records the stats of the shards
+it hashed when writing them, so in the workflow no job hashes a store again unless a file changed
+(or the store was copied elsewhere): then the first job that opens it hashes those files once
+(1–3 s per 1 GiB shard on one CPU core) and records them. A mismatch is an error naming the file.
+
+The writer fills a temporary sibling folder (``.<name>.XXXXXXXX``) and renames it into place when
+complete: a folder named like a store is always a whole one. It first removes such folders that a
+killed writer of the same store left behind (Snakemake runs one job per output at a time).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from igsm.data.common import REMAKE, file_digest, numpy_error_text
+from igsm.data.common import REMAKE, file_digest, numpy_error_text, reporting_write_errors
 
 FORMAT = "igsm-image-store/1"
 INDEX = "index.json"
 LABELS = "labels.npy"
+# Updated after the store is published; Snakemake dates a directory output by the
+# .snakemake_timestamp it puts inside, so this does not make the jobs that read the store outdated.
+VERIFIED = "verified.json"
 SHARD_BYTES = 1 << 30  # 1 GiB of images per shard: a few hundred files for LSUN bedroom
 
 
@@ -63,6 +81,7 @@ class ImageStore:
         if sum(counts) != self.index["num_images"] or not counts:
             raise ValueError(f"dataset {self.directory}: its shards hold {sum(counts)} images, its "
                              f"index says {self.index['num_images']}; {REMAKE}")
+        self._verify()
         self._starts = np.cumsum([0, *counts])
         self._length = sum(counts) if _limit is None else min(_limit, sum(counts))
         self.image_shape = shape
@@ -76,6 +95,26 @@ class ImageStore:
             raise ValueError(f"{path}: {shard.dtype} {shard.shape}, the index says uint8 "
                              f"{(entry['count'], *shape)}")
         return shard
+
+    def _verify(self) -> None:
+        """Each file against the sha256 that the index records; only files whose stat changed since
+        they were last hashed are read (see the module's docstring)."""
+        files = [(entry["file"], entry["sha256"]) for entry in self.index["shards"]]
+        if "labels_sha256" in self.index:
+            files.append((LABELS, self.index["labels_sha256"]))
+        with _verified_files(self.directory / VERIFIED) as verified:
+            for name, expected in files:
+                path = self.directory / name
+                record = {"sha256": expected, "stat": _stat_key(path)}  # the stat before reading it
+                if verified.get(name) == record:
+                    continue
+                actual = file_digest(path)
+                if actual != expected:
+                    raise ValueError(f"dataset {self.directory}: {path} was changed or damaged after the "
+                                     f"store was written (its sha256 is {actual}, index.json records "
+                                     f"{expected}); delete {self.directory} and rerun the workflow, which "
+                                     "remakes it")
+                verified[name] = record
 
     def __reduce__(self):
         # Worker processes (DataLoader, spawn/forkserver) reopen the maps instead of receiving copies.
@@ -135,19 +174,83 @@ class ImageStore:
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _stat_key(path: Path) -> list:
+    """What changes when a file's bytes may have: its inode (a copy), size, mtime and ctime (any
+    write, and any attempt to set mtime back)."""
+    info = os.stat(path)
+    return [info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+@contextlib.contextmanager
+def _verified_files(path: Path):
+    """The record of verified files (file name → {sha256, stat}) as a dict, written back if changed.
+
+    Held under an exclusive lock, so that the processes that open a store at once (DDP ranks, jobs
+    started together) wait for the first one's hashing instead of all reading the shards. Where
+    the record cannot be written (a read-only store) or locked, the files are checked all the same.
+    """
+    try:
+        handle = open(path, "a+")
+    except OSError as err:
+        print(f"note: cannot record verified files in {path} ({err.strerror}); every job that opens "
+              "this store hashes its shards", file=sys.stderr)
+        yield {}
+        return
+    with handle:
+        with contextlib.suppress(OSError):  # filesystems without flock: checked all the same
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        try:
+            verified = json.loads(handle.read() or "{}")
+            verified = verified if isinstance(verified, dict) else {}
+        except ValueError:  # a record cut short: hash again
+            verified = {}
+        before = json.dumps(verified, sort_keys=True)
+        try:
+            yield verified
+        finally:
+            if json.dumps(verified, sort_keys=True) != before:
+                with contextlib.suppress(OSError):  # a full disk only costs hashing again
+                    handle.seek(0)
+                    handle.truncate()
+                    handle.write(json.dumps(verified, indent=1, sort_keys=True) + "\n")
+                    handle.flush()
+
+
 class StoreWriter:
     """Write a store from chunks of images, shard by shard; ``close()`` publishes it."""
 
     def __init__(self, directory: str | os.PathLike, shard_bytes: int = SHARD_BYTES):
         self.directory = Path(directory)
-        self.directory.parent.mkdir(parents=True, exist_ok=True)
-        self.partial = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
+        with reporting_write_errors(self.directory.parent):
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_partials()
+            self.partial = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
         self.shard_bytes = shard_bytes
         self.image_shape: tuple | None = None
         self.shards: list[dict] = []
+        self.verified: dict[str, dict] = {}  # verified.json: the stat of each file when it was hashed
         self.labels: list[np.ndarray] = []
         self._pending: list[np.ndarray] = []
         self._pending_count = 0
+
+    def _remove_stale_partials(self) -> None:
+        """Temporary folders of this store that a killed writer left (kill -9, a lost node): no other
+        writer of it runs now, since Snakemake runs one job per output at a time. They can be as
+        large as the store, so they go before the new one is written."""
+        pattern = re.compile(re.escape(f".{self.directory.name}.") + "[a-z0-9_]{8}")  # mkdtemp's names
+        for stale in self.directory.parent.iterdir():
+            if pattern.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+
+    def _write(self, name: str, save) -> str:
+        """``save(path)`` into the temporary folder; the file's sha256, its stat recorded as verified."""
+        path = self.partial / name
+        with reporting_write_errors(path):
+            save(path)
+        self.verified[name] = {"stat": _stat_key(path)}  # the stat before hashing it
+        self.verified[name]["sha256"] = digest = file_digest(path)
+        return digest
 
     def append(self, images: np.ndarray, labels: np.ndarray) -> None:
         images, labels = np.asarray(images), np.asarray(labels)
@@ -174,9 +277,9 @@ class StoreWriter:
         if not self._pending_count:
             return
         name = f"images-{len(self.shards):05d}.npy"
-        np.save(self.partial / name, np.concatenate(self._pending), allow_pickle=False)
-        self.shards.append({"file": name, "count": self._pending_count,
-                            "sha256": file_digest(self.partial / name)})
+        pending = np.concatenate(self._pending)
+        digest = self._write(name, lambda path: np.save(path, pending, allow_pickle=False))
+        self.shards.append({"file": name, "count": self._pending_count, "sha256": digest})
         self._pending, self._pending_count = [], 0
 
     def close(self) -> None:
@@ -184,13 +287,16 @@ class StoreWriter:
         if not self.shards:
             raise ValueError("the dataset has no images")
         labels = np.concatenate(self.labels)
-        np.save(self.partial / LABELS, labels, allow_pickle=False)
+        labels_digest = self._write(LABELS, lambda path: np.save(path, labels, allow_pickle=False))
         index = {"format": FORMAT, "num_images": len(labels), "image_shape": list(self.image_shape),
-                 "shards": self.shards, "labels_sha256": file_digest(self.partial / LABELS)}
-        (self.partial / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+                 "shards": self.shards, "labels_sha256": labels_digest}
+        for name, text in ((VERIFIED, json.dumps(self.verified, indent=1, sort_keys=True)),
+                           (INDEX, json.dumps(index, indent=1))):  # the index last: it makes a store
+            with reporting_write_errors(self.partial / name):
+                (self.partial / name).write_text(text + "\n")
         if self.directory.exists():  # a rerun replaces the earlier store as a whole
             shutil.rmtree(self.directory) if self.directory.is_dir() else self.directory.unlink()
-        os.replace(self.partial, self.directory)
+        os.replace(self.partial, self.directory)  # a rename: the files keep their inodes and ctimes
 
     def abort(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
@@ -199,10 +305,12 @@ class StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        try:
+            if exc_type is None:
+                self.close()
+        finally:
+            if self.partial.exists():  # failed, here or in close() (a full disk): nothing left behind
+                self.abort()
 
 
 def write_store(directory: str | os.PathLike, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
