@@ -478,7 +478,8 @@ def looks_like_local_path(model_id: str) -> bool:
 def _unsafe_bin_error(err: BaseException, fallback: Path, refused: str, model_id: str | None = None):
     """unsafe_pickle_error for a diffusers .bin: the file diffusers names (its OSError says "…
     checkpoint file for '<path>'"); a hub model is converted in a local copy (``hf download``)."""
-    named = [m.group(1) for e in _errors_behind(err) if (m := re.search(r"checkpoint file for '([^']+)'", str(e)))]
+    named = [found.group(1) for e in _errors_behind(err)
+             if (found := re.search(r"checkpoint file for '([^']+)'", str(e)))]
     weights = Path(named[0]) if named else fallback
     if model_id is None:
         how = (f"`{convert_command(weights, weights.with_name('diffusion_pytorch_model.safetensors'))}` "

@@ -233,3 +233,21 @@ def test_convert_checkpoint_refuses_what_holds_no_tensors(tmp_path):
         proc = igsm("convert-checkpoint", tmp_path / source, tmp_path / "out.safetensors")
         assert proc.returncode == 1 and why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_convert_checkpoint_keeps_every_tensor_kind_of_either_torch_format(tmp_path, zip_format):
+    """Parameters and bf16 tensors too, from torch's zip format and the legacy one (old .bin/.pth
+    files): the allow-list must cover what a plain state dict asks for, and nothing else runs."""
+    from safetensors.torch import load_file
+
+    from igsm.models import convert_checkpoint
+
+    marker = tmp_path / "marker"
+    state = {"w": torch.randn(3, 4), "p": torch.nn.Parameter(torch.ones(2)), "h": torch.ones(2, dtype=torch.bfloat16)}
+    torch.save({**state, "payload": RunsCode(marker)}, tmp_path / "in.pth", _use_new_zipfile_serialization=zip_format)
+    assert convert_checkpoint(tmp_path / "in.pth", tmp_path / "out.safetensors") == ["'payload'", "global posix.system"]
+    out = load_file(tmp_path / "out.safetensors")
+    assert set(out) == set(state) and all(out[k].dtype == v.dtype and torch.equal(out[k], v.detach())
+                                          for k, v in state.items())
+    assert not marker.exists()
