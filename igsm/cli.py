@@ -177,15 +177,19 @@ def download(out, cache_dir, settings):
 @main.command()
 @click.option("--model-id", required=True,
               help="Hub id (google/ddpm-cifar10-32) or local folder; for a U-ViT architecture, a "
-                   "reference checkpoint (.pth file or URL).")
+                   "reference checkpoint (.pth or .safetensors file, or URL).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where a checkpoint given by URL is downloaded (U-ViT).")
+@click.option("--expect", callback=_json, default=None,
+              help='JSON {"key", "family", "dataset", "image_size", "channels"}: the experiment the model '
+                   "is for; a model of another family, image size or channel count is refused, naming key.")
 @SETTINGS
-def pretrained(model_id, out, cache_dir, settings):
+def pretrained(model_id, out, cache_dir, expect, settings):
     """Fetch a pretrained dense model and store it in the project's format (settings: the
     experiment's 'architecture', needed for U-ViT checkpoints, which are plain state dicts)."""
-    from igsm.models import architecture_family, load_pretrained, save_model
+    from igsm.models import (architecture_family, declared_images, load_pretrained, pretrained_mismatches,
+                             save_model)
 
     try:
         if architecture_family(settings) == "uvit":
@@ -196,7 +200,30 @@ def pretrained(model_id, out, cache_dir, settings):
             net = load_pretrained(model_id)
     except (RuntimeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
+    if expect:  # a hub model's config is known only now (local folders: checked with the config)
+        declared = declared_images(type(net).__name__, dict(net.config), f"the model {model_id!r}")
+        problems = pretrained_mismatches(declared, expect["family"], expect["dataset"], expect["image_size"],
+                                         expect["channels"])
+        if problems:
+            raise click.ClickException("\n".join(f"{expect['key']}: {problem}" for problem in problems))
     save_model(net, out, extra={"source": model_id})
+
+
+@main.command("convert-checkpoint")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.argument("target", type=click.Path(dir_okay=False))
+def convert_checkpoint(source, target):
+    """Keep the tensors of a pickled checkpoint (a U-ViT .pth, a diffusers .bin) in a safetensors
+    file, running nothing in its pickle: anything but tensors is left out and listed. For a file
+    whose pickle asks for more than tensors, which dense.pretrained refuses; its weights are only
+    as trustworthy as its source."""
+    from igsm.models import convert_checkpoint as convert
+
+    try:
+        left_out = convert(source, target)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"{target}: the tensors of {source}" + (f"; left out: {', '.join(left_out)}" if left_out else ""))
 
 
 @main.command()

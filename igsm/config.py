@@ -111,6 +111,7 @@ def check_config(config: dict) -> None:
             errors.append(f"{key}.jacobian_timesteps: {window} is not a range [lo, hi) with lo < hi")
     for name, exp in experiments.items():
         errors += _experiment_errors(config, name, exp)
+        errors += _pretrained_folder_errors(config, name, exp)
     if errors:
         raise ConfigError("\n".join(errors))
 
@@ -202,6 +203,31 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
             if value > known:
                 errors.append(f"{path}: {value} images asked, dataset {exp['dataset']!r} holds {known}")
     return errors
+
+
+def _pretrained_folder_errors(config: dict, name: str, exp: dict) -> list[str]:
+    """A local folder as a U-Net experiment's dense.pretrained, against the experiment: the network
+    its config file declares (architecture.json or diffusers' config.json) must be a U-Net taking
+    the dataset's image size and channels. Hub models are checked by the job that fetches them
+    (igsm pretrained --expect); U-ViT experiments take a checkpoint file, checked above."""
+    from igsm.models import local_pretrained_declaration, pretrained_mismatches
+
+    pretrained, key = exp["dense"]["pretrained"], f"experiments.{name}.dense.pretrained"
+    family = architecture_family(exp["architecture"])
+    if not pretrained or family == "uvit" or not Path(pretrained).expanduser().is_dir() \
+            or exp["dataset"] not in config["datasets"]:
+        return []
+    folder = Path(pretrained).expanduser()
+    try:
+        declared = local_pretrained_declaration(folder)
+    except ValueError as err:
+        return [f"{key}: {err}"]
+    if declared is None:
+        return [f"{key}: local folder {folder} holds no model: neither a diffusers U-Net (config.json or "
+                f"unet/config.json) nor a model written by the workflow (architecture.json)"]
+    data = config["datasets"][exp["dataset"]]
+    problems = pretrained_mismatches(declared, family, exp["dataset"], data["image_size"], dataset_channels(data))
+    return [f"{key}: {problem}" for problem in problems]
 
 
 def pruned_model_name(criterion: str, ratio: float) -> str:

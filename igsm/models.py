@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -48,6 +49,82 @@ def image_shape(net: nn.Module) -> tuple[int, int, int]:
     if "img_size" in config:  # U-ViT
         return config["in_chans"], config["img_size"], config["img_size"]
     return config["in_channels"], config["sample_size"], config["sample_size"]
+
+
+# How each family's config names the images its network takes, and the defaults of keys a config
+# leaves out (diffusers' UNet2DModel: 3 channels, no sample_size; igsm.uvit.UViT: 32 px, 3 channels).
+IMAGE_KEYS = {
+    "UNet2DModel": dict(family="unet", size="sample_size", channels=("in_channels", "out_channels"),
+                        defaults={"sample_size": None, "in_channels": 3, "out_channels": 3}),
+    "UViT": dict(family="uvit", size="img_size", channels=("in_chans",),
+                 defaults={"img_size": 32, "in_chans": 3}),
+}
+FAMILY_NAMES = {"unet": "U-Net", "uvit": "U-ViT"}
+
+
+def declared_images(class_name: str, config: dict, source: str) -> dict:
+    """A network's class, config and where they were read (a file, a model id), for
+    :func:`pretrained_mismatches`."""
+    return {"class": class_name, "config": config, "source": source}
+
+
+def local_pretrained_declaration(folder: str | os.PathLike) -> dict | None:
+    """:func:`declared_images` of the network a local ``dense.pretrained`` folder holds, from the file
+    :func:`load_pretrained` builds it from (architecture.json, else diffusers' config.json, else
+    unet/config.json); None if there is none. ``ValueError`` naming the file if it is no JSON object."""
+    folder = Path(folder)
+    for name in (ARCHITECTURE_FILE, "config.json", "unet/config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not readable JSON ({_first_line(err)})") from None
+        spec = spec if isinstance(spec, dict) else {}
+        if name == ARCHITECTURE_FILE:  # save_model's: the class and its config
+            class_name, config = spec.get("class"), spec.get("config")
+        else:  # diffusers': the config, naming its class
+            class_name, config = spec.get("_class_name", "UNet2DModel"), spec
+        if not isinstance(class_name, str) or not isinstance(config, dict) or not config:
+            raise ValueError(f"{path} does not describe a network (a JSON object with its class and config)")
+        return declared_images(class_name, config, str(path))
+    return None
+
+
+def pretrained_mismatches(declared: dict, family: str, dataset: str, image_size: int,
+                          channels: int) -> list[str]:
+    """Why a pretrained network cannot be the teacher of an experiment of ``family`` ("unet" or
+    "uvit", as its architecture declares) on ``dataset`` (``image_size`` px, ``channels``): another
+    family, image size or channel count than the experiment's. Nothing else would notice: a 32-px
+    teacher of 16-px images is finetuned on them and samples at 32 px."""
+    where, class_name, config = declared["source"], declared["class"], declared["config"]
+    keys = IMAGE_KEYS.get(class_name)
+    if keys is None:
+        return [f"{where} describes a {class_name}, not a network the workflow runs (diffusers' UNet2DModel "
+                f"or U-ViT)"]
+    problems = []
+    if keys["family"] != family:
+        problems.append(
+            f"{where} describes a {FAMILY_NAMES[keys['family']]} ({class_name}), but the experiment is a "
+            f"{FAMILY_NAMES[family]} experiment (its 'architecture' "
+            f"{'has U-ViT keys' if family == 'uvit' else 'has no U-ViT keys such as img_size'}); point "
+            f"dense.pretrained at a {FAMILY_NAMES[family]}"
+            + (f", or make it a U-ViT experiment (U-ViT's architecture keys), whose dense.pretrained is a "
+               f"checkpoint file (a model folder's {WEIGHTS_FILE})" if keys["family"] == "uvit" else ""))
+    size = config.get(keys["size"], keys["defaults"][keys["size"]])
+    sides = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else None
+    if sides is None:
+        problems.append(f"{where} gives no {keys['size']} (the size of the images the network makes); "
+                        f"datasets.{dataset}.image_size is {image_size}")
+    elif any(side != image_size for side in sides):
+        problems.append(f"{where}: {keys['size']} {size}, but datasets.{dataset}.image_size is {image_size}; "
+                        f"the teacher would be finetuned on {image_size}-px images and sample at {size} px")
+    for key in keys["channels"]:
+        value = config.get(key, keys["defaults"][key])
+        if value != channels:
+            problems.append(f"{where}: {key} {value}, but dataset {dataset!r} has {channels} channel(s)")
+    return problems
 
 
 def _static_width_attributes():
@@ -160,6 +237,112 @@ def _error_chain(err: BaseException) -> str:
         lines.append(_first_line(err))
         err = err.__cause__ or err.__context__
     return " ← ".join(lines)
+
+
+# ---- pickled weights that are more than tensors (hub .bin files, U-ViT .pth files) -------------
+
+# What a pickle of plain tensors asks for (torch.save of a state dict: the mapping, tensors and
+# parameters; storages are torch's own persistent ids). Everything else is refused.
+TENSOR_PICKLE_GLOBALS = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+                         "torch._utils._rebuild_parameter"}
+
+
+def _errors_behind(err: BaseException | None):
+    """``err`` and every error behind it, through both ``__cause__`` and ``__context__`` (diffusers
+    and the hub client wrap the error that matters, or raise a new one while handling it)."""
+    pending, seen = [err], set()
+    while pending:
+        err = pending.pop()
+        if err is not None and id(err) not in seen:
+            seen.add(id(err))
+            yield err
+            pending += [err.__context__, err.__cause__]
+
+
+# torch's weights-only unpickler, refusing what a pickle asks for beyond tensors (a global, an object
+# to create or build, a function to call); its other errors mean a damaged file, or none of torch's.
+_REFUSAL = re.compile(r"GLOBAL [\w.]+|Can only (create new object|build)|call reduce for")
+
+
+def refused_pickle(err: BaseException) -> str | None:
+    """The globals (``posix.system``) that torch's weights-only unpickler refused, if one of the
+    errors behind ``err`` is such a refusal ("" where it names none), else None."""
+    import pickle
+
+    refusals = [str(e) for e in _errors_behind(err) if isinstance(e, pickle.UnpicklingError)
+                and "Weights only load failed" in str(e) and _REFUSAL.search(str(e))]
+    if not refusals:
+        return None
+    return ", ".join(dict.fromkeys(name for text in refusals for name in re.findall(r"GLOBAL ([\w.]+)", text)))
+
+
+def convert_command(source, target) -> str:
+    """The command that keeps a pickled checkpoint's tensors only (:func:`convert_checkpoint`)."""
+    import shlex
+
+    return f"python -m igsm convert-checkpoint {shlex.quote(str(source))} {shlex.quote(str(target))}"
+
+
+def unsafe_pickle_error(path, refused: str, how: str, key: str = "dense.pretrained") -> ValueError:
+    """The error for a weights file whose pickle asks for more than tensors: what it is, that it was
+    refused and nothing ran, and ``how`` to go on without running it either (convert_command)."""
+    return ValueError(
+        f"{key}: {path} contains pickled code or objects, not plain tensors"
+        f"{f' (it asks for {refused})' if refused else ''}: refused for safety, nothing in it ran. The "
+        f"published checkpoints (google/ddpm-*, U-ViT's .pth files) hold tensors only.\n"
+        f"If you trust its source, keep only its tensors, running nothing in it: {how}")
+
+
+class _Refused:
+    """What a refused global of a pickle becomes while its tensors are taken out: calling it,
+    building it or giving it state does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
+    """Write the tensors of a pickled checkpoint (a torch.save'd state dict: U-ViT's .pth, a
+    diffusers .bin) to a safetensors file, running nothing in the pickle: every global other than
+    TENSOR_PICKLE_GLOBALS unpickles as an inert stand-in and is left out. Returns what was left out
+    (top-level keys and refused globals); ``ValueError`` if the file holds no tensors."""
+    import pickle
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    refused = []
+
+    class TensorsOnlyUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if f"{module}.{name}" in TENSOR_PICKLE_GLOBALS:
+                return super().find_class(module, name)
+            refused.append(f"{module}.{name}")
+            return _Refused
+
+    # torch.load reads storages itself and takes the pickle's objects from this module's unpickler.
+    module = SimpleNamespace(__name__="igsm_tensors_only", Unpickler=TensorsOnlyUnpickler,
+                             load=lambda f, **kwargs: TensorsOnlyUnpickler(f, **kwargs).load())
+    source, target = Path(source), Path(target)
+    try:
+        state = torch.load(source, map_location="cpu", pickle_module=module)
+    except Exception as err:  # not a torch file, truncated, …
+        raise ValueError(f"{source} is not a readable torch checkpoint ({_first_line(err)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{source} holds a {type(state).__name__}, not a state dict of tensors")
+    tensors = {k: v.detach().clone().contiguous() for k, v in state.items()
+               if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{source} holds no tensors at its top level (keys: {list(state)[:5]})")
+    left_out = [repr(k) for k in state if k not in tensors]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    save_file(tensors, partial)
+    os.replace(partial, target)  # complete or absent
+    return left_out + [f"global {name}" for name in dict.fromkeys(refused)]
 
 
 def read_architecture(directory: str | os.PathLike) -> dict:
@@ -298,6 +481,24 @@ def looks_like_local_path(model_id: str) -> bool:
     return any(sep in model_id and Path(model_id.split(sep)[0]).is_dir() for sep in separators)
 
 
+def _unsafe_bin_error(err: BaseException, fallback: Path, refused: str, model_id: str | None = None):
+    """unsafe_pickle_error for a diffusers .bin: the file diffusers names (its OSError says "…
+    checkpoint file for '<path>'"); a hub model is converted in a local copy (``hf download``)."""
+    named = [found.group(1) for e in _errors_behind(err)
+             if (found := re.search(r"checkpoint file for '([^']+)'", str(e)))]
+    weights = Path(named[0]) if named else fallback
+    if model_id is None:
+        how = (f"`{convert_command(weights, weights.with_name('diffusion_pytorch_model.safetensors'))}` "
+               f"(diffusers then reads it instead of the .bin)")
+    else:  # in the hub cache: <cache>/models--owner--name/snapshots/<commit>/<path in the repository>
+        inside = re.split(r"/snapshots/[0-9a-f]{40}/", str(weights))[-1] if named else "diffusion_pytorch_model.bin"
+        local = Path("DIR") / inside
+        how = (f"`hf download {model_id} --local-dir DIR`, then "
+               f"`{convert_command(local, local.with_name('diffusion_pytorch_model.safetensors'))}` and set "
+               f"dense.pretrained to DIR")
+    return unsafe_pickle_error(weights, refused, how)
+
+
 def _load_local_pretrained(folder: Path) -> nn.Module:
     from diffusers import UNet2DModel
 
@@ -319,6 +520,9 @@ def _load_local_pretrained(folder: Path) -> nn.Module:
         try:
             return UNet2DModel.from_pretrained(str(folder), **({"subfolder": sub} if sub else {}))
         except Exception as err:  # diffusers raises OSError, ValueError, SafetensorError, …
+            refused = refused_pickle(err)
+            if refused is not None:  # not damage: a pickle that asks for code (torch's advice withheld)
+                raise _unsafe_bin_error(err, folder / sub / "diffusion_pytorch_model.bin", refused) from None
             errors.append(f"{folder / sub}: {_error_chain(err)}" if sub else _error_chain(err))
     raise ValueError(
         f"dense.pretrained: could not load a diffusers U-Net from local folder {folder} "
@@ -362,6 +566,9 @@ def load_pretrained(model_id: str) -> nn.Module:
 
         if any(isinstance(try_to_load_from_cache(model_id, name), str)
                for name in ("config.json", "unet/config.json")):  # in the cache, yet unloadable
+            refused = refused_pickle(err)
+            if refused is not None:
+                raise _unsafe_bin_error(err, Path(model_id), refused, model_id) from None
             raise ValueError(f"dense.pretrained: the hub cache's copy of {model_id} could not be "
                              f"loaded ({_error_chain(err)}); delete it from the cache and download "
                              "it again") from None
@@ -370,6 +577,9 @@ def load_pretrained(model_id: str) -> nn.Module:
         try:
             return attempt()
         except Exception as err:  # the hub client raises many kinds; all mean "not available"
+            refused = refused_pickle(err)
+            if refused is not None:
+                raise _unsafe_bin_error(err, Path(model_id), refused, model_id) from None
             error = f"{type(err).__name__}: {err}"
     reason = error or ("HF_HUB_OFFLINE is set and it is not in the hub cache" if _hub_offline()
                        else "the Hugging Face hub is unreachable")

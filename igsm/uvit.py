@@ -151,7 +151,8 @@ class UViT(nn.Module):
 
 def load_reference_checkpoint(source: str, architecture: dict, cache_dir) -> UViT:
     """A dense U-ViT of ``architecture`` with the weights of a reference checkpoint (baofff/U-ViT's
-    released ``*.pth``: a plain state dict, read with ``weights_only=True``, nothing unpickled).
+    released ``*.pth``: a plain state dict, read with ``weights_only=True``, nothing unpickled; or
+    its tensors in a ``.safetensors`` file, as ``igsm convert-checkpoint`` writes them).
 
     ``source``: a local file, or an http(s):// / file:// URL downloaded into ``cache_dir`` (kept:
     a rerun reads it again). Errors are ``ValueError`` naming the file and what to do.
@@ -161,13 +162,14 @@ def load_reference_checkpoint(source: str, architecture: dict, cache_dir) -> UVi
     from urllib.parse import unquote, urlsplit
 
     from igsm.data import DownloadError, download
+    from igsm.models import convert_command, refused_pickle, unsafe_pickle_error
 
     parts = urlsplit(source)
     downloaded = parts.scheme in ("http", "https", "file")
     if downloaded:
         name = Path(unquote(parts.path)).name
         # Google Drive's download URL has no file name: the query's id names it.
-        if not name.endswith((".pth", ".pt")):
+        if not name.endswith((".pth", ".pt", ".safetensors")):
             name = f"checkpoint-{hashlib.sha256(source.encode()).hexdigest()[:16]}.pth"
         path = Path(cache_dir) / name
         if not path.is_file():
@@ -182,8 +184,18 @@ def load_reference_checkpoint(source: str, architecture: dict, cache_dir) -> UVi
             raise ValueError(f"dense.pretrained: {source} is not a file; set it to U-ViT's released "
                              f"checkpoint (e.g. cifar10_uvit_small.pth) or its URL")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":  # e.g. made by `igsm convert-checkpoint`
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated file, an HTML page (Google Drive's warning), a pickle
+        refused = refused_pickle(err)
+        if refused is not None:  # not a bad download: kept, for the user to judge (nothing ran)
+            target = path.with_suffix(".safetensors")
+            raise unsafe_pickle_error(path, refused, f"`{convert_command(path, target)}` and set "
+                                                     f"dense.pretrained to {target}") from None
         if downloaded:  # so that a rerun downloads it again instead of reading the same bytes
             path.unlink(missing_ok=True)
         raise ValueError(f"dense.pretrained: {path} is not a torch state dict ({type(err).__name__})"
