@@ -329,7 +329,8 @@ def load_config_file(path: str | os.PathLike) -> dict:
     """A JSON or YAML config file, read as Snakemake reads --configfile but strictly: a syntax
     error names the file, line and column; a key given twice in one mapping (YAML and JSON keep the
     last without a word), aliases that expand beyond MAX_CONFIG_VALUES values (an alias bomb) or
-    refer to their own container, and tags beyond plain YAML are errors naming the file."""
+    refer to their own container, tags beyond plain YAML and a YTE template (__use_yte__) are errors
+    naming the file."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
@@ -345,6 +346,9 @@ def load_config_file(path: str | os.PathLike) -> dict:
         config = _load_yaml(text, path)
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: the top level must be a mapping (datasets:, objectives:, experiments:)")
+    if "__use_yte__" in config:
+        raise ConfigError(f"{path}: __use_yte__ makes it a YTE template, whose expressions Snakemake runs as "
+                          "Python code when it reads the file; the workflow takes plain YAML")
     return config
 
 

@@ -621,6 +621,17 @@ def test_check_config_names_a_target_read_as_a_config_file():
         "after --configfile as a config file: put targets first"), proc.stderr
 
 
+def test_check_config_refuses_a_yte_template_without_running_it(tmp_path):
+    """`__use_yte__: true` makes Snakemake run the file's `?…` expressions as Python while reading
+    it (before the workflow can object; README): check-config refuses such a file, and runs nothing."""
+    template = tmp_path / "template.yaml"
+    template.write_text(f"__use_yte__: true\nexperiments:\n  ?open({str(tmp_path / 'ran')!r}, 'w') or 'x': {{}}\n")
+    proc = subprocess.run([sys.executable, "-m", "igsm", "check-config", str(template)], cwd=REPO, text=True,
+                          capture_output=True)
+    assert proc.returncode != 0 and f"{template}: __use_yte__ makes it a YTE template" in proc.stderr, proc.stderr
+    assert not (tmp_path / "ran").exists()
+
+
 def test_unwritable_results_folder_is_named(tmp_path, monkeypatch):
     from igsm.config import ConfigError, check_writable
 
