@@ -1,6 +1,9 @@
 # IGSM workflow: download → dense → prune → finetune → sample → FID → tables.
 # The paper's experiments by default; `--configfile config/demo.yaml` for the offline CPU demo.
-from snakemake.utils import min_version, validate
+import sys
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
 
 min_version("9.0")
 
@@ -12,7 +15,18 @@ if not config:
     configfile: "config/config.yaml"
 
 
-validate(config, "schemas/config.schema.yaml")
+# The config files re-read strictly (Snakemake's reading keeps the last of duplicate keys and does
+# not bound YAML aliases), then the schema, every error at once, one line each naming its key
+# (igsm/config.py; rules/common.smk checks the rest).
+sys.path.insert(0, workflow.basedir)
+from igsm.config import ConfigError, load_config_file, validate_schema
+
+try:
+    for _configfile in workflow.configfiles:
+        load_config_file(_configfile)
+    validate_schema(config)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
 
 
 # `snakemake --report report.html`: samples, tables, the paper's tables and figures, with captions.

@@ -135,9 +135,11 @@ def _setup(threads):
 @main.command("check-config")
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def check_config(files):
-    """Check workflow config files as the workflow does before its first job (schema, then every
-    cross-field check), naming the key of each error, or the line of a YAML syntax error. Several
-    files are merged in order, as `snakemake --configfile A B` does (needs snakemake installed)."""
+    """Check workflow config files as the workflow does before its first job (each file read
+    strictly, the schema, then every cross-field check), every error at once, one line each naming
+    its key (IGSM_CONFIG_DETAIL=1: with jsonschema's full report), or the file and line of a YAML
+    error. Several files are merged in order, as `snakemake --configfile A B` does (needs snakemake
+    installed)."""
     from igsm.config import ConfigError, load_config_file, validate
 
     try:

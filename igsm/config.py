@@ -5,14 +5,19 @@ any job runs, each error naming its key (``experiments.<name>.…``), and the YA
 The schema (schemas/config.schema.yaml) types and defaults every key; this module checks what
 JSON Schema cannot: references between sections, sizes and channels that must agree, batch sizes
 that must split over the GPUs, counts that cannot exceed a dataset of known size, local paths that
-must exist. The Snakefile calls :func:`check_config` on the validated config; ``igsm check-config``
-does the same for a file, with the line of a YAML syntax error.
+must exist. The Snakefile re-reads each config file with :func:`load_config_file` (duplicate
+keys, alias bombs), checks the schema with :func:`validate_schema` (every error at once, one short
+line each) and the rest with :func:`check_config`; ``igsm check-config`` does the same for files.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import functools
+import json
 import os
+import reprlib
 from pathlib import Path
 
 import yaml
@@ -33,6 +38,27 @@ UNET_DEFAULT_CHANNELS = 3
 PROCESS_KEYS = {"ddpm": ("num_steps", "beta_start", "beta_end"), "vpsde": ("beta_min", "beta_max")}
 UVIT_CHECKPOINT_SUFFIXES = (".pth", ".pt")
 CHECKPOINT_URL_SCHEMES = ("http://", "https://", "file://")
+# Values (scalars, lists, mappings) a config file may hold once its YAML aliases are expanded: the
+# paper config has ~1,200. An alias bomb (aliases of aliases, 10^9 values from 1 kB) is refused
+# before anything walks it.
+MAX_CONFIG_VALUES = 100_000
+MERGE_TAG = "tag:yaml.org,2002:merge"  # the key << of a YAML merge (<<: *name)
+# Images the FID of a model needs (a covariance): sample.num_images after `scale`.
+FID_MIN_IMAGES = 2
+# IGSM_CONFIG_DETAIL=1: each schema error also with jsonschema's full report (schema and value).
+DETAIL_VARIABLE = "IGSM_CONFIG_DETAIL"
+# The workflow's rules (rules/*.smk, Snakefile; tests/test_config.py checks this list against
+# `snakemake --list-rules`): each is a target name, as are the paper's tables (table1 …), each
+# dataset's dataset_<name> and 'all', the combined table results/tables/all.md beside each
+# experiment's results/tables/<experiment>.md. A config name equal to one of them is refused: an
+# experiment 'all' would have two rules write results/tables/all.md, and `snakemake table1` could
+# not mean an experiment table1.
+WORKFLOW_RULES = (
+    "all_sample_pngs", "all_tables", "combined_table", "dense_pretrained", "dense_pretrained_uvit",
+    "dense_trained", "download", "efficiency", "fid", "fid_reference", "fid_statistics", "finetune",
+    "gradient_flow_picture", "paper_figure", "paper_samples", "paper_table", "prune", "reuse_plan", "sample",
+    "sample_gather", "sample_png", "tables", "untrained", "variant_metadata",
+)
 
 
 class ConfigError(ValueError):
@@ -74,7 +100,9 @@ def training_job(config: dict, stage: str, exp: str | None) -> dict:
 
 def apply_scale(config: dict) -> None:
     """The config's ``scale`` applied in place: every training's num_steps and every sample
-    num_images multiplied by its factor (rounded, at least 1; sample shards at most one per image)."""
+    num_images multiplied by its factor (rounded; steps at least 1, sample shards at most one per
+    image). :func:`check_config` then refuses, naming ``scale.samples``, an experiment left with
+    fewer images than its FID needs."""
     scale = config.get("scale") or {}
     steps, samples = scale.get("steps", 1), scale.get("samples", 1)
     if steps == 1 and samples == 1:
@@ -86,15 +114,19 @@ def apply_scale(config: dict) -> None:
                 training["num_steps"] = max(1, round(training["num_steps"] * steps))
         sample = exp.get("sample") or {}
         if "num_images" in sample:
-            sample["num_images"] = max(1, round(sample["num_images"] * samples))
+            sample["num_images"] = round(sample["num_images"] * samples)
             if "num_shards" in sample:
-                sample["num_shards"] = min(sample["num_shards"], sample["num_images"])
+                sample["num_shards"] = max(1, min(sample["num_shards"], sample["num_images"]))
 
 
 def check_config(config: dict) -> None:
     """Raise ConfigError listing every problem of a schema-validated config (defaults filled)."""
     errors = []
     datasets, objectives, experiments = config["datasets"], config["objectives"], config["experiments"]
+    targets = target_names(config)
+    for section in ("datasets", "objectives", "experiments"):
+        errors += [f"{section}.{name}: {name!r} is already {targets[name]}; choose another name"
+                   for name in config[section] if name in targets]
     for name, spec in datasets.items():
         try:
             check_dataset_spec(name, spec)
@@ -113,7 +145,19 @@ def check_config(config: dict) -> None:
         errors += _experiment_errors(config, name, exp)
         errors += _pretrained_folder_errors(config, name, exp)
     if errors:
-        raise ConfigError("\n".join(errors))
+        raise ConfigError("\n".join(sorted(errors)))
+
+
+def target_names(config: dict) -> dict[str, str]:
+    """{name: what it is} of the workflow's target names (WORKFLOW_RULES, the paper's tables, the
+    datasets' dataset_<name>, the combined table 'all'): no dataset, objective or experiment may
+    take one."""
+    from igsm.paper_tables import table_names
+
+    return {**{rule: f"the name of the workflow's rule {rule}" for rule in WORKFLOW_RULES},
+            **{table: f"the target of the paper's {table}" for table in table_names()},
+            **{f"dataset_{name}": f"the target of datasets.{name}" for name in config["datasets"]},
+            "all": "the combined table's name (results/tables/all.md)"}
 
 
 def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
@@ -189,7 +233,10 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
                           "global batch is divided evenly between GPUs")
     sample = exp["sample"]
     errors += _reuse_errors(key, exp)
-    if sample["num_shards"] > sample["num_images"]:
+    if sample["num_images"] < FID_MIN_IMAGES:  # the schema's minimum, so only after `scale`
+        errors.append(f"scale.samples: {config['scale']['samples']} leaves {key}.sample.num_images at "
+                      f"{sample['num_images']} image(s); its FID needs at least {FID_MIN_IMAGES}")
+    elif sample["num_shards"] > sample["num_images"]:
         errors.append(f"{key}.sample.num_shards: {sample['num_shards']} shards for {sample['num_images']} "
                       "images; at most one shard per image")
     supplied = exp["fid"]["reference_statistics"]
@@ -305,21 +352,125 @@ def check_writable(folder: str | os.PathLike) -> None:
 
 
 def load_config_file(path: str | os.PathLike) -> dict:
-    """A YAML config file; a syntax error names the file, line and column."""
-    import yaml
-
+    """A JSON or YAML config file, read as Snakemake reads --configfile but strictly: a syntax
+    error names the file, line and column; a key given twice in one mapping (YAML and JSON keep the
+    last without a word), aliases that expand beyond MAX_CONFIG_VALUES values (an alias bomb) or
+    refer to their own container, tags beyond plain YAML and a YTE template (__use_yte__) are errors
+    naming the file."""
     try:
-        with open(path) as f:
-            config = yaml.safe_load(f)
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
-        raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
+        hint = ""
+        if not Path(path).suffix and not Path(path).exists():
+            hint = "; a target? Snakemake reads every word after --configfile as a config file: put targets first"
+        raise ConfigError(f"{path}: cannot read it ({err.strerror}){hint}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    try:  # JSON first, as Snakemake does
+        config = json.loads(text, object_pairs_hook=lambda pairs: _json_mapping(pairs, path))
+    except json.JSONDecodeError:
+        config = _load_yaml(text, path)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping (datasets:, objectives:, experiments:)")
+    if "__use_yte__" in config:
+        raise ConfigError(f"{path}: __use_yte__ makes it a YTE template, whose expressions Snakemake runs as "
+                          "Python code when it reads the file; the workflow takes plain YAML")
+    return config
+
+
+def _json_mapping(pairs: list, path) -> dict:
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ConfigError(f"{path}: key(s) {', '.join(map(repr, twice))} given twice in one object; "
+                          "JSON keeps only the last, so remove one")
+    return dict(pairs)
+
+
+def _load_yaml(text: str, path) -> object:
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_yaml_nodes(root, path)  # before construction, which would share aliases, not expand them
+        return loader.construct_document(root)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
         raise ConfigError(f"{path}: not valid YAML at {where}: {err.problem or err.context}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping (datasets:, objectives:, experiments:)")
-    return config
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: lists or mappings nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_nodes(root: yaml.Node, path) -> None:
+    """Raise ConfigError for a YAML document whose aliases expand beyond MAX_CONFIG_VALUES values
+    or into their own container, or with keys given twice in one mapping (all of them, sorted by
+    line). One pass over the node graph, each node once: sizes are counted, not expanded."""
+    expanded = {}  # id(node) → values it holds, aliases expanded
+    inside = set()  # the nodes being walked, from the root down
+    twice = []
+    stack = [(root, "", False)]
+    while stack:
+        node, where, done = stack.pop()
+        children = _child_nodes(node, where)
+        if done:
+            inside.discard(id(node))
+            expanded[id(node)] = 1 + sum(expanded[id(child)] for child, _ in children)
+            if expanded[id(node)] > MAX_CONFIG_VALUES:
+                raise ConfigError(f"{path}: its YAML aliases (*name) expand to more than {MAX_CONFIG_VALUES:,} "
+                                  f"values (at line {node.start_mark.line + 1}); a config has a few thousand")
+            continue
+        if id(node) in expanded:
+            continue
+        if id(node) in inside:
+            raise ConfigError(f"{path}, line {node.start_mark.line + 1}: an alias refers to the list or mapping "
+                              "that contains it (a config has no cycles)")
+        inside.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            twice += _duplicate_keys(node, where, path)
+        stack.append((node, where, True))
+        # Reversed: walked in document order, a node shared by aliases is reached at its anchor first,
+        # and errors name that key.
+        stack.extend((child, child_where, False) for child, child_where in reversed(children)
+                     if id(child) not in expanded)
+    if twice:
+        raise ConfigError("\n".join(line for _, line in sorted(twice)))
+
+
+def _child_nodes(node: yaml.Node, where: str) -> list[tuple[yaml.Node, str]]:
+    """(child node, its dotted key) of a list or mapping node (mapping keys count as values)."""
+    if isinstance(node, yaml.SequenceNode):
+        return [(child, f"{where}[{i}]") for i, child in enumerate(node.value)]
+    if isinstance(node, yaml.MappingNode):  # the keys of a merge (<<: *name) are this mapping's
+        return [pair for key, value in node.value
+                for pair in ((key, where), (value, where if key.tag == MERGE_TAG else _join(where, key.value)))]
+    return []
+
+
+def _duplicate_keys(node: yaml.MappingNode, where: str, path) -> list[tuple[int, str]]:
+    """(line, message) for each key written a second time in this mapping; keys a merge (<<: *name)
+    brings in are meant to be overridden and do not count."""
+    first_line, found = {}, []
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == MERGE_TAG:
+            continue
+        line = key.start_mark.line + 1
+        if (key.tag, key.value) in first_line:
+            found.append((line, f"{path}, line {line}: {_join(where, key.value)} given twice in one mapping "
+                                f"(first at line {first_line[key.tag, key.value]}); YAML keeps only the last, so "
+                                "remove one"))
+        else:
+            first_line[key.tag, key.value] = line
+    return found
+
+
+def _join(where: str, key) -> str:
+    return f"{where}.{key}" if where else str(key)
 
 
 @functools.cache
@@ -331,14 +482,97 @@ def schema_defaults(definition: str) -> dict:
     return {key: spec["default"] for key, spec in properties.items() if "default" in spec}
 
 
-def validate(config: dict) -> None:
-    """The schema's checks with its defaults filled in, as the Snakefile's ``validate`` does."""
-    from snakemake.exceptions import WorkflowError
-    from snakemake.utils import validate as snakemake_validate
+@functools.cache
+def _schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
 
-    try:
-        snakemake_validate(config, str(SCHEMA))
-    except WorkflowError as err:
-        raise ConfigError(str(err)) from None
+
+def _filling_defaults(validator_class):
+    """A jsonschema validator class that also fills in the schema's defaults, as Snakemake's
+    ``validate`` does, but each default a copy of its own: two sections left out of two
+    experiments must not become one object (`scale` would shrink it twice)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def properties(validator, properties, instance, schema):
+        if validator.is_type(instance, "object"):
+            for key, subschema in properties.items():
+                if "default" in subschema and key not in instance:
+                    instance[key] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    from jsonschema import validators
+
+    return validators.extend(validator_class, {"properties": properties})
+
+
+def validate_schema(config: dict) -> None:
+    """The schema's checks, its defaults filled in; ConfigError with every error at once, sorted
+    by key, each one line: the key's dotted path, what is wrong, what would be valid. With
+    IGSM_CONFIG_DETAIL=1 each also carries jsonschema's full report."""
+    from jsonschema import Draft202012Validator
+
+    schema = _schema()
+    validator = _filling_defaults(Draft202012Validator)(schema)
+    detail = os.environ.get(DETAIL_VARIABLE, "") not in ("", "0")
+    lines = set()
+    for error in validator.iter_errors(config):
+        for where, text in _schema_error_lines(error, schema):
+            lines.add((where, text + ("\n    " + str(error).replace("\n", "\n    ") if detail else "")))
+    if lines:
+        footer = (f"({len(lines)} error(s); schemas/config.schema.yaml describes every key"
+                  + ("" if detail else f"; {DETAIL_VARIABLE}=1 adds jsonschema's full report") + ")")
+        raise ConfigError("\n".join([text for _, text in sorted(lines)] + [footer]))
+
+
+def _short(value) -> str:
+    """repr of a config value, cut short: an error line quotes it, it does not dump it."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 2, 3, 3, 60, 60
+    return short.repr(value)
+
+
+def _schema_error_lines(error, schema: dict) -> list[tuple[str, str]]:
+    """(dotted key, line) for one jsonschema error."""
+    where = ""
+    for part in error.absolute_path:
+        where = f"{where}[{part}]" if isinstance(part, int) else _join(where, part)
+    kind, value = error.validator, error.instance
+    if "propertyNames" in error.absolute_schema_path:
+        rule = " ".join(schema["$defs"]["name"]["description"].split())
+        return [(where, f"{where}: {_short(value)} is not a valid name. {rule}")]
+    if kind == "additionalProperties":
+        known = list(error.schema.get("properties", {}))
+        lines = []
+        for key in value:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                lines.append((_join(where, key), f"{_join(where, key)}: unknown key; {hint}valid here: "
+                                                 f"{', '.join(known)}"))
+        return lines
+    if kind == "required":
+        return [(_join(where, key), f"{_join(where, key)}: missing (required here)")
+                for key in error.validator_value if key not in value]
+    if kind == "enum":
+        close = difflib.get_close_matches(str(value), [str(v) for v in error.validator_value], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return [(where, f"{where or 'config'}: {_short(value)} is not one of "
+                        f"{', '.join(map(str, error.validator_value))}{hint}")]
+    if kind in ("oneOf", "anyOf") and error.context:
+        from jsonschema.exceptions import best_match
+
+        # The alternative of the value's own type says most ('abc' is not a sha256; not: not an object).
+        same_type = [e for e in error.context if e.validator != "type"]
+        return _schema_error_lines(best_match(same_type or error.context), schema)
+    message = error.message
+    if message.startswith(repr(value)):  # jsonschema's messages start with the whole value
+        message = _short(value) + message[len(repr(value)):]
+    return [(where, f"{where or 'config'}: {message}")]
+
+
+def validate(config: dict) -> None:
+    """Every check the workflow makes of a config before its first job (the Snakefile and
+    rules/common.smk): the schema with its defaults, ``scale``, then :func:`check_config`."""
+    validate_schema(config)
     apply_scale(config)
     check_config(config)

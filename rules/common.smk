@@ -55,7 +55,7 @@ try:
     check_config(config)
     check_writable("results")
 except ConfigError as err:
-    raise WorkflowError(f"config: {err}") from None
+    raise WorkflowError(str(err)) from None
 
 
 def pruned_variant(criterion, ratio):

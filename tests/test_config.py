@@ -1,6 +1,7 @@
 """Config validation and the workflow's shape: schema errors name the key, lint is clean, and the
 paper config plans the full job graph."""
 
+import os
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, run_snakemake, snakemake_executable
 
 
 def demo_config():
@@ -153,6 +154,42 @@ def set_image_folder_without_path(c):
     c["datasets"]["digits"] = {"source": "image-folder", "image_size": 16, "channels": 1}
 
 
+def set_top_level_typo(c):
+    c["experiment"] = c.pop("experiments")
+
+
+def set_name_with_final_newline(c):
+    # `$` of a regular expression also matches before a final newline: "digits_unet\n" once passed.
+    c["experiments"]["digits_unet\n"] = c["experiments"].pop("digits_unet")
+
+
+def set_bad_sha256(c):
+    c["datasets"]["digits"]["sha256"] = "abc"  # the string alternative of a oneOf: named as such
+
+
+def set_experiment_named_all(c):
+    c["experiments"]["all"] = c["experiments"].pop("digits_unet")  # results/tables/all.md is the combined table
+
+
+def set_objective_named_like_a_paper_table(c):
+    c["objectives"]["table1"] = c["objectives"].pop("np")
+    experiment(c)["finetune"]["runs"][0]["objectives"] = ["table1", "igsm"]
+    experiment(c)["reuse"]["models"] = []
+
+
+def set_experiment_named_like_a_dataset_target(c):
+    c["experiments"]["dataset_digits"] = c["experiments"].pop("digits_unet")
+
+
+def set_dataset_named_like_a_rule(c):
+    c["datasets"]["fid"] = c["datasets"].pop("digits")
+    experiment(c)["dataset"] = "fid"
+
+
+def set_samples_scaled_below_fid(c):
+    c["scale"] = {"samples": 0.004}  # 200 images → 1: no covariance, a traceback after sampling
+
+
 def set_unknown_process(c):
     experiment(c)["diffusion"] = {"process": "vp-sde"}
 
@@ -182,7 +219,7 @@ def set_uvit_channel_mismatch(c):
 
 
 @pytest.mark.parametrize("mutate, expected", [
-    (set_unknown_process, r"'vp-sde' is not one of \['ddpm', 'vpsde'\].*\['diffusion'\]\['process'\]"),
+    (set_unknown_process, r"experiments\.digits_unet\.diffusion\.process: 'vp-sde' is not one of ddpm, vpsde"),
     (set_euler_maruyama_on_ddpm, r"experiments\.digits_unet\.diffusion\.process: 'ddpm', but sample\.sampler "
                                  r"'euler-maruyama' integrates the VP-SDE"),
     (set_ddpm_key_on_vpsde, r"experiments\.digits_unet\.diffusion\.beta_end: a key of process 'ddpm'"),
@@ -191,20 +228,27 @@ def set_uvit_channel_mismatch(c):
     (set_pretrained_uvit_on_ddpm, r"experiments\.digits_unet\.diffusion\.process: 'ddpm', but U-ViT's released "
                                   r"checkpoints were trained on the VP-SDE"),
     (set_uvit_channel_mismatch, r"experiments\.digits_unet\.architecture\.in_chans: 3, but dataset 'digits'"),
-    (set_unknown_key, r"'trainig' was unexpected"),
-    (set_wrong_type, r"'many' is not of type 'integer'.*\['sample'\]\['num_images'\]"),
-    (set_ratio_above_range, r"1\.2 is greater than or equal to the maximum of 1.*\['channel_ratio'\]"),
-    (set_negative_ratio, r"-0\.1 is less than the minimum of 0.*\['channel_ratio'\]"),
+    (set_unknown_key, r"experiments\.digits_unet\.finetune\.trainig: unknown key; did you mean 'training'\? "
+                      r"valid here: runs, training"),
+    (set_top_level_typo, r"experiment: unknown key; did you mean 'experiments'\? valid here: datasets, objectives, "
+                         r"experiments, resources, scale"),
+    (set_wrong_type, r"experiments\.digits_unet\.sample\.num_images: 'many' is not of type 'integer'"),
+    (set_ratio_above_range, r"experiments\.digits_unet\.finetune\.runs\[0\]\.channel_ratio: 1\.2 is greater than "
+                            r"or equal to the maximum of 1"),
+    (set_negative_ratio, r"experiments\.digits_unet\.finetune\.runs\[0\]\.channel_ratio: -0\.1 is less than the "
+                         r"minimum of 0"),
     (set_unknown_objective, r"finetune\.runs\[0\]\.objectives: unknown objective 'igsmm'"),
-    (set_unknown_loss_term, r"'jm3' was unexpected"),
-    (set_unknown_criterion, r"'l1' is not one of.*\['prune'\]\['criterion'\]"),
+    (set_unknown_loss_term, r"objectives\.igsm\.weights\.jm3: unknown key; did you mean 'jm2'\?"),
+    (set_unknown_criterion, r"experiments\.digits_unet\.prune\.criterion: 'l1' is not one of diff-pruning, taylor, "
+                            r"magnitude, random, reinit, gradient-flow"),
     (set_unknown_dataset, r"experiments\.digits_unet\.dataset: unknown dataset 'digitz'"),
-    (set_unknown_efficiency_network, r"'fast' is not one of.*\['efficiency'\]\['network'\]"),
+    (set_unknown_efficiency_network, r"experiments\.digits_unet\.efficiency\.network: 'fast' is not one of eager, "
+                                     r"as-sampled$"),
     (set_teacher_of_unknown_experiment, r"experiments\.digits_unet\.dense\.from_experiment: 'nope'"),
     (set_two_teachers, r"experiments\.digits_unet\.dense: give exactly one of"),
     (set_all_zero_weights, r"objectives\.igsm\.weights: every weight is 0"),
     (set_mixed_partials_with_jvp, r"objectives\.igsm\.jacobian_method: 'mixed_fd' needs projection 'vjp'"),
-    (set_jacobian_every_zero, r"0 is less than the minimum of 1.*\['jacobian_every'\]"),
+    (set_jacobian_every_zero, r"objectives\.igsm\.jacobian_every: 0 is less than the minimum of 1"),
     (set_empty_jacobian_window, r"objectives\.igsm\.jacobian_timesteps: \[100, 10\] is not a range"),
     (set_decreasing_diagnostic_edges, r"experiments\.digits_unet\.finetune\.training\.diagnostic_timesteps: "
                                       r"\[100, 10\] is not increasing"),
@@ -213,9 +257,21 @@ def set_uvit_channel_mismatch(c):
     (set_reuse_with_compile, r"experiments\.digits_unet\.sample\.compile: block reuse"),
     (set_reuse_fraction_under_one_step, r"experiments\.digits_unet\.reuse\.mac_fractions: 0\.01 of 20 sampler steps"),
     (set_fashion_mnist_odd_padding, r"datasets\.digits\.image_size"),
-    (set_escaping_experiment_name, r"'\.\./\.\./escape' does not match.*\['experiments'\]"),
-    (set_shell_objective_name, r"'np\$\(touch pwned\)' does not match.*\['objectives'\]"),
-    (set_dataset_name_with_space, r"'my digits' does not match.*\['datasets'\]"),
+    (set_escaping_experiment_name, r"experiments: '\.\./\.\./escape' is not a valid name\. Names become folder "
+                                   r"names and wildcards: letters, digits"),
+    (set_shell_objective_name, r"objectives: 'np\$\(touch pwned\)' is not a valid name"),
+    (set_dataset_name_with_space, r"datasets: 'my digits' is not a valid name"),
+    (set_name_with_final_newline, r"experiments: 'digits_unet\\n' is not a valid name"),
+    (set_bad_sha256, r"datasets\.digits\.sha256: 'abc' does not match '\^\[0-9a-fA-F\]\{64\}"),
+    (set_experiment_named_all, r"experiments\.all: 'all' is already the combined table's name "
+                               r"\(results/tables/all\.md\); choose another name"),
+    (set_objective_named_like_a_paper_table, r"objectives\.table1: 'table1' is already the target of the "
+                                             r"paper's table1"),
+    (set_experiment_named_like_a_dataset_target, r"experiments\.dataset_digits: 'dataset_digits' is already "
+                                                 r"the target of datasets\.digits"),
+    (set_dataset_named_like_a_rule, r"datasets\.fid: 'fid' is already the name of the workflow's rule fid"),
+    (set_samples_scaled_below_fid, r"scale\.samples: 0\.004 leaves experiments\.digits_unet\.sample\.num_images "
+                                   r"at 1 image\(s\); its FID needs at least 2"),
     (set_size_mismatch, r"experiments\.digits_unet\.architecture\.sample_size: 32, but datasets\.digits\.image_size is 16"),
     (set_channel_mismatch, r"experiments\.digits_unet\.architecture\.in_channels: 3, but dataset 'digits'"),
     (set_default_channels_mismatch, r"experiments\.digits_unet\.architecture\.out_channels: 3"),
@@ -234,8 +290,10 @@ def test_bad_config_is_rejected_naming_the_key(mutate, expected, tmp_path):
     path.write_text(yaml.safe_dump(config))
     proc = run_snakemake("-d", str(tmp_path), "--cores", "1", "--configfile", str(path), check=False)
     assert proc.returncode != 0
-    assert re.search(expected, proc.stdout, re.S), proc.stdout[-3000:]
-    assert "Traceback" not in proc.stdout
+    assert re.search(expected, proc.stdout, re.M), proc.stdout[-3000:]
+    # A few lines, none of them jsonschema's report (the schema, the whole value).
+    assert len(proc.stdout.strip().splitlines()) <= 5, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stdout and "Failed validating" not in proc.stdout
     assert not (tmp_path / "results").exists() and not (tmp_path / "pwned").exists()
 
 
@@ -281,7 +339,153 @@ def test_scale_shrinks_every_experiment(tmp_path):
     assert f"--num-images {s['sample']['num_images']} " in proc.stdout
     config["scale"] = {"steps": 0}
     proc = dry_run(config, tmp_path)
-    assert proc.returncode != 0 and "scale" in proc.stdout and "exclusiveMinimum" in proc.stdout
+    assert proc.returncode != 0 and "scale.steps: 0 is less than or equal to the minimum of 0" in proc.stdout
+
+
+def test_scale_gives_each_experiment_its_own_defaults(tmp_path):
+    """Two experiments that leave out their `sample` section each get the default count times
+    scale.samples, once. Catches the schema's default filled in as one shared object, which `scale`
+    then shrank once per experiment (50,000 × 0.5 × 0.5 = 12,500 images for both)."""
+    config = demo_config()
+    experiment(config).update(reuse={"models": []})
+    del experiment(config)["sample"]
+    config["experiments"]["second"] = yaml.safe_load(yaml.safe_dump(experiment(config)))
+    config["scale"] = {"samples": 0.5}
+    proc = dry_run(config, tmp_path, "--printshellcmds")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    counts = set(re.findall(r"--num-images (\d+) ", proc.stdout))
+    assert counts == {"25000"}, counts
+
+
+def test_every_schema_error_at_once_one_line_each_sorted_by_key(tmp_path):
+    """Five mistakes at every depth: one run names all five (not one per run), each on one line
+    that starts with its dotted key, sorted by key, and no jsonschema report; IGSM_CONFIG_DETAIL=1
+    (check-config here) adds that report to each. Catches errors reported one at a time, a
+    misspelled key reported as its parent's path in subscript form, the schema dumped."""
+    config = demo_config()
+    config["experiment"] = {}
+    experiment(config)["prune"]["criterion"] = "l1"
+    experiment(config)["finetune"]["trainig"] = {"num_steps": 5}
+    experiment(config)["sample"]["num_images"] = "many"
+    config["objectives"]["np\n"] = {"weights": {"np": 1.0}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_snakemake("-d", str(tmp_path), "--cores", "1", "--configfile", str(path), check=False)
+    assert proc.returncode != 0
+    lines = proc.stdout.strip().splitlines()
+    keys = ["experiment:", "experiments.digits_unet.finetune.trainig:", "experiments.digits_unet.prune.criterion:",
+            "experiments.digits_unet.sample.num_images:", "objectives:"]
+    assert [line.split(" ", 1)[0] for line in lines[1:-2]] == keys, proc.stdout
+    assert lines[-2].startswith("(5 error(s); schemas/config.schema.yaml describes every key; IGSM_CONFIG_DETAIL=1")
+    assert "Failed validating" not in proc.stdout and not (tmp_path / "results").exists()
+    detailed = subprocess.run([sys.executable, "-m", "igsm", "check-config", str(path)], cwd=REPO, text=True,
+                              capture_output=True, env={**os.environ, "IGSM_CONFIG_DETAIL": "1"})
+    assert detailed.returncode != 0 and detailed.stderr.count("Failed validating") == 5, detailed.stderr[-3000:]
+
+
+DUPLICATES = """\
+datasets:
+  digits: {source: sklearn-digits, image_size: 16}
+objectives:
+  np: {weights: {np: 1.0}}
+experiments:
+  base: &base
+    dataset: digits
+    architecture: {sample_size: 16, in_channels: 1, out_channels: 1, norm_num_groups: 4}
+    dense:
+      training: {num_steps: 10}
+    prune:
+      criterion: taylor
+      thr: 0.1
+      criterion: random
+  other:
+    <<: *base
+    dataset: digits
+experiments:
+  base: {dataset: digits}
+"""
+
+
+def test_duplicate_keys_are_refused_naming_file_line_and_key(tmp_path):
+    """A key given twice in one mapping (YAML keeps the last without a word; check-config once said
+    valid) stops the run and check-config, naming the file, the line and the key of each; keys a
+    merge (<<: *base) brings in may be overridden, as config/fashion_mnist.yaml does."""
+    path = tmp_path / "config.yaml"
+    path.write_text(DUPLICATES)
+    expected = [f"{path}, line 14: experiments.base.prune.criterion given twice in one mapping (first at line 12)",
+                f"{path}, line 18: experiments given twice in one mapping (first at line 5)"]
+    proc = run_snakemake("-d", str(tmp_path), "--cores", "1", "--configfile", str(path), check=False)
+    assert proc.returncode != 0 and all(line in proc.stdout for line in expected), proc.stdout[-3000:]
+    assert len(proc.stdout.strip().splitlines()) == 4 and not (tmp_path / "results").exists()
+    check = subprocess.run([sys.executable, "-m", "igsm", "check-config", str(path)], cwd=REPO, text=True,
+                           capture_output=True)
+    assert check.returncode != 0 and all(line in check.stderr for line in expected), check.stderr
+    merged = subprocess.run([sys.executable, "-m", "igsm", "check-config", "config/fashion_mnist.yaml"], cwd=REPO,
+                            text=True, capture_output=True)
+    assert merged.returncode == 0, merged.stderr
+
+
+def alias_bomb(mappings: bool) -> str:
+    """Under 1 kB of YAML whose aliases expand to 9^10 ≈ 3.5e9 values: lists of lists, or mappings
+    of mappings."""
+    def level(i):
+        items = ["1"] * 9 if i == 0 else [f"*a{i - 1}"] * 9
+        if mappings:
+            return "{" + ", ".join(f"k{j}: {item}" for j, item in enumerate(items)) + "}"
+        return "[" + ", ".join(items) + "]"
+
+    return "".join(f"a{i}: &a{i} {level(i)}\n" for i in range(10)) + "experiments: {}\n"
+
+
+PEAK_MEMORY = """\
+import resource, subprocess, sys
+proc = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+print(proc.stdout)
+print("peak MB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)
+sys.exit(proc.returncode)
+"""
+
+
+def run_with_peak_memory(*argv):
+    """(exit status, output, peak resident memory in MB) of a command (killed after 2 minutes)."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_MEMORY, *argv], cwd=REPO, text=True, capture_output=True,
+                          timeout=180)
+    assert "peak MB" in proc.stdout, proc.stderr[-3000:]
+    output, peak = proc.stdout.rsplit("peak MB", 1)
+    return proc.returncode, output, int(peak)
+
+
+@pytest.mark.slow
+def test_alias_bombs_end_at_once_with_bounded_memory(tmp_path):
+    """YAML alias bombs once hung check-config and snakemake (jsonschema, then its error report,
+    walked 3.5e9 values) or called one valid: now both stop in seconds, under 2 GB (torch alone is
+    ~0.7), naming the file. A self-referencing alias too. (A bomb of mappings given to snakemake
+    itself: README, Snakemake's own merge expands it before the workflow starts.)"""
+    lists, mappings, loop = tmp_path / "lists.yaml", tmp_path / "mappings.yaml", tmp_path / "loop.yaml"
+    lists.write_text(alias_bomb(mappings=False))
+    mappings.write_text(alias_bomb(mappings=True))
+    loop.write_text("a: &a [1, *a]\nexperiments: {}\n")
+    expected = "its YAML aliases (*name) expand to more than 100,000 values"
+    status, output, peak = run_with_peak_memory(snakemake_executable(), "-d", str(tmp_path), "--cores", "1",
+                                                "--configfile", str(lists))
+    assert status != 0 and f"{lists}: {expected}" in output and peak < 2000, (peak, output[-3000:])
+    assert not (tmp_path / "results").exists()
+    for path in (lists, mappings):
+        status, output, peak = run_with_peak_memory(sys.executable, "-m", "igsm", "check-config", str(path))
+        assert status != 0 and f"{path}: {expected}" in output and peak < 2000, (peak, output[-3000:])
+    status, output, _ = run_with_peak_memory(sys.executable, "-m", "igsm", "check-config", str(loop))
+    assert status != 0 and f"{loop}, line 1: an alias refers to the list or mapping that contains it" in output
+
+
+def test_every_rule_name_is_a_reserved_config_name():
+    """igsm.config.WORKFLOW_RULES against the workflow's rules: catches a rule added without it,
+    whose name an experiment could then take."""
+    from igsm.config import target_names
+
+    proc = run_snakemake("--list-rules", "--configfile", "config/demo.yaml")
+    rules = set(proc.stdout.split())
+    assert "all_tables" in rules and "dataset_digits" in rules and "table1" in rules
+    assert rules <= set(target_names(demo_config())), rules - set(target_names(demo_config()))
 
 
 def test_lint_has_no_findings():
@@ -405,6 +609,27 @@ def test_check_config_names_the_line_of_a_yaml_error(tmp_path):
     good = subprocess.run([sys.executable, "-m", "igsm", "check-config", "config/demo.yaml"], cwd=REPO,
                           text=True, capture_output=True)
     assert good.returncode == 0 and "valid" in good.stdout, good.stderr
+
+
+def test_check_config_names_a_target_read_as_a_config_file():
+    """A target written after the config files (`snakemake … --configfile my.yaml all_tables`
+    reads it as a second config file): check-config says so in one line."""
+    proc = subprocess.run([sys.executable, "-m", "igsm", "check-config", "config/demo.yaml", "all_tables"], cwd=REPO,
+                          text=True, capture_output=True)
+    assert proc.returncode != 0 and proc.stderr.strip() == (
+        "Error: all_tables: cannot read it (No such file or directory); a target? Snakemake reads every word "
+        "after --configfile as a config file: put targets first"), proc.stderr
+
+
+def test_check_config_refuses_a_yte_template_without_running_it(tmp_path):
+    """`__use_yte__: true` makes Snakemake run the file's `?…` expressions as Python while reading
+    it (before the workflow can object; README): check-config refuses such a file, and runs nothing."""
+    template = tmp_path / "template.yaml"
+    template.write_text(f"__use_yte__: true\nexperiments:\n  ?open({str(tmp_path / 'ran')!r}, 'w') or 'x': {{}}\n")
+    proc = subprocess.run([sys.executable, "-m", "igsm", "check-config", str(template)], cwd=REPO, text=True,
+                          capture_output=True)
+    assert proc.returncode != 0 and f"{template}: __use_yte__ makes it a YTE template" in proc.stderr, proc.stderr
+    assert not (tmp_path / "ran").exists()
 
 
 def test_unwritable_results_folder_is_named(tmp_path, monkeypatch):
