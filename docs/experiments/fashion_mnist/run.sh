@@ -123,8 +123,8 @@ if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teache
             ladder_config "$WORK/teacher_curve/config-ladder-$steps.yaml" "$steps"
             mapfile -t targets < "$WORK/teacher_curve/config-ladder-$steps.yaml.targets"
             status=0
-            "${SNAKEMAKE[@]}" --keep-going --configfile "$WORK/teacher_curve/config-ladder-$steps.yaml" \
-                "${targets[@]}" || status=$?
+            "${SNAKEMAKE[@]}" --keep-going "${targets[@]}" \
+                --configfile "$WORK/teacher_curve/config-ladder-$steps.yaml" || status=$?
             share_inputs
             python "$REPO/docs/experiments/fashion_mnist/report.py" collect "$WORK" "$WORK/ladder/$steps"
             [ "$status" = 0 ] || exit "$status"
