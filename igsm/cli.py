@@ -183,15 +183,11 @@ def download(out, cache_dir, settings):
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where a checkpoint given by URL is downloaded (U-ViT).")
-@click.option("--expect", callback=_json, default=None,
-              help='JSON {"key", "family", "dataset", "image_size", "channels"}: the experiment the model '
-                   "is for; a model of another family, image size or channel count is refused, naming key.")
 @SETTINGS
-def pretrained(model_id, out, cache_dir, expect, settings):
+def pretrained(model_id, out, cache_dir, settings):
     """Fetch a pretrained dense model and store it in the project's format (settings: the
     experiment's 'architecture', needed for U-ViT checkpoints, which are plain state dicts)."""
-    from igsm.models import (architecture_family, declared_images, load_pretrained, pretrained_mismatches,
-                             save_model)
+    from igsm.models import architecture_family, load_pretrained, save_model
 
     try:
         if architecture_family(settings) == "uvit":
@@ -202,12 +198,6 @@ def pretrained(model_id, out, cache_dir, expect, settings):
             net = load_pretrained(model_id)
     except (RuntimeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
-    if expect:  # a hub model's config is known only now (local folders: checked with the config)
-        declared = declared_images(type(net).__name__, dict(net.config), f"the model {model_id!r}")
-        problems = pretrained_mismatches(declared, expect["family"], expect["dataset"], expect["image_size"],
-                                         expect["channels"])
-        if problems:
-            raise click.ClickException("\n".join(f"{expect['key']}: {problem}" for problem in problems))
     save_model(net, out, extra={"source": model_id})
 
 
@@ -306,6 +296,28 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
     distributed.shutdown()
 
 
+def _check_teacher_fits(model_dir, data, shape) -> None:
+    """A hub teacher (``dense.pretrained``: its config is known only once fetched; local folders are
+    checked with the config) must make images of the training data's size and channels, or it would be
+    pruned, finetuned on them and sampled at its own size without a word. Checked here, in the first
+    job that has both, so that the fetching rule's command (and every result made from it) stays as it was."""
+    from igsm.models import ARCHITECTURE_FILE, IMAGE_KEYS, declared_images, pretrained_mismatches
+
+    spec = json.loads((Path(model_dir) / ARCHITECTURE_FILE).read_text())
+    keys = IMAGE_KEYS.get(spec.get("class"))
+    if keys is None:
+        return
+    folder = Path(model_dir)  # results/dense/<experiment>/<kind>/model
+    source = spec.get("source")
+    where = f"the model {source!r}" if source else f"the model in {model_dir}"
+    problems = pretrained_mismatches(declared_images(spec["class"], spec.get("config", {}), where),
+                                     keys["family"], Path(data).parent.name, shape[1], shape[3])
+    if problems:
+        key = f"experiments.{folder.parent.parent.name}.dense.pretrained" if folder.parent.name == "pretrained" \
+            else f"the dense model {model_dir}"
+        raise click.ClickException("\n".join(f"{key}: {problem}" for problem in problems))
+
+
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, type=click.Path(exists=True), help="Image store (results/data/<dataset>/train).")
@@ -327,6 +339,7 @@ def prune(model_dir, data, criterion, channel_ratio, out, report, settings, devi
     _setup(threads)
     with _readable_inputs():
         images = load_images(data)
+    _check_teacher_fits(model_dir, data, images.shape)
     if criterion == "gradient-flow":
         _prune_with_gradient_flow(model_dir, images, channel_ratio, out, report, settings, device)
         return

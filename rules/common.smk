@@ -122,18 +122,6 @@ def dense_folder(exp):
     return f"results/dense/{owner}/{kind}"
 
 
-def pretrained_expectation(exp):
-    """What a U-Net experiment's pretrained teacher must be: a hub model's config is known only in
-    the job, which refuses one of another size or channel count, naming the key (local folders are
-    checked with the config, igsm.config)."""
-    from igsm.config import dataset_channels
-
-    name = EXPERIMENTS[exp]["dataset"]
-    data = config["datasets"][name]
-    return {"key": f"experiments.{exp}.dense.pretrained", "family": "unet", "dataset": name,
-            "image_size": data["image_size"], "channels": dataset_channels(data)}
-
-
 def dense_model(wildcards):
     return f"{dense_folder(wildcards.exp)}/model"
 

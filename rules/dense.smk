@@ -29,7 +29,6 @@ rule dense_pretrained:
         exp=_one_of([e for e in EXPERIMENTS if e not in UVIT_EXPERIMENTS]),
     params:
         model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
-        expect=lambda w: as_json(pretrained_expectation(w.exp)),
     log:
         "results/logs/dense/{exp}.log",
     threads: 1
@@ -37,8 +36,7 @@ rule dense_pretrained:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
     shell:
-        "python -m igsm pretrained --model-id {params.model_id:q} --expect {params.expect:q} "
-        "--out {output.model:q} > {log:q} 2>&1"
+        "python -m igsm pretrained --model-id {params.model_id:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 # U-ViT's checkpoints are plain state dicts: the architecture builds their skeleton. A rule of its

@@ -4,7 +4,7 @@ folder, and `python -m igsm`.
 
 Case 1: a teacher of another image size, channel count or family ran to the end without a word
 (a 32-px teacher of 16-px data finetuned on 16-px images and sampled at 32 px). A local folder is
-checked with the config, before any job; a hub model by the job that fetches it, before it writes.
+checked with the config, before any job; a hub model by its prune job, before it writes.
 Case 8: a refused pickle was reported with advice for a damaged download and torch's own advice to
 turn the guard off; now it says what the file is and a way on that runs nothing in it either."""
 
@@ -85,16 +85,7 @@ def test_teacher_of_another_size_channels_or_family_is_refused_before_any_job(te
     assert not (tmp_path / "results").exists()
 
 
-def test_teacher_that_fits_is_scheduled_with_what_the_job_checks(teacher_folders, tmp_path):
-    config = demo_with_teachers({"fits": teacher_folders / "fits"})
-    proc = snakemake_in(tmp_path, config, "-n", "results/dense/fits/pretrained/model")
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    expect = {"key": "experiments.fits.dense.pretrained", "family": "unet", "dataset": "digits",
-              "image_size": 16, "channels": 1}
-    assert f"--expect {shlex.quote(json.dumps(expect, sort_keys=True))}" in proc.stdout, proc.stdout[-3000:]
-
-
-# ---- case 1: hub models, in the job that fetches them ----------------------------------------------
+# ---- case 1: hub models, in the first job that has the model and the data (prune) ----------------------------------------------
 
 def cache_hub_model(cache: Path, model_id: str, net) -> Path:
     """A hub cache entry as huggingface_hub lays it out (refs/main → snapshots/<commit>/)."""
@@ -106,9 +97,11 @@ def cache_hub_model(cache: Path, model_id: str, net) -> Path:
     return repo / "snapshots" / commit
 
 
-def test_hub_teacher_of_another_size_fails_its_job_naming_the_key(tmp_path, monkeypatch):
-    """Offline, from a hub cache holding a 16-px 1-channel and a 32-px 3-channel U-Net: the job of
-    the one that fits writes the teacher; the other's fails before writing, naming the key."""
+def test_hub_teacher_of_another_size_fails_its_prune_job_naming_the_key(tmp_path, monkeypatch):
+    """Offline, from a hub cache holding a 16-px 1-channel and a 32-px 3-channel U-Net: the one that
+    fits is pruned; the other's prune job, the first that has both the model and the data, fails
+    naming the key and writes nothing. (The fetching rule's command is unchanged, so a run made
+    before this check is not redone.)"""
     cache = tmp_path / "hub"
     torch.manual_seed(0)
     fits = build_unet(TINY_ARCHITECTURE)
@@ -118,17 +111,20 @@ def test_hub_teacher_of_another_size_fails_its_job_naming_the_key(tmp_path, monk
     workdir = tmp_path / "run"
     workdir.mkdir()
     config = demo_with_teachers({"good": "someone/ddpm-digits-16", "bad": "someone/ddpm-cifar10-32"})
+    for settings in config["experiments"].values():
+        settings["prune"]["num_images"] = 4
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the jobs inherit Snakemake's environment
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    proc = snakemake_in(workdir, config, "--keep-going", "results/dense/good/pretrained/model",
-                        "results/dense/bad/pretrained/model")
+    proc = snakemake_in(workdir, config, "--keep-going", "results/prune/good/diff-pruning-cr0.3/report.json",
+                        "results/prune/bad/diff-pruning-cr0.3/report.json")
     assert proc.returncode != 0
-    log = (workdir / "results" / "logs" / "dense" / "bad.log").read_text()
+    log = (workdir / "results" / "logs" / "prune" / "bad" / "diff-pruning-cr0.3.log").read_text()
     assert re.search(r"experiments\.bad\.dense\.pretrained: the model 'someone/ddpm-cifar10-32': sample_size 32, "
                      r"but datasets\.digits\.image_size is 16", log), log
     assert "experiments.bad.dense.pretrained: the model 'someone/ddpm-cifar10-32': in_channels 3" in log, log
     assert "Traceback" not in log
-    assert not (workdir / "results" / "dense" / "bad" / "pretrained" / "model").exists()
+    assert not (workdir / "results" / "prune" / "bad" / "diff-pruning-cr0.3" / "model").exists()
+    assert (workdir / "results" / "prune" / "good" / "diff-pruning-cr0.3" / "report.json").exists()
     good = load_model(workdir / "results" / "dense" / "good" / "pretrained" / "model")
     assert all(torch.equal(good.state_dict()[k], v) for k, v in fits.state_dict().items())
 
