@@ -37,7 +37,7 @@ onstart:
     from igsm.results_owner import ResultsOwnerError, claim_results_folder
 
     try:
-        claim_results_folder("results", workflow.configfiles)
+        claim_results_folder(".", workflow.configfiles)
     except ResultsOwnerError as err:
         raise WorkflowError(str(err)) from None
 

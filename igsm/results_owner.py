@@ -6,13 +6,16 @@ Every path the workflow writes is fixed by names (``results/tables/all.md``,
 other. The first run that executes jobs in a folder writes ``results/.config``: the config's files,
 as given, relative to the working directory. A later run of another config is refused before its
 first job; the same config, edited, runs as before (a changed setting reruns the jobs it feeds).
-A folder meant to be shared by several configs lists each of them, one per line.
+A folder meant to be shared by several configs lists each of them, one per line
+(``python -m igsm.results_owner share WORKDIR CONFIG...`` adds one: scripts that run derived
+configs in one folder on purpose, docs/experiments/*/run.sh).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from igsm.data import write_text_atomically
@@ -40,13 +43,14 @@ def recorded_configs(stamp: Path) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def claim_results_folder(results: str | os.PathLike, config_files, workdir: str | os.PathLike = ".") -> None:
-    """Let this run's config write into ``results``, or raise ResultsOwnerError saying whose it is.
+def claim_results_folder(workdir: str | os.PathLike, config_files) -> None:
+    """Let a run of the config made of ``config_files`` write into ``workdir``/results, or raise
+    ResultsOwnerError saying whose that folder is.
 
     Raised when the folder's stamp names other configs only, or when the folder holds files but
     no stamp (results of a run made before this check: which config made them is unknown). An
     empty or missing folder is claimed for this config."""
-    results = Path(results)
+    results = Path(workdir) / "results"
     stamp = results / STAMP
     name = config_name(config_files, workdir)
     if stamp.is_file():
@@ -63,3 +67,20 @@ def claim_results_folder(results: str | os.PathLike, config_files, workdir: str 
             f"this check): if they are {name}'s, record it with `echo {shlex.quote(name)} > {stamp}`; "
             f"else run this config in a folder of its own (snakemake -d DIR).")
     write_text_atomically(stamp, HEADER + name + "\n")
+
+
+def share_results_folder(workdir: str | os.PathLike, config_files) -> None:
+    """Add a config to the record of ``workdir``/results: its runs may write there too."""
+    stamp = Path(workdir) / "results" / STAMP
+    name = config_name(config_files, workdir)
+    if not stamp.is_file():
+        write_text_atomically(stamp, HEADER + name + "\n")
+    elif name not in recorded_configs(stamp):
+        text = stamp.read_text()
+        write_text_atomically(stamp, text + ("" if text.endswith("\n") else "\n") + name + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 4 or sys.argv[1] != "share":
+        sys.exit("usage: python -m igsm.results_owner share WORKDIR CONFIG...  (README: Nothing lost)")
+    share_results_folder(sys.argv[2], sys.argv[3:])

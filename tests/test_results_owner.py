@@ -5,12 +5,13 @@ runs in demo/ and `make clean-demo` deletes only that."""
 import hashlib
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake, snakemake_executable
+from conftest import REPO, command_env, run_snakemake, snakemake_executable
 from igsm.results_owner import STAMP, ResultsOwnerError, claim_results_folder, config_name, recorded_configs
 
 # ---- the record and its check ------------------------------------------------------------------
@@ -21,22 +22,22 @@ def test_a_folder_belongs_to_the_config_that_first_ran_in_it(tmp_path, monkeypat
     (tmp_path / "config").mkdir()
     config = tmp_path / "config" / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(8)))
-    claim_results_folder("results", ["config/config.yaml"])
+    claim_results_folder(".", ["config/config.yaml"])
     assert recorded_configs(tmp_path / "results" / STAMP) == ["config/config.yaml"]
     # The same config, however it was named (the default's relative path, --configfile's absolute
     # one): the folder is its own, and an edited config is still the same config.
     config.write_text(yaml.safe_dump(tiny_config(16)))
-    claim_results_folder("results", [config])
+    claim_results_folder(".", [config])
     stamp = (tmp_path / "results" / STAMP).read_bytes()
     with pytest.raises(ResultsOwnerError) as refused:
-        claim_results_folder("results", [tmp_path / "config" / "demo.yaml"])
+        claim_results_folder(".", [tmp_path / "config" / "demo.yaml"])
     message = str(refused.value)
     assert "config config/config.yaml" in message and "not of config/demo.yaml" in message
     assert "snakemake -d DIR" in message and "\n" not in message
     assert (tmp_path / "results" / STAMP).read_bytes() == stamp  # a refused run records nothing
     # Several files make one config: the paper's with a quick-look file is not the paper's.
     with pytest.raises(ResultsOwnerError):
-        claim_results_folder("results", ["config/config.yaml", "quick.yaml"])
+        claim_results_folder(".", ["config/config.yaml", "quick.yaml"])
 
 
 def test_config_names_are_relative_to_the_working_directory(tmp_path):
@@ -46,13 +47,18 @@ def test_config_names_are_relative_to_the_working_directory(tmp_path):
 
 
 def test_a_folder_shared_on_purpose_lists_each_config(tmp_path, monkeypatch):
+    """`python -m igsm.results_owner share` (as docs/experiments/*/run.sh runs it): each config
+    it adds may run in the folder, listed once however often it is added; no other may."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "results").mkdir()
-    (tmp_path / "results" / STAMP).write_text("# shared\nconfig/config.yaml\n\n'my config.yaml' quick.yaml\n")
-    claim_results_folder("results", ["config/config.yaml"])
-    claim_results_folder("results", ["my config.yaml", "quick.yaml"])
+    claim_results_folder(".", ["config/config.yaml"])
+    for _ in range(2):
+        subprocess.run([sys.executable, "-m", "igsm.results_owner", "share", str(tmp_path),
+                        str(tmp_path / "my config.yaml"), "quick.yaml"], env=command_env(), check=True)
+    assert recorded_configs(tmp_path / "results" / STAMP) == ["config/config.yaml", "'my config.yaml' quick.yaml"]
+    claim_results_folder(".", ["config/config.yaml"])
+    claim_results_folder(".", ["my config.yaml", "quick.yaml"])
     with pytest.raises(ResultsOwnerError):
-        claim_results_folder("results", ["quick.yaml"])
+        claim_results_folder(".", ["quick.yaml"])
 
 
 def test_results_without_a_record_are_nobody_s_to_take(tmp_path, monkeypatch):
@@ -62,16 +68,16 @@ def test_results_without_a_record_are_nobody_s_to_take(tmp_path, monkeypatch):
     (tmp_path / "results" / "tables").mkdir(parents=True)
     (tmp_path / "results" / "tables" / "all.md").write_text("a paper run's table")
     with pytest.raises(ResultsOwnerError) as refused:
-        claim_results_folder("results", ["my config.yaml"])
+        claim_results_folder(".", ["my config.yaml"])
     advice = str(refused.value).split("`")[1]
     subprocess.run(["sh", "-c", advice], cwd=tmp_path, check=True)
-    claim_results_folder("results", ["my config.yaml"])
+    claim_results_folder(".", ["my config.yaml"])
     with pytest.raises(ResultsOwnerError):
-        claim_results_folder("results", ["config/demo.yaml"])
+        claim_results_folder(".", ["config/demo.yaml"])
     # An empty folder holds nothing to lose: it is claimed.
     (tmp_path / "empty" / "results").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "empty")
-    claim_results_folder("results", ["config/demo.yaml"])
+    claim_results_folder(".", ["config/demo.yaml"])
 
 
 # ---- the demo beside a run of another config, as a user meets it -------------------------------
