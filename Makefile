@@ -1,5 +1,7 @@
 # The two commands of the README: `make demo` (the whole workflow on the embedded default, CPU,
 # offline, minutes) and `make test` (the test suite, as CI runs it). Both install what they need.
+# The demo runs in its own working directory, demo/ (its results in demo/results/): it never
+# meets the results of another config, and `make clean-demo` deletes demo/ and nothing else.
 # `make test-quick`: the unit layer for the edit–test loop (pytest -m "not slow": no workflow,
 # SLURM, resume or multi-process runs), a few minutes on 2 cores; `make test` still runs everything.
 # `make mutation-check`: tools/mutation_check.py, plausible bugs applied to a copy (not CI).
@@ -20,8 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/snakemake --profile profiles/local --configfile config/demo.yaml
-	@cat results/tables/all.md
+	$(BIN)/snakemake --profile profiles/local --directory demo --configfile config/demo.yaml
+	@cat demo/results/tables/all.md
 
 # Two test processes (pytest-xdist; tests/conftest.py keeps each module in one and starts the
 # longest, the demo through SLURM, first): the SLURM run mostly waits, which leaves a core free.
@@ -38,5 +40,11 @@ test-quick: install
 mutation-check: install
 	$(BIN)/python tools/mutation_check.py
 
+# Not when demo/results/.config (igsm/results_owner.py) names a config besides the demo's, whose
+# name there is its file relative to demo/: another config's results were let in on purpose.
 clean-demo:
-	rm -rf results .snakemake
+	@if [ -f demo/results/.config ] && grep -v -e '^#' -e '^[[:space:]]*$$' demo/results/.config \
+	    | grep -qvxF ../config/demo.yaml; then \
+	  echo "make clean-demo: demo/results/.config names configs besides config/demo.yaml: their results" \
+	       "are in demo/ too, so nothing was deleted (remove demo/ yourself if you mean it)" >&2; exit 1; fi
+	rm -rf demo

@@ -44,6 +44,18 @@ include: "rules/fid.smk"
 include: "rules/tables.smk"
 
 
+# results/ belongs to one config (results/.config, igsm.results_owner): a run that executes jobs
+# is refused here, before its first job, where another config's results are. Dry runs and
+# reports write nothing into results/ and are not checked (Snakemake runs onstart for neither).
+onstart:
+    from igsm.results_owner import ResultsOwnerError, claim_results_folder
+
+    try:
+        claim_results_folder(".", workflow.configfiles)
+    except ResultsOwnerError as err:
+        raise WorkflowError(str(err)) from None
+
+
 rule all_tables:
     default_target: True
     input:

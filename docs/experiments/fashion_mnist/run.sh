@@ -45,6 +45,9 @@ fi
 SNAKEMAKE=(snakemake -s "$REPO/Snakefile" -d "$WORK" --profile "$REPO/profiles/local"
            --resources "gpu=${GPU_JOBS:-4}" ${GPU_MEM_MB:+"gpu_mem_mb=$GPU_MEM_MB"}
            --cores "${CORES:-$(nproc)}")
+# The configs below (derived ones, then CONFIG) share WORK on purpose, as the scorings share
+# teacher_curve/score: each is added to the folder's record first (README: Nothing lost).
+SHARE=(env "PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m igsm.results_owner share)
 mkdir -p "$WORK/teacher_curve"
 
 derive_config() {  # derive_config OUT KEY VALUE [STEPS]: the config with fmnist_unet's teacher changed
@@ -113,6 +116,7 @@ use_shared() {  # unpack $SHARED into $WORK/results, each file checked against t
 if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teacher stages
     config=$WORK/teacher_curve/config-pretrained.yaml
     derive_config "$config" pretrained "$TEACHER"
+    "${SHARE[@]}" "$WORK" "$config"
     if [ -n "${SHARED:-}" ]; then  # the teacher's folder first, then the shared files, newer
         "${SNAKEMAKE[@]}" results/dense/fmnist_unet/pretrained/model --configfile "$config"
         use_shared
@@ -121,6 +125,7 @@ if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teache
         for steps in ${LADDER_STEPS:-600 2400 6000}; do
             cp "$config" "$WORK/teacher_curve/config-ladder-$steps.yaml"
             ladder_config "$WORK/teacher_curve/config-ladder-$steps.yaml" "$steps"
+            "${SHARE[@]}" "$WORK" "$WORK/teacher_curve/config-ladder-$steps.yaml"
             mapfile -t targets < "$WORK/teacher_curve/config-ladder-$steps.yaml.targets"
             status=0
             "${SNAKEMAKE[@]}" --keep-going "${targets[@]}" \
@@ -142,6 +147,7 @@ score_stage() {  # the 10k-sample FID of teacher_curve/model-$1, as an experimen
     local score=$WORK/teacher_curve/score
     mkdir -p "$score"
     derive_config "$score/config-$1.yaml" pretrained "$WORK/teacher_curve/model-$1" "$1"
+    flock "$score.lock" "${SHARE[@]}" "$score" "$score/config-$1.yaml"
     # One scoring at a time (they share the FID reference, computed by the first).
     flock "$score.lock" snakemake -s "$REPO/Snakefile" -d "$score" --profile "$REPO/profiles/local" \
         --configfile "$score/config-$1.yaml" --resources "gpu=1" --cores "${CORES:-$(nproc)}" \
@@ -155,6 +161,7 @@ last=${TEACHER_STEPS##* }
 for steps in $TEACHER_STEPS; do
     config=$WORK/teacher_curve/config-$steps.yaml
     derive_config "$config" num_steps "$steps"
+    "${SHARE[@]}" "$WORK" "$config"
     "${SNAKEMAKE[@]}" results/dense/fmnist_unet/trained/model --configfile "$config"
     rm -rf "$WORK/teacher_curve/model-$steps.tmp"
     cp -a "$WORK/results/dense/fmnist_unet/trained/model" "$WORK/teacher_curve/model-$steps.tmp"
@@ -166,6 +173,7 @@ done
 for pid in "${scorers[@]}"; do wait "$pid"; done  # set -e: a failed scoring stops here
 [ "${1:-}" = teacher ] && exit 0
 status=0
+"${SHARE[@]}" "$WORK" "$CONFIG"
 "${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$CONFIG" || status=$?
 if [ -f "$WORK/results/fid/fmnist_unet/dense.json" ]; then  # the last stage's curve point
     cp "$WORK/results/fid/fmnist_unet/dense.json" "$WORK/teacher_curve/fid-$last.json"

@@ -33,6 +33,8 @@ PY
 }
 smk() {  # run-folder gpu-slots config target...
     local run=$1 slots=$2 config=$3; shift 3
+    # base's results are copied into each run folder: its config shares them on purpose (README: Nothing lost).
+    PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m igsm.results_owner share "$WORK/$run" "$WORK/configs/$config.yaml"
     # Targets first: --resources and --configfile take several values each.
     snakemake "$@" -s "$REPO/Snakefile" -d "$WORK/$run" --profile "$REPO/profiles/local" \
         --cores "$(nproc)" --configfile "$WORK/configs/$config.yaml" --resources "gpu=$slots"
