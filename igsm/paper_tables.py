@@ -181,8 +181,9 @@ def published_fids() -> tuple[dict, ...]:
     for exp, settings in experiments.items():
         for run in settings["finetune"]["runs"]:
             criterion = run.get("criterion", settings["prune"]["criterion"])
+            pruned = pruned_model_name(criterion, run["channel_ratio"])
             for objective in run["objectives"]:
-                runs[(exp, f"{pruned_model_name(criterion, run['channel_ratio'])}/{objective}")] = (criterion, objective)
+                runs[(exp, f"{pruned}/{objective}")] = (criterion, objective)
 
     def entry(exp, model, pr, fid, where):
         dense = experiments[exp]["dense"]["pretrained"]

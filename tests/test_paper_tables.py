@@ -155,7 +155,8 @@ def test_every_published_value_stands_in_its_tables_text():
         for section in table["sections"]:
             for row in section["rows"]:
                 for column, value in row["paper"].items():
-                    assert any(math.isclose(value, n, rel_tol=1e-9) for n in printed), (name, row["method"], column, value)
+                    found = any(math.isclose(value, n, rel_tol=1e-9) for n in printed)
+                    assert found, (name, row["method"], column, value)
                     checked += 1
     assert checked == 310  # every cell of the spec: the loop above skipped none
     notes = (SHARED / "reference" / "NOTES.md").read_text()
@@ -431,7 +432,8 @@ def test_default_config_builds_every_paper_table(tmp_path):
                     for model in {row["ours"]["model"], *row.get("models", {}).values()}:
                         assert f"results/fid/{row['ours']['experiment']}/{model}.json" in proc.stdout, (name, model)
     for exp, model in (("cifar10_unet", "diff-pruning-cr0.7/igsm_lam1e-3"), ("cifar10_uvit", "diff-pruning-cr0.8/np"),
-                       ("cifar10_unet", "diff-pruning-cr0.6/np_kd"), ("cifar10_unet", "diff-pruning-cr0.4/igsm_lam5e-3")):
+                       ("cifar10_unet", "diff-pruning-cr0.6/np_kd"),
+                       ("cifar10_unet", "diff-pruning-cr0.4/igsm_lam5e-3")):
         assert f"results/fid/{exp}/{model}.json" in proc.stdout, model
     for figure in (*paper_tables.FIGURES, *paper_tables.SAMPLE_FIGURES):
         assert f"results/paper_figures/{figure}.pdf" in proc.stdout, figure
