@@ -2,9 +2,12 @@
 Tables 8, 9 of App. C, Tables 10-12 of App. D and Table 13 of App. E), in the paper's rows and
 columns, each cell with the published value, ours, the difference and where ours came from.
 
-``paper_tables.yaml`` holds the layout and the published numbers; ours come from the
-per-experiment tables (``results/tables/<exp>.csv``, igsm/tables.py), i.e. from the FID, efficiency
-and training-summary JSON files of each scored model. Every cell is one of:
+``paper_tables.yaml`` holds the layout and every published number the project uses; ours come
+from the per-experiment tables (``results/tables/<exp>.csv``, igsm/tables.py), i.e. from the FID,
+efficiency and training-summary JSON files of each scored model. The same file gives the rest of
+the package the paper's numbers: the pruning-ratio labels (:func:`pruning_points`, igsm/pruning.py)
+and the per-experiment tables' paper column (:func:`published_fids`, igsm/tables.py). Every cell is
+one of:
 
 * ``ours``: a number from the named experiment's model (its source says which, and for FID the
   mode and sample count);
@@ -15,6 +18,9 @@ and training-summary JSON files of each scored model. Every cell is one of:
 * ``untranscribed``: a column of the row's ``untranscribed`` list: the paper's value (if it prints
   one) is not transcribed because its text extraction cannot be read (Table 4) — never a paper
   number; ours as for ``ours`` where that model is scored (its source says which), else none.
+
+Where two tables print different values for the same model and measure (the paper disagrees with
+itself), a cell's ``paper_other`` shows the other table's ("Table 10: 6.49").
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import pandas as pd
 import yaml
 
 SPEC = Path(__file__).with_name("paper_tables.yaml")
-LONG_COLUMNS = ["table", "section", "method", "column", "paper", "ours", "delta", "status", "source", "note",
-                "differs"]
+LONG_COLUMNS = ["table", "section", "method", "column", "paper", "paper_other", "ours", "delta", "status",
+                "source", "note", "differs"]
+# The default config: the experiments and objectives the spec's `ours` name.
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
 # The paper's figures drawn from its tables: figure → (table, igsm.plots function name).
 FIGURES = {"fid_vs_ratio": ("table5", "plot_fid_vs_ratio"), "fid_vs_lambda": ("table10", "plot_fid_vs_lambda")}
 
@@ -47,15 +55,65 @@ def field_of(column: str) -> str:
     return column.split("@")[0]
 
 
-def heading_of(column: str) -> str:
+def heading_of(column: str, table: str | None = None) -> str:
+    """A column's heading; a table's ``headings`` name what its λ_Jac = 0 column is (NP or NP + KD)."""
+    if table and column in load_spec()["tables"][table].get("headings", {}):
+        return load_spec()["tables"][table]["headings"][column]
     if "@" in column:
         return f"FID λ={column.split('@')[1]}"
     return load_spec()["columns"][column]
 
 
+def table_label(name: str) -> str:
+    """"table10" → "Table 10"."""
+    return f"Table {name.removeprefix('table')}"
+
+
+def _find_row(ref: dict) -> tuple[str, dict]:
+    """(section name, row) of the row a cross-table reference ({table, [section,] row, column}) names."""
+    found = [(section.get("name", ""), row) for section in load_spec()["tables"][ref["table"]]["sections"]
+             if ref.get("section", section.get("name", "")) == section.get("name", "")
+             for row in section["rows"] if row["method"] == ref["row"]]
+    if len(found) != 1:
+        raise ValueError(f"igsm/paper_tables.yaml: {ref} names {len(found)} rows, not one")
+    return found[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _disagreements() -> dict:
+    """{(table, section, method, column): ["Table 10: 6.49", …]}: each `disagrees` link, shown on
+    both of its cells."""
+    links = {}
+
+    def show(cell, name, row, column):
+        value = row.get("paper", {}).get(column)
+        if value is None:
+            raise ValueError(f"igsm/paper_tables.yaml: a `disagrees` link names {table_label(name)} "
+                             f"{row['method']!r} {column}, a cell without a published value")
+        text = f"{table_label(name)}: {_number(value, column)}"
+        if text not in links.setdefault(cell, []):
+            links[cell].append(text)
+
+    for name, table in load_spec()["tables"].items():
+        for section in table["sections"]:
+            for row in section["rows"]:
+                for column, ref in row.get("disagrees", {}).items():
+                    other_section, other = _find_row(ref)
+                    show((name, section.get("name", ""), row["method"], column), ref["table"], other, ref["column"])
+                    show((ref["table"], other_section, ref["row"], ref["column"]), name, row, column)
+    return links
+
+
+def paper_cell(name: str, section: dict, row: dict, column: str) -> tuple[float | None, str]:
+    """(published value, what other tables print for the same model and measure) of a cell."""
+    other = "; ".join(_disagreements().get((name, section.get("name", ""), row["method"], column), []))
+    return row.get("paper", {}).get(column), other
+
+
 def _model_of(row: dict, column: str) -> str | None:
     """The model behind a cell: the row's model, or for a λ_Jac column ("fid@λ") the one the row's
-    `models` names (λ 0: the row's model, Diff-Pruning's NP finetune); None: no such run."""
+    `models` names (λ 0: the row's own model, whose objective the table's `headings` state); None:
+    no such run."""
     if column in row.get("models", {}):
         return row["models"][column]
     if "@" in column and column.split("@")[1] != "0":
@@ -80,6 +138,82 @@ def sample_grids(name: str, experiments) -> dict[str, dict[str, str]]:
                 out.setdefault(section["name"], {})[column] = (
                     f"results/samples/{target['experiment']}/{target['model']}/grid.png")
     return out
+
+
+def printed_as(count: float, printed: float) -> bool:
+    """Whether a count (in the paper's unit, M or G) is what the paper prints as ``printed``: within
+    one unit of its last printed digit (the paper rounds or truncates: 19.85M → "19.8M")."""
+    text = repr(printed)
+    unit = 10.0 ** -len(text.split(".")[1]) if "." in text else 1.0
+    return abs(count - printed) <= unit + 1e-9
+
+
+@functools.lru_cache(maxsize=1)
+def pruning_points() -> tuple[tuple[tuple[float, float], float, tuple[float, float]], ...]:
+    """((dense params M, MACs G), PR label, (pruned params M, MACs G)) for every pruned model whose
+    counts a table prints in a section that also prints its dense model (``pr: 0``): the paper's
+    pruning ratios, which are not one formula of the counts (igsm/pruning.py paper_label)."""
+    points = []
+    for table in load_spec()["tables"].values():
+        for section in table["sections"]:
+            rows = [r for r in section["rows"] if "pr" in r and {"params_M", "macs_G"} <= set(r.get("paper", {}))]
+            for dense in (r for r in rows if r["pr"] == 0):
+                for row in rows:
+                    point = ((dense["paper"]["params_M"], dense["paper"]["macs_G"]), row["pr"],
+                             (row["paper"]["params_M"], row["paper"]["macs_G"]))
+                    if row["pr"] != 0 and point not in points:
+                        points.append(point)
+    return tuple(points)
+
+
+@functools.lru_cache(maxsize=1)
+def published_fids() -> tuple[dict, ...]:
+    """Every published FID of a model the default config runs (and ``other_published``), in terms a
+    per-experiment table can match without the config's names (igsm/tables.py paper_value):
+    {dense (the pretrained model), pr (None: the dense model), criterion, objective (its settings in
+    the default config), fid, where ("IGSM Table 5 (DP, PR 0.56; Table 10: 6.49)")}; in table order,
+    so a model several tables print is matched to the first. Untranscribed cells are left out."""
+    from igsm.config import pruned_model_name
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    experiments, objectives = config["experiments"], config["objectives"]
+    runs = {}  # (experiment, model) → (criterion, objective name)
+    for exp, settings in experiments.items():
+        for run in settings["finetune"]["runs"]:
+            criterion = run.get("criterion", settings["prune"]["criterion"])
+            pruned = pruned_model_name(criterion, run["channel_ratio"])
+            for objective in run["objectives"]:
+                runs[(exp, f"{pruned}/{objective}")] = (criterion, objective)
+
+    def entry(exp, model, pr, fid, where):
+        dense = experiments[exp]["dense"]["pretrained"]
+        if model == "dense":
+            return {"dense": dense, "pr": None, "criterion": "", "objective": None, "fid": fid, "where": where}
+        criterion, objective = runs[(exp, model)]
+        return {"dense": dense, "pr": pr, "criterion": criterion, "objective": objectives[objective], "fid": fid,
+                "where": where}
+
+    found = []
+    for name, table in load_spec()["tables"].items():
+        for section in table["sections"]:
+            for row in section["rows"]:
+                if row.get("quoted"):
+                    continue
+                for column in table["columns"]:
+                    model = _model_of(row, column)
+                    if field_of(column) != "fid" or model is None or column in row.get("untranscribed", ()):
+                        continue
+                    paper, other = paper_cell(name, section, row, column)
+                    if paper is None:
+                        continue
+                    what = row["method"] + (f", λ_Jac {column.split('@')[1]}" if "@" in column else "")
+                    where = f"IGSM {table_label(name)} ({what}{'; ' + other if other else ''})"
+                    found.append(entry(row["ours"]["experiment"], model, row["pr"], paper, where))
+    for other in load_spec().get("other_published", []):
+        found.append({"dense": experiments[other["experiment"]]["dense"]["pretrained"], "pr": other["pr"],
+                      "criterion": other["criterion"], "objective": objectives[other["objective"]],
+                      "fid": other["fid"], "where": other["where"]})
+    return tuple(found)
 
 
 def experiments_of(name: str) -> list[str]:
@@ -151,10 +285,10 @@ def build(name: str, experiment_tables: dict[str, pd.DataFrame]) -> pd.DataFrame
                 used = [m for m in (_model_of(row, c) for c in spec["columns"]) if m]
                 differs = differences(target["experiment"], experiment_tables[target["experiment"]], used)
             for column in spec["columns"]:
-                paper = row.get("paper", {}).get(column)
+                paper, paper_other = paper_cell(name, section, row, column)
                 cell = {"table": name, "section": section.get("name", ""), "method": row["method"],
-                        "column": column, "paper": paper, "ours": None, "delta": None,
-                        "source": "", "note": row.get("note", ""), "differs": differs}
+                        "column": column, "paper": paper, "paper_other": paper_other,
+                        "ours": None, "delta": None, "source": "", "note": row.get("note", ""), "differs": differs}
                 model = None if row.get("quoted") else _model_of(row, column)
                 if row.get("quoted"):
                     cell.update(status="quoted", source="paper (a method this workflow does not run)")
@@ -176,7 +310,7 @@ def build(name: str, experiment_tables: dict[str, pd.DataFrame]) -> pd.DataFrame
                         cell["delta"] = ours - paper
                 if column in row.get("untranscribed", ()):
                     source = NOT_RUN if model is None else cell["source"]
-                    cell.update(status="untranscribed", paper=None, delta=None,
+                    cell.update(status="untranscribed", paper=None, paper_other="", delta=None,
                                 source=f"{source}; the paper's value not transcribed")
                 cells.append(cell)
     return pd.DataFrame(cells, columns=LONG_COLUMNS)
@@ -202,6 +336,8 @@ def _wide(cells: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
         line = {"section": section, "method": method}
         for _, cell in group.iterrows():
             paper = _number(cell.paper, cell.column)
+            if isinstance(cell.paper_other, str) and cell.paper_other:  # what other tables print instead
+                paper += f" [{cell.paper_other}]"
             if cell.status == "none":
                 text = "–"
             elif cell.status == "quoted":
@@ -215,7 +351,7 @@ def _wide(cells: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
                 text = f"{_number(cell.ours, cell.column)} / {paper}"
                 if cell.column not in COUNT_COLUMNS and not pd.isna(cell.delta):
                     text += f" ({cell.delta:+.2f})"
-            line[heading_of(cell.column)] = text
+            line[heading_of(cell.column, cell.table)] = text
         notes = [group.note.iloc[0], group.differs.iloc[0] and f"† ours differ: {group.differs.iloc[0]}"]
         line["note"] = "; ".join(n for n in notes if isinstance(n, str) and n)
         out.append(line)
@@ -239,6 +375,10 @@ def write(name: str, cells: pd.DataFrame, markdown=None, csv=None, latex=None) -
         if (cells.status == "untranscribed").any():
             legend += (" \"n.t.\": the paper's value not transcribed (its text extraction cannot be read; "
                        "igsm/paper_tables.yaml).")
+        if cells.paper_other.fillna("").astype(bool).any():
+            legend += " \"[Table N: x]\": the paper disagrees with itself: Table N prints x for the same model."
+        if (cells.column == "peak_memory_GiB").any():
+            legend += " Memory: the paper's \"G\"; ours, the finetune's peak GPU memory in GiB."
         Path(markdown).write_text(f"## {title}\n\n{legend}\n\n" + wide.to_markdown(index=False) + "\n")
     if latex:
         if (cells.status == "untranscribed").any():

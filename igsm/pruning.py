@@ -15,7 +15,7 @@ differently and the pruned widths (hence the paper's 19.8M/3.4G, 14.3M/2.7G poin
 Counts with 1.4.0 (torch 2.14, diffusers 0.42) of the CIFAR-10 U-Net at 32×32, params / MACs:
 dense 35.746M / 6.064G; channel ratio 0.3 → 19.851M / 3.392G (paper "0.44"), 0.4 → 14.318M /
 2.736G ("0.56"), 0.6 → 8.594M / 1.490G (the paper's 8.6M/1.5G point, "0.70"), 0.7 → 5.120M /
-1.076G (5.1M/1.1G, "0.82"); 0.5 → 8.968M / 1.520G.
+1.076G (5.1M/1.1G, "0.82"); 0.5 → 8.968M / 1.520G (no paper point: 4% above "0.70"'s params).
 """
 
 from __future__ import annotations
@@ -33,37 +33,25 @@ from igsm.models import image_shape, predict_noise
 
 CRITERIA = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
 
-# Each dense U-Net of the paper, (params, MACs), with the pruned points it labels by a "pruning
-# ratio": CIFAR-10 (Tables 4, 5, 10; dense 35.7M / 6.1G) and LSUN church / bedroom at 256 px
-# (Table 1; dense 113.7M / 248.7G, one point, "0.3", which reduces MACs by 0.44).
-PAPER_UNET_DENSE = (35.7e6, 6.1e9)
-PAPER_UNET_POINTS = {"0.44": (19.8e6, 3.4e9), "0.56": (14.3e6, 2.7e9),
-                     "0.70": (8.6e6, 1.5e9), "0.82": (5.1e6, 1.1e9)}
-PAPER_LSUN_UNET_DENSE = (113.7e6, 248.7e9)
-PAPER_LSUN_UNET_POINTS = {"0.30": (63.2e6, 138.8e9)}
-PAPER_UNETS = {PAPER_UNET_DENSE: PAPER_UNET_POINTS, PAPER_LSUN_UNET_DENSE: PAPER_LSUN_UNET_POINTS}
-
-
-def _close(a: float, b: float, rel: float) -> bool:
-    return abs(a - b) <= rel * b
-
-
 def paper_label(pruned_params: float, pruned_macs: float, dense_params: float, dense_macs: float) -> str:
     """The paper's "pruning ratio" label of a pruned model, derived from its counts.
 
-    The paper's U-Net labels are not one formula of the counts: 0.44, 0.56 and 0.82 are MAC
+    The paper's labels are not one formula of the counts: its U-Net 0.44, 0.56 and 0.82 are MAC
     reductions as its tables print them (two significant figures), but its "0.70" point
-    (8.6M/1.5G) reduces MACs by 0.75 and params by 0.76, and its LSUN point "0.3" reduces them by
-    0.44. So: a pruned model of one of the paper's dense U-Nets (``PAPER_UNETS``, within 1%) whose
-    params and MACs are both within 5% of one of that model's points gets that point's label; any
-    other model gets its MAC reduction, computed from MACs rounded to two significant figures, to
-    two decimals.
+    (8.6M/1.5G) reduces MACs by 0.75 and params by 0.76, its LSUN point "0.3" reduces them by 0.44,
+    and its U-ViT labels are channel ratios. So: a pruned model of one of the paper's dense models
+    whose params and MACs both read as the paper prints one of that model's pruned points (within
+    one unit of the last printed digit: igsm.paper_tables.pruning_points, from the tables'
+    counts) gets that point's label; any other model gets its MAC reduction, computed from MACs
+    rounded to two significant figures, to two decimals. (CIFAR-10: channel ratio 0.6, 8.59M /
+    1.49G, is "0.70"; 0.5, 8.97M / 1.52G, is not.)
     """
-    for (paper_params, paper_macs), points in PAPER_UNETS.items():
-        if _close(dense_params, paper_params, 0.01) and _close(dense_macs, paper_macs, 0.01):
-            for label, (params, macs) in points.items():
-                if _close(pruned_params, params, 0.05) and _close(pruned_macs, macs, 0.05):
-                    return label
+    from igsm.paper_tables import printed_as, pruning_points
+
+    for (paper_dense_params, paper_dense_macs), label, (params, macs) in pruning_points():
+        if (printed_as(dense_params / 1e6, paper_dense_params) and printed_as(dense_macs / 1e9, paper_dense_macs)
+                and printed_as(pruned_params / 1e6, params) and printed_as(pruned_macs / 1e9, macs)):
+            return f"{label:.2f}"
 
     def printed(x: float) -> float:
         return float(f"{x:.2g}")

@@ -2,7 +2,8 @@
 
 One row per (dataset, model, channel ratio, objective): parameters, MACs, FID, training steps,
 and, where the paper reports the same experiment (same dense model, derived pruning-ratio label,
-criterion and objective weights), the published FID and our difference to it.
+criterion and objective settings), the published FID (igsm/paper_tables.yaml, the one home of the
+paper's numbers) and our difference to it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-TERMS = ("np", "kd", "jm1", "jm2")
+from igsm.paper_tables import published_fids
+
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
            "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
            "batch_size", "sec_per_step", "train_minutes", "peak_memory_GiB", "paper_fid", "delta_fid",
@@ -23,38 +25,41 @@ def _load(path):
     return json.loads(Path(path).read_text()) if path else {}
 
 
-def published_results() -> pd.DataFrame:
-    return pd.read_csv(Path(__file__).with_name("paper_results.csv"), dtype=str, keep_default_na=False)
+def same_objective(ours: dict, theirs: dict) -> bool:
+    """Whether two objectives' settings are the same experiment: the same terms with the same
+    weights, and the same directions (with the same OTD settings)."""
+    def terms(settings):
+        return {term: float(w) for term, w in settings["weights"].items() if float(w) > 0}
+
+    def directions(settings):  # the OTD settings count only where OTD evolves the directions
+        kind = settings.get("directions", "gaussian")
+        return kind, settings.get("otd", {}) if kind == "otd" else None
+
+    return terms(ours) == terms(theirs) and directions(ours) == directions(theirs)
 
 
-def _weights_match(published: pd.Series, weights: dict) -> bool:
-    if any(float(w) > 0 for name, w in weights.items() if name not in TERMS):
-        return False  # a term the paper does not have (jm2_log, jm2_rel)
-    for term in TERMS:
-        ours = float(weights.get(term, 0.0))
-        theirs = published[term]
-        if theirs == "*":
-            if ours <= 0:
-                return False
-        elif abs(ours - float(theirs)) > 1e-12:
-            return False
-    return True
-
-
-def paper_value(dense_model: str, pr_label: str, criterion: str, weights: dict | None):
-    """(published FID, where) for the same experiment in the paper, or (None, '')."""
-    table = published_results()
-    table = table[(table.dense_model == dense_model) & (table.pr_label == pr_label)]
-    for _, row in table.iterrows():
-        if pr_label == "dense" or (row.criterion == criterion and _weights_match(row, weights)):
-            return float(row.fid), row["where"]  # not row.where: that is pandas' Series.where
+def paper_value(dense_model: str, pr_label: str, criterion: str, objective: dict | None):
+    """(published FID, where) of the same experiment in the paper (igsm/paper_tables.yaml: the same
+    dense model, pruning-ratio label, criterion and objective settings), or (None, '')."""
+    for entry in published_fids():
+        if entry["dense"] != dense_model:
+            continue
+        if pr_label == "dense":
+            if entry["pr"] is None:
+                return entry["fid"], entry["where"]
+        elif (entry["pr"] is not None and pr_label and abs(float(pr_label) - entry["pr"]) < 1e-9
+              and entry["criterion"] == criterion and objective and same_objective(objective, entry["objective"])):
+            return entry["fid"], entry["where"]
     return None, ""
 
 
-def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]) -> pd.DataFrame:
+def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict],
+               objectives: dict | None = None) -> pd.DataFrame:
     """One table row per scored model; ``rows`` hold the paths of its JSON files (rules/common.smk
     ``table_rows``): ``metadata`` (what the model is: results/variants/<exp>/<variant>.json),
-    ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` where it has them."""
+    ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` where it has them; ``objectives``:
+    the config's objectives (their directions; the metadata holds the weights). A block-reuse
+    variant gets no paper value: the paper's FIDs are of the full sampler."""
     out = []
     for entry in rows:
         meta, fid, eff = _load(entry["metadata"]), _load(entry["fid"]), _load(entry["efficiency"])
@@ -62,7 +67,11 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
         timing = summary.get("timing", {})
         variant = meta["variant"]
         label = report.get("paper_label", "") if report else ("dense" if meta["kind"] == "dense" else "")
-        paper_fid, where = paper_value(dense_model, label, meta["criterion"], meta["weights"])
+        objective = None
+        if meta["weights"] is not None:
+            objective = {**(objectives or {}).get(meta["objective"], {}), "weights": meta["weights"]}
+        paper_fid, where = (None, "") if meta["kind"] == "reuse" else \
+            paper_value(dense_model, label, meta["criterion"], objective)
         out.append({
             "experiment": experiment,
             "dataset": dataset,

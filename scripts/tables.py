@@ -7,6 +7,6 @@ from igsm.tables import build_rows, write_tables
 
 sys.stderr = open(snakemake.log[0], "w")
 params = snakemake.params
-table = build_rows(snakemake.wildcards.exp, params.dataset, params.pretrained, params.rows)
+table = build_rows(snakemake.wildcards.exp, params.dataset, params.pretrained, params.rows, params.objectives)
 write_tables(table, snakemake.output.markdown, snakemake.output.csv, snakemake.output.latex,
              title=f"{snakemake.wildcards.exp} ({params.dataset})")

@@ -7,24 +7,26 @@ import json
 import pandas as pd
 import pytest
 
-from igsm import tables
+from igsm import paper_tables, tables
 
 DENSE = "google/ddpm-cifar10-32"
 IGSM = {"np": 1.0, "kd": 1.0, "jm2": 0.1}   # paper Table 1, PR 0.44: FID 4.58
 NP = {"np": 1.0}                            # Diff-Pruning, PR 0.44: 5.29
-CSV = pd.read_csv(tables.__file__.replace("tables.py", "paper_results.csv"), dtype=str, keep_default_na=False)
+OTD = {"weights": IGSM, "directions": "otd", "otd": {"dt": 0.01, "steps": 2, "prob": 0.5}}  # Table 13: 4.63
+SPEC = paper_tables.load_spec()
+OBJECTIVES = {"igsm": {"weights": IGSM}, "np": {"weights": NP}, "otd": OTD}  # the config's, as the rule passes them
 
 
-def paper_fid(pr_label, criterion, **weights):
-    """The published FID, read from the CSV here (not through igsm.tables' matching)."""
-    rows = CSV[(CSV.dense_model == DENSE) & (CSV.pr_label == pr_label)]
-    if pr_label != "dense":
-        rows = rows[rows.criterion == criterion]
-        for term in tables.TERMS:
-            wanted = float(weights.get(term, 0.0))
-            rows = rows[rows[term].map(lambda v: v != "*" and float(v) == wanted)]
-    assert len(rows) == 1
-    return float(rows.fid.iloc[0])
+def paper_fid(method, section="CIFAR-10 (32×32)"):
+    """A published FID of Table 1, read from igsm/paper_tables.yaml here (not through igsm.tables'
+    matching)."""
+    rows = next(s["rows"] for s in SPEC["tables"]["table1"]["sections"] if s["name"] == section)
+    return next(r["paper"]["fid"] for r in rows if r["method"] == method)
+
+
+def ablation_fid(criterion):
+    """Diff-Pruning's own ablation (other_published)."""
+    return next(e["fid"] for e in SPEC["other_published"] if e["criterion"] == criterion)
 
 
 def write(path, payload):
@@ -34,14 +36,14 @@ def write(path, payload):
 
 
 def results(tmp_path, variant, fid, params, macs, label=None, steps=None, criterion="", ratio=None,
-            objective=None):
+            objective=None, kind=None):
     """The files the workflow writes for one scored model (rules/common.smk table_rows): what it
     is (results/variants/…json, from the config) and its numbers."""
     base = tmp_path / variant.replace("/", "__")
     finetuned = objective is not None
-    meta = {"variant": variant, "kind": "finetuned" if finetuned else variant, "criterion": criterion,
+    meta = {"variant": variant, "kind": kind or ("finetuned" if finetuned else variant), "criterion": criterion,
             "channel_ratio": ratio, "objective": objective or variant,
-            "weights": {"igsm": IGSM, "np": NP}[objective] if finetuned else None,
+            "weights": OBJECTIVES[objective]["weights"] if finetuned else None,
             "pruned": variant.split("/")[0] if finetuned else None}
     entry = {
         "metadata": write(base / "variant.json", meta),
@@ -66,8 +68,14 @@ def table(tmp_path):
                     "diff-pruning", 0.3, "np"),
             results(tmp_path, "magnitude-cr0.3/np", 5.40, 19.85e6, 3.39e9, "0.44", 100000, "magnitude", 0.3, "np"),
             results(tmp_path, "diff-pruning-cr0.45/np", 7.00, 12e6, 2.2e9, "0.64", 100000,
-                    "diff-pruning", 0.45, "np")]
-    return tables.build_rows("cifar10_unet", "cifar10", DENSE, rows).set_index("model")
+                    "diff-pruning", 0.45, "np"),
+            results(tmp_path, "diff-pruning-cr0.4/np", 6.00, 14.32e6, 2.74e9, "0.56", 100000,
+                    "diff-pruning", 0.4, "np"),
+            results(tmp_path, "diff-pruning-cr0.3/otd", 4.70, 19.85e6, 3.39e9, "0.44", 100000,
+                    "diff-pruning", 0.3, "otd"),
+            results(tmp_path, "diff-pruning-cr0.3/igsm/reuse-cache-f0.5", 4.80, 19.85e6, 3.39e9, "0.44", 100000,
+                    "diff-pruning", 0.3, "igsm", kind="reuse")]
+    return tables.build_rows("cifar10_unet", "cifar10", DENSE, rows, OBJECTIVES).set_index("model")
 
 
 def test_paper_column_holds_the_papers_number_and_ours_holds_ours(table):
@@ -75,11 +83,11 @@ def test_paper_column_holds_the_papers_number_and_ours_holds_ours(table):
     looked up for the wrong experiment (criterion, objective weights or PR label ignored), and a difference
     taken the other way round (paper − ours) or unsigned. The hand-made FIDs put ours below the
     paper's for one row and above for another, so both signs are exercised."""
-    expected = {"dense": (4.35, paper_fid("dense", "")),
-                "diff-pruning-cr0.3/igsm": (4.50, paper_fid("0.44", "diff-pruning", **IGSM)),
-                "diff-pruning-cr0.3/np": (5.61, paper_fid("0.44", "diff-pruning", **NP)),
-                "magnitude-cr0.3/np": (5.40, paper_fid("0.44", "magnitude", **NP))}
-    assert [p for _, p in expected.values()] == [4.19, 4.58, 5.29, 5.48]  # the CSV's published numbers
+    expected = {"dense": (4.35, paper_fid("Dense")),
+                "diff-pruning-cr0.3/igsm": (4.50, paper_fid("IGSM")),
+                "diff-pruning-cr0.3/np": (5.61, paper_fid("Diff-Pruning")),
+                "magnitude-cr0.3/np": (5.40, ablation_fid("magnitude"))}
+    assert [p for _, p in expected.values()] == [4.19, 4.58, 5.29, 5.48]  # the spec's published numbers
     for model, (ours, paper) in expected.items():
         row = table.loc[model]
         assert row.fid == ours and row.paper_fid == paper, model
@@ -88,11 +96,25 @@ def test_paper_column_holds_the_papers_number_and_ours_holds_ours(table):
 
 
 def test_paper_source_names_the_papers_table(table):
-    """Catches the source column holding anything but the CSV's 'where' text (it held a bound
-    method's repr while the code read ``row.where``, which is pandas' ``Series.where``)."""
-    assert table.loc["dense", "paper_source"] == "IGSM Table 1"
-    assert table.loc["diff-pruning-cr0.3/igsm", "paper_source"] == "IGSM Table 1"
+    """Catches the source column holding anything but the table and row the value is from (it held
+    a bound method's repr while the code read ``row.where``, which is pandas' ``Series.where``), and
+    a value two tables print differently shown without the other."""
+    assert table.loc["dense", "paper_source"] == "IGSM Table 1 (Dense)"
+    assert table.loc["diff-pruning-cr0.3/igsm", "paper_source"] == "IGSM Table 1 (IGSM)"
     assert table.loc["diff-pruning-cr0.3/np", "paper_source"] == "IGSM Table 1 (Diff-Pruning)"
+    assert table.loc["magnitude-cr0.3/np", "paper_source"] == "Diff-Pruning ablation"
+    row = table.loc["diff-pruning-cr0.4/np"]
+    assert (row.paper_fid, row.paper_source) == (6.36, "IGSM Table 5 (DP, PR 0.56; Table 10: 6.49)")
+
+
+def test_objective_settings_beyond_the_weights_pick_the_papers_row(table):
+    """Catches matching on the weights alone: an OTD run (IGSM's weights, OTD directions) is Table
+    13's row with its Δt, step and Prob, not IGSM's 4.58; a block-reuse variant of the IGSM model
+    samples otherwise than the paper and gets no paper value."""
+    otd = table.loc["diff-pruning-cr0.3/otd"]
+    assert (otd.paper_fid, otd.paper_source) == (4.63, "IGSM Table 13 (Δt 0.01, step 2, Prob 0.5)")
+    reuse = table.loc["diff-pruning-cr0.3/igsm/reuse-cache-f0.5"]
+    assert pd.isna(reuse.paper_fid) and reuse.paper_source == ""
 
 
 def test_rows_the_paper_lacks_have_no_paper_value(table):
