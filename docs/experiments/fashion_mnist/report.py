@@ -253,6 +253,9 @@ def ladder_plot(gaps: list[dict], out: Path) -> None:
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set(title=f"channel ratio {ratio}: FID − FID(NP+KD), same seed", xlabel="finetune steps",
                  xscale="log", ylabel="FID gap (below 0: the Jacobian objective wins)")
+        rungs = sorted({g["steps"] for g in gaps})
+        axis.set_xticks(rungs, [f"{s:,}" for s in rungs])
+        axis.minorticks_off()
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
