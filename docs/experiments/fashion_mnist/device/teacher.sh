@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On the lent GPU (README "What the next run needs"): set up, then train the teacher through the
+# workflow in the background, in two stages (10,000 then 12,500 steps, the second resuming from the
+# first's snapshot), as run.sh does. Needs `device.sh pack .device` here and `carry: [".device"]`.
+set -euo pipefail
+cd "$(dirname "$0")/../../../.."
+bash docs/experiments/fashion_mnist/device/device.sh unpack .device
+command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
+mkdir -p /root/repo /root/fm/teacher_curve
+tar --exclude=./.device -cf - . | tar -xf - -C /root/repo
+cd /root/repo
+export PYTHONPATH=/tmp/site:/root/repo PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+python3 -c "import snakemake, igsm.cli, torch_pruning, diffusers, cleanfid; print('imports ok', torch_pruning.__version__)"
+nvidia-smi --query-gpu=name,memory.total --format=csv
+cat > /root/stages.sh <<'SH'
+set -e
+for steps in 10000 12500; do
+  python3 -c "
+import sys, yaml
+c = yaml.safe_load(open('/root/repo/config/fashion_mnist.yaml'))
+c['experiments']['fmnist_unet']['dense']['training']['num_steps'] = int(sys.argv[1])
+yaml.safe_dump(c, open('/root/fm/teacher_curve/config-%s.yaml' % sys.argv[1], 'w'), sort_keys=False)" $steps
+  python3 -m snakemake -s /root/repo/Snakefile -d /root/fm --profile /root/repo/profiles/local \
+    --resources gpu=1 --cores 16 --configfile /root/fm/teacher_curve/config-$steps.yaml \
+    results/dense/fmnist_unet/trained/model
+  cp -a /root/fm/results/dense/fmnist_unet/trained /root/fm/teacher_curve/trained-$steps.tmp
+  mv /root/fm/teacher_curve/trained-$steps.tmp /root/fm/teacher_curve/trained-$steps
+done
+SH
+setsid nohup bash /root/stages.sh > /root/fm.log 2>&1 < /dev/null &
+echo launched
