@@ -216,6 +216,8 @@ def test_outputs_equal_the_local_run(slurm_run, demo_run):
             continue
         if "exploding" in relative.parts:  # test_workflow.py's deliberately failed run
             continue
+        if local.name in ("verified.json", ".config"):  # the store's stat record, results/ owner: per folder
+            continue
         if relative.parts[1] == "reuse" or any(part.startswith("reuse-") for part in relative.parts):
             continue  # block-reuse variants: not in the SLURM run
         remote = workdir / relative
@@ -252,6 +254,7 @@ def test_multi_node_finetune_is_submitted_as_documented(slurm_cluster, demo_run,
     local_dir, config = demo_run
     for stage in ("data", "untrained", "dense", "prune"):
         shutil.copytree(local_dir / "results" / stage, tmp_path / "results" / stage)  # mtimes kept
+    shutil.copy(local_dir / "results" / ".config", tmp_path / "results" / ".config")  # the same config's
     config = {**config, "resources": {"finetune": {"gpu": 2, "nodes": 2, "threads": 1}}}
     target = "results/finetune/digits_unet/diff-pruning-cr0.3/np/model"
     proc = snakemake_in(tmp_path, config, target, profile="slurm-test", timeout=300)
