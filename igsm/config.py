@@ -255,8 +255,8 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
 def _pretrained_folder_errors(config: dict, name: str, exp: dict) -> list[str]:
     """A local folder as a U-Net experiment's dense.pretrained, against the experiment: the network
     its config file declares (architecture.json or diffusers' config.json) must be a U-Net taking
-    the dataset's image size and channels. Hub models are checked by the job that fetches them
-    (igsm pretrained --expect); U-ViT experiments take a checkpoint file, checked above."""
+    the dataset's image size and channels. Hub models are checked by their prune job, the first that
+    has both the model and the data (igsm.cli); U-ViT experiments take a checkpoint file, checked above."""
     from igsm.models import local_pretrained_declaration, pretrained_mismatches
 
     pretrained, key = exp["dense"]["pretrained"], f"experiments.{name}.dense.pretrained"
