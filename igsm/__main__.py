@@ -1,13 +1,10 @@
 import sys
 
 from igsm.cli import main
+from igsm.data.common import WriteError
 
 try:
     main()
-except OSError as err:
-    from igsm.data.common import WriteError
-
-    if not isinstance(err, WriteError):
-        raise
+except WriteError as err:
     # A full disk in any stage: the file it was writing and the space left, not a traceback.
     sys.exit(f"Error: {err}")

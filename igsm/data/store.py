@@ -25,7 +25,7 @@ it hashed when writing them, so in the workflow no job hashes a store again unle
 (or the store was copied elsewhere): then the first job that opens it hashes those files once
 (1–3 s per 1 GiB shard on one CPU core) and records them. A mismatch is an error naming the file.
 
-The writer fills a temporary sibling folder (``.<name>.XXXXXXXX``) and renames it into place when
+The writer fills a temporary sibling folder (``.<name>.`` and 8 random characters) and renames it into place when
 complete: a folder named like a store is always a whole one. It first removes such folders that a
 killed writer of the same store left behind (Snakemake runs one job per output at a time).
 """

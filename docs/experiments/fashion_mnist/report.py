@@ -47,6 +47,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from igsm.data import file_digest  # noqa: E402
+from igsm.plots import plot_gradient_share  # noqa: E402
+
 EXPERIMENTS = ("fmnist_unet", "fmnist_unet_seed1", "fmnist_unet_variants", "fmnist_gradient_flow", "fmnist_reuse")
 STAGES = ("download", "dense", "prune", "finetune", "sample", "fid_reference", "fid_statistics")
 TEACHER = "fmnist_unet"          # the experiment that trains (or loads) the teacher
@@ -62,19 +65,11 @@ def metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def folder_digest(folder: Path) -> str:
     """One sha256 over a model folder's files (names and contents), in name order."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(folder)}:{sha256(path)};".encode())
+        digest.update(f"{path.relative_to(folder)}:{file_digest(path)};".encode())
     return digest.hexdigest()
 
 
@@ -105,11 +100,10 @@ def collect(work: Path, raw: Path) -> None:
             reference = Path(read_json(score)["reference"])
             reference = reference if reference.is_absolute() else work / reference
             if reference.exists():
-                digests["reference"][str(reference.relative_to(work))] = sha256(reference)
+                digests["reference"][str(reference.relative_to(work))] = file_digest(reference)
             folder = teacher_folder(results) if variant == "dense" else (results / "finetune" / exp / variant)
-            for name in ("summary.json",):
-                if (folder / name).exists():
-                    shutil.copy(folder / name, out / name)
+            if (folder / "summary.json").exists():
+                shutil.copy(folder / "summary.json", out / "summary.json")
             if (folder / "metrics.jsonl").exists():
                 lines = (folder / "metrics.jsonl").read_text().splitlines()
                 (out / "metrics.jsonl").write_text("".join(line + "\n" for line in thinned(lines)))
@@ -397,8 +391,6 @@ def build(raws: list[Path], out: Path) -> None:
                  for path in sorted((raw / "models" / exp).glob("*/*/metrics.jsonl"))
                  if any(k.startswith("jm") for k in (metrics(path) or [{}])[0])}
     if diagnosed:
-        from igsm.plots import plot_gradient_share
-
         plot_gradient_share(diagnosed, out / "gradient_share.png")
 
 
