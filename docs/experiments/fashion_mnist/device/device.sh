@@ -51,8 +51,10 @@ unpack)
         python3 -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null \
             || missing+=("$wheel")
     done
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-        "${missing[@]}"
+    if [ ${#missing[@]} -gt 0 ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+            "${missing[@]}"
+    fi
     cp "$src"/data/*.gz "$DATA"/
     echo "installed ${#missing[@]} wheels into /tmp/site" ;;
 *)

@@ -4,10 +4,11 @@
 # not depend on the teacher's weights). Then solo-wait.sh, in the same call.
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
-bash docs/experiments/fashion_mnist/device/device.sh unpack .device
+# After teacher.sh (THEN_SOLO=1) it runs from /root/repo, where the wheels are already unpacked.
+[ -d .device ] && bash docs/experiments/fashion_mnist/device/device.sh unpack .device
 command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
 mkdir -p /root/repo /root/solo
-tar --exclude=./.device -cf - . | tar -xf - -C /root/repo
+[ "$PWD" = /root/repo ] || tar --exclude=./.device -cf - . | tar -xf - -C /root/repo
 cd /root/repo
 export PYTHONPATH=/tmp/site:/root/repo PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee /root/solo/gpu.txt

@@ -2,6 +2,8 @@
 # On the lent GPU (README "What the next run needs"): set up, then train the teacher through the
 # workflow in the background, in two stages (10,000 then 12,500 steps, the second resuming from the
 # first's snapshot), as run.sh does. Needs `device.sh pack .device` here and `carry: [".device"]`.
+# TEACHER_STAGES="10000" stops after the first stage; THEN_SOLO=1 runs solo.sh once the teacher is
+# done (the card is then free again, so the solo timings stay solo).
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 bash docs/experiments/fashion_mnist/device/device.sh unpack .device
@@ -14,7 +16,7 @@ python3 -c "import snakemake, igsm.cli, torch_pruning, diffusers, cleanfid; prin
 nvidia-smi --query-gpu=name,memory.total --format=csv
 cat > /root/stages.sh <<'SH'
 set -e
-for steps in 10000 12500; do
+for steps in $TEACHER_STAGES; do
   python3 -c "
 import sys, yaml
 c = yaml.safe_load(open('/root/repo/config/fashion_mnist.yaml'))
@@ -28,6 +30,7 @@ yaml.safe_dump(c, open('/root/fm/teacher_curve/config-%s.yaml' % sys.argv[1], 'w
   cp -a /root/fm/results/dense/fmnist_unet/trained /root/fm/teacher_curve/trained-$steps.tmp
   mv /root/fm/teacher_curve/trained-$steps.tmp /root/fm/teacher_curve/trained-$steps
 done
+if [ -n "$THEN_SOLO" ]; then bash /root/repo/docs/experiments/fashion_mnist/device/solo.sh; fi
 SH
-setsid nohup bash /root/stages.sh > /root/fm.log 2>&1 < /dev/null &
+TEACHER_STAGES=${TEACHER_STAGES:-10000 12500} THEN_SOLO=${THEN_SOLO:-} setsid nohup bash /root/stages.sh > /root/fm.log 2>&1 < /dev/null &
 echo launched
