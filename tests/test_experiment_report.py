@@ -39,6 +39,18 @@ def test_a_number_that_disagrees_with_its_file_is_named(report, tmp_path, capsys
     assert "7.76" in out and "the file gives 7.6698" in out
 
 
+def test_a_ratio_of_two_files_reads_the_second_file(report, tmp_path, capsys):
+    # Bug caught: "A over @OTHER B" dividing by A's own file (a ratio of 1.00 would then pass).
+    shutil.copytree(EXPERIMENT, tmp_path / "fm", ignore=shutil.ignore_patterns("*.png"))
+    readme = tmp_path / "fm" / "README.md"
+    text = readme.read_text()
+    tag = "1.69×**<!-- = run10/solo/igsm_every4/summary.json json timing.sec_per_step over @run10/solo/np_kd/"
+    assert tag in text
+    readme.write_text(text.replace(tag, tag.replace("1.69", "1.00"), 1))
+    assert report.check(readme) == 1
+    assert "the file gives 1.6861" in capsys.readouterr().out
+
+
 def write_json(path: Path, payload) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload))

@@ -26,7 +26,8 @@ seed spread). It refuses RAW folders whose reference statistics or pruned studen
 must be what FILE (relative to the README) gives, rounded to the decimals written. SELECTOR is
 ``COLUMN key=value ...`` for a CSV (the rows whose fields match; ``a–b`` before the tag checks the
 smallest and largest of them, a single number needs exactly one row), or ``json KEY.KEY...`` for a
-JSON file; ``SELECTOR minus SELECTOR`` and ``SELECTOR over SELECTOR`` give a difference or a ratio.
+JSON file; ``SELECTOR minus SELECTOR`` and ``SELECTOR over SELECTOR`` give a difference or a ratio
+(the second may read another file: ``… over @OTHER_FILE SELECTOR``).
 Exit 1, listing each number that does not match the files.
 """
 
@@ -442,7 +443,12 @@ def check(readme: Path) -> int:
         try:
             if " minus " in selector or " over " in selector:
                 op = " minus " if " minus " in selector else " over "
-                left, right = (_select(path, part) for part in selector.split(op))
+                left_selector, right_selector = selector.split(op)
+                right_path = path
+                if right_selector.startswith("@"):
+                    other, right_selector = right_selector[1:].split(" ", 1)
+                    right_path = readme.parent / other
+                left, right = _select(path, left_selector), _select(right_path, right_selector)
                 if len(left) != 1 or len(right) != 1:
                     raise ValueError(f"{len(left)} and {len(right)} rows match (need one each)")
                 values = [left[0] - right[0] if op == " minus " else left[0] / right[0]]

@@ -12,7 +12,7 @@ mkdir -p /root/repo /root/fm/teacher_curve
 tar --exclude=./.device -cf - . | tar -xf - -C /root/repo
 cd /root/repo
 export PYTHONPATH=/tmp/site:/root/repo PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
-python3 -c "import snakemake, igsm.cli, torch_pruning, diffusers, cleanfid; print('imports ok', torch_pruning.__version__)"
+python3 -c "import snakemake, igsm.cli, torch_pruning, diffusers, cleanfid; import importlib.metadata as m; print('imports ok, torch-pruning', m.version('torch-pruning'))"
 nvidia-smi --query-gpu=name,memory.total --format=csv
 cat > /root/stages.sh <<'SH'
 set -e
