@@ -15,9 +15,12 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the workflow's DAG needs no torch
+    import torch
 
 URL_SCHEMES = ("http", "https", "file")
 
@@ -208,11 +211,15 @@ def read_npz(path: str | os.PathLike, names: tuple, kind: str, remedy: str = REM
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 N×H×W×C → float N×C×H×W in [−1, 1], the range the networks model."""
+    import torch
+
     x = torch.as_tensor(images_uint8)
     return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float N×C×H×W in [−1, 1] → uint8 N×H×W×C, rounding as image writers do."""
+    import torch
+
     x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()

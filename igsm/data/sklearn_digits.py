@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from igsm.data.sources import register
 
 
 def load_sklearn_digits(image_size: int) -> dict:
+    import torch
     from sklearn.datasets import load_digits
 
     digits = load_digits()
