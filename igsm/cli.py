@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from igsm import reuse_methods  # torch-free: the method names of `reuse-plan --method`
+
 
 def _json(ctx, param, value):
     if value is None:
@@ -627,7 +629,7 @@ def fid_score(statistics, reference, out, settings, threads):
 
 @main.command("reuse-plan")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--method", required=True, type=click.Choice(["dipgo", "deepcache", "reuse-eps"]))
+@click.option("--method", required=True, type=click.Choice(reuse_methods.plan_methods()))
 @click.option("--mac-fraction", required=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of the dense sampler's MACs still executed, averaged over the steps.")
 @click.option("--sample-settings", required=True, callback=_json, help="JSON 'sample' settings (+ 'diffusion').")
@@ -638,18 +640,17 @@ def fid_score(statistics, reference, out, settings, threads):
 @DEVICE
 @THREADS
 def reuse_plan(model_dir, method, mac_fraction, sample_settings, learn_settings, out, picture, device, threads):
-    """The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse):
+    """The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse_methods):
     DiP-GO learns it on the sampler's own chains; deepcache and reuse-eps follow a rule."""
     from igsm.models import load_model
-    from igsm.reuse import make_plan
 
     _setup(threads)
     device = _device(device)
     with _readable_inputs():
         net = load_model(model_dir, device)
     try:
-        plan = make_plan(net, method, mac_fraction, sample_settings, _schedule(sample_settings),
-                         learn_settings, device=device)
+        plan = reuse_methods.make_plan(net, method, mac_fraction, sample_settings, _schedule(sample_settings),
+                                       learn_settings, device=device)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     if picture:

@@ -24,6 +24,7 @@ import yaml
 
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
+from igsm import reuse_methods
 from igsm.models import architecture_family, looks_like_local_path
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
@@ -305,11 +306,17 @@ def _reuse_errors(key: str, exp: dict) -> list[str]:
     if sample["compile"]:
         errors.append(f"{key}.sample.compile: block reuse (reuse.models) runs the network eagerly; "
                       "set compile: false")
-    if "fewer-steps" in reuse["methods"]:
+    for name in reuse["methods"]:
+        try:  # the schema's enum is the registry's names: this only fails on an unvalidated config
+            method = reuse_methods.get(name, f"{key}.reuse.methods")
+        except ValueError as err:
+            errors.append(str(err))
+            continue
         for fraction in reuse["mac_fractions"]:
-            if sample["num_steps"] * fraction < 1:
-                errors.append(f"{key}.reuse.mac_fractions: {fraction} of {sample['num_steps']} sampler "
-                              "steps is less than one step (method fewer-steps)")
+            try:
+                method.sampler_steps(sample["num_steps"], fraction)
+            except ValueError as err:
+                errors.append(f"{key}.reuse.mac_fractions: {err} (method {name})")
     return errors
 
 
@@ -483,8 +490,17 @@ def schema_defaults(definition: str) -> dict:
 
 
 @functools.cache
-def _schema() -> dict:
+def _schema_file() -> dict:
     return yaml.safe_load(SCHEMA.read_text())
+
+
+def _schema() -> dict:
+    """The schema, with the enums that registries own filled in from them as they are now (a
+    member registered after the first validation counts too): reuse.methods."""
+    schema = copy.deepcopy(_schema_file())
+    schema["$defs"]["experiment"]["properties"]["reuse"]["properties"]["methods"]["items"]["enum"] = list(
+        reuse_methods.METHODS)
+    return schema
 
 
 def _filling_defaults(validator_class):
