@@ -363,7 +363,7 @@ def prune(model_dir, data, criterion, channel_ratio, out, report, settings, devi
 def _prune_with_gradient_flow(model_dir, images, channel_ratio, out, report, settings, device):
     """Gradient-flow pruning (settings' 'gradient_flow'): a short training run of the one loop,
     resumable from ``<out>/../checkpoints``, then the hard prune."""
-    from igsm.gradient_flow import prune_with_gradient_flow
+    from igsm.pruning.gradient_flow import prune_with_gradient_flow
     from igsm.models import load_model, save_model
     from igsm.training import TrainingOptions
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY_ARCHITECTURE
-from igsm import gradient_flow, pruning
+from igsm import pruning
+from igsm.pruning import gradient_flow
 from igsm.models import build_unet, count_parameters
 
 
