@@ -24,7 +24,7 @@ import yaml
 
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
-from igsm import reuse_methods
+from igsm import pruning, reuse_methods
 from igsm.models import architecture_family, looks_like_local_path
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
@@ -233,6 +233,7 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
                           f"the {processes} training processes (resources.{stage}: gpu × nodes); the "
                           "global batch is divided evenly between GPUs")
     sample = exp["sample"]
+    errors += _pruning_errors(key, exp)
     errors += _reuse_errors(key, exp)
     if sample["num_images"] < FID_MIN_IMAGES:  # the schema's minimum, so only after `scale`
         errors.append(f"scale.samples: {config['scale']['samples']} leaves {key}.sample.num_images at "
@@ -291,6 +292,27 @@ def scored_model_names(exp: dict) -> list[str]:
         pruned = pruned_model_name(run.get("criterion", exp["prune"]["criterion"]), run["channel_ratio"])
         names += [f"{pruned}/{objective}" for objective in run["objectives"]]
     return names
+
+
+def pruning_method(exp: dict, criterion: str) -> pruning.PruningMethod:
+    """The pruning method that makes '<criterion>-cr<ratio>' of a checked experiment: its
+    prune.method, or the method taking the criterion (igsm.pruning.methods)."""
+    return pruning.method_for(criterion, exp["prune"].get("method"))
+
+
+def _pruning_errors(key: str, exp: dict) -> list[str]:
+    """prune.method against each criterion used: prune.criterion and the runs' own."""
+    used = [(f"{key}.prune.criterion", exp["prune"]["criterion"])]
+    used += [(f"{key}.finetune.runs[{i}].criterion", run["criterion"])
+             for i, run in enumerate(exp["finetune"]["runs"]) if "criterion" in run]
+    errors = []
+    for criterion_key, criterion in used:
+        try:
+            pruning.method_for(criterion, exp["prune"].get("method"), criterion_key=criterion_key,
+                               method_key=f"{key}.prune.method")
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
 
 
 def _reuse_errors(key: str, exp: dict) -> list[str]:
@@ -496,10 +518,15 @@ def _schema_file() -> dict:
 
 def _schema() -> dict:
     """The schema, with the enums that registries own filled in from them as they are now (a
-    member registered after the first validation counts too): reuse.methods."""
+    member registered after the first validation counts too): reuse.methods, prune.method and
+    the criteria (prune.criterion, finetune.runs[].criterion)."""
     schema = copy.deepcopy(_schema_file())
-    schema["$defs"]["experiment"]["properties"]["reuse"]["properties"]["methods"]["items"]["enum"] = list(
-        reuse_methods.METHODS)
+    experiment = schema["$defs"]["experiment"]["properties"]
+    experiment["reuse"]["properties"]["methods"]["items"]["enum"] = list(reuse_methods.METHODS)
+    prune = experiment["prune"]["properties"]
+    prune["method"]["enum"] = list(pruning.METHODS)
+    prune["criterion"]["enum"] = pruning.criteria()
+    experiment["finetune"]["properties"]["runs"]["items"]["properties"]["criterion"]["enum"] = pruning.criteria()
     return schema
 
 

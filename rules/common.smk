@@ -39,7 +39,7 @@ wildcard_constraints:
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
 from igsm.config import (ConfigError, apply_scale, check_config, check_writable, pruned_model_name,
-                         training_job)
+                         pruning_method, training_job)
 from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
 from igsm.models import architecture_family
@@ -238,9 +238,15 @@ def table_inputs(exp):
 
 
 def flow_pictures(exp):
-    """The report picture of each gradient-flow pruning an experiment finetunes from."""
-    return sorted({f"results/prune/{exp}/{meta['pruned']}/masks.png" for meta in variant_metadata(exp).values()
-                   if meta["kind"] == "finetuned" and meta["criterion"] == "gradient-flow"})
+    """The report picture of each pruning an experiment finetunes from whose method makes one
+    (gradient flow's masks picture)."""
+    pictures = set()
+    for meta in variant_metadata(exp).values():
+        if meta["kind"] == "finetuned":
+            picture = pruning_method(EXPERIMENTS[exp], meta["criterion"]).report_picture
+            if picture:
+                pictures.add(f"results/prune/{exp}/{meta['pruned']}/{picture}")
+    return sorted(pictures)
 
 
 # ---- sampling (stage 5) and efficiency ------------------------------------------------------
