@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from igsm import pruning, reuse_methods
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
-from igsm import pruning, reuse_methods
 from igsm.models import architecture_family, looks_like_local_path
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
