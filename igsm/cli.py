@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from igsm import reuse_methods  # torch-free: the method names of `reuse-plan --method`
+
 
 def _json(ctx, param, value):
     if value is None:
@@ -329,55 +331,29 @@ def _check_teacher_fits(model_dir, data, shape) -> None:
 @DEVICE
 @THREADS
 def prune(model_dir, data, criterion, channel_ratio, out, report, settings, device, threads):
-    """Structural pruning at one channel ratio (settings: the experiment's 'prune')."""
-    import torch
-
-    from igsm.data import load_images, to_model_range
+    """Structural pruning at one channel ratio by the pruning method of CRITERION (settings: the
+    experiment's 'prune'; its 'method', if set, must take the criterion)."""
+    from igsm.config import schema_defaults
+    from igsm.data import load_images
     from igsm.models import load_model, save_model
-    from igsm.pruning import prune as prune_net
+    from igsm.pruning import method_for
 
     _setup(threads)
+    try:
+        method = method_for(criterion, settings.get("method"), criterion_key="--criterion",
+                            method_key="--settings: method")
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    if method.settings_key:  # the method's own section, completed with the schema's defaults
+        settings = {**settings, method.settings_key: {**schema_defaults(method.settings_key),
+                                                      **settings.get(method.settings_key, {})}}
     with _readable_inputs():
         images = load_images(data)
     _check_teacher_fits(model_dir, data, images.shape)
-    if criterion == "gradient-flow":
-        _prune_with_gradient_flow(model_dir, images, channel_ratio, out, report, settings, device)
-        return
-    generator = torch.Generator().manual_seed(settings.get("seed", 0))
-    pick = torch.randperm(len(images), generator=generator)[: settings.get("num_images", 128)]
-    x0 = to_model_range(images[pick.numpy()]).to(_device(device))
     try:
-        pruned, result = prune_net(load_model(model_dir).to(x0.device), criterion=criterion,
-                                   channel_ratio=channel_ratio, images=x0,
-                                   # Diff-Pruning walks integer steps: a VP-SDE's at t = k/999.
-                                   schedule=_schedule(settings).integer_steps(),
-                                   thr=settings.get("thr", 0.05), seed=settings.get("seed", 0))
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
-    save_model(pruned.cpu(), out, extra={"pruned_from": model_dir, "pruning": result})
-    _write_json(report, result)
-
-
-def _prune_with_gradient_flow(model_dir, images, channel_ratio, out, report, settings, device):
-    """Gradient-flow pruning (settings' 'gradient_flow'): a short training run of the one loop,
-    resumable from ``<out>/../checkpoints``, then the hard prune."""
-    from igsm.gradient_flow import prune_with_gradient_flow
-    from igsm.models import load_model, save_model
-    from igsm.training import TrainingOptions
-
-    from igsm.config import schema_defaults
-
-    flow = {**schema_defaults("gradient_flow"), **settings.get("gradient_flow", {})}
-    options = TrainingOptions.from_dict({
-        "num_steps": flow["num_steps"], "batch_size": flow["batch_size"], "lr": flow["lr"],
-        "checkpoint_every": flow["checkpoint_every"], "seed": settings.get("seed", 0),
-        "objective": {"weights": {"np": 1.0}}})
-    folder = Path(out).parent
-    try:
-        pruned, result = prune_with_gradient_flow(
-            load_model(model_dir), images, _schedule(settings), channel_ratio=channel_ratio, options=options,
-            checkpoint_dir=folder / "checkpoints", metrics_path=folder / "flow_metrics.jsonl",
-            r=flow["r"], device=_device(device))
+        pruned, result = method.prune(load_model(model_dir), images, criterion=criterion, channel_ratio=channel_ratio,
+                                      settings=settings, schedule=_schedule(settings), folder=Path(out).parent,
+                                      device=_device(device))
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     save_model(pruned.cpu(), out, extra={"pruned_from": model_dir, "pruning": result})
@@ -627,7 +603,7 @@ def fid_score(statistics, reference, out, settings, threads):
 
 @main.command("reuse-plan")
 @click.option("--model", "model_dir", required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--method", required=True, type=click.Choice(["dipgo", "deepcache", "reuse-eps"]))
+@click.option("--method", required=True, type=click.Choice(reuse_methods.plan_methods()))
 @click.option("--mac-fraction", required=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of the dense sampler's MACs still executed, averaged over the steps.")
 @click.option("--sample-settings", required=True, callback=_json, help="JSON 'sample' settings (+ 'diffusion').")
@@ -638,18 +614,17 @@ def fid_score(statistics, reference, out, settings, threads):
 @DEVICE
 @THREADS
 def reuse_plan(model_dir, method, mac_fraction, sample_settings, learn_settings, out, picture, device, threads):
-    """The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse):
+    """The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse_methods):
     DiP-GO learns it on the sampler's own chains; deepcache and reuse-eps follow a rule."""
     from igsm.models import load_model
-    from igsm.reuse import make_plan
 
     _setup(threads)
     device = _device(device)
     with _readable_inputs():
         net = load_model(model_dir, device)
     try:
-        plan = make_plan(net, method, mac_fraction, sample_settings, _schedule(sample_settings),
-                         learn_settings, device=device)
+        plan = reuse_methods.make_plan(net, method, mac_fraction, sample_settings, _schedule(sample_settings),
+                                       learn_settings, device=device)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     if picture:

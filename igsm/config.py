@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from igsm import pruning, reuse_methods
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
 from igsm.models import architecture_family, looks_like_local_path
@@ -232,6 +233,7 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
                           f"the {processes} training processes (resources.{stage}: gpu × nodes); the "
                           "global batch is divided evenly between GPUs")
     sample = exp["sample"]
+    errors += _pruning_errors(key, exp)
     errors += _reuse_errors(key, exp)
     if sample["num_images"] < FID_MIN_IMAGES:  # the schema's minimum, so only after `scale`
         errors.append(f"scale.samples: {config['scale']['samples']} leaves {key}.sample.num_images at "
@@ -292,6 +294,27 @@ def scored_model_names(exp: dict) -> list[str]:
     return names
 
 
+def pruning_method(exp: dict, criterion: str) -> pruning.PruningMethod:
+    """The pruning method that makes '<criterion>-cr<ratio>' of a checked experiment: its
+    prune.method, or the method taking the criterion (igsm.pruning.methods)."""
+    return pruning.method_for(criterion, exp["prune"].get("method"))
+
+
+def _pruning_errors(key: str, exp: dict) -> list[str]:
+    """prune.method against each criterion used: prune.criterion and the runs' own."""
+    used = [(f"{key}.prune.criterion", exp["prune"]["criterion"])]
+    used += [(f"{key}.finetune.runs[{i}].criterion", run["criterion"])
+             for i, run in enumerate(exp["finetune"]["runs"]) if "criterion" in run]
+    errors = []
+    for criterion_key, criterion in used:
+        try:
+            pruning.method_for(criterion, exp["prune"].get("method"), criterion_key=criterion_key,
+                               method_key=f"{key}.prune.method")
+        except ValueError as err:
+            errors.append(str(err))
+    return errors
+
+
 def _reuse_errors(key: str, exp: dict) -> list[str]:
     reuse, sample = exp["reuse"], exp["sample"]
     if not reuse["models"]:
@@ -305,11 +328,17 @@ def _reuse_errors(key: str, exp: dict) -> list[str]:
     if sample["compile"]:
         errors.append(f"{key}.sample.compile: block reuse (reuse.models) runs the network eagerly; "
                       "set compile: false")
-    if "fewer-steps" in reuse["methods"]:
+    for name in reuse["methods"]:
+        try:  # the schema's enum is the registry's names: this only fails on an unvalidated config
+            method = reuse_methods.get(name, f"{key}.reuse.methods")
+        except ValueError as err:
+            errors.append(str(err))
+            continue
         for fraction in reuse["mac_fractions"]:
-            if sample["num_steps"] * fraction < 1:
-                errors.append(f"{key}.reuse.mac_fractions: {fraction} of {sample['num_steps']} sampler "
-                              "steps is less than one step (method fewer-steps)")
+            try:
+                method.sampler_steps(sample["num_steps"], fraction)
+            except ValueError as err:
+                errors.append(f"{key}.reuse.mac_fractions: {err} (method {name})")
     return errors
 
 
@@ -483,8 +512,22 @@ def schema_defaults(definition: str) -> dict:
 
 
 @functools.cache
-def _schema() -> dict:
+def _schema_file() -> dict:
     return yaml.safe_load(SCHEMA.read_text())
+
+
+def _schema() -> dict:
+    """The schema, with the enums that registries own filled in from them as they are now (a
+    member registered after the first validation counts too): reuse.methods, prune.method and
+    the criteria (prune.criterion, finetune.runs[].criterion)."""
+    schema = copy.deepcopy(_schema_file())
+    experiment = schema["$defs"]["experiment"]["properties"]
+    experiment["reuse"]["properties"]["methods"]["items"]["enum"] = list(reuse_methods.METHODS)
+    prune = experiment["prune"]["properties"]
+    prune["method"]["enum"] = list(pruning.METHODS)
+    prune["criterion"]["enum"] = pruning.criteria()
+    experiment["finetune"]["properties"]["runs"]["items"]["properties"]["criterion"]["enum"] = pruning.criteria()
+    return schema
 
 
 def _filling_defaults(validator_class):

@@ -5,7 +5,7 @@ columns, each cell with the published value, ours, the difference and where ours
 ``paper_tables.yaml`` holds the layout and every published number the project uses; ours come
 from the per-experiment tables (``results/tables/<exp>.csv``, igsm/tables.py), i.e. from the FID,
 efficiency and training-summary JSON files of each scored model. The same file gives the rest of
-the package the paper's numbers: the pruning-ratio labels (:func:`pruning_points`, igsm/pruning.py)
+the package the paper's numbers: the pruning-ratio labels (:func:`pruning_points`, igsm/pruning/structural.py)
 and the per-experiment tables' paper column (:func:`published_fids`, igsm/tables.py). Every cell is
 one of:
 
@@ -152,7 +152,7 @@ def printed_as(count: float, printed: float) -> bool:
 def pruning_points() -> tuple[tuple[tuple[float, float], float, tuple[float, float]], ...]:
     """((dense params M, MACs G), PR label, (pruned params M, MACs G)) for every pruned model whose
     counts a table prints in a section that also prints its dense model (``pr: 0``): the paper's
-    pruning ratios, which are not one formula of the counts (igsm/pruning.py paper_label)."""
+    pruning ratios, which are not one formula of the counts (igsm/pruning/structural.py paper_label)."""
     points = []
     for table in load_spec()["tables"].values():
         for section in table["sections"]:

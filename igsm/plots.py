@@ -194,7 +194,7 @@ def plot_gradient_share(metrics_files: dict, path) -> None:
 
 
 def plot_flow_masks(report: dict, path) -> None:
-    """Gradient-flow pruning's own report (igsm.gradient_flow): each group's mask over the flow
+    """Gradient-flow pruning's own report (igsm.pruning.gradient_flow): each group's mask over the flow
     (mean, and the spread max − min that ranks its channels for the hard prune) beside the overall
     density, and each group's width before and after the hard prune. ``report``: the prune
     report's 'gradient_flow' section."""

@@ -48,13 +48,12 @@ from igsm.data import write_text_atomically
 from igsm.diffusion import VPSDE, NoiseSchedule
 from igsm.models import predict_noise
 from igsm.sampling import (Denoiser, ImageGenerators, ddim_sample, ddim_step, ddim_timesteps, euler_maruyama_grid,
-                           euler_maruyama_sample, euler_maruyama_step, sampler_kwargs)
+                           euler_maruyama_sample, euler_maruyama_step)
 
 REST = "rest"  # everything outside the blocks; it always runs and reads the last block's output
 REUSE, KEEP = 0, 1  # gate indices: (g_reuse, g_keep)
 PLAN_FORMAT = "igsm.reuse-plan"
 PLAN_VERSION = 1
-METHODS = ("dipgo", "deepcache", "reuse-eps", "dense")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,8 +214,8 @@ class ReusePlan:
             return f"macs name {sorted(self.macs)}, expected the blocks and {REST!r}"
         if any(not math.isfinite(v) or v < 0 for v in self.macs.values()):
             return f"macs must be finite and ≥ 0: {self.macs}"
-        if self.method not in METHODS:
-            return f"method {self.method!r}: choose one of {METHODS}"
+        if not isinstance(self.method, str) or not self.method:  # a name of igsm.reuse_methods, or dense
+            return f"method {self.method!r}: the name of the method that made the plan"
         return None
 
     @property
@@ -925,17 +924,6 @@ def reuse_eps_plan(graph: BlockGraph, macs: dict, timesteps, skipped_steps=None,
                      {"skipped_steps": skipped_steps})
 
 
-def fewer_steps_for_fraction(num_steps: int, mac_fraction: float) -> int:
-    """The "fewer DDIM steps" baseline: the most steps whose MACs are ≤ ``mac_fraction`` of
-    ``num_steps`` dense steps (every step costs the same)."""
-    if not 0 < mac_fraction <= 1:
-        raise ValueError(f"mac_fraction {mac_fraction} must lie in (0, 1]")
-    steps = math.floor(num_steps * mac_fraction + 1e-9)
-    if steps < 1:
-        raise ValueError(f"mac_fraction {mac_fraction} of {num_steps} steps is less than one step")
-    return steps
-
-
 # ---------------------------------------------------------------------------------------------
 # The workflow's entry points (igsm.cli reuse-plan, sample --plan, efficiency --plan)
 # ---------------------------------------------------------------------------------------------
@@ -954,26 +942,9 @@ def load_plan_for(path, net: nn.Module, options: dict, schedule) -> ReusePlan:
     return ReusePlan.load(path, graph=block_graph(net), timesteps=_sampler_steps(options, schedule))
 
 
-def make_plan(net: nn.Module, method: str, mac_fraction: float, options: dict, schedule, learn: dict,
-              device="cpu") -> ReusePlan:
-    """The gate table of ``method`` at ``mac_fraction`` for the sampler of the 'sample' settings
-    ``options``: learned (dipgo, with the 'reuse.learn' settings ``learn``) or by rule."""
+def rule_plan_inputs(net: nn.Module, options: dict, schedule) -> tuple[BlockGraph, dict, list[float]]:
+    """What a rule-based plan (deepcache_plan, reuse_eps_plan) is made from: the network's blocks,
+    their MACs per image and the network times of the 'sample' settings' sampler."""
     from igsm.models import image_shape
 
-    shape = image_shape(net)
-    timesteps = _sampler_steps(options, schedule)
-    graph = block_graph(net)
-    if method == "dipgo":
-        plan = learn_plan(net, sampler=options["sampler"], schedule=schedule, image_shape=shape,
-                          mac_fraction=mac_fraction, device=device, **sampler_kwargs(options), **learn)
-    else:
-        macs = block_macs(net, shape)
-        if method == "deepcache":
-            plan = deepcache_plan(graph, macs, timesteps, mac_fraction=mac_fraction)
-        elif method == "reuse-eps":
-            plan = reuse_eps_plan(graph, macs, timesteps, mac_fraction=mac_fraction)
-        else:
-            raise ValueError(f"reuse method {method!r}: choose one of dipgo, deepcache, reuse-eps")
-    plan.metadata.update(target_mac_fraction=mac_fraction, sampler=options["sampler"],
-                         num_steps=options["num_steps"])
-    return plan
+    return block_graph(net), block_macs(net, image_shape(net)), _sampler_steps(options, schedule)

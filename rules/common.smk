@@ -39,9 +39,9 @@ wildcard_constraints:
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
 from igsm.config import (ConfigError, apply_scale, check_config, check_writable, pruned_model_name,
-                         training_job)
+                         pruning_method, training_job)
 from igsm.data import write_text_atomically
-from igsm.reuse import fewer_steps_for_fraction
+from igsm.reuse_methods import METHODS as REUSE_METHODS
 from igsm.models import architecture_family
 from igsm.paper_tables import FIGURES as PAPER_FIGURES
 from igsm.paper_tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
@@ -238,9 +238,15 @@ def table_inputs(exp):
 
 
 def flow_pictures(exp):
-    """The report picture of each gradient-flow pruning an experiment finetunes from."""
-    return sorted({f"results/prune/{exp}/{meta['pruned']}/masks.png" for meta in variant_metadata(exp).values()
-                   if meta["kind"] == "finetuned" and meta["criterion"] == "gradient-flow"})
+    """The report picture of each pruning an experiment finetunes from whose method makes one
+    (gradient flow's masks picture)."""
+    pictures = set()
+    for meta in variant_metadata(exp).values():
+        if meta["kind"] == "finetuned":
+            picture = pruning_method(EXPERIMENTS[exp], meta["criterion"]).report_picture
+            if picture:
+                pictures.add(f"results/prune/{exp}/{meta['pruned']}/{picture}")
+    return sorted(pictures)
 
 
 # ---- sampling (stage 5) and efficiency ------------------------------------------------------
@@ -248,12 +254,13 @@ def flow_pictures(exp):
 
 def sample_settings(exp, variant=None):
     """The 'sample' settings that make a variant's images: not how many jobs make them, nor PNG
-    export, so that changing those reruns nothing that exists. The fewer-steps baseline of block
-    reuse samples with its own number of steps."""
+    export, so that changing those reruns nothing that exists. A block-reuse method may sample
+    with its own number of steps (fewer-steps)."""
     sample = {k: v for k, v in EXPERIMENTS[exp]["sample"].items() if k not in ("num_shards", "png_export")}
     meta = variant_metadata(exp)[variant] if variant else {}
-    if meta.get("reuse_method") == "fewer-steps":
-        sample["num_steps"] = fewer_steps_for_fraction(sample["num_steps"], meta["mac_fraction"])
+    if meta.get("kind") == "reuse":
+        method = REUSE_METHODS[meta["reuse_method"]]
+        sample["num_steps"] = method.sampler_steps(sample["num_steps"], meta["mac_fraction"])
     return as_json({"diffusion": diffusion_settings(exp), **sample})
 
 
@@ -271,9 +278,10 @@ def statistics_file(exp, variant):
 
 
 def reuse_plan_file(exp, variant):
-    """The gate table a variant samples with, or None (not a reuse variant, or fewer steps)."""
+    """The gate table a variant samples with, or None (not a reuse variant, or a reuse method
+    that alters the sampler's steps instead)."""
     meta = variant_metadata(exp)[variant]
-    if meta["kind"] != "reuse" or meta["reuse_method"] == "fewer-steps":
+    if meta["kind"] != "reuse" or REUSE_METHODS[meta["reuse_method"]].alters_sampler_steps:
         return None
     return f"results/reuse/{exp}/{variant}/plan.json"
 

@@ -1,7 +1,8 @@
 # Block reuse at sampling time (experiments.<name>.reuse; igsm/reuse.py): the gate table of each
 # reuse variant (DiP-GO learns it on the sampler's own chains; DeepCache and reuse-eps are fixed
 # rules at the same MAC fraction), stored next to the variant's samples; the sample stage applies
-# it. The fewer-steps baseline needs no table: it samples with fewer steps (common.smk).
+# it. A method that alters the sampler's steps instead (fewer-steps, igsm/reuse_methods.py) needs
+# no table: it samples with fewer steps (common.smk).
 
 
 rule reuse_plan:

@@ -1,4 +1,4 @@
-"""Soft channel masks for gradient-flow pruning (igsm/gradient_flow.py, issue 16): at 0/1 they
+"""Soft channel masks for gradient-flow pruning (igsm/pruning/gradient_flow.py, issue 16): at 0/1 they
 compute exactly the hard-pruned network; GroupNorm statistics follow the masks; the final hard
 prune keeps the channels with the largest masks, at Diff-Pruning's widths."""
 
@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY_ARCHITECTURE
-from igsm import gradient_flow, pruning
+from igsm import pruning
+from igsm.pruning import gradient_flow
 from igsm.models import build_unet, count_parameters
 
 
@@ -56,7 +57,7 @@ def randomly_hard_pruned(net):
     """A copy of ``net`` hard-pruned at ratio 0.5 with a random ranking, and the channels each
     group (by the hard prune's root name) lost."""
     hard = copy.deepcopy(net)
-    with pruning.metapruner(hard, "random", 0.5) as pruner:
+    with pruning.metapruner(hard, pruning.criterion_importance("random"), 0.5) as pruner:
         removed = {}
         torch.manual_seed(3)
         for group in pruner.step(interactive=True):
@@ -72,7 +73,7 @@ def test_masks_at_0_1_compute_the_hard_pruned_network(tiny_unet):
     assert removed and count_parameters(hard) < count_parameters(tiny_unet)
 
     dense = copy.deepcopy(tiny_unet)
-    with pruning.metapruner(dense, "magnitude", 0.5) as pruner:
+    with pruning.metapruner(dense, pruning.criterion_importance("magnitude"), 0.5) as pruner:
         masks = gradient_flow.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
     assert set(removed) <= set(masks.roots)
@@ -89,7 +90,7 @@ def test_masks_at_0_1_compute_the_hard_pruned_network(tiny_unet):
 
 
 def test_mask_gradients_flow_and_ones_change_nothing(tiny_unet):
-    with pruning.metapruner(tiny_unet, "magnitude", 0.5) as pruner:
+    with pruning.metapruner(tiny_unet, pruning.criterion_importance("magnitude"), 0.5) as pruner:
         masks = gradient_flow.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
     x, t = inputs()
@@ -106,7 +107,7 @@ def test_mask_gradients_flow_and_ones_change_nothing(tiny_unet):
 
 
 def test_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_unet):
-    with pruning.metapruner(copy.deepcopy(tiny_unet), "magnitude", 0.5) as pruner:
+    with pruning.metapruner(copy.deepcopy(tiny_unet), pruning.criterion_importance("magnitude"), 0.5) as pruner:
         masks = gradient_flow.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
     generator = torch.Generator().manual_seed(4)
@@ -115,8 +116,8 @@ def test_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_unet):
     images = torch.zeros(2, TINY_ARCHITECTURE["in_channels"], 16, 16)
     from igsm.diffusion import NoiseSchedule
 
-    flow_net, flow_report = pruning.prune(tiny_unet, criterion="magnitude", channel_ratio=0.5, images=images,
-                                          schedule=NoiseSchedule.linear(), importance=gradient_flow.MaskImportance(masks))
+    flow_net, flow_report = pruning.prune_with_importance(tiny_unet, gradient_flow.MaskImportance(masks),
+                                                          channel_ratio=0.5, images=images)
     _, dp_report = pruning.prune(tiny_unet, criterion="diff-pruning", channel_ratio=0.5, images=images,
                                  schedule=NoiseSchedule.linear())
     assert (flow_report["pruned_params"], flow_report["pruned_macs"]) == (dp_report["pruned_params"], dp_report["pruned_macs"])
@@ -131,7 +132,7 @@ def test_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_unet):
 # ---- the flow --------------------------------------------------------------------------------
 
 def tiny_masks(net):
-    with pruning.metapruner(net, "magnitude", 0.5) as pruner:
+    with pruning.metapruner(net, pruning.criterion_importance("magnitude"), 0.5) as pruner:
         return gradient_flow.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
 
@@ -307,7 +308,7 @@ def tiny_uvit():
 
 
 def uvit_masks(net):
-    with pruning.metapruner(net, "magnitude", 0.5) as pruner:
+    with pruning.metapruner(net, pruning.criterion_importance("magnitude"), 0.5) as pruner:
         return gradient_flow.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
 
@@ -358,8 +359,8 @@ def test_u_vit_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_u
     for mask in masks.masks:
         mask.copy_(torch.rand(mask.shape, generator=generator))
     images = torch.zeros(2, 1, 8, 8)
-    flow_net, flow_report = pruning.prune(tiny_uvit, criterion="gradient-flow", channel_ratio=0.5, images=images,
-                                          schedule=NoiseSchedule.linear(), importance=gradient_flow.MaskImportance(masks))
+    flow_net, flow_report = pruning.prune_with_importance(tiny_uvit, gradient_flow.MaskImportance(masks),
+                                                          channel_ratio=0.5, images=images)
     _, dp_report = pruning.prune(tiny_uvit, criterion="diff-pruning", channel_ratio=0.5, images=images,
                                  schedule=NoiseSchedule.linear())
     assert (flow_report["pruned_params"], flow_report["pruned_macs"]) == (dp_report["pruned_params"], dp_report["pruned_macs"])

@@ -192,7 +192,7 @@ def test_the_papers_disagreements_show_both_values(tmp_path):
 
 
 def test_pruning_labels_are_the_points_the_tables_print():
-    """The paper's PR labels (igsm/pruning.py) come from the tables' counts: each dense model's
+    """The paper's PR labels (igsm/pruning/structural.py) come from the tables' counts: each dense model's
     pruned points, and nothing else (catches a dense row without `pr: 0`, a point dropped, or a
     label read from the wrong column)."""
     points = {(dense, pr, pruned) for dense, pr, pruned in paper_tables.pruning_points()}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from igsm import reuse
+from igsm import reuse, reuse_methods
 from igsm.diffusion import NoiseSchedule
 from igsm.models import build_unet
 from igsm.sampling import Denoiser, ImageGenerators, ddim_sample, euler_maruyama_sample, generate
@@ -373,9 +373,25 @@ def test_baselines_meet_their_mac_fraction(unet):
     assert len(skipped) == 7 and reuse.reuse_eps_plan(graph, macs, timesteps, skipped[:-1]).mac_fraction() > 0.5
     run = [s for s in range(12) if s not in skipped]
     assert run == [0, 2, 4, 7, 9] and eps.recompute[run].all() and not eps.recompute[skipped].any()
-    assert reuse.fewer_steps_for_fraction(100, 0.25) == 25
+    assert reuse_methods.METHODS["fewer-steps"].sampler_steps(100, 0.25) == 25
     with pytest.raises(ValueError, match="out of reach"):
         reuse.reuse_eps_plan(graph, macs, timesteps, mac_fraction=0.05)
+
+
+def test_registry_plans_are_the_rules_at_the_sample_settings(unet):
+    """reuse_methods.make_plan (the `reuse-plan` command) gives each rule's own plan for the sampler
+    of the 'sample' settings, its target recorded; a method without a gate table says so."""
+    options = {"sampler": "ddim", "num_steps": 12, "spacing": "uniform"}
+    graph, macs = reuse.block_graph(unet), reuse.block_macs(unet, SHAPE)
+    timesteps = reuse.sampler_timesteps("ddim", 12, schedule=SCHEDULE)
+    for name, rule in (("deepcache", reuse.deepcache_plan), ("reuse-eps", reuse.reuse_eps_plan)):
+        plan = reuse_methods.make_plan(unet, name, 0.5, options, SCHEDULE, {})
+        assert plan.digest() == rule(graph, macs, timesteps, mac_fraction=0.5).digest() and plan.method == name
+        assert plan.metadata["target_mac_fraction"] == 0.5 and plan.metadata["num_steps"] == 12
+    with pytest.raises(ValueError, match="'fewer-steps' makes no gate table: it samples with fewer sampler steps"):
+        reuse_methods.make_plan(unet, "fewer-steps", 0.5, options, SCHEDULE, {})
+    with pytest.raises(ValueError, match="--method: unknown reuse method 'cache-all'; choose one of dipgo, "):
+        reuse_methods.make_plan(unet, "cache-all", 0.5, options, SCHEDULE, {})
 
 
 # ---------------------------------------------------------------------------------------------

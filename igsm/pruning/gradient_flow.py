@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from igsm.pruning.methods import PruningMethod, register
+from igsm.pruning.structural import metapruner, prune_with_importance
+
 
 @dataclass
 class _Use:
@@ -313,23 +316,26 @@ def prune_with_gradient_flow(net: nn.Module, images, schedule, *, channel_ratio:
     group's largest masks. Resumable like any training (``checkpoint_dir``)."""
     from dataclasses import asdict
 
-    from igsm import pruning
+    import torch_pruning as tp
+
     from igsm.data import to_model_range
     from igsm.training import train
 
     student = copy.deepcopy(net)
-    with pruning.metapruner(student, "magnitude", channel_ratio) as pruner:  # its groups; nothing is pruned
+    # Only the pruner's groups are read (nothing is pruned): any importance does.
+    with metapruner(student, tp.importance.MagnitudeImportance(p=2), channel_ratio) as pruner:
         masks = soft_masks(pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                                     root_module_types=pruner.root_module_types))
     flow = MaskFlow(masks, 1.0 - channel_ratio, options.num_steps, r)
     trained, timing = train(student, images, options, checkpoint_dir, metrics_path, schedule=schedule,
                             device=device, step_hook=flow)
     example = to_model_range(images[:1])  # the input shape for tracing and counting
-    pruned, report = pruning.prune(trained.cpu(), criterion="gradient-flow", channel_ratio=channel_ratio,
-                                   images=example, schedule=schedule, importance=MaskImportance(masks))
+    pruned, counts = prune_with_importance(trained.cpu(), MaskImportance(masks), channel_ratio=channel_ratio,
+                                           images=example)
+    report = {"criterion": GradientFlow.name, "channel_ratio": channel_ratio, **counts}
     report["gradient_flow"] = {
         "reconstruction": "soft masks on torch-pruning groups, energy ½‖∇θ L_NP‖², PSO's sparsity-indexed "
-                          "flow (igsm/gradient_flow.py): not the paper's code, which is not public",
+                          "flow (igsm/pruning/gradient_flow.py): not the paper's code, which is not public",
         "steps": options.num_steps, "r": r, "target_density": 1.0 - channel_ratio,
         "densities": flow.densities,
         # Each group's mask over the flow: (min, mean, max) after every step (report picture).
@@ -351,3 +357,31 @@ def _kept_width(pruned: nn.Module, root: str, aliases: dict[str, int], group: in
         return pruned.get_submodule(reader).in_features
     layer = pruned.get_submodule(root)
     return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+class GradientFlow(PruningMethod):
+    """Gradient-flow pruning (settings 'prune.gradient_flow'): a short training run of the one loop
+    under soft masks, resumable from ``<folder>/checkpoints``, then the hard prune by the masks."""
+
+    name = "gradient-flow"
+    criteria = ("gradient-flow",)
+    settings_key = "gradient_flow"
+    report_picture = "masks.png"  # igsm plot-flow-masks (rule gradient_flow_picture)
+
+    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, folder, device):
+        from pathlib import Path
+
+        from igsm.training import TrainingOptions
+
+        flow = settings[self.settings_key]
+        options = TrainingOptions.from_dict({
+            "num_steps": flow["num_steps"], "batch_size": flow["batch_size"], "lr": flow["lr"],
+            "checkpoint_every": flow["checkpoint_every"], "seed": settings.get("seed", 0),
+            "objective": {"weights": {"np": 1.0}}})
+        folder = Path(folder)
+        return prune_with_gradient_flow(net, images, schedule, channel_ratio=channel_ratio, options=options,
+                                        checkpoint_dir=folder / "checkpoints",
+                                        metrics_path=folder / "flow_metrics.jsonl", r=flow["r"], device=device)
+
+
+register(GradientFlow())

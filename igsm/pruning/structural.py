@@ -1,11 +1,11 @@
-"""Structural pruning of diffusion U-Nets: Diff-Pruning (Fang et al. 2023) as used by IGSM.
+"""Structural pruning of diffusion models with torch-pruning, whatever ranks the channels.
 
 The IGSM paper prunes its dense teachers with Diff-Pruning before finetuning (Sec. 5.1,
 App. B.1): local (per-layer) one-shot channel pruning with torch-pruning, every layer except
-``conv_out`` losing the same fraction of its channels, ranked by a first-order Taylor
-importance whose gradients are accumulated over the informative timesteps only.
-:func:`prune` implements that criterion and the baselines of Diff-Pruning's ablation
-(``taylor``, ``magnitude``, ``random``, ``reinit`` = train the pruned architecture from scratch).
+``conv_out`` losing the same fraction of its channels. This module does that pruning for any
+torch-pruning ``Importance`` (:func:`prune_with_importance`); a pruning method
+(igsm.pruning.methods: Diff-Pruning's criteria, gradient flow) supplies the importance, possibly
+after a phase of its own, and this module never asks which method it serves.
 
 torch-pruning is pinned to 1.4.0: from 1.4.1 on GroupNorm channel groups are rounded
 differently and the pruned widths (hence the paper's 19.8M/3.4G, 14.3M/2.7G points) change
@@ -28,10 +28,7 @@ import math
 import torch
 from torch import nn
 
-from igsm.diffusion import NoiseSchedule
-from igsm.models import image_shape, predict_noise
-
-CRITERIA = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
+from igsm.models import image_shape
 
 def paper_label(pruned_params: float, pruned_macs: float, dense_params: float, dense_macs: float) -> str:
     """The paper's "pruning ratio" label of a pruned model, derived from its counts.
@@ -70,29 +67,14 @@ def count_params_macs(net: nn.Module, image_size: int, in_channels: int) -> tupl
     return int(params), int(macs)
 
 
-def criterion_importance(criterion: str):
-    """torch-pruning's importance of a one-shot criterion (see :func:`prune`)."""
-    import torch_pruning as tp
-
-    return {
-        "diff-pruning": lambda: tp.importance.TaylorImportance(multivariable=False),
-        "taylor": lambda: tp.importance.TaylorImportance(multivariable=True),
-        "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
-        "random": lambda: tp.importance.RandomImportance(),
-        "reinit": lambda: tp.importance.MagnitudeImportance(p=2),
-    }[criterion]()
-
-
 @contextlib.contextmanager
 def metapruner(model: nn.Module, importance, channel_ratio: float, image_size: int | None = None,
                in_channels: int | None = None):
-    """torch-pruning's pruner of ``model`` as :func:`prune` configures it (the family's ignored
-    layers, heads, unwrapped parameters, per-layer ratios); ``importance`` is a criterion name or
-    an importance object. On exit, the static widths are resynced to whatever was pruned."""
+    """torch-pruning's pruner of ``model`` as :func:`prune_with_importance` configures it (the
+    family's ignored layers, heads, unwrapped parameters, per-layer ratios), ranking channels by
+    the torch-pruning ``importance``. On exit, the static widths are resynced to whatever was pruned."""
     import torch_pruning as tp
 
-    if isinstance(importance, str):
-        importance = criterion_importance(importance)
     if image_size is None or in_channels is None:
         channels, size, _ = image_shape(model)
         image_size, in_channels = image_size or size, in_channels or channels
@@ -119,43 +101,25 @@ def metapruner(model: nn.Module, importance, channel_ratio: float, image_size: i
         plan["sync_widths"]()
 
 
-def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch.Tensor,
-          schedule: NoiseSchedule, thr: float = 0.05, seed: int = 0,
-          importance=None) -> tuple[nn.Module, dict]:
-    """Prune a copy of ``net``; ``net`` itself (the dense teacher) is left untouched.
+def prune_with_importance(net: nn.Module, importance, *, channel_ratio: float, images: torch.Tensor,
+                          seed: int = 0, phase=None) -> tuple[nn.Module, dict]:
+    """Prune a copy of ``net``, ranking channels by the torch-pruning ``importance``; ``net``
+    itself (the dense teacher) is left untouched.
 
     ``channel_ratio`` is the fraction of channels torch-pruning removes from every layer (its
     ``pruning_ratio``; GroupNorm groups make the realised fraction smaller, see module docstring).
-    ``images`` is one batch of training images x0 in [-1, 1] (N, C, H, W): the gradient data
-    of ``diff-pruning``/``taylor`` and, for every criterion, the input shape used for tracing
-    and counting. Criteria (Diff-Pruning's ``ddpm_prune.py``):
+    Local pruning gives every importance the same widths; only which channels survive differs.
+    ``images``: one batch of images x0 in [-1, 1] (N, C, H, W), the input shape for tracing and
+    counting and the data of ``phase``. ``phase(model, images)``, if given, is a method's own step
+    on the copy before the ranking (Diff-Pruning accumulates gradients there, which its importance
+    reads) and returns the report fields it adds. Importances that draw random numbers draw them
+    from a generator seeded by ``seed``.
 
-    * ``diff-pruning``: Σ|w·∂L/∂w| per channel (TaylorImportance, multivariable=False) with the
-      noise-prediction loss L_t = ‖ε̂(x_t, t) − ε‖² (summed over pixels, averaged over the batch)
-      accumulated for t = 0, 1, 2, … on the whole batch with one fixed noise draw, stopping after
-      the first t whose loss is below ``thr`` × the largest loss so far (``thr=0``: all T steps).
-    * ``taylor``: |Σ w·∂L/∂w| (multivariable=True), the same loop over all T timesteps without
-      early stopping, as in Diff-Pruning's ablation.
-    * ``magnitude``: L2 norm of the channel's weights (MagnitudeImportance, p=2).
-    * ``random``: uniform random scores drawn from a generator seeded by ``seed``.
-    * ``reinit``: the magnitude architecture with all weights re-initialised (seeded): the
-      train-from-scratch baseline.
-
-    Local pruning gives every criterion the same widths; only which channels survive differs.
-    ``importance`` (a torch-pruning importance) replaces the criterion's ranking, e.g. the masks
-    of gradient-flow pruning (igsm.gradient_flow.MaskImportance); ``criterion`` is then only
-    reported. The returned model has no gradients, every parameter requires grad, and it is in the
-    training mode ``net`` was in.
+    Returns the pruned copy (no gradients, every parameter requiring grad, in the training mode
+    ``net`` was in) and ``{**phase's fields, params and MACs before and after, paper_label, …}``.
     """
-    if criterion not in (*CRITERIA, "gradient-flow"):
-        raise ValueError(f"criterion: unknown {criterion!r}; valid criteria are {', '.join(CRITERIA)}")
-    if criterion == "gradient-flow" and importance is None:
-        raise ValueError("criterion: gradient-flow ranks channels by its trained masks: prune with "
-                         "igsm.gradient_flow.prune_with_gradient_flow")
     if not 0.0 <= channel_ratio < 1.0:
         raise ValueError(f"channel_ratio: {channel_ratio} is outside [0, 1)")
-    if not 0.0 <= thr <= 1.0:
-        raise ValueError(f"thr: {thr} is outside [0, 1]")
     if images.ndim != 4 or images.shape[-1] != images.shape[-2] or images.shape[0] < 1:
         raise ValueError(f"images: expected one batch of square images (N, C, H, W), got shape {tuple(images.shape)}")
     _pruning_plan(net)  # an unsupported family fails here, by name, before any counting
@@ -171,38 +135,23 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
     images = images.to(device)
 
     example_inputs = _example_inputs(model, image_size, in_channels)
-    with metapruner(model, importance or criterion, channel_ratio, image_size, in_channels) as pruner:
+    with metapruner(model, importance, channel_ratio, image_size, in_channels) as pruner:
         groups = pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
                                           root_module_types=pruner.root_module_types)
         if next(iter(groups), None) is None:
             raise ValueError(f"net: torch-pruning {tp_version()} found no prunable layer in "
                              f"{type(net).__name__} (does its forward build an autograd graph?)")
-
-        losses = []
-        if importance is None and criterion in ("diff-pruning", "taylor"):
-            losses = _accumulate_noise_prediction_gradients(
-                model, images, schedule, seed=seed, thr=thr if criterion == "diff-pruning" else 0.0)
-
-        with _seeded(seed, device):  # RandomImportance draws from the global generator
+        fields = phase(model, images) if phase is not None else {}
+        with seeded(seed, device):  # RandomImportance draws from the global generator
             for group in pruner.step(interactive=True):
                 group.prune()
     model.zero_grad(set_to_none=True)
-    if criterion == "reinit":
-        with _seeded(seed, device):
-            for module in model.modules():
-                if hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
     _check_forward(model, example_inputs, type(net).__name__)
     model.train(was_training)
 
     pruned_params, pruned_macs = _counted(model, image_size, in_channels)
-    report = {
-        "criterion": criterion,
-        "channel_ratio": channel_ratio,
-        "seed": seed,
-        "thr": thr,
-        "num_gradient_steps": len(losses),
-        "gradient_losses": losses,
+    return model, {
+        **fields,
         "dense_params": dense_params,
         "dense_macs": dense_macs,
         "pruned_params": pruned_params,
@@ -212,7 +161,6 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
         "paper_label": paper_label(pruned_params, pruned_macs, dense_params, dense_macs),
         "torch_pruning_version": tp_version(),
     }
-    return model, report
 
 
 def tp_version() -> str:
@@ -236,29 +184,6 @@ def _example_inputs(net: nn.Module, image_size: int, in_channels: int) -> dict:
     device = next(net.parameters()).device
     return {"sample": torch.zeros(1, in_channels, image_size, image_size, device=device),
             "timestep": torch.ones(1, dtype=torch.long, device=device)}
-
-
-def _accumulate_noise_prediction_gradients(model, images, schedule, *, seed, thr) -> list[float]:
-    """Backpropagate L_t for t = 0, 1, … into ``.grad``; stop after L_t < thr·max L (thr>0)."""
-    from tqdm import tqdm
-
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
-    losses, loss_max = [], 0.0
-    steps = tqdm(range(schedule.num_steps), desc="pruning gradients", unit="t", leave=False)
-    for t in steps:
-        timesteps = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
-        x_t = schedule.add_noise(images, noise, timesteps)
-        loss = (predict_noise(model, x_t, timesteps) - noise).square().sum(dim=(1, 2, 3)).mean()
-        loss.backward()
-        losses.append(loss.item())
-        loss_max = max(loss_max, losses[-1])
-        # Diff-Pruning's rationale: timesteps whose loss is a small fraction of the peak add
-        # noise rather than information to the Taylor scores, so the expansion stops there.
-        if losses[-1] < thr * loss_max:
-            break
-    steps.close()
-    return losses
 
 
 def _pruning_plan(model: nn.Module) -> dict:
@@ -402,7 +327,7 @@ def _check_forward(model, example_inputs, model_name):
 
 
 @contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
+def seeded(seed: int, device: torch.device):
     # manual_seed reseeds every CUDA device, so all of them are restored afterwards.
     devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

@@ -1,0 +1,68 @@
+"""The registry of pruning methods. A method's job is to produce torch-pruning ``Importance``
+scores for the structural pruning (igsm.pruning.structural), possibly after a phase of its own
+(Diff-Pruning's gradient accumulation, gradient flow's soft-mask training run). A new method is one
+module defining a :class:`PruningMethod` and calling :func:`register` (imported by
+igsm/pruning/__init__.py); the schema's ``prune.method`` and ``prune.criterion`` enums, the config
+checks, ``igsm prune`` and the workflow read the registry.
+
+The config names a method with ``prune.method``; its criterion (``prune.criterion``, a run's
+``criterion``) is one of the method's settings and names the pruned model's folder
+(``<criterion>-cr<ratio>``). Without ``prune.method`` the method is the one that takes the criterion.
+"""
+
+from __future__ import annotations
+
+
+class PruningMethod:
+    """One pruning method. Subclasses set the class attributes and implement :meth:`prune`."""
+
+    name: str = ""
+    # The values of prune.criterion (and finetune.runs[].criterion) this method takes.
+    criteria: tuple[str, ...] = ()
+    # Its own settings under 'prune.<settings_key>' (the schema's $defs.<settings_key>), or None.
+    settings_key: str | None = None
+    # A picture its report makes beside report.json (results/prune/<exp>/<pruned>/), or None.
+    report_picture: str | None = None
+
+    def prune(self, net, images, *, criterion: str, channel_ratio: float, settings: dict, schedule,
+              folder, device) -> tuple:
+        """(pruned copy of ``net``, report) at ``channel_ratio``. ``images``: the training images
+        (uint8 N×H×W×C); ``settings``: the experiment's 'prune' section, this method's own section
+        filled with the schema's defaults; ``schedule``: the experiment's forward process;
+        ``folder``: where the pruned model goes, for files of a resumable phase."""
+        raise NotImplementedError(f"pruning method {self.name!r} does not implement prune()")
+
+
+METHODS: dict[str, PruningMethod] = {}
+
+
+def register(method: PruningMethod) -> PruningMethod:
+    taken = {criterion for other in METHODS.values() for criterion in other.criteria}
+    if not method.name or method.name in METHODS or not method.criteria or taken & set(method.criteria):
+        raise ValueError(f"pruning method {method.name!r}: unnamed, registered twice, or without criteria "
+                         f"of its own")
+    METHODS[method.name] = method
+    return method
+
+
+def criteria() -> list[str]:
+    """Every registered method's criteria, in registration order."""
+    return [criterion for method in METHODS.values() for criterion in method.criteria]
+
+
+def method_for(criterion: str, method: str | None = None, *, criterion_key: str = "prune.criterion",
+               method_key: str = "prune.method") -> PruningMethod:
+    """The method that prunes with ``criterion``: ``method`` if named (it must take the
+    criterion), else the one whose criteria include it. A ValueError naming ``method_key`` or
+    ``criterion_key`` otherwise."""
+    if method is not None:
+        if method not in METHODS:
+            raise ValueError(f"{method_key}: unknown pruning method {method!r}; choose one of {', '.join(METHODS)}")
+        if criterion not in METHODS[method].criteria:
+            raise ValueError(f"{method_key}: {method!r} does not take criterion {criterion!r} ({criterion_key}); "
+                             f"its criteria are {', '.join(METHODS[method].criteria)}")
+        return METHODS[method]
+    for candidate in METHODS.values():
+        if criterion in candidate.criteria:
+            return candidate
+    raise ValueError(f"{criterion_key}: unknown {criterion!r}; valid criteria are {', '.join(criteria())}")
