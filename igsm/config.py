@@ -162,13 +162,14 @@ def name_families(config: dict) -> list[str]:
             family = assumed_family(arch)
             print(f"warning: {key} is not set; assuming {family.name!r} ({family.title}) from the "
                   f"architecture's keys; set it (valid: {', '.join(names())}).", file=sys.stderr)
-            arch[FAMILY_KEY] = family.name
+            # A new dict: YAML merges (<<: *exp) share one architecture between experiments.
+            exp["architecture"] = {**arch, FAMILY_KEY: family.name}
             continue
         try:
             family = family_named(arch[FAMILY_KEY])
         except ValueError as err:
             errors.append(f"{key}: {err}")
-            del arch[FAMILY_KEY]  # not checked further
+            exp["architecture"] = {k: v for k, v in arch.items() if k != FAMILY_KEY}  # not checked further
             continue
         for other, keys in contradicting_keys(family, arch).items():
             errors.append(f"{key}: {family.name!r}, but the architecture has {family_named(other).title}'s "

@@ -132,3 +132,32 @@ def test_importing_the_registry_imports_neither_torch_nor_diffusers():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_the_schema_enum_is_the_registry():
+    """A family added to the registry but not to the schema (or the reverse) is refused by one of them."""
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    found = [node["properties"]["family"]["enum"] for node in _walk(schema)
+             if isinstance(node, dict) and "family" in node.get("properties", {})]
+    assert found == [families.names()]
+
+
+def _walk(node):
+    yield node
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    for child in children:
+        yield from _walk(child)
+
+
+def test_experiments_sharing_one_architecture_each_warn(capsys):
+    """YAML merges (<<: *exp, config/fashion_mnist.yaml) give experiments one shared architecture
+    dict: filling the family into it would silence every experiment after the first."""
+    config = demo_config()
+    first = config["experiments"]["digits_unet"]
+    del first["architecture"]["family"]
+    config["experiments"]["digits_copy"] = {**first, "sample": dict(first["sample"])}
+    assert config["experiments"]["digits_copy"]["architecture"] is first["architecture"]
+    validate(config)
+    err = capsys.readouterr().err
+    for name in ("digits_unet", "digits_copy"):
+        assert err.count(f"warning: experiments.{name}.architecture.family is not set") == 1, err
