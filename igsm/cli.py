@@ -188,14 +188,15 @@ def download(out, cache_dir, settings):
 @SETTINGS
 def pretrained(model_id, out, cache_dir, settings):
     """Fetch a pretrained dense model and store it in the project's format (settings: the
-    experiment's 'architecture', needed for U-ViT checkpoints, which are plain state dicts)."""
-    from igsm.models import architecture_family, load_pretrained, save_model
+    experiment's 'architecture', whose family loads it; needed where the weights are plain state
+    dicts, as U-ViT's; without it, a self-describing diffusers model: hub id or folder)."""
+    from igsm.families import family_of_architecture
+    from igsm.models import load_pretrained, save_model
 
     try:
-        if architecture_family(settings) == "uvit":
-            from igsm.uvit import load_reference_checkpoint
-
-            net = load_reference_checkpoint(model_id, settings, cache_dir or Path(out).parent / "download")
+        if settings:
+            family = family_of_architecture(settings)
+            net = family.load_pretrained(model_id, settings, cache_dir or Path(out).parent / "download")
         else:
             net = load_pretrained(model_id)
     except (RuntimeError, ValueError) as err:
@@ -303,17 +304,18 @@ def _check_teacher_fits(model_dir, data, shape) -> None:
     checked with the config) must make images of the training data's size and channels, or it would be
     pruned, finetuned on them and sampled at its own size without a word. Checked here, in the first
     job that has both, so that the fetching rule's command (and every result made from it) stays as it was."""
-    from igsm.models import ARCHITECTURE_FILE, IMAGE_KEYS, declared_images, pretrained_mismatches
+    from igsm.families import family_of_class
+    from igsm.models import ARCHITECTURE_FILE, declared_images, pretrained_mismatches
 
     spec = json.loads((Path(model_dir) / ARCHITECTURE_FILE).read_text())
-    keys = IMAGE_KEYS.get(spec.get("class"))
-    if keys is None:
+    family = family_of_class(spec.get("class"))
+    if family is None:
         return
     folder = Path(model_dir)  # results/dense/<experiment>/<kind>/model
     source = spec.get("source")
     where = f"the model {source!r}" if source else f"the model in {model_dir}"
     problems = pretrained_mismatches(declared_images(spec["class"], spec.get("config", {}), where),
-                                     keys["family"], Path(data).parent.name, shape[1], shape[3])
+                                     family.name, Path(data).parent.name, shape[1], shape[3])
     if problems:
         key = f"experiments.{folder.parent.parent.name}.dense.pretrained" if folder.parent.name == "pretrained" \
             else f"the dense model {model_dir}"

@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import reprlib
+import sys
 from pathlib import Path
 
 import yaml
@@ -25,7 +26,8 @@ import yaml
 from igsm import pruning, reuse_methods
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
-from igsm.models import architecture_family, looks_like_local_path
+from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
+                            family_of_architecture, names)
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -33,12 +35,8 @@ SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
                "fashion-mnist": {"train": 60_000, "test": 10_000}}
 CHANNELS = {"cifar10": 3, "fashion-mnist": 1, "sklearn-digits": 1, "lsun": 3}
 SKLEARN_DIGITS_SIZE = 1797
-# diffusers' UNet2DModel defaults, for architecture keys a config leaves out (U-ViT's in_chans too).
-UNET_DEFAULT_CHANNELS = 3
 # Each forward process's own keys under experiments.<name>.diffusion (schema: defaults per process).
 PROCESS_KEYS = {"ddpm": ("num_steps", "beta_start", "beta_end"), "vpsde": ("beta_min", "beta_max")}
-UVIT_CHECKPOINT_SUFFIXES = (".pth", ".pt")
-CHECKPOINT_URL_SCHEMES = ("http://", "https://", "file://")
 # Values (scalars, lists, mappings) a config file may hold once its YAML aliases are expanded: the
 # paper config has ~1,200. An alias bomb (aliases of aliases, 10^9 values from 1 kB) is refused
 # before anything walks it.
@@ -142,11 +140,42 @@ def check_config(config: dict) -> None:
         window = spec.get("jacobian_timesteps")
         if window is not None and not window[0] < window[1]:
             errors.append(f"{key}.jacobian_timesteps: {window} is not a range [lo, hi) with lo < hi")
+    errors += name_families(config)
     for name, exp in experiments.items():
+        if FAMILY_KEY not in exp["architecture"]:  # an unknown family, reported above
+            continue
         errors += _experiment_errors(config, name, exp)
         errors += _pretrained_folder_errors(config, name, exp)
     if errors:
         raise ConfigError("\n".join(sorted(errors)))
+
+
+def name_families(config: dict) -> list[str]:
+    """Each experiment's model family (``experiments.<name>.architecture.family``, igsm.families)
+    against its architecture's keys: errors for a family that its keys contradict (family unet with
+    U-ViT's img_size). A config written before the key existed (none given) gets the family its keys
+    imply, the old reading (igsm.families.assumed_family), written into the config with one warning
+    per experiment naming the key: this migration path is the only place a family is guessed."""
+    errors = []
+    for name, exp in config["experiments"].items():
+        key, arch = f"experiments.{name}.architecture.{FAMILY_KEY}", exp["architecture"]
+        if FAMILY_KEY not in arch:
+            family = assumed_family(arch)
+            print(f"warning: {key} is not set; assuming {family.name!r} ({family.title}) from the "
+                  f"architecture's keys; set it (valid: {', '.join(names())}).", file=sys.stderr)
+            # A new dict: YAML merges (<<: *exp) share one architecture between experiments.
+            exp["architecture"] = {**arch, FAMILY_KEY: family.name}
+            continue
+        try:
+            family = family_named(arch[FAMILY_KEY])
+        except ValueError as err:
+            errors.append(f"{key}: {err}")
+            exp["architecture"] = {k: v for k, v in arch.items() if k != FAMILY_KEY}  # not checked further
+            continue
+        for other, keys in contradicting_keys(family, arch).items():
+            errors.append(f"{key}: {family.name!r}, but the architecture has {family_named(other).title}'s "
+                          f"key(s) {', '.join(keys)}; set family: {other}, or give {family.title}'s keys")
+    return errors
 
 
 def target_names(config: dict) -> dict[str, str]:
@@ -182,32 +211,23 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
             errors.append(f"{key}.dense.from_experiment: {owner!r} trains on dataset "
                           f"{experiments[owner]['dataset']!r}, this experiment on {exp['dataset']!r}")
     pretrained = dense["pretrained"]
-    arch = exp["architecture"]
-    family = architecture_family(arch)
-    if pretrained and family == "uvit":
-        if not pretrained.startswith(CHECKPOINT_URL_SCHEMES) and not Path(pretrained).expanduser().is_file():
-            errors.append(f"{key}.dense.pretrained: U-ViT checkpoint file {pretrained} does not exist "
-                          f"(give a local .pth file or an http(s):// / file:// URL)")
-    elif pretrained and pretrained.endswith(UVIT_CHECKPOINT_SUFFIXES):
-        errors.append(f"{key}.architecture: dense.pretrained {pretrained} is a U-ViT checkpoint (a plain "
-                      f"state dict); give U-ViT's architecture (img_size, patch_size, …) to build it")
-    elif pretrained and looks_like_local_path(pretrained) and not Path(pretrained).expanduser().is_dir():
-        errors.append(f"{key}.dense.pretrained: local folder {pretrained} does not exist")
+    family = family_of_architecture(exp["architecture"])
+    # The architecture without its family: the network's keyword arguments.
+    arch = family.network_arguments(exp["architecture"])
+    if pretrained:
+        errors += family.pretrained_errors(key, pretrained)
     if "training" in dense and not arch:
         errors.append(f"{key}.architecture: needed to train the dense model")
     if exp["untrained_baseline"] and not arch:
         errors.append(f"{key}.architecture: needed by untrained_baseline")
     if arch:
-        # U-ViT's keys (igsm.uvit: one in_chans for input and output) or diffusers U-Net's.
-        size_key, channel_keys = ("img_size", ("in_chans",)) if family == "uvit" else \
-            ("sample_size", ("in_channels", "out_channels"))
-        size = arch.get(size_key)
+        size = arch.get(family.size_key)
         if size is not None and size != data["image_size"]:
-            errors.append(f"{key}.architecture.{size_key}: {size}, but datasets.{exp['dataset']}.image_size "
+            errors.append(f"{key}.architecture.{family.size_key}: {size}, but datasets.{exp['dataset']}.image_size "
                           f"is {data['image_size']}; the network would train on one size and sample another")
         channels = dataset_channels(data)
-        for side in channel_keys:
-            value = arch.get(side, UNET_DEFAULT_CHANNELS)
+        for side in family.channel_keys:
+            value = arch.get(side, family.key_defaults[side])
             if value != channels:
                 errors.append(f"{key}.architecture.{side}: {value}, but dataset {exp['dataset']!r} "
                               f"({data['source']}) has {channels} channel(s)")
@@ -255,15 +275,16 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
 
 
 def _pretrained_folder_errors(config: dict, name: str, exp: dict) -> list[str]:
-    """A local folder as a U-Net experiment's dense.pretrained, against the experiment: the network
-    its config file declares (architecture.json or diffusers' config.json) must be a U-Net taking
-    the dataset's image size and channels. Hub models are checked by their prune job, the first that
-    has both the model and the data (igsm.cli); U-ViT experiments take a checkpoint file, checked above."""
+    """A local folder as dense.pretrained (of a family that takes folders: the U-Net), against the
+    experiment: the network its config file declares (architecture.json or diffusers' config.json)
+    must be of the experiment's family, taking the dataset's image size and channels. Hub models are
+    checked by their prune job, the first that has both the model and the data (igsm.cli); U-ViT
+    experiments take a checkpoint file, checked above."""
     from igsm.models import local_pretrained_declaration, pretrained_mismatches
 
     pretrained, key = exp["dense"]["pretrained"], f"experiments.{name}.dense.pretrained"
-    family = architecture_family(exp["architecture"])
-    if not pretrained or family == "uvit" or not Path(pretrained).expanduser().is_dir() \
+    family = family_of_architecture(exp["architecture"])
+    if not pretrained or not family.pretrained_folders or not Path(pretrained).expanduser().is_dir() \
             or exp["dataset"] not in config["datasets"]:
         return []
     folder = Path(pretrained).expanduser()
@@ -275,7 +296,7 @@ def _pretrained_folder_errors(config: dict, name: str, exp: dict) -> list[str]:
         return [f"{key}: local folder {folder} holds no model: neither a diffusers U-Net (config.json or "
                 f"unet/config.json) nor a model written by the workflow (architecture.json)"]
     data = config["datasets"][exp["dataset"]]
-    problems = pretrained_mismatches(declared, family, exp["dataset"], data["image_size"], dataset_channels(data))
+    problems = pretrained_mismatches(declared, family.name, exp["dataset"], data["image_size"], dataset_channels(data))
     return [f"{key}: {problem}" for problem in problems]
 
 
@@ -342,7 +363,7 @@ def _reuse_errors(key: str, exp: dict) -> list[str]:
     return errors
 
 
-def _process_errors(config: dict, name: str, exp: dict, family: str) -> list[str]:
+def _process_errors(config: dict, name: str, exp: dict, family: Family) -> list[str]:
     """The forward process against what it must agree with: its own keys, the sampler, the
     process a pretrained teacher was trained on, and a shared teacher's process."""
     key = f"experiments.{name}.diffusion"
@@ -355,13 +376,9 @@ def _process_errors(config: dict, name: str, exp: dict, family: str) -> list[str
         errors.append(f"{key}.process: {process!r}, but sample.sampler 'euler-maruyama' integrates the "
                       f"VP-SDE; set process: vpsde (a network trained on it), or sampler: ddim")
     if exp["dense"]["pretrained"]:
-        # A teacher is finetuned on the process it learned: the released U-Nets (diffusers) are
-        # DDPM models, U-ViT's released checkpoints VP-SDE ones (t ~ U(0, 1), input t·999).
-        expected = "vpsde" if family == "uvit" else "ddpm"
-        if process != expected:
-            what = "U-ViT's released checkpoints were trained on the VP-SDE" if family == "uvit" else \
-                "pretrained diffusers U-Nets are DDPM models"
-            errors.append(f"{key}.process: {process!r}, but {what}; set process: {expected}")
+        # A teacher is finetuned on the process it learned (its family's released checkpoints').
+        if process != family.process:
+            errors.append(f"{key}.process: {process!r}, but {family.process_reason}; set process: {family.process}")
     owner = exp["dense"]["from_experiment"]
     if owner in config["experiments"] and owner != name:
         theirs = config["experiments"][owner]["diffusion"]

@@ -1,8 +1,8 @@
 """Networks and their checkpoints.
 
-Two model families (``FAMILIES``, by class name): the paper's U-Nets are diffusers'
-``UNet2DModel`` (Sec. 5.1, App. B Table 6), its Transformers U-ViT (igsm.uvit). A pruned network
-has per-layer widths that no config of either can express, so a checkpoint is a folder holding
+Networks of every model family (igsm.families: the paper's U-Nets are diffusers' ``UNet2DModel``,
+Sec. 5.1, App. B Table 6, its Transformers U-ViT, igsm.uvit). A pruned network has per-layer widths
+that no config of its family can express, so a checkpoint is a folder holding
 
 * ``architecture.json``: the family, its dense config and the static width attributes of every
   layer (conv/linear features, GroupNorm groups, Up/Downsample channels, attention heads);
@@ -22,44 +22,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from igsm.families import family_named, family_of, family_of_architecture, family_of_class, names
+
 ARCHITECTURE_FILE = "architecture.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def _unet_class():
-    # Imported lazily: diffusers is slow to import and only needed when a model is built.
-    from diffusers import UNet2DModel
-
-    return UNet2DModel
-
-
-def _uvit_class():
-    from igsm.uvit import UViT
-
-    return UViT
-
-
-# Model families by class name: how to get the class whose keyword arguments are the saved config.
-FAMILIES = {"UNet2DModel": _unet_class, "UViT": _uvit_class}
-
-
 def image_shape(net: nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of the images a network of either family takes."""
-    config = net.config
-    if "img_size" in config:  # U-ViT
-        return config["in_chans"], config["img_size"], config["img_size"]
-    return config["in_channels"], config["sample_size"], config["sample_size"]
-
-
-# How each family's config names the images its network takes, and the defaults of keys a config
-# leaves out (diffusers' UNet2DModel: 3 channels, no sample_size; igsm.uvit.UViT: 32 px, 3 channels).
-IMAGE_KEYS = {
-    "UNet2DModel": dict(family="unet", size="sample_size", channels=("in_channels", "out_channels"),
-                        defaults={"sample_size": None, "in_channels": 3, "out_channels": 3}),
-    "UViT": dict(family="uvit", size="img_size", channels=("in_chans",),
-                 defaults={"img_size": 32, "in_chans": 3}),
-}
-FAMILY_NAMES = {"unet": "U-Net", "uvit": "U-ViT"}
+    """(channels, height, width) of the images a network of any family takes."""
+    return family_of(net).image_shape(net)
 
 
 def declared_images(class_name: str, config: dict, source: str) -> dict:
@@ -94,80 +65,59 @@ def local_pretrained_declaration(folder: str | os.PathLike) -> dict | None:
 
 def pretrained_mismatches(declared: dict, family: str, dataset: str, image_size: int,
                           channels: int) -> list[str]:
-    """Why a pretrained network cannot be the teacher of an experiment of ``family`` ("unet" or
-    "uvit", as its architecture declares) on ``dataset`` (``image_size`` px, ``channels``): another
-    family, image size or channel count than the experiment's. Nothing else would notice: a 32-px
-    teacher of 16-px images is finetuned on them and samples at 32 px."""
+    """Why a pretrained network cannot be the teacher of an experiment of ``family`` (the name its
+    architecture.family gives) on ``dataset`` (``image_size`` px, ``channels``): another family,
+    image size or channel count than the experiment's. Nothing else would notice: a 32-px teacher
+    of 16-px images is finetuned on them and samples at 32 px."""
     where, class_name, config = declared["source"], declared["class"], declared["config"]
-    keys = IMAGE_KEYS.get(class_name)
-    if keys is None:
-        return [f"{where} describes a {class_name}, not a network the workflow runs (diffusers' UNet2DModel "
-                f"or U-ViT)"]
+    theirs, ours = family_of_class(class_name), family_named(family)
+    if theirs is None:
+        return [f"{where} describes a {class_name}, not a network the workflow runs (a model family's: "
+                f"{', '.join(names())})"]
     problems = []
-    if keys["family"] != family:
+    if theirs is not ours:
         problems.append(
-            f"{where} describes a {FAMILY_NAMES[keys['family']]} ({class_name}), but the experiment is a "
-            f"{FAMILY_NAMES[family]} experiment (its 'architecture' "
-            f"{'has U-ViT keys' if family == 'uvit' else 'has no U-ViT keys such as img_size'}); point "
-            f"dense.pretrained at a {FAMILY_NAMES[family]}"
-            + (f", or make it a U-ViT experiment (U-ViT's architecture keys), whose dense.pretrained is a "
-               f"checkpoint file (a model folder's {WEIGHTS_FILE})" if keys["family"] == "uvit" else ""))
-    size = config.get(keys["size"], keys["defaults"][keys["size"]])
+            f"{where} describes a {theirs.title} ({class_name}), but the experiment is a {ours.title} "
+            f"experiment (its architecture.family is {ours.name!r}); point dense.pretrained at a {ours.title}, "
+            f"or make it a {theirs.title} experiment (architecture.family: {theirs.name} and its keys), whose "
+            f"dense.pretrained is {theirs.pretrained_help}")
+    size = config.get(theirs.size_key, theirs.key_defaults[theirs.size_key])
     sides = [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else None
     if sides is None:
-        problems.append(f"{where} gives no {keys['size']} (the size of the images the network makes); "
+        problems.append(f"{where} gives no {theirs.size_key} (the size of the images the network makes); "
                         f"datasets.{dataset}.image_size is {image_size}")
     elif any(side != image_size for side in sides):
-        problems.append(f"{where}: {keys['size']} {size}, but datasets.{dataset}.image_size is {image_size}; "
+        problems.append(f"{where}: {theirs.size_key} {size}, but datasets.{dataset}.image_size is {image_size}; "
                         f"the teacher would be finetuned on {image_size}-px images and sample at {size} px")
-    for key in keys["channels"]:
-        value = config.get(key, keys["defaults"][key])
+    for key in theirs.channel_keys:
+        value = config.get(key, theirs.key_defaults[key])
         if value != channels:
             problems.append(f"{where}: {key} {value}, but dataset {dataset!r} has {channels} channel(s)")
     return problems
 
 
 def _static_width_attributes():
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
-
-    from igsm.uvit import PrunableAttention
-
-    return {
+    """{module type: width attributes} a checkpoint records: every network's layers, then each
+    family's own (igsm.families: Family.width_attributes)."""
+    kinds = {
         nn.Conv2d: ("in_channels", "out_channels"),
         nn.Linear: ("in_features", "out_features"),
         nn.GroupNorm: ("num_groups", "num_channels"),
         nn.LayerNorm: ("normalized_shape",),  # U-ViT's last out-block and final norm, pruned
-        Upsample2D: ("channels", "out_channels"),
-        Downsample2D: ("channels", "out_channels"),
-        # scale: pruned attention keeps the dense softmax temperature (igsm.pruning folds it
-        # into to_q and sets scale for diffusers' non-SDPA path); the dims are descriptive.
-        Attention: ("heads", "inner_dim", "inner_kv_dim", "query_dim", "cross_attention_dim",
-                    "out_dim", "scale"),
-        # U-ViT's attention (pruned heads: their number, width and the dense temperature).
-        PrunableAttention: ("num_heads", "head_dim", "scale"),
     }
+    for name in names():
+        kinds.update(family_named(name).width_attributes())
+    return kinds
 
 
 def build_unet(architecture: dict) -> nn.Module:
     """A fresh diffusers UNet2DModel from keyword arguments (the config's ``architecture``)."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(**architecture)
-
-
-def architecture_family(architecture: dict) -> str:
-    """"uvit" for U-ViT keyword arguments (``img_size``, as igsm.uvit's configs), else "unet"
-    (diffusers UNet2DModel's, ``sample_size``): the config names no family, its keys do."""
-    return "uvit" if "img_size" in architecture else "unet"
+    return family_named("unet").build(architecture)
 
 
 def build_model(architecture: dict) -> nn.Module:
-    """A freshly initialised network of either family from the config's ``architecture``."""
-    if architecture_family(architecture) == "uvit":
-        return _uvit_class()(**architecture)
-    return build_unet(architecture)
+    """A freshly initialised network of the config's ``architecture`` (its family names it)."""
+    return family_of_architecture(architecture).build(architecture)
 
 
 def predict_noise(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -411,12 +361,14 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     directory = Path(directory)
     architecture_path, weights_path = directory / ARCHITECTURE_FILE, directory / WEIGHTS_FILE
     spec = read_architecture(directory)
-    if spec["class"] not in FAMILIES:
+    family = family_of_class(spec["class"])
+    if family is None:
+        known = sorted(family_named(name).class_name for name in names())
         raise ValueError(f"{architecture_path}: unsupported model class {spec['class']!r} (known: "
-                         f"{sorted(FAMILIES)}); {_remake(directory)}")
+                         f"{known}); {_remake(directory)}")
     try:
         with torch.device("meta"):
-            net = FAMILIES[spec["class"]]()(**spec["config"])
+            net = family.network_class()(**spec["config"])
     except Exception as err:  # a bad config raises TypeError, ValueError, …
         raise ValueError(f"{architecture_path}: its 'config' does not build a {spec['class']} "
                          f"({_first_line(err)}); {_remake(directory)}") from None

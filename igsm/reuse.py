@@ -46,11 +46,11 @@ from torch.utils.checkpoint import checkpoint
 
 from igsm.data import write_text_atomically
 from igsm.diffusion import VPSDE, NoiseSchedule
+from igsm.families import REST, BlockGraph, family_of  # REST: everything outside the blocks
 from igsm.models import predict_noise
 from igsm.sampling import (Denoiser, ImageGenerators, ddim_sample, ddim_step, ddim_timesteps, euler_maruyama_grid,
                            euler_maruyama_sample, euler_maruyama_step)
 
-REST = "rest"  # everything outside the blocks; it always runs and reads the last block's output
 REUSE, KEEP = 0, 1  # gate indices: (g_reuse, g_keep)
 PLAN_FORMAT = "igsm.reuse-plan"
 PLAN_VERSION = 1
@@ -60,66 +60,17 @@ PLAN_VERSION = 1
 # Blocks and who reads their outputs
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class BlockGraph:
-    """Block names in execution order, and for each block the blocks reading its output
-    (``REST`` for the last block, whose output the network's head reads)."""
-
-    names: tuple[str, ...]
-    consumers: dict[str, tuple[str, ...]]
-
-
 def block_graph(net: nn.Module) -> BlockGraph:
-    """The blocks of a diffusers ``UNet2DModel`` (``down_blocks.i``, ``mid_block``, ``up_blocks.i``)
-    or of an igsm U-ViT (``in_blocks.i``, ``mid_block``, ``out_blocks.i``), with their consumers."""
+    """The blocks of a network and their consumers, as its family cuts them (igsm.families:
+    U-Net ``down_blocks.i``, ``mid_block``, ``up_blocks.i``; U-ViT ``in_blocks.i``, ``mid_block``,
+    ``out_blocks.i``)."""
     if isinstance(net, Denoiser):
         net = net.net
-    if hasattr(net, "down_blocks") and hasattr(net, "up_blocks"):
-        return _unet_graph(net)
-    if hasattr(net, "in_blocks") and hasattr(net, "out_blocks"):
-        return _uvit_graph(net)
-    raise ValueError(f"block reuse: {type(net).__name__} is neither a diffusers UNet2DModel nor a U-ViT")
-
-
-def _chain_consumers(names: list[str]) -> dict[str, list[str]]:
-    consumers = {name: [] for name in names}
-    for producer, consumer in zip(names, names[1:]):
-        consumers[producer].append(consumer)
-    consumers[names[-1]].append(REST)
-    return consumers
-
-
-def _unet_graph(net) -> BlockGraph:
-    names = ([f"down_blocks.{i}" for i in range(len(net.down_blocks))]
-             + (["mid_block"] if net.mid_block is not None else [])
-             + [f"up_blocks.{i}" for i in range(len(net.up_blocks))])
-    consumers = _chain_consumers(names)
-    # UNet2DModel.forward: the residual stack starts with conv_in's output and grows by every
-    # down block's res_samples (one per resnet, plus one for its downsampler); each up block pops
-    # len(resnets) of them from the end.
-    stack = [REST]
-    for i, block in enumerate(net.down_blocks):
-        if getattr(block, "skip_conv", None) is not None:
-            raise ValueError(f"block reuse: down_blocks.{i} ({type(block).__name__}) is a skip block, "
-                             f"whose extra output is not supported")
-        stack += [f"down_blocks.{i}"] * (len(block.resnets) + (block.downsamplers is not None))
-    for j, block in enumerate(net.up_blocks):
-        taken = stack[-len(block.resnets):]
-        del stack[-len(block.resnets):]
-        for producer in taken:
-            if producer != REST and f"up_blocks.{j}" not in consumers[producer]:
-                consumers[producer].append(f"up_blocks.{j}")
-    return BlockGraph(tuple(names), {k: tuple(v) for k, v in consumers.items()})
-
-
-def _uvit_graph(net) -> BlockGraph:
-    depth = len(net.in_blocks)
-    names = ([f"in_blocks.{i}" for i in range(depth)] + ["mid_block"]
-             + [f"out_blocks.{i}" for i in range(len(net.out_blocks))])
-    consumers = _chain_consumers(names)
-    for i in range(depth):  # the long skip: in-block i is popped by out-block depth−1−i
-        consumers[f"in_blocks.{i}"].append(f"out_blocks.{depth - 1 - i}")
-    return BlockGraph(tuple(names), {k: tuple(v) for k, v in consumers.items()})
+    try:
+        family = family_of(net)
+    except ValueError as err:
+        raise ValueError(f"block reuse: {err}") from None
+    return family.block_graph(net)
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -42,7 +42,7 @@ from igsm.config import (ConfigError, apply_scale, check_config, check_writable,
                          pruning_method, training_job)
 from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
-from igsm.models import architecture_family
+from igsm.families import family_of_architecture
 from igsm.paper_tables import FIGURES as PAPER_FIGURES
 from igsm.paper_tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
 from igsm.paper_tables import experiments_of, sample_grids, table_names
@@ -107,8 +107,12 @@ wildcard_constraints:
     variant=_one_of(sorted({variant for exp in EXPERIMENTS for variant in scored_variants(exp)})),
 
 
-# U-ViT experiments: their architecture has U-ViT's keys.
-UVIT_EXPERIMENTS = [exp for exp, spec in EXPERIMENTS.items() if architecture_family(spec["architecture"]) == "uvit"]
+# Experiments whose family loads its pretrained weights into a network built from the architecture
+# (plain state dicts: U-ViT's); check_config has named every experiment's family.
+ARCHITECTURE_PRETRAINED_EXPERIMENTS = [
+    exp for exp, spec in EXPERIMENTS.items()
+    if family_of_architecture(spec["architecture"]).pretrained_needs_architecture
+]
 
 
 def dense_owner(exp):

@@ -26,7 +26,7 @@ rule dense_pretrained:
     output:
         model=directory("results/dense/{exp}/pretrained/model"),
     wildcard_constraints:
-        exp=_one_of([e for e in EXPERIMENTS if e not in UVIT_EXPERIMENTS]),
+        exp=_one_of([e for e in EXPERIMENTS if e not in ARCHITECTURE_PRETRAINED_EXPERIMENTS]),
     params:
         model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
     log:
@@ -39,15 +39,15 @@ rule dense_pretrained:
         "python -m igsm pretrained --model-id {params.model_id:q} --out {output.model:q} > {log:q} 2>&1"
 
 
-# U-ViT's checkpoints are plain state dicts: the architecture builds their skeleton. A rule of its
-# own, so that the U-Net rule's params (and the results made with it) stay as they were.
+# Families whose checkpoints are plain state dicts (U-ViT's): the architecture builds their skeleton.
+# A rule of its own, so that the U-Net rule's params (and the results made with it) stay as they were.
 rule dense_pretrained_uvit:
     conda:
         "../envs/train.yaml"
     output:
         model=directory("results/dense/{exp}/pretrained/model"),
     wildcard_constraints:
-        exp=_one_of(UVIT_EXPERIMENTS),
+        exp=_one_of(ARCHITECTURE_PRETRAINED_EXPERIMENTS),
     params:
         model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
         settings=lambda w: as_json(EXPERIMENTS[w.exp]["architecture"]),

@@ -209,13 +209,13 @@ def set_pretrained_unet_on_vpsde(c):
 
 def set_pretrained_uvit_on_ddpm(c):
     experiment(c).update(dense={"pretrained": "https://example.org/cifar10_uvit_small.pth"},
-                         architecture={"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 16,
-                                       "depth": 2, "num_heads": 2}, untrained_baseline=False)
+                         architecture={"family": "uvit", "img_size": 16, "patch_size": 4, "in_chans": 1,
+                                       "embed_dim": 16, "depth": 2, "num_heads": 2}, untrained_baseline=False)
 
 
 def set_uvit_channel_mismatch(c):
-    experiment(c).update(architecture={"img_size": 16, "patch_size": 4, "in_chans": 3, "embed_dim": 16,
-                                       "depth": 2, "num_heads": 2}, diffusion={"process": "vpsde"})
+    experiment(c).update(architecture={"family": "uvit", "img_size": 16, "patch_size": 4, "in_chans": 3,
+                                       "embed_dim": 16, "depth": 2, "num_heads": 2}, diffusion={"process": "vpsde"})
 
 
 @pytest.mark.parametrize("mutate, expected", [

@@ -78,7 +78,7 @@ def test_config_lsun_experiments_are_the_papers(name, teacher, category):
     exp = config["experiments"][name]
     assert exp["dense"]["pretrained"] == teacher
     architecture = {k: tuple(v) if isinstance(v, list) else v for k, v in exp["architecture"].items()}
-    assert architecture == LSUN_UNET
+    assert architecture.pop("family") == "unet" and architecture == LSUN_UNET
     data = config["datasets"][exp["dataset"]]
     assert data["source"] == "lsun" and data["category"] == category
     assert data["split"] == "train" and data["image_size"] == 256

@@ -170,7 +170,7 @@ def test_uvit_pth_with_code_is_refused_and_its_tensors_can_be_kept_safely(tmp_pa
     net = UViT(**TINY_UVIT)
     evil, marker = tmp_path / "uvit.pth", tmp_path / "marker"
     torch.save({**net.state_dict(), "payload": RunsCode(marker)}, evil)
-    settings = json.dumps(TINY_UVIT)
+    settings = json.dumps({"family": "uvit", **TINY_UVIT})  # as rule dense_pretrained_uvit passes it
     proc = igsm("pretrained", "--model-id", evil, "--settings", settings, "--out", tmp_path / "model")
     command = assert_refused_with_safe_advice(proc, evil, marker, tmp_path / "model")
     convert_as_advised(command, marker)

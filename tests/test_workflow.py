@@ -162,8 +162,8 @@ def tiny_uvit_config():
         "objectives": {"igsm": {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}}},
         "experiments": {"digits_uvit": {
             "dataset": "digits",
-            "architecture": {"img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 2,
-                             "num_heads": 2},
+            "architecture": {"family": "uvit", "img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 16,
+                             "depth": 2, "num_heads": 2},
             "diffusion": {"process": "vpsde"},
             "dense": {"training": {"num_steps": 20, "batch_size": 16, "optimizer": "adamw", "lr": 1e-3,
                                    "log_every": 10, "checkpoint_every": 10}},

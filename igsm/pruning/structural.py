@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import math
 
 import torch
 from torch import nn
@@ -187,99 +186,15 @@ def _example_inputs(net: nn.Module, image_size: int, in_channels: int) -> dict:
 
 
 def _pruning_plan(model: nn.Module) -> dict:
-    """What torch-pruning must keep, per model family, and how to resync static widths after.
+    """What torch-pruning must keep and how to resync static widths after: the model's family
+    decides (igsm.families: Family.pruning_plan; Diff-Pruning's U-Net, the reconstructed U-ViT)."""
+    from igsm.families import family_of
 
-    U-Net (Diff-Pruning): every layer but ``conv_out``; each attention's heads keep equal widths.
-    U-ViT (no public code prunes it; NOTES §3): the inner dimensions (each head's width, qkv then
-    proj's input, and the MLP's hidden layer) and the residual stream of the last out-block only;
-    the other streams keep their width (patch embedding, position embedding, the in/mid blocks,
-    out-blocks 0..n−2 and every skip projection's input), as do the decoder's output and the final
-    convolution. A reconstruction, labelled as such: it is what porting Diff-Pruning to U-ViT with
-    torch-pruning gives when only the input and output layers are ignored (torch-pruning couples
-    the long skips' concatenation with the patch embedding, so only the last stream, which feeds
-    the decoder alone, is free), and it reproduces all of Table 5's U-ViT counts (0.5 → 22.74M /
-    5.81G … 0.8 → 10.42M / 2.64G vs 22.7M / 5.8G … 10.4M / 2.6G). Each head keeps ⌊head_dim·(1 −
-    ratio)⌋ dims, as torch-pruning ≥ 1.4.1 rounds (1.4.0 would keep head_dim − ⌊(D − ⌊D(1 − ratio)⌋)/heads⌋),
-    set through ``pruning_ratio_dict`` on each attention's ``proj``, the root of its group.
-    """
-    from igsm.uvit import PrunableAttention, UViT
-
-    if isinstance(model, UViT):
-        blocks = [*model.in_blocks, model.mid_block, *model.out_blocks]
-        last = model.out_blocks[-1]
-        keep = [model.patch_embed.proj, model.decoder_pred, model.final_layer]
-        keep += [layer for b in blocks if b is not last
-                 for layer in (b.attn.proj, b.mlp.fc2, b.skip_linear) if layer is not None]
-        attention = {name: m for name, m in model.named_modules() if isinstance(m, PrunableAttention)}
-
-        def head_ratios(ratio):
-            return {b.attn.proj: 1 - int(b.attn.head_dim * (1 - ratio)) / b.attn.head_dim for b in blocks}
-
-        def sync_widths():
-            # Equal heads of a narrower width; the softmax scale stays the dense one (recorded).
-            for name, attn in attention.items():
-                if attn.qkv.out_features % (3 * attn.num_heads):
-                    raise ValueError(f"net: pruning left {name} with {attn.qkv.out_features} qkv "
-                                     f"features for {attn.num_heads} heads")
-                attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
-
-        return {"ignored_layers": keep, "num_heads": {m.qkv: m.num_heads for m in attention.values()},
-                "unwrapped_parameters": [(model.pos_embed, 2)], "sync_widths": sync_widths,
-                "pruning_ratio_dict": head_ratios}
-    if not isinstance(getattr(model, "conv_out", None), nn.Module):
-        raise ValueError(f"net: {type(model).__name__} has no conv_out layer to keep unpruned; "
-                         "prune() expects a diffusers UNet2DModel or a U-ViT")
-    # Multi-head attention: prune every head by the same number of dims so heads stay equal.
-    attention = _attention_modules(model)
-    dense_head_dims = {name: attn.inner_dim // attn.heads for name, attn in attention.items()}
-    return {"ignored_layers": [model.conv_out],
-            "num_heads": {lin: attn.heads for attn in attention.values() if attn.heads > 1
-                          for lin in (attn.to_q, attn.to_k, attn.to_v)},
-            "unwrapped_parameters": None,
-            "sync_widths": lambda: _sync_static_widths(model, dense_head_dims)}
-
-
-def _attention_modules(model: nn.Module) -> dict:
-    from diffusers.models.attention_processor import Attention
-
-    return {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
-
-
-def _sync_static_widths(model: nn.Module, dense_head_dims: dict) -> None:
-    """Make diffusers' static width attributes agree with the pruned layers.
-
-    Up/Downsample2D assert on ``channels``; Attention keeps ``inner_dim`` and friends. Attention
-    also needs its softmax temperature kept: diffusers' fused path (SDPA) divides q·k by
-    √(pruned head dim) and ignores ``attn.scale``, its math path multiplies by ``attn.scale``
-    (√ of the dense head dim). We keep the dense model's temperature on both paths by folding
-    √(pruned/dense) into ``to_q`` and setting ``attn.scale`` to what SDPA uses; ``save_model``
-    records ``scale``.
-    """
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
-
-    for name, m in model.named_modules():
-        if isinstance(m, (Upsample2D, Downsample2D)):
-            conv = getattr(m, "conv", None) or getattr(m, "Conv2d_0", None)
-            if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
-                m.channels, m.out_channels = conv.in_channels, conv.out_channels
-    for name, attn in _attention_modules(model).items():
-        attn.inner_dim = attn.to_q.out_features
-        attn.inner_kv_dim = attn.to_k.out_features
-        attn.query_dim = attn.to_q.in_features
-        attn.cross_attention_dim = attn.to_k.in_features
-        attn.out_dim = attn.to_out[0].out_features
-        if attn.inner_dim % attn.heads:
-            raise ValueError(f"net: pruning left {name} with {attn.inner_dim} dims for "
-                             f"{attn.heads} heads")
-        head_dim, dense_head_dim = attn.inner_dim // attn.heads, dense_head_dims[name]
-        if attn.scale_qk and head_dim != dense_head_dim:
-            with torch.no_grad():
-                factor = math.sqrt(head_dim / dense_head_dim)
-                attn.to_q.weight.mul_(factor)
-                if attn.to_q.bias is not None:
-                    attn.to_q.bias.mul_(factor)
-            attn.scale = head_dim ** -0.5
+    try:
+        family = family_of(model)
+    except ValueError as err:
+        raise ValueError(f"net: {err}") from None
+    return family.pruning_plan(model)
 
 
 class _ModuleStack:
