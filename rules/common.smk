@@ -42,7 +42,7 @@ from igsm.config import (ConfigError, apply_scale, check_config, check_writable,
                          pruning_method, training_job)
 from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
-from igsm.families import family_of_architecture
+from igsm.families import FAMILY_KEY, assumed_family, family_of_architecture
 from igsm.paper_tables import FIGURES as PAPER_FIGURES
 from igsm.paper_tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
 from igsm.paper_tables import experiments_of, sample_grids, table_names
@@ -152,6 +152,16 @@ def dataset_file(wildcards):
 
 def as_json(payload):
     return json.dumps(payload, sort_keys=True)
+
+
+def architecture_settings(exp):
+    """JSON of the experiment's architecture as its jobs receive it: without 'family' where its keys
+    alone imply that family (every config written before the key existed), so jobs made then stay
+    valid; a family the keys do not imply is passed on."""
+    architecture = dict(EXPERIMENTS[exp]["architecture"])
+    if assumed_family(architecture).name == architecture.get(FAMILY_KEY):
+        del architecture[FAMILY_KEY]
+    return as_json(architecture)
 
 
 def diffusion_settings(exp):

@@ -8,7 +8,7 @@ rule untrained:
     output:
         model=directory("results/untrained/{exp}/model"),
     params:
-        settings=lambda w: as_json(EXPERIMENTS[w.exp]["architecture"]),
+        settings=lambda w: architecture_settings(w.exp),
         seed=lambda w: EXPERIMENTS[w.exp]["dense"].get("training", {}).get("seed", 0),
     log:
         "results/logs/untrained/{exp}.log",
@@ -50,7 +50,7 @@ rule dense_pretrained_uvit:
         exp=_one_of(ARCHITECTURE_PRETRAINED_EXPERIMENTS),
     params:
         model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
-        settings=lambda w: as_json(EXPERIMENTS[w.exp]["architecture"]),
+        settings=lambda w: architecture_settings(w.exp),
         cache="results/dense/{exp}/pretrained/download",
     log:
         "results/logs/dense/{exp}.log",

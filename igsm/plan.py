@@ -1,0 +1,62 @@
+"""The plan of an experiment: one row per scored model (issue 30).
+
+Every model the workflow samples and scores is one row here: the dense model, the untrained
+baseline (``untrained_baseline``), each finetuning run's pruning criterion × channel ratio ×
+objective, and each block-reuse variant of ``reuse.models`` × ``reuse.methods`` ×
+``reuse.mac_fractions``. The config checks (igsm/config.py), the workflow's rules
+(rules/common.smk) and the paper tables (igsm/paper_tables.py) all read these rows instead of
+enumerating ``finetune.runs`` themselves; result paths are named from them
+(``<criterion>-cr<ratio>/<objective>``, ``…/reuse-<method>-f<fraction>``).
+
+Torch-free on purpose: Snakemake builds its DAG from this module.
+"""
+
+from __future__ import annotations
+
+
+def pruned_model_name(criterion: str, ratio: float) -> str:
+    """The name of a pruned model in result paths: '<criterion>-cr<ratio>'."""
+    return f"{criterion}-cr{float(ratio):g}"
+
+
+def reuse_variant(base: str, method: str, fraction: float) -> str:
+    """The name of a block-reuse variant of the scored model ``base``."""
+    return f"{base}/reuse-{method}-f{float(fraction):g}"
+
+
+def scored_models(exp: dict, objectives: dict | None = None) -> dict[str, dict]:
+    """{variant: row} for every scored model of one experiment's (validated) settings ``exp``, in
+    table order; ``objectives`` is the config's 'objectives' (each row carries its weights; without
+    it, for the names alone, weights are None).
+
+    A row: variant, kind (dense / untrained / finetuned / reuse), objective, criterion,
+    channel_ratio, weights, pruned (the pruned model's name); reuse rows add base, reuse_method and
+    mac_fraction and otherwise repeat their base model's row."""
+    plain = {"criterion": "", "channel_ratio": None, "weights": None, "pruned": None}
+    rows = {"dense": {"variant": "dense", "kind": "dense", "objective": "dense", **plain}}
+    if exp["untrained_baseline"]:
+        rows["untrained"] = {"variant": "untrained", "kind": "untrained", "objective": "untrained", **plain}
+    for run in exp["finetune"]["runs"]:
+        criterion = run.get("criterion", exp["prune"]["criterion"])
+        pruned = pruned_model_name(criterion, run["channel_ratio"])
+        for objective in run["objectives"]:
+            variant = f"{pruned}/{objective}"
+            rows[variant] = {"variant": variant, "kind": "finetuned", "objective": objective,
+                             "criterion": criterion, "channel_ratio": run["channel_ratio"],
+                             "weights": objectives[objective]["weights"] if objectives else None,
+                             "pruned": pruned}
+    reuse = exp["reuse"]
+    for base in reuse["models"]:
+        if base not in rows:  # igsm.config names it as an error; the plan only skips it
+            continue
+        for method in reuse["methods"]:
+            for fraction in reuse["mac_fractions"]:
+                variant = reuse_variant(base, method, fraction)
+                rows[variant] = {**rows[base], "variant": variant, "kind": "reuse", "base": base,
+                                 "reuse_method": method, "mac_fraction": fraction}
+    return rows
+
+
+def scored_model_names(exp: dict) -> list[str]:
+    """The models an experiment samples and scores, bar block-reuse variants."""
+    return [variant for variant, row in scored_models(exp).items() if row["kind"] != "reuse"]
