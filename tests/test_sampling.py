@@ -293,7 +293,8 @@ def test_sharded_and_resumed_runs_give_the_images_of_one_job(model_dir, uninterr
     assert not out.exists()
     assert sorted(p.name for p in out.with_name(out.name + ".partial").glob("batch-*.npy")) == ["batch-000000.npy"]
     calls.clear()
-    monkeypatch.setattr(sampling.job, "generate", lambda *a, **k: calls.append(len(k["seeds"])) or real_generate(*a, **k))
+    monkeypatch.setattr(sampling.job, "generate",
+                        lambda *a, **k: calls.append(len(k["seeds"])) or real_generate(*a, **k))
     sample_shard(model_dir, out, "0/1")
     assert calls == [3, 3, 1]  # batches 1, 2, 3 of 0..3: batch 0 was kept
     assert np.array_equal(sampling.load_samples(out)[0], images)

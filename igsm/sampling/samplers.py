@@ -105,6 +105,7 @@ class Sampler:
         return [self.network_time(i) for i in range(self.num_steps)]
 
     def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The chain's state at x_T = ``noise``."""
         return noise
 
     def network_input(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,6 +121,7 @@ class Sampler:
         raise NotImplementedError
 
     def finish(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x_0 from the last state, in the noise's ``dtype``."""
         return x.to(dtype)
 
 
@@ -219,12 +221,12 @@ class EulerMaruyama(Sampler):
         return x
 
 
-SAMPLERS = tuple(REGISTRY)  # the names the config's sample.sampler may take (the schema's enum: tested)
+SAMPLERS = tuple(REGISTRY)  # the built-in ones, the schema's sample.sampler enum (a test keeps them equal)
 
 
 def sampler_class(name: str) -> type[Sampler]:
     if name not in REGISTRY:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+        raise ValueError(f"unknown sampler {name!r}; choose one of {tuple(REGISTRY)}")
     return REGISTRY[name]
 
 
@@ -242,7 +244,7 @@ def sampler_kwargs(settings: dict) -> dict:
     error naming it."""
     sampler = settings.get("sampler")
     if sampler not in REGISTRY:
-        raise ValueError(f"sample.sampler: unknown {sampler!r}; choose one of {SAMPLERS}")
+        raise ValueError(f"sample.sampler: unknown {sampler!r}; choose one of {tuple(REGISTRY)}")
     needed = REGISTRY[sampler].config_keys
     missing = [key for key in needed if key not in settings]
     if missing:
