@@ -19,8 +19,8 @@ from the output side. Reconstructed here, because the public code has no such mo
 the blocks and their consumers for diffusers' UNet2DModel and igsm's U-ViT (:func:`block_graph`),
 MAC counting with ``FlopCounterMode`` (:func:`block_macs`), applying a plan inside the repository's
 own samplers without touching them (:func:`apply_plan`: the sampling step is recognised from the
-time input), the differentiable SuperNet chains mirroring ``ddim_sample`` and
-``euler_maruyama_sample``, the pruner's heads (one shared MLP plus a per-(step, block) bias instead
+time input), the differentiable SuperNet chain (the samplers' own step objects, run with gradients),
+the pruner's heads (one shared MLP plus a per-(step, block) bias instead
 of one MLP per position, to keep the parameter count small), and the baselines' plans.
 
 Convention: every ``mac_fraction`` here is the share of the dense sampler's MACs that is still
@@ -48,8 +48,9 @@ from igsm.data import write_text_atomically
 from igsm.diffusion import VPSDE, NoiseSchedule
 from igsm.families import REST, BlockGraph, family_of  # REST: everything outside the blocks
 from igsm.models import predict_noise
-from igsm.sampling import (Denoiser, ImageGenerators, ddim_sample, ddim_step, ddim_timesteps, euler_maruyama_grid,
-                           euler_maruyama_sample, euler_maruyama_step)
+from igsm.sampling.denoiser import Denoiser
+from igsm.sampling.noise import ImageGenerators
+from igsm.sampling.samplers import Sampler, make_sampler, run_sampler, sampler_class
 
 REUSE, KEEP = 0, 1  # gate indices: (g_reuse, g_keep)
 PLAN_FORMAT = "igsm.reuse-plan"
@@ -249,14 +250,9 @@ def _describe_steps(timesteps) -> str:
 
 def sampler_timesteps(sampler: str, num_steps: int, *, schedule: NoiseSchedule | VPSDE | None = None,
                       spacing: str = "uniform", t_min: float = 1e-3) -> list[float]:
-    """Network time inputs of the repository's samplers, in sampling order: DDIM's integer steps
-    (``ddim_sample``), or t·999 on Euler–Maruyama's grid (``euler_maruyama_sample``)."""
-    if sampler == "ddim":
-        num_train_steps = (schedule.integer_steps() if schedule is not None else NoiseSchedule.linear()).num_steps
-        return [int(t) for t in reversed(ddim_timesteps(num_train_steps, num_steps, spacing))]
-    if sampler == "euler-maruyama":
-        return [float(t * 999) for t in euler_maruyama_grid(num_steps, t_min)[:num_steps]]
-    raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'euler-maruyama'")
+    """Network time inputs of the repository's samplers, in sampling order (``Sampler.timesteps``):
+    DDIM's integer steps, or t·VPSDE_TIME_SCALE on Euler–Maruyama's grid."""
+    return _make_chain(sampler, num_steps, schedule, spacing=spacing, t_min=t_min).timesteps
 
 
 def dense_plan(graph: BlockGraph, macs: dict, timesteps) -> ReusePlan:
@@ -293,7 +289,8 @@ class _StepTracker:
         self.step = self.chunk = self.last = self.chunks_per_step = None
 
     def _matches(self, value: float) -> np.ndarray:
-        # The network sees t·999 in float32 for Euler–Maruyama: equal up to its rounding.
+        # Euler–Maruyama's network time (t·VPSDE_TIME_SCALE) reaches the network in float32: equal up to
+        # its rounding.
         return np.flatnonzero(np.abs(self.timesteps - value) <= 1e-5 * max(1.0, abs(value)))
 
     def _next_step_at(self, value: float) -> int:
@@ -529,91 +526,22 @@ def _unflatten(tensors, spec) -> dict:
     return {name: _build(structure, leaves) for name, structure in spec}
 
 
-class _DDIMChain:
-    """``ddim_sample``'s chain one step at a time, with gradients (``ddim_sample`` is no_grad)."""
-
-    def __init__(self, schedule: NoiseSchedule, num_steps: int, eta: float = 0.0, spacing: str = "uniform",
-                 clip_x0: bool = False):
-        seq = ddim_timesteps(schedule.num_steps, num_steps, spacing)
-        self.pairs = list(zip(reversed(seq), reversed([-1] + seq[:-1])))
-        self.schedule, self.abar = schedule, schedule.alphas_cumprod
-        self.eta, self.spacing, self.clip_x0 = eta, spacing, clip_x0
-
-    def draws_noise(self, step: int) -> bool:
-        return self.eta > 0 and self.pairs[step][1] >= 0
-
-    def start(self, noise):
-        return noise
-
-    def network_input(self, x, step):
-        return x, torch.full((len(x),), self.pairs[step][0], device=x.device, dtype=torch.long)
-
-    def update(self, x, eps, step, noise):
-        i, j = self.pairs[step]
-        abar = self.abar.to(x.device)
-        a_t, a_next = abar[i], (abar[j] if j >= 0 else abar.new_tensor(1.0))
-        x_next, sigma = ddim_step(x, eps, a_t, a_next, self.eta, self.clip_x0)
-        if self.draws_noise(step):
-            x_next = x_next + sigma * noise
-        return x_next.to(x.dtype)
-
-    def finish(self, x, dtype):
-        return x
-
-    def dense(self, net, noise, generators):
-        return ddim_sample(net, noise, self.schedule, num_steps=len(self.pairs), eta=self.eta,
-                           spacing=self.spacing, generators=generators, clip_x0=self.clip_x0)
-
-
-class _EulerMaruyamaChain:
-    """``euler_maruyama_sample``'s chain one step at a time, with gradients; the state is float64 as there."""
-
-    def __init__(self, num_steps: int, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3):
-        self.ts = euler_maruyama_grid(num_steps, t_min)
-        self.num_steps, self.beta_min, self.beta_max, self.t_min = num_steps, beta_min, beta_max, t_min
-
-    def draws_noise(self, step: int) -> bool:
-        return step < self.num_steps - 1  # the last step returns the mean, as U-ViT does
-
-    def start(self, noise):
-        return noise.double()
-
-    def network_input(self, x, step):
-        return x.float(), torch.full((len(x),), float(self.ts[step] * 999), device=x.device)
-
-    def update(self, x, eps, step, noise):
-        t, h = self.ts[step], self.ts[step] - self.ts[step + 1]
-        x, scale = euler_maruyama_step(x, eps, t, h, self.beta_min, self.beta_max)
-        if self.draws_noise(step):
-            x = x + scale * noise
-        return x
-
-    def finish(self, x, dtype):
-        return x.to(dtype)
-
-    def dense(self, net, noise, generators):
-        return euler_maruyama_sample(net, noise, num_steps=self.num_steps, beta_min=self.beta_min,
-                                     beta_max=self.beta_max, t_min=self.t_min, generators=generators)
-
-
 def _make_chain(sampler: str, num_steps: int, schedule, *, eta=0.0, spacing="uniform", clip_x0=False,
-                t_min=1e-3):
-    if sampler == "ddim":
-        schedule = schedule.integer_steps() if schedule is not None else NoiseSchedule.linear()
-        return _DDIMChain(schedule, num_steps, eta, spacing, clip_x0)
-    if sampler == "euler-maruyama":
-        if schedule is not None and not isinstance(schedule, VPSDE):
-            raise ValueError("euler-maruyama integrates the VP-SDE: pass a VPSDE schedule or None")
-        schedule = schedule or VPSDE()
-        return _EulerMaruyamaChain(num_steps, schedule.beta_min, schedule.beta_max, t_min)
-    raise ValueError(f"unknown sampler {sampler!r}; choose 'ddim' or 'euler-maruyama'")
+                t_min=1e-3) -> Sampler:
+    """The sampler ``sampler`` as the sample stage runs it, from DiP-GO's settings (each sampler takes
+    the ones it knows: DDIM eta, spacing and clip_x0, Euler–Maruyama t_min)."""
+    settings = dict(eta=eta, spacing=spacing, clip_x0=clip_x0, t_min=t_min)
+    keywords = sampler_class(sampler).keywords
+    return make_sampler(sampler, schedule, num_steps=num_steps, **{k: settings[k] for k in keywords})
 
 
-def _supernet_sample(net, graph: BlockGraph, chain, noise: torch.Tensor, gates: torch.Tensor,
+def _supernet_sample(net, graph: BlockGraph, chain: Sampler, noise: torch.Tensor, gates: torch.Tensor,
                      step_noises, checkpointed: bool = True) -> torch.Tensor:
-    """The SuperNet's sampling chain: gates [num_steps, num_blocks, 2]; gradients reach the gates.
-    With ``checkpointed`` each step is recomputed in the backward pass, so only the chain's state
-    and the block caches are kept per step, not the activations inside the network."""
+    """The SuperNet's sampling chain: ``run_sampler``'s loop over the same sampler ``chain``, with
+    gradients; gates [num_steps, num_blocks, 2]; ``step_noises[i]``: step i's draw (None where
+    ``chain.draws_noise(i)`` is false). With ``checkpointed`` each step is recomputed in the backward
+    pass, so only the chain's state and the block caches are kept per step, not the activations
+    inside the network."""
     x, cache = chain.start(noise), {}
     for step in range(len(gates)):
         spec_out = []
@@ -720,7 +648,7 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
             seeds = range(seed + train_step * batch_size, seed + (train_step + 1) * batch_size)
             dense_generators = ImageGenerators(seeds)
             noise = dense_generators.randn(image_shape, device=device)
-            dense_images = chain.dense(net, noise, dense_generators)
+            dense_images = run_sampler(chain, net, noise, dense_generators)
             # The same draws again, in the sampler's order, for the SuperNet chain.
             generators = ImageGenerators(seeds)
             generators.randn(image_shape)

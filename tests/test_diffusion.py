@@ -40,9 +40,9 @@ def test_vpsde_noising_is_the_closed_form(beta_min, beta_max):
 
 def test_vp_log_alpha_has_one_definition():
     """The sampler and the training process use the same log α (one function, in igsm.diffusion)."""
-    from igsm import sampling
+    from igsm.sampling import samplers
 
-    assert sampling.vp_log_alpha is vp_log_alpha
+    assert samplers.vp_log_alpha is vp_log_alpha
     assert vp_log_alpha(0.3) == pytest.approx(math.log(closed_form(0.3)[0]), rel=1e-14)
 
 

@@ -20,7 +20,8 @@ import torch
 from igsm import reuse, reuse_methods
 from igsm.diffusion import NoiseSchedule
 from igsm.models import build_unet
-from igsm.sampling import Denoiser, ImageGenerators, ddim_sample, euler_maruyama_sample, generate
+from igsm.sampling import (Denoiser, ImageGenerators, ddim_sample, euler_maruyama_sample, generate,
+                           run_sampler)
 from igsm.uvit import UViT
 
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1,
@@ -404,27 +405,32 @@ def keep_gates(num_steps, num_blocks):
     return gates.requires_grad_()
 
 
+@pytest.mark.parametrize("family", ["unet", "uvit"])
 @pytest.mark.parametrize("sampler", ["ddim", "euler-maruyama"])
-def test_supernet_with_every_gate_kept_is_the_dense_sampler(unet, sampler):
+def test_supernet_with_every_gate_kept_is_the_dense_sampler(unet, uvit, family, sampler):
+    """DiP-GO's differentiable chain runs the samplers' own step objects: with every gate at "keep"
+    its x_0 is the plain loop's, bitwise (a second copy of an update, or another dtype of the
+    network input or of the step noise, would differ in the last bits)."""
+    net = unet if family == "unet" else uvit
     num_steps, seeds = 5, np.arange(3)
     chain = reuse._make_chain(sampler, num_steps, None, eta=0.7)
     generators = ImageGenerators(seeds)
     noise = generators.randn(SHAPE)
-    dense = chain.dense(unet, noise, generators)
+    dense = run_sampler(chain, net, noise, generators)
     generators = ImageGenerators(seeds)
     generators.randn(SHAPE)
     step_noises = [generators.randn(SHAPE, dtype=torch.float64) if chain.draws_noise(s) else None
                    for s in range(num_steps)]
     gates = keep_gates(num_steps, 5)
-    images = reuse._supernet_sample(unet, reuse.block_graph(unet), chain, noise, gates, step_noises)
-    torch.testing.assert_close(images, dense, rtol=0, atol=1e-6)
+    images = reuse._supernet_sample(net, reuse.block_graph(net), chain, noise, gates, step_noises)
+    assert torch.equal(images, dense)
     # The gradient reaches the gates of every step but the first, through the checkpoints.
     images.square().sum().backward()
     assert gates.grad[0].abs().sum() == 0 and (gates.grad[1:, :, reuse.REUSE].abs().sum(1) > 0).all()
     with torch.no_grad():  # and reference check of the sampler functions themselves
-        reference = (ddim_sample(unet, noise, SCHEDULE, num_steps=num_steps, eta=0.7,
+        reference = (ddim_sample(net, noise, SCHEDULE, num_steps=num_steps, eta=0.7,
                                  generators=_regenerated(seeds)) if sampler == "ddim"
-                     else euler_maruyama_sample(unet, noise, num_steps=num_steps, generators=_regenerated(seeds)))
+                     else euler_maruyama_sample(net, noise, num_steps=num_steps, generators=_regenerated(seeds)))
     assert torch.equal(reference, dense)
 
 

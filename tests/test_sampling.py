@@ -28,7 +28,8 @@ from PIL import Image
 from conftest import REPO, run_snakemake
 from igsm import sampling
 from igsm.cli import main as cli
-from igsm.diffusion import NoiseSchedule
+from igsm.data import to_uint8
+from igsm.diffusion import NoiseSchedule, vp_log_alpha
 from igsm.models import build_unet, save_model
 
 TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1,
@@ -114,7 +115,7 @@ def test_bf16_fast_path_is_close_to_fp32_but_not_equal(unet):
     assert bf16_net.metadata["precision"] == "bf16"
     assert not torch.equal(bf16, fp32)
     # In uint8 levels: a few levels at most, on a random network amplifying its own rounding.
-    levels = np.abs(sampling.to_uint8(bf16).astype(int) - sampling.to_uint8(fp32).astype(int))
+    levels = np.abs(to_uint8(bf16).astype(int) - to_uint8(fp32).astype(int))
     assert levels.mean() < 2 and levels.max() <= 16, (levels.mean(), levels.max())
 
 
@@ -173,7 +174,7 @@ class GaussianVPNoise(torch.nn.Module):
 
     def forward(self, x, t_in):
         t = t_in.double().view(-1, 1, 1, 1) / 999
-        alpha = torch.exp(sampling.vp_log_alpha(t))
+        alpha = torch.exp(vp_log_alpha(t))
         sigma = (1 - alpha**2).sqrt()
         return (sigma * (x.double() - alpha * MU) / (alpha**2 * STD**2 + sigma**2)).float()
 
@@ -277,7 +278,7 @@ def test_sharded_and_resumed_runs_give_the_images_of_one_job(model_dir, uninterr
 
     # A job killed after its first batch leaves only partial batches; its rerun does the rest.
     calls = []
-    real_generate = sampling.generate
+    real_generate = sampling.job.generate  # sample_images (igsm.sampling.job) calls it by this name
 
     def dying_generate(*args, **kwargs):
         calls.append(len(kwargs["seeds"]))
@@ -285,14 +286,15 @@ def test_sharded_and_resumed_runs_give_the_images_of_one_job(model_dir, uninterr
             raise Killed
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "generate", dying_generate)
+    monkeypatch.setattr(sampling.job, "generate", dying_generate)
     out = tmp_path / "killed" / "shard-0-of-1.npz"
     with pytest.raises(Killed):
         sample_shard(model_dir, out, "0/1")
     assert not out.exists()
     assert sorted(p.name for p in out.with_name(out.name + ".partial").glob("batch-*.npy")) == ["batch-000000.npy"]
     calls.clear()
-    monkeypatch.setattr(sampling, "generate", lambda *a, **k: calls.append(len(k["seeds"])) or real_generate(*a, **k))
+    monkeypatch.setattr(sampling.job, "generate",
+                        lambda *a, **k: calls.append(len(k["seeds"])) or real_generate(*a, **k))
     sample_shard(model_dir, out, "0/1")
     assert calls == [3, 3, 1]  # batches 1, 2, 3 of 0..3: batch 0 was kept
     assert np.array_equal(sampling.load_samples(out)[0], images)
@@ -301,7 +303,7 @@ def test_sharded_and_resumed_runs_give_the_images_of_one_job(model_dir, uninterr
 
 def test_stale_partial_batches_are_discarded(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "shard-0-of-1.npz"
-    real_generate = sampling.generate
+    real_generate = sampling.job.generate  # sample_images (igsm.sampling.job) calls it by this name
     calls = []
 
     def dying_generate(*args, **kwargs):
@@ -310,10 +312,10 @@ def test_stale_partial_batches_are_discarded(model_dir, tmp_path, monkeypatch):
             raise Killed
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sampling, "generate", dying_generate)
+    monkeypatch.setattr(sampling.job, "generate", dying_generate)
     with pytest.raises(Killed):
         sample_shard(model_dir, out, "0/1")
-    monkeypatch.setattr(sampling, "generate", real_generate)
+    monkeypatch.setattr(sampling.job, "generate", real_generate)
     changed = {**SETTINGS, "num_steps": 5}
     sample_shard(model_dir, out, "0/1", settings=changed)
     fresh = tmp_path / "fresh.npz"
@@ -502,3 +504,23 @@ def test_sampler_settings_have_no_defaults_of_their_own():
         sampling.sampler_kwargs({"sampler": "ddim", "num_steps": 10, "eta": 0.0, "clip_x0": False})
     with pytest.raises(ValueError, match="sample.sampler: unknown None"):
         sampling.sampler_kwargs({"num_steps": 10})
+
+
+def test_every_registered_sampler_is_in_the_schema():
+    """The schema's sample.sampler enum is the registry, and each sampler reads only keys the
+    schema knows (a sampler added to one but not the other fails here, not in a job)."""
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    pending, sections = [schema], []
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            sample = node.get("sample")
+            if isinstance(sample, dict) and "sampler" in sample.get("properties", {}):
+                sections.append(sample["properties"])
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    assert len(sections) == 1
+    assert sections[0]["sampler"]["enum"] == list(sampling.SAMPLERS) == list(sampling.REGISTRY)
+    for name, cls in sampling.REGISTRY.items():
+        assert cls.name == name and set(cls.config_keys) <= set(sections[0]), name

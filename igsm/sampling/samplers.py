@@ -1,0 +1,286 @@
+"""The samplers as step objects, and the one loop that runs any of them (paper Sec. 5.1).
+
+* DDIM (Song et al. 2021, Eq. 12) for the U-Nets: 100 steps, η = 0 in the paper (Sec. 5.1),
+  "uniform" or "quad" timestep spacing as in the DDIM reference code (Diff-Pruning's numbers use
+  "quad"). η = 1 with all 1000 steps is ancestral DDPM sampling (tests check it).
+* Euler–Maruyama on the VP-SDE for U-ViT (Song et al. 2021b), exactly as U-ViT's ``sde.py``:
+  β ∈ [0.1, 20], the time grid [0] + linspace(1e-3, 1, N) walked from 1 down, network time input
+  t·``VPSDE_TIME_SCALE`` at the upper end of each interval, the last interval (1e-3 → 0) without
+  noise; N = 1000.
+
+A sampler (:class:`Sampler`) is one chain of ``num_steps`` steps: ``start(noise)`` gives the state,
+``network_input(x, i)`` what the network sees at step i, ``update(x, ε̂, i, z)`` the next state (``z``:
+the step's standard-normal draw where ``draws_noise(i)``), ``finish`` the image. :func:`run_sampler`
+is the loop, without gradients; DiP-GO's SuperNet chain (``igsm.reuse``) runs the same objects with
+gradients, so every update rule exists once. ``REGISTRY`` holds them by the config's name
+(``sample.sampler``). The elementwise updates run in float64: correctly rounded IEEE operations,
+identical whatever the vector width that computes them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from igsm.diffusion import VPSDE, VPSDE_TIME_SCALE, NoiseSchedule, vp_log_alpha
+from igsm.sampling.denoiser import as_denoiser
+
+
+# ---------------------------------------------------------------------------------------------
+# Update rules
+# ---------------------------------------------------------------------------------------------
+
+def ddim_timesteps(num_train_steps: int, num_steps: int, spacing: str = "uniform") -> list[int]:
+    """Increasing timesteps visited by DDIM, as in the DDIM reference implementation."""
+    if spacing == "uniform":
+        skip = num_train_steps // num_steps
+        return list(range(0, num_train_steps, skip))[:num_steps]
+    if spacing == "quad":
+        return [int(s) for s in np.linspace(0, math.sqrt(num_train_steps * 0.8), num_steps) ** 2]
+    raise ValueError(f"unknown DDIM spacing {spacing!r}; choose 'uniform' or 'quad'")
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_next: torch.Tensor, eta: float = 0.0,
+              clip_x0: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM update (Eq. 12) in float64 from x_t and ε̂: (the mean of x_{t−1}, σ_t); the caller
+    adds σ_t·z where it draws noise. Differentiable (igsm.reuse trains through it)."""
+    eps = eps.double()
+    x0 = (x.double() - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x.double() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    # Eq. 12 of DDIM: σ_t = η·sqrt((1−ᾱ_{t−1})/(1−ᾱ_t))·sqrt(1−ᾱ_t/ᾱ_{t−1}).
+    sigma = eta * ((1 - a_t / a_next) * (1 - a_next) / (1 - a_t)).sqrt()
+    return a_next.sqrt() * x0 + (1 - a_next - sigma**2).sqrt() * eps, sigma
+
+
+def euler_maruyama_grid(num_steps: int, t_min: float = 1e-3) -> torch.Tensor:
+    """U-ViT's time grid [0] + linspace(t_min, 1, N), walked from 1 down (float64)."""
+    return torch.cat([torch.zeros(1, dtype=torch.float64),
+                      torch.linspace(t_min, 1.0, num_steps, dtype=torch.float64)]).flip(0)
+
+
+def euler_maruyama_step(x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, h: torch.Tensor,
+                        beta_min: float = 0.1, beta_max: float = 20.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Euler–Maruyama step of the reverse VP-SDE from t to t − h, x float64: (the drift step,
+    the noise scale √(β(t)h)); the caller adds the noise except on the last step."""
+    beta = beta_min + t * (beta_max - beta_min)
+    sigma = (1 - torch.exp(2 * vp_log_alpha(t, beta_min, beta_max))).sqrt()
+    score = -eps.double() / sigma
+    return x + h * (0.5 * beta * x + beta * score), (beta * h).sqrt()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Samplers: step objects and their registry
+# ---------------------------------------------------------------------------------------------
+
+class Sampler:
+    """One sampling chain of ``num_steps`` steps, from x_T = noise to x_0.
+
+    ``name``: the config's ``sample.sampler``; ``config_keys``: the keys of the 'sample' settings it
+    takes (:func:`sampler_kwargs`); ``keywords``: its settings besides ``num_steps``, as keyword
+    arguments of :meth:`for_process`.
+    """
+
+    name: str
+    config_keys: tuple[str, ...]
+    keywords: tuple[str, ...]
+    num_steps: int
+
+    @classmethod
+    def for_process(cls, process: NoiseSchedule | VPSDE | None, num_steps: int, **settings) -> "Sampler":
+        """The sampler for a network trained on ``process`` (None: the sampler's default process)."""
+        raise NotImplementedError
+
+    def network_time(self, i: int) -> float:
+        """The network's time input at step i."""
+        raise NotImplementedError
+
+    @property
+    def timesteps(self) -> list[float]:
+        """The network time inputs in sampling order (what a block-reuse plan is made for)."""
+        return [self.network_time(i) for i in range(self.num_steps)]
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """The chain's state at x_T = ``noise``."""
+        return noise
+
+    def network_input(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, t) as the network takes them at step i: every image at the same t."""
+        raise NotImplementedError
+
+    def draws_noise(self, i: int) -> bool:
+        """Whether step i adds fresh noise (one standard-normal draw per image, float64)."""
+        raise NotImplementedError
+
+    def update(self, x: torch.Tensor, eps: torch.Tensor, i: int, z: torch.Tensor | None) -> torch.Tensor:
+        """The state after step i from ε̂ = ``eps``; ``z``: the step's draw, None where it draws none."""
+        raise NotImplementedError
+
+    def finish(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """x_0 from the last state, in the noise's ``dtype``."""
+        return x.to(dtype)
+
+
+REGISTRY: dict[str, type[Sampler]] = {}
+
+
+def register(cls: type[Sampler]) -> type[Sampler]:
+    if cls.name in REGISTRY:
+        raise ValueError(f"sampler {cls.name!r} is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@register
+class DDIM(Sampler):
+    """DDIM (Eq. 12) over ``schedule``'s integer steps; η = ``eta``, x̂_0 clipped to [−1, 1] with ``clip_x0``."""
+
+    name = "ddim"
+    config_keys = ("num_steps", "eta", "spacing", "clip_x0")
+    keywords = ("eta", "spacing", "clip_x0")
+
+    def __init__(self, schedule: NoiseSchedule, num_steps: int, eta: float = 0.0, spacing: str = "uniform",
+                 clip_x0: bool = False):
+        seq = ddim_timesteps(schedule.num_steps, num_steps, spacing)
+        # (t, t_next) from T down; t_next = −1 is x_0 itself (ᾱ = 1).
+        self.pairs = list(zip(reversed(seq), reversed([-1] + seq[:-1])))
+        self.num_steps = len(self.pairs)
+        self.abar = schedule.alphas_cumprod
+        self.eta, self.spacing, self.clip_x0 = eta, spacing, clip_x0
+
+    @classmethod
+    def for_process(cls, process, num_steps, **settings):
+        """DDIM walks the process's integer network times (a VP-SDE's at t = k/999); default DDPM's."""
+        schedule = process.integer_steps() if process is not None else NoiseSchedule.linear()
+        return cls(schedule, num_steps, **settings)
+
+    def network_time(self, i):
+        return self.pairs[i][0]
+
+    def start(self, noise):
+        self.abar = self.abar.to(noise.device)  # once per chain, not once per step
+        return noise
+
+    def network_input(self, x, i):
+        return x, torch.full((len(x),), self.network_time(i), device=x.device, dtype=torch.long)
+
+    def draws_noise(self, i):
+        return self.eta > 0 and self.pairs[i][1] >= 0
+
+    def update(self, x, eps, i, z):
+        t, t_next = self.pairs[i]
+        a_t, a_next = self.abar[t], (self.abar[t_next] if t_next >= 0 else self.abar.new_tensor(1.0))
+        x_next, sigma = ddim_step(x, eps, a_t, a_next, self.eta, self.clip_x0)
+        if self.draws_noise(i):
+            x_next = x_next + sigma * z
+        return x_next.to(x.dtype)
+
+
+@register
+class EulerMaruyama(Sampler):
+    """The reverse VP-SDE dx = [−½β(t)x − β(t)∇log p_t(x)]dt + √β(t) dw̄ from t = 1 to 0 on U-ViT's grid
+    [0] + linspace(t_min, 1, num_steps); the state is float64, the last step returns the mean."""
+
+    name = "euler-maruyama"
+    config_keys = ("num_steps",)
+    keywords = ("t_min",)
+
+    def __init__(self, process: VPSDE, num_steps: int, t_min: float = 1e-3):
+        self.process, self.num_steps, self.t_min = process, num_steps, t_min
+        self.grid = euler_maruyama_grid(num_steps, t_min)
+
+    @classmethod
+    def for_process(cls, process, num_steps, **settings):
+        if process is not None and not isinstance(process, VPSDE):
+            raise ValueError("sampler euler-maruyama integrates the VP-SDE, but the model's process is "
+                             f"{process.kind!r}; use diffusion.process vpsde or sampler ddim")
+        return cls(process or VPSDE(), num_steps, **settings)
+
+    def network_time(self, i):
+        # float64 here; the network gets it rounded to float32 (network_input).
+        return float(self.grid[i]) * VPSDE_TIME_SCALE
+
+    def start(self, noise):
+        return noise.double()
+
+    def network_input(self, x, i):
+        return x.float(), torch.full((len(x),), self.network_time(i), device=x.device)
+
+    def draws_noise(self, i):
+        return i < self.num_steps - 1  # the last step returns the mean, as U-ViT does
+
+    def update(self, x, eps, i, z):
+        t, h = self.grid[i], self.grid[i] - self.grid[i + 1]
+        x, scale = euler_maruyama_step(x, eps, t, h, self.process.beta_min, self.process.beta_max)
+        if self.draws_noise(i):
+            x = x + scale * z
+        return x
+
+
+SAMPLERS = tuple(REGISTRY)  # the built-in ones, the schema's sample.sampler enum (a test keeps them equal)
+
+
+def sampler_class(name: str) -> type[Sampler]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {tuple(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def make_sampler(name: str, process: NoiseSchedule | VPSDE | None = None, **settings) -> Sampler:
+    """The sampler ``name`` with ``settings`` (``num_steps`` and its :attr:`Sampler.keywords`) for a
+    network trained on ``process`` (None: the sampler's default)."""
+    return sampler_class(name).for_process(process, **settings)
+
+
+def sampler_kwargs(settings: dict) -> dict:
+    """The sampler's keyword arguments from the config's 'sample' section, as the schema fills it.
+
+    No defaults here: the schema holds them (``num_steps`` per sampler: 100 for DDIM, 1000 for
+    Euler–Maruyama), so a second copy cannot disagree with it; a key it would have filled is an
+    error naming it."""
+    sampler = settings.get("sampler")
+    if sampler not in REGISTRY:
+        raise ValueError(f"sample.sampler: unknown {sampler!r}; choose one of {tuple(REGISTRY)}")
+    needed = REGISTRY[sampler].config_keys
+    missing = [key for key in needed if key not in settings]
+    if missing:
+        raise ValueError(f"sample.{missing[0]}: missing from the sample settings (the workflow's schema "
+                         f"fills {', '.join(missing)} for the {sampler} sampler; give them with --settings)")
+    return {key: settings[key] for key in needed}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def run_sampler(sampler: Sampler, net, noise: torch.Tensor, generators=None) -> torch.Tensor:
+    """x_T = ``noise`` → x_0 (unclamped) through ``sampler``. ``net``: a module, a ``Denoiser`` or any
+    (x, t) → ε̂. ``generators``: the images' ``ImageGenerators``, drawn from in step order (needed
+    where a step draws noise)."""
+    if generators is None and any(sampler.draws_noise(i) for i in range(sampler.num_steps)):
+        raise ValueError(f"{sampler.name} with these settings draws noise at its steps: pass generators")
+    denoise = as_denoiser(net)
+    x = sampler.start(noise)
+    for i in range(sampler.num_steps):
+        eps = denoise(*sampler.network_input(x, i))
+        z = (generators.randn(noise.shape[1:], device=noise.device, dtype=torch.float64)
+             if sampler.draws_noise(i) else None)
+        x = sampler.update(x, eps, i, z)
+    return sampler.finish(x, noise.dtype)
+
+
+def ddim_sample(net, noise: torch.Tensor, schedule: NoiseSchedule, num_steps: int = 100, eta: float = 0.0,
+                spacing: str = "uniform", generators=None, clip_x0: bool = False) -> torch.Tensor:
+    """DDIM on ``schedule`` (integer steps) from x_T = ``noise`` to x_0."""
+    return run_sampler(DDIM(schedule, num_steps, eta, spacing, clip_x0), net, noise, generators)
+
+
+def euler_maruyama_sample(net, noise: torch.Tensor, num_steps: int = 1000, beta_min: float = 0.1,
+                          beta_max: float = 20.0, t_min: float = 1e-3, generators=None) -> torch.Tensor:
+    """Euler–Maruyama on the VP-SDE with β ∈ [``beta_min``, ``beta_max``] from x_T = ``noise`` to x_0."""
+    return run_sampler(EulerMaruyama(VPSDE(beta_min, beta_max), num_steps, t_min), net, noise, generators)
