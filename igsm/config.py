@@ -28,6 +28,7 @@ from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIS
                        check_dataset_spec)
 from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
                             family_of_architecture, names)
+from igsm.plan import scored_model_names
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -298,21 +299,6 @@ def _pretrained_folder_errors(config: dict, name: str, exp: dict) -> list[str]:
     data = config["datasets"][exp["dataset"]]
     problems = pretrained_mismatches(declared, family.name, exp["dataset"], data["image_size"], dataset_channels(data))
     return [f"{key}: {problem}" for problem in problems]
-
-
-def pruned_model_name(criterion: str, ratio: float) -> str:
-    """The name of a pruned model in result paths: '<criterion>-cr<ratio>'."""
-    return f"{criterion}-cr{float(ratio):g}"
-
-
-def scored_model_names(exp: dict) -> list[str]:
-    """The models an experiment samples and scores, bar block-reuse variants: dense, untrained
-    (with untrained_baseline), '<criterion>-cr<ratio>/<objective>' per finetuning run."""
-    names = ["dense"] + (["untrained"] if exp["untrained_baseline"] else [])
-    for run in exp["finetune"]["runs"]:
-        pruned = pruned_model_name(run.get("criterion", exp["prune"]["criterion"]), run["channel_ratio"])
-        names += [f"{pruned}/{objective}" for objective in run["objectives"]]
-    return names
 
 
 def pruning_method(exp: dict, criterion: str) -> pruning.PruningMethod:

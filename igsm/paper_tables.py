@@ -32,6 +32,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from igsm.plan import pruned_model_name
+
 SPEC = Path(__file__).with_name("paper_tables.yaml")
 LONG_COLUMNS = ["table", "section", "method", "column", "paper", "paper_other", "ours", "delta", "status",
                 "source", "note", "differs"]
@@ -173,8 +175,6 @@ def published_fids() -> tuple[dict, ...]:
     {dense (the pretrained model), pr (None: the dense model), criterion, objective (its settings in
     the default config), fid, where ("IGSM Table 5 (DP, PR 0.56; Table 10: 6.49)")}; in table order,
     so a model several tables print is matched to the first. Untranscribed cells are left out."""
-    from igsm.config import pruned_model_name
-
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     experiments, objectives = config["experiments"], config["objectives"]
     runs = {}  # (experiment, model) → (criterion, objective name)

@@ -38,11 +38,11 @@ wildcard_constraints:
 # Every check the config allows, before any job: igsm.config (this checkout's package, as the
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
-from igsm.config import (ConfigError, apply_scale, check_config, check_writable, pruned_model_name,
-                         pruning_method, training_job)
+from igsm.config import ConfigError, apply_scale, check_config, check_writable, pruning_method, training_job
 from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
 from igsm.families import FAMILY_KEY, assumed_family, family_of_architecture
+from igsm.plan import scored_models
 from igsm.paper_tables import FIGURES as PAPER_FIGURES
 from igsm.paper_tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
 from igsm.paper_tables import experiments_of, sample_grids, table_names
@@ -58,39 +58,11 @@ except ConfigError as err:
     raise WorkflowError(str(err)) from None
 
 
-def pruned_variant(criterion, ratio):
-    return pruned_model_name(criterion, ratio)
-
-
 def variant_metadata(exp):
-    """{variant: what it is} for every scored model of an experiment, from the config's structure
-    (dense, the untrained baseline, each run's criterion × ratio × objective). Written to
-    results/variants/<exp>/<variant>.json, which the tables read: nothing parses a folder name."""
-    settings = EXPERIMENTS[exp]
-    plain = {"criterion": "", "channel_ratio": None, "weights": None, "pruned": None}
-    meta = {"dense": {"variant": "dense", "kind": "dense", "objective": "dense", **plain}}
-    if settings["untrained_baseline"]:
-        meta["untrained"] = {"variant": "untrained", "kind": "untrained", "objective": "untrained", **plain}
-    for run in settings["finetune"]["runs"]:
-        criterion = run.get("criterion", settings["prune"]["criterion"])
-        pruned = pruned_variant(criterion, run["channel_ratio"])
-        for objective in run["objectives"]:
-            variant = f"{pruned}/{objective}"
-            meta[variant] = {"variant": variant, "kind": "finetuned", "objective": objective,
-                             "criterion": criterion, "channel_ratio": run["channel_ratio"],
-                             "weights": config["objectives"][objective]["weights"], "pruned": pruned}
-    reuse = settings["reuse"]
-    for base in reuse["models"]:  # checked by igsm.config to be scored models of this experiment
-        for method in reuse["methods"]:
-            for fraction in reuse["mac_fractions"]:
-                variant = reuse_variant(base, method, fraction)
-                meta[variant] = {**meta[base], "variant": variant, "kind": "reuse", "base": base,
-                                 "reuse_method": method, "mac_fraction": fraction}
-    return meta
-
-
-def reuse_variant(base, method, fraction):
-    return f"{base}/reuse-{method}-f{float(fraction):g}"
+    """{variant: what it is} for every scored model of an experiment (igsm.plan: one row per
+    model). Written to results/variants/<exp>/<variant>.json, which the tables read: nothing
+    parses a folder name."""
+    return scored_models(EXPERIMENTS[exp], config["objectives"])
 
 
 def finetuned_variants(exp):

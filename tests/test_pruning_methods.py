@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from igsm import pruning
 from igsm.cli import main
-from igsm.config import ConfigError, _schema, check_config, pruned_model_name, validate_schema
+from igsm.config import ConfigError, _schema, check_config, validate_schema
+from igsm.plan import pruned_model_name
 from test_config import demo_config, experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -1,0 +1,36 @@
+"""igsm.plan: the one enumeration of an experiment's scored models (issue 30)."""
+
+from igsm.plan import pruned_model_name, reuse_variant, scored_model_names, scored_models
+
+EXPERIMENT = {
+    "untrained_baseline": True,
+    "prune": {"criterion": "diff-pruning"},
+    "finetune": {"runs": [{"channel_ratio": 0.3, "objectives": ["np_kd", "igsm"]},
+                          {"channel_ratio": 0.5, "criterion": "magnitude", "objectives": ["igsm"]}]},
+    "reuse": {"models": ["diff-pruning-cr0.3/igsm"], "methods": ["dipgo", "fewer-steps"],
+              "mac_fractions": [0.6]},
+}
+OBJECTIVES = {"np_kd": {"weights": {"np": 1.0, "kd": 1.0}}, "igsm": {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}}}
+
+
+def test_one_row_per_scored_model_in_table_order():
+    # Bug caught: a run's own criterion ignored (its folder named after prune.criterion), or a
+    # reuse variant missing its base model's criterion and ratio (the tables group by them).
+    rows = scored_models(EXPERIMENT, OBJECTIVES)
+    assert list(rows) == ["dense", "untrained", "diff-pruning-cr0.3/np_kd", "diff-pruning-cr0.3/igsm",
+                          "magnitude-cr0.5/igsm", "diff-pruning-cr0.3/igsm/reuse-dipgo-f0.6",
+                          "diff-pruning-cr0.3/igsm/reuse-fewer-steps-f0.6"]
+    assert rows["magnitude-cr0.5/igsm"]["criterion"] == "magnitude"
+    assert rows["magnitude-cr0.5/igsm"]["weights"] == OBJECTIVES["igsm"]["weights"]
+    reuse = rows["diff-pruning-cr0.3/igsm/reuse-dipgo-f0.6"]
+    assert (reuse["kind"], reuse["base"], reuse["reuse_method"], reuse["mac_fraction"]) == \
+        ("reuse", "diff-pruning-cr0.3/igsm", "dipgo", 0.6)
+    assert (reuse["criterion"], reuse["channel_ratio"], reuse["objective"]) == ("diff-pruning", 0.3, "igsm")
+
+
+def test_names_without_reuse_variants_and_as_paths_spell_them():
+    assert scored_model_names(EXPERIMENT) == ["dense", "untrained", "diff-pruning-cr0.3/np_kd",
+                                              "diff-pruning-cr0.3/igsm", "magnitude-cr0.5/igsm"]
+    # Paths of existing results: 0.50 and 0.5 are one folder, fractions as written by %g.
+    assert pruned_model_name("taylor", 0.50) == "taylor-cr0.5"
+    assert reuse_variant("dense", "deepcache", 0.40) == "dense/reuse-deepcache-f0.4"
