@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))  # runnable from a bare checkout
 from igsm import sampling  # noqa: E402
 from igsm.diffusion import NoiseSchedule  # noqa: E402
 from igsm.models import build_unet  # noqa: E402
+from igsm.stages import sample as sample_stage  # noqa: E402
 
 ARCHITECTURE = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["experiments"]["cifar10_unet"][
     "architecture"]
@@ -296,9 +297,9 @@ def section_fid(args, device, nets, report):
     n = args.fid_samples
 
     def images(denoiser, seeds):
-        return sampling.sample_images(denoiser, seeds=seeds, image_shape=image_shape(net), batch_size=args.batch,
-                                      schedule=NoiseSchedule.linear(), device=device, num_steps=args.steps,
-                                      noise_threads=args.noise_threads)
+        return sample_stage.sample_images(denoiser, seeds=seeds, image_shape=image_shape(net), batch_size=args.batch,
+                                          schedule=NoiseSchedule.linear(), device=device, num_steps=args.steps,
+                                          noise_threads=args.noise_threads)
 
     seeds = np.arange(n)
     strict = sampling.Denoiser(copy.deepcopy(net), micro_batch=args.batch)

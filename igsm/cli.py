@@ -190,15 +190,10 @@ def pretrained(model_id, out, cache_dir, settings):
     """Fetch a pretrained dense model and store it in the project's format (settings: the
     experiment's 'architecture', whose family loads it; needed where the weights are plain state
     dicts, as U-ViT's; without it, a self-describing diffusers model: hub id or folder)."""
-    from igsm.families import family_of_architecture
     from igsm.models import load_pretrained, save_model
 
     try:
-        if settings:
-            family = family_of_architecture(settings)
-            net = family.load_pretrained(model_id, settings, cache_dir or Path(out).parent / "download")
-        else:
-            net = load_pretrained(model_id)
+        net = load_pretrained(model_id, settings, cache_dir or Path(out).parent / "download")
     except (RuntimeError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     save_model(net, out, extra={"source": model_id})
@@ -212,7 +207,7 @@ def convert_checkpoint(source, target):
     file, running nothing in its pickle: anything but tensors is left out and listed. For a file
     whose pickle asks for more than tensors, which dense.pretrained refuses; its weights are only
     as trustworthy as its source."""
-    from igsm.models import convert_checkpoint as convert
+    from igsm.pickles import convert_checkpoint as convert
 
     try:
         left_out = convert(source, target)
@@ -335,7 +330,7 @@ def _check_teacher_fits(model_dir, data, shape) -> None:
 def prune(model_dir, data, criterion, channel_ratio, out, report, settings, device, threads):
     """Structural pruning at one channel ratio by the pruning method of CRITERION (settings: the
     experiment's 'prune'; its 'method', if set, must take the criterion)."""
-    from igsm.config import schema_defaults
+    from igsm.schema import schema_defaults
     from igsm.data import load_images
     from igsm.models import load_model, save_model
     from igsm.pruning import method_for
@@ -430,6 +425,7 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     import torch
 
     from igsm import distributed, sampling
+    from igsm.stages import sample as sample_stage
 
     _relaunch_under_torchrun(nproc_per_node, device=device)
     flags = {"precision": precision, "compile": compile_, "channels_last": channels_last,
@@ -437,14 +433,14 @@ def sample(model_dir, out, grid, first_seed, num_images, shard, precision, compi
     options = {**settings, **{k: v for k, v in flags.items() if v is not None}}
     index, count = shard
     try:
-        start, stop = sampling.shard_range(num_images, count, index)
+        start, stop = sample_stage.shard_range(num_images, count, index)
         kwargs = sampling.sampler_kwargs(options)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     device = _start_process(device, threads)
     try:
         with _readable_inputs():
-            written = sampling.sample_shard(
+            written = sample_stage.sample_shard(
                 model_dir, out, seeds=np.arange(first_seed + start, first_seed + stop), shard=(index, count),
                 options=options, sampler_kwargs=kwargs, schedule=_schedule(options), device=device,
                 noise_threads=torch.get_num_threads() if threads else 1, grid=grid, plan=plan)
@@ -659,7 +655,8 @@ def efficiency(model_dir, out, batch_size, throughput, sampler_settings, plan, s
     from igsm import gpus
     from igsm.models import image_shape, load_model
     from igsm.pruning import count_params_macs
-    from igsm.sampling import forward_images_per_s, sampler_kwargs, sampling_images_per_s
+    from igsm.sampling import sampler_kwargs
+    from igsm.stages.sample import forward_images_per_s, sampling_images_per_s
 
     _setup(threads)
     with _readable_inputs():

@@ -29,8 +29,8 @@ from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIS
 from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
                             family_of_architecture, names)
 from igsm.plan import scored_model_names
+from igsm.schema import SCHEMA
 
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
 SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
                "fashion-mnist": {"train": 60_000, "test": 10_000}}
@@ -503,15 +503,6 @@ def _duplicate_keys(node: yaml.MappingNode, where: str, path) -> list[tuple[int,
 
 def _join(where: str, key) -> str:
     return f"{where}.{key}" if where else str(key)
-
-
-@functools.cache
-def schema_defaults(definition: str) -> dict:
-    """The defaults the schema gives the keys of ``$defs.<definition>``: the one copy of them that
-    code filling a partial section (igsm.training.TrainingOptions.from_dict) reads."""
-    schema = yaml.safe_load(SCHEMA.read_text())
-    properties = schema["$defs"][definition]["properties"]
-    return {key: spec["default"] for key, spec in properties.items() if "default" in spec}
 
 
 @functools.cache

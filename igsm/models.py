@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from igsm.families import family_named, family_of, family_of_architecture, family_of_class, names
+from igsm.pickles import first_line
 
 ARCHITECTURE_FILE = "architecture.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -51,7 +51,7 @@ def local_pretrained_declaration(folder: str | os.PathLike) -> dict | None:
         try:
             spec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not readable JSON ({_first_line(err)})") from None
+            raise ValueError(f"{path} is not readable JSON ({first_line(err)})") from None
         spec = spec if isinstance(spec, dict) else {}
         if name == ARCHITECTURE_FILE:  # save_model's: the class and its config
             class_name, config = spec.get("class"), spec.get("config")
@@ -172,129 +172,6 @@ def _remake(directory) -> str:
             f"workflow, which remakes it")
 
 
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    text = text if len(text) <= limit else text[:limit] + "…"
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _error_chain(err: BaseException) -> str:
-    """The first line of an error and of the errors behind it (diffusers wraps torch's refusal of
-    a pickle in an OSError that does not say why)."""
-    lines, seen = [], set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        lines.append(_first_line(err))
-        err = err.__cause__ or err.__context__
-    return " ← ".join(lines)
-
-
-# ---- pickled weights that are more than tensors (hub .bin files, U-ViT .pth files) -------------
-
-# What a pickle of plain tensors asks for (torch.save of a state dict: the mapping, tensors and
-# parameters; storages are torch's own persistent ids). Everything else is refused.
-TENSOR_PICKLE_GLOBALS = {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
-                         "torch._utils._rebuild_parameter"}
-
-
-def _errors_behind(err: BaseException | None):
-    """``err`` and every error behind it, through both ``__cause__`` and ``__context__`` (diffusers
-    and the hub client wrap the error that matters, or raise a new one while handling it)."""
-    pending, seen = [err], set()
-    while pending:
-        err = pending.pop()
-        if err is not None and id(err) not in seen:
-            seen.add(id(err))
-            yield err
-            pending += [err.__context__, err.__cause__]
-
-
-# torch's weights-only unpickler, refusing what a pickle asks for beyond tensors (a global, an object
-# to create or build, a function to call); its other errors mean a damaged file, or none of torch's.
-_REFUSAL = re.compile(r"GLOBAL [\w.]+|Can only (create new object|build)|call reduce for")
-
-
-def refused_pickle(err: BaseException) -> str | None:
-    """The globals (``posix.system``) that torch's weights-only unpickler refused, if one of the
-    errors behind ``err`` is such a refusal ("" where it names none), else None."""
-    import pickle
-
-    refusals = [str(e) for e in _errors_behind(err) if isinstance(e, pickle.UnpicklingError)
-                and "Weights only load failed" in str(e) and _REFUSAL.search(str(e))]
-    if not refusals:
-        return None
-    return ", ".join(dict.fromkeys(name for text in refusals for name in re.findall(r"GLOBAL ([\w.]+)", text)))
-
-
-def convert_command(source, target) -> str:
-    """The command that keeps a pickled checkpoint's tensors only (:func:`convert_checkpoint`)."""
-    import shlex
-
-    return f"python -m igsm convert-checkpoint {shlex.quote(str(source))} {shlex.quote(str(target))}"
-
-
-def unsafe_pickle_error(path, refused: str, how: str, key: str = "dense.pretrained") -> ValueError:
-    """The error for a weights file whose pickle asks for more than tensors: what it is, that it was
-    refused and nothing ran, and ``how`` to go on without running it either (convert_command)."""
-    return ValueError(
-        f"{key}: {path} contains pickled code or objects, not plain tensors"
-        f"{f' (it asks for {refused})' if refused else ''}: refused for safety, nothing in it ran. The "
-        f"published checkpoints (google/ddpm-*, U-ViT's .pth files) hold tensors only.\n"
-        f"If you trust its source, keep only its tensors, running nothing in it: {how}")
-
-
-class _Refused:
-    """What a refused global of a pickle becomes while its tensors are taken out: calling it,
-    building it or giving it state does nothing."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-def convert_checkpoint(source: str | os.PathLike, target: str | os.PathLike) -> list[str]:
-    """Write the tensors of a pickled checkpoint (a torch.save'd state dict: U-ViT's .pth, a
-    diffusers .bin) to a safetensors file, running nothing in the pickle: every global other than
-    TENSOR_PICKLE_GLOBALS unpickles as an inert stand-in and is left out. Returns what was left out
-    (top-level keys and refused globals); ``ValueError`` if the file holds no tensors."""
-    import pickle
-    from types import SimpleNamespace
-
-    from safetensors.torch import save_file
-
-    refused = []
-
-    class TensorsOnlyUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if f"{module}.{name}" in TENSOR_PICKLE_GLOBALS:
-                return super().find_class(module, name)
-            refused.append(f"{module}.{name}")
-            return _Refused
-
-    # torch.load reads storages itself and takes the pickle's objects from this module's unpickler.
-    module = SimpleNamespace(__name__="igsm_tensors_only", Unpickler=TensorsOnlyUnpickler,
-                             load=lambda f, **kwargs: TensorsOnlyUnpickler(f, **kwargs).load())
-    source, target = Path(source), Path(target)
-    try:
-        state = torch.load(source, map_location="cpu", pickle_module=module)
-    except Exception as err:  # not a torch file, truncated, …
-        raise ValueError(f"{source} is not a readable torch checkpoint ({_first_line(err)})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{source} holds a {type(state).__name__}, not a state dict of tensors")
-    tensors = {k: v.detach().clone().contiguous() for k, v in state.items()
-               if isinstance(k, str) and isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ValueError(f"{source} holds no tensors at its top level (keys: {list(state)[:5]})")
-    left_out = [repr(k) for k in state if k not in tensors]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    save_file(tensors, partial)
-    os.replace(partial, target)  # complete or absent
-    return left_out + [f"global {name}" for name in dict.fromkeys(refused)]
-
-
 def read_architecture(directory: str | os.PathLike) -> dict:
     """The ``architecture.json`` of a checkpoint folder, checked to have what loading needs;
     ``ValueError`` naming the file, what is wrong and what to do otherwise."""
@@ -313,7 +190,7 @@ def read_architecture(directory: str | os.PathLike) -> dict:
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({_first_line(err)}); {_remake(directory)}") from None
+        raise ValueError(f"{path} is not valid JSON ({first_line(err)}); {_remake(directory)}") from None
     if not isinstance(spec, dict):
         raise ValueError(f"{path} holds a JSON {type(spec).__name__}, not a model description; "
                          f"{_remake(directory)}")
@@ -371,7 +248,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
             net = family.network_class()(**spec["config"])
     except Exception as err:  # a bad config raises TypeError, ValueError, …
         raise ValueError(f"{architecture_path}: its 'config' does not build a {spec['class']} "
-                         f"({_first_line(err)}); {_remake(directory)}") from None
+                         f"({first_line(err)}); {_remake(directory)}") from None
     modules = dict(net.named_modules())
     for name, attrs in spec["widths"].items():
         if name not in modules:
@@ -384,7 +261,7 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     try:
         state = load_file(weights_path, device=str(device))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{weights_path} is unreadable ({_first_line(err)}); {_remake(directory)}") from None
+        raise ValueError(f"{weights_path} is unreadable ({first_line(err)}); {_remake(directory)}") from None
     # load_state_dict rejects shapes that differ from the dense skeleton even with assign=True,
     # so pruned tensors are put in place one by one; every skeleton tensor must be replaced.
     expected = set(net.state_dict())
@@ -403,141 +280,19 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
     return net.eval()
 
 
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE set (huggingface_hub's own switch): never try the network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _hub_reachable(timeout_s: float = 5.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    if _hub_offline():
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
-def looks_like_local_path(model_id: str) -> bool:
-    """A path rather than a hub id: absolute, ./ ../ ~ in front, or a first component that is a
-    folder here (hub ids are ``owner/name``, and ``owner`` is rarely a local folder)."""
-    separators = [s for s in (os.sep, os.altsep) if s]
-    if os.path.isabs(model_id) or model_id.startswith("~") or model_id in (".", ".."):
-        return True
-    if any(model_id.startswith(prefix + s) for prefix in (".", "..") for s in separators):
-        return True
-    return any(sep in model_id and Path(model_id.split(sep)[0]).is_dir() for sep in separators)
-
-
-def _unsafe_bin_error(err: BaseException, fallback: Path, refused: str, model_id: str | None = None):
-    """unsafe_pickle_error for a diffusers .bin: the file diffusers names (its OSError says "…
-    checkpoint file for '<path>'"); a hub model is converted in a local copy (``hf download``)."""
-    named = [found.group(1) for e in _errors_behind(err)
-             if (found := re.search(r"checkpoint file for '([^']+)'", str(e)))]
-    weights = Path(named[0]) if named else fallback
-    if model_id is None:
-        how = (f"`{convert_command(weights, weights.with_name('diffusion_pytorch_model.safetensors'))}` "
-               f"(diffusers then reads it instead of the .bin)")
-    else:  # in the hub cache: <cache>/models--owner--name/snapshots/<commit>/<path in the repository>
-        inside = re.split(r"/snapshots/[0-9a-f]{40}/", str(weights))[-1] if named else "diffusion_pytorch_model.bin"
-        local = Path("DIR") / inside
-        how = (f"`hf download {model_id} --local-dir DIR`, then "
-               f"`{convert_command(local, local.with_name('diffusion_pytorch_model.safetensors'))}` and set "
-               f"dense.pretrained to DIR")
-    return unsafe_pickle_error(weights, refused, how)
-
-
-def _load_local_pretrained(folder: Path) -> nn.Module:
-    from diffusers import UNet2DModel
-
-    if (folder / "architecture.json").is_file():  # a model written by this workflow (save_model)
+def load_pretrained(model_id: str, architecture: dict | None = None, cache_dir=None) -> nn.Module:
+    """The dense teacher ``dense.pretrained`` names: a local folder written by this workflow
+    (``architecture.json``, :func:`save_model`) where the family takes folders, else what the
+    architecture's family loads (igsm.families: ``Family.load_pretrained``); without an
+    architecture, a self-describing diffusers U-Net (a hub id or a local folder).
+    ``ValueError``/``RuntimeError`` naming the key and what to do."""
+    family = family_of_architecture(architecture) if architecture else family_named("unet")
+    folder = Path(str(model_id)).expanduser()
+    if family.pretrained_folders and (folder / ARCHITECTURE_FILE).is_file():
         try:
             return load_model(folder)
         except ValueError as err:
             raise ValueError(f"dense.pretrained: {err}") from None
-    # A UNet2DModel.save_pretrained folder, or a pipeline folder with the U-Net in unet/.
-    candidates = [sub for sub in ("", "unet") if (folder / sub / "config.json").is_file()]
-    if not candidates:
-        raise ValueError(
-            f"dense.pretrained: local folder {folder} holds no diffusers U-Net (neither config.json "
-            f"nor unet/config.json) and no model of this workflow (architecture.json); point it at "
-            f"a folder written by UNet2DModel.save_pretrained, by `hf download "
-            f"<model id> --local-dir DIR`, or by a workflow stage (e.g. results/dense/<exp>/trained/model)")
-    errors = []
-    for sub in candidates:
-        try:
-            return UNet2DModel.from_pretrained(str(folder), **({"subfolder": sub} if sub else {}))
-        except Exception as err:  # diffusers raises OSError, ValueError, SafetensorError, …
-            refused = refused_pickle(err)
-            if refused is not None:  # not damage: a pickle that asks for code (torch's advice withheld)
-                raise _unsafe_bin_error(err, folder / sub / "diffusion_pytorch_model.bin", refused) from None
-            errors.append(f"{folder / sub}: {_error_chain(err)}" if sub else _error_chain(err))
-    raise ValueError(
-        f"dense.pretrained: could not load a diffusers U-Net from local folder {folder} "
-        f"({'; '.join(errors)}); its files are incomplete or not a UNet2DModel: download it again "
-        f"(`hf download <model id> --local-dir DIR`)")
-
-
-def load_pretrained(model_id: str) -> nn.Module:
-    """A dense diffusers UNet2DModel from a local diffusers folder, the hub cache or the hub.
-
-    Pickled weights (``diffusion_pytorch_model.bin``: google/ddpm-church-256 and -bedroom-256 ship
-    nothing else) are unpickled by diffusers through ``torch.load(weights_only=True)`` (diffusers
-    passes it; torch ≥ 2.6, which pyproject requires, defaults to it): tensors only, and a file
-    whose pickle would run code is refused (tests/test_lsun_unet.py).
-
-    Offline, the hub client retries for about a minute before giving up; we check the endpoint
-    first so that a missing model fails at once with instructions (``RuntimeError``). A local path
-    that is not a folder, or a folder without a diffusers U-Net, raises ``ValueError``.
-    """
-    from diffusers import UNet2DModel
-
-    def attempt(**kwargs):
-        try:
-            return UNet2DModel.from_pretrained(model_id, **kwargs)
-        except (OSError, EnvironmentError):
-            # Pipeline repositories keep the U-Net in a subfolder.
-            return UNet2DModel.from_pretrained(model_id, subfolder="unet", **kwargs)
-
-    model_id = str(model_id)
-    local = Path(model_id).expanduser()
-    if local.is_dir():
-        return _load_local_pretrained(local)
-    if looks_like_local_path(model_id):
-        raise ValueError(f"dense.pretrained: local folder {model_id} does not exist (looked for "
-                         f"{local.absolute()}); set it to an existing diffusers folder, or to a hub "
-                         f"id such as google/ddpm-cifar10-32")
-    try:
-        return attempt(local_files_only=True)
-    except Exception as err:
-        from huggingface_hub import try_to_load_from_cache
-
-        if any(isinstance(try_to_load_from_cache(model_id, name), str)
-               for name in ("config.json", "unet/config.json")):  # in the cache, yet unloadable
-            refused = refused_pickle(err)
-            if refused is not None:
-                raise _unsafe_bin_error(err, Path(model_id), refused, model_id) from None
-            raise ValueError(f"dense.pretrained: the hub cache's copy of {model_id} could not be "
-                             f"loaded ({_error_chain(err)}); delete it from the cache and download "
-                             "it again") from None
-    error = None
-    if _hub_reachable():
-        try:
-            return attempt()
-        except Exception as err:  # the hub client raises many kinds; all mean "not available"
-            refused = refused_pickle(err)
-            if refused is not None:
-                raise _unsafe_bin_error(err, Path(model_id), refused, model_id) from None
-            error = f"{type(err).__name__}: {err}"
-    reason = error or ("HF_HUB_OFFLINE is set and it is not in the hub cache" if _hub_offline()
-                       else "the Hugging Face hub is unreachable")
-    raise RuntimeError(
-        f"could not load the pretrained model {model_id!r} ({reason}). Without internet, download "
-        f"it elsewhere (hf download {model_id} --local-dir DIR; older huggingface_hub: "
-        f"huggingface-cli download), copy DIR here and set the experiment's 'dense.pretrained' "
-        "to that local path."
-    )
+    return family.load_pretrained(model_id, architecture or {}, cache_dir)

@@ -98,7 +98,7 @@ class TrainingOptions:
     @classmethod
     def from_dict(cls, settings: dict) -> "TrainingOptions":
         """From a ``training`` section (+ ``objective``), the schema's defaults filling the rest."""
-        from igsm.config import schema_defaults
+        from igsm.schema import schema_defaults
 
         known = set(cls.__dataclass_fields__)
         unknown = set(settings) - known

@@ -162,7 +162,7 @@ def load_reference_checkpoint(source: str, architecture: dict, cache_dir) -> UVi
     from urllib.parse import unquote, urlsplit
 
     from igsm.data import DownloadError, download
-    from igsm.models import convert_command, refused_pickle, unsafe_pickle_error
+    from igsm.pickles import convert_command, refused_pickle, unsafe_pickle_error
 
     parts = urlsplit(source)
     downloaded = parts.scheme in ("http", "https", "file")

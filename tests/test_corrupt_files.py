@@ -14,8 +14,9 @@ from torch import nn
 
 from conftest import REPO, TINY_ARCHITECTURE, metric_records, run_training
 from igsm import fid, sampling
-from igsm.models import (ARCHITECTURE_FILE, WEIGHTS_FILE, looks_like_local_path, build_unet, load_model,
-                         load_pretrained, save_model)
+from igsm.stages import sample as sample_stage
+from igsm.families.unet import looks_like_local_path
+from igsm.models import ARCHITECTURE_FILE, WEIGHTS_FILE, build_unet, load_model, load_pretrained, save_model
 from igsm.training import SNAPSHOT_KEYS, _newest_snapshot_of_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -337,7 +338,7 @@ class Halve(nn.Module):
 
 
 def make(partial, seeds, batch_size=3):
-    return sampling.sample_images(Halve(), seeds=seeds, image_shape=(1, 4, 4), batch_size=batch_size,
+    return sample_stage.sample_images(Halve(), seeds=seeds, image_shape=(1, 4, 4), batch_size=batch_size,
                                   num_steps=2, partial=partial)
 
 

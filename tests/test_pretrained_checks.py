@@ -237,7 +237,7 @@ def test_convert_checkpoint_keeps_every_tensor_kind_of_either_torch_format(tmp_p
     files): the allow-list must cover what a plain state dict asks for, and nothing else runs."""
     from safetensors.torch import load_file
 
-    from igsm.models import convert_checkpoint
+    from igsm.pickles import convert_checkpoint
 
     marker = tmp_path / "marker"
     state = {"w": torch.randn(3, 4), "p": torch.nn.Parameter(torch.ones(2)), "h": torch.ones(2, dtype=torch.bfloat16)}

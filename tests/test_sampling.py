@@ -27,6 +27,7 @@ from PIL import Image
 
 from conftest import REPO, run_snakemake
 from igsm import sampling
+from igsm.stages import sample as sample_stage
 from igsm.cli import main as cli
 from igsm.data import to_uint8
 from igsm.diffusion import NoiseSchedule, vp_log_alpha
@@ -81,7 +82,7 @@ def test_image_k_is_bitwise_identical_at_any_batch_size_and_shard_split(unet, na
     for num_shards in (2, 3):
         parts = []
         for index in range(num_shards):
-            start, stop = sampling.shard_range(len(seeds), num_shards, index)
+            start, stop = sample_stage.shard_range(len(seeds), num_shards, index)
             parts.append(sampling.generate(net, seeds=seeds[start:stop], image_shape=SHAPE, **kwargs))
         assert torch.equal(torch.cat(parts), whole), f"{num_shards} shards"
     # Another seed gives another image (the seeds are used at all).
@@ -99,11 +100,11 @@ def test_noise_drawn_in_threads_equals_sequential():
 
 def test_shard_ranges_cover_every_image_once():
     for num_images, num_shards in ((10, 3), (50000, 7), (5, 5)):
-        ranges = [sampling.shard_range(num_images, num_shards, i) for i in range(num_shards)]
+        ranges = [sample_stage.shard_range(num_images, num_shards, i) for i in range(num_shards)]
         assert ranges[0][0] == 0 and ranges[-1][1] == num_images
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     with pytest.raises(ValueError, match="at most one shard per image"):
-        sampling.shard_range(3, 4, 0)
+        sample_stage.shard_range(3, 4, 0)
 
 
 def test_bf16_fast_path_is_close_to_fp32_but_not_equal(unet):
@@ -278,7 +279,7 @@ def test_sharded_and_resumed_runs_give_the_images_of_one_job(model_dir, uninterr
 
     # A job killed after its first batch leaves only partial batches; its rerun does the rest.
     calls = []
-    real_generate = sampling.job.generate  # sample_images (igsm.sampling.job) calls it by this name
+    real_generate = sample_stage.generate  # sample_images (igsm.stages.sample) calls it by this name
 
     def dying_generate(*args, **kwargs):
         calls.append(len(kwargs["seeds"]))
@@ -286,14 +287,14 @@ def test_sharded_and_resumed_runs_give_the_images_of_one_job(model_dir, uninterr
             raise Killed
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sampling.job, "generate", dying_generate)
+    monkeypatch.setattr(sample_stage, "generate", dying_generate)
     out = tmp_path / "killed" / "shard-0-of-1.npz"
     with pytest.raises(Killed):
         sample_shard(model_dir, out, "0/1")
     assert not out.exists()
     assert sorted(p.name for p in out.with_name(out.name + ".partial").glob("batch-*.npy")) == ["batch-000000.npy"]
     calls.clear()
-    monkeypatch.setattr(sampling.job, "generate",
+    monkeypatch.setattr(sample_stage, "generate",
                         lambda *a, **k: calls.append(len(k["seeds"])) or real_generate(*a, **k))
     sample_shard(model_dir, out, "0/1")
     assert calls == [3, 3, 1]  # batches 1, 2, 3 of 0..3: batch 0 was kept
@@ -303,7 +304,7 @@ def test_sharded_and_resumed_runs_give_the_images_of_one_job(model_dir, uninterr
 
 def test_stale_partial_batches_are_discarded(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "shard-0-of-1.npz"
-    real_generate = sampling.job.generate  # sample_images (igsm.sampling.job) calls it by this name
+    real_generate = sample_stage.generate  # sample_images (igsm.stages.sample) calls it by this name
     calls = []
 
     def dying_generate(*args, **kwargs):
@@ -312,10 +313,10 @@ def test_stale_partial_batches_are_discarded(model_dir, tmp_path, monkeypatch):
             raise Killed
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sampling.job, "generate", dying_generate)
+    monkeypatch.setattr(sample_stage, "generate", dying_generate)
     with pytest.raises(Killed):
         sample_shard(model_dir, out, "0/1")
-    monkeypatch.setattr(sampling.job, "generate", real_generate)
+    monkeypatch.setattr(sample_stage, "generate", real_generate)
     changed = {**SETTINGS, "num_steps": 5}
     sample_shard(model_dir, out, "0/1", settings=changed)
     fresh = tmp_path / "fresh.npz"

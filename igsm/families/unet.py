@@ -1,14 +1,18 @@
 """The U-Net family: diffusers' ``UNet2DModel``, the paper's U-Nets (Sec. 5.1, App. B Table 6),
 pruned as Diff-Pruning does (NOTES §2), its blocks for reuse as DeepCache cuts them.
 
-Imports torch and diffusers only inside its methods (igsm.families)."""
+Loading a pretrained U-Net (a diffusers folder, the hub cache or the hub) is this module's too.
+Imports torch and diffusers only inside its functions (igsm.families)."""
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from pathlib import Path
 
 from igsm.families import REST, BlockGraph, Family, chain_consumers, register
+from igsm.pickles import convert_command, error_chain, errors_behind, refused_pickle, unsafe_pickle_error
 
 # Plain state dicts (U-ViT's released checkpoints), which a U-Net experiment cannot load.
 STATE_DICT_SUFFIXES = (".pth", ".pt")
@@ -43,8 +47,6 @@ class UNetFamily(Family):
         return isinstance(net, self.network_class()) or isinstance(getattr(net, "conv_out", None), nn.Module)
 
     def pretrained_errors(self, key: str, pretrained: str) -> list[str]:
-        from igsm.models import looks_like_local_path
-
         if pretrained.endswith(STATE_DICT_SUFFIXES):
             return [f"{key}.architecture.family: {self.name!r}, but dense.pretrained {pretrained} is a plain state "
                     f"dict (a U-ViT checkpoint); set architecture.family: uvit and give U-ViT's architecture "
@@ -54,9 +56,7 @@ class UNetFamily(Family):
         return []
 
     def load_pretrained(self, source: str, architecture: dict, cache_dir):
-        from igsm.models import load_pretrained
-
-        return load_pretrained(source)
+        return load_diffusers_unet(source)
 
     def pruning_plan(self, model) -> dict:
         """Diff-Pruning's U-Net: every layer but ``conv_out``; each attention's heads keep equal widths."""
@@ -153,6 +153,144 @@ def _sync_static_widths(model, dense_head_dims: dict) -> None:
                 if attn.to_q.bias is not None:
                     attn.to_q.bias.mul_(factor)
             attn.scale = head_dim ** -0.5
+
+
+# ---- pretrained U-Nets: diffusers folders, the hub cache, the hub ------------------------------
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE set (huggingface_hub's own switch): never try the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout_s: float = 5.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    if _hub_offline():
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def looks_like_local_path(model_id: str) -> bool:
+    """A path rather than a hub id: absolute, ./ ../ ~ in front, or a first component that is a
+    folder here (hub ids are ``owner/name``, and ``owner`` is rarely a local folder)."""
+    separators = [s for s in (os.sep, os.altsep) if s]
+    if os.path.isabs(model_id) or model_id.startswith("~") or model_id in (".", ".."):
+        return True
+    if any(model_id.startswith(prefix + s) for prefix in (".", "..") for s in separators):
+        return True
+    return any(sep in model_id and Path(model_id.split(sep)[0]).is_dir() for sep in separators)
+
+
+def _unsafe_bin_error(err: BaseException, fallback: Path, refused: str, model_id: str | None = None):
+    """unsafe_pickle_error for a diffusers .bin: the file diffusers names (its OSError says "…
+    checkpoint file for '<path>'"); a hub model is converted in a local copy (``hf download``)."""
+    named = [found.group(1) for e in errors_behind(err)
+             if (found := re.search(r"checkpoint file for '([^']+)'", str(e)))]
+    weights = Path(named[0]) if named else fallback
+    if model_id is None:
+        how = (f"`{convert_command(weights, weights.with_name('diffusion_pytorch_model.safetensors'))}` "
+               f"(diffusers then reads it instead of the .bin)")
+    else:  # in the hub cache: <cache>/models--owner--name/snapshots/<commit>/<path in the repository>
+        inside = re.split(r"/snapshots/[0-9a-f]{40}/", str(weights))[-1] if named else "diffusion_pytorch_model.bin"
+        local = Path("DIR") / inside
+        how = (f"`hf download {model_id} --local-dir DIR`, then "
+               f"`{convert_command(local, local.with_name('diffusion_pytorch_model.safetensors'))}` and set "
+               f"dense.pretrained to DIR")
+    return unsafe_pickle_error(weights, refused, how)
+
+
+def _load_local_diffusers(folder: Path):
+    """A UNet2DModel.save_pretrained folder, or a pipeline folder with the U-Net in unet/ (a folder
+    written by this workflow, holding architecture.json, igsm.models.load_pretrained loads itself)."""
+    from diffusers import UNet2DModel
+
+    candidates = [sub for sub in ("", "unet") if (folder / sub / "config.json").is_file()]
+    if not candidates:
+        raise ValueError(
+            f"dense.pretrained: local folder {folder} holds no diffusers U-Net (neither config.json "
+            f"nor unet/config.json) and no model of this workflow (architecture.json); point it at "
+            f"a folder written by UNet2DModel.save_pretrained, by `hf download "
+            f"<model id> --local-dir DIR`, or by a workflow stage (e.g. results/dense/<exp>/trained/model)")
+    errors = []
+    for sub in candidates:
+        try:
+            return UNet2DModel.from_pretrained(str(folder), **({"subfolder": sub} if sub else {}))
+        except Exception as err:  # diffusers raises OSError, ValueError, SafetensorError, …
+            refused = refused_pickle(err)
+            if refused is not None:  # not damage: a pickle that asks for code (torch's advice withheld)
+                raise _unsafe_bin_error(err, folder / sub / "diffusion_pytorch_model.bin", refused) from None
+            errors.append(f"{folder / sub}: {error_chain(err)}" if sub else error_chain(err))
+    raise ValueError(
+        f"dense.pretrained: could not load a diffusers U-Net from local folder {folder} "
+        f"({'; '.join(errors)}); its files are incomplete or not a UNet2DModel: download it again "
+        f"(`hf download <model id> --local-dir DIR`)")
+
+
+def load_diffusers_unet(model_id: str):
+    """A dense diffusers UNet2DModel from a local diffusers folder, the hub cache or the hub.
+
+    Pickled weights (``diffusion_pytorch_model.bin``: google/ddpm-church-256 and -bedroom-256 ship
+    nothing else) are unpickled by diffusers through ``torch.load(weights_only=True)`` (diffusers
+    passes it; torch ≥ 2.6, which pyproject requires, defaults to it): tensors only, and a file
+    whose pickle would run code is refused (tests/test_lsun_unet.py).
+
+    Offline, the hub client retries for about a minute before giving up; we check the endpoint
+    first so that a missing model fails at once with instructions (``RuntimeError``). A local path
+    that is not a folder, or a folder without a diffusers U-Net, raises ``ValueError``.
+    """
+    from diffusers import UNet2DModel
+
+    def attempt(**kwargs):
+        try:
+            return UNet2DModel.from_pretrained(model_id, **kwargs)
+        except (OSError, EnvironmentError):
+            # Pipeline repositories keep the U-Net in a subfolder.
+            return UNet2DModel.from_pretrained(model_id, subfolder="unet", **kwargs)
+
+    model_id = str(model_id)
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        return _load_local_diffusers(local)
+    if looks_like_local_path(model_id):
+        raise ValueError(f"dense.pretrained: local folder {model_id} does not exist (looked for "
+                         f"{local.absolute()}); set it to an existing diffusers folder, or to a hub "
+                         f"id such as google/ddpm-cifar10-32")
+    try:
+        return attempt(local_files_only=True)
+    except Exception as err:
+        from huggingface_hub import try_to_load_from_cache
+
+        if any(isinstance(try_to_load_from_cache(model_id, name), str)
+               for name in ("config.json", "unet/config.json")):  # in the cache, yet unloadable
+            refused = refused_pickle(err)
+            if refused is not None:
+                raise _unsafe_bin_error(err, Path(model_id), refused, model_id) from None
+            raise ValueError(f"dense.pretrained: the hub cache's copy of {model_id} could not be "
+                             f"loaded ({error_chain(err)}); delete it from the cache and download "
+                             "it again") from None
+    error = None
+    if _hub_reachable():
+        try:
+            return attempt()
+        except Exception as err:  # the hub client raises many kinds; all mean "not available"
+            refused = refused_pickle(err)
+            if refused is not None:
+                raise _unsafe_bin_error(err, Path(model_id), refused, model_id) from None
+            error = f"{type(err).__name__}: {err}"
+    reason = error or ("HF_HUB_OFFLINE is set and it is not in the hub cache" if _hub_offline()
+                       else "the Hugging Face hub is unreachable")
+    raise RuntimeError(
+        f"could not load the pretrained model {model_id!r} ({reason}). Without internet, download "
+        f"it elsewhere (hf download {model_id} --local-dir DIR; older huggingface_hub: "
+        f"huggingface-cli download), copy DIR here and set the experiment's 'dense.pretrained' "
+        "to that local path."
+    )
 
 
 UNET = register(UNetFamily())

@@ -1,19 +1,20 @@
 """Sampling (paper Sec. 5.1): samplers as pure functions of (network, initial noise, schedule,
-per-image generators), and the sharded, resumable generation of the 50k-image FID sets.
+per-image generators), and the sample files of the 50k-image FID sets.
 
 * ``samplers.py``: DDIM and Euler–Maruyama as step objects, their registry (``REGISTRY``, by the
-  config's ``sample.sampler``) and the one loop that runs them (``run_sampler``); DiP-GO's
-  differentiable chains (``igsm.reuse``) run the same objects.
+  config's ``sample.sampler``), the one loop that runs them (``run_sampler``) and one batch of
+  images from their seeds (``generate``); DiP-GO's differentiable chains (``igsm.reuse``) run
+  the same objects.
 * ``noise.py``: per-image randomness (``ImageGenerators``: image k from seed k alone).
 * ``denoiser.py``: the network as samplers call it (``Denoiser``: fixed-shape chunks, precision,
   channels_last, torch.compile).
 * ``files.py``: sample files, partial batches of an interrupted job, gathering shards.
-* ``job.py``: one batch from seeds (``generate``), the sample stage's job (``sample_shard``) and the
-  efficiency stage's speed measurements.
 
-The layers point one way: samplers → denoiser; job → samplers, denoiser, noise, files (and
-``igsm.reuse`` inside the functions that apply a block-reuse plan); ``igsm.reuse`` → samplers,
-denoiser, noise. The names below are re-exported for ``from igsm.sampling import …``.
+The sample stage's job (shards, partial batches, a block-reuse plan applied) and the speed
+measurements live above, in igsm.stages.sample. The layers point one way: samplers → denoiser,
+noise; ``igsm.reuse`` → samplers, denoiser, noise; igsm.stages.sample → all of them (the
+import-linter contracts in pyproject.toml check it). The names below are re-exported for
+``from igsm.sampling import …``.
 """
 
 from igsm.sampling.denoiser import (COMPILE_MODES, PRECISIONS, ChannelStatsGroupNorm, Denoiser, as_denoiser,
@@ -22,6 +23,5 @@ from igsm.sampling.files import SHARD_INVARIANTS, PartialBatches, gather_shards,
 from igsm.sampling.noise import ImageGenerators
 from igsm.sampling.samplers import (DDIM, REGISTRY, SAMPLERS, EulerMaruyama, Sampler, ddim_sample, ddim_step,
                                     ddim_timesteps, euler_maruyama_grid, euler_maruyama_sample,
-                                    euler_maruyama_step, make_sampler, run_sampler, sampler_class, sampler_kwargs)
-from igsm.sampling.job import (forward_images_per_s, generate, model_digest, sample_images, sample_shard,
-                               sampling_images_per_s, shard_range)
+                                    euler_maruyama_step, generate, make_sampler, run_sampler, sampler_class,
+                                    sampler_kwargs)

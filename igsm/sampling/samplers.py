@@ -11,7 +11,7 @@
 A sampler (:class:`Sampler`) is one chain of ``num_steps`` steps: ``start(noise)`` gives the state,
 ``network_input(x, i)`` what the network sees at step i, ``update(x, ε̂, i, z)`` the next state (``z``:
 the step's standard-normal draw where ``draws_noise(i)``), ``finish`` the image. :func:`run_sampler`
-is the loop, without gradients; DiP-GO's SuperNet chain (``igsm.reuse``) runs the same objects with
+is the loop, without gradients (:func:`generate`: one batch of images from their seeds); DiP-GO's SuperNet chain (``igsm.reuse``) runs the same objects with
 gradients, so every update rule exists once. ``REGISTRY`` holds them by the config's name
 (``sample.sampler``). The elementwise updates run in float64: correctly rounded IEEE operations,
 identical whatever the vector width that computes them.
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from igsm.diffusion import VPSDE, VPSDE_TIME_SCALE, NoiseSchedule, vp_log_alpha
-from igsm.sampling.denoiser import as_denoiser
+from igsm.sampling.denoiser import Denoiser, as_denoiser
+from igsm.sampling.noise import ImageGenerators
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +273,21 @@ def run_sampler(sampler: Sampler, net, noise: torch.Tensor, generators=None) -> 
              if sampler.draws_noise(i) else None)
         x = sampler.update(x, eps, i, z)
     return sampler.finish(x, noise.dtype)
+
+
+def generate(net, *, sampler: str, seeds, image_shape, schedule: NoiseSchedule | VPSDE | None = None,
+             device="cpu", micro_batch: int | None = None, noise_threads: int = 1,
+             **sampler_kwargs) -> torch.Tensor:
+    """One batch: image k of the batch from seed ``seeds[k]``. ``net``: a module (wrapped in a
+    ``Denoiser`` with ``micro_batch``) or a ``Denoiser``. ``schedule``: the process the network
+    was trained on (default: DDPM's for DDIM, U-ViT's VP-SDE for Euler–Maruyama). DDIM walks its
+    integer steps (a VP-SDE at t = k/999); Euler–Maruyama integrates the VP-SDE and refuses DDPM."""
+    chain = make_sampler(sampler, schedule, **sampler_kwargs)
+    if not isinstance(net, Denoiser):
+        net = Denoiser(net, micro_batch=micro_batch)
+    generators = ImageGenerators(seeds, noise_threads)
+    noise = generators.randn(image_shape, device=device)
+    return run_sampler(chain, net, noise, generators)
 
 
 def ddim_sample(net, noise: torch.Tensor, schedule: NoiseSchedule, num_steps: int = 100, eta: float = 0.0,

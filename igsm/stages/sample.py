@@ -1,13 +1,14 @@
-"""The sample stage's job: the paper's 50k-image FID sets (Sec. 5.1), in batches that survive an
-interruption, split into shards and across GPUs; and the speed measurements of the efficiency stage.
+"""The sample stage (paper Sec. 5.1): the 50k-image FID sets, in batches that survive an
+interruption, split into shards and across GPUs, with a block-reuse plan applied where the variant
+has one; and the speed measurements of the efficiency stage.
 
 Reproducibility: image k is made from seed ``first_seed + k`` alone (``ImageGenerators``) by a
 ``Denoiser`` at a fixed network batch (``micro_batch``), so for a fixed ``micro_batch``, precision
 and software/hardware it is bitwise identical at any batch size, shard split or GPU count (tests
 check this on CPU; ``benchmarks/sampling.py`` on the GPU).
 
-Block-reuse plans (``igsm.reuse``) are imported inside the functions that apply them: ``igsm.reuse``
-itself imports the samplers of this package, so a module-level import would be a cycle.
+A stage sits above the algorithms it runs: the pure samplers (igsm.sampling) and block reuse
+(igsm.reuse, which runs those samplers) are both below it, so neither imports the other back.
 """
 
 from __future__ import annotations
@@ -20,27 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from igsm import distributed, gpus
 from igsm.data import to_uint8
 from igsm.diffusion import VPSDE, NoiseSchedule
+from igsm.reuse import apply_plan, load_plan_for
 from igsm.sampling.denoiser import Denoiser, denoiser_from_settings
 from igsm.sampling.files import PartialBatches, save_samples
-from igsm.sampling.noise import ImageGenerators
-from igsm.sampling.samplers import make_sampler, run_sampler
-
-
-def generate(net, *, sampler: str, seeds, image_shape, schedule: NoiseSchedule | VPSDE | None = None,
-             device="cpu", micro_batch: int | None = None, noise_threads: int = 1,
-             **sampler_kwargs) -> torch.Tensor:
-    """One batch: image k of the batch from seed ``seeds[k]``. ``net``: a module (wrapped in a
-    ``Denoiser`` with ``micro_batch``) or a ``Denoiser``. ``schedule``: the process the network
-    was trained on (default: DDPM's for DDIM, U-ViT's VP-SDE for Euler–Maruyama). DDIM walks its
-    integer steps (a VP-SDE at t = k/999); Euler–Maruyama integrates the VP-SDE and refuses DDPM."""
-    chain = make_sampler(sampler, schedule, **sampler_kwargs)
-    if not isinstance(net, Denoiser):
-        net = Denoiser(net, micro_batch=micro_batch)
-    generators = ImageGenerators(seeds, noise_threads)
-    noise = generators.randn(image_shape, device=device)
-    return run_sampler(chain, net, noise, generators)
+from igsm.sampling.samplers import generate
 
 
 def sample_images(net, *, seeds, image_shape, batch_size: int, sampler: str = "ddim",
@@ -92,9 +79,7 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
     torchrun the processes share the batches and rank 0 writes. Returns rank 0's one-line summary.
     ``plan``: a block-reuse gate table file (igsm.reuse) the network follows.
     """
-    from igsm import distributed, gpus
-    from igsm.models import image_shape, load_model
-    from igsm.reuse import apply_plan, load_plan_for
+    from igsm.models import image_shape, load_model  # here: sample_images' argument image_shape is a shape
 
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     batch_size = options.get("batch_size", 256)
@@ -159,8 +144,6 @@ def sampling_images_per_s(denoiser: Denoiser, image_shape, batch_size: int, devi
     """Whole sampling chains per second × images per chain: one batch of ``batch_size`` images
     through ``sampler`` (with a block-reuse ``plan`` if given), timed after a warm-up batch."""
     import time
-
-    from igsm.reuse import apply_plan
 
     def chain():
         generate(denoiser, sampler=sampler, seeds=range(batch_size), image_shape=image_shape,
