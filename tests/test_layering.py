@@ -1,175 +1,91 @@
-"""The package's import graph (issue 30): no cycle among module-level imports, and the pure samplers
-below block reuse, even through imports inside functions.
-
-A module-level import is one that runs when its module is imported: statements at module level, in
-module-level ``if``/``try``/``with`` blocks and class bodies; not in functions, nor under
-``if TYPE_CHECKING:``. (Imports inside functions still form cycles between igsm.models and igsm.uvit
-and between igsm.config and igsm.paper_tables, which the families and plan parts of issue 30 remove;
-then this check can count every import, as import-linter does.)
-Importing ``igsm.a.b`` also runs the package ``igsm/a/__init__.py``, so it counts as an import of
-``igsm.a`` too, except from inside ``igsm.a`` (a package's own modules run while it is being imported).
+"""The package's layers (issue 30, item 7), enforced by import-linter's contracts in pyproject.toml
+(``[tool.importlinter]``): cli → stages → workflow → algorithms → networks → io, no import cycle
+between any two modules (imports inside functions count), and the pure samplers never import block
+reuse. These tests run the contracts on the package, and on copies of it with an import planted that
+each contract must refuse, naming the offending import.
 """
 
 from __future__ import annotations
 
-import ast
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
+
+import pytest
 
 from conftest import REPO
 
-
-def module_name(path: Path, root: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+pytest.importorskip("importlinter", reason="import-linter is in the test extra: pip install -e '.[test]'")
 
 
-def _imports(tree: ast.Module, in_functions: bool):
-    """The import statements executed when the module is imported (``in_functions``: and those inside
-    its functions)."""
-    if in_functions:
-        yield from (node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
-        return
-    pending = list(tree.body)
-    while pending:
-        node = pending.pop()
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            yield node
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        elif isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            pending.extend(node.orelse)
-        else:
-            pending.extend(child for child in ast.iter_child_nodes(node)
-                           if isinstance(child, (ast.stmt, ast.excepthandler)))
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` on ``root``'s igsm package, with ``root``'s pyproject.toml.
+
+    ``python -S``: an editable install (``pip install -e``) adds its checkout's igsm/ to the
+    ``igsm`` namespace package through a .pth file in site-packages, so a copy of the package (or
+    a second checkout) would be read together with the installed one; without site processing
+    only ``root`` and the libraries' own folders are on the path."""
+    libraries = dict.fromkeys(sysconfig.get_paths()[key] for key in ("purelib", "platlib"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), *libraries])}
+    code = ("import sys; from importlinter.cli import lint_imports_command; "
+            "sys.argv[0] = 'lint-imports'; sys.exit(lint_imports_command())")
+    return subprocess.run([sys.executable, "-S", "-c", code, "--no-cache", "--no-logo", "pyproject.toml"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=120)
 
 
-def import_graph(root: Path, package: str = "igsm", in_functions: bool = False) -> dict[str, set[str]]:
-    """Module → the modules of ``package`` (under ``root``) its module-level imports run (with
-    ``in_functions``: its imports inside functions too)."""
-    paths = {module_name(p, root): p for p in sorted((root / package).rglob("*.py"))}
-    packages = {name for name, p in paths.items() if p.name == "__init__.py"}
-    graph = {}
-    for name, path in paths.items():
-        own_package = name if name in packages else name.rpartition(".")[0]
-        targets = set()
-        for node in _imports(ast.parse(path.read_text(), str(path)), in_functions):
-            if isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
-                continue
-            base = node.module or ""
-            if node.level:  # relative: from .x import y
-                anchor = own_package.split(".")[:len(own_package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            targets.add(base)
-            targets.update(f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in paths)
-        edges = set()
-        for target in targets:
-            parts = target.split(".")
-            for i in range(1, len(parts) + 1):  # the module and the packages it runs on the way
-                prefix = ".".join(parts[:i])
-                is_own_ancestor = name == prefix or name.startswith(prefix + ".")
-                if prefix in paths and not is_own_ancestor:
-                    edges.add(prefix)
-        graph[name] = edges
-    return graph
+def test_the_package_keeps_its_layers():
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 kept, 0 broken" in result.stdout, result.stdout
 
 
-def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """One cycle (a → … → a) through each strongly connected group of modules (Tarjan)."""
-    index, low, stack, on_stack, groups = {}, {}, [], set(), []
-
-    def visit(node):
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        on_stack.add(node)
-        for succ in sorted(graph.get(node, ())):
-            if succ not in index:
-                visit(succ)
-                low[node] = min(low[node], low[succ])
-            elif succ in on_stack:
-                low[node] = min(low[node], index[succ])
-        if low[node] == index[node]:
-            group = set()
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                group.add(member)
-                if member == node:
-                    break
-            if len(group) > 1 or node in graph.get(node, ()):
-                groups.append(group)
-
-    for node in sorted(graph):
-        if node not in index:
-            visit(node)
-    return [_cycle_in(group, graph) for group in groups]
+@pytest.fixture(scope="module")
+def package_copy(tmp_path_factory) -> Path:
+    """The package's modules and the contracts, in a folder of their own."""
+    root = tmp_path_factory.mktemp("layers")
+    shutil.copytree(REPO / "igsm", root / "igsm", ignore=shutil.ignore_patterns("__pycache__", "*.csv", "*.yaml"))
+    shutil.copy(REPO / "pyproject.toml", root / "pyproject.toml")
+    return root
 
 
-def _cycle_in(group: set[str], graph) -> list[str]:
-    """A shortest path start → … → start inside a strongly connected group (breadth-first)."""
-    start = min(group)
-    parents, frontier = {start: None}, [start]
-    while frontier:
-        following = []
-        for node in frontier:
-            for succ in sorted(graph[node] & group):
-                if succ == start:
-                    path = [node]
-                    while parents[path[-1]] is not None:
-                        path.append(parents[path[-1]])
-                    return path[::-1] + [start]
-                if succ not in parents:
-                    parents[succ] = node
-                    following.append(succ)
-        frontier = following
-    raise AssertionError(f"{group} is not strongly connected")
+# (module file, import planted, the contract that refuses it, how lint-imports names the import)
+PLANTED = [
+    # an upward import at module level: the diffusion process needing the command line
+    ("igsm/diffusion.py", "import igsm.cli\n", "igsm's layers", "igsm.diffusion -> igsm.cli"),
+    # a cycle inside one layer, through an import inside a function (objectives <-> pruning)
+    # (a cycle is named by the dependency between siblings that breaks it)
+    ("igsm/objectives/terms.py", "def _late():\n    from igsm.pruning import METHODS\n",
+     "no import cycle", "- .objectives -> .pruning (1 import)"),
+    # the samplers applying a block-reuse plan themselves (the cycle issue 30 removed)
+    ("igsm/sampling/samplers.py", "def _late():\n    from igsm.reuse import apply_plan\n",
+     "the samplers are pure", "igsm.sampling.samplers -> igsm.reuse"),
+]
 
 
-def reachable(graph, start: str) -> set[str]:
-    seen, pending = set(), [start]
-    while pending:
-        for succ in graph.get(pending.pop(), ()):
-            if succ not in seen:
-                seen.add(succ)
-                pending.append(succ)
-    return seen
+@pytest.mark.parametrize("module, planted, contract, named", PLANTED, ids=["upward", "cycle", "samplers"])
+def test_a_planted_import_breaks_its_contract_naming_the_import(package_copy, module, planted, contract, named):
+    path = package_copy / module
+    original = path.read_text()
+    path.write_text(original + "\n\n" + planted)
+    try:
+        result = lint_imports(package_copy)
+    finally:
+        path.write_text(original)
+    assert result.returncode == 1, result.stdout + result.stderr
+    broken = [line for line in result.stdout.splitlines() if line.endswith(" BROKEN")]
+    assert any(line.startswith(contract) for line in broken), result.stdout
+    assert named in result.stdout, result.stdout
 
 
-def test_no_import_cycle_among_module_level_imports():
-    cycles = find_cycles(import_graph(REPO))
-    assert not cycles, "import cycles:\n" + "\n".join(" → ".join(cycle) for cycle in cycles)
-
-
-def test_pure_samplers_import_no_block_reuse():
-    """DiP-GO (igsm.reuse) runs the samplers' step objects; the samplers must not need it back, not
-    even inside a function (the sample job, igsm.sampling.job, applies plans and may)."""
-    graph = import_graph(REPO, in_functions=True)
-    assert "igsm.sampling.samplers" in reachable(graph, "igsm.reuse")  # the graph sees the imports at all
-    for module in ("igsm.sampling.samplers", "igsm.sampling.denoiser", "igsm.sampling.noise"):
-        assert "igsm.reuse" not in reachable(graph, module), module
-
-
-def test_the_check_finds_planted_cycles(tmp_path):
-    """Both kinds the package could grow: two modules importing each other (one only through a
-    package's ``__init__`` that re-exports the other), and a function-level import that breaks one."""
-    files = {
-        "pkg/low.py": "from pkg.sub.pure import f\n",           # runs pkg/sub/__init__.py first
-        "pkg/sub/__init__.py": "from pkg.sub.job import g\nfrom pkg.sub.pure import f\n",
-        "pkg/sub/pure.py": "import math\ndef f(): pass\n",
-        "pkg/sub/job.py": "from pkg.low import *\nfrom . import pure\ndef g(): pass\n",
-        "pkg/a.py": "import pkg.b\n",
-        "pkg/b.py": "from pkg import a\n",
-        "pkg/c.py": "def late():\n    from pkg import d\n",  # function level: no cycle
-        "pkg/d.py": "import pkg.c\n",
-        "pkg/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import f\n",
-        "pkg/f.py": "from pkg import e\n",
-    }
-    for path, text in files.items():
-        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / path).write_text(text)
-    cycles = find_cycles(import_graph(tmp_path, "pkg"))
-    assert sorted(cycles) == [["pkg.a", "pkg.b", "pkg.a"],
-                              ["pkg.low", "pkg.sub", "pkg.sub.job", "pkg.low"]]
-    every_import = find_cycles(import_graph(tmp_path, "pkg", in_functions=True))
-    assert sorted(every_import) == [["pkg.a", "pkg.b", "pkg.a"], ["pkg.c", "pkg.d", "pkg.c"],
-                                    ["pkg.e", "pkg.f", "pkg.e"], ["pkg.low", "pkg.sub", "pkg.sub.job", "pkg.low"]]
+def test_a_new_top_level_module_must_be_given_a_layer(package_copy):
+    """The layers contract is exhaustive: a module nobody placed is an error, not a free pass."""
+    stray = package_copy / "igsm" / "stray.py"
+    stray.write_text("import igsm.cli\n")
+    try:
+        result = lint_imports(package_copy)
+    finally:
+        stray.unlink()
+    assert result.returncode == 1 and "igsm.stray" in result.stdout, result.stdout
