@@ -65,8 +65,9 @@ class Family:
     pretrained_help: what ``dense.pretrained`` takes for this family (schema and errors).
     pretrained_needs_architecture: its pretrained weights carry no config (a plain state dict),
         so loading them needs the experiment's architecture.
-    pretrained_folders: ``dense.pretrained`` may be a local model folder, whose declared network
-        is checked against the experiment before any job.
+    pretrained_folders: ``dense.pretrained`` may be a local model folder (a diffusers one, or one
+        written by this workflow), whose declared network is checked against the experiment before
+        any job.
     """
 
     name: str = ""
@@ -106,7 +107,8 @@ class Family:
 
     def load_pretrained(self, source: str, architecture: dict, cache_dir):
         """The dense teacher from ``dense.pretrained`` (``source``); ``cache_dir`` keeps downloads.
-        ``ValueError``/``RuntimeError`` naming the key and what to do."""
+        ``ValueError``/``RuntimeError`` naming the key and what to do. (A folder written by this
+        workflow, where ``pretrained_folders``, igsm.models.load_pretrained loads itself.)"""
         raise NotImplementedError
 
     def image_shape(self, net) -> tuple[int, int, int]:
