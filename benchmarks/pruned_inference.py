@@ -16,7 +16,8 @@ import yaml
 
 from igsm.diffusion import NoiseSchedule
 from igsm.models import build_unet, predict_noise
-from igsm.pruning import count_params_macs, prune
+from igsm.pruning import prune
+from igsm.pruning.structural import count_params_macs
 
 ARCHITECTURE = yaml.safe_load(open("config/config.yaml"))["experiments"]["cifar10_unet"]["architecture"]
 

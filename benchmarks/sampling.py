@@ -107,7 +107,8 @@ class Report:
 # ---------------------------------------------------------------------------------------------
 
 def models(args, device):
-    from igsm.pruning import count_params_macs, prune
+    from igsm.pruning import prune
+    from igsm.pruning.structural import count_params_macs
 
     torch.manual_seed(args.seed)
     if args.model:

@@ -654,7 +654,7 @@ def efficiency(model_dir, out, batch_size, throughput, sampler_settings, plan, s
     network runs, as in 'sample': precision, channels_last, compile, compile_mode)."""
     from igsm import gpus
     from igsm.models import image_shape, load_model
-    from igsm.pruning import count_params_macs
+    from igsm.pruning.structural import count_params_macs
     from igsm.sampling import sampler_kwargs
     from igsm.stages.sample import forward_images_per_s, sampling_images_per_s
 

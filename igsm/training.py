@@ -400,7 +400,7 @@ def train(
     Under torchrun (igsm.distributed.init() called first) every process calls this with the same
     arguments; ``options.batch_size`` is the global batch and must divide by the process count.
 
-    ``step_hook`` (e.g. igsm.pruning.gradient_flow.MaskFlow) joins the loop without a loop of its own:
+    ``step_hook`` (e.g. igsm.pruning.soft_masks.MaskFlow) joins the loop without a loop of its own:
     ``hook.applied(net)`` wraps each step's forward, ``hook.after_step(net, x_t, t,
     noise)`` runs after each optimizer step, its ``state_dict()`` travels in the snapshots (a
     resumed run continues it bitwise) and its ``identity()`` in the run's fingerprint.

@@ -150,16 +150,13 @@ def stage_settings(exp, section):
 
 
 def objective_settings(name):
-    """An 'objectives' entry as igsm.objectives.build_objective takes it."""
+    """An 'objectives' entry as igsm.objectives.build_objective takes it: every option the schema
+    gives it, bar those that mean nothing here (OTD's settings without OTD directions, an unset
+    timestep range), so that a new option reaches the jobs without being listed here."""
     spec = config["objectives"][name]
-    settings = {key: spec[key] for key in ("weights", "projection", "num_directions", "directions",
-                                           "jacobian_method", "fd_scheme", "jacobian_fraction",
-                                           "jacobian_every")}
-    if spec["directions"] == "otd":
-        settings["otd"] = spec["otd"]
-    if spec.get("jacobian_timesteps") is not None:
-        settings["jacobian_timesteps"] = spec["jacobian_timesteps"]
-    return settings
+    return {key: value for key, value in spec.items()
+            if not (key == "otd" and spec["directions"] != "otd")
+            and not (key == "jacobian_timesteps" and value is None)}
 
 
 def resource(stage, key):

@@ -1,4 +1,4 @@
-"""Soft channel masks for gradient-flow pruning (igsm/pruning/gradient_flow.py, issue 16): at 0/1 they
+"""Soft channel masks for gradient-flow pruning (igsm/pruning/soft_masks.py, issue 16): at 0/1 they
 compute exactly the hard-pruned network; GroupNorm statistics follow the masks; the final hard
 prune keeps the channels with the largest masks, at Diff-Pruning's widths."""
 
@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY_ARCHITECTURE
 from igsm import pruning
-from igsm.pruning import gradient_flow
+from igsm.pruning import soft_masks, structural
 from igsm.models import build_unet, count_parameters
 
 
@@ -45,23 +45,23 @@ def test_group_norm_with_0_1_weights_is_the_group_norm_of_the_kept_channels():
     pruned = torch.nn.GroupNorm(4, 12).double()
     with torch.no_grad():
         pruned.weight.copy_(norm.weight[keep]), pruned.bias.copy_(norm.bias[keep])
-    got = gradient_flow.masked_group_norm(x, norm.double(), keep.double())
+    got = soft_masks.masked_group_norm(x, norm.double(), keep.double())
     torch.testing.assert_close(got[:, keep], pruned(x[:, keep]), rtol=0, atol=1e-12)
     # All ones: PyTorch's GroupNorm; a whole group at 0: finite (its channels are read by nobody).
-    torch.testing.assert_close(gradient_flow.masked_group_norm(x, norm, torch.ones(16, dtype=torch.float64)),
+    torch.testing.assert_close(soft_masks.masked_group_norm(x, norm, torch.ones(16, dtype=torch.float64)),
                                norm(x), rtol=0, atol=1e-12)
-    assert torch.isfinite(gradient_flow.masked_group_norm(x, norm, torch.tensor([0.0] * 4 + [1.0] * 12))).all()
+    assert torch.isfinite(soft_masks.masked_group_norm(x, norm, torch.tensor([0.0] * 4 + [1.0] * 12))).all()
 
 
 def randomly_hard_pruned(net):
     """A copy of ``net`` hard-pruned at ratio 0.5 with a random ranking, and the channels each
     group (by the hard prune's root name) lost."""
     hard = copy.deepcopy(net)
-    with pruning.metapruner(hard, pruning.criterion_importance("random"), 0.5) as pruner:
+    with structural.metapruner(hard, pruning.criterion_importance("random"), 0.5) as pruner:
         removed = {}
         torch.manual_seed(3)
         for group in pruner.step(interactive=True):
-            removed[gradient_flow.root_name(group)] = list(group[0].idxs)
+            removed[soft_masks.root_name(group)] = list(group[0].idxs)
             group.prune()
     return hard, removed
 
@@ -73,8 +73,8 @@ def test_masks_at_0_1_compute_the_hard_pruned_network(tiny_unet):
     assert removed and count_parameters(hard) < count_parameters(tiny_unet)
 
     dense = copy.deepcopy(tiny_unet)
-    with pruning.metapruner(dense, pruning.criterion_importance("magnitude"), 0.5) as pruner:
-        masks = gradient_flow.soft_masks(pruner.DG.get_all_groups(
+    with structural.metapruner(dense, pruning.criterion_importance("magnitude"), 0.5) as pruner:
+        masks = soft_masks.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
     assert set(removed) <= set(masks.roots)
     for root, mask in zip(masks.roots, masks.masks):
@@ -90,8 +90,8 @@ def test_masks_at_0_1_compute_the_hard_pruned_network(tiny_unet):
 
 
 def test_mask_gradients_flow_and_ones_change_nothing(tiny_unet):
-    with pruning.metapruner(tiny_unet, pruning.criterion_importance("magnitude"), 0.5) as pruner:
-        masks = gradient_flow.soft_masks(pruner.DG.get_all_groups(
+    with structural.metapruner(tiny_unet, pruning.criterion_importance("magnitude"), 0.5) as pruner:
+        masks = soft_masks.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
     x, t = inputs()
     with torch.no_grad():
@@ -107,8 +107,8 @@ def test_mask_gradients_flow_and_ones_change_nothing(tiny_unet):
 
 
 def test_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_unet):
-    with pruning.metapruner(copy.deepcopy(tiny_unet), pruning.criterion_importance("magnitude"), 0.5) as pruner:
-        masks = gradient_flow.soft_masks(pruner.DG.get_all_groups(
+    with structural.metapruner(copy.deepcopy(tiny_unet), pruning.criterion_importance("magnitude"), 0.5) as pruner:
+        masks = soft_masks.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
     generator = torch.Generator().manual_seed(4)
     for mask in masks.masks:
@@ -116,7 +116,7 @@ def test_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_unet):
     images = torch.zeros(2, TINY_ARCHITECTURE["in_channels"], 16, 16)
     from igsm.diffusion import NoiseSchedule
 
-    flow_net, flow_report = pruning.prune_with_importance(tiny_unet, gradient_flow.MaskImportance(masks),
+    flow_net, flow_report = structural.prune_with_importance(tiny_unet, soft_masks.MaskImportance(masks),
                                                           channel_ratio=0.5, images=images)
     _, dp_report = pruning.prune(tiny_unet, criterion="diff-pruning", channel_ratio=0.5, images=images,
                                  schedule=NoiseSchedule.linear())
@@ -132,8 +132,8 @@ def test_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_unet):
 # ---- the flow --------------------------------------------------------------------------------
 
 def tiny_masks(net):
-    with pruning.metapruner(net, pruning.criterion_importance("magnitude"), 0.5) as pruner:
-        return gradient_flow.soft_masks(pruner.DG.get_all_groups(
+    with structural.metapruner(net, pruning.criterion_importance("magnitude"), 0.5) as pruner:
+        return soft_masks.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
 
 
@@ -156,7 +156,7 @@ def test_energy_gradient_equals_finite_differences(tiny_unet):
             grads = torch.autograd.grad(loss_fn(net), params, allow_unused=True)
         return 0.5 * sum(float(g.square().sum()) for g in grads if g is not None)
 
-    value, mask_grads = gradient_flow.gradient_norm_energy(net, masks, loss_fn)
+    value, mask_grads = soft_masks.gradient_norm_energy(net, masks, loss_fn)
     assert value.item() == pytest.approx(energy(), rel=1e-12)
     h = 1e-5
     for g, i in ((0, 0), (3, 1), (len(masks.masks) - 1, 2)):
@@ -176,7 +176,7 @@ def test_sparsity_indexed_step_lowers_the_density_by_dt_at_norm_r(tiny_unet):
     generator = torch.Generator().manual_seed(6)
     ascent = [torch.randn(m.shape, generator=generator) for m in masks.masks]
     before = torch.cat([m.flatten() for m in masks.masks]).double()
-    gradient_flow.sparsity_indexed_step(masks, ascent, dt=1e-3, r=1.1)
+    soft_masks.sparsity_indexed_step(masks, ascent, dt=1e-3, r=1.1)
     delta = (torch.cat([m.flatten() for m in masks.masks]).double() - before) / 1e-3
     n = delta.numel()
     assert delta.mean().item() == pytest.approx(-1.0, rel=1e-4)  # G = mean(m) falls by dt per step
@@ -189,12 +189,12 @@ def test_schedule_brings_the_density_down_monotonically_to_its_target(tiny_unet)
     masks = tiny_masks(tiny_unet)
     generator = torch.Generator().manual_seed(7)
     steps, target = 40, 0.5
-    dt = (gradient_flow.density(masks) - target) / steps
-    densities = [gradient_flow.density(masks)]
+    dt = (soft_masks.density(masks) - target) / steps
+    densities = [soft_masks.density(masks)]
     for _ in range(steps):
         ascent = [torch.randn(m.shape, generator=generator) for m in masks.masks]
-        gradient_flow.sparsity_indexed_step(masks, ascent, dt=dt)
-        densities.append(gradient_flow.density(masks))
+        soft_masks.sparsity_indexed_step(masks, ascent, dt=dt)
+        densities.append(soft_masks.density(masks))
     assert all(later < earlier for earlier, later in zip(densities, densities[1:]))
     assert densities[-1] == pytest.approx(target, abs=0.05)
     assert all(float(m.min()) >= 0 and float(m.max()) <= 1 for m in masks.masks)
@@ -219,7 +219,7 @@ def test_gradient_flow_pruning_trains_the_masks_down_and_resumes_bitwise(tiny_tr
     net, images, schedule = load_model(tiny_training / "student"), load_images(tiny_training / "data"), NoiseSchedule.linear()
 
     def run(folder):
-        return gradient_flow.prune_with_gradient_flow(
+        return soft_masks.prune_with_gradient_flow(
             net, images, schedule, channel_ratio=0.5, options=flow_options(6),
             checkpoint_dir=folder / "checkpoints", metrics_path=folder / "metrics.jsonl")
 
@@ -308,8 +308,8 @@ def tiny_uvit():
 
 
 def uvit_masks(net):
-    with pruning.metapruner(net, pruning.criterion_importance("magnitude"), 0.5) as pruner:
-        return gradient_flow.soft_masks(pruner.DG.get_all_groups(
+    with structural.metapruner(net, pruning.criterion_importance("magnitude"), 0.5) as pruner:
+        return soft_masks.soft_masks(pruner.DG.get_all_groups(
             ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types))
 
 
@@ -323,9 +323,9 @@ def test_layer_norm_with_0_1_weights_is_the_layer_norm_of_the_kept_channels():
     pruned = torch.nn.LayerNorm(8).double()
     with torch.no_grad():
         pruned.weight.copy_(norm.weight[keep]), pruned.bias.copy_(norm.bias[keep])
-    torch.testing.assert_close(gradient_flow.masked_layer_norm(x, norm, keep.double())[..., keep], pruned(x[..., keep]),
+    torch.testing.assert_close(soft_masks.masked_layer_norm(x, norm, keep.double())[..., keep], pruned(x[..., keep]),
                                rtol=0, atol=1e-12)
-    torch.testing.assert_close(gradient_flow.masked_layer_norm(x, norm, torch.ones(12)), norm(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(soft_masks.masked_layer_norm(x, norm, torch.ones(12)), norm(x), rtol=0, atol=1e-12)
 
 
 def test_u_vit_masks_at_0_1_compute_the_hard_pruned_network(tiny_uvit):
@@ -359,7 +359,7 @@ def test_u_vit_hard_prune_keeps_the_largest_masks_at_diff_prunings_widths(tiny_u
     for mask in masks.masks:
         mask.copy_(torch.rand(mask.shape, generator=generator))
     images = torch.zeros(2, 1, 8, 8)
-    flow_net, flow_report = pruning.prune_with_importance(tiny_uvit, gradient_flow.MaskImportance(masks),
+    flow_net, flow_report = structural.prune_with_importance(tiny_uvit, soft_masks.MaskImportance(masks),
                                                           channel_ratio=0.5, images=images)
     _, dp_report = pruning.prune(tiny_uvit, criterion="diff-pruning", channel_ratio=0.5, images=images,
                                  schedule=NoiseSchedule.linear())
@@ -386,7 +386,7 @@ def test_gradient_flow_prunes_a_u_vit(tiny_uvit, tmp_path):
     from igsm.diffusion import NoiseSchedule
 
     images = np.random.default_rng(0).integers(0, 256, size=(32, 8, 8, 1), dtype=np.uint8)
-    pruned, report = gradient_flow.prune_with_gradient_flow(
+    pruned, report = soft_masks.prune_with_gradient_flow(
         tiny_uvit, images, NoiseSchedule.linear(), channel_ratio=0.5, options=flow_options(4),
         checkpoint_dir=tmp_path / "checkpoints", metrics_path=tmp_path / "metrics.jsonl")
     densities = report["gradient_flow"]["densities"]

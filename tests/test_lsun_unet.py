@@ -12,6 +12,7 @@ import yaml
 
 from conftest import REPO
 from igsm import pruning
+from igsm.pruning import structural
 from igsm.diffusion import NoiseSchedule
 from igsm.models import build_unet, load_pretrained
 
@@ -46,7 +47,7 @@ def lsun_unet():
 
 
 def test_dense_counts_match_table_1(lsun_unet):
-    params, macs = pruning.count_params_macs(lsun_unet, image_size=256, in_channels=3)
+    params, macs = structural.count_params_macs(lsun_unet, image_size=256, in_channels=3)
     assert params == sum(p.numel() for p in lsun_unet.parameters()) == 113_673_219
     assert params == pytest.approx(PAPER_DENSE[0], rel=REL)
     assert macs == pytest.approx(248.688e9, rel=1e-4)

@@ -34,3 +34,25 @@ def test_names_without_reuse_variants_and_as_paths_spell_them():
     # Paths of existing results: 0.50 and 0.5 are one folder, fractions as written by %g.
     assert pruned_model_name("taylor", 0.50) == "taylor-cr0.5"
     assert reuse_variant("dense", "deepcache", 0.40) == "dense/reuse-deepcache-f0.4"
+
+
+def test_every_objective_option_of_the_schema_reaches_the_finetune_job(tmp_path):
+    # Bug caught: an option the schema accepts but rules/common.smk does not pass on (a hand list
+    # of keys there once dropped new options silently: the job ran the default instead).
+    import json
+    import re
+
+    import yaml
+    from conftest import REPO, snakemake_in, tiny_demo_config
+
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    options = set(schema["$defs"]["objective"]["properties"])
+    config = tiny_demo_config()
+    config["objectives"]["igsm"].update(directions="otd", jacobian_timesteps=[10, 1000])
+    proc = snakemake_in(tmp_path, config, "-n", "-p",
+                        "results/finetune/digits_unet/diff-pruning-cr0.3/igsm/summary.json")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    settings = [json.loads(found) for found in re.findall(r"--settings '(\{.*?\})'", proc.stdout)]
+    igsm = [s["training"]["objective"] for s in settings
+            if s.get("training", {}).get("objective", {}).get("weights") == config["objectives"]["igsm"]["weights"]]
+    assert len(igsm) == 1 and set(igsm[0]) == options

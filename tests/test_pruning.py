@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from igsm import paper_tables, pruning
+from igsm.pruning import structural
 from igsm.diffusion import NoiseSchedule
 from igsm.models import build_unet, layer_widths, predict_noise, save_model
 
@@ -75,7 +76,7 @@ def _pruned_tiny(tiny, images, schedule, **kwargs):
 # ----- the paper's widths (NOTES §2 table; local counts do not depend on the criterion) -----
 
 def test_dense_counts(cifar_unet):
-    params, macs = pruning.count_params_macs(cifar_unet, image_size=32, in_channels=3)
+    params, macs = structural.count_params_macs(cifar_unet, image_size=32, in_channels=3)
     assert params == sum(p.numel() for p in cifar_unet.parameters()) == 35_746_307
     assert macs == pytest.approx(6.0641e9, rel=1e-4)
 
@@ -102,14 +103,14 @@ def test_paper_label_rule():
     dense = (35_746_307, 6.0641e9)
     for (dense_params, _), label, (params, macs) in paper_tables.pruning_points():
         if dense_params == 35.7:  # the points the tables print for the CIFAR-10 U-Net
-            assert pruning.paper_label(params * 1e6, macs * 1e9, *dense) == f"{label:.2f}"
+            assert structural.paper_label(params * 1e6, macs * 1e9, *dense) == f"{label:.2f}"
     # Away from the paper's points, or for another dense model: the printed MAC reduction.
-    assert pruning.paper_label(27.5e6, 5.11e9, *dense) == "0.16"  # 1 − 5.1/6.1
-    assert pruning.paper_label(0.1e6, 0.01e9, 0.18e6, 0.0175e9) == "0.44"
+    assert structural.paper_label(27.5e6, 5.11e9, *dense) == "0.16"  # 1 − 5.1/6.1
+    assert structural.paper_label(0.1e6, 0.01e9, 0.18e6, 0.0175e9) == "0.44"
     # LSUN's 256-px U-Net (tests/test_lsun_unet.py counts it): the paper calls its point "0.3".
     lsun = (113_673_219, 248.69e9)
-    assert pruning.paper_label(63_205_897, 138.87e9, *lsun) == "0.30"
-    assert pruning.paper_label(55.30e6, 136.48e9, *lsun) == "0.44"  # ratio 0.35: off the point
+    assert structural.paper_label(63_205_897, 138.87e9, *lsun) == "0.30"
+    assert structural.paper_label(55.30e6, 136.48e9, *lsun) == "0.44"  # ratio 0.35: off the point
 
 
 # ----- checkpoints -----

@@ -9,6 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from igsm import pruning
+from igsm.pruning import structural
 from igsm.cli import main
 from igsm.config import ConfigError, _schema, check_config, validate_schema
 from igsm.plan import pruned_model_name
@@ -86,7 +87,7 @@ class _KeepFirst(pruning.PruningMethod):
     def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, folder, device):
         from igsm.data import to_model_range
 
-        model, counts = pruning.prune_with_importance(net, _FirstChannels(), channel_ratio=channel_ratio,
+        model, counts = structural.prune_with_importance(net, _FirstChannels(), channel_ratio=channel_ratio,
                                                       images=to_model_range(images[:1]))
         return model, {"criterion": criterion, "channel_ratio": channel_ratio, **counts}
 

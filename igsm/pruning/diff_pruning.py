@@ -6,13 +6,15 @@ train the pruned architecture from scratch), each a criterion of this one prunin
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from igsm.diffusion import NoiseSchedule
-from igsm.models import predict_noise
 from igsm.pruning.methods import PruningMethod, register
-from igsm.pruning.structural import prune_with_importance, seeded
+
+if TYPE_CHECKING:  # imported where pruning runs: the workflow reads this method's names without torch
+    import torch
+    from torch import nn
+
+    from igsm.diffusion import NoiseSchedule
 
 CRITERIA = ("diff-pruning", "taylor", "magnitude", "random", "reinit")
 GRADIENT_CRITERIA = ("diff-pruning", "taylor")  # criteria whose importance reads accumulated gradients
@@ -52,6 +54,8 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
     * ``reinit``: the magnitude architecture with all weights re-initialised (seeded): the
       train-from-scratch baseline.
     """
+    from igsm.pruning.structural import prune_with_importance, seeded
+
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: unknown {criterion!r}; valid criteria are {', '.join(CRITERIA)}")
     if not 0.0 <= thr <= 1.0:
@@ -76,7 +80,10 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
 
 def _accumulate_noise_prediction_gradients(model, images, schedule, *, seed, thr) -> list[float]:
     """Backpropagate L_t for t = 0, 1, … into ``.grad``; stop after L_t < thr·max L (thr>0)."""
+    import torch
     from tqdm import tqdm
+
+    from igsm.models import predict_noise
 
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
@@ -104,6 +111,8 @@ class DiffPruning(PruningMethod):
     criteria = CRITERIA
 
     def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, folder, device):
+        import torch
+
         from igsm.data import to_model_range
 
         generator = torch.Generator().manual_seed(settings.get("seed", 0))
