@@ -281,13 +281,12 @@ def _pretrained_folder_errors(config: dict, name: str, exp: dict) -> list[str]:
     must be of the experiment's family, taking the dataset's image size and channels. Hub models are
     checked by their prune job, the first that has both the model and the data (igsm.cli); U-ViT
     experiments take a checkpoint file, checked above."""
-    from igsm.models import local_pretrained_declaration, pretrained_mismatches
-
     pretrained, key = exp["dense"]["pretrained"], f"experiments.{name}.dense.pretrained"
     family = family_of_architecture(exp["architecture"])
     if not pretrained or not family.pretrained_folders or not Path(pretrained).expanduser().is_dir() \
             or exp["dataset"] not in config["datasets"]:
         return []
+    from igsm.models import local_pretrained_declaration, pretrained_mismatches  # torch: only for a folder
     folder = Path(pretrained).expanduser()
     try:
         declared = local_pretrained_declaration(folder)

@@ -90,3 +90,20 @@ def test_a_new_top_level_module_must_be_given_a_layer(package_copy):
     finally:
         stray.unlink()
     assert result.returncode == 1 and "igsm.stray" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("config", ["config.yaml", "demo.yaml"])
+def test_the_workflow_builds_its_dag_without_torch(config, tmp_path):
+    # Bug caught: a module the Snakefile imports at parse time (igsm.config, a registry, the plan)
+    # importing torch, diffusers or torch-pruning at module level: seconds added to every dry run
+    # and every job's own Snakemake start, and the DAG tied to the training stack.
+    heavy = ("torch", "diffusers", "timm", "torch_pruning", "cleanfid")
+    code = ("import atexit, sys\n"
+            f"atexit.register(lambda: print('HEAVY', sorted({{m.split('.')[0] for m in sys.modules}} & {set(heavy)!r})))\n"
+            "from snakemake.cli import main\n"
+            f"sys.argv = ['snakemake', 'all_tables', '-n', '--quiet', '--directory', {str(tmp_path)!r}, "
+            f"'--configfile', {str(REPO / 'config' / config)!r}]\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:]
