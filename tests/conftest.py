@@ -85,6 +85,17 @@ def demo_run(tmp_path_factory):
 
 # ---- tiny training runs through `python -m igsm train` (test_resume.py, test_ddp.py) ----------
 
+# Tiny U-Nets with the paper's block types (plain and attention down/up blocks), kilobytes each:
+# an RGB one for the pruning tests (widths 32/64, GroupNorm 8) and a one-channel one for the
+# sampling and block-reuse tests (16/32, GroupNorm 4).
+TINY_RGB_UNET = dict(
+    sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    norm_num_groups=8,
+)
+TINY_GRAY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1,
+                      down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                      up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4, attention_head_dim=None)
 TINY_ARCHITECTURE = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=[8, 16],
                          layers_per_block=1, down_block_types=["DownBlock2D", "AttnDownBlock2D"],
                          up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4,

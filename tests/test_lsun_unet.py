@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO
+from conftest import REPO, TINY_RGB_UNET as TINY_UNET
 from igsm import pruning
 from igsm.pruning import structural
 from igsm.diffusion import NoiseSchedule
@@ -31,11 +31,6 @@ PAPER_DENSE = (113.7e6, 248.7e9)
 PAPER_PRUNED = (63.2e6, 138.8e9)
 LSUN_CHANNEL_RATIO = 0.3          # the paper's "pruning ratio 0.3" for LSUN (App. C, Figs. 3-4)
 REL = 5e-3                        # as tests/test_pruning.py's count test
-TINY_UNET = dict(
-    sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-)
 
 
 # ---- Table 1's counts ---------------------------------------------------------------------------

@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def tiny_unet(widths, seed, channels=2):
+def tiny_unet(widths, seed, channels=2, dropout=0.0):
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
     net = UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels,
                       block_out_channels=widths, layers_per_block=1, norm_num_groups=4,
                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None)
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None, dropout=dropout)
     return net.double().eval()
 
 
@@ -604,13 +604,7 @@ def test_mixed_partials_float32_error():
 
 
 def dropout_unet(seed):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=(4, 8),
-                       layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
-                       dropout=0.5).double().train()
+    return tiny_unet((4, 8), seed, dropout=0.5).train()
 
 
 def test_mixed_partials_with_dropout():

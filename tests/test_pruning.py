@@ -15,6 +15,8 @@ from igsm.pruning import structural
 from igsm.diffusion import NoiseSchedule
 from igsm.models import build_unet, layer_widths, predict_noise, save_model
 
+from conftest import TINY_RGB_UNET as TINY_UNET
+
 REPO = Path(__file__).resolve().parents[1]
 
 CIFAR10_UNET = dict(
@@ -26,11 +28,6 @@ CIFAR10_UNET = dict(
     attention_head_dim=None, dropout=0.1,
 )
 # Multi-head attention (64 channels / head dim 8) in a down, the mid and an up block.
-TINY_UNET = dict(
-    sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    norm_num_groups=8,
-)
 NUM_STEPS = 20
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

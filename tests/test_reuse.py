@@ -24,9 +24,8 @@ from igsm.sampling import (Denoiser, ImageGenerators, ddim_sample, euler_maruyam
                            run_sampler)
 from igsm.uvit import UViT
 
-TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1,
-                 down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-                 up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4, attention_head_dim=None)
+from conftest import TINY_GRAY_UNET as TINY_UNET
+
 # Three levels, two resnets per block: down blocks feed several up blocks.
 DEEPER_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 8, 16], layers_per_block=2,
                    down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],

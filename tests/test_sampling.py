@@ -25,7 +25,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, run_snakemake, TINY_GRAY_UNET as TINY_UNET
 from igsm import sampling
 from igsm.stages import sample as sample_stage
 from igsm.cli import main as cli
@@ -33,9 +33,6 @@ from igsm.data import to_uint8
 from igsm.diffusion import NoiseSchedule, vp_log_alpha
 from igsm.models import build_unet, save_model
 
-TINY_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1,
-                 down_block_types=["DownBlock2D", "AttnDownBlock2D"],
-                 up_block_types=["AttnUpBlock2D", "UpBlock2D"], norm_num_groups=4, attention_head_dim=None)
 SHAPE = (1, 8, 8)
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
