@@ -278,36 +278,6 @@ class Timing:
         return {**asdict(self), "sec_per_step": self.step_time_s / max(1, self.steps_timed)}
 
 
-class _GlobalBatchDirections:
-    """Gaussian Jacobian directions drawn for the whole global batch, this process keeping its rows,
-    so that sample i gets the same directions whatever the number of processes."""
-
-    needs_teacher = False
-
-    def __init__(self, num_directions: int, rows: slice, global_batch: int):
-        self.num_directions, self.rows, self.global_batch = num_directions, rows, global_batch
-
-    def __call__(self, x, t, generator, teacher=None):
-        from igsm.objectives import orthonormalize
-
-        if x.shape[0] != self.rows.stop - self.rows.start:
-            raise ValueError("jacobian_fraction < 1 is not supported with several processes")
-        v = torch.randn((self.num_directions, self.global_batch, *x.shape[1:]), generator=generator,
-                        device=x.device, dtype=x.dtype)
-        return orthonormalize(v[:, self.rows])
-
-
-def _draw_directions_for_global_batch(objective, rows: slice, global_batch: int) -> None:
-    from igsm.objectives import GaussianDirections, OTDDirections
-
-    sampler = objective.directions
-    if isinstance(sampler, GaussianDirections):
-        objective.directions = _GlobalBatchDirections(sampler.num_directions, rows, global_batch)
-    elif isinstance(sampler, OTDDirections):  # OTD evolves each sample's own directions
-        sampler.initial = _GlobalBatchDirections(sampler.initial.num_directions, rows, global_batch)
-    # A user callable gets this process's rows and draws what it likes.
-
-
 def _use_deterministic_kernels() -> None:
     """PyTorch's deterministic algorithms for this process; ops without one only warn (an error
     would end a long run for one op). cuBLAS reads its workspace setting when it starts, which
@@ -405,171 +375,220 @@ def train(
     noise)`` runs after each optimizer step, its ``state_dict()`` travels in the snapshots (a
     resumed run continues it bitwise) and its ``identity()`` in the run's fingerprint.
     """
-    from igsm.objectives import build_objective
-
-    attempt_started = time.perf_counter()
-    schedule = schedule or NoiseSchedule.linear()
-    device = torch.device(device)
-    rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    if options.batch_size % world_size:
-        raise ValueError(f"batch_size {options.batch_size} is not divisible by the {world_size} "
-                         f"processes (GPUs); the global batch is split evenly between them")
-    rows = slice(rank * options.batch_size // world_size, (rank + 1) * options.batch_size // world_size)
-    objective = build_objective(**options.objective)
-    if objective.needs_teacher and teacher is None:
-        raise ValueError("the objective uses the dense teacher (kd/jm terms) but no teacher was given")
-    if world_size > 1:
-        _draw_directions_for_global_batch(objective, rows, options.batch_size)
-    fingerprint = run_fingerprint(net, images, options, teacher, schedule)
-    if step_hook is not None:
-        fingerprint = hashlib.sha256(f"{fingerprint};{step_hook.identity()}".encode()).hexdigest()
-
-    if options.deterministic and device.type == "cuda":
-        _use_deterministic_kernels()
-    net = net.to(device).train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    if teacher is not None:
-        teacher = teacher.to(device).eval().requires_grad_(False)
-    params = list(net.parameters())
-    optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[options.optimizer]
-    optimizer = optimizer_class(params, lr=options.lr, betas=tuple(options.betas),
-                                eps=options.eps, weight_decay=options.weight_decay)
-    # Images, flips, timesteps, noise and directions (reseeded every step).
-    generator = torch.Generator(device=device)
-
-    checkpoint_dir = Path(checkpoint_dir)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = Path(metrics_path)
-    # Signals are caught from here on: one arriving while the run starts is acted on after its
-    # first step.
+    # Signals are caught from the first snapshot read on: one arriving while the run starts is acted
+    # on after its first step.
+    run = _Run(net, images, options, teacher, schedule or NoiseSchedule.linear(), torch.device(device),
+               step_hook, Path(checkpoint_dir), attempt_started=time.perf_counter())
     with _StopRequested() as stop:
-        start_step, records, running, count, timing = 0, [], {}, 0, Timing()
-        state = _newest_snapshot_of_run(checkpoint_dir, fingerprint, options.num_steps)
+        run.resume_from_newest_snapshot()
+        run.restart_metrics_file(Path(metrics_path))
+        run.run_steps(stop, Path(metrics_path))
+        run.update_timing()
+        return run.ema, run.timing
+
+
+class _Run:
+    """One attempt at a training run (:func:`train`): the models, optimizer and objective its steps
+    share, the metrics so far and what its snapshots carry."""
+
+    def __init__(self, net, images, options: TrainingOptions, teacher, schedule, device: torch.device,
+                 step_hook, checkpoint_dir: Path, attempt_started: float):
+        self.images, self.options, self.schedule, self.device = images, options, schedule, device
+        self.step_hook, self.checkpoint_dir, self.attempt_started = step_hook, checkpoint_dir, attempt_started
+        self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
+        self.rows = _rows_of_this_process(options.batch_size, self.rank, self.world_size)
+        self.objective = _objective_of_this_process(options, teacher, self.rows, self.world_size)
+        self.fingerprint = run_fingerprint(net, images, options, teacher, schedule)
+        if step_hook is not None:
+            self.fingerprint = hashlib.sha256(f"{self.fingerprint};{step_hook.identity()}".encode()).hexdigest()
+
+        if options.deterministic and device.type == "cuda":
+            _use_deterministic_kernels()
+        self.net = net.to(device).train()
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        if teacher is not None:
+            teacher = teacher.to(device).eval().requires_grad_(False)
+        self.teacher = teacher
+        self.params = list(self.net.parameters())
+        optimizer_class = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[options.optimizer]
+        self.optimizer = optimizer_class(self.params, lr=options.lr, betas=tuple(options.betas),
+                                         eps=options.eps, weight_decay=options.weight_decay)
+        # Images, flips, timesteps, noise and directions (reseeded every step).
+        self.generator = torch.Generator(device=device)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    def resume_from_newest_snapshot(self) -> None:
+        """Weights, EMA, optimizer, metrics and timing from the run's newest snapshot, if any."""
+        self.start_step, self.records, self.running, self.count, self.timing = 0, [], {}, 0, Timing()
+        state = _newest_snapshot_of_run(self.checkpoint_dir, self.fingerprint, self.options.num_steps)
         if state is not None:
-            net.load_state_dict(state["net"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            start_step, records = state["step"], state["metrics"]
-            running, count = state["running"], state["running_steps"]
-            timing = Timing(**state.get("timing", {}))
-            if step_hook is not None:
-                step_hook.load_state_dict(state["hook"])
-        timing.attempts += 1
-        earlier_wall_time = timing.wall_time_s
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+            self.net.load_state_dict(state["net"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.start_step, self.records = state["step"], state["metrics"]
+            self.running, self.count = state["running"], state["running_steps"]
+            self.timing = Timing(**state.get("timing", {}))
+            if self.step_hook is not None:
+                self.step_hook.load_state_dict(state["hook"])
+        self.timing.attempts += 1
+        self.earlier_wall_time = self.timing.wall_time_s
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
 
-        def update_timing() -> None:
-            timing.wall_time_s = earlier_wall_time + time.perf_counter() - attempt_started
-            if device.type == "cuda":
-                peak = torch.cuda.max_memory_allocated(device) / 2**20
-                timing.peak_memory_mib = max(timing.peak_memory_mib or 0.0, peak)
-        if rank == 0:
-            # The metrics file restarts from the snapshot's records: lines past it are redone, and a
-            # file deleted by Snakemake after an interrupted job comes back whole.
+    def restart_metrics_file(self, metrics_path: Path) -> None:
+        """The metrics file restarts from the snapshot's records: lines past it are redone, and a
+        file deleted by Snakemake after an interrupted job comes back whole."""
+        if self.rank == 0:
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-            (checkpoint_dir / "training_options.json").write_text(json.dumps(asdict(options), indent=2))
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            (self.checkpoint_dir / "training_options.json").write_text(json.dumps(asdict(self.options), indent=2))
 
-        def save_snapshot(step: int) -> None:
-            if rank == 0:
-                update_timing()
-                state = {
-                    "step": step, "fingerprint": fingerprint, "net": net.state_dict(),
-                    "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "metrics": records, "running": running, "running_steps": count,
-                    "world_size": world_size, "timing": asdict(timing),
-                    **({"hook": step_hook.state_dict()} if step_hook is not None else {}),
-                }
-                path = checkpoint_dir / f"step-{step:07d}.pt"
-                tmp = path.with_suffix(".tmp")
-                with reporting_write_errors(tmp, also=(RuntimeError,)):  # torch's: "unexpected pos"
-                    torch.save(state, tmp)
-                tmp.replace(path)
-                # Older snapshots beyond keep_checkpoints go; later ones (of a longer run of the same
-                # trajectory, num_steps since lowered) stay.
-                earlier = [p for p in _snapshots(checkpoint_dir) if p.name <= path.name]
-                for old in earlier[: -options.keep_checkpoints]:
-                    old.unlink()
-            distributed.barrier()
-
-        batch = options.batch_size
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
-        progress = tqdm(range(start_step, options.num_steps), initial=start_step, total=options.num_steps,
-                        desc="train", mininterval=2.0, disable=rank != 0)
-        timed, started, excluded = 0, time.perf_counter(), 0.0
-        metrics = open(metrics_path, "a") if rank == 0 else None
+    def run_steps(self, stop: _StopRequested, metrics_path: Path) -> None:
+        """The steps from the resumed one to ``num_steps``: log lines, snapshots, and a stop (with a
+        snapshot) after the step in which any process was signalled."""
+        options = self.options
+        self.progress = tqdm(range(self.start_step, options.num_steps), initial=self.start_step,
+                             total=options.num_steps, desc="train", mininterval=2.0, disable=self.rank != 0)
+        self._start_log_interval()
+        metrics = open(metrics_path, "a") if self.rank == 0 else None
         try:
-            for step in progress:
-                generator.manual_seed(step_seed(options.seed, step))
-                torch.manual_seed(step_seed(options.seed, step, 1 + rank))  # dropout
-                # The global batch's draws, of which this process keeps its rows.
-                x0 = to_model_range(images[batch_indices(step, batch, len(images), options.seed)[rows].numpy()]).to(device)
-                if options.hflip:
-                    flip = (torch.rand(batch, generator=generator, device=device) < 0.5)[rows]
-                    x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
-                t = schedule.sample_times(batch, generator, device)[rows]
-                noise = torch.randn((batch, *x0.shape[1:]), generator=generator, device=device)[rows]
-                x_t = schedule.add_noise(x0, noise, t)
-                t = schedule.network_time(t)  # what the objective's networks see
-
-                for group in optimizer.param_groups:
-                    group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup_steps))
+            for step in self.progress:
                 done = step + 1
                 log_step = done % options.log_every == 0 or done == options.num_steps
-                diagnose = options.diagnostics and log_step
-                with autocast, (step_hook.applied(net) if step_hook is not None else contextlib.nullcontext()):
-                    total, terms, *parts = objective(net, teacher, x_t, t, noise, generator, step=step,
-                                                     contributions=diagnose)
-                loss = total.float().sum() / batch  # this process's share of the global batch mean
-                if diagnose:  # before the step's backward frees the graph; its time is not the step's
-                    diagnostics_started = time.perf_counter()
-                    by_timestep = term_diagnostics(parts[0], terms, t, params, batch,
-                                                   options.diagnostic_timesteps)
-                    excluded += time.perf_counter() - diagnostics_started
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # One all-reduce: gradients, the logged values and whether any process was signalled.
-                stats = torch.stack([loss.detach(), *[v.float().sum() / batch for v in terms.values()],
-                                     torch.tensor(float(stop.signal is not None), device=device)])
-                loss_value, *term_values, stop_votes = _average_gradients(params, stats).tolist()
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {step}: lower the lr or check data")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip))
-                optimizer.step()
-                # Short runs would keep the EMA at its initial weights: warm the decay up (DDPM codes do).
-                _update_ema(ema, net, min(options.ema_decay, (1 + step) / (10 + step)))
-                if step_hook is not None:
-                    step_hook.after_step(net, x_t, t, noise)
-
-                for name, value in {"loss": loss_value, "grad_norm": grad_norm,
-                                    **dict(zip(terms, term_values))}.items():
-                    running[name] = running.get(name, 0.0) + value
-                count, timed = count + 1, timed + 1
+                values, stop_votes, by_timestep = self.step(step, stop, options.diagnostics and log_step)
+                for name, value in values.items():
+                    self.running[name] = self.running.get(name, 0.0) + value
+                self.count, self.timed = self.count + 1, self.timed + 1
                 if log_step:
-                    elapsed = time.perf_counter() - started - excluded
-                    timing.step_time_s += elapsed
-                    timing.steps_timed += timed
-                    record = {"step": done, **{k: v / count for k, v in running.items()},
-                              "lr": optimizer.param_groups[0]["lr"], "sec_per_step": elapsed / timed}
-                    if diagnose:  # this step's batch alone, not averaged over the log interval
-                        record["by_timestep"] = by_timestep
-                        record["diagnostics_s"] = excluded
-                    records.append(record)
-                    if metrics is not None:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
-                    progress.set_postfix(loss=f"{record['loss']:.4f}")
-                    running, count, timed, started, excluded = {}, 0, 0, time.perf_counter(), 0.0
+                    self.log(done, by_timestep, metrics)
                 stopping = stop_votes > 0 and done < options.num_steps
                 if done % options.checkpoint_every == 0 or done == options.num_steps or stopping:
-                    save_snapshot(done)
+                    self.save_snapshot(done)
                 if stopping:
                     cause = signal.Signals(stop.signal).name if stop.signal else "another process's signal"
                     raise Interrupted(f"stopped by {cause} after step {done}; rerun to resume from "
-                                      f"{checkpoint_dir}")
+                                      f"{self.checkpoint_dir}")
         finally:
             if metrics is not None:
                 metrics.close()
-        update_timing()
-        return ema, timing
+
+    def draw_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Step ``step``'s noisy images x_t, network times and noise: the global batch's draws (from
+        generators seeded by (seed, step)), of which this process keeps its rows."""
+        options, schedule, generator, device = self.options, self.schedule, self.generator, self.device
+        batch, rows = options.batch_size, self.rows
+        generator.manual_seed(step_seed(options.seed, step))
+        torch.manual_seed(step_seed(options.seed, step, 1 + self.rank))  # dropout
+        x0 = to_model_range(self.images[batch_indices(step, batch, len(self.images), options.seed)[rows].numpy()]).to(device)
+        if options.hflip:
+            flip = (torch.rand(batch, generator=generator, device=device) < 0.5)[rows]
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
+        t = schedule.sample_times(batch, generator, device)[rows]
+        noise = torch.randn((batch, *x0.shape[1:]), generator=generator, device=device)[rows]
+        x_t = schedule.add_noise(x0, noise, t)
+        return x_t, schedule.network_time(t), noise  # network time: what the objective's networks see
+
+    def step(self, step: int, stop: _StopRequested, diagnose: bool) -> tuple[dict, float, dict | None]:
+        """One optimizer step; returns the step's logged values (loss, grad_norm, each term's mean),
+        the number of processes signalled to stop and, when ``diagnose``, its term diagnostics."""
+        net, ema, options, params, hook = self.net, self.ema, self.options, self.params, self.step_hook
+        batch = options.batch_size
+        x_t, t, noise = self.draw_batch(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup_steps))
+        with self.autocast, (hook.applied(net) if hook is not None else contextlib.nullcontext()):
+            total, terms, *parts = self.objective(net, self.teacher, x_t, t, noise, self.generator, step=step,
+                                                  contributions=diagnose)
+        loss = total.float().sum() / batch  # this process's share of the global batch mean
+        by_timestep = None
+        if diagnose:  # before the step's backward frees the graph; its time is not the step's
+            diagnostics_started = time.perf_counter()
+            by_timestep = term_diagnostics(parts[0], terms, t, params, batch, options.diagnostic_timesteps)
+            self.excluded += time.perf_counter() - diagnostics_started
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # One all-reduce: gradients, the logged values and whether any process was signalled.
+        stats = torch.stack([loss.detach(), *[v.float().sum() / batch for v in terms.values()],
+                             torch.tensor(float(stop.signal is not None), device=self.device)])
+        loss_value, *term_values, stop_votes = _average_gradients(params, stats).tolist()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {step}: lower the lr or check data")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, options.grad_clip))
+        self.optimizer.step()
+        # Short runs would keep the EMA at its initial weights: warm the decay up (DDPM codes do).
+        _update_ema(ema, net, min(options.ema_decay, (1 + step) / (10 + step)))
+        if hook is not None:
+            hook.after_step(net, x_t, t, noise)
+        return {"loss": loss_value, "grad_norm": grad_norm, **dict(zip(terms, term_values))}, stop_votes, by_timestep
+
+    def _start_log_interval(self) -> None:
+        """Steps and seconds of the steps since the last log line (diagnostics' time excluded)."""
+        self.timed, self.started, self.excluded = 0, time.perf_counter(), 0.0
+
+    def log(self, done: int, by_timestep: dict | None, metrics) -> None:
+        """A metrics line: the values averaged since the last one (the diagnostics: this step's
+        batch alone), the learning rate and the seconds per step."""
+        elapsed = time.perf_counter() - self.started - self.excluded
+        self.timing.step_time_s += elapsed
+        self.timing.steps_timed += self.timed
+        record = {"step": done, **{k: v / self.count for k, v in self.running.items()},
+                  "lr": self.optimizer.param_groups[0]["lr"], "sec_per_step": elapsed / self.timed}
+        if by_timestep is not None:
+            record["by_timestep"] = by_timestep
+            record["diagnostics_s"] = self.excluded
+        self.records.append(record)
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        self.progress.set_postfix(loss=f"{record['loss']:.4f}")
+        self.running, self.count = {}, 0
+        self._start_log_interval()
+
+    def update_timing(self) -> None:
+        self.timing.wall_time_s = self.earlier_wall_time + time.perf_counter() - self.attempt_started
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            self.timing.peak_memory_mib = max(self.timing.peak_memory_mib or 0.0, peak)
+
+    def save_snapshot(self, step: int) -> None:
+        """``step-<step>.pt``, written under a temporary name and renamed; older ones beyond
+        ``keep_checkpoints`` go. Rank 0 writes; every process waits for it."""
+        if self.rank == 0:
+            self.update_timing()
+            state = {
+                "step": step, "fingerprint": self.fingerprint, "net": self.net.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "metrics": self.records, "running": self.running, "running_steps": self.count,
+                "world_size": self.world_size, "timing": asdict(self.timing),
+                **({"hook": self.step_hook.state_dict()} if self.step_hook is not None else {}),
+            }
+            path = self.checkpoint_dir / f"step-{step:07d}.pt"
+            tmp = path.with_suffix(".tmp")
+            with reporting_write_errors(tmp, also=(RuntimeError,)):  # torch's: "unexpected pos"
+                torch.save(state, tmp)
+            tmp.replace(path)
+            # Older snapshots beyond keep_checkpoints go; later ones (of a longer run of the same
+            # trajectory, num_steps since lowered) stay.
+            earlier = [p for p in _snapshots(self.checkpoint_dir) if p.name <= path.name]
+            for old in earlier[: -self.options.keep_checkpoints]:
+                old.unlink()
+        distributed.barrier()
+
+
+def _rows_of_this_process(batch_size: int, rank: int, world_size: int) -> slice:
+    """This process's rows of the global batch, which splits evenly between the processes."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} "
+                         f"processes (GPUs); the global batch is split evenly between them")
+    return slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+
+
+def _objective_of_this_process(options: TrainingOptions, teacher, rows: slice, world_size: int):
+    """The run's objective; with several processes, its directions drawn for the global batch."""
+    from igsm.objectives import build_objective
+
+    objective = build_objective(**options.objective)
+    if objective.needs_teacher and teacher is None:
+        raise ValueError("the objective uses the dense teacher (kd/jm terms) but no teacher was given")
+    return objective.for_global_batch(rows, options.batch_size) if world_size > 1 else objective

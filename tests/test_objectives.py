@@ -170,6 +170,31 @@ def test_gaussian_directions_are_orthonormal_per_sample():
     torch.testing.assert_close(GaussianDirections(1)(x, None, torch.Generator().manual_seed(0)), expected)
 
 
+
+def test_directions_for_a_global_batch_are_the_rows_of_one_process_draw():
+    """Several processes (igsm.training): each draws the directions of the whole global batch from
+    the same seed and keeps its rows, so sample i gets the directions one process would give it.
+    Catches a process drawing only its own rows (every process would reuse the first rows' draw:
+    the same directions for samples 0 and B/2) or keeping the wrong rows; OTD's initial directions
+    and the objective's must follow, and a user's callable is left as it is."""
+    from igsm.objectives import CallableDirections
+
+    x = torch.zeros(6, 2, 4, 4, dtype=torch.float64)
+    for k in (1, 2):
+        whole = GaussianDirections(k)(x, None, torch.Generator().manual_seed(3))
+        halves = [GaussianDirections(k).for_global_batch(rows, 6)(x[rows], None, torch.Generator().manual_seed(3))
+                  for rows in (slice(0, 3), slice(3, 6))]
+        torch.testing.assert_close(torch.cat(halves, dim=1), whole, rtol=0, atol=1e-12)
+        assert not torch.allclose(halves[0], halves[1])
+    with pytest.raises(ValueError, match="jacobian_fraction"):
+        GaussianDirections(1).for_global_batch(slice(0, 3), 6)(x[:2], None, torch.Generator())
+    otd = OTDDirections(2).for_global_batch(slice(3, 6), 6)
+    assert (otd.initial.rows, otd.initial.global_batch) == (slice(3, 6), 6)
+    objective = build_objective({"jm1": 1.0}).for_global_batch(slice(0, 3), 6)
+    assert (objective.directions.rows, objective.directions.global_batch) == (slice(0, 3), 6)
+    own = CallableDirections(lambda x, t, g: torch.ones_like(x))
+    assert own.for_global_batch(slice(0, 3), 6) is own
+
 # --- values against full Jacobians ------------------------------------------------------------
 
 

@@ -102,6 +102,7 @@ launch-bound), only memory (1.8× / 1.4×).
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable
 
@@ -160,6 +161,13 @@ class Objective:
         self.jacobian_timesteps = jacobian_timesteps
         self.needs_jacobian = any(term.needs_jacobian for _, term in terms.values())
         self.needs_teacher = any(term.needs_teacher for _, term in terms.values())
+
+    def for_global_batch(self, rows: slice, global_batch: int) -> "Objective":
+        """This objective for a process holding ``rows`` of a global batch (several processes):
+        its directions are drawn for the whole batch (``directions.for_global_batch``)."""
+        mode = copy.copy(self)
+        mode.directions = self.directions.for_global_batch(rows, global_batch)
+        return mode
 
     def probe(self, student, teacher, x_t, t, noise, generator=None, jacobian: bool = True) -> Probe:
         """The shared quantities; ``jacobian=False`` skips the Jacobian products (their terms then

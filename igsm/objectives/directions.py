@@ -1,9 +1,15 @@
 """Probe directions v̂ for the Jacobian terms (paper App. E): Gaussian, orthonormalised per sample;
 OTD, evolved along the teacher's Jacobian (Eq. 26–27); or a user's callable.
+
+Each kind is called as ``directions(x_t, t, generator, teacher)`` and returns a (k, B, ...) tensor,
+and has ``for_global_batch(rows, global_batch)``: the same directions for a process that holds only
+``rows`` of a global batch (several processes, igsm.training), so that sample i gets the same
+directions whatever the number of processes.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -53,11 +59,26 @@ class GaussianDirections:
 
     def __init__(self, num_directions: int = 1):
         self.num_directions = num_directions
+        self.rows: slice | None = None  # global-batch mode: this process's rows of the batch drawn
+        self.global_batch: int | None = None
+
+    def for_global_batch(self, rows: slice, global_batch: int) -> "GaussianDirections":
+        """Draws for the whole global batch and keeps ``rows``: the generator is seeded alike on
+        every process, so each process draws the same global batch of directions."""
+        mode = GaussianDirections(self.num_directions)
+        mode.rows, mode.global_batch = rows, global_batch
+        return mode
 
     def __call__(self, x, t, generator, teacher=None):
-        v = torch.randn((self.num_directions, *x.shape), generator=generator, device=x.device,
-                        dtype=x.dtype)
-        return orthonormalize(v)
+        if self.global_batch is None:
+            v = torch.randn((self.num_directions, *x.shape), generator=generator, device=x.device,
+                            dtype=x.dtype)
+            return orthonormalize(v)
+        if x.shape[0] != self.rows.stop - self.rows.start:
+            raise ValueError("jacobian_fraction < 1 is not supported with several processes")
+        v = torch.randn((self.num_directions, self.global_batch, *x.shape[1:]), generator=generator,
+                        device=x.device, dtype=x.dtype)
+        return orthonormalize(v[:, self.rows])
 
 
 class OTDDirections:
@@ -74,6 +95,13 @@ class OTDDirections:
         self.initial = GaussianDirections(num_directions)
         self.dt, self.steps, self.prob = dt, steps, prob
         self.jacobian = JVP(jvp_method)  # J_D v̂: a forward product whatever the loss projection
+
+    def for_global_batch(self, rows: slice, global_batch: int) -> "OTDDirections":
+        """The initial directions drawn for the global batch; each sample's own are then evolved
+        along the teacher's Jacobian at that sample, which needs only this process's rows."""
+        mode = copy.copy(self)
+        mode.initial = self.initial.for_global_batch(rows, global_batch)
+        return mode
 
     def __call__(self, x, t, generator, teacher=None):
         directions = self.initial(x, t, generator)
@@ -92,6 +120,10 @@ class CallableDirections:
 
     def __init__(self, fn: Callable, num_directions: int = 1):
         self.fn, self.num_directions = fn, num_directions
+
+    def for_global_batch(self, rows: slice, global_batch: int) -> "CallableDirections":
+        """Unchanged: the callable gets this process's rows and draws what it likes."""
+        return self
 
     def __call__(self, x, t, generator, teacher=None):
         v = self.fn(x, t, generator)
