@@ -629,44 +629,18 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
     with torch.random.fork_rng(devices=[]):  # the pruner's initialisation from seed, global RNG untouched
         torch.manual_seed(seed)
         pruner = ReusePruner(num_steps, len(graph.names), query_dim, num_heads).to(device)
-    # Plain SGD as the released code (no momentum there); lr 0.2, wd 1e-4 from the notes.
-    optimizer = torch.optim.SGD(pruner.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-    def lr_factor(step):  # linear warm-up, then cosine to 0
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, train_steps - warmup_steps)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-    was_training = net.training
-    requires_grad = [p.requires_grad for p in net.parameters()]
-    net.eval().requires_grad_(False)  # gradients for the gates only
+    optimizer, scheduler = _dipgo_optimizer(pruner, lr, momentum, weight_decay, warmup_steps, train_steps)
     history = []
-    try:
+    with _training_the_gates_only(net):
         for train_step in range(train_steps):
             seeds = range(seed + train_step * batch_size, seed + (train_step + 1) * batch_size)
-            dense_generators = ImageGenerators(seeds)
-            noise = dense_generators.randn(image_shape, device=device)
-            dense_images = run_sampler(chain, net, noise, dense_generators)
-            # The same draws again, in the sampler's order, for the SuperNet chain.
-            generators = ImageGenerators(seeds)
-            generators.randn(image_shape)
-            step_noises = [generators.randn(image_shape, device=device, dtype=torch.float64)
-                           if chain.draws_noise(s) else None for s in range(num_steps)]
-
+            noise, dense_images, step_noises = _dense_images_and_draws(chain, net, seeds, image_shape,
+                                                                       num_steps, device)
             gates = pruner()
             images = _supernet_sample(net, graph, chain, noise, gates, step_noises, checkpointed)
-            consistency = ((1 - ssim(dense_images, images)).mean() if loss == "ssim"
-                           else F.mse_loss(images, dense_images))
-            keep = gates[..., KEEP]
-            # Step 0 always runs everything: a constant, left out of the term.
-            sparsity = (keep[1:] * shares).sum() / num_steps
-            hard = keep.detach().cpu() > 0.5
-            hard[0] = True
-            kept_fraction = ReusePlan(hard, graph.names, graph.consumers, timesteps, macs).mac_fraction()
-            sparsity_on = kept_fraction >= mac_fraction
-            total = consistency + (sparsity_weight * sparsity if sparsity_on else 0.0)
+            total, consistency, sparsity, kept_fraction, sparsity_on = _dipgo_loss(
+                dense_images, images, gates, shares, graph, timesteps, macs,
+                loss=loss, sparsity_weight=sparsity_weight, mac_fraction=mac_fraction)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(pruner.parameters(), grad_clip)
@@ -679,10 +653,6 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
             if progress and (train_step % max(1, train_steps // 10) == 0 or train_step == train_steps - 1):
                 print(f"dipgo step {train_step + 1}/{train_steps}: loss {record['loss']:.4f} "
                       f"({loss} {record['consistency']:.4f}), kept MACs {kept_fraction:.3f}", flush=True)
-    finally:
-        net.train(was_training)
-        for parameter, flag in zip(net.parameters(), requires_grad):
-            parameter.requires_grad_(flag)
 
     scores = pruner.scores().cpu()
     settings = dict(sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing, clip_x0=clip_x0, t_min=t_min,
@@ -692,6 +662,67 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
     return plan_from_scores(scores, graph, macs, timesteps, mac_fraction, method="dipgo",
                             metadata={"settings": settings, "history": history,
                                       "scores": [[round(float(s), 6) for s in row] for row in scores]})
+
+
+def _dipgo_optimizer(pruner: nn.Module, lr: float, momentum: float, weight_decay: float, warmup_steps: int,
+                     train_steps: int):
+    """Plain SGD as the released code (no momentum there; lr 0.2, wd 1e-4 from the notes), its rate
+    warmed up linearly, then cosine to 0."""
+    optimizer = torch.optim.SGD(pruner.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def lr_factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, train_steps - warmup_steps)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+@contextlib.contextmanager
+def _training_the_gates_only(net: nn.Module):
+    """The network in eval mode without gradients while the gates train; restored after."""
+    was_training = net.training
+    requires_grad = [p.requires_grad for p in net.parameters()]
+    net.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        net.train(was_training)
+        for parameter, flag in zip(net.parameters(), requires_grad):
+            parameter.requires_grad_(flag)
+
+
+def _dense_images_and_draws(chain, net: nn.Module, seeds: range, image_shape, num_steps: int,
+                            device: torch.device):
+    """The dense sampler's final images from per-image generators of ``seeds``, and the same draws
+    again (the initial noise and each step's, in the sampler's order) for the SuperNet chain."""
+    dense_generators = ImageGenerators(seeds)
+    noise = dense_generators.randn(image_shape, device=device)
+    dense_images = run_sampler(chain, net, noise, dense_generators)
+    generators = ImageGenerators(seeds)
+    generators.randn(image_shape)
+    step_noises = [generators.randn(image_shape, device=device, dtype=torch.float64)
+                   if chain.draws_noise(s) else None for s in range(num_steps)]
+    return noise, dense_images, step_noises
+
+
+def _dipgo_loss(dense_images, images, gates, shares, graph: BlockGraph, timesteps, macs: dict, *,
+                loss: str, sparsity_weight: float, mac_fraction: float):
+    """(1 − SSIM) or MSE of the SuperNet's final images against the dense ones, plus the sparsity
+    term while the kept (hard-gate, cascaded) MAC share is at or above ``mac_fraction``; returns
+    (total, consistency, sparsity, kept MAC share, whether the sparsity term was on)."""
+    consistency = ((1 - ssim(dense_images, images)).mean() if loss == "ssim"
+                   else F.mse_loss(images, dense_images))
+    keep = gates[..., KEEP]
+    num_steps = keep.shape[0]
+    # Step 0 always runs everything: a constant, left out of the term.
+    sparsity = (keep[1:] * shares).sum() / num_steps
+    hard = keep.detach().cpu() > 0.5
+    hard[0] = True
+    kept_fraction = ReusePlan(hard, graph.names, graph.consumers, timesteps, macs).mac_fraction()
+    sparsity_on = kept_fraction >= mac_fraction
+    total = consistency + (sparsity_weight * sparsity if sparsity_on else 0.0)
+    return total, consistency, sparsity, kept_fraction, sparsity_on
 
 
 # ---------------------------------------------------------------------------------------------
