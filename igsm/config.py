@@ -193,12 +193,24 @@ def target_names(config: dict) -> dict[str, str]:
 
 def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     key = f"experiments.{name}"
-    experiments = config["experiments"]
     if exp["dataset"] not in config["datasets"]:
         return [f"{key}.dataset: unknown dataset {exp['dataset']!r}; defined: {sorted(config['datasets'])}"]
+    errors = _dense_source_errors(config, name, exp)
+    family = family_of_architecture(exp["architecture"])
+    errors += _architecture_errors(config, name, exp, family)
+    errors += _process_errors(config, name, exp, family)
+    errors += _finetune_errors(config, name, exp)
+    errors += _pruning_errors(key, exp)
+    errors += _reuse_errors(key, exp)
+    errors += _sample_and_fid_errors(config, name, exp)
+    return errors
+
+
+def _dense_source_errors(config: dict, name: str, exp: dict) -> list[str]:
+    """Exactly one source of the dense model; one shared from another experiment must be that
+    experiment's own, on the same dataset."""
+    key, experiments, dense = f"experiments.{name}", config["experiments"], exp["dense"]
     errors = []
-    data = config["datasets"][exp["dataset"]]
-    dense = exp["dense"]
     sources = [k for k in ("pretrained", "training", "from_experiment") if dense.get(k)]
     if len(sources) != 1:
         errors.append(f"{key}.dense: give exactly one of 'pretrained', 'training' or 'from_experiment' "
@@ -211,8 +223,15 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
         elif experiments[owner]["dataset"] != exp["dataset"]:
             errors.append(f"{key}.dense.from_experiment: {owner!r} trains on dataset "
                           f"{experiments[owner]['dataset']!r}, this experiment on {exp['dataset']!r}")
+    return errors
+
+
+def _architecture_errors(config: dict, name: str, exp: dict, family: Family) -> list[str]:
+    """The pretrained model's reference, and an architecture where one is needed, fitting the
+    dataset's image size and channels."""
+    key, dense, data = f"experiments.{name}", exp["dense"], config["datasets"][exp["dataset"]]
+    errors = []
     pretrained = dense["pretrained"]
-    family = family_of_architecture(exp["architecture"])
     # The architecture without its family: the network's keyword arguments.
     arch = family.network_arguments(exp["architecture"])
     if pretrained:
@@ -232,8 +251,14 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
             if value != channels:
                 errors.append(f"{key}.architecture.{side}: {value}, but dataset {exp['dataset']!r} "
                               f"({data['source']}) has {channels} channel(s)")
-    errors += _process_errors(config, name, exp, family)
-    runs = exp["finetune"]["runs"]
+    return errors
+
+
+def _finetune_errors(config: dict, name: str, exp: dict) -> list[str]:
+    """The finetuning runs' objectives exist; each training (dense, finetune) that runs has
+    increasing diagnostic timesteps and a batch that splits over its processes."""
+    key, runs = f"experiments.{name}", exp["finetune"]["runs"]
+    errors = []
     if runs and "training" not in exp["finetune"]:
         errors.append(f"{key}.finetune.training: needed by finetune.runs")
     for i, run in enumerate(runs):
@@ -241,7 +266,7 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
             if objective not in config["objectives"]:
                 errors.append(f"{key}.finetune.runs[{i}].objectives: unknown objective {objective!r}; "
                               f"defined under 'objectives': {sorted(config['objectives'])}")
-    for stage, training in (("dense", dense.get("training")), ("finetune", exp["finetune"].get("training"))):
+    for stage, training in (("dense", exp["dense"].get("training")), ("finetune", exp["finetune"].get("training"))):
         if training is None or (stage == "finetune" and not runs):
             continue
         edges = training["diagnostic_timesteps"]
@@ -253,9 +278,14 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
             errors.append(f"{key}.{stage}.training.batch_size: {training['batch_size']} does not split over "
                           f"the {processes} training processes (resources.{stage}: gpu × nodes); the "
                           "global batch is divided evenly between GPUs")
-    sample = exp["sample"]
-    errors += _pruning_errors(key, exp)
-    errors += _reuse_errors(key, exp)
+    return errors
+
+
+def _sample_and_fid_errors(config: dict, name: str, exp: dict) -> list[str]:
+    """Enough images for FID, at most one shard per image, a supplied reference statistics file
+    that exists, and no more reference or pruning images than the dataset holds."""
+    key, sample, data = f"experiments.{name}", exp["sample"], config["datasets"][exp["dataset"]]
+    errors = []
     if sample["num_images"] < FID_MIN_IMAGES:  # the schema's minimum, so only after `scale`
         errors.append(f"scale.samples: {config['scale']['samples']} leaves {key}.sample.num_images at "
                       f"{sample['num_images']} image(s); its FID needs at least {FID_MIN_IMAGES}")
