@@ -47,6 +47,9 @@ Directions (``directions``): ``"gaussian"`` draws v ~ N(0, I) per sample and ort
 directions of each sample (v̂ = v/‖v‖ for k = 1); ``"otd"`` evolves them along the *teacher's*
 Jacobian (App. E, Eq. 26–27, Forward Euler on dV/dt = J_D V − V VᵀJ_D V, re-orthonormalised) for
 ``steps`` steps; a callable ``(x_t, t, generator) -> Tensor`` supplies its own, used as given.
+With several processes the training loop asks for ``objective.for_global_batch(rows, B)``: the
+Gaussian (and OTD's initial) directions are then drawn for the whole global batch B and each
+process keeps its rows, so sample i gets the same directions at any process count.
 
 OTD's ``prob`` is the probability that OTD is applied to a batch (one draw per call from the
 generator), as Table 13's caption defines "Prob". Table 13 supports this reading: its Prob = 1.0
