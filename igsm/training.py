@@ -377,8 +377,9 @@ def train(
     """
     # Signals are caught from the first snapshot read on: one arriving while the run starts is acted
     # on after its first step.
+    attempt_started = time.perf_counter()
     run = _Run(net, images, options, teacher, schedule or NoiseSchedule.linear(), torch.device(device),
-               step_hook, Path(checkpoint_dir), attempt_started=time.perf_counter())
+               step_hook, Path(checkpoint_dir), attempt_started)
     with _StopRequested() as stop:
         run.resume_from_newest_snapshot()
         run.restart_metrics_file(Path(metrics_path))
