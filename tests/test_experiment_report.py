@@ -28,14 +28,19 @@ def test_the_committed_readme_quotes_what_the_committed_files_give(report, readm
     assert report.check(readme) == 0, capsys.readouterr().out
 
 
-def test_a_number_that_disagrees_with_its_file_is_named(report, tmp_path, capsys):
-    # Bug caught: a README number typed (or rounded) differently from the run's files.
+def readme_with(tmp_path, tag: str, written: str) -> Path:
+    """A copy of the experiment whose README quotes ``written`` where it quotes ``tag``."""
     shutil.copytree(EXPERIMENT, tmp_path / "fm", ignore=shutil.ignore_patterns("*.png"))
     readme = tmp_path / "fm" / "README.md"
     text = readme.read_text()
-    tag = "**7.67**<!-- = run9/results.csv"
     assert tag in text
-    readme.write_text(text.replace(tag, "**7.76**<!-- = run9/results.csv", 1))
+    readme.write_text(text.replace(tag, written, 1))
+    return readme
+
+
+def test_a_number_that_disagrees_with_its_file_is_named(report, tmp_path, capsys):
+    # Bug caught: a README number typed (or rounded) differently from the run's files.
+    readme = readme_with(tmp_path, "**7.67**<!-- = run9/results.csv", "**7.76**<!-- = run9/results.csv")
     assert report.check(readme) == 1
     out = capsys.readouterr().out
     assert "7.76" in out and "the file gives 7.6698" in out
@@ -43,12 +48,8 @@ def test_a_number_that_disagrees_with_its_file_is_named(report, tmp_path, capsys
 
 def test_a_ratio_of_two_files_reads_the_second_file(report, tmp_path, capsys):
     # Bug caught: "A over @OTHER B" dividing by A's own file (a ratio of 1.00 would then pass).
-    shutil.copytree(EXPERIMENT, tmp_path / "fm", ignore=shutil.ignore_patterns("*.png"))
-    readme = tmp_path / "fm" / "README.md"
-    text = readme.read_text()
     tag = "1.69×**<!-- = run10/solo/igsm_every4/summary.json json timing.sec_per_step over @run10/solo/np_kd/"
-    assert tag in text
-    readme.write_text(text.replace(tag, tag.replace("1.69", "1.00"), 1))
+    readme = readme_with(tmp_path, tag, tag.replace("1.69", "1.00"))
     assert report.check(readme) == 1
     assert "the file gives 1.6861" in capsys.readouterr().out
 
