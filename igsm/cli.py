@@ -330,10 +330,10 @@ def _check_teacher_fits(model_dir, data, shape) -> None:
 def prune(model_dir, data, criterion, channel_ratio, out, report, settings, device, threads):
     """Structural pruning at one channel ratio by the pruning method of CRITERION (settings: the
     experiment's 'prune'; its 'method', if set, must take the criterion)."""
-    from igsm.schema import schema_defaults
     from igsm.data import load_images
     from igsm.models import load_model, save_model
     from igsm.pruning import method_for
+    from igsm.schema import schema_defaults
 
     _setup(threads)
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import functools
 import json
 import os
 import reprlib
@@ -29,7 +28,7 @@ from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIS
 from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
                             family_of_architecture, names)
 from igsm.plan import scored_model_names
-from igsm.schema import SCHEMA
+from igsm.schema import schema_file
 
 
 SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
@@ -534,16 +533,11 @@ def _join(where: str, key) -> str:
     return f"{where}.{key}" if where else str(key)
 
 
-@functools.cache
-def _schema_file() -> dict:
-    return yaml.safe_load(SCHEMA.read_text())
-
-
 def _schema() -> dict:
     """The schema, with the enums that registries own filled in from them as they are now (a
     member registered after the first validation counts too): reuse.methods, prune.method and
     the criteria (prune.criterion, finetune.runs[].criterion)."""
-    schema = copy.deepcopy(_schema_file())
+    schema = copy.deepcopy(schema_file())
     experiment = schema["$defs"]["experiment"]["properties"]
     experiment["reuse"]["properties"]["methods"]["items"]["enum"] = list(reuse_methods.METHODS)
     prune = experiment["prune"]["properties"]

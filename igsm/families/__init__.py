@@ -50,6 +50,11 @@ def chain_consumers(names: list[str]) -> dict[str, list[str]]:
 class Family:
     """One kind of network. Class attributes describe the config, methods the networks.
 
+    The interface: a member implements network_class, owns, load_pretrained, pruning_plan and
+    block_graph (the base raises NotImplementedError naming the family and the method, so a
+    partial member, e.g. a test's toy family, fails where it is first used); the other methods
+    have defaults.
+
     name: the value of ``architecture.family`` that selects it.
     title: its name in messages ("U-Net").
     class_name: its network's class, as a checkpoint's architecture.json records it ("class").
@@ -90,11 +95,11 @@ class Family:
 
     def network_class(self):
         """The class whose keyword arguments are the architecture (imports torch)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"model family {self.name!r} does not implement network_class()")
 
     def owns(self, net) -> bool:
         """Whether ``net`` (a network instance) is of this family."""
-        raise NotImplementedError
+        raise NotImplementedError(f"model family {self.name!r} does not implement owns()")
 
     def build(self, architecture: dict):
         """A freshly initialised network from the config's architecture."""
@@ -109,7 +114,7 @@ class Family:
         """The dense teacher from ``dense.pretrained`` (``source``); ``cache_dir`` keeps downloads.
         ``ValueError``/``RuntimeError`` naming the key and what to do. (A folder written by this
         workflow, where ``pretrained_folders``, igsm.models.load_pretrained loads itself.)"""
-        raise NotImplementedError
+        raise NotImplementedError(f"model family {self.name!r} does not implement load_pretrained()")
 
     def image_shape(self, net) -> tuple[int, int, int]:
         """(channels, height, width) of the images ``net`` takes, from its config."""
@@ -121,11 +126,11 @@ class Family:
         """What torch-pruning must keep and how widths stay consistent: ``ignored_layers``,
         ``num_heads``, ``unwrapped_parameters``, ``sync_widths`` (called after pruning) and
         optionally ``pruning_ratio_dict`` (channel ratio → per-layer ratios)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"model family {self.name!r} does not implement pruning_plan()")
 
     def block_graph(self, net) -> BlockGraph:
         """The network's blocks for block reuse, with the blocks reading each one's output."""
-        raise NotImplementedError
+        raise NotImplementedError(f"model family {self.name!r} does not implement block_graph()")
 
     def width_attributes(self) -> dict:
         """{module type: attribute names}: the static widths a checkpoint records for each layer

@@ -83,7 +83,9 @@ class Sampler:
 
     ``name``: the config's ``sample.sampler``; ``config_keys``: the keys of the 'sample' settings it
     takes (:func:`sampler_kwargs`); ``keywords``: its settings besides ``num_steps``, as keyword
-    arguments of :meth:`for_process`.
+    arguments of :meth:`for_process`. A member implements for_process, network_time,
+    network_input, draws_noise and update (the base raises NotImplementedError naming them);
+    start and finish have defaults.
     """
 
     name: str
@@ -94,11 +96,11 @@ class Sampler:
     @classmethod
     def for_process(cls, process: NoiseSchedule | VPSDE | None, num_steps: int, **settings) -> "Sampler":
         """The sampler for a network trained on ``process`` (None: the sampler's default process)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"sampler {cls.name!r} does not implement for_process()")
 
     def network_time(self, i: int) -> float:
         """The network's time input at step i."""
-        raise NotImplementedError
+        raise NotImplementedError(f"sampler {self.name!r} does not implement network_time()")
 
     @property
     def timesteps(self) -> list[float]:
@@ -111,15 +113,15 @@ class Sampler:
 
     def network_input(self, x: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, t) as the network takes them at step i: every image at the same t."""
-        raise NotImplementedError
+        raise NotImplementedError(f"sampler {self.name!r} does not implement network_input()")
 
     def draws_noise(self, i: int) -> bool:
         """Whether step i adds fresh noise (one standard-normal draw per image, float64)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"sampler {self.name!r} does not implement draws_noise()")
 
     def update(self, x: torch.Tensor, eps: torch.Tensor, i: int, z: torch.Tensor | None) -> torch.Tensor:
         """The state after step i from ε̂ = ``eps``; ``z``: the step's draw, None where it draws none."""
-        raise NotImplementedError
+        raise NotImplementedError(f"sampler {self.name!r} does not implement update()")
 
     def finish(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x_0 from the last state, in the noise's ``dtype``."""
