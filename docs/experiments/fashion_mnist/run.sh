@@ -27,6 +27,11 @@
 #                  or teacher_curve/model-<steps>): used as dense.pretrained, no teacher stages
 #   TARGETS        what to build (default all_tables; e.g. "results/tables/fmnist_unet.md")
 #   LADDER_STEPS   the ladder's rungs (default "600 2400 6000")
+#   LADDER_RATIOS  the ladder's channel ratios (default "0.3 0.5"; one lease fits about one ratio's rung 600)
+#   LADDER_FIRST   objectives whose models Snakemake runs first (--prioritize; default "np_kd igsm"),
+#                  so that a lease that ends mid-rung leaves the main comparison scored
+#   LADDER_LOG_EVERY  the ladder finetunes' log_every (default 200: the per-timestep diagnostics cost
+#                  seconds per log step on the Jacobian runs, run 4; the config's 50 doubles rung 600's cost)
 #   SHARED         shared.tar of an earlier machine's run of the same experiment: its pruned
 #                  students and FID reference statistics are used here (each file checked against
 #                  the tar's digests.json, and against a copy already in WORK), so that a run split
@@ -70,23 +75,29 @@ PY
 }
 
 ladder_config() {  # ladder_config OUT STEPS: the ladder's experiments, finetunes of STEPS steps
-    python - "$1" "$2" <<'PY'
+    # Writes OUT.targets (every model's FID file) and OUT.first (those of LADDER_FIRST's objectives).
+    python - "$1" "$2" "${LADDER_RATIOS:-0.3 0.5}" "${LADDER_FIRST-np_kd igsm}" "${LADDER_LOG_EVERY:-200}" <<'PY'
 import sys, yaml
-out, steps = sys.argv[1:]
+out, steps, ratios, first, log_every = sys.argv[1:]
 config = yaml.safe_load(open(out))
-runs = [{"channel_ratio": ratio, "objectives": ["np_kd", "igsm", "igsm_lam1e-2", "igsm_t10"]} for ratio in (0.3, 0.5)]
+objectives = ["np_kd", "igsm", "igsm_lam1e-2", "igsm_t10"]
+runs = [{"channel_ratio": float(ratio), "objectives": objectives} for ratio in ratios.split()]
 experiments = config["experiments"]
 config["experiments"] = {name: experiments[name] for name in ("fmnist_unet", "fmnist_unet_seed1")}
 for settings in config["experiments"].values():
     settings["finetune"]["runs"] = runs
     settings["finetune"]["training"]["num_steps"] = int(steps)
+    settings["finetune"]["training"]["log_every"] = int(log_every)
 yaml.safe_dump(config, open(out, "w"), sort_keys=False)
-with open(out + ".targets", "w") as f:  # every model's FID file
+with open(out + ".targets", "w") as targets, open(out + ".first", "w") as prioritized:
     for name in config["experiments"]:
-        f.write(f"results/fid/{name}/dense.json\n")
+        targets.write(f"results/fid/{name}/dense.json\n")
         for run in runs:
             for objective in run["objectives"]:
-                f.write(f"results/fid/{name}/diff-pruning-cr{run['channel_ratio']}/{objective}.json\n")
+                target = f"results/fid/{name}/diff-pruning-cr{run['channel_ratio']}/{objective}.json\n"
+                targets.write(target)
+                if objective in first.split():
+                    prioritized.write(target)
 PY
 }
 
@@ -127,8 +138,10 @@ if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teache
             ladder_config "$WORK/teacher_curve/config-ladder-$steps.yaml" "$steps"
             "${SHARE[@]}" "$WORK" "$WORK/teacher_curve/config-ladder-$steps.yaml"
             mapfile -t targets < "$WORK/teacher_curve/config-ladder-$steps.yaml.targets"
+            mapfile -t first < "$WORK/teacher_curve/config-ladder-$steps.yaml.first"
+            prioritize=(); [ ${#first[@]} = 0 ] || prioritize=(--prioritize "${first[@]}")
             status=0
-            "${SNAKEMAKE[@]}" --keep-going "${targets[@]}" \
+            "${SNAKEMAKE[@]}" --keep-going "${targets[@]}" "${prioritize[@]}" \
                 --configfile "$WORK/teacher_curve/config-ladder-$steps.yaml" || status=$?
             share_inputs
             python "$REPO/docs/experiments/fashion_mnist/report.py" collect "$WORK" "$WORK/ladder/$steps"
