@@ -28,6 +28,8 @@
 #   TARGETS        what to build (default all_tables; e.g. "results/tables/fmnist_unet.md")
 #   LADDER_STEPS   the ladder's rungs (default "600 2400 6000")
 #   LADDER_RATIOS  the ladder's channel ratios (default "0.3 0.5"; one lease fits about one ratio's rung 600)
+#   LADDER_OBJECTIVES  the ladder's objectives (default "np_kd igsm igsm_lam1e-2 igsm_t10"; a lease that
+#                  continues a split run names the ones still to score)
 #   LADDER_FIRST   objectives whose models Snakemake runs first (--prioritize; default "np_kd igsm"),
 #                  so that a lease that ends mid-rung leaves the main comparison scored
 #   LADDER_LOG_EVERY  the ladder finetunes' log_every (default 200: the per-timestep diagnostics cost
@@ -76,11 +78,15 @@ PY
 
 ladder_config() {  # ladder_config OUT STEPS: the ladder's experiments, finetunes of STEPS steps
     # Writes OUT.targets (every model's FID file) and OUT.first (those of LADDER_FIRST's objectives).
-    python - "$1" "$2" "${LADDER_RATIOS:-0.3 0.5}" "${LADDER_FIRST-np_kd igsm}" "${LADDER_LOG_EVERY:-200}" <<'PY'
+    python - "$1" "$2" "${LADDER_RATIOS:-0.3 0.5}" "${LADDER_FIRST-np_kd igsm}" "${LADDER_LOG_EVERY:-200}" \
+        "${LADDER_OBJECTIVES:-np_kd igsm igsm_lam1e-2 igsm_t10}" <<'PY'
 import sys, yaml
-out, steps, ratios, first, log_every = sys.argv[1:]
+out, steps, ratios, first, log_every, objectives = sys.argv[1:]
 config = yaml.safe_load(open(out))
-objectives = ["np_kd", "igsm", "igsm_lam1e-2", "igsm_t10"]
+objectives = objectives.split()
+unknown = sorted(set(objectives) - set(config["objectives"]))
+if unknown:
+    sys.exit(f"LADDER_OBJECTIVES: {', '.join(unknown)} not among the config's objectives")
 runs = [{"channel_ratio": float(ratio), "objectives": objectives} for ratio in ratios.split()]
 experiments = config["experiments"]
 config["experiments"] = {name: experiments[name] for name in ("fmnist_unet", "fmnist_unet_seed1")}
@@ -128,8 +134,9 @@ if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teache
     config=$WORK/teacher_curve/config-pretrained.yaml
     derive_config "$config" pretrained "$TEACHER"
     "${SHARE[@]}" "$WORK" "$config"
-    if [ -n "${SHARED:-}" ]; then  # the teacher's folder first, then the shared files, newer
-        "${SNAKEMAKE[@]}" results/dense/fmnist_unet/pretrained/model --configfile "$config"
+    if [ -n "${SHARED:-}" ]; then  # the inputs of pruning and reference first, then the shared files, newer
+        "${SNAKEMAKE[@]}" results/dense/fmnist_unet/pretrained/model results/data/fashion_mnist/train \
+            --configfile "$config"
         use_shared
     fi
     if [ "${1:-}" = ladder ]; then

