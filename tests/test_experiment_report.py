@@ -129,3 +129,78 @@ def test_long_metrics_are_thinned_keeping_the_last_record(report):
     lines = [str(i) for i in range(1000)]
     kept = report.thinned(lines, limit=10)
     assert len(kept) == 10 and kept[0] == "0" and kept[-1] == "999"
+
+
+# ---- run.sh SHARED: a split run's next machine takes the first one's students and reference -------
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")   # config/fashion_mnist.yaml's file:// URL
+STUDENT = "results/prune/{experiment}/diff-pruning-cr0.3"
+REFERENCE = "results/fid_reference/fashion_mnist/clean-n0.npz"
+
+
+@pytest.fixture(scope="module")
+def ladder_inputs(tmp_path_factory):
+    """The config's teacher architecture at random weights, and a shared.tar as run.sh writes it (its
+    files' contents do not matter to the plan, only that they are there and match their digests)."""
+    if not (FMNIST / "train-images-idx3-ubyte.gz").exists():
+        from conftest import skip_or_fail_in_ci
+        skip_or_fail_in_ci(f"{FMNIST} not present (Debian package dataset-fashion-mnist)")
+    import tarfile
+
+    import yaml
+
+    from igsm.families import family_named
+    from igsm.models import save_model
+
+    root = tmp_path_factory.mktemp("ladder")
+    config = yaml.safe_load((EXPERIMENT.parents[2] / "config" / "fashion_mnist.yaml").read_text())
+    architecture = config["experiments"]["fmnist_unet"]["architecture"]
+    save_model(family_named(architecture["family"]).build(architecture), root / "teacher")
+    files = root / "shared"
+    for experiment in ("fmnist_unet", "fmnist_unet_seed1"):
+        write_json(files / STUDENT.format(experiment=experiment) / "report.json", {"experiment": experiment})
+        write_json(files / STUDENT.format(experiment=experiment) / "model" / "architecture.json", {})
+    (files / REFERENCE).parent.mkdir(parents=True)
+    (files / REFERENCE).write_bytes(b"reference statistics")
+    paths = sorted(str(p.relative_to(files)) for p in files.rglob("*") if p.is_file())
+    (files / "shared-digests.txt").write_text(
+        "".join(f"{hashlib.sha256((files / p).read_bytes()).hexdigest()}  {p}\n" for p in paths))
+    with tarfile.open(root / "shared.tar", "w") as tar:
+        for path in ["shared-digests.txt", *paths]:
+            tar.add(files / path, arcname=path)
+    return root
+
+
+def plan_the_ladder(inputs: Path, work: Path, shared: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TEACHER": str(inputs / "teacher"), "WORK": str(work), "SHARED": str(shared),
+           "DRY_RUN": "1", "LADDER_STEPS": "600", "LADDER_RATIOS": "0.3", "CORES": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(EXPERIMENT / "run.sh"), "ladder"], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_a_split_runs_next_machine_plans_no_pruning_and_no_reference(ladder_inputs, tmp_path):
+    # Bug caught (found in run 11's dry run): the shared files placed before the data was downloaded
+    # were older than their input, so Snakemake pruned again and recomputed the reference statistics,
+    # and the machines of one ladder compared models of different students.
+    done = plan_the_ladder(ladder_inputs, tmp_path / "work", ladder_inputs / "shared.tar")
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = {line.split()[0] for line in done.stdout.splitlines() if line.strip() and line.split()[-1].isdigit()}
+    assert {"finetune", "sample", "fid"} <= jobs, done.stdout[-3000:]
+    assert not jobs & {"prune", "fid_reference"}, done.stdout[-3000:]
+    assert (tmp_path / "work" / REFERENCE).read_bytes() == b"reference statistics"
+
+
+def test_shared_inputs_that_differ_from_the_machines_own_stop_the_run_naming_both(ladder_inputs, tmp_path):
+    # Bug caught: a second SHARED (or a rerun after re-pruning) silently overwriting the students
+    # that this machine's finished models were trained from.
+    work = tmp_path / "work"
+    (work / REFERENCE).parent.mkdir(parents=True)
+    (work / REFERENCE).write_bytes(b"this machine's own statistics")
+    done = plan_the_ladder(ladder_inputs, work, ladder_inputs / "shared.tar")
+    assert done.returncode != 0
+    assert f"{work / REFERENCE} differs from {REFERENCE} in {ladder_inputs / 'shared.tar'}" in done.stderr

@@ -39,6 +39,8 @@
 #                  the tar's digests.json, and against a copy already in WORK), so that a run split
 #                  over several GPU machines compares models of one student and one reference.
 #                  Every run writes its own $WORK/shared.tar for the next machine.
+#   DRY_RUN        non-empty: with TEACHER, prepare WORK (the teacher's folder, the data, SHARED's
+#                  files) and print what the run would do (snakemake --dry-run), nothing else
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../../.." && pwd)
 WORK=${WORK:-$REPO}
@@ -52,6 +54,7 @@ fi
 SNAKEMAKE=(snakemake -s "$REPO/Snakefile" -d "$WORK" --profile "$REPO/profiles/local"
            --resources "gpu=${GPU_JOBS:-4}" ${GPU_MEM_MB:+"gpu_mem_mb=$GPU_MEM_MB"}
            --cores "${CORES:-$(nproc)}")
+PLAN_ONLY=(${DRY_RUN:+--dry-run --quiet rules})
 # The configs below (derived ones, then CONFIG) share WORK on purpose, as the scorings share
 # teacher_curve/score: each is added to the folder's record first (README: Nothing lost).
 SHARE=(env "PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m igsm.results_owner share)
@@ -148,8 +151,9 @@ if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teache
             mapfile -t first < "$WORK/teacher_curve/config-ladder-$steps.yaml.first"
             prioritize=(); [ ${#first[@]} = 0 ] || prioritize=(--prioritize "${first[@]}")
             status=0
-            "${SNAKEMAKE[@]}" --keep-going "${targets[@]}" "${prioritize[@]}" \
+            "${SNAKEMAKE[@]}" "${PLAN_ONLY[@]}" --keep-going "${targets[@]}" "${prioritize[@]}" \
                 --configfile "$WORK/teacher_curve/config-ladder-$steps.yaml" || status=$?
+            if [ -n "${DRY_RUN:-}" ]; then [ "$status" = 0 ] || exit "$status"; continue; fi
             share_inputs
             python "$REPO/docs/experiments/fashion_mnist/report.py" collect "$WORK" "$WORK/ladder/$steps"
             [ "$status" = 0 ] || exit "$status"
@@ -157,11 +161,12 @@ if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teache
         exit 0
     fi
     status=0
-    "${SNAKEMAKE[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$config" || status=$?
-    share_inputs
+    "${SNAKEMAKE[@]}" "${PLAN_ONLY[@]}" --keep-going ${TARGETS:-all_tables} --configfile "$config" || status=$?
+    [ -n "${DRY_RUN:-}" ] || share_inputs
     exit "$status"
 fi
 [ "${1:-}" = ladder ] && { echo "run.sh ladder needs TEACHER (a teacher folder)" >&2; exit 2; }
+[ -n "${DRY_RUN:-}" ] && { echo "run.sh: DRY_RUN needs TEACHER (the teacher stages train as they go)" >&2; exit 2; }
 
 score_stage() {  # the 10k-sample FID of teacher_curve/model-$1, as an experiment of its own
     local score=$WORK/teacher_curve/score
