@@ -17,6 +17,7 @@ import click
 
 from igsm import reuse_methods  # torch-free: the method names of `reuse-plan --method`
 from igsm.stages.common import StageError
+from igsm.stages.settings import FidSettings, NetworkSettings, PruneSettings
 
 
 def _json(ctx, param, value):
@@ -72,6 +73,7 @@ class Command:
     stage: str  # "<module>:<function>" of igsm.stages
     help: str
     params: tuple[click.Parameter, ...]
+    settings: type | None = None  # the typed settings --settings is read into (igsm.stages.settings)
 
 
 COMMANDS = (
@@ -130,7 +132,7 @@ COMMANDS = (
             (MODEL, DATA, _option("--criterion", required=True),
              _option("--channel-ratio", required=True, type=float),
              _option("--out", required=True, type=_folder()),
-             _option("--report", required=True, type=_file()), *RUNS_ON)),
+             _option("--report", required=True, type=_file()), *RUNS_ON), PruneSettings),
     Command("plot-flow-masks", "prune:plot_flow_masks",
             "Picture of a gradient-flow pruning run: masks over the flow, final widths.",
             (_option("--report", "report_file", required=True, type=_file(exists=True),
@@ -177,18 +179,19 @@ COMMANDS = (
              _option("--out", required=True, type=_folder(),
                      help="Folder to create: one PNG per image, named by its seed."))),
     Command("fid-reference", "fid:fid_reference", "Inception statistics of the training images (settings: 'fid').",
-            (DATA, _option("--out", required=True, type=_file(), help="Statistics .npz."), *RUNS_ON, FID_BATCH)),
+            (DATA, _option("--out", required=True, type=_file(), help="Statistics .npz."), *RUNS_ON, FID_BATCH),
+            FidSettings),
     Command("fid-statistics", "fid:fid_statistics",
             "Inception statistics of generated images (settings: 'fid' mode): the costly half of the FID.",
             (_option("--samples", required=True, type=_file(exists=True)),
-             _option("--out", required=True, type=_file(), help="Statistics .npz."), *RUNS_ON, FID_BATCH)),
+             _option("--out", required=True, type=_file(), help="Statistics .npz."), *RUNS_ON, FID_BATCH), FidSettings),
     Command("fid", "fid:fid_score",
             "FID of generated images' statistics against reference statistics (settings: 'fid').\n\n"
             "Reads two statistics files only: a failure here never costs the Inception features again.",
             (_option("--statistics", required=True, type=_file(exists=True),
                      help="Statistics .npz of the generated images (igsm fid-statistics)."),
              _option("--reference", required=True, type=_file(exists=True)),
-             _option("--out", required=True, type=_file(), help="FID JSON."), SETTINGS, THREADS)),
+             _option("--out", required=True, type=_file(), help="FID JSON."), SETTINGS, THREADS), FidSettings),
     Command("reuse-plan", "reuse:reuse_plan",
             "The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse_methods): "
             "DiP-GO learns it on the sampler's own chains; deepcache and reuse-eps follow a rule.",
@@ -214,14 +217,20 @@ COMMANDS = (
                           "measured, whole sampling chains per second."),
              _option("--plan", type=_file(exists=True), default=None,
                      help="A block-reuse gate table the sampler follows (needs --sampler-settings)."),
-             *RUNS_ON)),
+             *RUNS_ON), NetworkSettings),
 )
 
 
-def run_stage(stage: str, **arguments) -> None:
-    """Run a stage function with the parsed arguments: its one-line summary, if any, to stdout; its
-    StageError as a message and exit status, never a traceback."""
-    module, function = stage.split(":")
+def run_stage(command: Command, **arguments) -> None:
+    """Run a command's stage function with the parsed arguments (``--settings`` typed, where the
+    command says how): its one-line summary, if any, to stdout; its StageError as a message and
+    exit status, never a traceback."""
+    if command.settings is not None:
+        try:
+            arguments["settings"] = command.settings.from_dict(arguments["settings"])
+        except (TypeError, ValueError) as err:
+            raise click.ClickException(f"--settings: {err}") from None
+    module, function = command.stage.split(":")
     run = getattr(importlib.import_module(f"igsm.stages.{module}"), function)
     try:
         summary = run(**arguments)
@@ -242,4 +251,4 @@ def main():
 for _command in COMMANDS:
     main.add_command(click.Command(
         _command.name, params=list(_command.params), help=_command.help,
-        callback=lambda _stage=_command.stage, **arguments: run_stage(_stage, **arguments)))
+        callback=lambda _run=_command, **arguments: run_stage(_run, **arguments)))

@@ -12,5 +12,6 @@ imports a stage. A stage's failure the user can act on is a ``StageError`` (igsm
 * ``reuse.py``: a block-reuse gate table (DiP-GO and its baselines).
 * ``efficiency.py``: parameters, MACs, network and sampler throughput.
 * ``check_config.py``: the workflow's config check as a command.
+* ``settings.py``: the stages' typed settings, filled once from the schema's defaults.
 * ``common.py``, ``process.py``: what stages share; a job's device, threads and torchrun.
 """

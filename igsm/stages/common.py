@@ -32,12 +32,20 @@ def write_json(path, payload) -> None:
     write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
 
 
-def forward_process(settings: dict):
-    """The experiment's forward process (settings' 'diffusion': DDPM or VP-SDE, igsm.diffusion)."""
+def diffusion_of(settings: dict) -> dict:
+    """The 'diffusion' section a stage's settings carry (the workflow passes the experiment's along
+    with the stage's own section), or the schema's default where they carry none."""
+    from igsm.schema import experiment_default
+
+    return settings["diffusion"] if "diffusion" in settings else experiment_default("diffusion")
+
+
+def forward_process(diffusion: dict):
+    """The experiment's forward process of its 'diffusion' section (DDPM or VP-SDE, igsm.diffusion)."""
     from igsm.diffusion import process_from_settings
 
     try:
-        return process_from_settings(settings.get("diffusion", {}))
+        return process_from_settings(diffusion)
     except ValueError as err:
         raise StageError(f"--settings: {err}") from None
 

@@ -11,12 +11,14 @@ import torch
 from igsm.reuse import apply_plan
 from igsm.sampling.denoiser import Denoiser
 from igsm.sampling.samplers import generate
-from igsm.stages.common import StageError, denoiser as make_denoiser, forward_process, readable_inputs, write_json
+from igsm.stages.common import (StageError, denoiser as make_denoiser, diffusion_of, forward_process,
+                                readable_inputs, write_json)
 from igsm.stages.process import device as torch_device, set_threads
+from igsm.stages.settings import NetworkSettings
 
 
 def efficiency(model_dir, out, batch_size: int, throughput: bool | None, sampler_settings: dict | None, plan,
-               settings: dict, device: str, threads: int | None) -> None:
+               settings: NetworkSettings, device: str, threads: int | None) -> None:
     """Parameters and MACs (one image, one network call) and network throughput (settings: how the
     network runs, as in 'sample': precision, channels_last, compile, compile_mode) into ``out``.
     ``throughput`` None: measured on a GPU only (on a CPU images_per_s is null)."""
@@ -48,7 +50,7 @@ def _sampler_speed(net, shape, macs: int, sampler_settings: dict, plan, batch_si
     from igsm.reuse import load_plan_for
     from igsm.sampling import sampler_kwargs
 
-    schedule = forward_process(sampler_settings)
+    schedule = forward_process(diffusion_of(sampler_settings))
     reuse = None
     if plan:
         with readable_inputs():
@@ -64,11 +66,11 @@ def _sampler_speed(net, shape, macs: int, sampler_settings: dict, plan, batch_si
     return result
 
 
-def _network_speed(net, shape, settings: dict, batch_size: int, device) -> dict:
+def _network_speed(net, shape, settings: NetworkSettings, batch_size: int, device) -> dict:
     """Network forward passes per second, run as ``settings`` say, and how they were run."""
     from igsm import gpus
 
-    denoiser = make_denoiser(net.to(device), settings)
+    denoiser = make_denoiser(net.to(device), settings.as_dict())
     mode = denoiser.compile_mode
     how = f"torch.compile {mode}, after 3 warm-up calls (compilation among them)" if mode else \
         "eager, after 3 warm-up calls"

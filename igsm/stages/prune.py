@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from igsm.stages.common import StageError, readable_inputs, forward_process, write_json
+from igsm.stages.common import StageError, forward_process, readable_inputs, write_json
 from igsm.stages.process import device as torch_device, set_threads
+from igsm.stages.settings import PruneSettings
 
 
-def prune(model_dir, data, criterion: str, channel_ratio: float, out, report, settings: dict,
+def prune(model_dir, data, criterion: str, channel_ratio: float, out, report, settings: PruneSettings,
           device: str, threads: int | None) -> None:
     """Prune ``model_dir`` at ``channel_ratio`` by the method of ``criterion`` (settings: the
     experiment's 'prune'; its 'method', if set, must take the criterion) into ``out``, with the
@@ -18,24 +19,20 @@ def prune(model_dir, data, criterion: str, channel_ratio: float, out, report, se
     from igsm.data import load_images
     from igsm.models import load_model, save_model
     from igsm.pruning import method_for
-    from igsm.schema import schema_defaults
 
     set_threads(threads)
     try:
-        method = method_for(criterion, settings.get("method"), criterion_key="--criterion",
+        method = method_for(criterion, settings.method, criterion_key="--criterion",
                             method_key="--settings: method")
     except ValueError as err:
         raise StageError(str(err)) from None
-    if method.settings_key:  # the method's own section, completed with the schema's defaults
-        settings = {**settings, method.settings_key: {**schema_defaults(method.settings_key),
-                                                      **settings.get(method.settings_key, {})}}
     with readable_inputs():
         images = load_images(data)
     check_teacher_fits(model_dir, data, images.shape)
     try:
         pruned, result = method.prune(load_model(model_dir), images, criterion=criterion, channel_ratio=channel_ratio,
-                                      settings=settings, schedule=forward_process(settings), folder=Path(out).parent,
-                                      device=torch_device(device))
+                                      settings=settings, schedule=forward_process(settings.diffusion),
+                                      folder=Path(out).parent, device=torch_device(device))
     except ValueError as err:
         raise StageError(str(err)) from None
     save_model(pruned.cpu(), out, extra={"pruned_from": model_dir, "pruning": result})

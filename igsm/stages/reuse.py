@@ -4,7 +4,7 @@ model's sampler at a share of the dense sampler's MACs (igsm.reuse_methods)."""
 from __future__ import annotations
 
 from igsm import reuse_methods
-from igsm.stages.common import StageError, forward_process, readable_inputs
+from igsm.stages.common import StageError, diffusion_of, forward_process, readable_inputs
 from igsm.stages.process import device as torch_device, set_threads
 
 
@@ -20,8 +20,8 @@ def reuse_plan(model_dir, method: str, mac_fraction: float, sample_settings: dic
     with readable_inputs():
         net = load_model(model_dir, device)
     try:
-        plan = reuse_methods.make_plan(net, method, mac_fraction, sample_settings, forward_process(sample_settings),
-                                       learn_settings, device=device)
+        plan = reuse_methods.make_plan(net, method, mac_fraction, sample_settings,
+                                       forward_process(diffusion_of(sample_settings)), learn_settings, device=device)
     except ValueError as err:
         raise StageError(str(err)) from None
     if picture:

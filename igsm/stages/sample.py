@@ -28,7 +28,8 @@ from igsm.reuse import apply_plan, load_plan_for
 from igsm.sampling.denoiser import Denoiser, denoiser_from_settings
 from igsm.sampling.files import PartialBatches, save_samples
 from igsm.sampling.samplers import generate
-from igsm.stages.common import StageError, readable_inputs, forward_process
+from igsm.schema import section_defaults
+from igsm.stages.common import StageError, diffusion_of, forward_process, readable_inputs
 from igsm.stages.process import relaunch_under_torchrun, start_process
 
 
@@ -84,15 +85,16 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
     from igsm.models import image_shape, load_model  # here: sample_images' argument image_shape is a shape
 
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    batch_size = options.get("batch_size", 256)
+    batching = {**section_defaults("sample"), **options}  # the schema's batch sizes where unset
+    batch_size = batching["batch_size"]
     net = load_model(model_dir, device)
     shape = image_shape(net)
     reuse = load_plan_for(plan, net, options, schedule) if plan else None
-    denoiser = denoiser_from_settings(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
+    denoiser = denoiser_from_settings(net, options, micro_batch=batching["micro_batch"] or batch_size)
     # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
     fingerprint = {"model_digest": model_digest(model_dir), "sampler": options["sampler"],
                    "sampler_kwargs": sampler_kwargs, "image_shape": list(shape), "batch_size": batch_size,
-                   **denoiser.metadata, "schedule": options.get("diffusion", {}),
+                   **denoiser.metadata, "schedule": diffusion_of(options),
                    "first_seed": int(seeds[0]), "num_images": len(seeds),
                    "torch": torch.__version__, "device": gpus.device_name(device),
                    **({"reuse_plan": reuse.digest()} if reuse else {})}
@@ -167,7 +169,7 @@ def sample(model_dir, out, grid, first_seed: int, num_images: int, shard: tuple[
         with readable_inputs():
             return sample_shard(
                 model_dir, out, seeds=np.arange(first_seed + start, first_seed + stop), shard=(index, count),
-                options=options, sampler_kwargs=kwargs, schedule=forward_process(options), device=device,
+                options=options, sampler_kwargs=kwargs, schedule=forward_process(diffusion_of(options)), device=device,
                 noise_threads=torch.get_num_threads() if threads else 1, grid=grid, plan=plan)
     finally:
         distributed.shutdown()

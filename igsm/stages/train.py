@@ -6,7 +6,7 @@ Exits with 75 (EX_TEMPFAIL) after SIGTERM/SIGUSR1, once a snapshot is written: r
 
 from __future__ import annotations
 
-from igsm.stages.common import StageError, readable_inputs, forward_process, write_json
+from igsm.stages.common import StageError, diffusion_of, forward_process, readable_inputs, write_json
 from igsm.stages.process import relaunch_under_torchrun, start_process
 
 EX_TEMPFAIL = 75  # a rerun continues from the snapshot
@@ -39,7 +39,7 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
         teacher = load_model(teacher_dir) if teacher_dir else None
     try:
         ema, timing = train_loop(net, load_images(data), options, checkpoint_dir, metrics, teacher=teacher,
-                                 schedule=forward_process(settings), device=device)
+                                 schedule=forward_process(diffusion_of(settings)), device=device)
     except Interrupted as err:
         distributed.shutdown()
         raise StageError(str(err), exit_code=EX_TEMPFAIL) from None
