@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import click
 
 from igsm import reuse_methods  # torch-free: the method names of `reuse-plan --method`
+from igsm.schema import section_defaults
 from igsm.stages.common import StageError
 from igsm.stages.settings import FidSettings, NetworkSettings, PruneSettings
 
@@ -208,8 +209,9 @@ COMMANDS = (
             "Parameters and MACs (one image, one network call) and network throughput (settings: how the "
             "network runs, as in 'sample': precision, channels_last, compile, compile_mode).",
             (MODEL, _option("--out", required=True, type=_file(), help="JSON: params, MACs, images/s."),
-             _option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Images per timed network call."),
+             _option("--batch-size", type=click.IntRange(min=1),
+                     default=lambda: section_defaults("efficiency")["batch_size"],
+                     show_default="the schema's efficiency.batch_size", help="Images per timed network call."),
              _option("--throughput/--no-throughput", default=None,
                      help="Time network calls. [default: on a GPU only; on a CPU images_per_s is null]"),
              _option("--sampler-settings", callback=_json, default=None,
