@@ -25,7 +25,7 @@ from igsm import distributed, gpus
 from igsm.data import to_uint8
 from igsm.diffusion import VPSDE, NoiseSchedule
 from igsm.reuse import apply_plan, load_plan_for
-from igsm.sampling.denoiser import Denoiser, denoiser_from_settings
+from igsm.sampling.denoiser import denoiser_from_settings
 from igsm.sampling.files import PartialBatches, save_samples
 from igsm.sampling.samplers import generate
 from igsm.schema import section_defaults
