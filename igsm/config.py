@@ -308,7 +308,7 @@ def _pretrained_folder_errors(config: dict, name: str, exp: dict) -> list[str]:
     """A local folder as dense.pretrained (of a family that takes folders: the U-Net), against the
     experiment: the network its config file declares (architecture.json or diffusers' config.json)
     must be of the experiment's family, taking the dataset's image size and channels. Hub models are
-    checked by their prune job, the first that has both the model and the data (igsm.cli); U-ViT
+    checked by their prune job, the first that has both the model and the data (igsm.stages.prune); U-ViT
     experiments take a checkpoint file, checked above."""
     pretrained, key = exp["dense"]["pretrained"], f"experiments.{name}.dense.pretrained"
     family = family_of_architecture(exp["architecture"])

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from igsm.schema import section_defaults
+
 PROCESSES = ("ddpm", "vpsde")
 
 
@@ -123,13 +125,14 @@ class VPSDE:
 
 
 def process_from_settings(diffusion: dict):
-    """The process of an experiment's ``diffusion`` config section (schema defaults filled or not)."""
-    kind = diffusion.get("process", "ddpm")
+    """The process of an experiment's ``diffusion`` config section, the schema's defaults (of its
+    process) where a key is unset."""
+    settings = {**section_defaults("diffusion", diffusion), **diffusion}
+    kind = settings["process"]
     if kind == "ddpm":
-        return NoiseSchedule.linear(diffusion.get("num_steps", 1000), diffusion.get("beta_start", 1e-4),
-                                    diffusion.get("beta_end", 2e-2))
+        return NoiseSchedule.linear(settings["num_steps"], settings["beta_start"], settings["beta_end"])
     if kind == "vpsde":
-        return VPSDE(diffusion.get("beta_min", 0.1), diffusion.get("beta_max", 20.0))
+        return VPSDE(settings["beta_min"], settings["beta_max"])
     raise ValueError(f"diffusion.process: unknown {kind!r}; choose one of {PROCESSES}")
 
 

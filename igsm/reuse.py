@@ -51,6 +51,7 @@ from igsm.models import predict_noise
 from igsm.sampling.denoiser import Denoiser
 from igsm.sampling.noise import ImageGenerators
 from igsm.sampling.samplers import Sampler, make_sampler, run_sampler, sampler_class
+from igsm.schema import section_defaults
 
 REUSE, KEEP = 0, 1  # gate indices: (g_reuse, g_keep)
 PLAN_FORMAT = "igsm.reuse-plan"
@@ -841,7 +842,7 @@ def reuse_eps_plan(graph: BlockGraph, macs: dict, timesteps, skipped_steps=None,
 def _sampler_steps(options: dict, schedule) -> list[float]:
     """The network times of the 'sample' settings' sampler."""
     return sampler_timesteps(options["sampler"], options["num_steps"], schedule=schedule,
-                             spacing=options.get("spacing", "uniform"))
+                             spacing={**section_defaults("sample"), **options}["spacing"])
 
 
 def load_plan_for(path, net: nn.Module, options: dict, schedule) -> ReusePlan:

@@ -6,6 +6,7 @@ them (issue 30: layering)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
@@ -26,3 +27,33 @@ def schema_defaults(definition: str) -> dict:
     code filling a partial section (igsm.training.TrainingOptions.from_dict) reads."""
     properties = schema_file()["$defs"][definition]["properties"]
     return {key: spec["default"] for key, spec in properties.items() if "default" in spec}
+
+
+def _defaults_of(spec: dict) -> dict:
+    return {key: copy.deepcopy(sub["default"]) for key, sub in spec.get("properties", {}).items()
+            if "default" in sub}
+
+
+def _satisfies(condition: dict, values: dict) -> bool:
+    """``values`` meet an ``if`` of the schema's one form: keys required, some with a ``const``."""
+    return (all(key in values for key in condition.get("required", ()))
+            and all(values.get(key) == sub["const"] for key, sub in condition.get("properties", {}).items()
+                    if key in values and "const" in sub))
+
+
+def section_defaults(section: str, values: dict | None = None) -> dict:
+    """The defaults the schema gives the keys of an experiment's config ``section`` ('sample',
+    'fid', 'prune', 'diffusion', …), with those of the ``if``/``then``/``else`` branch the section's
+    ``values`` fall in (the diffusion process's own constants). A fresh copy on each call."""
+    spec = schema_file()["$defs"]["experiment"]["properties"][section]
+    defaults = _defaults_of(spec)
+    if "if" in spec:
+        branch = spec["then"] if _satisfies(spec["if"], {**defaults, **(values or {})}) else spec.get("else", {})
+        defaults.update(_defaults_of(branch))
+    return defaults
+
+
+def experiment_default(section: str):
+    """The schema's default of a whole experiment section (a fresh copy): what a stage reads for a
+    section its settings leave out (the 'diffusion' a sample or prune job is not given)."""
+    return copy.deepcopy(schema_file()["$defs"]["experiment"]["properties"][section]["default"])

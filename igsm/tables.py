@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from igsm.paper_tables import published_fids
+from igsm.schema import schema_defaults
 
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
            "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
@@ -32,8 +33,8 @@ def same_objective(ours: dict, theirs: dict) -> bool:
         return {term: float(w) for term, w in settings["weights"].items() if float(w) > 0}
 
     def directions(settings):  # the OTD settings count only where OTD evolves the directions
-        kind = settings.get("directions", "gaussian")
-        return kind, settings.get("otd", {}) if kind == "otd" else None
+        settings = {**schema_defaults("objective"), **settings}
+        return settings["directions"], settings["otd"] if settings["directions"] == "otd" else None
 
     return terms(ours) == terms(theirs) and directions(ours) == directions(theirs)
 

@@ -23,12 +23,12 @@ def test_importing_the_registry_does_not_import_torch():
 def test_schema_enum_and_cli_choices_are_the_registry():
     """No second list of names: the schema's enum is the registry's, the CLI offers the members
     that make a gate table (not fewer-steps, which changes the sampler's steps)."""
-    from igsm.cli import reuse_plan
+    from igsm.cli import main
 
     methods = _schema()["$defs"]["experiment"]["properties"]["reuse"]["properties"]["methods"]
     assert methods["items"]["enum"] == list(reuse_methods.METHODS) == ["dipgo", "deepcache", "reuse-eps", "fewer-steps"]
     assert set(methods["default"]) <= set(reuse_methods.METHODS)
-    (choice,) = [p.type for p in reuse_plan.params if p.name == "method"]
+    (choice,) = [p.type for p in main.commands["reuse-plan"].params if p.name == "method"]
     assert isinstance(choice, click.Choice) and list(choice.choices) == ["dipgo", "deepcache", "reuse-eps"]
 
 

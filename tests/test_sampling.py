@@ -346,8 +346,8 @@ def test_cli_flags_override_settings_and_are_recorded(model_dir, tmp_path):
 
 
 def test_fid_json_states_the_image_precision(model_dir, uninterrupted, tmp_path, monkeypatch):
-    from igsm import cli as cli_module
     from igsm import fid
+    from igsm.stages import fid as fid_stage
 
     images, seeds, metadata = uninterrupted
     samples = tmp_path / "samples.npz"
@@ -356,7 +356,7 @@ def test_fid_json_states_the_image_precision(model_dir, uninterrupted, tmp_path,
     reference = tmp_path / "reference.npz"
     fid.save_statistics(reference, rng.normal(size=(50, 8)), mode="clean")
     # Inception itself is tested in test_fid.py; here only what the command writes.
-    monkeypatch.setattr(cli_module, "_features", lambda images, *a: (rng.normal(size=(len(images), 8)),
+    monkeypatch.setattr(fid_stage, "features", lambda images, *a: (rng.normal(size=(len(images), 8)),
                                                                       {"mode": "clean", "precision": "fp32"}))
     out, stats = tmp_path / "fid.json", tmp_path / "stats.npz"
     run_cli("fid-statistics", "--samples", samples, "--out", stats, "--settings", '{"mode": "clean"}',

@@ -115,12 +115,12 @@ class DiffPruning(PruningMethod):
 
         from igsm.data import to_model_range
 
-        generator = torch.Generator().manual_seed(settings.get("seed", 0))
-        pick = torch.randperm(len(images), generator=generator)[: settings.get("num_images", 128)]
+        generator = torch.Generator().manual_seed(settings.seed)
+        pick = torch.randperm(len(images), generator=generator)[: settings.num_images]
         x0 = to_model_range(images[pick.numpy()]).to(device)
         return prune(net.to(x0.device), criterion=criterion, channel_ratio=channel_ratio, images=x0,
                      # Diff-Pruning walks integer steps: a VP-SDE's at t = k/999.
-                     schedule=schedule.integer_steps(), thr=settings.get("thr", 0.05), seed=settings.get("seed", 0))
+                     schedule=schedule.integer_steps(), thr=settings.thr, seed=settings.seed)
 
 
 register(DiffPruning())

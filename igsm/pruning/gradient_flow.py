@@ -25,10 +25,10 @@ class GradientFlow(PruningMethod):
         from igsm.pruning.soft_masks import prune_with_gradient_flow
         from igsm.training import TrainingOptions
 
-        flow = settings[self.settings_key]
+        flow = settings.sections[self.settings_key]
         options = TrainingOptions.from_dict({
             "num_steps": flow["num_steps"], "batch_size": flow["batch_size"], "lr": flow["lr"],
-            "checkpoint_every": flow["checkpoint_every"], "seed": settings.get("seed", 0),
+            "checkpoint_every": flow["checkpoint_every"], "seed": settings.seed,
             "objective": {"weights": {"np": 1.0}}})
         folder = Path(folder)
         pruned, report = prune_with_gradient_flow(

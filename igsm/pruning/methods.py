@@ -24,11 +24,12 @@ class PruningMethod:
     # A picture its report makes beside report.json (results/prune/<exp>/<pruned>/), or None.
     report_picture: str | None = None
 
-    def prune(self, net, images, *, criterion: str, channel_ratio: float, settings: dict, schedule,
+    def prune(self, net, images, *, criterion: str, channel_ratio: float, settings, schedule,
               folder, device) -> tuple:
         """(pruned copy of ``net``, report) at ``channel_ratio``. ``images``: the training images
-        (uint8 N×H×W×C); ``settings``: the experiment's 'prune' section, this method's own section
-        filled with the schema's defaults; ``schedule``: the experiment's forward process;
+        (uint8 N×H×W×C); ``settings``: the experiment's 'prune' section, typed and filled with the
+        schema's defaults (igsm.stages.settings.PruneSettings: this method's own section in
+        ``settings.sections[settings_key]``); ``schedule``: the experiment's forward process;
         ``folder``: where the pruned model goes, for files of a resumable phase."""
         raise NotImplementedError(f"pruning method {self.name!r} does not implement prune()")
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from igsm.models import predict_noise
+from igsm.schema import section_defaults
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -151,8 +152,9 @@ def as_denoiser(net) -> Denoiser:
 
 
 def denoiser_from_settings(net: nn.Module, options: dict, micro_batch: int | None = None) -> "Denoiser":
-    """The network as the 'sample' settings run it: precision, channels_last, compile (+ compile_mode)."""
-    return Denoiser(net, micro_batch=micro_batch, precision=options.get("precision", "fp32"),
-                    channels_last=options.get("channels_last", False),
-                    compile_mode=options.get("compile_mode", "default") if options.get("compile", False) else None)
+    """The network as the 'sample' settings run it: precision, channels_last, compile (+ compile_mode),
+    the schema's defaults where unset."""
+    run = {**section_defaults("sample"), **options}
+    return Denoiser(net, micro_batch=micro_batch, precision=run["precision"], channels_last=run["channels_last"],
+                    compile_mode=run["compile_mode"] if run["compile"] else None)
 

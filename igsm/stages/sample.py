@@ -1,6 +1,6 @@
 """The sample stage (paper Sec. 5.1): the 50k-image FID sets, in batches that survive an
 interruption, split into shards and across GPUs, with a block-reuse plan applied where the variant
-has one; and the speed measurements of the efficiency stage.
+has one; the shards gathered into one set, and the set exported as PNG files.
 
 Reproducibility: image k is made from seed ``first_seed + k`` alone (``ImageGenerators``) by a
 ``Denoiser`` at a fixed network batch (``micro_batch``), so for a fixed ``micro_batch``, precision
@@ -25,9 +25,12 @@ from igsm import distributed, gpus
 from igsm.data import to_uint8
 from igsm.diffusion import VPSDE, NoiseSchedule
 from igsm.reuse import apply_plan, load_plan_for
-from igsm.sampling.denoiser import Denoiser, denoiser_from_settings
+from igsm.sampling.denoiser import denoiser_from_settings
 from igsm.sampling.files import PartialBatches, save_samples
 from igsm.sampling.samplers import generate
+from igsm.schema import section_defaults
+from igsm.stages.common import StageError, diffusion_of, forward_process, readable_inputs
+from igsm.stages.process import relaunch_under_torchrun, start_process
 
 
 def sample_images(net, *, seeds, image_shape, batch_size: int, sampler: str = "ddim",
@@ -82,15 +85,16 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
     from igsm.models import image_shape, load_model  # here: sample_images' argument image_shape is a shape
 
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
-    batch_size = options.get("batch_size", 256)
+    batching = {**section_defaults("sample"), **options}  # the schema's batch sizes where unset
+    batch_size = batching["batch_size"]
     net = load_model(model_dir, device)
     shape = image_shape(net)
     reuse = load_plan_for(plan, net, options, schedule) if plan else None
-    denoiser = denoiser_from_settings(net, options, micro_batch=options.get("micro_batch", 0) or batch_size)
+    denoiser = denoiser_from_settings(net, options, micro_batch=batching["micro_batch"] or batch_size)
     # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
     fingerprint = {"model_digest": model_digest(model_dir), "sampler": options["sampler"],
                    "sampler_kwargs": sampler_kwargs, "image_shape": list(shape), "batch_size": batch_size,
-                   **denoiser.metadata, "schedule": options.get("diffusion", {}),
+                   **denoiser.metadata, "schedule": diffusion_of(options),
                    "first_seed": int(seeds[0]), "num_images": len(seeds),
                    "torch": torch.__version__, "device": gpus.device_name(device),
                    **({"reuse_plan": reuse.digest()} if reuse else {})}
@@ -139,48 +143,72 @@ def model_digest(model_dir) -> str:
 
 
 
-def sampling_images_per_s(denoiser: Denoiser, image_shape, batch_size: int, device, *, sampler: str,
-                          schedule, sampler_kwargs: dict, plan=None) -> float:
-    """Whole sampling chains per second × images per chain: one batch of ``batch_size`` images
-    through ``sampler`` (with a block-reuse ``plan`` if given), timed after a warm-up batch."""
-    import time
+def sample(model_dir, out, grid, first_seed: int, num_images: int, shard: tuple[int, int], precision, compile_,
+           channels_last, batch_size, micro_batch, nproc_per_node: int, plan, settings: dict, device: str,
+           threads: int | None) -> str | None:
+    """Generate images first_seed … first_seed+num_images−1, or shard (INDEX, COUNT) of them
+    (settings: 'sample'; precision … micro_batch, where not None, override them).
 
-    def chain():
-        generate(denoiser, sampler=sampler, seeds=range(batch_size), image_shape=image_shape,
-                 schedule=schedule, device=device, **sampler_kwargs)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+    Resumable: finished batches are kept in OUT.partial/ until OUT is written, and a rerun with
+    the same model and settings does only the missing ones. Under torchrun, the processes share
+    the batches (one GPU each) and rank 0 writes OUT."""
+    from igsm import sampling
 
-    with apply_plan(denoiser, plan) if plan else contextlib.nullcontext():
-        chain()  # warm-up: kernel selection, allocator
-        begin = time.perf_counter()
-        chain()
-        return batch_size / (time.perf_counter() - begin)
+    relaunch_under_torchrun(nproc_per_node, device_name=device)
+    overrides = {"precision": precision, "compile": compile_, "channels_last": channels_last,
+                 "batch_size": batch_size, "micro_batch": micro_batch}
+    options = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+    index, count = shard
+    try:
+        start, stop = shard_range(num_images, count, index)
+        kwargs = sampling.sampler_kwargs(options)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    device = start_process(device, threads)
+    try:
+        with readable_inputs():
+            return sample_shard(
+                model_dir, out, seeds=np.arange(first_seed + start, first_seed + stop), shard=(index, count),
+                options=options, sampler_kwargs=kwargs, schedule=forward_process(diffusion_of(options)), device=device,
+                noise_threads=torch.get_num_threads() if threads else 1, grid=grid, plan=plan)
+    finally:
+        distributed.shutdown()
 
 
-@torch.no_grad()
-def forward_images_per_s(denoiser: Denoiser, image_shape, batch_size: int, device, *,
-                         warmup: int = 3, iters: int = 10) -> float:
-    """Network calls per second × images per call, after ``warmup`` calls; CUDA events on GPUs."""
-    device = torch.device(device)
-    x = torch.randn(batch_size, *image_shape, device=device)
-    t = torch.full((batch_size,), 500, device=device, dtype=torch.long)
-    for _ in range(warmup):
-        denoiser(x, t)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        for _ in range(iters):
-            denoiser(x, t)
-        end.record()
-        torch.cuda.synchronize(device)
-        seconds = start.elapsed_time(end) / 1e3
-    else:
-        import time
+def gather_samples(shards, out, grid, first_seed: int, num_images: int) -> str:
+    """Concatenate shard files in seed order, checking that every seed is there exactly once."""
+    from igsm import sampling
 
-        begin = time.perf_counter()
-        for _ in range(iters):
-            denoiser(x, t)
-        seconds = time.perf_counter() - begin
-    return batch_size * iters / seconds
+    try:
+        images, seeds, metadata = sampling.gather_shards(list(shards), first_seed, num_images)
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    sampling.save_samples(out, images, seeds, metadata)
+    if grid:
+        from igsm.plots import save_grid
+
+        save_grid(images[:64], grid)
+    return f"{out}: {len(images)} images from {len(shards)} shards"
+
+
+def export_png(samples, out) -> str:
+    """Write a samples file's images as PNG files named by their seed (lossless: their FID equals the
+    array's); the folder appears complete or not at all."""
+    import os
+    import shutil
+
+    from PIL import Image
+
+    from igsm.sampling import load_samples
+
+    with readable_inputs():
+        images, seeds, _ = load_samples(samples)
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for image, seed in zip(images, seeds):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp / f"{int(seed):06d}.png")
+    if Path(out).exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return f"{out}: {len(images)} PNG files"

@@ -1,0 +1,82 @@
+"""The FID stage (paper Sec. 5.1): Inception statistics of the training images and of each model's
+samples, and the Fréchet distance between two statistics files (igsm.fid)."""
+
+from __future__ import annotations
+
+from igsm.stages.common import StageError, readable_inputs, write_json
+from igsm.stages.process import device as torch_device, set_threads
+from igsm.stages.settings import FidSettings
+
+# Sample metadata that the FID JSON reports, carried from the samples file by the statistics file.
+# "precision" is the features'; "image_precision" is the sampler network's (fp32, tf32, bf16).
+SAMPLE_KEYS = ("samples", "image_precision", "sampler", "sampler_kwargs")
+
+
+def features(images, settings: FidSettings, device: str, threads: int | None, batch_size: int):
+    """Inception features of ``images`` in the settings' FID mode, and the extractor's metadata."""
+    from igsm import fid
+
+    extractor = fid.feature_extractor(settings.mode, device=torch_device(device))
+    # clean-fid resizes every image on the CPU (PIL): worker processes keep the GPU fed.
+    workers = threads if threads and threads > 1 else 0
+    found = fid.image_features(images, extractor=extractor, batch_size=batch_size, num_workers=workers)
+    return found, extractor.metadata
+
+
+def fid_reference(data, out, settings: FidSettings, device: str, threads: int | None, batch_size: int) -> None:
+    """Inception statistics of the training images (settings: 'fid')."""
+    from igsm import fid
+    from igsm.data import load_images
+
+    set_threads(threads)
+    with readable_inputs():
+        images = load_images(data)
+    num = settings.num_reference or len(images)  # 0: all of them
+    if num > len(images):
+        raise StageError(f"fid.num_reference: {num} images asked, {data} holds {len(images)}")
+    found, metadata = features(images.limit(num), settings, device, threads, batch_size)
+    fid.save_statistics(out, found, source=data, **metadata)
+
+
+def fid_statistics(samples, out, settings: FidSettings, device: str, threads: int | None, batch_size: int) -> None:
+    """Inception statistics of generated images (settings: 'fid' mode): the costly half of the FID."""
+    from igsm import fid
+    from igsm.sampling import load_samples
+
+    set_threads(threads)
+    with readable_inputs():
+        images, _, sample_metadata = load_samples(samples)
+    found, metadata = features(images, settings, device, threads, batch_size)
+    fid.save_statistics(out, found, samples=samples,
+                        image_precision=sample_metadata.get("precision", "unknown"),
+                        sampler=sample_metadata.get("sampler"),
+                        sampler_kwargs=sample_metadata.get("sampler_kwargs"), **metadata)
+
+
+def fid_score(statistics, reference, out, settings: FidSettings, threads: int | None) -> None:
+    """FID of generated images' statistics against reference statistics (settings: 'fid').
+
+    Reads two statistics files only: a failure here never costs the Inception features again."""
+    from igsm import fid
+
+    set_threads(threads)
+    with readable_inputs():
+        stats = fid.load_statistics(statistics)
+        reference_stats = fid.load_statistics(reference)
+    if stats.metadata.get("mode") != settings.mode:
+        raise StageError(f"{statistics}: features of mode {stats.metadata.get('mode')!r}, "
+                         f"but the settings ask for {settings.mode!r}; recompute them.")
+    try:
+        score = fid.frechet_distance(stats, reference_stats)
+    except ValueError as err:
+        raise StageError(f"{statistics} against {reference}: {err}") from None
+    sample_metadata = {key: stats.metadata.get(key) for key in SAMPLE_KEYS}
+    extractor_metadata = {k: v for k, v in stats.metadata.items() if k not in SAMPLE_KEYS}
+    write_json(out, {"fid": score, "num_images": stats.num_images, "samples": sample_metadata["samples"],
+                     "statistics": statistics, "reference": reference,
+                     # The user's file (fid.reference_statistics), or the workflow's own statistics.
+                     "reference_kind": "supplied" if settings.reference_statistics else "computed",
+                     "num_reference": reference_stats.num_images,
+                     "image_precision": sample_metadata["image_precision"] or "unknown",
+                     "sampler": sample_metadata["sampler"],
+                     "sampler_kwargs": sample_metadata["sampler_kwargs"], **extractor_metadata})
