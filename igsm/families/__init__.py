@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from igsm.plugins import origin
+
 FAMILY_KEY = "family"  # experiments.<exp>.architecture.family
 REST = "rest"  # in a block graph: everything outside the blocks (it always runs, reads the last block)
 # Before the config named its family, an architecture without a family's identifying keys was a
@@ -142,6 +144,12 @@ def register(family: Family) -> Family:
     """Add ``family`` to the registry under ``family.name`` (a member module calls it on import)."""
     if not family.name:
         raise ValueError(f"{type(family).__name__}: a family needs a name")
+    taken = _registry.get(family.name)
+    if taken is None and family.name in MEMBER_MODULES and MEMBER_MODULES[family.name] != type(family).__module__:
+        taken = family_named(family.name)  # a shipped member's name, its module not imported yet
+    if taken is not None:
+        raise ValueError(f"model family {family.name!r} is registered twice: by {origin(taken)} and by "
+                         f"{origin(family)}; give one of them another name")
     _registry[family.name] = family
     return family
 
