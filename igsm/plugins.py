@@ -30,8 +30,8 @@ from pathlib import Path
 
 PLUGINS_KEY = "plugins"
 ENVIRONMENT_VARIABLE = "IGSM_PLUGINS"  # a JSON list: absolute file paths and module names
-# A module name: dotted identifiers (anything else, e.g. with a '/' or a '.py' suffix, is a file).
-MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# A module name: dotted identifiers not ending in ".py" (anything else, e.g. with a '/', is a file).
+MODULE_NAME = re.compile(r"^(?!.*\.py$)[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
 class PluginError(ValueError):
@@ -53,7 +53,7 @@ def resolve(entries, key: str = PLUGINS_KEY, base: str | os.PathLike | None = No
             continue
         path = (base / Path(entry).expanduser()).resolve()
         if path.suffix != ".py" or not path.is_file():
-            what = "is not a .py file" if path.is_file() else "does not exist"
+            what = "is not a .py file" if path.exists() else "does not exist"
             raise PluginError(f"{key}[{i}]: plugin file {entry} {what} (looked for {path}); give a Python "
                               f"file relative to the working directory {base}, or a module name")
         resolved.append(str(path))
