@@ -112,8 +112,17 @@ TAKEN = {
             name = "unet"
 
         register(AnotherUNet())
-        """, "model family 'unet' is registered twice: by igsm.families.unet.UNetFamily and by "
+        """, "model family 'unet': the name 'unet' is registered twice: by igsm.families.unet.UNetFamily and by "
              "igsm_plugin_taken_[0-9a-f]{8}.AnotherUNet"),
+    "family-class": ("""
+        from igsm.families import Family, register
+
+        class MyViT(Family):
+            name, class_name = "my-vit", "UViT"
+
+        register(MyViT())
+        """, "model family 'my-vit': the network class 'UViT' \\(a checkpoint names its family by it\\) is "
+             "registered twice: by igsm.families.uvit.UViTFamily and by igsm_plugin_taken_[0-9a-f]{8}.MyViT"),
     "pruning": ("""
         from igsm.pruning import PruningMethod, register
 
@@ -139,7 +148,8 @@ TAKEN = {
 @pytest.mark.parametrize("kind", sorted(TAKEN))
 def test_a_plugin_taking_a_registered_name_is_an_error_naming_both(workdir, registries, kind):
     """Catches a registry that silently replaces a member (the family registry did: every job would
-    then build the plugin's network for a config naming 'unet')."""
+    then build the plugin's network for a config naming 'unet'), and two families whose checkpoints
+    could not be told apart (loading takes the first family of the class name)."""
     code, both = TAKEN[kind]
     write_plugin(workdir, "taken.py", code)
     before = {name: dict(registry) for name, registry in

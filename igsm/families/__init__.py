@@ -144,12 +144,15 @@ def register(family: Family) -> Family:
     """Add ``family`` to the registry under ``family.name`` (a member module calls it on import)."""
     if not family.name:
         raise ValueError(f"{type(family).__name__}: a family needs a name")
-    taken = _registry.get(family.name)
-    if taken is None and family.name in MEMBER_MODULES and MEMBER_MODULES[family.name] != type(family).__module__:
-        taken = family_named(family.name)  # a shipped member's name, its module not imported yet
-    if taken is not None:
-        raise ValueError(f"model family {family.name!r} is registered twice: by {origin(taken)} and by "
-                         f"{origin(family)}; give one of them another name")
+    shipped = MEMBER_MODULES.get(family.name) == type(family).__module__
+    # A plugin's family is checked against every shipped member too (imported here, torch-free).
+    for other in list(_registry.values()) if shipped else families():
+        same_class = bool(family.class_name) and other.class_name == family.class_name
+        if other.name == family.name or same_class:
+            what = (f"name {family.name!r}" if other.name == family.name else
+                    f"network class {family.class_name!r} (a checkpoint names its family by it)")
+            raise ValueError(f"model family {family.name!r}: the {what} is registered twice: by {origin(other)} "
+                             f"and by {origin(family)}; give one of them another")
     _registry[family.name] = family
     return family
 
