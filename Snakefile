@@ -20,13 +20,15 @@ if not config:
 # (igsm/config.py; rules/common.smk checks the rest).
 sys.path.insert(0, workflow.basedir)
 from igsm.config import ConfigError, load_config_file, validate_schema
+from igsm.plugins import PLUGINS_KEY, export, resolve
 
 try:
     for _configfile in workflow.configfiles:
         load_config_file(_configfile)
-    validate_schema(config)
+    validate_schema(config)  # imports the config's plugins first (igsm/plugins.py)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
+export(resolve(config[PLUGINS_KEY]))  # and every job (python -m igsm) imports them too
 
 
 # `snakemake --report report.html`: samples, tables, the paper's tables and figures, with captions.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from igsm import pruning, reuse_methods
+from igsm import plugins, pruning, reuse_methods
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
 from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
@@ -535,10 +535,11 @@ def _join(where: str, key) -> str:
 
 def _schema() -> dict:
     """The schema, with the enums that registries own filled in from them as they are now (a
-    member registered after the first validation counts too): reuse.methods, prune.method and
-    the criteria (prune.criterion, finetune.runs[].criterion)."""
+    member registered after the first validation counts too, e.g. by a plugin): architecture.family,
+    reuse.methods, prune.method and the criteria (prune.criterion, finetune.runs[].criterion)."""
     schema = copy.deepcopy(schema_file())
     experiment = schema["$defs"]["experiment"]["properties"]
+    experiment["architecture"]["properties"][FAMILY_KEY]["enum"] = names()
     experiment["reuse"]["properties"]["methods"]["items"]["enum"] = list(reuse_methods.METHODS)
     prune = experiment["prune"]["properties"]
     prune["method"]["enum"] = list(pruning.METHODS)
@@ -566,11 +567,15 @@ def _filling_defaults(validator_class):
 
 
 def validate_schema(config: dict) -> None:
-    """The schema's checks, its defaults filled in; ConfigError with every error at once, sorted
-    by key, each one line: the key's dotted path, what is wrong, what would be valid. With
+    """The config's plugins imported (igsm.plugins), then the schema's checks, its defaults filled
+    in; ConfigError with every error at once, sorted by key, each one line: the key's dotted path, what is wrong, what would be valid. With
     IGSM_CONFIG_DETAIL=1 each also carries jsonschema's full report."""
     from jsonschema import Draft202012Validator
 
+    try:  # first: the plugins' members are in the enums and the checks
+        plugins.load(config.get(plugins.PLUGINS_KEY))
+    except plugins.PluginError as err:
+        raise ConfigError(str(err)) from None
     schema = _schema()
     validator = _filling_defaults(Draft202012Validator)(schema)
     detail = os.environ.get(DETAIL_VARIABLE, "") not in ("", "0")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from igsm.plugins import origin
+
 
 class ReuseMethod:
     """One block-reuse method. ``mac_fraction`` is the share of the dense sampler's MACs still
@@ -94,8 +96,12 @@ METHODS: dict[str, ReuseMethod] = {}
 
 
 def register(method: ReuseMethod) -> ReuseMethod:
-    if not method.name or method.name in METHODS:
-        raise ValueError(f"reuse method {method.name!r} is unnamed or registered twice")
+    """Add ``method`` under its name; a ValueError naming both members where the name is taken."""
+    if not method.name:
+        raise ValueError(f"reuse method {origin(method)}: needs a name")
+    if method.name in METHODS:
+        raise ValueError(f"reuse method {method.name!r} is registered twice: by {origin(METHODS[method.name])} "
+                         f"and by {origin(method)}; give one of them another name")
     METHODS[method.name] = method
     return method
 

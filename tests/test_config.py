@@ -158,6 +158,10 @@ def set_top_level_typo(c):
     c["experiment"] = c.pop("experiments")
 
 
+def set_missing_plugin(c):
+    c["plugins"] = ["my_plugins/family.py"]  # relative to the working directory (-d), where it is not
+
+
 def set_name_with_final_newline(c):
     # `$` of a regular expression also matches before a final newline: "digits_unet\n" once passed.
     c["experiments"]["digits_unet\n"] = c["experiments"].pop("digits_unet")
@@ -231,7 +235,7 @@ def set_uvit_channel_mismatch(c):
     (set_unknown_key, r"experiments\.digits_unet\.finetune\.trainig: unknown key; did you mean 'training'\? "
                       r"valid here: runs, training"),
     (set_top_level_typo, r"experiment: unknown key; did you mean 'experiments'\? valid here: datasets, objectives, "
-                         r"experiments, resources, scale"),
+                         r"experiments, resources, plugins, scale"),
     (set_wrong_type, r"experiments\.digits_unet\.sample\.num_images: 'many' is not of type 'integer'"),
     (set_ratio_above_range, r"experiments\.digits_unet\.finetune\.runs\[0\]\.channel_ratio: 1\.2 is greater than "
                             r"or equal to the maximum of 1"),
@@ -281,6 +285,7 @@ def set_uvit_channel_mismatch(c):
     (set_missing_reference_statistics, r"experiments\.digits_unet\.fid\.reference_statistics: no/such/fid_stats\.npz is not an existing \.npz"),
     (set_missing_pretrained_folder, r"experiments\.digits_unet\.dense\.pretrained: local folder \./no/such/ddpm does not exist"),
     (set_image_folder_without_path, r"datasets\.digits\.path"),
+    (set_missing_plugin, r"^plugins\[0\]: plugin file my_plugins/family\.py does not exist \(looked for .*/my_plugins/"),
 ])
 def test_bad_config_is_rejected_naming_the_key(mutate, expected, tmp_path):
     """A real run (not a dry run) in an empty folder: it must stop before any job, with the key."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from igsm.plugins import origin
+
 FAMILY_KEY = "family"  # experiments.<exp>.architecture.family
 REST = "rest"  # in a block graph: everything outside the blocks (it always runs, reads the last block)
 # Before the config named its family, an architecture without a family's identifying keys was a
@@ -142,6 +144,15 @@ def register(family: Family) -> Family:
     """Add ``family`` to the registry under ``family.name`` (a member module calls it on import)."""
     if not family.name:
         raise ValueError(f"{type(family).__name__}: a family needs a name")
+    shipped = MEMBER_MODULES.get(family.name) == type(family).__module__
+    # A plugin's family is checked against every shipped member too (imported here, torch-free).
+    for other in list(_registry.values()) if shipped else families():
+        same_class = bool(family.class_name) and other.class_name == family.class_name
+        if other.name == family.name or same_class:
+            what = (f"name {family.name!r}" if other.name == family.name else
+                    f"network class {family.class_name!r} (a checkpoint names its family by it)")
+            raise ValueError(f"model family {family.name!r}: the {what} is registered twice: by {origin(other)} "
+                             f"and by {origin(family)}; give one of them another")
     _registry[family.name] = family
     return family
 

@@ -12,6 +12,8 @@ The config names a method with ``prune.method``; its criterion (``prune.criterio
 
 from __future__ import annotations
 
+from igsm.plugins import origin
+
 
 class PruningMethod:
     """One pruning method. Subclasses set the class attributes and implement :meth:`prune`."""
@@ -38,10 +40,16 @@ METHODS: dict[str, PruningMethod] = {}
 
 
 def register(method: PruningMethod) -> PruningMethod:
-    taken = {criterion for other in METHODS.values() for criterion in other.criteria}
-    if not method.name or method.name in METHODS or not method.criteria or taken & set(method.criteria):
-        raise ValueError(f"pruning method {method.name!r}: unnamed, registered twice, or without criteria "
-                         f"of its own")
+    """Add ``method`` under its name; a ValueError naming both members where its name or one of its
+    criteria (they name result folders) is taken."""
+    if not method.name or not method.criteria:
+        raise ValueError(f"pruning method {origin(method)}: needs a name and at least one criterion")
+    for other in METHODS.values():
+        shared = [criterion for criterion in method.criteria if criterion in other.criteria]
+        if other.name == method.name or shared:
+            what = f"name {method.name!r}" if other.name == method.name else f"criterion {shared[0]!r}"
+            raise ValueError(f"pruning method {method.name!r}: the {what} is registered twice: by {origin(other)} "
+                             f"and by {origin(method)}; give one of them another")
     METHODS[method.name] = method
     return method
 

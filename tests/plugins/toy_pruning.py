@@ -1,0 +1,32 @@
+"""A toy pruning method, added by a plugin (config ``plugins:``; issue 30): channels ranked by
+torch-pruning's ``FPGMImportance`` (filter pruning via the geometric median, He et al., CVPR 2019),
+an importance none of the shipped methods uses. Method ``geometric-median``, criterion ``fpgm``
+(it names the pruned model's folder, ``fpgm-cr<ratio>``). It has no phase of its own; the structural
+pruning (igsm.pruning.structural) is the package's, as for every method.
+
+Imports torch only when it prunes: the workflow reads its names while building the DAG.
+"""
+
+from __future__ import annotations
+
+from igsm.pruning import PruningMethod, register
+
+
+class GeometricMedian(PruningMethod):
+    name = "geometric-median"
+    criteria = ("fpgm",)
+
+    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, folder, device):
+        import torch_pruning as tp
+
+        from igsm.data import to_model_range
+        from igsm.pruning.structural import prune_with_importance
+
+        # The images only give the input shape for tracing and counting: FPGM reads weights alone.
+        x0 = to_model_range(images[:1]).to(device)
+        pruned, counts = prune_with_importance(net.to(device), tp.importance.FPGMImportance(p=2),
+                                               channel_ratio=channel_ratio, images=x0)
+        return pruned, {"criterion": criterion, "channel_ratio": channel_ratio, **counts}
+
+
+register(GeometricMedian())
