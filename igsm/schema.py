@@ -41,16 +41,26 @@ def _satisfies(condition: dict, values: dict) -> bool:
                     if key in values and "const" in sub))
 
 
-def section_defaults(section: str, values: dict | None = None) -> dict:
-    """The defaults the schema gives the keys of an experiment's config ``section`` ('sample',
-    'fid', 'prune', 'diffusion', …), with those of the ``if``/``then``/``else`` branch the section's
-    ``values`` fall in (the diffusion process's own constants). A fresh copy on each call."""
-    spec = schema_file()["$defs"]["experiment"]["properties"][section]
+def _defaults_for(spec: dict, values: dict | None) -> dict:
+    """``spec``'s defaults, with those of the ``if``/``then``/``else`` branch ``values`` fall in."""
     defaults = _defaults_of(spec)
     if "if" in spec:
         branch = spec["then"] if _satisfies(spec["if"], {**defaults, **(values or {})}) else spec.get("else", {})
         defaults.update(_defaults_of(branch))
     return defaults
+
+
+def section_defaults(section: str, values: dict | None = None) -> dict:
+    """The defaults the schema gives the keys of an experiment's config ``section`` ('sample',
+    'fid', 'prune', 'diffusion', …), with those of the ``if``/``then``/``else`` branch the section's
+    ``values`` fall in (the diffusion process's own constants). A fresh copy on each call."""
+    return _defaults_for(schema_file()["$defs"]["experiment"]["properties"][section], values)
+
+
+def dataset_defaults(spec: dict) -> dict:
+    """The defaults the schema gives a ``datasets.<name>`` entry of ``spec``'s source (image_size
+    256 for lsun, 32 for the others; split train; …). A fresh copy on each call."""
+    return _defaults_for(schema_file()["$defs"]["dataset"], spec)
 
 
 def experiment_default(section: str):

@@ -22,6 +22,7 @@ import igsm.data.lsun as lsun
 from conftest import REPO, command_env
 from igsm.data import DownloadError, check_dataset_spec, download, file_digest
 from igsm.data.common import WriteError
+from igsm.schema import dataset_defaults
 from test_store import full_disk
 
 SIZE = 16
@@ -243,7 +244,9 @@ def test_schema_agrees_with_the_module():
     assert tuple(dataset["properties"]["category"]["enum"]) == lsun.LSUN_CATEGORIES
     assert set(lsun.LSUN_SPLITS) <= set(dataset["properties"]["split"]["enum"])
     assert dataset["if"]["properties"]["source"]["const"] == "lsun"
-    assert dataset["then"]["properties"]["image_size"]["default"] == lsun.DEFAULT_IMAGE_SIZE == 256
+    # Bug caught: LSUN at the others' 32 px when the config leaves image_size out (the paper's is 256).
+    assert dataset_defaults({"source": "lsun", "category": "church_outdoor"})["image_size"] == 256
+    assert dataset_defaults({"source": "cifar10"})["image_size"] == 32
 
 
 # ---- hostile cases (issue 29): a truncated LMDB, a full disk while unpacking ---------------------

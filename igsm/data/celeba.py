@@ -112,7 +112,7 @@ def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarra
     digests = {**CELEBA_MD5, **(spec.get("md5") or {})}
     archive, partition = (fetch_cached(folder + name, cache_dir / name, digests[name], "md5")
                           for name in ("img_align_celeba.zip", "list_eval_partition.txt"))
-    yield from iter_celeba(archive, partition, spec.get("split", "train"), spec.get("image_size", 64))
+    yield from iter_celeba(archive, partition, spec["split"], spec["image_size"])
 
 
 register("celeba", check, prepare)

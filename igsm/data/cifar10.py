@@ -168,8 +168,8 @@ def parse_cifar10(archive: str | os.PathLike, split: str = "train") -> dict:
 def check(spec: dict, fail) -> None:
     check_split(spec, fail, ("train", "test"))
     check_url(spec, fail)
-    if spec.get("image_size", 32) != 32:
-        fail("image_size", f"CIFAR-10 images are 32×32; set 32 (got {spec.get('image_size')!r})")
+    if spec["image_size"] != 32:
+        fail("image_size", f"CIFAR-10 images are 32×32; set 32 (got {spec['image_size']!r})")
     sha256 = spec.get("sha256")
     if sha256 is not None and not isinstance(sha256, str):
         fail("sha256", f"cifar10 is one archive: give its sha256 as one string of 64 hex digits "
@@ -181,7 +181,7 @@ def check(spec: dict, fail) -> None:
 def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     archive = fetch_cached(spec.get("url") or CIFAR10_URL, cache_dir / "cifar-10-python.tar.gz",
                            spec.get("sha256") or CIFAR10_SHA256)
-    data = parse_cifar10(archive, spec.get("split", "train"))
+    data = parse_cifar10(archive, spec["split"])
     yield data["images"], data["labels"]
 
 

@@ -111,10 +111,10 @@ def _check_padded_size(image_size, fail) -> None:
 
 
 def check(spec: dict, fail) -> None:
-    split = spec.get("split", "train")
+    split = spec["split"]
     check_split(spec, fail, tuple(FASHION_MNIST_FILES))
     check_url(spec, fail)
-    _check_padded_size(spec.get("image_size", 32), lambda message: fail("image_size", message))
+    _check_padded_size(spec["image_size"], lambda message: fail("image_size", message))
     sha256 = spec.get("sha256")
     if sha256 is None:
         return  # the official files' digests
@@ -136,8 +136,8 @@ def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarra
     folder = (spec.get("url") or FASHION_MNIST_URL).rstrip("/") + "/"
     digests = spec.get("sha256") or FASHION_MNIST_SHA256
     images, labels = (fetch_cached(folder + name, cache_dir / name, digests[name])
-                      for name in FASHION_MNIST_FILES[spec.get("split", "train")])
-    data = load_fashion_mnist(images, labels, spec.get("image_size", 32))
+                      for name in FASHION_MNIST_FILES[spec["split"]])
+    data = load_fashion_mnist(images, labels, spec["image_size"])
     yield data["images"], data["labels"]
 
 

@@ -124,7 +124,7 @@ def check(spec: dict, fail) -> None:
 
 
 def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    yield from iter_image_folder(spec["path"], spec.get("image_size", 32), spec.get("channels", 3))
+    yield from iter_image_folder(spec["path"], spec["image_size"], spec["channels"])
 
 
 register("image-folder", check, prepare)

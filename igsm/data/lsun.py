@@ -48,13 +48,12 @@ LSUN_URL = "http://dl.yf.io/lsun/scenes/"
 LSUN_CATEGORIES = ("bedroom", "bridge", "church_outdoor", "classroom", "conference_room", "dining_room",
                    "kitchen", "living_room", "restaurant", "tower")
 LSUN_SPLITS = ("train", "val")
-DEFAULT_IMAGE_SIZE = 256  # the schema's default for lsun (a test keeps the two equal)
 CHUNK = 1024  # images per chunk that prepare yields (1024 × 256² × 3 bytes = 192 MiB)
 STAMP = "igsm-source.json"  # in an unpacked cache folder: which archive it came from
 
 
 def lmdb_name(spec: dict) -> str:
-    return f"{spec['category']}_{spec.get('split', 'train')}_lmdb"
+    return f"{spec['category']}_{spec['split']}_lmdb"
 
 
 def center_crop_arr(img, image_size: int) -> np.ndarray:
@@ -241,7 +240,7 @@ def check(spec: dict, fail) -> None:
 def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Chunks (images uint8 n×S×S×3, labels int64 n, all 0) of the category and split."""
     path = locate_lmdb(spec, Path(cache_dir))
-    yield from read_lmdb(path, spec.get("image_size", DEFAULT_IMAGE_SIZE), spec.get("max_images"))
+    yield from read_lmdb(path, spec["image_size"], spec.get("max_images"))
 
 
 register("lsun", check, prepare)

@@ -31,7 +31,7 @@ def check(spec: dict, fail) -> None:
 
 
 def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    data = load_sklearn_digits(spec.get("image_size", 32))
+    data = load_sklearn_digits(spec["image_size"])
     yield data["images"], data["labels"]
 
 

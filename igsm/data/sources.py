@@ -17,6 +17,7 @@ import numpy as np
 
 from igsm.data.common import URL_SCHEMES
 from igsm.data.store import ImageStore, write_store
+from igsm.schema import dataset_defaults
 
 Fail = Callable[[str, str], None]  # fail(key, message) raises, naming the key
 # (entry, download cache) → (uint8 n×H×W×C images, int64 n labels) chunks, streamed into the store:
@@ -44,7 +45,13 @@ def register(name: str, check: Callable[[dict, Fail], None], prepare: Prepare) -
 def prepare_dataset(spec: dict, out_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> ImageStore:
     """Build the dataset described by a config ``datasets.<name>`` entry as an image store."""
     _check_spec(spec)
-    return write_store(out_dir, SOURCES[spec["source"]].prepare(spec, Path(cache_dir)))
+    return write_store(out_dir, SOURCES[spec["source"]].prepare(with_defaults(spec), Path(cache_dir)))
+
+
+def with_defaults(spec: dict) -> dict:
+    """A ``datasets.<name>`` entry with the keys it leaves out at the schema's defaults: what the
+    sources read (``spec["image_size"]``), so none keeps a default of its own."""
+    return {**dataset_defaults(spec), **spec}
 
 
 def check_dataset_spec(name: str, spec: dict) -> None:
@@ -65,13 +72,13 @@ def _check_spec(spec: dict, prefix: str = "") -> None:
     source = spec.get("source")
     if source not in SOURCES:
         fail("source", f"unknown dataset source {source!r}; choose one of {tuple(SOURCES)}")
-    SOURCES[source].check(spec, fail)
+    SOURCES[source].check(with_defaults(spec), fail)
 
 
 # ---- checks several sources share ----------------------------------------------------------------
 
 def check_split(spec: dict, fail: Fail, splits: tuple) -> None:
-    split = spec.get("split", "train")
+    split = spec["split"]
     if split not in splits:
         fail("split", f"{split!r}: {spec.get('source')} has the splits {list(splits)}")
 
