@@ -182,7 +182,7 @@ def target_names(config: dict) -> dict[str, str]:
     """{name: what it is} of the workflow's target names (WORKFLOW_RULES, the paper's tables, the
     datasets' dataset_<name>, the combined table 'all'): no dataset, objective or experiment may
     take one."""
-    from igsm.paper_tables import table_names
+    from igsm.paper.tables import table_names
 
     return {**{rule: f"the name of the workflow's rule {rule}" for rule in WORKFLOW_RULES},
             **{table: f"the target of the paper's {table}" for table in table_names()},

@@ -4,7 +4,7 @@ Every model the workflow samples and scores is one row here: the dense model, th
 baseline (``untrained_baseline``), each finetuning run's pruning criterion × channel ratio ×
 objective, and each block-reuse variant of ``reuse.models`` × ``reuse.methods`` ×
 ``reuse.mac_fractions``. The config checks (igsm/config.py), the workflow's rules
-(rules/common.smk) and the paper tables (igsm/paper_tables.py) all read these rows instead of
+(rules/common.smk) and the paper tables (igsm/paper/tables.py) all read these rows instead of
 enumerating ``finetune.runs`` themselves; result paths are named from them
 (``<criterion>-cr<ratio>/<objective>``, ``…/reuse-<method>-f<fraction>``).
 

@@ -54,7 +54,7 @@ def _save(fig, paths, dpi: int = 130) -> None:
 
 
 def plot_fid_vs_ratio(table5, paths) -> None:
-    """FID against pruning ratio from Table 5's cells (igsm.paper_tables): U-Net and U-ViT panels,
+    """FID against pruning ratio from Table 5's cells (igsm.paper.tables): U-Net and U-ViT panels,
     Diff-Pruning and IGSM, ours solid (where scored), the paper's dashed."""
     plt = _pyplot()
     fid = table5[table5.column == "fid"]

@@ -2,7 +2,7 @@
 
 One row per (dataset, model, channel ratio, objective): parameters, MACs, FID, training steps,
 and, where the paper reports the same experiment (same dense model, derived pruning-ratio label,
-criterion and objective settings), the published FID (igsm/paper_tables.yaml, the one home of the
+criterion and objective settings), the published FID (igsm/paper/tables.yaml, the one home of the
 paper's numbers) and our difference to it.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from igsm.paper_tables import published_fids
+from igsm.paper.tables import published_fids
 from igsm.schema import schema_defaults
 
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
@@ -40,7 +40,7 @@ def same_objective(ours: dict, theirs: dict) -> bool:
 
 
 def paper_value(dense_model: str, pr_label: str, criterion: str, objective: dict | None):
-    """(published FID, where) of the same experiment in the paper (igsm/paper_tables.yaml: the same
+    """(published FID, where) of the same experiment in the paper (igsm/paper/tables.yaml: the same
     dense model, pruning-ratio label, criterion and objective settings), or (None, '')."""
     for entry in published_fids():
         if entry["dense"] != dense_model:

@@ -43,9 +43,9 @@ from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
 from igsm.families import FAMILY_KEY, assumed_family, family_of_architecture
 from igsm.plan import scored_models
-from igsm.paper_tables import FIGURES as PAPER_FIGURES
-from igsm.paper_tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
-from igsm.paper_tables import experiments_of, sample_grids, table_names
+from igsm.paper.tables import FIGURES as PAPER_FIGURES
+from igsm.paper.tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
+from igsm.paper.tables import experiments_of, sample_grids, table_names
 
 PAPER_TABLES = table_names()
 
@@ -180,7 +180,7 @@ def fid_reference_file(exp):
 
 
 def paper_tables_of_config():
-    """The paper's tables (igsm/paper_tables.yaml) that read at least one experiment of the config."""
+    """The paper's tables (igsm/paper/tables.yaml) that read at least one experiment of the config."""
     return [t for t in PAPER_TABLES if any(exp in EXPERIMENTS for exp in experiments_of(t))]
 
 

@@ -1,15 +1,15 @@
 # Stage 7: tables (Markdown, CSV, LaTeX) built from the JSON files alone, with the paper's
-# published FID (igsm/paper_tables.yaml) beside ours where the paper has the same experiment; then
+# published FID (igsm/paper/tables.yaml) beside ours where the paper has the same experiment; then
 # the paper's own tables (the same file) from those: targets table1, table2, table3, table4,
 # table5, table8, table9, table10, table11, table12, table13; figures drawn from them;
 # `snakemake --report` gathers all of it with captions.
 
 
-# The published numbers (igsm/paper_tables.yaml) as a parameter of the rules that print them: a
+# The published numbers (igsm/paper/tables.yaml) as a parameter of the rules that print them: a
 # corrected number rebuilds the tables that show it.
 import hashlib
 
-from igsm.paper_tables import SPEC as PAPER_SPEC
+from igsm.paper.tables import SPEC as PAPER_SPEC
 
 PAPER_NUMBERS = hashlib.sha256(PAPER_SPEC.read_bytes()).hexdigest()[:16]
 

@@ -6,7 +6,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(snakemake.scriptdir).parent)) 
 import pandas as pd
 
 from igsm import plots
-from igsm.paper_tables import FIGURES
+from igsm.paper.tables import FIGURES
 
 sys.stderr = open(snakemake.log[0], "w")
 _, function = FIGURES[snakemake.wildcards.figure]

@@ -1,11 +1,11 @@
-# One of the paper's tables: glue between Snakemake and igsm.paper_tables.
+# One of the paper's tables: glue between Snakemake and igsm.paper.tables.
 import sys
 
 sys.path.insert(0, str(__import__("pathlib").Path(snakemake.scriptdir).parent))  # the package of this checkout
 
 import pandas as pd
 
-from igsm.paper_tables import build, write
+from igsm.paper.tables import build, write
 
 sys.stderr = open(snakemake.log[0], "w")
 frames = [pd.read_csv(path) for path in snakemake.input.csv]

@@ -516,7 +516,7 @@ def test_paper_config_dry_run_lists_the_full_job_graph():
     scored = {name: 1 + sum(len(run["objectives"]) for run in exp["finetune"]["runs"])
               for name, exp in config["experiments"].items()}  # dense + every finetuned student
     shards = sum(n * config["experiments"][name]["sample"].get("num_shards", 1) for name, n in scored.items())
-    from igsm.paper_tables import table_names
+    from igsm.paper.tables import table_names
 
     proc = run_snakemake("-n", "-p", "all_tables")  # no --configfile: the paper config is the default
     counts = job_counts(proc.stdout)

@@ -1,4 +1,4 @@
-"""The paper's tables (igsm/paper_tables.py): the layout of each, every published value checked
+"""The paper's tables (igsm/paper/tables.py): the layout of each, every published value checked
 against the paper's text, ours beside the published value with the difference and its source,
 quoted rows, missing runs shown as missing (never a number), the paper's disagreements with itself
 shown on both cells, and agreement of the spec with the default config."""
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO, SHARED, skip_or_fail_in_ci
-from igsm import paper_tables
+from igsm.paper import tables as paper_tables
 from igsm.tables import COLUMNS
 
 SPEC = paper_tables.load_spec()

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from igsm import paper_tables, pruning
+from igsm import pruning
+from igsm.paper import tables as paper_tables
 from igsm.pruning import structural
 from igsm.diffusion import NoiseSchedule
 from igsm.models import build_unet, layer_widths, predict_noise, save_model

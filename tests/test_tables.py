@@ -7,7 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from igsm import paper_tables, tables
+from igsm import tables
+from igsm.paper import tables as paper_tables
 
 DENSE = "google/ddpm-cifar10-32"
 IGSM = {"np": 1.0, "kd": 1.0, "jm2": 0.1}   # paper Table 1, PR 0.44: FID 4.58
@@ -18,7 +19,7 @@ OBJECTIVES = {"igsm": {"weights": IGSM}, "np": {"weights": NP}, "otd": OTD}  # t
 
 
 def paper_fid(method, section="CIFAR-10 (32×32)"):
-    """A published FID of Table 1, read from igsm/paper_tables.yaml here (not through igsm.tables'
+    """A published FID of Table 1, read from igsm/paper/tables.yaml here (not through igsm.tables'
     matching)."""
     rows = next(s["rows"] for s in SPEC["tables"]["table1"]["sections"] if s["name"] == section)
     return next(r["paper"]["fid"] for r in rows if r["method"] == method)

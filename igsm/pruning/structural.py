@@ -37,12 +37,12 @@ def paper_label(pruned_params: float, pruned_macs: float, dense_params: float, d
     (8.6M/1.5G) reduces MACs by 0.75 and params by 0.76, its LSUN point "0.3" reduces them by 0.44,
     and its U-ViT labels are channel ratios. So: a pruned model of one of the paper's dense models
     whose params and MACs both read as the paper prints one of that model's pruned points (within
-    one unit of the last printed digit: igsm.paper_tables.pruning_points, from the tables'
+    one unit of the last printed digit: igsm.paper.tables.pruning_points, from the tables'
     counts) gets that point's label; any other model gets its MAC reduction, computed from MACs
     rounded to two significant figures, to two decimals. (CIFAR-10: channel ratio 0.6, 8.59M /
     1.49G, is "0.70"; 0.5, 8.97M / 1.52G, is not.)
     """
-    from igsm.paper_tables import printed_as, pruning_points
+    from igsm.paper.tables import printed_as, pruning_points
 
     for (paper_dense_params, paper_dense_macs), label, (params, macs) in pruning_points():
         if (printed_as(dense_params / 1e6, paper_dense_params) and printed_as(dense_macs / 1e9, paper_dense_macs)

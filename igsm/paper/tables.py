@@ -34,11 +34,11 @@ import yaml
 
 from igsm.plan import pruned_model_name
 
-SPEC = Path(__file__).with_name("paper_tables.yaml")
+SPEC = Path(__file__).with_name("tables.yaml")
 LONG_COLUMNS = ["table", "section", "method", "column", "paper", "paper_other", "ours", "delta", "status",
                 "source", "note", "differs"]
 # The default config: the experiments and objectives the spec's `ours` name.
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"
 # The paper's figures drawn from its tables: figure → (table, igsm.plots function name).
 FIGURES = {"fid_vs_ratio": ("table5", "plot_fid_vs_ratio"), "fid_vs_lambda": ("table10", "plot_fid_vs_lambda")}
 
@@ -77,7 +77,7 @@ def _find_row(ref: dict) -> tuple[str, dict]:
              if ref.get("section", section.get("name", "")) == section.get("name", "")
              for row in section["rows"] if row["method"] == ref["row"]]
     if len(found) != 1:
-        raise ValueError(f"igsm/paper_tables.yaml: {ref} names {len(found)} rows, not one")
+        raise ValueError(f"igsm/paper/tables.yaml: {ref} names {len(found)} rows, not one")
     return found[0]
 
 
@@ -90,7 +90,7 @@ def _disagreements() -> dict:
     def show(cell, name, row, column):
         value = row.get("paper", {}).get(column)
         if value is None:
-            raise ValueError(f"igsm/paper_tables.yaml: a `disagrees` link names {table_label(name)} "
+            raise ValueError(f"igsm/paper/tables.yaml: a `disagrees` link names {table_label(name)} "
                              f"{row['method']!r} {column}, a cell without a published value")
         text = f"{table_label(name)}: {_number(value, column)}"
         if text not in links.setdefault(cell, []):
@@ -374,7 +374,7 @@ def write(name: str, cells: pd.DataFrame, markdown=None, csv=None, latex=None) -
                   "run, the paper's number; \"missing\": not run (see the CSV's source column).")
         if (cells.status == "untranscribed").any():
             legend += (" \"n.t.\": the paper's value not transcribed (its text extraction cannot be read; "
-                       "igsm/paper_tables.yaml).")
+                       "igsm/paper/tables.yaml).")
         if cells.paper_other.fillna("").astype(bool).any():
             legend += " \"[Table N: x]\": the paper disagrees with itself: Table N prints x for the same model."
         if (cells.column == "peak_memory_GiB").any():
