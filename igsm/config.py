@@ -25,10 +25,11 @@ import yaml
 from igsm import plugins, pruning, reuse_methods
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
+from igsm.data.sources import with_defaults
 from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
                             family_of_architecture, names)
 from igsm.plan import scored_model_names
-from igsm.schema import dataset_defaults, schema_file
+from igsm.schema import schema_file
 
 
 SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
@@ -65,14 +66,14 @@ class ConfigError(ValueError):
 
 
 def dataset_channels(spec: dict) -> int:
-    return CHANNELS.get(spec["source"], {**dataset_defaults(spec), **spec}["channels"])
+    return CHANNELS.get(spec["source"], with_defaults(spec)["channels"])
 
 
 def dataset_size(spec: dict) -> int | None:
     """Number of images of a dataset whose content the config pins down (official archives or a
     known copy of them; scikit-learn's digits), else None."""
     source = spec["source"]
-    split = {**dataset_defaults(spec), **spec}["split"]
+    split = with_defaults(spec)["split"]
     if source == "sklearn-digits":
         return SKLEARN_DIGITS_SIZE
     if source == "cifar10" and spec.get("sha256", CIFAR10_SHA256).lower() in ("", CIFAR10_SHA256):

@@ -8,7 +8,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from igsm.schema import experiment_default, schema_defaults, schema_file, section_defaults
+from igsm.schema import schema_defaults, schema_file, section_defaults
+from igsm.stages.common import diffusion_of
 
 
 class SectionSettings:
@@ -19,7 +20,7 @@ class SectionSettings:
 
     @classmethod
     def _defaults(cls, values: dict) -> dict:
-        return {**section_defaults(cls.SECTION, values), "diffusion": experiment_default("diffusion")}
+        return {**section_defaults(cls.SECTION, values), "diffusion": diffusion_of({})}
 
     @classmethod
     def from_dict(cls, values: dict):
