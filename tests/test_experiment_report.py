@@ -171,14 +171,14 @@ def ladder_inputs(tmp_path_factory):
     return root
 
 
-def plan_the_ladder(inputs: Path, work: Path, shared: Path):
+def plan_the_ladder(inputs: Path, work: Path, shared: Path, **ladder):
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "TEACHER": str(inputs / "teacher"), "WORK": str(work), "SHARED": str(shared),
            "DRY_RUN": "1", "LADDER_STEPS": "600", "LADDER_RATIOS": "0.3", "CORES": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **ladder}
     return subprocess.run(["bash", str(EXPERIMENT / "run.sh"), "ladder"], env=env, capture_output=True, text=True,
                           timeout=600)
 
@@ -204,3 +204,26 @@ def test_shared_inputs_that_differ_from_the_machines_own_stop_the_run_naming_bot
     done = plan_the_ladder(ladder_inputs, work, ladder_inputs / "shared.tar")
     assert done.returncode != 0
     assert f"{work / REFERENCE} differs from {REFERENCE} in {ladder_inputs / 'shared.tar'}" in done.stderr
+
+
+def test_a_lease_can_run_one_seed_and_leave_the_teacher_unscored(ladder_inputs, tmp_path):
+    # Bug caught: LADDER_SEEDS or LADDER_TEACHER_FID ignored, so a lease planned for one seed's long
+    # finetunes starts the other seed's too (or samples the teacher again) and ends with neither scored.
+    work = tmp_path / "work"
+    done = plan_the_ladder(ladder_inputs, work, ladder_inputs / "shared.tar", LADDER_SEEDS="1",
+                           LADDER_TEACHER_FID="no", LADDER_OBJECTIVES="np_kd igsm_t10", LADDER_FIRST="igsm_t10")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = work / "teacher_curve" / "config-ladder-600.yaml"
+    assert Path(f"{plan}.targets").read_text().split() == [
+        "results/fid/fmnist_unet_seed1/diff-pruning-cr0.3/np_kd.json",
+        "results/fid/fmnist_unet_seed1/diff-pruning-cr0.3/igsm_t10.json"]
+    assert Path(f"{plan}.first").read_text().split() == ["results/fid/fmnist_unet_seed1/diff-pruning-cr0.3/igsm_t10.json"]
+    counts = {line.split()[0]: int(line.split()[-1]) for line in done.stdout.splitlines()
+              if line.strip() and line.split()[-1].isdigit()}
+    assert counts.get("finetune") == 2 and counts.get("sample") == 2, done.stdout[-3000:]
+
+
+def test_a_seed_the_ladder_does_not_have_is_refused_naming_the_variable(ladder_inputs, tmp_path):
+    done = plan_the_ladder(ladder_inputs, tmp_path / "work", ladder_inputs / "shared.tar", LADDER_SEEDS="0 2")
+    assert done.returncode != 0
+    assert "LADDER_SEEDS: 2 is not the finetune seed of fmnist_unet (0), fmnist_unet_seed1 (1)" in done.stderr

@@ -32,6 +32,10 @@
 #                  continues a split run names the ones still to score)
 #   LADDER_FIRST   objectives whose models Snakemake runs first (--prioritize; default "np_kd igsm"),
 #                  so that a lease that ends mid-rung leaves the main comparison scored
+#   LADDER_SEEDS   the finetune seeds to run (default "0 1": fmnist_unet and fmnist_unet_seed1, by their
+#                  finetune.training.seed); one seed per lease where a rung's finetunes outlast a lease
+#   LADDER_TEACHER_FID  "no": the teacher's FID is not sampled again (a lease after one that scored it
+#                  on the same reference; run 11's two leases agreed to 0.008); default "yes"
 #   LADDER_LOG_EVERY  the ladder finetunes' log_every (default 200: the per-timestep diagnostics cost
 #                  seconds per log step on the Jacobian runs, run 4; the config's 50 doubles rung 600's cost)
 #   SHARED         shared.tar of an earlier machine's run of the same experiment: its pruned
@@ -82,26 +86,37 @@ PY
 ladder_config() {  # ladder_config OUT STEPS: the ladder's experiments, finetunes of STEPS steps
     # Writes OUT.targets (every model's FID file) and OUT.first (those of LADDER_FIRST's objectives).
     python - "$1" "$2" "${LADDER_RATIOS:-0.3 0.5}" "${LADDER_FIRST-np_kd igsm}" "${LADDER_LOG_EVERY:-200}" \
-        "${LADDER_OBJECTIVES:-np_kd igsm igsm_lam1e-2 igsm_t10}" <<'PY'
+        "${LADDER_OBJECTIVES:-np_kd igsm igsm_lam1e-2 igsm_t10}" "${LADDER_SEEDS:-0 1}" \
+        "${LADDER_TEACHER_FID:-yes}" <<'PY'
 import sys, yaml
-out, steps, ratios, first, log_every, objectives = sys.argv[1:]
+out, steps, ratios, first, log_every, objectives, seeds, teacher_fid = sys.argv[1:]
 config = yaml.safe_load(open(out))
-objectives = objectives.split()
+objectives, seeds = objectives.split(), seeds.split()
 unknown = sorted(set(objectives) - set(config["objectives"]))
 if unknown:
     sys.exit(f"LADDER_OBJECTIVES: {', '.join(unknown)} not among the config's objectives")
+if teacher_fid not in ("yes", "no"):
+    sys.exit(f"LADDER_TEACHER_FID: {teacher_fid!r}, expected yes or no")
 runs = [{"channel_ratio": float(ratio), "objectives": objectives} for ratio in ratios.split()]
-experiments = config["experiments"]
-config["experiments"] = {name: experiments[name] for name in ("fmnist_unet", "fmnist_unet_seed1")}
-for settings in config["experiments"].values():
-    settings["finetune"]["runs"] = runs
+experiments = {name: config["experiments"][name] for name in ("fmnist_unet", "fmnist_unet_seed1")}
+seed_of = {name: str(settings["finetune"]["training"].get("seed", 0)) for name, settings in experiments.items()}
+unknown = sorted(set(seeds) - set(seed_of.values()))
+if unknown:
+    sys.exit(f"LADDER_SEEDS: {', '.join(unknown)} is not the finetune seed of "
+             + ", ".join(f"{name} ({seed})" for name, seed in seed_of.items()))
+# An experiment whose seed is left out stays, with no finetunes: fmnist_unet_seed1 takes its teacher
+# from fmnist_unet (dense.from_experiment).
+config["experiments"] = experiments
+for name, settings in experiments.items():
+    settings["finetune"]["runs"] = runs if seed_of[name] in seeds else []
     settings["finetune"]["training"]["num_steps"] = int(steps)
     settings["finetune"]["training"]["log_every"] = int(log_every)
 yaml.safe_dump(config, open(out, "w"), sort_keys=False)
 with open(out + ".targets", "w") as targets, open(out + ".first", "w") as prioritized:
-    for name in config["experiments"]:
-        targets.write(f"results/fid/{name}/dense.json\n")
-        for run in runs:
+    for name, settings in experiments.items():
+        if teacher_fid == "yes":
+            targets.write(f"results/fid/{name}/dense.json\n")
+        for run in settings["finetune"]["runs"]:
             for objective in run["objectives"]:
                 target = f"results/fid/{name}/diff-pruning-cr{run['channel_ratio']}/{objective}.json\n"
                 targets.write(target)
