@@ -19,6 +19,14 @@ def pruned_model_name(criterion: str, ratio: float) -> str:
     return f"{criterion}-cr{float(ratio):g}"
 
 
+def variant_of(criterion: str, channel_ratio: float | None, objective: str) -> str:
+    """The result-path name of the scored model with these columns: 'dense' and 'untrained' as
+    such, a finetuned model '<criterion>-cr<ratio>/<objective>'."""
+    if objective in ("dense", "untrained"):
+        return objective
+    return f"{pruned_model_name(criterion, channel_ratio)}/{objective}"
+
+
 def reuse_variant(base: str, method: str, fraction: float) -> str:
     """The name of a block-reuse variant of the scored model ``base``."""
     return f"{base}/reuse-{method}-f{float(fraction):g}"
@@ -40,7 +48,7 @@ def scored_models(exp: dict, objectives: dict | None = None) -> dict[str, dict]:
         criterion = run.get("criterion", exp["prune"]["criterion"])
         pruned = pruned_model_name(criterion, run["channel_ratio"])
         for objective in run["objectives"]:
-            variant = f"{pruned}/{objective}"
+            variant = variant_of(criterion, run["channel_ratio"], objective)
             rows[variant] = {"variant": variant, "kind": "finetuned", "objective": objective,
                              "criterion": criterion, "channel_ratio": run["channel_ratio"],
                              "weights": objectives[objective]["weights"] if objectives else None,

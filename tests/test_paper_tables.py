@@ -18,11 +18,16 @@ SPEC = paper_tables.load_spec()
 
 
 def experiment_table(exp, models):
-    """A per-experiment table (igsm/tables.py layout) with the given {model: {column: value}}."""
+    """A per-experiment table (igsm/tables.py layout) with the given {model: {column: value}}; the
+    model's columns (criterion, channel ratio, objective) as its name gives them."""
     rows = []
     for model, values in models.items():
         row = {c: None for c in COLUMNS}
-        row.update({"experiment": exp, "model": model, "fid_mode": "clean", "fid_images": 50000, **values})
+        pruned, objective = model.split("/")[:2] if "/" in model else ("", model)
+        criterion, ratio = pruned.rsplit("-cr", 1) if pruned else ("", None)
+        row.update({"experiment": exp, "model": model, "criterion": criterion,
+                    "channel_ratio": float(ratio) if ratio else None, "objective": objective,
+                    "fid_mode": "clean", "fid_images": 50000, **values})
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -73,7 +78,7 @@ def test_appendix_tables_have_the_papers_layout():
         {"fid@0": 5.90, "fid@1e-2": 5.54, "fid@1e-1": 5.66}, {"fid@0": 7.27, "fid@1e-2": 7.16}]
     for row in rows["table4"].values():
         assert row["untranscribed"] == ["fid@1e-3", "fid@5e-3"]
-        assert row["ours"]["model"].endswith("/np_kd"), row["method"]  # λ_Jac = 0 of IGSM's loss: NP + KD
+        assert row["ours"]["objective"] == "np_kd", row["method"]  # λ_Jac = 0 of IGSM's loss: NP + KD
     assert tables["table11"]["columns"] == ["params_M", "macs_G", "speed", "fid@0", "fid@5e-4", "fid@1e-3",
                                             "fid@1e-2", "fid@5e-2", "fid@1e-1"]
     assert tables["table12"]["columns"] == ["params_M", "macs_G", "speed", "fid@0", "fid@1e-3", "fid@5e-3",
@@ -101,7 +106,8 @@ def test_appendix_tables_have_the_papers_layout():
                                      for step in (1, 2) for prob in ("0.2", "0.5", "1.0")] + ["no OTD (IGSM)"]
     assert [r["paper"]["fid"] for r in rows["table13"].values()] == [
         4.66, 4.62, 4.71, 4.63, 4.63, 4.66, 4.64, 4.62, 4.67, 4.63, 4.62, 4.67, 4.58]
-    assert rows["table13"]["no OTD (IGSM)"]["ours"]["model"] == "diff-pruning-cr0.3/igsm"
+    assert rows["table13"]["no OTD (IGSM)"]["ours"] == {"experiment": "cifar10_unet", "criterion": "diff-pruning",
+                                                       "channel_ratio": 0.3, "objective": "igsm"}
 
 
 # Where each table's numbers stand in the paper's text extraction: (first line containing, first
@@ -211,7 +217,7 @@ def test_otd_rows_name_objectives_with_their_settings():
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     for row in SPEC["tables"]["table13"]["sections"][0]["rows"][:-1]:
         dt, step, prob = (float(part.split()[-1]) for part in row["method"].split(", "))
-        objective = config["objectives"][row["ours"]["model"].split("/")[1]]
+        objective = config["objectives"][row["ours"]["objective"]]
         assert objective == {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}, "directions": "otd",
                              "otd": {"dt": dt, "steps": step, "prob": prob}}, row["method"]
 
@@ -243,6 +249,22 @@ def test_cells_hold_ours_the_paper_and_the_difference():
         "cifar10_unet", {"dense": {"fid": 4.3, "params_M": 35.7, "macs_G": 6.1}})})
     speed = no_speed.set_index(["section", "method", "column"]).loc[("CIFAR-10 (32×32)", "Dense", "speed")]
     assert speed.status == "missing" and pd.isna(speed.ours) and "no value recorded" in speed.source
+
+
+def test_a_cell_reads_its_model_by_columns_not_a_reuse_variant_or_another_criterion():
+    # Bugs caught: a block-reuse variant of IGSM (same criterion, ratio and objective) or another
+    # criterion's IGSM at the same ratio standing in Table 1's IGSM cell, whichever row comes first.
+    frame = experiment_table("cifar10_unet", {
+        "diff-pruning-cr0.3/igsm/reuse-dipgo-f0.5": {"fid": 9.0},
+        "gradient-flow-cr0.3/igsm": {"fid": 8.0},
+        "diff-pruning-cr0.4/igsm": {"fid": 7.0},
+        "diff-pruning-cr0.3/igsm": {"fid": 4.6}})
+    frame.loc[0, ["criterion", "channel_ratio", "objective", "reuse"]] = ["diff-pruning", 0.3, "igsm", "dipgo"]
+    cells = paper_tables.build("table1", {"cifar10_unet": frame}).set_index(["section", "method", "column"])
+    igsm = cells.loc[("CIFAR-10 (32×32)", "IGSM", "fid")]
+    assert (igsm.ours, igsm.source) == (4.6, "cifar10_unet/diff-pruning-cr0.3/igsm, FID clean, 50000 images")
+    alone = paper_tables.build("table1", {"cifar10_unet": frame.iloc[:3]}).set_index(["section", "method", "column"])
+    assert alone.loc[("CIFAR-10 (32×32)", "IGSM", "fid")].status == "missing"
 
 
 def test_training_cost_comes_from_the_summaries_columns():
@@ -345,21 +367,33 @@ def test_written_files(tmp_path):
     assert "\\toprule" in latex and "\\caption{Table 3" in latex
 
 
-def test_spec_agrees_with_the_default_config():
-    """Every model a table names is a scored model of the default config (so all_tables fills it)."""
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    scored = {}
-    for exp, settings in config["experiments"].items():
-        criterion = settings.get("prune", {}).get("criterion", "diff-pruning")
-        scored[exp] = {"dense"} | {f"{run.get('criterion', criterion)}-cr{run['channel_ratio']}/{o}"
-                                   for run in settings["finetune"]["runs"] for o in run["objectives"]}
+def cell_models():
+    """(table, method, model columns) of every cell that names a model of ours."""
     for name, table in SPEC["tables"].items():
         for section in table["sections"]:
             for row in section["rows"]:
                 if "ours" in row:
-                    exp = row["ours"]["experiment"]
-                    for model in (row["ours"]["model"], *row.get("models", {}).values()):
-                        assert model in scored.get(exp, ()), (name, row["method"], exp, model)
+                    for column in table["columns"]:
+                        model = paper_tables._model_of(row, column)
+                        if model:
+                            yield name, row["method"], model
+
+
+def test_spec_agrees_with_the_default_config():
+    """Every model a table names is a scored model of the default config (so all_tables fills it),
+    found by its columns in the experiment's plan."""
+    from igsm.config import load_config_file, validate
+    from igsm.plan import scored_models
+
+    config = load_config_file(REPO / "config" / "config.yaml")
+    validate(config)
+    plans = {exp: [(row["criterion"], row["channel_ratio"], row["objective"])
+                   for row in scored_models(settings).values() if row["kind"] in ("dense", "finetuned")]
+             for exp, settings in config["experiments"].items()}
+    for name, method, model in cell_models():
+        key = ("", None, "dense") if model["objective"] == "dense" else \
+            (model["criterion"], model["channel_ratio"], model["objective"])
+        assert key in plans.get(model["experiment"], ()), (name, method, model)
 
 
 def test_units_and_settings_are_the_papers(tmp_path):
@@ -425,12 +459,9 @@ def test_default_config_builds_every_paper_table(tmp_path):
     for name in paper_tables.table_names():
         assert f"results/paper_tables/{name}.md" in proc.stdout, name
     # Every model a row names is scored: Table 5's PR 0.82 / 0.8 rows, Table 4's NP + KD and λ 5e-3.
-    for name, table in SPEC["tables"].items():
-        for section in table["sections"]:
-            for row in section["rows"]:
-                if "ours" in row:
-                    for model in {row["ours"]["model"], *row.get("models", {}).values()}:
-                        assert f"results/fid/{row['ours']['experiment']}/{model}.json" in proc.stdout, (name, model)
+    for name, _, model in cell_models():
+        target = f"results/fid/{model['experiment']}/{paper_tables.variant(model)}.json"
+        assert target in proc.stdout, (name, target)
     for exp, model in (("cifar10_unet", "diff-pruning-cr0.7/igsm_lam1e-3"), ("cifar10_uvit", "diff-pruning-cr0.8/np"),
                        ("cifar10_unet", "diff-pruning-cr0.6/np_kd"),
                        ("cifar10_unet", "diff-pruning-cr0.4/igsm_lam5e-3")):

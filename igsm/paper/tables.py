@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from igsm.plan import pruned_model_name
+from igsm.plan import variant_of
 
 SPEC = Path(__file__).with_name("tables.yaml")
 LONG_COLUMNS = ["table", "section", "method", "column", "paper", "paper_other", "ours", "delta", "status",
@@ -112,15 +112,33 @@ def paper_cell(name: str, section: dict, row: dict, column: str) -> tuple[float 
     return row.get("paper", {}).get(column), other
 
 
-def _model_of(row: dict, column: str) -> str | None:
-    """The model behind a cell: the row's model, or for a λ_Jac column ("fid@λ") the one the row's
-    `models` names (λ 0: the row's own model, whose objective the table's `headings` state); None:
-    no such run."""
+def _model_of(row: dict, column: str) -> dict | None:
+    """The model behind a cell, by its columns ({experiment, criterion, channel_ratio, objective}):
+    the row's `ours`, or for a λ_Jac column ("fid@λ") `ours` with what the row's `models` give for
+    that column (λ 0: the row's own model, whose objective the table's `headings` state); None: no
+    such run."""
     if column in row.get("models", {}):
-        return row["models"][column]
+        return {**row["ours"], **row["models"][column]}
     if "@" in column and column.split("@")[1] != "0":
         return None
-    return row["ours"]["model"]
+    return row["ours"]
+
+
+def variant(model: dict) -> str:
+    """A model's name in result paths and per-experiment tables (igsm.plan.variant_of)."""
+    return variant_of(model.get("criterion", ""), model.get("channel_ratio"), model["objective"])
+
+
+def _rows_of(frame: pd.DataFrame, model: dict) -> pd.DataFrame:
+    """The rows of a per-experiment table that hold ``model``, chosen by its columns (criterion,
+    channel ratio, objective; the dense and untrained models by objective alone), never a block-reuse
+    variant of it."""
+    def text(column):
+        return frame[column].fillna("").astype(str)
+    chosen = (text("objective") == model["objective"]) & (text("reuse") == "")
+    if model["objective"] not in ("dense", "untrained"):
+        chosen &= (text("criterion") == model["criterion"]) & (frame.channel_ratio == model["channel_ratio"])
+    return frame[chosen]
 
 
 # The paper's qualitative figures: sample grids side by side, a row per section (dataset) of these
@@ -138,7 +156,7 @@ def sample_grids(name: str, experiments) -> dict[str, dict[str, str]]:
             target = row.get("ours")
             if column and target and target["experiment"] in experiments:
                 out.setdefault(section["name"], {})[column] = (
-                    f"results/samples/{target['experiment']}/{target['model']}/grid.png")
+                    f"results/samples/{target['experiment']}/{variant(target)}/grid.png")
     return out
 
 
@@ -177,21 +195,13 @@ def published_fids() -> tuple[dict, ...]:
     so a model several tables print is matched to the first. Untranscribed cells are left out."""
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     experiments, objectives = config["experiments"], config["objectives"]
-    runs = {}  # (experiment, model) → (criterion, objective name)
-    for exp, settings in experiments.items():
-        for run in settings["finetune"]["runs"]:
-            criterion = run.get("criterion", settings["prune"]["criterion"])
-            pruned = pruned_model_name(criterion, run["channel_ratio"])
-            for objective in run["objectives"]:
-                runs[(exp, f"{pruned}/{objective}")] = (criterion, objective)
 
-    def entry(exp, model, pr, fid, where):
-        dense = experiments[exp]["dense"]["pretrained"]
-        if model == "dense":
+    def entry(model, pr, fid, where):
+        dense = experiments[model["experiment"]]["dense"]["pretrained"]
+        if model["objective"] == "dense":
             return {"dense": dense, "pr": None, "criterion": "", "objective": None, "fid": fid, "where": where}
-        criterion, objective = runs[(exp, model)]
-        return {"dense": dense, "pr": pr, "criterion": criterion, "objective": objectives[objective], "fid": fid,
-                "where": where}
+        return {"dense": dense, "pr": pr, "criterion": model["criterion"], "objective": objectives[model["objective"]],
+                "fid": fid, "where": where}
 
     found = []
     for name, table in load_spec()["tables"].items():
@@ -208,7 +218,7 @@ def published_fids() -> tuple[dict, ...]:
                         continue
                     what = row["method"] + (f", λ_Jac {column.split('@')[1]}" if "@" in column else "")
                     where = f"IGSM {table_label(name)} ({what}{'; ' + other if other else ''})"
-                    found.append(entry(row["ours"]["experiment"], model, row["pr"], paper, where))
+                    found.append(entry(model, row["pr"], paper, where))
     for other in load_spec().get("other_published", []):
         found.append({"dense": experiments[other["experiment"]]["dense"]["pretrained"], "pr": other["pr"],
                       "criterion": other["criterion"], "objective": objectives[other["objective"]],
@@ -227,8 +237,8 @@ def experiments_of(name: str) -> list[str]:
     return found
 
 
-def _ours(frame: pd.DataFrame, model: str, column: str):
-    rows = frame[frame.model == model]
+def _ours(frame: pd.DataFrame, model: dict, column: str):
+    rows = _rows_of(frame, model)
     if rows.empty:
         return None
     row = rows.iloc[0]
@@ -240,11 +250,11 @@ def _ours(frame: pd.DataFrame, model: str, column: str):
     return None if value is None or pd.isna(value) else float(value)
 
 
-def _source(frame: pd.DataFrame, exp: str, model: str, column: str) -> str:
+def _source(frame: pd.DataFrame, exp: str, model: dict, column: str) -> str:
+    row = _rows_of(frame, model).iloc[0]
     if field_of(column) != "fid":
-        return f"{exp}/{model}"
-    row = frame[frame.model == model].iloc[0]
-    return f"{exp}/{model}, FID {row.fid_mode}, {int(row.fid_images)} images"
+        return f"{exp}/{row.model}"
+    return f"{exp}/{row.model}, FID {row.fid_mode}, {int(row.fid_images)} images"
 
 
 def _count(value: float) -> str:
@@ -254,21 +264,22 @@ def _count(value: float) -> str:
     return f"{value / 1e3:g}k" if value >= 1e4 else f"{int(value):,}"
 
 
-def differences(exp: str, frame: pd.DataFrame, models) -> str:
+def differences(exp: str, frame: pd.DataFrame, models: list[dict]) -> str:
     """How the row's models ran otherwise than the paper's numbers (``paper_settings``): finetune
     steps (not for the pretrained dense model) and FID sample counts; "" when as the paper."""
     paper = load_spec().get("paper_settings", {}).get(exp, {})
     found = []
-    for model in dict.fromkeys(models):
-        rows = frame[frame.model == model]
+    for model in models:
+        rows = _rows_of(frame, model)
         if rows.empty:
             continue
         row = rows.iloc[0]
         steps, images = row.get("training_steps"), row.get("fid_images")
-        if model != "dense" and "training_steps" in paper and pd.notna(steps) and steps != paper["training_steps"]:
-            found.append(f"{model}: {_count(steps)} finetune steps (paper {_count(paper['training_steps'])})")
+        if model["objective"] != "dense" and "training_steps" in paper and pd.notna(steps) \
+                and steps != paper["training_steps"]:
+            found.append(f"{row.model}: {_count(steps)} finetune steps (paper {_count(paper['training_steps'])})")
         if "fid_images" in paper and pd.notna(images) and images != paper["fid_images"]:
-            found.append(f"{model}: FID on {_count(images)} images (paper {_count(paper['fid_images'])})")
+            found.append(f"{row.model}: FID on {_count(images)} images (paper {_count(paper['fid_images'])})")
     return "; ".join(dict.fromkeys(found))
 
 
@@ -299,13 +310,13 @@ def build(name: str, experiment_tables: dict[str, pd.DataFrame]) -> pd.DataFrame
                 else:
                     frame = experiment_tables[target["experiment"]]
                     ours = _ours(frame, model, column)
-                    if (frame.model == model).any():
+                    if not _rows_of(frame, model).empty:
                         cell["source"] = _source(frame, target["experiment"], model, column)
                         cell.update(status="ours" if ours is not None else "missing", ours=ours)
                         if ours is None:
                             cell["source"] += " (no value recorded)"
                     else:
-                        cell.update(status="missing", source=f"{target['experiment']} scores no model {model}")
+                        cell.update(status="missing", source=f"{target['experiment']} scores no model {variant(model)}")
                     if ours is not None and paper is not None:
                         cell["delta"] = ours - paper
                 if column in row.get("untranscribed", ()):
