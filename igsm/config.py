@@ -56,7 +56,7 @@ DETAIL_VARIABLE = "IGSM_CONFIG_DETAIL"
 WORKFLOW_RULES = (
     "all_sample_pngs", "all_tables", "combined_table", "dense_pretrained", "dense_pretrained_uvit",
     "dense_trained", "download", "efficiency", "fid", "fid_reference", "fid_statistics", "finetune",
-    "gradient_flow_picture", "paper_figure", "paper_samples", "paper_table", "prune", "reuse_plan", "sample",
+    "paper_figure", "paper_samples", "paper_table", "prune", "prune_report_picture", "reuse_plan", "sample",
     "sample_gather", "sample_png", "tables", "untrained", "variant_metadata",
 )
 

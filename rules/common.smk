@@ -43,6 +43,7 @@ from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
 from igsm.families import FAMILY_KEY, assumed_family, family_of_architecture
 from igsm.plan import scored_models
+from igsm.pruning import report_pictures
 from igsm.paper.tables import FIGURES as PAPER_FIGURES
 from igsm.paper.tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
 from igsm.paper.tables import experiments_of, sample_grids, table_names
@@ -217,11 +218,11 @@ def table_rows(exp):
 
 
 def table_inputs(exp):
-    return [path for row in table_rows(exp) for path in row.values() if path] + flow_pictures(exp)
+    return [path for row in table_rows(exp) for path in row.values() if path] + prune_report_pictures(exp)
 
 
-def flow_pictures(exp):
-    """The report picture of each pruning an experiment finetunes from whose method makes one
+def prune_report_pictures(exp):
+    """The report picture of each pruning an experiment finetunes from whose method draws one
     (gradient flow's masks picture)."""
     pictures = set()
     for meta in variant_metadata(exp).values():

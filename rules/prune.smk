@@ -28,20 +28,24 @@ rule prune:
         "--report {output.report:q} --threads {threads} > {log:q} 2>&1"
 
 
-# Gradient-flow pruning's own report picture (masks over the flow, final widths), from its report.
-rule gradient_flow_picture:
+# The picture a pruning method draws of its report (its report_picture; gradient flow: the masks over
+# the flow, final widths), for the methods that declare one.
+rule prune_report_picture:
     conda:
         "../envs/tables.yaml"
     input:
-        report="results/prune/{exp}/gradient-flow-cr{ratio}/report.json",
+        report="results/prune/{exp}/{criterion}-cr{ratio}/report.json",
     output:
-        picture=report("results/prune/{exp}/gradient-flow-cr{ratio}/masks.png", caption="../report/flow_masks.rst",
-                       category="Pruning", labels={"experiment": "{exp}", "pruning": "gradient-flow-cr{ratio}"}),
+        picture=report("results/prune/{exp}/{criterion}-cr{ratio}/{picture}", caption="../report/prune_picture.rst",
+                       category="Pruning", labels={"experiment": "{exp}", "pruning": "{criterion}-cr{ratio}"}),
+    wildcard_constraints:
+        picture="|".join(re.escape(name) for name in report_pictures()) or "(?!)",
     log:
-        "results/logs/gradient_flow_picture/{exp}/cr{ratio}.log",
+        "results/logs/prune_report_picture/{exp}/{criterion}-cr{ratio}/{picture}.log",
     threads: 1
     resources:
         mem_mb=resource("tables", "mem_mb"),
         runtime=resource("tables", "runtime"),
     shell:
-        "python -m igsm plot-flow-masks --report {input.report:q} --out {output.picture:q} > {log:q} 2>&1"
+        "python -m igsm draw-prune-report --report {input.report:q} --criterion {wildcards.criterion:q} "
+        "--out {output.picture:q} > {log:q} 2>&1"

@@ -584,7 +584,7 @@ def test_fashion_mnist_experiment_dry_runs(tmp_path):
         assert len(fid) == 1 and "--statistics results/fid_stats/fmnist_unet/dense.npz" in fid[0]
     assert any("--statistics results/fid_stats/fmnist_unet_seed1/dense.npz" in b for b in jobs["fid"])
     # Gradient-flow pruning's picture, once per flow.
-    assert counts["gradient_flow_picture"] == 1
+    assert counts["prune_report_picture"] == 1
     seed1 = [b for b in jobs["finetune"] if "fmnist_unet_seed1/" in b]
     assert len(seed1) == runs["fmnist_unet_seed1"]
     for block in seed1:

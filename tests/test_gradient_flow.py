@@ -276,8 +276,8 @@ def test_prune_stage_runs_gradient_flow(tiny_training, tmp_path):
     assert widths and all(after == pruned.get_submodule(root).out_channels and after < before
                           for root, (before, after) in widths.items() if "conv" in root)
     picture = tmp_path / "prune" / "masks.png"
-    plot = subprocess.run([sys.executable, "-m", "igsm", "plot-flow-masks", "--report", str(tmp_path / "prune" / "report.json"),
-                           "--out", str(picture)], cwd=REPO, capture_output=True, text=True)
+    plot = subprocess.run([sys.executable, "-m", "igsm", "draw-prune-report", "--report", str(tmp_path / "prune" / "report.json"),
+                           "--criterion", "gradient-flow", "--out", str(picture)], cwd=REPO, capture_output=True, text=True)
     assert plot.returncode == 0 and picture.read_bytes()[:4] == b"\x89PNG", plot.stderr[-2000:]
 
 

@@ -221,6 +221,8 @@ def test_the_toy_plugins_run_through_the_workflow(tmp_path):
     assert set(table.loc[["fpgm-cr0.5/np", "fpgm-cr0.5/igsm"], "objective"]) == {"np", "igsm"}
     report = json.loads((results / "prune/toy/fpgm-cr0.5/report.json").read_text())
     assert report["criterion"] == "fpgm" and report["pruned_params"] < report["dense_params"]
+    # The method's extra output, drawn by the workflow's rule for any method that declares one.
+    assert (results / "prune/toy/fpgm-cr0.5/params.png").read_bytes()[:4] == b"\x89PNG"
     for model in ("dense/toy/trained/model", "finetune/toy/fpgm-cr0.5/igsm/model"):
         assert json.loads((results / model / "architecture.json").read_text())["class"] == "ToyConvNet"
     plan = json.loads((results / "reuse/toy/dense/reuse-periodic-f0.6/plan.json").read_text())

@@ -10,4 +10,4 @@ methods' names, criteria and settings keys while it builds the DAG. The structur
 
 from igsm.pruning import diff_pruning, gradient_flow  # noqa: F401  (each registers its method)
 from igsm.pruning.diff_pruning import CRITERIA, criterion_importance, prune  # noqa: F401
-from igsm.pruning.methods import METHODS, PruningMethod, criteria, method_for, register  # noqa: F401
+from igsm.pruning.methods import METHODS, PruningMethod, criteria, method_for, register, report_pictures  # noqa: F401

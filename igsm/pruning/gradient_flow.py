@@ -17,7 +17,7 @@ class GradientFlow(PruningMethod):
     name = "gradient-flow"
     criteria = ("gradient-flow",)
     settings_key = "gradient_flow"
-    report_picture = "masks.png"  # igsm plot-flow-masks (rule gradient_flow_picture)
+    report_picture = "masks.png"
 
     def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, folder, device):
         from pathlib import Path
@@ -36,6 +36,15 @@ class GradientFlow(PruningMethod):
             checkpoint_dir=folder / "checkpoints", metrics_path=folder / "flow_metrics.jsonl", r=flow["r"],
             device=device)
         return pruned, {"criterion": criterion, **report}
+
+    def draw_report(self, report, path):
+        """Each group's mask over the flow beside the overall density, and its width before and
+        after the hard prune (igsm.plots.plot_flow_masks)."""
+        from igsm.plots import plot_flow_masks
+
+        if "gradient_flow" not in report:
+            raise ValueError("not a gradient-flow prune report (no 'gradient_flow')")
+        plot_flow_masks(report["gradient_flow"], path)
 
 
 register(GradientFlow())

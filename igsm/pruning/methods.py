@@ -23,7 +23,8 @@ class PruningMethod:
     criteria: tuple[str, ...] = ()
     # Its own settings under 'prune.<settings_key>' (the schema's $defs.<settings_key>), or None.
     settings_key: str | None = None
-    # A picture its report makes beside report.json (results/prune/<exp>/<pruned>/), or None.
+    # The file name of a picture of its report, drawn by :meth:`draw_report` beside report.json
+    # (results/prune/<exp>/<pruned>/<report_picture>, the workflow's rule prune_report_picture), or None.
     report_picture: str | None = None
 
     def prune(self, net, images, *, criterion: str, channel_ratio: float, settings, schedule,
@@ -34,6 +35,12 @@ class PruningMethod:
         ``settings.sections[settings_key]``); ``schedule``: the experiment's forward process;
         ``folder``: where the pruned model goes, for files of a resumable phase."""
         raise NotImplementedError(f"pruning method {self.name!r} does not implement prune()")
+
+    def draw_report(self, report: dict, path) -> None:
+        """Draw ``report`` (what :meth:`prune` returned, read back from report.json) into the PNG
+        ``path``; for a method with a ``report_picture``. A ValueError if the report is not one of
+        this method's."""
+        raise NotImplementedError(f"pruning method {self.name!r} declares no report picture")
 
 
 METHODS: dict[str, PruningMethod] = {}
@@ -52,6 +59,11 @@ def register(method: PruningMethod) -> PruningMethod:
                              f"and by {origin(method)}; give one of them another")
     METHODS[method.name] = method
     return method
+
+
+def report_pictures() -> list[str]:
+    """The file names of the registered methods' report pictures."""
+    return sorted({method.report_picture for method in METHODS.values() if method.report_picture})
 
 
 def criteria() -> list[str]:

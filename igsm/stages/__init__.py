@@ -6,7 +6,7 @@ imports a stage. A stage's failure the user can act on is a ``StageError`` (igsm
 * ``download.py``: a dataset into an image store.
 * ``dense.py``: a pretrained dense model fetched, a fresh one initialised, a checkpoint converted.
 * ``train.py``: the dense and finetune stages, both the one training loop (igsm.training).
-* ``prune.py``: structural pruning by a pruning method; the gradient-flow masks picture.
+* ``prune.py``: structural pruning by a pruning method; the picture a method draws of its report.
 * ``sample.py``: the FID sets (shards, batches that survive interruption), gathered, exported.
 * ``fid.py``: Inception statistics and the FID.
 * ``reuse.py``: a block-reuse gate table (DiP-GO and its baselines).

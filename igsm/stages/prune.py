@@ -1,5 +1,5 @@
 """The prune stage (paper Sec. 5.1): structural pruning of the dense model at one channel ratio by
-the pruning method of a criterion (igsm.pruning), and the picture of a gradient-flow run."""
+the pruning method of a criterion (igsm.pruning), and the picture a method draws of its report."""
 
 from __future__ import annotations
 
@@ -62,11 +62,17 @@ def check_teacher_fits(model_dir, data, shape) -> None:
         raise StageError("\n".join(f"{key}: {problem}" for problem in problems))
 
 
-def plot_flow_masks(report_file, out) -> None:
-    """Picture of a gradient-flow pruning run: masks over the flow, final widths."""
-    from igsm.plots import plot_flow_masks as plot
+def draw_report(report_file, criterion: str, out) -> None:
+    """The picture that the pruning method of ``criterion`` draws of its report (report_picture)."""
+    from igsm.pruning import method_for
 
-    report = json.loads(Path(report_file).read_text())
-    if "gradient_flow" not in report:
-        raise StageError(f"{report_file}: not a gradient-flow prune report (no 'gradient_flow')")
-    plot(report["gradient_flow"], out)
+    try:
+        method = method_for(criterion, criterion_key="--criterion")
+    except ValueError as err:
+        raise StageError(str(err)) from None
+    if not method.report_picture:
+        raise StageError(f"--criterion: pruning method {method.name!r} draws no picture of its report")
+    try:
+        method.draw_report(json.loads(Path(report_file).read_text()), out)
+    except ValueError as err:
+        raise StageError(f"{report_file}: {err}") from None
