@@ -96,12 +96,6 @@ def load_from_environment() -> None:
     load(entries, key=f"{PLUGINS_KEY} (from {ENVIRONMENT_VARIABLE})")
 
 
-def origin(member) -> str:
-    """Where a registry member comes from, for the registries' errors: its class's module and name
-    (a plugin file's module is named after the file: :func:`module_name`)."""
-    return f"{type(member).__module__}.{type(member).__qualname__}"
-
-
 def module_name(path: str) -> str:
     """The module name a plugin file is imported under: its stem and a digest of its path, so two
     files of one name stay two modules and a second load of one file finds the first."""

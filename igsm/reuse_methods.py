@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from igsm.plugins import origin
+from igsm.registry import origin, registered_twice
 
 
 class ReuseMethod:
@@ -100,8 +100,7 @@ def register(method: ReuseMethod) -> ReuseMethod:
     if not method.name:
         raise ValueError(f"reuse method {origin(method)}: needs a name")
     if method.name in METHODS:
-        raise ValueError(f"reuse method {method.name!r} is registered twice: by {origin(METHODS[method.name])} "
-                         f"and by {origin(method)}; give one of them another name")
+        raise registered_twice("reuse method", method.name, f"the name {method.name!r}", METHODS[method.name], method)
     METHODS[method.name] = method
     return method
 

@@ -140,8 +140,26 @@ TAKEN = {
             name = "deepcache"
 
         register(MyDeepCache())
-        """, "reuse method 'deepcache' is registered twice: by igsm.reuse_methods.DeepCache and by "
+        """, "reuse method 'deepcache': the name 'deepcache' is registered twice: by igsm.reuse_methods.DeepCache and by "
              "igsm_plugin_taken_[0-9a-f]{8}.MyDeepCache"),
+    "data source": ("""
+        from igsm.data.sources import register
+
+        def prepare(spec, cache_dir):
+            raise NotImplementedError
+
+        register("cifar10", lambda spec, fail: None, prepare)
+        """, "data source 'cifar10': the name 'cifar10' is registered twice: by igsm.data.cifar10.prepare and by "
+             "igsm_plugin_taken_[0-9a-f]{8}.prepare"),
+    "sampler": ("""
+        from igsm.sampling.samplers import DDIM, register
+
+        class MyDDIM(DDIM):
+            pass
+
+        register(MyDDIM)
+        """, "sampler 'ddim': the name 'ddim' is registered twice: by igsm.sampling.samplers.DDIM and by "
+             "igsm_plugin_taken_[0-9a-f]{8}.MyDDIM"),
 }
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from igsm.data.common import URL_SCHEMES
 from igsm.data.store import ImageStore, write_store
+from igsm.registry import registered_twice
 from igsm.schema import dataset_defaults
 
 Fail = Callable[[str, str], None]  # fail(key, message) raises, naming the key
@@ -37,7 +38,7 @@ SOURCES: dict[str, DataSource] = {}
 
 def register(name: str, check: Callable[[dict, Fail], None], prepare: Prepare) -> DataSource:
     if name in SOURCES:
-        raise ValueError(f"data source {name!r} is registered twice")
+        raise registered_twice("data source", name, f"the name {name!r}", SOURCES[name].prepare, prepare)
     SOURCES[name] = DataSource(name, check, prepare)
     return SOURCES[name]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from igsm.plugins import origin
+from igsm.registry import origin, registered_twice
 
 FAMILY_KEY = "family"  # experiments.<exp>.architecture.family
 REST = "rest"  # in a block graph: everything outside the blocks (it always runs, reads the last block)
@@ -149,10 +149,9 @@ def register(family: Family) -> Family:
     for other in list(_registry.values()) if shipped else families():
         same_class = bool(family.class_name) and other.class_name == family.class_name
         if other.name == family.name or same_class:
-            what = (f"name {family.name!r}" if other.name == family.name else
-                    f"network class {family.class_name!r} (a checkpoint names its family by it)")
-            raise ValueError(f"model family {family.name!r}: the {what} is registered twice: by {origin(other)} "
-                             f"and by {origin(family)}; give one of them another")
+            what = (f"the name {family.name!r}" if other.name == family.name else
+                    f"the network class {family.class_name!r} (a checkpoint names its family by it)")
+            raise registered_twice("model family", family.name, what, other, family)
     _registry[family.name] = family
     return family
 

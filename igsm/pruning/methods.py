@@ -12,7 +12,7 @@ The config names a method with ``prune.method``; its criterion (``prune.criterio
 
 from __future__ import annotations
 
-from igsm.plugins import origin
+from igsm.registry import origin, registered_twice
 
 
 class PruningMethod:
@@ -54,9 +54,8 @@ def register(method: PruningMethod) -> PruningMethod:
     for other in METHODS.values():
         shared = [criterion for criterion in method.criteria if criterion in other.criteria]
         if other.name == method.name or shared:
-            what = f"name {method.name!r}" if other.name == method.name else f"criterion {shared[0]!r}"
-            raise ValueError(f"pruning method {method.name!r}: the {what} is registered twice: by {origin(other)} "
-                             f"and by {origin(method)}; give one of them another")
+            what = f"the name {method.name!r}" if other.name == method.name else f"the criterion {shared[0]!r}"
+            raise registered_twice("pruning method", method.name, what, other, method)
     METHODS[method.name] = method
     return method
 

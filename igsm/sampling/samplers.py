@@ -26,6 +26,7 @@ import torch
 
 from igsm.diffusion import VPSDE, VPSDE_TIME_SCALE, NoiseSchedule, vp_log_alpha
 from igsm.sampling.denoiser import Denoiser, as_denoiser
+from igsm.registry import registered_twice
 from igsm.sampling.noise import ImageGenerators
 
 
@@ -133,7 +134,7 @@ REGISTRY: dict[str, type[Sampler]] = {}
 
 def register(cls: type[Sampler]) -> type[Sampler]:
     if cls.name in REGISTRY:
-        raise ValueError(f"sampler {cls.name!r} is registered twice")
+        raise registered_twice("sampler", cls.name, f"the name {cls.name!r}", REGISTRY[cls.name], cls)
     REGISTRY[cls.name] = cls
     return cls
 
