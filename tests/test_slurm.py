@@ -298,3 +298,24 @@ def test_training_resources_without_a_scheduler(tmp_path):
     assert "gpu_mem_mb=0" in resources("dense_trained")
     assert "gpu_mem_mb=3000" in resources("sample")
     assert "--nproc-per-node 1 --nnodes 1" in jobs["dense_trained"]
+
+
+def test_plugins_reach_the_jobs_that_sbatch_runs(slurm_cluster, tmp_path):
+    """The toy plugins' family, pruning method and its report picture, in jobs SLURM runs. Bug
+    caught: a job's own Snakemake and Python not importing the config's plugin files (their paths
+    are relative to -d, not to the job's directory), so the dense job cannot build 'toy-conv'."""
+    from test_plugins import toy_config
+
+    shutil.copytree(REPO / "tests" / "plugins", tmp_path / "plugins")
+    config = toy_config()
+    config["resources"] = {stage: {"mem_mb": 1000} for stage in ("download", "dense", "prune", "tables")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    target = "results/prune/toy/fpgm-cr0.5/params.png"
+    proc = subprocess.run([snakemake_executable(), target, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                           "--profile", str(REPO / "profiles" / "slurm-test"),
+                           "--configfile", str(tmp_path / "config.yaml")],
+                          cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    rules = set(dict(submitted(proc.stdout)).values())
+    assert {"dense_trained", "prune", "prune_report_picture"} <= rules, proc.stdout[-4000:]
+    assert (tmp_path / target).read_bytes()[:4] == b"\x89PNG"
