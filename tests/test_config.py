@@ -191,7 +191,7 @@ def set_dataset_named_like_a_rule(c):
 
 
 def set_samples_scaled_below_fid(c):
-    c["scale"] = {"samples": 0.004}  # 200 images → 1: no covariance, a traceback after sampling
+    c["scale"] = {"samples": 0.01}  # the demo's 100 images → 1: no covariance, a traceback after sampling
 
 
 def set_unknown_process(c):
@@ -274,7 +274,7 @@ def set_uvit_channel_mismatch(c):
     (set_experiment_named_like_a_dataset_target, r"experiments\.dataset_digits: 'dataset_digits' is already "
                                                  r"the target of datasets\.digits"),
     (set_dataset_named_like_a_rule, r"datasets\.fid: 'fid' is already the name of the workflow's rule fid"),
-    (set_samples_scaled_below_fid, r"scale\.samples: 0\.004 leaves experiments\.digits_unet\.sample\.num_images "
+    (set_samples_scaled_below_fid, r"scale\.samples: 0\.01 leaves experiments\.digits_unet\.sample\.num_images "
                                    r"at 1 image\(s\); its FID needs at least 2"),
     (set_size_mismatch, r"experiments\.digits_unet\.architecture\.sample_size: 32, but datasets\.digits\.image_size is 16"),
     (set_channel_mismatch, r"experiments\.digits_unet\.architecture\.in_channels: 3, but dataset 'digits'"),
