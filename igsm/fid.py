@@ -415,8 +415,18 @@ def save_statistics(path: str | os.PathLike, features_or_stats, **metadata) -> S
     return stats
 
 
+# ADM's evaluator (openai/guided-diffusion, evaluations/evaluator.py) publishes its reference batches
+# (VIRTUAL_imagenet256_labeled.npz, the reference of DiT's and ADM's ImageNet FIDs) as .npz files with
+# the images (arr_0) and the statistics of its TensorFlow Inception-v3: pool_3 (mu, sigma) and spatial
+# (mu_s, sigma_s). Its features are another computation than clean-fid's (another graph and resize):
+# an FID against them is labelled as such, never silently mixed.
+ADM_KEYS = ("mu_s", "sigma_s")
+ADM_FEATURES = "ADM evaluator (guided-diffusion evaluations/evaluator.py): TensorFlow Inception-v3 pool_3"
+
+
 def load_statistics(path: str | os.PathLike) -> Statistics:
-    """Read a file of ``save_statistics``, or any .npz with ``mu`` and ``sigma`` (clean-fid, pytorch-fid).
+    """Read a file of ``save_statistics``, or any .npz with ``mu`` and ``sigma`` (clean-fid, pytorch-fid,
+    ADM's reference batches: their metadata then names ADM's features, ``ADM_FEATURES``).
 
     A missing, unreadable (truncated, not an .npz) or malformed file (no mu/sigma, mu not a vector,
     sigma not the matching square matrix, non-finite values) raises ``ValueError`` naming it.
@@ -442,6 +452,8 @@ def load_statistics(path: str | os.PathLike) -> Statistics:
             raise ValueError(f"a JSON {type(metadata).__name__}, not an object")
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: malformed num_images or metadata ({err}); {remedy}") from None
+    if not metadata and set(ADM_KEYS) <= set(keys):
+        metadata = {"feature_extractor": ADM_FEATURES, "format": "ADM reference batch"}
     return Statistics(mu, sigma, None if num_images < 0 else num_images, metadata)
 
 

@@ -426,3 +426,31 @@ def test_fid_command_refuses_mismatched_modes(extractor, features, tmp_path):
                                       "--out", str(tmp_path / "b.json"), "--settings", '{"mode": "legacy_pytorch"}'])
     assert result.exit_code == 1 and "settings ask for 'legacy_pytorch'" in result.output
     assert not (tmp_path / "a.json").exists() and not (tmp_path / "b.json").exists()
+
+
+def test_an_fid_says_which_inception_its_reference_came_from(tmp_path):
+    """ADM's reference batches (VIRTUAL_imagenet256_labeled.npz: arr_0, mu, sigma, mu_s, sigma_s of
+    its TensorFlow Inception) are read and labelled; a bare mu/sigma file is labelled unknown. Bug
+    caught: an FID against another evaluator's features reported as if it were that evaluator's
+    number (DiT's and ADM's published FIDs use ADM's), with nothing in the JSON to tell them apart."""
+    rng = np.random.default_rng(0)
+    ours = {"mode": "clean", "feature_extractor": "clean-fid torchscript_inception (inception-2015-12-05)"}
+    stats = tmp_path / "stats.npz"
+    fid.save_statistics(stats, rng.normal(size=(64, 8)), **ours)
+    other = fid.statistics(rng.normal(0.5, 1.0, size=(64, 8)))
+    adm, bare, own = tmp_path / "VIRTUAL_tiny_labeled.npz", tmp_path / "bare.npz", tmp_path / "own.npz"
+    np.savez(adm, arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=other.mu, sigma=other.sigma,
+             mu_s=other.mu[:4], sigma_s=other.sigma[:4, :4])
+    np.savez(bare, mu=other.mu, sigma=other.sigma)
+    fid.save_statistics(own, other, num_images=64, **ours)
+    expected = fid.frechet_distance(fid.load_statistics(stats), other)
+    for reference, label, same in ((adm, fid.ADM_FEATURES, False), (bare, "not recorded in the file", None),
+                                   (own, ours["feature_extractor"], True)):
+        out = tmp_path / f"{reference.stem}.json"
+        result = CliRunner().invoke(cli, ["fid", "--statistics", str(stats), "--reference", str(reference),
+                                          "--out", str(out), "--settings", '{"mode": "clean"}'])
+        assert result.exit_code == 0, result.output
+        payload = json.loads(out.read_text())
+        assert (payload["reference_feature_extractor"], payload["same_feature_extractor"]) == (label, same)
+        assert payload["fid"] == pytest.approx(expected, rel=1e-9)
+        assert ("is not the reference's own evaluator's number" in result.output) is (same is False)

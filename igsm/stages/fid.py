@@ -3,6 +3,8 @@ samples, and the Fréchet distance between two statistics files (igsm.fid)."""
 
 from __future__ import annotations
 
+import sys
+
 from igsm.stages.common import StageError, readable_inputs, write_json
 from igsm.stages.process import device as torch_device, set_threads
 from igsm.stages.settings import FidSettings
@@ -72,11 +74,21 @@ def fid_score(statistics, reference, out, settings: FidSettings, threads: int | 
         raise StageError(f"{statistics} against {reference}: {err}") from None
     sample_metadata = {key: stats.metadata.get(key) for key in SAMPLE_KEYS}
     extractor_metadata = {k: v for k, v in stats.metadata.items() if k not in SAMPLE_KEYS}
+    # Which Inception the reference's features come from: a bare mu/sigma file records none; ADM's
+    # reference batches are recognised (igsm.fid.ADM_FEATURES). Another one than ours: said, not hidden.
+    reference_features = reference_stats.metadata.get("feature_extractor")
+    same_features = None if reference_features is None else reference_features == stats.metadata.get("feature_extractor")
+    if same_features is False:
+        print(f"warning: {reference} holds features of {reference_features}, {statistics} those of "
+              f"{stats.metadata.get('feature_extractor')}: this FID is not the reference's own evaluator's number",
+              file=sys.stderr)
     write_json(out, {"fid": score, "num_images": stats.num_images, "samples": sample_metadata["samples"],
                      "statistics": statistics, "reference": reference,
                      # The user's file (fid.reference_statistics), or the workflow's own statistics.
                      "reference_kind": "supplied" if settings.reference_statistics else "computed",
                      "num_reference": reference_stats.num_images,
+                     "reference_feature_extractor": reference_features or "not recorded in the file",
+                     "same_feature_extractor": same_features,
                      "image_precision": sample_metadata["image_precision"] or "unknown",
                      "sampler": sample_metadata["sampler"],
                      "sampler_kwargs": sample_metadata["sampler_kwargs"], **extractor_metadata})
