@@ -370,8 +370,10 @@ def test_fid_command_needs_only_the_statistics_files(extractor, sets, features, 
     # Every key of the single-step stage's JSON (scripts/tables.py reads fid, num_images, mode), plus
     # the statistics file.
     assert set(payload) == {"fid", "num_images", "samples", "statistics", "reference", "reference_kind", "num_reference",
+                            "reference_feature_extractor", "same_feature_extractor",
                             "image_precision", "sampler", "sampler_kwargs", "mode", "feature_extractor",
                             "weights_file", "weights_sha1", "precision", "device", "channels_last"}
+    assert payload["same_feature_extractor"] is True  # the workflow's own reference
     assert payload["fid"] == pytest.approx(fid_ab, rel=1e-6)
     assert (payload["num_images"], payload["num_reference"], payload["samples"], payload["statistics"],
             payload["reference"], payload["image_precision"], payload["sampler"], payload["sampler_kwargs"],
