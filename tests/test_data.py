@@ -334,7 +334,7 @@ def set_key(key, value):
     ("cifar10", set_key("sha256", {"cifar-10-python.tar.gz": "ab" * 32}), "sha256", "one string"),
     ("image-folder", set_key("path", ""), "path", "needs 'path'"),
     ("image-folder", set_key("path", "/nonexistent/images"), "path", "not a folder"),
-    ("imagenet", lambda spec: None, "source", "unknown dataset source"),
+    ("places365", lambda spec: None, "source", "unknown dataset source"),
 ])
 def test_check_dataset_spec_names_the_key(tmp_path, monkeypatch, source, change, key, message):
     def no_io(*args, **kwargs):
@@ -345,7 +345,7 @@ def test_check_dataset_spec_names_the_key(tmp_path, monkeypatch, source, change,
     # A spec as the schema's defaults leave it, valid before the change.
     spec = {"source": source, "url": "", "split": "test", "path": str(tmp_path), "image_size": 32,
             "channels": 3}
-    if source != "imagenet":
+    if source != "places365":
         check_dataset_spec("mine", spec)
     change(spec)
     with pytest.raises(ValueError, match=re.escape(f"datasets.mine.{key}: ") + ".*" + message):

@@ -8,6 +8,7 @@ Each source is one module that registers itself (``igsm.data.sources``):
 * ``lsun`` (``lsun.py``): LSUN scene LMDBs (church_outdoor, bedroom, …), short side resized, centre-cropped.
 * ``sklearn-digits`` (``sklearn_digits.py``): 8×8 digits shipped with scikit-learn (the demo).
 * ``image-folder`` (``image_folder.py``): a user's own images.
+* ``imagenet`` (``imagenet.py``): the user's ILSVRC2012 train copy, class labels, ADM's centre crop.
 
 An empty ``url`` and an absent digest mean the source's official ones (constants in its module).
 ``check_dataset_spec`` reports the errors a config entry alone shows, before any job runs.
@@ -32,3 +33,4 @@ from igsm.data.celeba import CELEBA_MD5, load_celeba  # noqa: E402
 from igsm.data.lsun import LSUN_CATEGORIES, LSUN_URL, center_crop_arr, read_lmdb  # noqa: E402
 from igsm.data.sklearn_digits import load_sklearn_digits  # noqa: E402
 from igsm.data.image_folder import IMAGE_SUFFIXES, load_image_folder  # noqa: E402
+from igsm.data.imagenet import iter_imagenet  # noqa: E402
