@@ -89,3 +89,15 @@ def test_bad_copies_are_named(tree, tmp_path):
     not_tar.write_bytes(b"\0" * 10)
     with pytest.raises(ValueError, match="train.tar: "):
         list(iter_imagenet(not_tar, 16))
+
+
+def test_the_dataset_store_keeps_the_class_labels(tree, tmp_path):
+    """Through the data stage's own entry point (config entry → checks → image store): the labels
+    the conditional models will read are stored beside the images."""
+    from igsm.data import prepare_dataset
+
+    root, _ = tree
+    store = prepare_dataset({"source": "imagenet", "path": str(root), "image_size": 8}, tmp_path / "store",
+                            tmp_path / "raw")
+    assert len(store) == 6 and store.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert store[0:6].shape == (6, 8, 8, 3)
