@@ -58,14 +58,16 @@ def _read_tar(archive: Path) -> Iterator[tuple[int, str, object]]:
 
     try:
         outer = tarfile.open(archive, "r:")
-        members = {Path(m.name).stem: m for m in outer.getmembers()
-                   if m.isfile() and m.name.endswith(".tar") and WNID.fullmatch(Path(m.name).stem)}
     except (tarfile.TarError, OSError) as err:
         raise ValueError(f"{archive}: not a readable tar ({err})") from None
-    if not members:
-        outer.close()
-        raise ValueError(f"{archive}: holds no per-class tars <wnid>.tar (the layout of ILSVRC2012_img_train.tar)")
     with outer:
+        try:
+            members = {Path(m.name).stem: m for m in outer.getmembers()
+                       if m.isfile() and m.name.endswith(".tar") and WNID.fullmatch(Path(m.name).stem)}
+        except (tarfile.TarError, OSError) as err:
+            raise ValueError(f"{archive}: not a readable tar ({err})") from None
+        if not members:
+            raise ValueError(f"{archive}: holds no per-class tars <wnid>.tar (the layout of ILSVRC2012_img_train.tar)")
         for label, wnid in enumerate(sorted(members)):
             where = f"{archive}:{members[wnid].name}"
             try:
