@@ -116,3 +116,18 @@ def test_a_registered_method_prunes_through_the_cli(tiny_training, tmp_path):
     kept = pruned.time_embedding.linear_1  # a layer without GroupNorm coupling: its first half survives
     torch.testing.assert_close(kept.weight, dense.time_embedding.linear_1.weight[:kept.out_features])
     assert kept.out_features < dense.time_embedding.linear_1.out_features
+
+
+def test_a_report_picture_is_drawn_only_by_a_method_that_declares_one(tmp_path):
+    # Bugs caught: draw-prune-report drawing gradient flow's picture for any criterion (the rule
+    # was gradient flow's alone before), or a foreign report drawn as if it were the method's.
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"criterion": "magnitude", "pruned_params": 10}))
+    out = tmp_path / "picture.png"
+    base = ["draw-prune-report", "--report", str(report), "--out", str(out)]
+    result = CliRunner().invoke(main, [*base, "--criterion", "magnitude"])
+    assert result.exit_code == 1 and "pruning method 'diff-pruning' draws no picture of its report" in result.output
+    result = CliRunner().invoke(main, [*base, "--criterion", "gradient-flow"])
+    assert result.exit_code == 1 and "not a gradient-flow prune report" in result.output
+    assert not out.exists()
+    assert "masks.png" in pruning.report_pictures()  # the constraint of rule prune_report_picture
