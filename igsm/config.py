@@ -569,8 +569,9 @@ def _filling_defaults(validator_class):
 
 def validate_schema(config: dict) -> None:
     """The config's plugins imported (igsm.plugins), then the schema's checks, its defaults filled
-    in; ConfigError with every error at once, sorted by key, each one line: the key's dotted path, what is wrong, what would be valid. With
-    IGSM_CONFIG_DETAIL=1 each also carries jsonschema's full report."""
+    in; ConfigError with every error at once, sorted by key, each one line: the key's dotted path,
+    what is wrong, what would be valid. With IGSM_CONFIG_DETAIL=1 each also carries jsonschema's
+    full report."""
     from jsonschema import Draft202012Validator
 
     try:  # first: the plugins' members are in the enums and the checks

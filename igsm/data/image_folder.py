@@ -65,26 +65,27 @@ def iter_image_folder(folder: str | os.PathLike, image_size: int, channels: int,
     for start in range(0, len(files), chunk):
         images = []
         for path in files[start: start + chunk]:
-            img = _open_image(path)
-            img = _convert_image(img, channels, path).resize((image_size, image_size), Image.BICUBIC)
+            img = open_image(path)
+            img = convert_image(img, channels, path).resize((image_size, image_size), Image.BICUBIC)
             images.append(np.asarray(img, dtype=np.uint8).reshape(image_size, image_size, channels))
         yield np.stack(images), np.zeros(len(images), dtype=np.int64)
 
 
-def _open_image(path: Path):
-    """The decoded PIL image in ``path``, or a ValueError naming it."""
+def open_image(source, name=None):
+    """The decoded PIL image in ``source`` (a path or a binary file object; ``name`` says where it
+    is, default the path), or a ValueError naming it."""
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             img.load()
             return img
     except Exception as err:  # UnidentifiedImageError, truncated data, decompression bombs, ...
-        raise ValueError(f"{path}: not a readable image ({type(err).__name__}: {err}). Replace the "
-                         "file or remove it from the image folder") from None
+        raise ValueError(f"{name or source}: not a readable image ({type(err).__name__}: {err}). Replace "
+                         "the file or remove it from the image folder") from None
 
 
-def _convert_image(img, channels: int, path: Path):
+def convert_image(img, channels: int, path: Path):
     """``img`` as an 8-bit 'L' (channels 1) or 'RGB' (channels 3) image: see load_image_folder."""
     from PIL import Image
 

@@ -24,11 +24,10 @@ from typing import Iterator
 
 import numpy as np
 
-from igsm.data.image_folder import IMAGE_SUFFIXES, _convert_image, _open_image
+from igsm.data.image_folder import CHUNK, IMAGE_SUFFIXES, convert_image, open_image
 from igsm.data.lsun import center_crop_arr
-from igsm.data.sources import register
+from igsm.data.sources import check_max_images, register
 
-CHUNK = 1024  # images per chunk that prepare yields
 WNID = re.compile(r"n\d{8}")  # a WordNet id: the name of an ImageNet class folder or tar
 
 
@@ -42,20 +41,18 @@ def _folder_classes(root: Path) -> list[tuple[str, list]]:
     return [(c.name, sorted(p for p in c.iterdir() if p.is_file() and _is_image(p.name))) for c in classes]
 
 
-def _read_folder(root: Path) -> Iterator[tuple[str, object]]:
+def _read_folder(root: Path) -> Iterator[tuple[int, Path, object]]:
     """(label index, file, PIL image) of every image of a class-folder tree, in sorted order."""
     for label, (wnid, files) in enumerate(_folder_classes(root)):
         if not files:
             raise ValueError(f"{root / wnid}: a class folder without images")
         for path in files:
-            yield label, path, _open_image(path)
+            yield label, path, open_image(path)
 
 
 def _read_tar(archive: Path) -> Iterator[tuple[int, str, object]]:
     """(label index, member name, PIL image) of every image of ILSVRC2012_img_train.tar (a tar of
     per-class tars), in sorted order, read in place."""
-    from PIL import Image
-
     try:
         outer = tarfile.open(archive, "r:")
     except (tarfile.TarError, OSError) as err:
@@ -81,12 +78,7 @@ def _read_tar(archive: Path) -> Iterator[tuple[int, str, object]]:
                     raise ValueError(f"{where}: a class tar without images")
                 for member in files:
                     name = f"{where}/{member.name}"
-                    try:
-                        with Image.open(io.BytesIO(inner.extractfile(member).read())) as img:
-                            img.load()
-                    except Exception as err:  # truncated data, not an image, …
-                        raise ValueError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
-                    yield label, name, img
+                    yield label, name, open_image(io.BytesIO(inner.extractfile(member).read()), name)
 
 
 def iter_imagenet(path: str | Path, image_size: int, channels: int = 3, max_images: int | None = None,
@@ -106,7 +98,7 @@ def iter_imagenet(path: str | Path, image_size: int, channels: int = 3, max_imag
     for count, (label, name, img) in enumerate(images):
         if max_images is not None and count >= max_images:
             break
-        img = _convert_image(img, channels, Path(str(name)))
+        img = convert_image(img, channels, Path(str(name)))
         batch.append(center_crop_arr(img, image_size).reshape(image_size, image_size, channels))
         labels.append(label)
         if len(batch) == chunk:
@@ -125,10 +117,7 @@ def check(spec: dict, fail) -> None:
         fail("path", f"{path} does not exist")
     if spec.get("channels", 3) not in (1, 3):
         fail("channels", f"{spec['channels']!r}: 3 (RGB) or 1 (greyscale)")
-    max_images = spec.get("max_images")
-    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
-                                   or max_images < 1):
-        fail("max_images", f"{max_images!r}: a positive number of images (absent = all)")
+    check_max_images(spec, fail)
 
 
 def prepare(spec: dict, cache_dir: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:

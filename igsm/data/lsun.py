@@ -42,7 +42,7 @@ from typing import Iterator
 import numpy as np
 
 from igsm.data.common import DownloadError, WriteError, copy_to_file, download, file_digest
-from igsm.data.sources import check_hex_digest, check_split, check_url, register
+from igsm.data.sources import check_hex_digest, check_max_images, check_split, check_url, register
 
 LSUN_URL = "http://dl.yf.io/lsun/scenes/"
 LSUN_CATEGORIES = ("bedroom", "bridge", "church_outdoor", "classroom", "conference_room", "dining_room",
@@ -220,10 +220,7 @@ def check(spec: dict, fail) -> None:
     if category not in LSUN_CATEGORIES:
         fail("category", f"{category!r} is not an LSUN scene category; choose one of {list(LSUN_CATEGORIES)}")
     check_url(spec, fail)
-    max_images = spec.get("max_images")
-    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
-                                   or max_images < 1):
-        fail("max_images", f"{max_images!r}: a positive number of images (absent = all)")
+    check_max_images(spec, fail)
     sha256 = spec.get("sha256")
     if sha256 is None:
         return

@@ -93,6 +93,14 @@ def check_url(spec: dict, fail: Fail, required: str = "") -> None:
         fail("url", f"{url!r} is not an http://, https:// or file:// URL")
 
 
+def check_max_images(spec: dict, fail: Fail) -> None:
+    """``max_images``, where a source takes it: a positive count (absent = all)."""
+    max_images = spec.get("max_images")
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
+                                   or max_images < 1):
+        fail("max_images", f"{max_images!r}: a positive number of images (absent = all)")
+
+
 def check_hex_digest(digest, length: int, key: str, fail: Fail) -> None:
     if not (isinstance(digest, str) and re.fullmatch(f"[0-9a-fA-F]{{{length}}}", digest)):
         fail(key, f"not {length} hex digits (got {digest!r})")

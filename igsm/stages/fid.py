@@ -76,12 +76,12 @@ def fid_score(statistics, reference, out, settings: FidSettings, threads: int | 
     extractor_metadata = {k: v for k, v in stats.metadata.items() if k not in SAMPLE_KEYS}
     # Which Inception the reference's features come from: a bare mu/sigma file records none; ADM's
     # reference batches are recognised (igsm.fid.ADM_FEATURES). Another one than ours: said, not hidden.
+    features = stats.metadata.get("feature_extractor")
     reference_features = reference_stats.metadata.get("feature_extractor")
-    same_features = None if reference_features is None else reference_features == stats.metadata.get("feature_extractor")
+    same_features = None if reference_features is None else reference_features == features
     if same_features is False:
         print(f"warning: {reference} holds features of {reference_features}, {statistics} those of "
-              f"{stats.metadata.get('feature_extractor')}: this FID is not the reference's own evaluator's number",
-              file=sys.stderr)
+              f"{features}: this FID is not the reference's own evaluator's number", file=sys.stderr)
     write_json(out, {"fid": score, "num_images": stats.num_images, "samples": sample_metadata["samples"],
                      "statistics": statistics, "reference": reference,
                      # The user's file (fid.reference_statistics), or the workflow's own statistics.
