@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from igsm import plugins, pruning, reuse_methods
+from igsm import conditioning, plugins, pruning, reuse_methods
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
 from igsm.data.sources import with_defaults
@@ -203,6 +203,27 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     errors += _pruning_errors(key, exp)
     errors += _reuse_errors(key, exp)
     errors += _sample_and_fid_errors(config, name, exp)
+    errors += _conditioning_errors(key, exp, family)
+    return errors
+
+
+def _conditioning_errors(key: str, exp: dict, family: Family) -> list[str]:
+    """The conditioning's settings, what the family's networks take, and the settings that need a
+    condition (guidance) or do not take one yet (block reuse)."""
+    try:
+        kind = conditioning.conditioning_from_settings(exp["conditioning"])
+    except ValueError as err:
+        return [f"{key}.{err}"]
+    errors = []
+    if kind is None and exp["sample"]["guidance_scale"] != 1.0:
+        errors.append(f"{key}.sample.guidance_scale: {exp['sample']['guidance_scale']}, but the experiment is "
+                      "unconditional (conditioning.kind none): guidance needs a condition")
+    # A pretrained network given without an architecture is checked once fetched (its first job).
+    known = family.network_arguments(exp["architecture"]) or not exp["dense"]["pretrained"]
+    errors += family.conditioning_errors(key, exp["architecture"] if known else None, kind)
+    if kind is not None and exp["reuse"]["models"]:
+        errors.append(f"{key}.reuse.models: block reuse of conditional models (conditioning.kind "
+                      f"{kind.kind!r}) is not supported yet; leave reuse.models empty")
     return errors
 
 
@@ -541,6 +562,7 @@ def _schema() -> dict:
     schema = copy.deepcopy(schema_file())
     experiment = schema["$defs"]["experiment"]["properties"]
     experiment["architecture"]["properties"][FAMILY_KEY]["enum"] = names()
+    experiment["conditioning"]["properties"]["kind"]["enum"] = conditioning.kinds()
     experiment["reuse"]["properties"]["methods"]["items"]["enum"] = list(reuse_methods.METHODS)
     prune = experiment["prune"]["properties"]
     prune["method"]["enum"] = list(pruning.METHODS)

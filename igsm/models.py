@@ -120,10 +120,63 @@ def build_model(architecture: dict) -> nn.Module:
     return family_of_architecture(architecture).build(architecture)
 
 
-def predict_noise(net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """ε̂ = net(x_t, t) for diffusers models (which wrap outputs) and plain modules alike."""
-    out = net(x, t)
+def predict_noise(net: nn.Module, x: torch.Tensor, t: torch.Tensor, **condition) -> torch.Tensor:
+    """ε̂ = net(x_t, t) for diffusers models (which wrap outputs) and plain modules alike;
+    ``condition``: the network's condition by its keyword (:func:`condition_inputs`)."""
+    out = net(x, t, **condition)
     return out.sample if hasattr(out, "sample") else out
+
+
+def condition_keyword(net: nn.Module) -> str | None:
+    """The keyword by which ``net`` (of any family; a torch.compile'd or DDP-wrapped one too) takes
+    its condition, None for an unconditional network (a plain module ``net(x, t)`` of no family
+    included, as the samplers take)."""
+    net = getattr(net, "_orig_mod", net)
+    net = getattr(net, "module", net) if type(net).__name__ == "DistributedDataParallel" else net
+    try:
+        family = family_of(net)
+    except ValueError:
+        return None
+    return family.condition_keyword(net)
+
+
+def condition_inputs(net: nn.Module, condition: torch.Tensor | None) -> dict:
+    """``{keyword: condition}`` for :func:`predict_noise` (empty for None). ``ValueError`` if a
+    condition is given to an unconditional network, or none to a conditional one: either would
+    run, on the wrong input or not at all, deep inside the network."""
+    keyword = condition_keyword(net)
+    if (condition is None) != (keyword is None):
+        what = "a condition for an unconditional" if keyword is None else "no condition for a conditional"
+        raise ValueError(f"{what} {type(getattr(net, '_orig_mod', net)).__name__}: the experiment's "
+                         "conditioning and its networks disagree")
+    return {} if condition is None else {keyword: condition}
+
+
+def example_condition(net: nn.Module, batch_size: int, device=None) -> torch.Tensor | None:
+    """A condition for ``batch_size`` images of ``net`` (its family's example, repeated; None for an
+    unconditional network): for timing and tracing, where the values do not matter."""
+    net = getattr(net, "_orig_mod", net)
+    one = family_of(net).example_condition(net, device)
+    return None if one is None else one.expand(batch_size, *one.shape[1:])
+
+
+class Conditioned(nn.Module):
+    """``net`` with a batch's condition bound: ``Conditioned(net, c)(x, t)`` is ``net(x, t, c)``, so
+    that code written for ``net(x, t)`` (the Jacobian products, the directions) runs a conditional
+    network unchanged; its parameters are ``net``'s."""
+
+    def __init__(self, net: nn.Module, condition: torch.Tensor):
+        super().__init__()
+        self.net = net
+        self.condition = condition_inputs(net, condition)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor):
+        return self.net(x, t, **self.condition)
+
+
+def conditioned(net: nn.Module | None, condition: torch.Tensor | None):
+    """``net`` with ``condition`` bound (:class:`Conditioned`), or ``net`` itself where either is None."""
+    return net if net is None or condition is None else Conditioned(net, condition)
 
 
 def layer_widths(net: nn.Module) -> dict:

@@ -166,10 +166,12 @@ def _hash_tensors(digest, tensors: dict) -> None:
 
 
 def run_fingerprint(net: nn.Module, images: "ImageStore | np.ndarray", options: "TrainingOptions",
-                    teacher: nn.Module | None, schedule: NoiseSchedule | VPSDE) -> str:
+                    teacher: nn.Module | None, schedule: NoiseSchedule | VPSDE, conditioning=None) -> str:
     """sha256 of what the trained weights depend on: the options (bar BOOKKEEPING_OPTIONS), the
-    forward process (kind and parameters: igsm.diffusion), the training images (a store by the
-    digests in its index, an array by its bytes), the initial weights and the teacher's weights.
+    forward process (kind and parameters: igsm.diffusion), the conditioning (igsm.conditioning;
+    nothing for an unconditional run, whose fingerprint stays what it was before conditioning
+    existed), the training images (a store by the digests in its index, with its labels, an array by
+    its bytes), the initial weights and the teacher's weights.
 
     Not the number of processes: a run may resume on another GPU count (or device).
     """
@@ -177,6 +179,8 @@ def run_fingerprint(net: nn.Module, images: "ImageStore | np.ndarray", options: 
     settings = {k: v for k, v in asdict(options).items() if k not in BOOKKEEPING_OPTIONS}
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(schedule.identity())
+    if conditioning is not None:
+        digest.update(b"conditioning:" + conditioning.identity())
     if isinstance(images, ImageStore):  # by the shard digests its index recorded when written
         digest.update(f"images:store:{images.fingerprint()};".encode())
     else:
@@ -360,6 +364,7 @@ def train(
     schedule: NoiseSchedule | VPSDE | None = None,
     device: str | torch.device = "cpu",
     step_hook=None,
+    conditioning=None,
 ) -> tuple[nn.Module, Timing]:
     """Train ``net`` on uint8 ``images`` (N×H×W×C: an image store, read a batch at a time, or an
     array); return its EMA copy and the run's timing.
@@ -367,19 +372,23 @@ def train(
     ``schedule``: the forward process (igsm.diffusion: DDPM, the default, or the VP-SDE); the
     objective sees its noisy images and the network's time input (t, resp. t·999).
 
+    ``conditioning`` (igsm.conditioning, None: unconditional): each image's condition from the
+    store's labels, dropped to the null condition with the kind's ``drop_prob``, goes to the student
+    and the teacher alike (``images`` must then be a store, which holds the labels).
+
     Under torchrun (igsm.distributed.init() called first) every process calls this with the same
     arguments; ``options.batch_size`` is the global batch and must divide by the process count.
 
     ``step_hook`` (e.g. igsm.pruning.soft_masks.MaskFlow) joins the loop without a loop of its own:
     ``hook.applied(net)`` wraps each step's forward, ``hook.after_step(net, x_t, t,
-    noise)`` runs after each optimizer step, its ``state_dict()`` travels in the snapshots (a
+    noise, condition)`` runs after each optimizer step, its ``state_dict()`` travels in the snapshots (a
     resumed run continues it bitwise) and its ``identity()`` in the run's fingerprint.
     """
     # Signals are caught from the first snapshot read on: one arriving while the run starts is acted
     # on after its first step.
     attempt_started = time.perf_counter()
     run = _Run(net, images, options, teacher, schedule or NoiseSchedule.linear(), torch.device(device),
-               step_hook, Path(checkpoint_dir), attempt_started)
+               step_hook, Path(checkpoint_dir), attempt_started, conditioning)
     with _StopRequested() as stop:
         run.resume_from_newest_snapshot()
         run.restart_metrics_file(Path(metrics_path))
@@ -393,13 +402,19 @@ class _Run:
     share, the metrics so far and what its snapshots carry."""
 
     def __init__(self, net, images, options: TrainingOptions, teacher, schedule, device: torch.device,
-                 step_hook, checkpoint_dir: Path, attempt_started: float):
+                 step_hook, checkpoint_dir: Path, attempt_started: float, conditioning=None):
         self.images, self.options, self.schedule, self.device = images, options, schedule, device
+        self.conditioning, self.labels = conditioning, None
+        if conditioning is not None:
+            if not isinstance(images, ImageStore):
+                raise ValueError("conditional training reads the labels of an image store; got an array")
+            self.labels = images.labels
+            conditioning.check_labels(self.labels, f"dataset {images.directory}")
         self.step_hook, self.checkpoint_dir, self.attempt_started = step_hook, checkpoint_dir, attempt_started
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()
         self.rows = _rows_of_this_process(options.batch_size, self.rank, self.world_size)
         self.objective = _objective_of_this_process(options, teacher, self.rows, self.world_size)
-        self.fingerprint = run_fingerprint(net, images, options, teacher, schedule)
+        self.fingerprint = run_fingerprint(net, images, options, teacher, schedule, conditioning)
         if step_hook is not None:
             self.fingerprint = hashlib.sha256(f"{self.fingerprint};{step_hook.identity()}".encode()).hexdigest()
 
@@ -474,33 +489,39 @@ class _Run:
             if metrics is not None:
                 metrics.close()
 
-    def draw_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Step ``step``'s noisy images x_t, network times and noise: the global batch's draws (from
-        generators seeded by (seed, step)), of which this process keeps its rows."""
+    def draw_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Step ``step``'s noisy images x_t, network times, noise and condition (None if
+        unconditional): the global batch's draws (from generators seeded by (seed, step)), of which
+        this process keeps its rows."""
         options, schedule, generator, device = self.options, self.schedule, self.generator, self.device
         batch, rows = options.batch_size, self.rows
         generator.manual_seed(step_seed(options.seed, step))
         torch.manual_seed(step_seed(options.seed, step, 1 + self.rank))  # dropout
-        x0 = to_model_range(self.images[batch_indices(step, batch, len(self.images), options.seed)[rows].numpy()]).to(device)
+        indices = batch_indices(step, batch, len(self.images), options.seed)
+        x0 = to_model_range(self.images[indices[rows].numpy()]).to(device)
         if options.hflip:
             flip = (torch.rand(batch, generator=generator, device=device) < 0.5)[rows]
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
         t = schedule.sample_times(batch, generator, device)[rows]
         noise = torch.randn((batch, *x0.shape[1:]), generator=generator, device=device)[rows]
         x_t = schedule.add_noise(x0, noise, t)
-        return x_t, schedule.network_time(t), noise  # network time: what the objective's networks see
+        condition = None
+        if self.conditioning is not None:  # drawn after the rest: unconditional runs draw as before
+            labels = self.labels[indices.numpy()]
+            condition = self.conditioning.training_condition(labels, generator, device)[rows]
+        return x_t, schedule.network_time(t), noise, condition  # network time: what the networks see
 
     def step(self, step: int, stop: _StopRequested, diagnose: bool) -> tuple[dict, float, dict | None]:
         """One optimizer step; returns the step's logged values (loss, grad_norm, each term's mean),
         the number of processes signalled to stop and, when ``diagnose``, its term diagnostics."""
         net, ema, options, params, hook = self.net, self.ema, self.options, self.params, self.step_hook
         batch = options.batch_size
-        x_t, t, noise = self.draw_batch(step)
+        x_t, t, noise, condition = self.draw_batch(step)
         for group in self.optimizer.param_groups:
             group["lr"] = options.lr * min(1.0, (step + 1) / max(1, options.warmup_steps))
         with self.autocast, (hook.applied(net) if hook is not None else contextlib.nullcontext()):
             total, terms, *parts = self.objective(net, self.teacher, x_t, t, noise, self.generator, step=step,
-                                                  contributions=diagnose)
+                                                  contributions=diagnose, condition=condition)
         loss = total.float().sum() / batch  # this process's share of the global batch mean
         by_timestep = None
         if diagnose:  # before the step's backward frees the graph; its time is not the step's
@@ -520,7 +541,7 @@ class _Run:
         # Short runs would keep the EMA at its initial weights: warm the decay up (DDPM codes do).
         _update_ema(ema, net, min(options.ema_decay, (1 + step) / (10 + step)))
         if hook is not None:
-            hook.after_step(net, x_t, t, noise)
+            hook.after_step(net, x_t, t, noise, condition)
         return {"loss": loss_value, "grad_norm": grad_norm, **dict(zip(terms, term_values))}, stop_votes, by_timestep
 
     def _start_log_interval(self) -> None:

@@ -145,9 +145,20 @@ def diffusion_settings(exp):
     return {k: v for k, v in diffusion.items() if not (k == "process" and v == "ddpm")}
 
 
-def stage_settings(exp, section):
-    """JSON of one config section of an experiment, with the experiment's diffusion process."""
-    return as_json({"diffusion": diffusion_settings(exp), **EXPERIMENTS[exp][section]})
+def experiment_context(exp, conditional=True):
+    """What a stage's settings carry besides its own section: the experiment's forward process and
+    (``conditional``) its conditioning, absent for an unconditional experiment so that jobs made
+    before conditioning existed stay valid."""
+    context = {"diffusion": diffusion_settings(exp)}
+    if conditional and EXPERIMENTS[exp]["conditioning"]["kind"] != "none":
+        context["conditioning"] = EXPERIMENTS[exp]["conditioning"]
+    return context
+
+
+def stage_settings(exp, section, conditional=False):
+    """JSON of one config section of an experiment, with the experiment's diffusion process (and
+    its conditioning, for a stage that runs the network on data: ``conditional``)."""
+    return as_json({**experiment_context(exp, conditional), **EXPERIMENTS[exp][section]})
 
 
 def objective_settings(name):
@@ -240,12 +251,15 @@ def sample_settings(exp, variant=None):
     """The 'sample' settings that make a variant's images: not how many jobs make them, nor PNG
     export, so that changing those reruns nothing that exists. A block-reuse method may sample
     with its own number of steps (fewer-steps)."""
-    sample = {k: v for k, v in EXPERIMENTS[exp]["sample"].items() if k not in ("num_shards", "png_export")}
+    context = experiment_context(exp)
+    # guidance_scale only where there is a condition (it is 1 elsewhere): older jobs stay valid.
+    dropped = ("num_shards", "png_export") + (() if "conditioning" in context else ("guidance_scale",))
+    sample = {k: v for k, v in EXPERIMENTS[exp]["sample"].items() if k not in dropped}
     meta = variant_metadata(exp)[variant] if variant else {}
     if meta.get("kind") == "reuse":
         method = REUSE_METHODS[meta["reuse_method"]]
         sample["num_steps"] = method.sampler_steps(sample["num_steps"], meta["mac_fraction"])
-    return as_json({"diffusion": diffusion_settings(exp), **sample})
+    return as_json({**context, **sample})
 
 
 def statistics_file(exp, variant):

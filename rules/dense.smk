@@ -76,7 +76,7 @@ rule dense_trained:
     params:
         settings=lambda w: as_json(
             {
-                "diffusion": diffusion_settings(w.exp),
+                **experiment_context(w.exp),
                 "training": {**EXPERIMENTS[w.exp]["dense"]["training"], "objective": {"weights": {"np": 1.0}}},
             }
         ),

@@ -17,7 +17,7 @@ rule finetune:
     params:
         settings=lambda w: as_json(
             {
-                "diffusion": diffusion_settings(w.exp),
+                **experiment_context(w.exp),
                 "training": {
                     **EXPERIMENTS[w.exp]["finetune"]["training"],
                     "objective": objective_settings(w.objective),

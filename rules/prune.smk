@@ -11,7 +11,7 @@ rule prune:
         model=directory("results/prune/{exp}/{criterion}-cr{ratio}/model"),
         report="results/prune/{exp}/{criterion}-cr{ratio}/report.json",
     params:
-        settings=lambda w: stage_settings(w.exp, "prune"),
+        settings=lambda w: stage_settings(w.exp, "prune", conditional=True),
     log:
         "results/logs/prune/{exp}/{criterion}-cr{ratio}.log",
     benchmark:

@@ -222,7 +222,50 @@ def set_uvit_channel_mismatch(c):
                                        "embed_dim": 16, "depth": 2, "num_heads": 2}, diffusion={"process": "vpsde"})
 
 
+def set_class_conditioning(c, **architecture):
+    experiment(c)["conditioning"] = {"kind": "class", "num_classes": 10}
+    experiment(c)["architecture"].update(architecture)
+    experiment(c)["reuse"]["models"] = []
+
+
+def set_class_embeds_without_null_label(c):
+    set_class_conditioning(c, num_class_embeds=10)
+
+
+def set_class_embeds_unconditional(c):
+    experiment(c)["architecture"]["num_class_embeds"] = 11
+
+
+def set_guidance_without_condition(c):
+    experiment(c)["sample"]["guidance_scale"] = 2.0
+
+
+def set_class_on_uvit(c):
+    set_uvit_channel_mismatch(c)
+    experiment(c)["architecture"]["in_chans"] = 1
+    experiment(c)["conditioning"] = {"kind": "class", "num_classes": 10}
+
+
+def set_conditional_reuse(c):
+    set_class_conditioning(c, num_class_embeds=11)
+    experiment(c)["reuse"]["models"] = ["dense"]
+
+
+def set_unknown_conditioning_kind(c):
+    experiment(c)["conditioning"] = {"kind": "text"}
+
+
 @pytest.mark.parametrize("mutate, expected", [
+    (set_class_embeds_without_null_label, r"experiments\.digits_unet\.architecture\.num_class_embeds: 10, but "
+                                          r"conditioning\.num_classes 10 needs 11"),
+    (set_class_embeds_unconditional, r"experiments\.digits_unet\.architecture\.num_class_embeds: 11 makes a "
+                                     r"class-conditional U-Net, but experiments\.digits_unet\.conditioning\.kind is none"),
+    (set_guidance_without_condition, r"experiments\.digits_unet\.sample\.guidance_scale: 2\.0, but the experiment "
+                                     r"is unconditional"),
+    (set_class_on_uvit, r"experiments\.digits_unet\.conditioning\.kind: 'class', but the U-ViT family's networks "
+                        r"take no such condition"),
+    (set_conditional_reuse, r"experiments\.digits_unet\.reuse\.models: block reuse of conditional models"),
+    (set_unknown_conditioning_kind, r"experiments\.digits_unet\.conditioning\.kind: 'text' is not one of none, class"),
     (set_unknown_process, r"experiments\.digits_unet\.diffusion\.process: 'vp-sde' is not one of ddpm, vpsde"),
     (set_euler_maruyama_on_ddpm, r"experiments\.digits_unet\.diffusion\.process: 'ddpm', but sample\.sampler "
                                  r"'euler-maruyama' integrates the VP-SDE"),

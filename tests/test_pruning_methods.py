@@ -84,7 +84,7 @@ class _KeepFirst(pruning.PruningMethod):
     name = "keep-first"
     criteria = ("first",)
 
-    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, folder, device):
+    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, conditioning, folder, device):
         from igsm.data import to_model_range
 
         model, counts = structural.prune_with_importance(net, _FirstChannels(), channel_ratio=channel_ratio,

@@ -53,7 +53,7 @@ class Family:
     """One kind of network. Class attributes describe the config, methods the networks.
 
     The interface: a member implements network_class, owns, load_pretrained, pruning_plan and
-    block_graph (the base raises NotImplementedError naming the family and the method, so a
+    block_graph, and a conditional one condition_keyword and example_condition (the base raises NotImplementedError naming the family and the method, so a
     partial member, e.g. a test's toy family, fails where it is first used); the other methods
     have defaults.
 
@@ -90,6 +90,7 @@ class Family:
     pretrained_help: str = ""
     pretrained_needs_architecture: bool = False
     pretrained_folders: bool = False
+    condition_kinds: tuple[str, ...] = ()  # the conditioning kinds (igsm.conditioning) its networks take
 
     def network_arguments(self, architecture: dict) -> dict:
         """The network class's keyword arguments: the config's architecture without ``family``."""
@@ -133,6 +134,24 @@ class Family:
     def block_graph(self, net) -> BlockGraph:
         """The network's blocks for block reuse, with the blocks reading each one's output."""
         raise NotImplementedError(f"model family {self.name!r} does not implement block_graph()")
+
+    def condition_keyword(self, net) -> str | None:
+        """The keyword by which ``net``'s forward takes its condition; None: ``net`` is unconditional."""
+        return None
+
+    def example_condition(self, net, device):
+        """A condition for a batch of one, to trace ``net`` (pruning, MAC counts); None if unconditional."""
+        return None
+
+    def conditioning_errors(self, key: str, architecture: dict, conditioning) -> list[str]:
+        """What the config alone shows wrong between the architecture (None: not in the config, a
+        pretrained network's) and ``conditioning`` (an igsm.conditioning kind's object, None if
+        unconditional); ``key``: the experiment's key."""
+        if conditioning is not None and conditioning.kind not in self.condition_kinds:
+            takes = ", ".join(self.condition_kinds) or "none"
+            return [f"{key}.conditioning.kind: {conditioning.kind!r}, but the {self.title} family's networks "
+                    f"take no such condition (conditioning kinds they take: {takes})"]
+        return []
 
     def width_attributes(self) -> dict:
         """{module type: attribute names}: the static widths a checkpoint records for each layer

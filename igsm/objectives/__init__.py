@@ -112,7 +112,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from igsm.models import predict_noise
+from igsm.models import conditioned, predict_noise
 
 from igsm.objectives.directions import (OTD_DEFAULTS, CallableDirections, GaussianDirections,  # noqa: F401
                                         OTDDirections, orthonormalize, otd_step)
@@ -172,19 +172,26 @@ class Objective:
         mode.directions = self.directions.for_global_batch(rows, global_batch)
         return mode
 
-    def probe(self, student, teacher, x_t, t, noise, generator=None, jacobian: bool = True) -> Probe:
+    def probe(self, student, teacher, x_t, t, noise, generator=None, jacobian: bool = True,
+              condition: Tensor | None = None) -> Probe:
         """The shared quantities; ``jacobian=False`` skips the Jacobian products (their terms then
-        cannot be evaluated on this probe)."""
+        cannot be evaluated on this probe). ``condition``: each row's condition (igsm.conditioning),
+        given to student and teacher alike; the Jacobians stay with respect to x_t alone."""
         if self.needs_teacher and teacher is None:
             active = [name for name, (_, term) in self.terms.items() if term.needs_teacher]
             raise ValueError(f"the terms {active} need the dense teacher, but teacher is None")
         needs_kd = any(term.needs_teacher_output for _, term in self.terms.values())
+        # Each network with the condition of the rows it is given bound (igsm.models.Conditioned):
+        # the products and the directions call net(x, t) as for an unconditional network.
+        def bind(net, rows=None):
+            return conditioned(net, condition if condition is None or rows is None else condition[rows])
+
         if not (self.needs_jacobian and jacobian):
-            s = predict_noise(student, x_t, t)
+            s = predict_noise(bind(student), x_t, t)
             s_dense = None
             if needs_kd:
                 with torch.no_grad():
-                    s_dense = predict_noise(teacher, x_t, t)
+                    s_dense = predict_noise(bind(teacher), x_t, t)
             return Probe(noise, s, s_dense)
 
         batch = x_t.shape[0]
@@ -197,20 +204,21 @@ class Objective:
             rows, rest = rows.to(x_t.device), rest.to(x_t.device)
         x_jac, t_jac = (x_t, t) if rows is None else (x_t[rows], t[rows])
         # Teacher first: its activations are freed before the student's double-backward graph grows.
+        teacher_jac, student_jac = bind(teacher, rows), bind(student, rows)
         with frozen(teacher):
-            directions = self.directions(x_jac, t_jac, generator, teacher)
-            s_dense, dense_products = self.projection.teacher(teacher, x_jac, t_jac, list(directions))
+            directions = self.directions(x_jac, t_jac, generator, teacher_jac)
+            s_dense, dense_products = self.projection.teacher(teacher_jac, x_jac, t_jac, list(directions))
         if getattr(self.projection, "mixed", False):
-            s, products, values, surrogate = self.mixed_partials(student, x_jac, t_jac, directions,
+            s, products, values, surrogate = self.mixed_partials(student_jac, x_jac, t_jac, directions,
                                                                  dense_products)
         else:
-            s, products = self.projection.student(student, x_jac, t_jac, list(directions))
+            s, products = self.projection.student(student_jac, x_jac, t_jac, list(directions))
             values, surrogate = {}, None
         if rows is not None:
-            s = torch.cat([s, predict_noise(student, x_t[rest], t[rest])])[order]
+            s = torch.cat([s, predict_noise(bind(student, rest), x_t[rest], t[rest])])[order]
             if needs_kd:
                 with torch.no_grad():
-                    s_dense = torch.cat([s_dense, predict_noise(teacher, x_t[rest], t[rest])])[order]
+                    s_dense = torch.cat([s_dense, predict_noise(bind(teacher, rest), x_t[rest], t[rest])])[order]
         return Probe(noise, s, s_dense, products, dense_products, directions, rows, values, surrogate)
 
     def mixed_partials(self, student, x, t, directions, dense_products):
@@ -246,7 +254,7 @@ class Objective:
         return self.needs_jacobian and step % self.jacobian_every == 0
 
     def __call__(self, student, teacher, x_t, t, noise, generator=None, step: int = 0,
-                 contributions: bool = False):
+                 contributions: bool = False, condition: Tensor | None = None):
         """``step``: the training step, read only with ``jacobian_every`` > 1. Such an objective
         evaluates the Jacobian terms on steps 0, k, 2k, … only, weighted by k, and reports them as
         k × value there and 0 on the other steps: over every k consecutive steps the Jacobian terms'
@@ -256,9 +264,12 @@ class Objective:
         ``contributions``: also return, as a third value, each term's weighted per-sample share of
         ``total`` with its graph (name -> Tensor[B]; their sum is ``total``), for per-term gradients
         (igsm.training's diagnostics). Under mixed partials the Jacobian terms' gradient comes as
-        one surrogate: it is one entry, named by the terms joined with "+"."""
+        one surrogate: it is one entry, named by the terms joined with "+".
+
+        ``condition``: each row's condition, for student and teacher alike (:meth:`probe`)."""
         with_jacobian = self.jacobian_step(step)
-        probe = self.probe(student, teacher, x_t, t, noise, generator, jacobian=with_jacobian)
+        probe = self.probe(student, teacher, x_t, t, noise, generator, jacobian=with_jacobian,
+                           condition=condition)
         parts, values = {}, {}
         # Jacobian terms, as unbiased estimates: ×B/m on the m rows carrying them (0 elsewhere),
         # ×k on every k-th step (0 on the others).

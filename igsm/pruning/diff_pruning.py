@@ -34,7 +34,8 @@ def criterion_importance(criterion: str):
 
 
 def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch.Tensor,
-          schedule: NoiseSchedule, thr: float = 0.05, seed: int = 0) -> tuple[nn.Module, dict]:
+          schedule: NoiseSchedule, thr: float = 0.05, seed: int = 0,
+          condition: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
     """Prune a copy of ``net`` with a Diff-Pruning criterion; ``net`` itself (the dense teacher) is
     left untouched (igsm.pruning.structural.prune_with_importance: local pruning at
     ``channel_ratio``, every criterion giving the same widths).
@@ -53,6 +54,8 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
     * ``random``: uniform random scores drawn from a generator seeded by ``seed``.
     * ``reinit``: the magnitude architecture with all weights re-initialised (seeded): the
       train-from-scratch baseline.
+
+    ``condition``: the images' conditions, for a conditional network (the gradient criteria's loss).
     """
     from igsm.pruning.structural import prune_with_importance, seeded
 
@@ -65,7 +68,8 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
         losses = []
         if criterion in GRADIENT_CRITERIA:
             losses = _accumulate_noise_prediction_gradients(
-                model, batch, schedule, seed=seed, thr=thr if criterion == "diff-pruning" else 0.0)
+                model, batch, schedule, seed=seed, thr=thr if criterion == "diff-pruning" else 0.0,
+                condition=condition)
         return {"num_gradient_steps": len(losses), "gradient_losses": losses}
 
     model, counts = prune_with_importance(net, criterion_importance(criterion), channel_ratio=channel_ratio,
@@ -78,13 +82,14 @@ def prune(net: nn.Module, *, criterion: str, channel_ratio: float, images: torch
     return model, {"criterion": criterion, "channel_ratio": channel_ratio, "seed": seed, "thr": thr, **counts}
 
 
-def _accumulate_noise_prediction_gradients(model, images, schedule, *, seed, thr) -> list[float]:
+def _accumulate_noise_prediction_gradients(model, images, schedule, *, seed, thr, condition=None) -> list[float]:
     """Backpropagate L_t for t = 0, 1, … into ``.grad``; stop after L_t < thr·max L (thr>0)."""
     import torch
     from tqdm import tqdm
 
-    from igsm.models import predict_noise
+    from igsm.models import conditioned, predict_noise
 
+    model_of_images = conditioned(model, condition)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
     losses, loss_max = [], 0.0
@@ -92,7 +97,7 @@ def _accumulate_noise_prediction_gradients(model, images, schedule, *, seed, thr
     for t in steps:
         timesteps = torch.full((images.shape[0],), t, dtype=torch.long, device=images.device)
         x_t = schedule.add_noise(images, noise, timesteps)
-        loss = (predict_noise(model, x_t, timesteps) - noise).square().sum(dim=(1, 2, 3)).mean()
+        loss = (predict_noise(model_of_images, x_t, timesteps) - noise).square().sum(dim=(1, 2, 3)).mean()
         loss.backward()
         losses.append(loss.item())
         loss_max = max(loss_max, losses[-1])
@@ -110,7 +115,7 @@ class DiffPruning(PruningMethod):
     name = "diff-pruning"
     criteria = CRITERIA
 
-    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, folder, device):
+    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, conditioning, folder, device):
         import torch
 
         from igsm.data import to_model_range
@@ -118,9 +123,10 @@ class DiffPruning(PruningMethod):
         generator = torch.Generator().manual_seed(settings.seed)
         pick = torch.randperm(len(images), generator=generator)[: settings.num_images]
         x0 = to_model_range(images[pick.numpy()]).to(device)
+        condition = None if conditioning is None else conditioning.data_condition(images.labels[pick.numpy()], device)
         return prune(net.to(x0.device), criterion=criterion, channel_ratio=channel_ratio, images=x0,
                      # Diff-Pruning walks integer steps: a VP-SDE's at t = k/999.
-                     schedule=schedule.integer_steps(), thr=settings.thr, seed=settings.seed)
+                     schedule=schedule.integer_steps(), thr=settings.thr, seed=settings.seed, condition=condition)
 
 
 register(DiffPruning())

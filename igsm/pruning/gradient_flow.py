@@ -19,7 +19,7 @@ class GradientFlow(PruningMethod):
     settings_key = "gradient_flow"
     report_picture = "masks.png"
 
-    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, folder, device):
+    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, conditioning, folder, device):
         from pathlib import Path
 
         from igsm.pruning.soft_masks import prune_with_gradient_flow
@@ -34,7 +34,7 @@ class GradientFlow(PruningMethod):
         pruned, report = prune_with_gradient_flow(
             net, images, schedule, channel_ratio=channel_ratio, options=options,
             checkpoint_dir=folder / "checkpoints", metrics_path=folder / "flow_metrics.jsonl", r=flow["r"],
-            device=device)
+            device=device, conditioning=conditioning)
         return pruned, {"criterion": criterion, **report}
 
     def draw_report(self, report, path):

@@ -28,12 +28,15 @@ class PruningMethod:
     report_picture: str | None = None
 
     def prune(self, net, images, *, criterion: str, channel_ratio: float, settings, schedule,
-              folder, device) -> tuple:
+              conditioning, folder, device) -> tuple:
         """(pruned copy of ``net``, report) at ``channel_ratio``. ``images``: the training images
-        (uint8 N×H×W×C); ``settings``: the experiment's 'prune' section, typed and filled with the
-        schema's defaults (igsm.stages.settings.PruneSettings: this method's own section in
-        ``settings.sections[settings_key]``); ``schedule``: the experiment's forward process;
-        ``folder``: where the pruned model goes, for files of a resumable phase."""
+        (uint8 N×H×W×C, an image store with its labels); ``settings``: the experiment's 'prune'
+        section, typed and filled with the schema's defaults (igsm.stages.settings.PruneSettings:
+        this method's own section in ``settings.sections[settings_key]``); ``schedule``: the
+        experiment's forward process; ``conditioning``: its conditioning (igsm.conditioning; None if
+        unconditional), whose ``data_condition`` of the images' labels a conditional network needs
+        wherever it runs on them; ``folder``: where the pruned model goes, for files of a resumable
+        phase."""
         raise NotImplementedError(f"pruning method {self.name!r} does not implement prune()")
 
     def draw_report(self, report: dict, path) -> None:

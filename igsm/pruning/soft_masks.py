@@ -279,11 +279,13 @@ class MaskFlow:
     def applied(self, net: nn.Module):
         return self.masks.applied(net)
 
-    def after_step(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> None:
-        from igsm.models import predict_noise
+    def after_step(self, net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                   condition: torch.Tensor | None = None) -> None:
+        from igsm.models import conditioned, predict_noise
 
         def loss_fn(model):
-            return (predict_noise(model, x_t, t).float() - noise.float()).square().flatten(1).sum(1).mean()
+            eps = predict_noise(conditioned(model, condition), x_t, t)
+            return (eps.float() - noise.float()).square().flatten(1).sum(1).mean()
 
         was_training = net.training
         net.eval()  # the energy without dropout: a function of the masks alone
@@ -307,12 +309,14 @@ class MaskFlow:
 
 
 def prune_with_gradient_flow(net: nn.Module, images, schedule, *, channel_ratio: float, options,
-                             checkpoint_dir, metrics_path, r: float = 1.1, device="cpu") -> tuple[nn.Module, dict]:
+                             checkpoint_dir, metrics_path, r: float = 1.1, device="cpu",
+                             conditioning=None) -> tuple[nn.Module, dict]:
     """Gradient-flow pruning of a copy of ``net``: ``options.num_steps`` training steps of the one
     loop (``options``: igsm.training.TrainingOptions, its objective the noise prediction) under
     soft masks whose density the flow brings from 1 to 1 − ``channel_ratio``, then the hard prune
     of the trained (EMA) network to Diff-Pruning's widths at ``channel_ratio``, keeping each
-    group's largest masks. Resumable like any training (``checkpoint_dir``)."""
+    group's largest masks. Resumable like any training (``checkpoint_dir``). ``conditioning``
+    (igsm.conditioning): a conditional network's, for the flow's training and energy."""
     from dataclasses import asdict
 
     import torch_pruning as tp
@@ -327,7 +331,7 @@ def prune_with_gradient_flow(net: nn.Module, images, schedule, *, channel_ratio:
                                                     root_module_types=pruner.root_module_types))
     flow = MaskFlow(masks, 1.0 - channel_ratio, options.num_steps, r)
     trained, timing = train(student, images, options, checkpoint_dir, metrics_path, schedule=schedule,
-                            device=device, step_hook=flow)
+                            device=device, step_hook=flow, conditioning=conditioning)
     example = to_model_range(images[:1])  # the input shape for tracing and counting
     pruned, counts = prune_with_importance(trained.cpu(), MaskImportance(masks), channel_ratio=channel_ratio,
                                            images=example)

@@ -180,9 +180,16 @@ def _counted(net, image_size, in_channels):
 
 def _example_inputs(net: nn.Module, image_size: int, in_channels: int) -> dict:
     # Values do not matter for tracing or counting; zeros keep the global RNG untouched.
+    from igsm.families import family_of
+
     device = next(net.parameters()).device
-    return {"sample": torch.zeros(1, in_channels, image_size, image_size, device=device),
-            "timestep": torch.ones(1, dtype=torch.long, device=device)}
+    inputs = {"sample": torch.zeros(1, in_channels, image_size, image_size, device=device),
+              "timestep": torch.ones(1, dtype=torch.long, device=device)}
+    family = family_of(net)
+    condition = family.example_condition(net, device)
+    if condition is not None:  # a conditional network's forward needs its condition to be traced
+        inputs[family.condition_keyword(net)] = condition
+    return inputs
 
 
 def _pruning_plan(model: nn.Module) -> dict:

@@ -16,7 +16,8 @@ import contextlib
 import torch
 from torch import nn
 
-from igsm.models import predict_noise
+from igsm.conditioning import guided
+from igsm.models import condition_keyword, predict_noise
 from igsm.schema import section_defaults
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -95,18 +96,29 @@ class Denoiser:
     ``compile_mode``: None (eager) or a torch.compile mode; ``"reduce-overhead"`` replays CUDA
     graphs, whose outputs are copied out before the next call. ``net`` may be a diffusers model or
     any module ``net(x, t)`` → ε̂.
+
+    A conditional network is called with each image's condition (``condition`` of
+    :meth:`__call__`, sliced and padded with the images). ``guidance_scale`` w ≠ 1 and its
+    ``conditioning`` (igsm.conditioning, which knows the null condition) give classifier-free
+    guidance, ε̂_∅ + w·(ε̂_c − ε̂_∅): the unconditional prediction is a second call at the same
+    fixed shape, so guidance keeps the batch invariance.
     """
 
     def __init__(self, net, *, micro_batch: int | None = None, precision: str = "fp32",
-                 channels_last: bool = False, compile_mode: str | None = None):
+                 channels_last: bool = False, compile_mode: str | None = None,
+                 guidance_scale: float = 1.0, conditioning=None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode {compile_mode!r}: choose one of {COMPILE_MODES} or None")
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch {micro_batch}: must be ≥ 1 (or None)")
+        if guidance_scale != 1.0 and conditioning is None:
+            raise ValueError(f"guidance_scale {guidance_scale}: guidance needs a conditioning (its null condition)")
         self.net, self.micro_batch, self.precision = net, micro_batch, precision
         self.channels_last, self.compile_mode = channels_last, compile_mode
+        self.guidance_scale, self.conditioning = guidance_scale, conditioning
+        self.keyword = condition_keyword(net) if isinstance(net, nn.Module) else None
         if channels_last:
             use_channel_stats_group_norm(net.to(memory_format=torch.channels_last))
         self._forward = (torch.compile(net, mode=compile_mode, dynamic=False) if compile_mode else net)
@@ -114,11 +126,13 @@ class Denoiser:
     @property
     def metadata(self) -> dict:
         """What determines the bits of the images besides seeds and sampler settings."""
+        conditional = {"conditioning": self.conditioning.describe(), "guidance_scale": self.guidance_scale} \
+            if self.conditioning is not None else {}
         return {"precision": self.precision, "micro_batch": self.micro_batch,
                 "channels_last": self.channels_last, "compile_mode": self.compile_mode,
-                "group_norm": "channel-stats" if self.channels_last else "native"}
+                "group_norm": "channel-stats" if self.channels_last else "native", **conditional}
 
-    def _call(self, x, t):
+    def _call(self, x, t, condition=None):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.compile_mode == "reduce-overhead":
@@ -126,25 +140,37 @@ class Denoiser:
         autocast = (torch.autocast(x.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
                     else contextlib.nullcontext())
         with autocast:
-            eps = predict_noise(self._forward, x, t)
+            eps = predict_noise(self._forward, x, t, **({} if condition is None else {self.keyword: condition}))
         # A copy, always: CUDA-graph outputs are overwritten by the next replay.
         return eps.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """ε̂ of the images ``x`` at network times ``t`` (and, for a conditional network, under
+        their ``condition``; guided where ``guidance_scale`` ≠ 1)."""
+        if (condition is None) != (self.keyword is None):
+            what = "no condition for a conditional" if condition is None else "a condition for an unconditional"
+            raise ValueError(f"{what} network ({type(self.net).__name__}): the experiment's conditioning "
+                             "and the network disagree")
         with numerics(self.precision, x.device):
-            m = self.micro_batch
-            if m is None or len(x) == m:
-                return self._call(x, t)
-            out = []
-            for start in range(0, len(x), m):
-                xs, ts = x[start:start + m], t[start:start + m]
-                n = len(xs)
-                if n < m:  # pad with copies of the chunk's first image; their outputs are dropped
-                    xs = torch.cat([xs, xs[:1].expand(m - n, *xs.shape[1:])])
-                    ts = torch.cat([ts, ts[:1].expand(m - n)])
-                out.append(self._call(xs, ts)[:n])
-            return torch.cat(out)
+            eps = self._chunked(x, t, condition)
+            if condition is None or self.guidance_scale == 1.0:
+                return eps
+            return guided(eps, self._chunked(x, t, self.conditioning.null_like(condition)), self.guidance_scale)
+
+    def _chunked(self, x, t, condition):
+        m = self.micro_batch
+        if m is None or len(x) == m:
+            return self._call(x, t, condition)
+        out = []
+        for start in range(0, len(x), m):
+            inputs = [x[start:start + m], t[start:start + m]]
+            inputs += [] if condition is None else [condition[start:start + m]]
+            n = len(inputs[0])
+            if n < m:  # pad with copies of the chunk's first image; their outputs are dropped
+                inputs = [torch.cat([v, v[:1].expand(m - n, *v.shape[1:])]) for v in inputs]
+            out.append(self._call(*inputs)[:n])
+        return torch.cat(out)
 
 
 def as_denoiser(net) -> Denoiser:
@@ -154,7 +180,10 @@ def as_denoiser(net) -> Denoiser:
 def denoiser_from_settings(net: nn.Module, options: dict, micro_batch: int | None = None) -> "Denoiser":
     """The network as the 'sample' settings run it: precision, channels_last, compile (+ compile_mode),
     the schema's defaults where unset."""
+    from igsm.conditioning import conditioning_from_settings
+
     run = {**section_defaults("sample"), **options}
     return Denoiser(net, micro_batch=micro_batch, precision=run["precision"], channels_last=run["channels_last"],
-                    compile_mode=run["compile_mode"] if run["compile"] else None)
+                    compile_mode=run["compile_mode"] if run["compile"] else None,
+                    guidance_scale=run["guidance_scale"], conditioning=conditioning_from_settings(run.get("conditioning")))
 

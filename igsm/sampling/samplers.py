@@ -262,16 +262,18 @@ def sampler_kwargs(settings: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def run_sampler(sampler: Sampler, net, noise: torch.Tensor, generators=None) -> torch.Tensor:
+def run_sampler(sampler: Sampler, net, noise: torch.Tensor, generators=None,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
     """x_T = ``noise`` → x_0 (unclamped) through ``sampler``. ``net``: a module, a ``Denoiser`` or any
     (x, t) → ε̂. ``generators``: the images' ``ImageGenerators``, drawn from in step order (needed
-    where a step draws noise)."""
+    where a step draws noise). ``condition``: each image's condition, for a conditional network
+    (the same at every step)."""
     if generators is None and any(sampler.draws_noise(i) for i in range(sampler.num_steps)):
         raise ValueError(f"{sampler.name} with these settings draws noise at its steps: pass generators")
     denoise = as_denoiser(net)
     x = sampler.start(noise)
     for i in range(sampler.num_steps):
-        eps = denoise(*sampler.network_input(x, i))
+        eps = denoise(*sampler.network_input(x, i), **({} if condition is None else {"condition": condition}))
         z = (generators.randn(noise.shape[1:], device=noise.device, dtype=torch.float64)
              if sampler.draws_noise(i) else None)
         x = sampler.update(x, eps, i, z)
@@ -279,9 +281,10 @@ def run_sampler(sampler: Sampler, net, noise: torch.Tensor, generators=None) -> 
 
 
 def generate(net, *, sampler: str, seeds, image_shape, schedule: NoiseSchedule | VPSDE | None = None,
-             device="cpu", micro_batch: int | None = None, noise_threads: int = 1,
+             device="cpu", micro_batch: int | None = None, noise_threads: int = 1, conditioning=None,
              **sampler_kwargs) -> torch.Tensor:
-    """One batch: image k of the batch from seed ``seeds[k]``. ``net``: a module (wrapped in a
+    """One batch: image k of the batch from seed ``seeds[k]`` (and, with ``conditioning``
+    (igsm.conditioning), under the condition of that seed). ``net``: a module (wrapped in a
     ``Denoiser`` with ``micro_batch``) or a ``Denoiser``. ``schedule``: the process the network
     was trained on (default: DDPM's for DDIM, U-ViT's VP-SDE for Euler–Maruyama). DDIM walks its
     integer steps (a VP-SDE at t = k/999); Euler–Maruyama integrates the VP-SDE and refuses DDPM."""
@@ -290,7 +293,8 @@ def generate(net, *, sampler: str, seeds, image_shape, schedule: NoiseSchedule |
         net = Denoiser(net, micro_batch=micro_batch)
     generators = ImageGenerators(seeds, noise_threads)
     noise = generators.randn(image_shape, device=device)
-    return run_sampler(chain, net, noise, generators)
+    condition = None if conditioning is None else conditioning.sampling_condition(seeds, device)
+    return run_sampler(chain, net, noise, generators, condition)
 
 
 def ddim_sample(net, noise: torch.Tensor, schedule: NoiseSchedule, num_steps: int = 100, eta: float = 0.0,

@@ -50,6 +50,17 @@ def forward_process(diffusion: dict):
         raise StageError(f"--settings: {err}") from None
 
 
+def conditioning_of(settings: dict):
+    """The experiment's conditioning (igsm.conditioning) that a stage's settings carry; None if
+    they carry none (unconditional)."""
+    from igsm.conditioning import conditioning_from_settings
+
+    try:
+        return conditioning_from_settings(settings.get("conditioning"))
+    except ValueError as err:
+        raise StageError(f"--settings: {err}") from None
+
+
 def denoiser(net, options: dict, micro_batch: int | None = None):
     """The network as the 'sample' settings run it (igsm.sampling.denoiser_from_settings)."""
     from igsm.sampling import denoiser_from_settings

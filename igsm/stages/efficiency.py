@@ -89,7 +89,7 @@ def sampling_images_per_s(denoiser: Denoiser, image_shape, batch_size: int, devi
 
     def chain():
         generate(denoiser, sampler=sampler, seeds=range(batch_size), image_shape=image_shape,
-                 schedule=schedule, device=device, **sampler_kwargs)
+                 schedule=schedule, device=device, conditioning=denoiser.conditioning, **sampler_kwargs)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -107,14 +107,19 @@ def forward_images_per_s(denoiser: Denoiser, image_shape, batch_size: int, devic
     device = torch.device(device)
     x = torch.randn(batch_size, *image_shape, device=device)
     t = torch.full((batch_size,), 500, device=device, dtype=torch.long)
+    from igsm.models import example_condition
+
+    # A conditional network's calls as sampling makes them (with guidance, two passes a call).
+    condition = example_condition(denoiser.net, batch_size, device)
+    condition = {} if condition is None else {"condition": condition}
     for _ in range(warmup):
-        denoiser(x, t)
+        denoiser(x, t, **condition)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
         for _ in range(iters):
-            denoiser(x, t)
+            denoiser(x, t, **condition)
         end.record()
         torch.cuda.synchronize(device)
         seconds = start.elapsed_time(end) / 1e3
@@ -123,6 +128,6 @@ def forward_images_per_s(denoiser: Denoiser, image_shape, batch_size: int, devic
 
         begin = time.perf_counter()
         for _ in range(iters):
-            denoiser(x, t)
+            denoiser(x, t, **condition)
         seconds = time.perf_counter() - begin
     return batch_size * iters / seconds

@@ -12,6 +12,8 @@ from igsm.stages.settings import FidSettings
 # Sample metadata that the FID JSON reports, carried from the samples file by the statistics file.
 # "precision" is the features'; "image_precision" is the sampler network's (fp32, tf32, bf16).
 SAMPLE_KEYS = ("samples", "image_precision", "sampler", "sampler_kwargs")
+# A conditional model's samples also record these (igsm.conditioning); unconditional ones do not.
+CONDITIONAL_KEYS = ("conditioning", "guidance_scale")
 
 
 def features(images, settings: FidSettings, device: str, threads: int | None, batch_size: int):
@@ -52,7 +54,8 @@ def fid_statistics(samples, out, settings: FidSettings, device: str, threads: in
     fid.save_statistics(out, found, samples=samples,
                         image_precision=sample_metadata.get("precision", "unknown"),
                         sampler=sample_metadata.get("sampler"),
-                        sampler_kwargs=sample_metadata.get("sampler_kwargs"), **metadata)
+                        sampler_kwargs=sample_metadata.get("sampler_kwargs"), **metadata,
+                        **{key: sample_metadata[key] for key in CONDITIONAL_KEYS if key in sample_metadata})
 
 
 def fid_score(statistics, reference, out, settings: FidSettings, threads: int | None) -> None:
@@ -73,7 +76,8 @@ def fid_score(statistics, reference, out, settings: FidSettings, threads: int | 
     except ValueError as err:
         raise StageError(f"{statistics} against {reference}: {err}") from None
     sample_metadata = {key: stats.metadata.get(key) for key in SAMPLE_KEYS}
-    extractor_metadata = {k: v for k, v in stats.metadata.items() if k not in SAMPLE_KEYS}
+    conditional = {key: stats.metadata[key] for key in CONDITIONAL_KEYS if key in stats.metadata}
+    extractor_metadata = {k: v for k, v in stats.metadata.items() if k not in SAMPLE_KEYS + CONDITIONAL_KEYS}
     # Which Inception the reference's features come from: a bare mu/sigma file records none; ADM's
     # reference batches are recognised (igsm.fid.ADM_FEATURES). Another one than ours: said, not hidden.
     features = stats.metadata.get("feature_extractor")
@@ -91,4 +95,4 @@ def fid_score(statistics, reference, out, settings: FidSettings, threads: int | 
                      "same_feature_extractor": same_features,
                      "image_precision": sample_metadata["image_precision"] or "unknown",
                      "sampler": sample_metadata["sampler"],
-                     "sampler_kwargs": sample_metadata["sampler_kwargs"], **extractor_metadata})
+                     "sampler_kwargs": sample_metadata["sampler_kwargs"], **conditional, **extractor_metadata})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from igsm.stages.common import StageError, forward_process, readable_inputs, write_json
+from igsm.stages.common import StageError, conditioning_of, forward_process, readable_inputs, write_json
 from igsm.stages.process import device as torch_device, set_threads
 from igsm.stages.settings import PruneSettings
 
@@ -32,6 +32,7 @@ def prune(model_dir, data, criterion: str, channel_ratio: float, out, report, se
     try:
         pruned, result = method.prune(load_model(model_dir), images, criterion=criterion, channel_ratio=channel_ratio,
                                       settings=settings, schedule=forward_process(settings.diffusion),
+                                      conditioning=conditioning_of(settings.as_dict()),
                                       folder=Path(out).parent, device=torch_device(device))
     except ValueError as err:
         raise StageError(str(err)) from None

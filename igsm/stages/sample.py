@@ -106,7 +106,8 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
     with apply_plan(net, reuse) if reuse else contextlib.nullcontext():
         sample_images(denoiser, seeds=seeds, image_shape=shape, batch_size=batch_size, sampler=options["sampler"],
                       schedule=schedule, device=device, partial=partial, rank=rank, world_size=world_size,
-                      noise_threads=noise_threads, progress=True, **sampler_kwargs)
+                      noise_threads=noise_threads, progress=True, conditioning=denoiser.conditioning,
+                      **sampler_kwargs)
     distributed.barrier()
     if rank != 0:
         return None

@@ -74,6 +74,7 @@ class PruneSettings(SectionSettings):
     diffusion: dict
     method: str | None = None
     sections: dict = field(default_factory=dict)
+    conditioning: dict = field(default_factory=dict)  # the experiment's (igsm.conditioning), passed along
 
     @classmethod
     def from_dict(cls, values: dict) -> "PruneSettings":

@@ -6,7 +6,7 @@ Exits with 75 (EX_TEMPFAIL) after SIGTERM/SIGUSR1, once a snapshot is written: r
 
 from __future__ import annotations
 
-from igsm.stages.common import StageError, diffusion_of, forward_process, readable_inputs, write_json
+from igsm.stages.common import StageError, conditioning_of, diffusion_of, forward_process, readable_inputs, write_json
 from igsm.stages.process import relaunch_under_torchrun, start_process
 
 EX_TEMPFAIL = 75  # a rerun continues from the snapshot
@@ -15,7 +15,7 @@ EX_TEMPFAIL = 75  # a rerun continues from the snapshot
 def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, nproc_per_node: int,
           nnodes: int, settings: dict, device: str, threads: int | None) -> None:
     """Train ``model_dir`` on the image store ``data`` (settings: 'training' + 'objective' +
-    'diffusion'); the EMA model goes to ``out``, a line per log step to ``metrics``, the run's
+    'diffusion', and a conditional experiment's 'conditioning'); the EMA model goes to ``out``, a line per log step to ``metrics``, the run's
     summary to ``summary``."""
     from igsm import distributed
     from igsm.training import Interrupted, TrainingOptions, train as train_loop
@@ -39,7 +39,8 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
         teacher = load_model(teacher_dir) if teacher_dir else None
     try:
         ema, timing = train_loop(net, load_images(data), options, checkpoint_dir, metrics, teacher=teacher,
-                                 schedule=forward_process(diffusion_of(settings)), device=device)
+                                 schedule=forward_process(diffusion_of(settings)), device=device,
+                                 conditioning=conditioning_of(settings))
     except Interrupted as err:
         distributed.shutdown()
         raise StageError(str(err), exit_code=EX_TEMPFAIL) from None

@@ -18,7 +18,7 @@ class GeometricMedian(PruningMethod):
     criteria = ("fpgm",)
     report_picture = "params.png"
 
-    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, folder, device):
+    def prune(self, net, images, *, criterion, channel_ratio, settings, schedule, conditioning, folder, device):
         import torch_pruning as tp
 
         from igsm.data import to_model_range

@@ -1,0 +1,206 @@
+"""Class conditioning through the objectives, the sampler and pruning (igsm.conditioning; issue 31).
+
+Float64 brute force on tiny class-conditional U-Nets (diffusers UNet2DModel with num_class_embeds):
+the objective's terms with a condition against full per-sample Jacobians taken under that
+condition; the teacher given the student's condition; classifier-free guidance against its formula;
+batch invariance of guided sampling; pruning a conditional U-Net."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from igsm.conditioning import ClassLabels, conditioning_from_settings, guided, kinds
+from igsm.diffusion import NoiseSchedule, antithetic_timesteps
+from igsm.models import condition_inputs, predict_noise
+from igsm.objectives import NAMES, build_objective, orthonormalize
+from igsm.sampling.denoiser import Denoiser
+from igsm.sampling.samplers import generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+NUM_CLASSES = 3
+ALL_TERMS = {"np": 1.0, "kd": 0.5, "jm1": 0.3, "jm2": 0.1, "jm2_log": 0.2, "jm2_rel": 0.4}
+
+
+def conditional_unet(widths, seed, dtype=torch.float64):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    net = UNet2DModel(sample_size=8, in_channels=2, out_channels=2, block_out_channels=widths, layers_per_block=1,
+                      norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+                      num_class_embeds=NUM_CLASSES + 1)
+    with torch.no_grad():  # diffusers initialises the class embedding at N(0, 1): make it matter at this size
+        net.class_embedding.weight.mul_(3.0)
+    return net.to(dtype).eval()
+
+
+def make_batch(batch=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    schedule = NoiseSchedule.linear()
+    x0 = torch.rand(batch, 2, 8, 8, generator=generator, dtype=torch.float64) * 2 - 1
+    t = antithetic_timesteps(batch, schedule.num_steps, generator)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, NUM_CLASSES])[:batch]  # the last one the null label
+    return schedule.add_noise(x0, noise, t), t, noise, labels
+
+
+def conditional_jacobians(net, x, t, labels):
+    """(B, n, n): the per-sample Jacobian ∂s_b/∂x_b under each sample's own label."""
+    batch, n = x.shape[0], x[0].numel()
+    full = torch.autograd.functional.jacobian(lambda z: predict_noise(net, z, t, class_labels=labels), x)
+    full = full.reshape(batch, n, batch, n)
+    return torch.stack([full[b, :, b, :] for b in range(batch)])
+
+
+def reference_terms(student, teacher, x, t, noise, labels, v, projection):
+    with torch.no_grad():
+        s = predict_noise(student, x, t, class_labels=labels)
+        s_dense = predict_noise(teacher, x, t, class_labels=labels)
+    jac, jac_dense = conditional_jacobians(student, x, t, labels), conditional_jacobians(teacher, x, t, labels)
+    flat = v.flatten(2)
+    pattern = "bij,kbi->kbj" if projection == "vjp" else "bij,kbj->kbi"
+    p, p_dense = torch.einsum(pattern, jac, flat), torch.einsum(pattern, jac_dense, flat)
+    a, b = p_dense.square().sum(2), p.square().sum(2)
+    return {"np": (s - noise).square().flatten(1).sum(1), "kd": (s - s_dense).square().flatten(1).sum(1),
+            "jm1": (p - p_dense).square().sum(2).mean(0), "jm2": (a - b).square().mean(0),
+            "jm2_log": (torch.log(a) - torch.log(b)).square().mean(0), "jm2_rel": ((a - b) / a).square().mean(0)}
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return conditional_unet((4, 8), seed=1), conditional_unet((8, 16), seed=2)
+
+
+@pytest.mark.parametrize("projection", ["vjp", "jvp"])
+def test_conditional_terms_equal_full_jacobians_under_the_condition(pair, projection):
+    """Catches: the condition not reaching the Jacobian products (they would be those of another
+    label's network), or the Jacobian taken through the condition's embedding."""
+    student, teacher = pair
+    x_t, t, noise, labels = make_batch()
+    v = orthonormalize(torch.randn((2, *x_t.shape), generator=torch.Generator().manual_seed(3), dtype=x_t.dtype))
+    objective = build_objective(ALL_TERMS, projection, num_directions=2, directions=lambda x, t_, g: v)
+    total, terms = objective(student, teacher, x_t, t, noise, None, condition=labels)
+    expected = reference_terms(student, teacher, x_t, t, noise, labels, v, projection)
+    assert set(terms) == set(NAMES)
+    for name in NAMES:
+        torch.testing.assert_close(terms[name], expected[name], rtol=1e-6, atol=1e-12, msg=name)
+    # The labels matter at all: under other labels the terms differ.
+    _, other = objective(student, teacher, x_t, t, noise, None, condition=labels.roll(1))
+    assert not torch.allclose(other["kd"], terms["kd"])
+
+
+def test_jacobian_rows_get_their_own_condition(pair):
+    """jacobian_fraction < 1 splits the batch: each part's networks must get that part's labels
+    (catches slicing x_t but binding the whole batch's condition, or the wrong rows')."""
+    student, teacher = pair
+    x_t, t, noise, labels = make_batch()
+    v = orthonormalize(torch.randn((1, *x_t.shape), generator=torch.Generator().manual_seed(4), dtype=x_t.dtype))
+    objective = build_objective(ALL_TERMS, directions=lambda x, t_, g: v[:, :len(x)],
+                                jacobian_fraction=0.5)
+    _, terms = objective(student, teacher, x_t, t, noise, None, condition=labels)
+    rows = torch.tensor([0, 2])  # igsm.objectives.jacobian_rows(4, 0.5)
+    expected = reference_terms(student, teacher, x_t[rows], t[rows], noise[rows], labels[rows], v[:, :2], "vjp")
+    full = reference_terms(student, teacher, x_t, t, noise, labels, v, "vjp")
+    torch.testing.assert_close(terms["kd"], full["kd"], rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(terms["jm2"][rows], 2 * expected["jm2"], rtol=1e-6, atol=1e-12)
+
+
+def test_teacher_gets_the_students_condition(pair):
+    """A student identical to its teacher has zero KD and Jacobian terms under any labels; with
+    the condition dropped or replaced for the teacher (the null label, another class) they are not."""
+    student, _ = pair
+    teacher = copy.deepcopy(student)
+    x_t, t, noise, labels = make_batch()
+    objective = build_objective({"np": 1.0, "kd": 1.0, "jm1": 1.0, "jm2": 1.0})
+    _, terms = objective(student, teacher, x_t, t, noise, torch.Generator().manual_seed(0), condition=labels)
+    for name in ("kd", "jm1", "jm2"):
+        assert float(terms[name].abs().max()) < 1e-20, name
+    with torch.no_grad():
+        nulled = predict_noise(teacher, x_t, t, class_labels=torch.full_like(labels, NUM_CLASSES))
+        own = predict_noise(student, x_t, t, class_labels=labels)
+    assert float((own - nulled)[:3].square().sum()) > 1e-3  # so a teacher given the null label would show
+
+
+def test_a_conditional_network_refuses_to_run_without_its_condition(pair):
+    student, _ = pair
+    with pytest.raises(ValueError, match="no condition for a conditional UNet2DModel"):
+        condition_inputs(student, None)
+    x_t, t, noise, _ = make_batch()
+    with pytest.raises(ValueError, match="no condition for a conditional"):
+        Denoiser(student)(x_t.float(), t)
+
+
+def test_guidance_combines_the_conditional_and_the_null_prediction():
+    """ε̂_∅ + w·(ε̂_c − ε̂_∅), not the halves swapped (ε̂_c + w·(ε̂_∅ − ε̂_c)) nor the null label
+    taken from the wrong end of the embedding table."""
+    net = conditional_unet((4, 8), seed=5, dtype=torch.float32)
+    x_t, t, _, labels = make_batch()
+    x_t, labels = x_t.float(), labels.remainder(NUM_CLASSES)
+    conditioning = ClassLabels(NUM_CLASSES)
+    with torch.no_grad():
+        conditional = predict_noise(net, x_t, t, class_labels=labels)
+        unconditional = predict_noise(net, x_t, t, class_labels=torch.full_like(labels, NUM_CLASSES))
+    out = Denoiser(net, guidance_scale=4.0, conditioning=conditioning)(x_t, t, labels)
+    torch.testing.assert_close(out, unconditional + 4.0 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
+    assert (out - (conditional + 4.0 * (unconditional - conditional))).abs().max() > 1e-2
+    torch.testing.assert_close(guided(conditional, unconditional, 1.0), conditional)
+    plain = Denoiser(net, conditioning=conditioning)(x_t, t, labels)  # w = 1: the conditional prediction
+    torch.testing.assert_close(plain, conditional, rtol=1e-5, atol=1e-5)
+
+
+def test_guided_sampling_is_batch_invariant_and_labels_follow_the_seed():
+    """Image k of seeds 10..16 is the same bits at batch 7 and in batches of 3 (micro_batch 3):
+    each chunk gets its own images' labels, padded with them (catches the condition not sliced with
+    the images, or labels drawn by position in the batch)."""
+    net = conditional_unet((4, 8), seed=6, dtype=torch.float32)
+    conditioning = ClassLabels(NUM_CLASSES)
+    denoiser = Denoiser(net, micro_batch=3, guidance_scale=2.5, conditioning=conditioning)
+    seeds = list(range(10, 17))
+    kwargs = dict(sampler="ddim", image_shape=(2, 8, 8), num_steps=4, conditioning=conditioning)
+    whole = generate(denoiser, seeds=seeds, **kwargs)
+    parts = torch.cat([generate(denoiser, seeds=seeds[i:i + 3], **kwargs) for i in range(0, 7, 3)])
+    assert torch.equal(whole, parts)
+    assert conditioning.sampling_condition(seeds).tolist() == [s % NUM_CLASSES for s in seeds]
+
+
+def test_training_condition_drops_labels_to_the_null_label_at_its_rate():
+    conditioning = ClassLabels(NUM_CLASSES, drop_prob=0.25)
+    labels = torch.arange(20000) % NUM_CLASSES
+    condition = conditioning.training_condition(labels, torch.Generator().manual_seed(0))
+    dropped = condition == NUM_CLASSES
+    assert abs(float(dropped.float().mean()) - 0.25) < 0.015
+    assert torch.equal(condition[~dropped], labels[~dropped])  # the rest keep their own label
+    assert torch.equal(ClassLabels(NUM_CLASSES, drop_prob=0.0).training_condition(labels, torch.Generator()), labels)
+
+
+def test_settings_errors_name_the_key():
+    assert kinds()[0] == "none" and "class" in kinds()
+    assert conditioning_from_settings({"kind": "none"}) is None
+    with pytest.raises(ValueError, match="conditioning.kind: unknown 'text'"):
+        conditioning_from_settings({"kind": "text"})
+    with pytest.raises(ValueError, match="conditioning.drop_prob"):
+        conditioning_from_settings({"kind": "class", "num_classes": 3, "drop_prob": 1.0})
+    with pytest.raises(ValueError, match=r"labels 0\.\.5 do not fit conditioning.num_classes 3"):
+        ClassLabels(3).check_labels([0, 5], "dataset results/data/x")
+
+
+def test_pruning_a_conditional_unet_keeps_it_conditional():
+    """Diff-Pruning's gradients under the images' labels; the pruned network (class embedding
+    pruned with the time embedding it is added to) still runs on labels and counts its MACs."""
+    from igsm.pruning.diff_pruning import prune
+    from igsm.pruning.structural import count_params_macs
+
+    net = conditional_unet((8, 16), seed=7, dtype=torch.float32)
+    images = torch.rand(4, 2, 8, 8) * 2 - 1
+    pruned, report = prune(net, criterion="diff-pruning", channel_ratio=0.5, images=images,
+                           schedule=NoiseSchedule.linear(20), condition=torch.tensor([0, 1, 2, 0]))
+    assert report["num_gradient_steps"] > 0 and report["pruned_params"] < report["dense_params"]
+    assert pruned.class_embedding.embedding_dim == pruned.time_embedding.linear_2.out_features
+    with torch.no_grad():
+        out = predict_noise(pruned, images, torch.tensor([5, 5, 5, 5]), class_labels=torch.tensor([0, 1, 2, 3]))
+    assert out.shape == images.shape
+    assert count_params_macs(pruned, 8, 2)[0] == report["pruned_params"]
