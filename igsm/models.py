@@ -329,6 +329,11 @@ def load_model(directory: str | os.PathLike, device: str | torch.device = "cpu")
             owner._parameters[attr] = nn.Parameter(tensor, requires_grad=owner._parameters[attr].requires_grad)
         else:
             owner._buffers[attr] = tensor
+    family.restore_computed_buffers(net, device)
+    unset = [name for name, tensor in [*net.named_parameters(), *net.named_buffers()] if tensor.is_meta]
+    if unset:  # a non-persistent buffer its family does not recompute: it would fail at the first call
+        raise ValueError(f"{architecture_path}: the {family.title} network computes {unset[:3]} at construction "
+                         f"and neither its checkpoint nor its family restores them")
     _check_widths(net, weights_path, architecture_path, directory)
     return net.eval()
 

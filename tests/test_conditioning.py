@@ -1,6 +1,7 @@
 """Class conditioning through the objectives, the sampler and pruning (igsm.conditioning; issue 31).
 
-Float64 brute force on tiny class-conditional U-Nets (diffusers UNet2DModel with num_class_embeds):
+Float64 brute force on tiny class-conditional U-Nets (diffusers UNet2DModel with num_class_embeds)
+and DiTs (igsm.families.dit):
 the objective's terms with a condition against full per-sample Jacobians taken under that
 condition; the teacher given the student's condition; classifier-free guidance against its formula;
 batch invariance of guided sampling; pruning a conditional U-Net."""
@@ -70,9 +71,28 @@ def reference_terms(student, teacher, x, t, noise, labels, v, projection):
             "jm2_log": (torch.log(a) - torch.log(b)).square().mean(0), "jm2_rel": ((a - b) / a).square().mean(0)}
 
 
-@pytest.fixture(scope="module")
-def pair():
-    return conditional_unet((4, 8), seed=1), conditional_unet((8, 16), seed=2)
+def conditional_dit(width, seed, dtype=torch.float64, **config):
+    """A tiny DiT (igsm.families.dit: diffusers' class, its own label dropout off) on 8×8 images."""
+    from igsm.families import family_named
+
+    torch.manual_seed(seed)
+    architecture = dict(sample_size=8, in_channels=2, patch_size=4, num_attention_heads=2, attention_head_dim=width,
+                        num_layers=2, num_embeds_ada_norm=NUM_CLASSES, norm_num_groups=1, **config)
+    net = family_named("dit").build(architecture)
+    with torch.no_grad():  # adaLN-Zero starts at the identity: give every layer a say
+        for name, param in net.named_parameters():
+            if "norm1.linear" in name or "proj_out" in name:
+                param.normal_(0, 0.3)
+    return net.to(dtype).eval()
+
+
+PAIRS = {"unet": lambda: (conditional_unet((4, 8), seed=1), conditional_unet((8, 16), seed=2)),
+         "dit": lambda: (conditional_dit(4, seed=1), conditional_dit(8, seed=2))}
+
+
+@pytest.fixture(scope="module", params=list(PAIRS))
+def pair(request):
+    return PAIRS[request.param]()
 
 
 @pytest.mark.parametrize("projection", ["vjp", "jvp"])
@@ -127,7 +147,7 @@ def test_teacher_gets_the_students_condition(pair):
 
 def test_a_conditional_network_refuses_to_run_without_its_condition(pair):
     student, _ = pair
-    with pytest.raises(ValueError, match="no condition for a conditional UNet2DModel"):
+    with pytest.raises(ValueError, match="no condition for a conditional (UNet2DModel|DiTTransformer2DModel)"):
         condition_inputs(student, None)
     x_t, t, noise, _ = make_batch()
     with pytest.raises(ValueError, match="no condition for a conditional"):

@@ -201,29 +201,33 @@ def test_tiny_uvit_runs_through_the_workflow(tmp_path):
 def tiny_conditional_config():
     """config/conditional.yaml (the class-conditional U-Net on the digits) at a few steps a stage."""
     config = yaml.safe_load((REPO / "config" / "conditional.yaml").read_text())
-    exp = config["experiments"]["digits_class_unet"]
-    exp["dense"]["training"].update(num_steps=20, log_every=10, checkpoint_every=10)
-    exp["finetune"]["training"].update(num_steps=4, batch_size=16, log_every=2, checkpoint_every=2)
-    exp["sample"].update(num_images=12, num_steps=4, batch_size=6)
-    exp["fid"]["num_reference"] = 16
-    exp["untrained_baseline"] = False
+    for exp in config["experiments"].values():
+        exp["dense"]["training"].update(num_steps=20, log_every=10, checkpoint_every=10)
+        exp["finetune"]["training"].update(num_steps=4, batch_size=16, log_every=2, checkpoint_every=2)
+        exp["sample"].update(num_images=12, num_steps=4, batch_size=6)
+        exp["fid"]["num_reference"] = 16
+        exp["untrained_baseline"] = False
     return config
 
 
-def test_class_conditional_unet_runs_through_the_workflow(tmp_path):
+def test_class_conditional_unet_and_dit_run_through_the_workflow(tmp_path):
     """Labels from the store to dense training, pruning, NP and IGSM finetuning (student and teacher
-    under the same labels), guided DDIM sampling and FID; the samples and the FID JSON say which
-    conditioning and guidance made them."""
-    targets = [f"results/fid/digits_class_unet/{v}.json" for v in ("dense", "diff-pruning-cr0.3/igsm")]
+    under the same labels), guided DDIM sampling and FID, for a U-Net and a DiT; the samples and the
+    FID JSON say which conditioning and guidance made them."""
+    experiments = ("digits_class_unet", "digits_class_dit")
+    targets = [f"results/fid/{exp}/{v}.json" for exp in experiments for v in ("dense", "diff-pruning-cr0.3/igsm")]
     proc = snakemake_in(tmp_path, tiny_conditional_config(), *targets)
     assert proc.returncode == 0, proc.stdout[-8000:]
     results = tmp_path / "results"
-    records = [json.loads(line) for line in
-               (results / "finetune/digits_class_unet/diff-pruning-cr0.3/igsm/metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(r[k]) for r in records for k in ("loss", "np", "kd", "jm2"))
+    for exp in experiments:
+        metrics = results / f"finetune/{exp}/diff-pruning-cr0.3/igsm/metrics.jsonl"
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        assert all(math.isfinite(r[k]) for r in records for k in ("loss", "np", "kd", "jm2"))
+        report = json.loads((results / f"prune/{exp}/diff-pruning-cr0.3/report.json").read_text())
+        assert report["pruned_params"] < report["dense_params"] and report["num_gradient_steps"] > 0
+        for variant in ("dense", "diff-pruning-cr0.3/igsm"):
+            score = json.loads((results / f"fid/{exp}/{variant}.json").read_text())
+            assert math.isfinite(score["fid"]) and score["guidance_scale"] == 2.0
+            assert score["conditioning"]["kind"] == "class" and score["conditioning"]["null_label"] == 10
     pruned = json.loads((results / "prune/digits_class_unet/diff-pruning-cr0.3/model/architecture.json").read_text())
     assert pruned["config"]["num_class_embeds"] == 11
-    for variant in ("dense", "diff-pruning-cr0.3/igsm"):
-        score = json.loads((results / f"fid/digits_class_unet/{variant}.json").read_text())
-        assert math.isfinite(score["fid"]) and score["guidance_scale"] == 2.0
-        assert score["conditioning"]["kind"] == "class" and score["conditioning"]["null_label"] == 10

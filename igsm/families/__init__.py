@@ -25,7 +25,9 @@ REST = "rest"  # in a block graph: everything outside the blocks (it always runs
 # U-Net (diffusers' UNet2DModel takes every key as optional): the migration path keeps that reading.
 MIGRATION_DEFAULT = "unet"
 # The shipped members by name, imported on first use (each registers itself).
-MEMBER_MODULES = {"unet": "igsm.families.unet", "uvit": "igsm.families.uvit"}
+MEMBER_MODULES = {"unet": "igsm.families.unet", "uvit": "igsm.families.uvit", "dit": "igsm.families.dit"}
+# The families that configs written before architecture.family existed can mean (the migration path).
+MIGRATION_FAMILIES = ("unet", "uvit")
 
 _registry: dict[str, "Family"] = {}
 
@@ -153,6 +155,11 @@ class Family:
                     f"take no such condition (conditioning kinds they take: {takes})"]
         return []
 
+    def restore_computed_buffers(self, net, device) -> None:
+        """Recompute, on ``device``, the buffers a network computes at construction and its
+        checkpoint does not hold (non-persistent ones): igsm.models.load_model builds the skeleton
+        on the meta device, where they hold no values. None by default."""
+
     def width_attributes(self) -> dict:
         """{module type: attribute names}: the static widths a checkpoint records for each layer
         of this family beyond the ones every network has (igsm.models.layer_widths)."""
@@ -221,7 +228,8 @@ def family_of_architecture(architecture: dict) -> Family:
 def assumed_family(architecture: dict) -> Family:
     """The family that configs written before ``architecture.family`` existed meant: the one
     whose image-size key the architecture has (U-ViT: ``img_size``), else a U-Net."""
-    found = [f for f in families() if f.name != MIGRATION_DEFAULT and f.size_key in architecture]
+    found = [family_named(name) for name in MIGRATION_FAMILIES
+             if name != MIGRATION_DEFAULT and family_named(name).size_key in architecture]
     return found[0] if found else family_named(MIGRATION_DEFAULT)
 
 

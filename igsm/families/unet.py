@@ -87,13 +87,13 @@ class UNetFamily(Family):
 
     def pruning_plan(self, model) -> dict:
         """Diff-Pruning's U-Net: every layer but ``conv_out``; each attention's heads keep equal widths."""
-        attention = _attention_modules(model)
+        attention = attention_modules(model)
         dense_head_dims = {name: attn.inner_dim // attn.heads for name, attn in attention.items()}
         return {"ignored_layers": [model.conv_out],
                 "num_heads": {lin: attn.heads for attn in attention.values() if attn.heads > 1
                               for lin in (attn.to_q, attn.to_k, attn.to_v)},
                 "unwrapped_parameters": None,
-                "sync_widths": lambda: _sync_static_widths(model, dense_head_dims)}
+                "sync_widths": lambda: sync_static_widths(model, dense_head_dims)}
 
     def block_graph(self, net) -> BlockGraph:
         """``down_blocks.i``, ``mid_block``, ``up_blocks.i``, each down block also read by the up
@@ -130,20 +130,21 @@ class UNetFamily(Family):
         return {
             Upsample2D: ("channels", "out_channels"),
             Downsample2D: ("channels", "out_channels"),
-            # scale: pruned attention keeps the dense softmax temperature (_sync_static_widths folds
+            # scale: pruned attention keeps the dense softmax temperature (sync_static_widths folds
             # it into to_q and sets scale for diffusers' non-SDPA path); the dims are descriptive.
             Attention: ("heads", "inner_dim", "inner_kv_dim", "query_dim", "cross_attention_dim",
                         "out_dim", "scale"),
         }
 
 
-def _attention_modules(model) -> dict:
+def attention_modules(model) -> dict:
+    """diffusers' Attention modules of ``model`` by name (the U-Net's, DiT's: igsm.families.dit)."""
     from diffusers.models.attention_processor import Attention
 
     return {name: m for name, m in model.named_modules() if isinstance(m, Attention)}
 
 
-def _sync_static_widths(model, dense_head_dims: dict) -> None:
+def sync_static_widths(model, dense_head_dims: dict) -> None:
     """Make diffusers' static width attributes agree with the pruned layers.
 
     Up/Downsample2D assert on ``channels``; Attention keeps ``inner_dim`` and friends. Attention
@@ -163,7 +164,7 @@ def _sync_static_widths(model, dense_head_dims: dict) -> None:
             conv = getattr(m, "conv", None) or getattr(m, "Conv2d_0", None)
             if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)):
                 m.channels, m.out_channels = conv.in_channels, conv.out_channels
-    for name, attn in _attention_modules(model).items():
+    for name, attn in attention_modules(model).items():
         attn.inner_dim = attn.to_q.out_features
         attn.inner_kv_dim = attn.to_k.out_features
         attn.query_dim = attn.to_q.in_features
