@@ -93,22 +93,30 @@ class PatchEmbed(nn.Module):
 
 
 class UViT(nn.Module):
-    """``forward(sample, timestep) -> noise prediction`` of the sample's shape; the timesteps as
-    the sampler feeds them (DDPM indices, or t·999 for the continuous VP-SDE). The argument names
-    are diffusers' UNet2DModel's, so both families take the same calls."""
+    """``forward(sample, timestep, y=None) -> noise prediction`` of the sample's shape; the timesteps
+    as the sampler feeds them (DDPM indices, or t·999 for the continuous VP-SDE). The argument names
+    are diffusers' UNet2DModel's, so both families take the same calls.
+
+    ``num_classes`` > 0: class-conditional as the reference's ImageNet models (``num_classes`` 1001:
+    the classes and the null label of guidance), the label a token of its own (``label_emb``) in
+    front of the time token; ``y`` then gives each image's label."""
 
     def __init__(self, img_size: int = 32, patch_size: int = 2, in_chans: int = 3, embed_dim: int = 512,
-                 depth: int = 12, num_heads: int = 8, mlp_ratio: float = 4.0):
+                 depth: int = 12, num_heads: int = 8, mlp_ratio: float = 4.0, num_classes: int = 0):
         super().__init__()
         if img_size % patch_size or depth % 2:
             raise ValueError(f"U-ViT: img_size {img_size} must divide by patch_size {patch_size}, "
                              f"and depth {depth} must be even")
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        if num_classes:  # recorded only when set: unconditional checkpoints keep their config
+            self.config["num_classes"] = num_classes
+        self.label_emb = nn.Embedding(num_classes, embed_dim) if num_classes else None
+        self.extras = 1 + bool(num_classes)  # the tokens in front of the patches: time (and label)
         self.embed_dim, self.in_chans = embed_dim, in_chans
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.time_embed = nn.Identity()  # mlp_time_embed=False in both reference configs
-        num_tokens = 1 + (img_size // patch_size) ** 2  # the time token, then the patches
+        num_tokens = self.extras + (img_size // patch_size) ** 2  # (label,) time, then the patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         self.in_blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth // 2)])
         self.mid_block = Block(embed_dim, num_heads, mlp_ratio)
@@ -132,12 +140,15 @@ class UViT(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if (y is None) != (self.label_emb is None):
+            raise ValueError("U-ViT: give labels y exactly when the network is class-conditional (num_classes)")
         x, timesteps = sample, torch.as_tensor(timestep, device=sample.device)
         tokens = self.patch_embed(x)
         timesteps = timesteps.expand(x.shape[0]) if timesteps.ndim == 0 else timesteps
         time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim).to(tokens.dtype))
-        h = torch.cat([time_token[:, None], tokens], dim=1) + self.pos_embed
+        extras = [time_token[:, None]] if y is None else [self.label_emb(y)[:, None], time_token[:, None]]
+        h = torch.cat([*extras, tokens], dim=1) + self.pos_embed
         skips = []
         for block in self.in_blocks:
             h = block(h)
@@ -145,7 +156,7 @@ class UViT(nn.Module):
         h = self.mid_block(h)
         for block in self.out_blocks:
             h = block(h, skips.pop())
-        h = self.decoder_pred(self.norm(h))[:, 1:]
+        h = self.decoder_pred(self.norm(h))[:, self.extras:]
         return self.final_layer(unpatchify(h, self.in_chans))
 
 

@@ -52,15 +52,15 @@ def make_batch(batch=4, seed=0):
 def conditional_jacobians(net, x, t, labels):
     """(B, n, n): the per-sample Jacobian ∂s_b/∂x_b under each sample's own label."""
     batch, n = x.shape[0], x[0].numel()
-    full = torch.autograd.functional.jacobian(lambda z: predict_noise(net, z, t, class_labels=labels), x)
+    full = torch.autograd.functional.jacobian(lambda z: predict_noise(net, z, t, **condition_inputs(net, labels)), x)
     full = full.reshape(batch, n, batch, n)
     return torch.stack([full[b, :, b, :] for b in range(batch)])
 
 
 def reference_terms(student, teacher, x, t, noise, labels, v, projection):
     with torch.no_grad():
-        s = predict_noise(student, x, t, class_labels=labels)
-        s_dense = predict_noise(teacher, x, t, class_labels=labels)
+        s = predict_noise(student, x, t, **condition_inputs(student, labels))
+        s_dense = predict_noise(teacher, x, t, **condition_inputs(teacher, labels))
     jac, jac_dense = conditional_jacobians(student, x, t, labels), conditional_jacobians(teacher, x, t, labels)
     flat = v.flatten(2)
     pattern = "bij,kbi->kbj" if projection == "vjp" else "bij,kbj->kbi"
@@ -86,8 +86,21 @@ def conditional_dit(width, seed, dtype=torch.float64, **config):
     return net.to(dtype).eval()
 
 
+def conditional_uvit(width, seed, dtype=torch.float64):
+    """A tiny class-conditional U-ViT (igsm.uvit: the label a token of its own)."""
+    from igsm.uvit import UViT
+
+    torch.manual_seed(seed)
+    net = UViT(img_size=8, patch_size=4, in_chans=2, embed_dim=width, depth=2, num_heads=2,
+               num_classes=NUM_CLASSES + 1)
+    with torch.no_grad():
+        net.label_emb.weight.mul_(20.0)  # the reference's std 0.02 start: make the label matter here
+    return net.to(dtype).eval()
+
+
 PAIRS = {"unet": lambda: (conditional_unet((4, 8), seed=1), conditional_unet((8, 16), seed=2)),
-         "dit": lambda: (conditional_dit(4, seed=1), conditional_dit(8, seed=2))}
+         "dit": lambda: (conditional_dit(4, seed=1), conditional_dit(8, seed=2)),
+         "uvit": lambda: (conditional_uvit(8, seed=1), conditional_uvit(16, seed=2))}
 
 
 @pytest.fixture(scope="module", params=list(PAIRS))
@@ -140,14 +153,14 @@ def test_teacher_gets_the_students_condition(pair):
     for name in ("kd", "jm1", "jm2"):
         assert float(terms[name].abs().max()) < 1e-20, name
     with torch.no_grad():
-        nulled = predict_noise(teacher, x_t, t, class_labels=torch.full_like(labels, NUM_CLASSES))
-        own = predict_noise(student, x_t, t, class_labels=labels)
+        nulled = predict_noise(teacher, x_t, t, **condition_inputs(teacher, torch.full_like(labels, NUM_CLASSES)))
+        own = predict_noise(student, x_t, t, **condition_inputs(student, labels))
     assert float((own - nulled)[:3].square().sum()) > 1e-3  # so a teacher given the null label would show
 
 
 def test_a_conditional_network_refuses_to_run_without_its_condition(pair):
     student, _ = pair
-    with pytest.raises(ValueError, match="no condition for a conditional (UNet2DModel|DiTTransformer2DModel)"):
+    with pytest.raises(ValueError, match="no condition for a conditional (UNet2DModel|DiTTransformer2DModel|UViT)"):
         condition_inputs(student, None)
     x_t, t, noise, _ = make_batch()
     with pytest.raises(ValueError, match="no condition for a conditional"):

@@ -93,6 +93,9 @@ class Family:
     pretrained_needs_architecture: bool = False
     pretrained_folders: bool = False
     condition_kinds: tuple[str, ...] = ()  # the conditioning kinds (igsm.conditioning) its networks take
+    # The architecture key giving the rows of a class embedding that holds the classes and the null
+    # label (num_classes + 1; unset or 0: unconditional), checked by the default conditioning_errors.
+    class_slots_key: str | None = None
 
     def network_arguments(self, architecture: dict) -> dict:
         """The network class's keyword arguments: the config's architecture without ``family``."""
@@ -153,6 +156,16 @@ class Family:
             takes = ", ".join(self.condition_kinds) or "none"
             return [f"{key}.conditioning.kind: {conditioning.kind!r}, but the {self.title} family's networks "
                     f"take no such condition (conditioning kinds they take: {takes})"]
+        slots = (architecture or {}).get(self.class_slots_key) if self.class_slots_key else None
+        if architecture is None or (conditioning is None and not slots):
+            return []
+        if conditioning is None:
+            return [f"{key}.architecture.{self.class_slots_key}: {slots} makes a class-conditional {self.title}, "
+                    f"but {key}.conditioning.kind is none (set kind: class and num_classes: {slots - 1})"]
+        if conditioning.kind == "class" and slots != conditioning.num_classes + 1:
+            return [f"{key}.architecture.{self.class_slots_key}: {slots}, but conditioning.num_classes "
+                    f"{conditioning.num_classes} needs {conditioning.num_classes + 1} (the classes and the null "
+                    f"label of classifier-free guidance)"]
         return []
 
     def restore_computed_buffers(self, net, device) -> None:

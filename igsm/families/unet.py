@@ -37,7 +37,7 @@ class UNetFamily(Family):
     # Class labels through UNet2DModel's class embedding (num_class_embeds rows, added to the time
     # embedding): the classes and the null label of guidance (igsm.conditioning).
     condition_kinds = ("class",)
-    CLASS_SLOTS_KEY = "num_class_embeds"
+    class_slots_key = "num_class_embeds"
 
     def network_class(self):
         from diffusers import UNet2DModel
@@ -64,26 +64,12 @@ class UNetFamily(Family):
 
     def condition_keyword(self, net) -> str | None:
         config = getattr(net, "config", {})
-        return "class_labels" if config.get(self.CLASS_SLOTS_KEY) or config.get("class_embed_type") else None
+        return "class_labels" if config.get(self.class_slots_key) or config.get("class_embed_type") else None
 
     def example_condition(self, net, device):
         import torch
 
         return torch.zeros(1, dtype=torch.long, device=device) if self.condition_keyword(net) else None
-
-    def conditioning_errors(self, key: str, architecture: dict, conditioning) -> list[str]:
-        errors = super().conditioning_errors(key, architecture, conditioning)
-        slots = (architecture or {}).get(self.CLASS_SLOTS_KEY)
-        if errors or architecture is None or (conditioning is None and not slots):
-            return errors
-        if conditioning is None:
-            return [f"{key}.architecture.{self.CLASS_SLOTS_KEY}: {slots} makes a class-conditional U-Net, but "
-                    f"{key}.conditioning.kind is none (set kind: class and num_classes: {slots - 1})"]
-        if slots != conditioning.num_classes + 1:
-            return [f"{key}.architecture.{self.CLASS_SLOTS_KEY}: {slots}, but conditioning.num_classes "
-                    f"{conditioning.num_classes} needs {conditioning.num_classes + 1} (the classes and the null "
-                    f"label of classifier-free guidance)"]
-        return []
 
     def pruning_plan(self, model) -> dict:
         """Diff-Pruning's U-Net: every layer but ``conv_out``; each attention's heads keep equal widths."""

@@ -21,13 +21,17 @@ class UViTFamily(Family):
     size_key = "img_size"
     channel_keys = ("in_chans",)  # one in_chans for input and output
     key_defaults = {"img_size": 32, "in_chans": 3}  # igsm.uvit.UViT's
-    identifying_keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+    identifying_keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                        "num_classes")
     # U-ViT's released checkpoints learned the continuous VP-SDE (t ~ U(0, 1), input t·999).
     process = "vpsde"
     process_reason = "U-ViT's released checkpoints were trained on the VP-SDE"
     pretrained_help = ("the reference checkpoint file (a model folder's model.safetensors), a local .pth "
                        "file or an http(s):// / file:// URL")
     pretrained_needs_architecture = True  # plain state dicts: the architecture builds their skeleton
+    # Class labels as U-Net's: a label token, num_classes rows (the classes and the null label).
+    condition_kinds = ("class",)
+    class_slots_key = "num_classes"
 
     def network_class(self):
         from igsm.uvit import UViT
@@ -48,6 +52,14 @@ class UViTFamily(Family):
 
         return load_reference_checkpoint(source, self.network_arguments(architecture), cache_dir)
 
+    def condition_keyword(self, net) -> str | None:
+        return "y" if net.label_emb is not None else None
+
+    def example_condition(self, net, device):
+        import torch
+
+        return torch.zeros(1, dtype=torch.long, device=device) if net.label_emb is not None else None
+
     def pruning_plan(self, model) -> dict:
         """The inner dimensions (each head's width, qkv then proj's input, and the MLP's hidden
         layer) and the residual stream of the last out-block only; the other streams keep their
@@ -65,6 +77,7 @@ class UViTFamily(Family):
         blocks = [*model.in_blocks, model.mid_block, *model.out_blocks]
         last = model.out_blocks[-1]
         keep = [model.patch_embed.proj, model.decoder_pred, model.final_layer]
+        keep += [model.label_emb] if model.label_emb is not None else []  # a stream token
         keep += [layer for b in blocks if b is not last
                  for layer in (b.attn.proj, b.mlp.fc2, b.skip_linear) if layer is not None]
         attention = {name: m for name, m in model.named_modules() if isinstance(m, PrunableAttention)}

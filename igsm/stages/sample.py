@@ -116,10 +116,20 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
                                       "world_size": world_size})
     partial.remove()
     if grid:
-        from igsm.plots import save_grid
-
-        save_grid(images[:64], grid)
+        save_sample_grid(images, grid, denoiser.metadata)
     return f"{out}: {len(images)} images, seeds {seeds[0]}..{seeds[-1]}, {denoiser.precision}"
+
+
+def save_sample_grid(images, grid, metadata: dict) -> None:
+    """The first 64 images as a grid; for a class-conditional model with at most 16 classes, a
+    column per class (the image of seed s shows class s mod num_classes: igsm.conditioning)."""
+    from igsm.plots import save_grid
+
+    classes = (metadata.get("conditioning") or {}).get("num_classes")
+    if classes and classes <= 16:
+        save_grid(images[: classes * max(1, 64 // classes)], grid, nrow=classes)
+    else:
+        save_grid(images[:64], grid)
 
 
 def shard_range(num_images: int, num_shards: int, index: int) -> tuple[int, int]:
@@ -186,9 +196,7 @@ def gather_samples(shards, out, grid, first_seed: int, num_images: int) -> str:
         raise StageError(str(err)) from None
     sampling.save_samples(out, images, seeds, metadata)
     if grid:
-        from igsm.plots import save_grid
-
-        save_grid(images[:64], grid)
+        save_sample_grid(images, grid, metadata)
     return f"{out}: {len(images)} images from {len(shards)} shards"
 
 
