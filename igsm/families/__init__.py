@@ -156,8 +156,10 @@ class Family:
             takes = ", ".join(self.condition_kinds) or "none"
             return [f"{key}.conditioning.kind: {conditioning.kind!r}, but the {self.title} family's networks "
                     f"take no such condition (conditioning kinds they take: {takes})"]
-        slots = (architecture or {}).get(self.class_slots_key) if self.class_slots_key else None
-        if architecture is None or (conditioning is None and not slots):
+        if self.class_slots_key is None or architecture is None:
+            return []
+        slots = architecture.get(self.class_slots_key)
+        if conditioning is None and not slots:
             return []
         if conditioning is None:
             return [f"{key}.architecture.{self.class_slots_key}: {slots} makes a class-conditional {self.title}, "
