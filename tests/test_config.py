@@ -262,7 +262,7 @@ def set_unknown_conditioning_kind(c):
                                      r"class-conditional U-Net, but experiments\.digits_unet\.conditioning\.kind is none"),
     (set_guidance_without_condition, r"experiments\.digits_unet\.sample\.guidance_scale: 2\.0, but the experiment "
                                      r"is unconditional"),
-    (set_class_on_uvit, r"experiments\.digits_unet\.architecture\.num_classes: None, but conditioning\.num_classes "
+    (set_class_on_uvit, r"experiments\.digits_unet\.architecture\.num_classes: unset, but conditioning\.num_classes "
                         r"10 needs 11"),
     (set_conditional_reuse, r"experiments\.digits_unet\.reuse\.models: block reuse of conditional models"),
     (set_unknown_conditioning_kind, r"experiments\.digits_unet\.conditioning\.kind: 'text' is not one of none, class"),

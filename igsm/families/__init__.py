@@ -55,9 +55,9 @@ class Family:
     """One kind of network. Class attributes describe the config, methods the networks.
 
     The interface: a member implements network_class, owns, load_pretrained, pruning_plan and
-    block_graph, and a conditional one condition_keyword and example_condition (the base raises NotImplementedError naming the family and the method, so a
-    partial member, e.g. a test's toy family, fails where it is first used); the other methods
-    have defaults.
+    block_graph (the base raises NotImplementedError naming the family and the method, so a
+    partial member, e.g. a test's toy family, fails where it is first used), and a conditional
+    one condition_keyword and example_condition; the other methods have defaults.
 
     name: the value of ``architecture.family`` that selects it.
     title: its name in messages ("U-Net").
@@ -165,7 +165,8 @@ class Family:
             return [f"{key}.architecture.{self.class_slots_key}: {slots} makes a class-conditional {self.title}, "
                     f"but {key}.conditioning.kind is none (set kind: class and num_classes: {slots - 1})"]
         if conditioning.kind == "class" and slots != conditioning.num_classes + 1:
-            return [f"{key}.architecture.{self.class_slots_key}: {slots}, but conditioning.num_classes "
+            given = "unset" if slots is None else slots
+            return [f"{key}.architecture.{self.class_slots_key}: {given}, but conditioning.num_classes "
                     f"{conditioning.num_classes} needs {conditioning.num_classes + 1} (the classes and the null "
                     f"label of classifier-free guidance)"]
         return []

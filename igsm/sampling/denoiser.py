@@ -185,5 +185,6 @@ def denoiser_from_settings(net: nn.Module, options: dict, micro_batch: int | Non
     run = {**section_defaults("sample"), **options}
     return Denoiser(net, micro_batch=micro_batch, precision=run["precision"], channels_last=run["channels_last"],
                     compile_mode=run["compile_mode"] if run["compile"] else None,
-                    guidance_scale=run["guidance_scale"], conditioning=conditioning_from_settings(run.get("conditioning")))
+                    guidance_scale=run["guidance_scale"],
+                    conditioning=conditioning_from_settings(run.get("conditioning")))
 

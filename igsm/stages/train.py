@@ -15,8 +15,8 @@ EX_TEMPFAIL = 75  # a rerun continues from the snapshot
 def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, nproc_per_node: int,
           nnodes: int, settings: dict, device: str, threads: int | None) -> None:
     """Train ``model_dir`` on the image store ``data`` (settings: 'training' + 'objective' +
-    'diffusion', and a conditional experiment's 'conditioning'); the EMA model goes to ``out``, a line per log step to ``metrics``, the run's
-    summary to ``summary``."""
+    'diffusion', and a conditional experiment's 'conditioning'); the EMA model goes to ``out``, a
+    line per log step to ``metrics``, the run's summary to ``summary``."""
     from igsm import distributed
     from igsm.training import Interrupted, TrainingOptions, train as train_loop
 
