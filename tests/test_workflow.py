@@ -231,3 +231,5 @@ def test_class_conditional_unet_and_dit_run_through_the_workflow(tmp_path):
             assert score["conditioning"]["kind"] == "class" and score["conditioning"]["null_label"] == 10
     pruned = json.loads((results / "prune/digits_class_unet/diff-pruning-cr0.3/model/architecture.json").read_text())
     assert pruned["config"]["num_class_embeds"] == 11
+    # A column per class: 12 images of 16 px (drawn 64 px, 1 px apart) in rows of 10.
+    assert Image.open(results / "samples/digits_class_unet/dense/grid.png").size == (10 * 65 + 1, 2 * 65 + 1)
