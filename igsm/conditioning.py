@@ -5,8 +5,8 @@ An experiment's ``conditioning`` section names a kind, a member of this module's
 * ``class`` (:class:`ClassLabels`): class labels 0..K−1 from the image store's labels (DiT's
   ImageNet classes, Fashion-MNIST's ten). The label K is the *null* label, the "no condition" of
   classifier-free guidance (Ho & Salimans 2022): DiT's LabelEmbedding keeps the same extra row
-  (``num_classes`` + 1 embeddings when it drops labels), and a U-Net gets it as
-  ``num_class_embeds`` = K + 1.
+  (``num_classes`` + 1 embeddings when it drops labels), a U-Net gets it as
+  ``num_class_embeds`` = K + 1 and a U-ViT as ``num_classes`` = K + 1.
 
 One interface, read by the training loop (:meth:`training_condition`: the batch's labels, each
 replaced by the null one with probability ``drop_prob``, so that the network also learns the
@@ -137,10 +137,16 @@ def conditioning_from_settings(settings: dict | None):
         return None
     if kind not in _KINDS:
         raise ValueError(f"conditioning.kind: unknown {kind!r}; choose one of {kinds()}")
-    try:
-        return _KINDS[kind](**settings)
-    except TypeError as err:
-        raise ValueError(f"conditioning: {err}") from None
+    import dataclasses
+
+    fields = dataclasses.fields(_KINDS[kind])
+    names = [f.name for f in fields]
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING and f.name not in settings]
+    unknown = sorted(set(settings) - set(names))
+    if missing or unknown:
+        key, what = (missing[0], "required") if missing else (unknown[0], "not a key")
+        raise ValueError(f"conditioning.{key}: {what} for kind {kind!r} (its keys: {', '.join(names)})")
+    return _KINDS[kind](**settings)
 
 
 def guided(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:

@@ -215,6 +215,9 @@ def test_settings_errors_name_the_key():
     assert conditioning_from_settings({"kind": "none"}) is None
     with pytest.raises(ValueError, match="conditioning.kind: unknown 'text'"):
         conditioning_from_settings({"kind": "text"})
+    with pytest.raises(ValueError, match=r"conditioning.num_classes: required for kind 'class' \(its keys: "
+                                         r"num_classes, drop_prob\)"):
+        conditioning_from_settings({"kind": "class"})
     with pytest.raises(ValueError, match="conditioning.drop_prob"):
         conditioning_from_settings({"kind": "class", "num_classes": 3, "drop_prob": 1.0})
     with pytest.raises(ValueError, match=r"labels 0\.\.5 do not fit conditioning.num_classes 3"):
