@@ -116,3 +116,16 @@ def test_conditioning_must_match_the_label_table():
     assert "num_embeds_ada_norm: 3 classes, but conditioning.num_classes is 10" in \
         DIT.conditioning_errors("experiments.x", TINY, ClassLabels(10))[0]
     assert "DiT is class-conditional" in DIT.conditioning_errors("experiments.x", TINY, None)[0]
+
+
+def test_a_hub_id_offline_fails_at_once_naming_it_and_what_to_do(tmp_path, monkeypatch):
+    """Not in the hub cache and no network: an error naming the id and `hf download`, without the
+    hub client's minute of retries."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"could not load a DiT from facebook/DiT-XL-2-256 .*HF_HUB_OFFLINE is set.*"
+                                         r"hf download facebook/DiT-XL-2-256 --local-dir DIR"):
+        load_pretrained("facebook/DiT-XL-2-256", {"family": "dit"}, cache_dir=tmp_path)
+    assert time.perf_counter() - started < 20

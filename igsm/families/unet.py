@@ -171,16 +171,16 @@ def sync_static_widths(model, dense_head_dims: dict) -> None:
 
 # ---- pretrained U-Nets: diffusers folders, the hub cache, the hub ------------------------------
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """HF_HUB_OFFLINE set (huggingface_hub's own switch): never try the network."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _hub_reachable(timeout_s: float = 5.0) -> bool:
+def hub_reachable(timeout_s: float = 5.0) -> bool:
     import socket
     from urllib.parse import urlparse
 
-    if _hub_offline():
+    if hub_offline():
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
@@ -289,7 +289,7 @@ def load_diffusers_unet(model_id: str):
                              f"loaded ({error_chain(err)}); delete it from the cache and download "
                              "it again") from None
     error = None
-    if _hub_reachable():
+    if hub_reachable():
         try:
             return attempt()
         except Exception as err:  # the hub client raises many kinds; all mean "not available"
@@ -297,7 +297,7 @@ def load_diffusers_unet(model_id: str):
             if refused is not None:
                 raise _unsafe_bin_error(err, Path(model_id), refused, model_id) from None
             error = f"{type(err).__name__}: {err}"
-    reason = error or ("HF_HUB_OFFLINE is set and it is not in the hub cache" if _hub_offline()
+    reason = error or ("HF_HUB_OFFLINE is set and it is not in the hub cache" if hub_offline()
                        else "the Hugging Face hub is unreachable")
     raise RuntimeError(
         f"could not load the pretrained model {model_id!r} ({reason}). Without internet, download "
