@@ -59,9 +59,7 @@ class ClassLabels:
 
     def check_labels(self, labels, where: str) -> None:
         """``ValueError`` naming ``where`` (the dataset) if a label is outside 0..num_classes−1."""
-        import torch
-
-        labels = torch.as_tensor(labels)
+        labels = np.asarray(labels)
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"{where}: labels {int(labels.min())}..{int(labels.max())} do not fit "
                              f"conditioning.num_classes {self.num_classes} (labels 0..{self.num_classes - 1})")

@@ -127,12 +127,17 @@ def predict_noise(net: nn.Module, x: torch.Tensor, t: torch.Tensor, **condition)
     return out.sample if hasattr(out, "sample") else out
 
 
+def _unwrapped(net: nn.Module) -> nn.Module:
+    """The network inside a torch.compile'd or DDP-wrapped one (itself otherwise)."""
+    net = getattr(net, "_orig_mod", net)
+    return getattr(net, "module", net) if type(net).__name__ == "DistributedDataParallel" else net
+
+
 def condition_keyword(net: nn.Module) -> str | None:
     """The keyword by which ``net`` (of any family; a torch.compile'd or DDP-wrapped one too) takes
     its condition, None for an unconditional network (a plain module ``net(x, t)`` of no family
     included, as the samplers take)."""
-    net = getattr(net, "_orig_mod", net)
-    net = getattr(net, "module", net) if type(net).__name__ == "DistributedDataParallel" else net
+    net = _unwrapped(net)
     try:
         family = family_of(net)
     except ValueError:
@@ -140,22 +145,26 @@ def condition_keyword(net: nn.Module) -> str | None:
     return family.condition_keyword(net)
 
 
-def condition_inputs(net: nn.Module, condition: torch.Tensor | None) -> dict:
-    """``{keyword: condition}`` for :func:`predict_noise` (empty for None). ``ValueError`` if a
-    condition is given to an unconditional network, or none to a conditional one: either would
-    run, on the wrong input or not at all, deep inside the network."""
-    keyword = condition_keyword(net)
+def check_condition(net: nn.Module, keyword: str | None, condition) -> None:
+    """``ValueError`` if a condition is given to an unconditional network (``keyword`` None), or
+    none to a conditional one: either would run, on the wrong input or not at all, deep inside it."""
     if (condition is None) != (keyword is None):
         what = "a condition for an unconditional" if keyword is None else "no condition for a conditional"
-        raise ValueError(f"{what} {type(getattr(net, '_orig_mod', net)).__name__}: the experiment's "
-                         "conditioning and its networks disagree")
+        raise ValueError(f"{what} {type(_unwrapped(net)).__name__}: the experiment's conditioning and "
+                         "its networks disagree")
+
+
+def condition_inputs(net: nn.Module, condition: torch.Tensor | None) -> dict:
+    """``{keyword: condition}`` for :func:`predict_noise` (empty for None), checked (:func:`check_condition`)."""
+    keyword = condition_keyword(net)
+    check_condition(net, keyword, condition)
     return {} if condition is None else {keyword: condition}
 
 
 def example_condition(net: nn.Module, batch_size: int, device=None) -> torch.Tensor | None:
     """A condition for ``batch_size`` images of ``net`` (its family's example, repeated; None for an
     unconditional network): for timing and tracing, where the values do not matter."""
-    net = getattr(net, "_orig_mod", net)
+    net = _unwrapped(net)
     one = family_of(net).example_condition(net, device)
     return None if one is None else one.expand(batch_size, *one.shape[1:])
 

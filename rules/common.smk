@@ -38,6 +38,7 @@ wildcard_constraints:
 # Every check the config allows, before any job: igsm.config (this checkout's package, as the
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
+from igsm.conditioning import NONE as UNCONDITIONAL
 from igsm.config import ConfigError, apply_scale, check_config, check_writable, pruning_method, training_job
 from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
@@ -150,7 +151,7 @@ def experiment_context(exp, conditional=True):
     (``conditional``) its conditioning, absent for an unconditional experiment so that jobs made
     before conditioning existed stay valid."""
     context = {"diffusion": diffusion_settings(exp)}
-    if conditional and EXPERIMENTS[exp]["conditioning"]["kind"] != "none":
+    if conditional and EXPERIMENTS[exp]["conditioning"]["kind"] != UNCONDITIONAL:
         context["conditioning"] = EXPERIMENTS[exp]["conditioning"]
     return context
 

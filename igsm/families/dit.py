@@ -33,7 +33,7 @@ from igsm.families.unet import hub_offline, hub_reachable, looks_like_local_path
 def _network_class():
     """diffusers' DiTTransformer2DModel without its own label dropout, returning ε only, its image
     argument named ``sample``. Named like diffusers' class, so that checkpoints and hub configs name
-    it alike (igsm.models)."""
+    it alike (igsm.models); defined once (cached), where diffusers is first needed."""
     from diffusers import DiTTransformer2DModel as Diffusers
     from diffusers.models.embeddings import LabelEmbedding
     from diffusers.models.modeling_outputs import Transformer2DModelOutput
@@ -53,15 +53,7 @@ def _network_class():
             eps = out[:, : self.config.in_channels]  # a learned variance's channels follow ε's
             return Transformer2DModelOutput(sample=eps) if return_dict else (eps,)
 
-    DiTTransformer2DModel.__module__ = __name__  # picklable by name, as a module-level class
-    globals()["DiTTransformer2DModel"] = DiTTransformer2DModel
     return DiTTransformer2DModel
-
-
-def __getattr__(name):  # pickle finds the class by module and name
-    if name == "DiTTransformer2DModel":
-        return _network_class()
-    raise AttributeError(name)
 
 
 class DiTFamily(Family):

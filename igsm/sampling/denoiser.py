@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from igsm.conditioning import guided
-from igsm.models import condition_keyword, predict_noise
+from igsm.models import check_condition, condition_keyword, predict_noise
 from igsm.schema import section_defaults
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -148,10 +148,7 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """ε̂ of the images ``x`` at network times ``t`` (and, for a conditional network, under
         their ``condition``; guided where ``guidance_scale`` ≠ 1)."""
-        if (condition is None) != (self.keyword is None):
-            what = "no condition for a conditional" if condition is None else "a condition for an unconditional"
-            raise ValueError(f"{what} network ({type(self.net).__name__}): the experiment's conditioning "
-                             "and the network disagree")
+        check_condition(self.net, self.keyword, condition)
         with numerics(self.precision, x.device):
             eps = self._chunked(x, t, condition)
             if condition is None or self.guidance_scale == 1.0:
