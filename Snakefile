@@ -37,6 +37,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/download.smk"
+include: "rules/latents.smk"
 include: "rules/dense.smk"
 include: "rules/prune.smk"
 include: "rules/finetune.smk"

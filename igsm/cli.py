@@ -89,6 +89,20 @@ COMMANDS = (
             "Fetch and parse a dataset (config 'datasets.<name>') into an image store.",
             (_option("--out", required=True, type=click.Path(), help="Image store (folder) to write."),
              _option("--cache-dir", required=True, type=_folder(), help="Where archives go."), SETTINGS)),
+    Command("autoencoder", "latents:autoencoder",
+            "Store a latent experiment's autoencoder (settings: its 'autoencoders.<name>' entry: a pretrained "
+            "diffusers AutoencoderKL, hub id or local folder, or an architecture with random weights) with its "
+            "identity (source, scale factor, weights' sha256).",
+            (_option("--out", required=True, type=_folder()),
+             _option("--cache-dir", type=_folder(), default=None, help="The hub's download cache."), SETTINGS)),
+    Command("encode", "latents:encode",
+            "Encode an image store into a store of the autoencoder's latents (posterior means × scale factor, "
+            "float16), once, for a latent experiment's training and pruning.",
+            (DATA, _option("--autoencoder", "autoencoder_dir", type=_folder(exists=True), required=True,
+                           help="The stored autoencoder (results/autoencoders/<name>/model)."),
+             _option("--out", required=True, type=click.Path(), help="Latent store (folder)."),
+             _option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="Images per autoencoder call."), DEVICE, THREADS)),
     Command("pretrained", "dense:pretrained",
             "Fetch a pretrained dense model and store it in the project's format (settings: the "
             "experiment's 'architecture', whose family loads it; needed where the weights are plain state "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from igsm import conditioning, plugins, pruning, reuse_methods
+from igsm import conditioning, latents, plugins, pruning, reuse_methods
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
 from igsm.data.sources import with_defaults
@@ -54,8 +54,8 @@ DETAIL_VARIABLE = "IGSM_CONFIG_DETAIL"
 # experiment 'all' would have two rules write results/tables/all.md, and `snakemake table1` could
 # not mean an experiment table1.
 WORKFLOW_RULES = (
-    "all_sample_pngs", "all_tables", "combined_table", "dense_pretrained", "dense_pretrained_uvit",
-    "dense_trained", "download", "efficiency", "fid", "fid_reference", "fid_statistics", "finetune",
+    "all_sample_pngs", "all_tables", "autoencoder", "combined_table", "dense_pretrained", "dense_pretrained_uvit",
+    "dense_trained", "download", "efficiency", "encode", "fid", "fid_reference", "fid_statistics", "finetune",
     "paper_figure", "paper_samples", "paper_table", "prune", "prune_report_picture", "reuse_plan", "sample",
     "sample_gather", "sample_png", "tables", "untrained", "variant_metadata",
 )
@@ -141,6 +141,11 @@ def check_config(config: dict) -> None:
         window = spec.get("jacobian_timesteps")
         if window is not None and not window[0] < window[1]:
             errors.append(f"{key}.jacobian_timesteps: {window} is not a range [lo, hi) with lo < hi")
+    for name, spec in config["autoencoders"].items():
+        given = [k for k in ("pretrained", "architecture") if spec[k]]
+        if len(given) != 1:
+            errors.append(f"autoencoders.{name}: give exactly one of 'pretrained' or 'architecture' (got "
+                          f"{given or 'none'})")
     errors += name_families(config)
     for name, exp in experiments.items():
         if FAMILY_KEY not in exp["architecture"]:  # an unknown family, reported above
@@ -204,7 +209,57 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     errors += _reuse_errors(key, exp)
     errors += _sample_and_fid_errors(config, name, exp)
     errors += _conditioning_errors(key, exp, family)
+    errors += _latent_errors(config, key, exp)
     return errors
+
+
+def _latent_errors(config: dict, key: str, exp: dict) -> list[str]:
+    """A latent experiment's autoencoder exists, is given one way, takes the dataset's images (whose
+    side its downsampling divides), and no training flips its latents."""
+    name = exp["autoencoder"]
+    if not name:
+        return []
+    if name not in config["autoencoders"]:
+        return [f"{key}.autoencoder: unknown autoencoder {name!r}; defined under 'autoencoders': "
+                f"{sorted(config['autoencoders'])}"]
+    errors = []
+    if exp["reuse"]["models"]:
+        errors.append(f"{key}.reuse.models: block reuse of latent models (autoencoder {name!r}) is not supported "
+                      "yet; leave reuse.models empty")
+    for stage in ("dense", "finetune"):
+        if exp[stage].get("training", {}).get("hflip"):
+            errors.append(f"{key}.{stage}.training.hflip: a latent experiment trains on latents encoded once, "
+                          "and a flipped latent is not the latent of the flipped image; set it false")
+    facts = latents.autoencoder_facts(config["autoencoders"][name])
+    if facts is None:
+        return errors
+    data = config["datasets"][exp["dataset"]]
+    channels = dataset_channels(data)
+    if facts["in_channels"] != channels and not (channels == 1 and facts["in_channels"] == 3):
+        errors.append(f"{key}.autoencoder: {name!r} takes {facts['in_channels']}-channel images, dataset "
+                      f"{exp['dataset']!r} has {channels}")
+    if data["image_size"] % facts["downsample_factor"]:
+        errors.append(f"{key}.autoencoder: {name!r} divides the image side by {facts['downsample_factor']}, "
+                      f"which does not divide datasets.{exp['dataset']}.image_size {data['image_size']}")
+    return errors
+
+
+def model_space(config: dict, exp: dict) -> dict | None:
+    """What the experiment's networks model: the dataset's images, or a latent experiment's latents
+    (None where its autoencoder's are known only once fetched): {side, channels, and the phrases
+    naming where each comes from in errors}."""
+    name, data = exp["autoencoder"], config["datasets"][exp["dataset"]]
+    if not name:
+        return {"side": data["image_size"], "channels": dataset_channels(data),
+                "side_is": f"datasets.{exp['dataset']}.image_size is {data['image_size']}",
+                "source": f"dataset {exp['dataset']!r} ({data['source']})"}
+    facts = latents.autoencoder_facts(config["autoencoders"].get(name, {}))
+    if facts is None:
+        return None
+    side = data["image_size"] // facts["downsample_factor"]
+    source = f"the latent space of autoencoder {name!r} on dataset {exp['dataset']!r}"
+    return {"side": side, "channels": facts["latent_channels"], "side_is": f"{source} is {side}×{side}",
+            "source": source}
 
 
 def _conditioning_errors(key: str, exp: dict, family: Family) -> list[str]:
@@ -261,17 +316,17 @@ def _architecture_errors(config: dict, name: str, exp: dict, family: Family) -> 
         errors.append(f"{key}.architecture: needed to train the dense model")
     if exp["untrained_baseline"] and not arch:
         errors.append(f"{key}.architecture: needed by untrained_baseline")
-    if arch:
+    space = model_space(config, exp)
+    if arch and space is not None:
         size = arch.get(family.size_key)
-        if size is not None and size != data["image_size"]:
-            errors.append(f"{key}.architecture.{family.size_key}: {size}, but datasets.{exp['dataset']}.image_size "
-                          f"is {data['image_size']}; the network would train on one size and sample another")
-        channels = dataset_channels(data)
+        if size is not None and size != space["side"]:
+            errors.append(f"{key}.architecture.{family.size_key}: {size}, but {space['side_is']}; the network "
+                          "would train on one size and sample another")
         for side in family.channel_keys:
             value = arch.get(side, family.key_defaults[side])
-            if value != channels:
-                errors.append(f"{key}.architecture.{side}: {value}, but dataset {exp['dataset']!r} "
-                              f"({data['source']}) has {channels} channel(s)")
+            if value != space["channels"]:
+                errors.append(f"{key}.architecture.{side}: {value}, but {space['source']} has {space['channels']} "
+                              "channel(s)")
     return errors
 
 

@@ -30,6 +30,7 @@ wildcard_constraints:
     # no wildcard can take a value that the config did not name.
     exp=_one_of(EXPERIMENTS),
     dataset=_one_of(config["datasets"]),
+    autoencoder=_one_of(config["autoencoders"]),
     criterion="[a-z-]+",
     ratio="[0-9.]+",
     objective=_one_of(config["objectives"]),
@@ -39,7 +40,8 @@ wildcard_constraints:
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
 from igsm.conditioning import NONE as UNCONDITIONAL
-from igsm.config import ConfigError, apply_scale, check_config, check_writable, pruning_method, training_job
+from igsm.config import (ConfigError, apply_scale, check_config, check_writable, dataset_channels, pruning_method,
+                         training_job)
 from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
 from igsm.families import FAMILY_KEY, assumed_family, family_of_architecture
@@ -120,8 +122,23 @@ def model_dir(wildcards):
     return variant_model_dir(wildcards.exp, wildcards.variant)
 
 
+def autoencoder_folder(exp):
+    """A latent experiment's stored autoencoder (rules/latents.smk), or None."""
+    name = EXPERIMENTS[exp]["autoencoder"]
+    return f"results/autoencoders/{name}/model" if name else None
+
+
 def dataset_file(wildcards):
-    return f"results/data/{EXPERIMENTS[wildcards.exp]['dataset']}/train"
+    """The store an experiment trains and prunes on: its dataset's images, or their latents."""
+    exp = EXPERIMENTS[wildcards.exp]
+    if exp["autoencoder"]:
+        return f"results/data/{exp['dataset']}/latents-{exp['autoencoder']}"
+    return f"results/data/{exp['dataset']}/train"
+
+
+def autoencoder_input(wildcards):
+    """The autoencoder a job of a latent experiment reads (its settings name the folder), or none."""
+    return autoencoder_folder(wildcards.exp) or []
 
 
 def as_json(payload):
@@ -146,20 +163,25 @@ def diffusion_settings(exp):
     return {k: v for k, v in diffusion.items() if not (k == "process" and v == "ddpm")}
 
 
-def experiment_context(exp, conditional=True):
-    """What a stage's settings carry besides its own section: the experiment's forward process and
-    (``conditional``) its conditioning, absent for an unconditional experiment so that jobs made
-    before conditioning existed stay valid."""
+def experiment_context(exp, runs_network=True):
+    """What a stage's settings carry besides its own section: the experiment's forward process and,
+    for a stage that runs the network on data or samples (``runs_network``), its conditioning and a
+    latent experiment's autoencoder (``latents``: the folder, which the job also has as an input, and
+    the images' channels it decodes to), each absent where the experiment has none, so that jobs
+    made before they existed stay valid."""
     context = {"diffusion": diffusion_settings(exp)}
-    if conditional and EXPERIMENTS[exp]["conditioning"]["kind"] != UNCONDITIONAL:
+    if runs_network and EXPERIMENTS[exp]["conditioning"]["kind"] != UNCONDITIONAL:
         context["conditioning"] = EXPERIMENTS[exp]["conditioning"]
+    if runs_network and autoencoder_folder(exp):
+        channels = dataset_channels(config["datasets"][EXPERIMENTS[exp]["dataset"]])
+        context["latents"] = {"autoencoder": autoencoder_folder(exp), "image_channels": channels}
     return context
 
 
-def stage_settings(exp, section, conditional=False):
-    """JSON of one config section of an experiment, with the experiment's diffusion process (and
-    its conditioning, for a stage that runs the network on data: ``conditional``)."""
-    return as_json({**experiment_context(exp, conditional), **EXPERIMENTS[exp][section]})
+def stage_settings(exp, section, runs_network=False):
+    """JSON of one config section of an experiment, with the experiment's diffusion process (and,
+    for a stage that runs the network on data: ``runs_network``, its conditioning and autoencoder)."""
+    return as_json({**experiment_context(exp, runs_network), **EXPERIMENTS[exp][section]})
 
 
 def objective_settings(name):

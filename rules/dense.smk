@@ -69,6 +69,7 @@ rule dense_trained:
     input:
         init="results/untrained/{exp}/model",
         data=dataset_file,
+        autoencoder=autoencoder_input,
     output:
         model=directory("results/dense/{exp}/trained/model"),
         metrics="results/dense/{exp}/trained/metrics.jsonl",

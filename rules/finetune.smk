@@ -10,6 +10,7 @@ rule finetune:
         student="results/prune/{exp}/{criterion}-cr{ratio}/model",
         teacher=dense_model,
         data=dataset_file,
+        autoencoder=autoencoder_input,
     output:
         model=directory("results/finetune/{exp}/{criterion}-cr{ratio}/{objective}/model"),
         metrics="results/finetune/{exp}/{criterion}-cr{ratio}/{objective}/metrics.jsonl",

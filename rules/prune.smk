@@ -7,11 +7,12 @@ rule prune:
     input:
         model=dense_model,
         data=dataset_file,
+        autoencoder=autoencoder_input,
     output:
         model=directory("results/prune/{exp}/{criterion}-cr{ratio}/model"),
         report="results/prune/{exp}/{criterion}-cr{ratio}/report.json",
     params:
-        settings=lambda w: stage_settings(w.exp, "prune", conditional=True),
+        settings=lambda w: stage_settings(w.exp, "prune", runs_network=True),
     log:
         "results/logs/prune/{exp}/{criterion}-cr{ratio}.log",
     benchmark:

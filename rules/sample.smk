@@ -12,6 +12,7 @@ rule sample:
     input:
         model=model_dir,
         plan=lambda w: reuse_plan_file(w.exp, w.variant) or [],
+        autoencoder=autoencoder_input,
     output:
         shard="results/samples/{exp}/{variant}/shard-{shard}-of-{num_shards}.npz",
     wildcard_constraints:

@@ -255,7 +255,65 @@ def set_unknown_conditioning_kind(c):
     experiment(c)["conditioning"] = {"kind": "text"}
 
 
+TINY_VAE = {"in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16], "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "norm_num_groups": 4}
+
+
+def set_latent(c, **architecture):
+    """digits_unet as a latent experiment of a tiny autoencoder (16×16×1 → 8×8×4)."""
+    c["autoencoders"] = {"vae": {"architecture": dict(TINY_VAE)}}
+    experiment(c)["autoencoder"] = "vae"
+    experiment(c)["architecture"].update({"sample_size": 8, "in_channels": 4, "out_channels": 4, **architecture})
+
+
+def set_unknown_autoencoder(c):
+    set_latent(c)
+    experiment(c)["autoencoder"] = "sd_vae"
+
+
+def set_autoencoder_given_twice(c):
+    set_latent(c)
+    c["autoencoders"]["vae"]["pretrained"] = "stabilityai/sd-vae-ft-ema"
+
+
+def set_latent_network_of_image_size(c):
+    set_latent(c, sample_size=16)
+
+
+def set_latent_network_of_image_channels(c):
+    set_latent(c, in_channels=1)
+
+
+def set_latent_hflip(c):
+    set_latent(c)
+    experiment(c)["finetune"]["training"]["hflip"] = True
+
+
+def set_latent_reuse(c):
+    set_latent(c)
+    experiment(c)["reuse"]["models"] = ["dense"]
+
+
+def set_autoencoder_not_dividing_the_side(c):
+    set_latent(c)
+    c["autoencoders"]["vae"]["architecture"]["block_out_channels"] = [8, 16, 16, 16, 16, 16]
+    c["autoencoders"]["vae"]["architecture"]["down_block_types"] = ["DownEncoderBlock2D"] * 6
+    c["autoencoders"]["vae"]["architecture"]["up_block_types"] = ["UpDecoderBlock2D"] * 6
+
+
 @pytest.mark.parametrize("mutate, expected", [
+    (set_unknown_autoencoder, r"experiments\.digits_unet\.autoencoder: unknown autoencoder 'sd_vae'; defined under "
+                              r"'autoencoders': \['vae'\]"),
+    (set_autoencoder_given_twice, r"autoencoders\.vae: give exactly one of 'pretrained' or 'architecture'"),
+    (set_latent_network_of_image_size, r"experiments\.digits_unet\.architecture\.sample_size: 16, but the latent space "
+                                       r"of autoencoder 'vae' on dataset 'digits' is 8×8"),
+    (set_latent_network_of_image_channels, r"experiments\.digits_unet\.architecture\.in_channels: 1, but the latent "
+                                           r"space of autoencoder 'vae' on dataset 'digits' has 4 channel"),
+    (set_latent_hflip, r"experiments\.digits_unet\.finetune\.training\.hflip: a latent experiment"),
+    (set_latent_reuse, r"experiments\.digits_unet\.reuse\.models: block reuse of latent models"),
+    (set_autoencoder_not_dividing_the_side, r"experiments\.digits_unet\.autoencoder: 'vae' divides the image side by 32, "
+                                            r"which does not divide datasets\.digits\.image_size 16"),
     (set_class_embeds_without_null_label, r"experiments\.digits_unet\.architecture\.num_class_embeds: 10, but "
                                           r"conditioning\.num_classes 10 needs 11"),
     (set_class_embeds_unconditional, r"experiments\.digits_unet\.architecture\.num_class_embeds: 11 makes a "
@@ -278,7 +336,7 @@ def set_unknown_conditioning_kind(c):
     (set_unknown_key, r"experiments\.digits_unet\.finetune\.trainig: unknown key; did you mean 'training'\? "
                       r"valid here: runs, training"),
     (set_top_level_typo, r"experiment: unknown key; did you mean 'experiments'\? valid here: datasets, objectives, "
-                         r"experiments, resources, plugins, scale"),
+                         r"autoencoders, experiments, resources, plugins, scale"),
     (set_wrong_type, r"experiments\.digits_unet\.sample\.num_images: 'many' is not of type 'integer'"),
     (set_ratio_above_range, r"experiments\.digits_unet\.finetune\.runs\[0\]\.channel_ratio: 1\.2 is greater than "
                             r"or equal to the maximum of 1"),

@@ -15,7 +15,7 @@ from torch import nn
 from conftest import REPO, TINY_ARCHITECTURE, metric_records, run_training
 from igsm import fid, sampling
 from igsm.stages import sample as sample_stage
-from igsm.families.unet import looks_like_local_path
+from igsm.hub import looks_like_local_path
 from igsm.models import ARCHITECTURE_FILE, WEIGHTS_FILE, build_unet, load_model, load_pretrained, save_model
 from igsm.training import SNAPSHOT_KEYS, _newest_snapshot_of_run
 

@@ -125,7 +125,7 @@ def test_a_hub_id_offline_fails_at_once_naming_it_and_what_to_do(tmp_path, monke
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    with pytest.raises(ValueError, match=r"could not load a DiT from facebook/DiT-XL-2-256 .*HF_HUB_OFFLINE is set.*"
+    with pytest.raises(ValueError, match=r"could not load the diffusers DiT from facebook/DiT-XL-2-256 .*HF_HUB_OFFLINE is set.*"
                                          r"hf download facebook/DiT-XL-2-256 --local-dir DIR"):
         load_pretrained("facebook/DiT-XL-2-256", {"family": "dit"}, cache_dir=tmp_path)
     assert time.perf_counter() - started < 20

@@ -209,12 +209,13 @@ def read_npz(path: str | os.PathLike, names: tuple, kind: str, remedy: str = REM
         raise ValueError(f"{path} is unreadable ({numpy_error_text(err)}); {remedy}") from None
 
 
-def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 N×H×W×C → float N×C×H×W in [−1, 1], the range the networks model."""
+def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 N×H×W×C → float N×C×H×W in [−1, 1], the range the networks model; a latent store's
+    floats (igsm.latents: already scaled by the autoencoder's factor) → float32 N×C×H×W as they are."""
     import torch
 
-    x = torch.as_tensor(images_uint8)
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    x = torch.as_tensor(images).permute(0, 3, 1, 2)
+    return x.float().div(127.5).sub(1.0) if x.dtype == torch.uint8 else x.float()
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -25,6 +25,12 @@ it hashed when writing them, so in the workflow no job hashes a store again unle
 (or the store was copied elsewhere): then the first job that opens it hashes those files once
 (1–3 s per 1 GiB shard on one CPU core) and records them. A mismatch is an error naming the file.
 
+Latents (issue 31): a latent diffusion experiment's training set is a store of the autoencoder's
+latents (float16 n×h×w×c, channels last like the images), written by igsm.latents. Its index adds
+``dtype`` and ``latent`` (the autoencoder's identity and scale factor, the pixel store encoded):
+what a reader compares with the autoencoder it was given. A uint8 store's index has neither key,
+so stores written before latents existed keep their fingerprint.
+
 The writer fills a temporary sibling folder (``.<name>.`` and 8 random characters) and renames it into place when
 complete: a folder named like a store is always a whole one. It first removes such folders that a
 killed writer of the same store left behind (Snakemake runs one job per output at a time).
@@ -57,8 +63,12 @@ VERIFIED = "verified.json"
 SHARD_BYTES = 1 << 30  # 1 GiB of images per shard: a few hundred files for LSUN bedroom
 
 
+DTYPES = ("uint8", "float16", "float32")  # images; latents (igsm.latents)
+
+
 class ImageStore:
-    """Read-only uint8 images N×H×W×C in memory-mapped shards, with their labels."""
+    """Read-only images N×H×W×C (uint8, or a latent store's floats) in memory-mapped shards, with
+    their labels."""
 
     def __init__(self, directory: str | os.PathLike, _limit: int | None = None):
         self.directory = Path(directory)
@@ -74,6 +84,9 @@ class ImageStore:
             if self.index.get("format") != FORMAT:
                 raise ValueError(f"format {self.index.get('format')!r}, expected {FORMAT!r}")
             shape = tuple(self.index["image_shape"])
+            self.dtype = np.dtype(self.index.get("dtype", "uint8"))
+            if self.dtype.name not in DTYPES:
+                raise ValueError(f"dtype {self.dtype.name}, expected one of {DTYPES}")
             self._shards = [self._open_shard(entry, shape) for entry in self.index["shards"]]
         except (ValueError, KeyError, TypeError, OSError) as err:
             raise ValueError(f"dataset {self.directory} is unreadable ({numpy_error_text(err)}); {REMAKE}") from None
@@ -91,8 +104,8 @@ class ImageStore:
         if Path(entry["file"]).name != entry["file"]:  # the index names files in its own folder only
             raise ValueError(f"shard name {entry['file']!r} is not a file name")
         shard = np.load(path, mmap_mode="r", allow_pickle=False)
-        if shard.dtype != np.uint8 or shard.shape != (entry["count"], *shape):
-            raise ValueError(f"{path}: {shard.dtype} {shard.shape}, the index says uint8 "
+        if shard.dtype != self.dtype or shard.shape != (entry["count"], *shape):
+            raise ValueError(f"{path}: {shard.dtype} {shard.shape}, the index says {self.dtype} "
                              f"{(entry['count'], *shape)}")
         return shard
 
@@ -121,8 +134,13 @@ class ImageStore:
         return ImageStore, (self.directory, self._length)
 
     # ---- the array interface -------------------------------------------------------------------
-    dtype = np.dtype(np.uint8)
     ndim = 4
+
+    @property
+    def latent(self) -> dict | None:
+        """A latent store's record (igsm.latents: the autoencoder's identity, its scale factor, the
+        pixel store encoded); None for images."""
+        return self.index.get("latent")
 
     @property
     def shape(self) -> tuple:
@@ -150,7 +168,7 @@ class ImageStore:
             indices = np.where(indices < 0, indices + self._length, indices)
             if len(indices) and (indices.min() < 0 or indices.max() >= self._length):
                 raise IndexError(f"images {indices.min()}…{indices.max()} of a dataset of {self._length}")
-        out = np.empty((len(indices), *self.image_shape), np.uint8)
+        out = np.empty((len(indices), *self.image_shape), self.dtype)
         shard_of = np.searchsorted(self._starts, indices, side="right") - 1
         for shard in np.unique(shard_of):
             rows = np.flatnonzero(shard_of == shard)
@@ -218,10 +236,17 @@ def _verified_files(path: Path):
 
 
 class StoreWriter:
-    """Write a store from chunks of images, shard by shard; ``close()`` publishes it."""
+    """Write a store from chunks of images, shard by shard; ``close()`` publishes it.
 
-    def __init__(self, directory: str | os.PathLike, shard_bytes: int = SHARD_BYTES):
+    ``dtype``: the images' (a latent store's float16); ``extra``: keys added to the index (a latent
+    store's ``latent`` record)."""
+
+    def __init__(self, directory: str | os.PathLike, shard_bytes: int = SHARD_BYTES, dtype: str = "uint8",
+                 extra: dict | None = None):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: a store holds one of {DTYPES}")
         self.directory = Path(directory)
+        self.dtype, self.extra = np.dtype(dtype), dict(extra or {})
         with reporting_write_errors(self.directory.parent):
             self.directory.parent.mkdir(parents=True, exist_ok=True)
             self._remove_stale_partials()
@@ -254,8 +279,10 @@ class StoreWriter:
 
     def append(self, images: np.ndarray, labels: np.ndarray) -> None:
         images, labels = np.asarray(images), np.asarray(labels)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] not in (1, 3):
-            raise ValueError(f"images: expected uint8 n×H×W×C with C 1 or 3, got {images.dtype} {images.shape}")
+        channels_ok = images.ndim == 4 and (images.shape[3] in (1, 3) or self.dtype != np.uint8)
+        if images.dtype != self.dtype or not channels_ok:
+            what = "n×H×W×C with C 1 or 3" if self.dtype == np.uint8 else "n×h×w×c"
+            raise ValueError(f"images: expected {self.dtype} {what}, got {images.dtype} {images.shape}")
         if labels.shape != (len(images),):
             raise ValueError(f"labels: expected {len(images)} labels, got shape {labels.shape}")
         if self.image_shape is None:
@@ -264,7 +291,7 @@ class StoreWriter:
             raise ValueError(f"images of shape {images.shape[1:]} after {self.image_shape}: one dataset "
                              "has one image size")
         self.labels.append(labels.astype(np.int64))
-        per_shard = max(1, self.shard_bytes // int(np.prod(self.image_shape)))
+        per_shard = max(1, self.shard_bytes // (int(np.prod(self.image_shape)) * self.dtype.itemsize))
         while len(images):
             take = min(len(images), per_shard - self._pending_count)
             self._pending.append(images[:take])
@@ -290,6 +317,9 @@ class StoreWriter:
         labels_digest = self._write(LABELS, lambda path: np.save(path, labels, allow_pickle=False))
         index = {"format": FORMAT, "num_images": len(labels), "image_shape": list(self.image_shape),
                  "shards": self.shards, "labels_sha256": labels_digest}
+        if self.dtype != np.uint8:  # a uint8 store's index stays as before latents (its fingerprint)
+            index["dtype"] = self.dtype.name
+        index.update(self.extra)
         for name, text in ((VERIFIED, json.dumps(self.verified, indent=1, sort_keys=True)),
                            (INDEX, json.dumps(index, indent=1))):  # the index last: it makes a store
             with reporting_write_errors(self.partial / name):

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from igsm.families import REST, BlockGraph, Family, chain_consumers, register
+from igsm.hub import hub_offline, hub_reachable, looks_like_local_path  # noqa: F401 (sd-unet, tests import them here)
 from igsm.pickles import convert_command, error_chain, errors_behind, refused_pickle, unsafe_pickle_error
 
 # Plain state dicts (U-ViT's released checkpoints), which a U-Net experiment cannot load.
@@ -170,36 +171,6 @@ def sync_static_widths(model, dense_head_dims: dict) -> None:
 
 
 # ---- pretrained U-Nets: diffusers folders, the hub cache, the hub ------------------------------
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE set (huggingface_hub's own switch): never try the network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_reachable(timeout_s: float = 5.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    if hub_offline():
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
-def looks_like_local_path(model_id: str) -> bool:
-    """A path rather than a hub id: absolute, ./ ../ ~ in front, or a first component that is a
-    folder here (hub ids are ``owner/name``, and ``owner`` is rarely a local folder)."""
-    separators = [s for s in (os.sep, os.altsep) if s]
-    if os.path.isabs(model_id) or model_id.startswith("~") or model_id in (".", ".."):
-        return True
-    if any(model_id.startswith(prefix + s) for prefix in (".", "..") for s in separators):
-        return True
-    return any(sep in model_id and Path(model_id.split(sep)[0]).is_dir() for sep in separators)
-
 
 def _unsafe_bin_error(err: BaseException, fallback: Path, refused: str, model_id: str | None = None):
     """unsafe_pickle_error for a diffusers .bin: the file diffusers names (its OSError says "…

@@ -69,3 +69,17 @@ def denoiser(net, options: dict, micro_batch: int | None = None):
         return denoiser_from_settings(net, options, micro_batch)
     except ValueError as err:
         raise StageError(str(err)) from None
+
+
+def training_data(data, latents: dict | None):
+    """The store a training or pruning job reads (``data``), checked against a latent experiment's
+    autoencoder (``latents``: the settings' ``latents`` section, its ``autoencoder`` folder; None for
+    a pixel experiment): a latent store made with another autoencoder or scale factor, or the wrong
+    kind of store, is refused naming both (igsm.latents)."""
+    from igsm.data import load_images
+    from igsm.latents import check_latent_store, read_record
+
+    with readable_inputs():
+        images = load_images(data)
+        check_latent_store(images, read_record(latents["autoencoder"])["identity"] if latents else None)
+    return images

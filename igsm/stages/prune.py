@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from igsm.stages.common import StageError, conditioning_of, forward_process, readable_inputs, write_json
+from igsm.stages.common import StageError, conditioning_of, forward_process, training_data, write_json
 from igsm.stages.process import device as torch_device, set_threads
 from igsm.stages.settings import PruneSettings
 
@@ -15,8 +15,8 @@ def prune(model_dir, data, criterion: str, channel_ratio: float, out, report, se
           device: str, threads: int | None) -> None:
     """Prune ``model_dir`` at ``channel_ratio`` by the method of ``criterion`` (settings: the
     experiment's 'prune'; its 'method', if set, must take the criterion) into ``out``, with the
-    method's result in ``report``."""
-    from igsm.data import load_images
+    method's result in ``report``. A latent experiment's store must be the latents of the settings'
+    ``latents.autoencoder`` (igsm.latents)."""
     from igsm.models import load_model, save_model
     from igsm.pruning import method_for
 
@@ -26,8 +26,7 @@ def prune(model_dir, data, criterion: str, channel_ratio: float, out, report, se
                             method_key="--settings: method")
     except ValueError as err:
         raise StageError(str(err)) from None
-    with readable_inputs():
-        images = load_images(data)
+    images = training_data(data, settings.latents or None)
     check_teacher_fits(model_dir, data, images.shape)
     try:
         pruned, result = method.prune(load_model(model_dir), images, criterion=criterion, channel_ratio=channel_ratio,

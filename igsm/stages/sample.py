@@ -36,8 +36,9 @@ from igsm.stages.process import relaunch_under_torchrun, start_process
 def sample_images(net, *, seeds, image_shape, batch_size: int, sampler: str = "ddim",
                   schedule: NoiseSchedule | VPSDE | None = None, device="cpu", partial: PartialBatches | None = None,
                   rank: int = 0, world_size: int = 1, noise_threads: int = 1, progress: bool = False,
-                  **kwargs) -> np.ndarray | None:
-    """uint8 N×H×W×C images of ``seeds``, generated ``batch_size`` at a time.
+                  decode=None, **kwargs) -> np.ndarray | None:
+    """uint8 N×H×W×C images of ``seeds``, generated ``batch_size`` at a time; ``decode``: a latent
+    experiment's latents → images in [−1, 1] (igsm.latents.Autoencoder.decode).
 
     With ``partial``, every finished batch is stored there and batches already stored are not
     redone (resume at batch granularity). With ``world_size`` > 1 this process does batches
@@ -61,7 +62,7 @@ def sample_images(net, *, seeds, image_shape, batch_size: int, sampler: str = "d
         x = generate(net, sampler=sampler, seeds=seeds[b * batch_size:(b + 1) * batch_size],
                      image_shape=image_shape, schedule=schedule, device=device,
                      noise_threads=noise_threads, **kwargs)
-        images = to_uint8(x)
+        images = to_uint8(decode(x) if decode is not None else x)
         if partial is not None:
             partial.save(b, images)
         else:
@@ -74,13 +75,15 @@ def sample_images(net, *, seeds, image_shape, batch_size: int, sampler: str = "d
 
 def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], options: dict,
                  sampler_kwargs: dict, schedule, device: torch.device, noise_threads: int = 1,
-                 grid=None, plan=None) -> str | None:
+                 grid=None, plan=None, autoencoder_dir=None, image_channels: int | None = None) -> str | None:
     """The sample stage's job: images for ``seeds`` (one shard of a model's) into ``out``.
 
     Resumable: finished batches wait in ``out.partial/`` until ``out`` is written, and a rerun with
     the same model and settings (the fingerprint below) makes only the missing ones. Under
     torchrun the processes share the batches and rank 0 writes. Returns rank 0's one-line summary.
-    ``plan``: a block-reuse gate table file (igsm.reuse) the network follows.
+    ``plan``: a block-reuse gate table file (igsm.reuse) the network follows. ``autoencoder_dir``: a
+    latent experiment's autoencoder (igsm.latents), which decodes the latents into images of
+    ``image_channels`` (default: its own).
     """
     from igsm.models import image_shape, load_model  # here: sample_images' argument image_shape is a shape
 
@@ -90,14 +93,25 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
     net = load_model(model_dir, device)
     shape = image_shape(net)
     reuse = load_plan_for(plan, net, options, schedule) if plan else None
-    denoiser = denoiser_from_settings(net, options, micro_batch=batching["micro_batch"] or batch_size)
+    micro_batch = batching["micro_batch"] or batch_size
+    denoiser = denoiser_from_settings(net, options, micro_batch=micro_batch)
+    decoder = None
+    if autoencoder_dir is not None:
+        from igsm.latents import Autoencoder
+
+        vae = Autoencoder(autoencoder_dir, device)
+        decoder = {"autoencoder": vae.identity(), "image_channels": image_channels or vae.record["in_channels"]}
+
+        def decode(latents):  # micro-batches, as the network runs: memory bounded alike
+            return torch.cat([vae.decode(part, decoder["image_channels"])
+                              for part in latents.split(micro_batch)])
     # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
     fingerprint = {"model_digest": model_digest(model_dir), "sampler": options["sampler"],
                    "sampler_kwargs": sampler_kwargs, "image_shape": list(shape), "batch_size": batch_size,
                    **denoiser.metadata, "schedule": diffusion_of(options),
                    "first_seed": int(seeds[0]), "num_images": len(seeds),
                    "torch": torch.__version__, "device": gpus.device_name(device),
-                   **({"reuse_plan": reuse.digest()} if reuse else {})}
+                   **({"reuse_plan": reuse.digest()} if reuse else {}), **({"latents": decoder} if decoder else {})}
     folder = str(out) + ".partial"
     partial = PartialBatches(folder, fingerprint) if rank == 0 else None
     distributed.barrier()  # rank 0 has emptied a stale folder before anyone writes
@@ -107,7 +121,7 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
         sample_images(denoiser, seeds=seeds, image_shape=shape, batch_size=batch_size, sampler=options["sampler"],
                       schedule=schedule, device=device, partial=partial, rank=rank, world_size=world_size,
                       noise_threads=noise_threads, progress=True, conditioning=denoiser.conditioning,
-                      **sampler_kwargs)
+                      decode=decode if decoder else None, **sampler_kwargs)
     distributed.barrier()
     if rank != 0:
         return None
@@ -158,7 +172,8 @@ def sample(model_dir, out, grid, first_seed: int, num_images: int, shard: tuple[
            channels_last, batch_size, micro_batch, nproc_per_node: int, plan, settings: dict, device: str,
            threads: int | None) -> str | None:
     """Generate images first_seed … first_seed+num_images−1, or shard (INDEX, COUNT) of them
-    (settings: 'sample'; precision … micro_batch, where not None, override them).
+    (settings: 'sample'; precision … micro_batch, where not None, override them; a latent
+    experiment's ``latents``: the autoencoder that decodes them, and the images' channels).
 
     Resumable: finished batches are kept in OUT.partial/ until OUT is written, and a rerun with
     the same model and settings does only the missing ones. Under torchrun, the processes share
@@ -169,6 +184,7 @@ def sample(model_dir, out, grid, first_seed: int, num_images: int, shard: tuple[
     overrides = {"precision": precision, "compile": compile_, "channels_last": channels_last,
                  "batch_size": batch_size, "micro_batch": micro_batch}
     options = {**settings, **{k: v for k, v in overrides.items() if v is not None}}
+    latents = options.pop("latents", None) or {}  # a latent experiment's autoencoder decodes the samples
     index, count = shard
     try:
         start, stop = shard_range(num_images, count, index)
@@ -181,7 +197,8 @@ def sample(model_dir, out, grid, first_seed: int, num_images: int, shard: tuple[
             return sample_shard(
                 model_dir, out, seeds=np.arange(first_seed + start, first_seed + stop), shard=(index, count),
                 options=options, sampler_kwargs=kwargs, schedule=forward_process(diffusion_of(options)), device=device,
-                noise_threads=torch.get_num_threads() if threads else 1, grid=grid, plan=plan)
+                noise_threads=torch.get_num_threads() if threads else 1, grid=grid, plan=plan,
+                autoencoder_dir=latents.get("autoencoder"), image_channels=latents.get("image_channels"))
     finally:
         distributed.shutdown()
 

@@ -75,6 +75,7 @@ class PruneSettings(SectionSettings):
     method: str | None = None
     sections: dict = field(default_factory=dict)
     conditioning: dict = field(default_factory=dict)  # the experiment's (igsm.conditioning), passed along
+    latents: dict = field(default_factory=dict)  # a latent experiment's autoencoder (igsm.latents), passed along
 
     @classmethod
     def from_dict(cls, values: dict) -> "PruneSettings":

@@ -6,7 +6,8 @@ Exits with 75 (EX_TEMPFAIL) after SIGTERM/SIGUSR1, once a snapshot is written: r
 
 from __future__ import annotations
 
-from igsm.stages.common import StageError, conditioning_of, diffusion_of, forward_process, readable_inputs, write_json
+from igsm.stages.common import (StageError, conditioning_of, diffusion_of, forward_process, readable_inputs,
+                                training_data, write_json)
 from igsm.stages.process import relaunch_under_torchrun, start_process
 
 EX_TEMPFAIL = 75  # a rerun continues from the snapshot
@@ -16,7 +17,8 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
           nnodes: int, settings: dict, device: str, threads: int | None) -> None:
     """Train ``model_dir`` on the image store ``data`` (settings: 'training' + 'objective' +
     'diffusion', and a conditional experiment's 'conditioning'); the EMA model goes to ``out``, a
-    line per log step to ``metrics``, the run's summary to ``summary``."""
+    line per log step to ``metrics``, the run's summary to ``summary``. A latent experiment's store
+    must be the latents of the settings' ``latents.autoencoder`` (igsm.latents)."""
     from igsm import distributed
     from igsm.training import Interrupted, TrainingOptions, train as train_loop
 
@@ -30,15 +32,15 @@ def train(model_dir, teacher_dir, data, out, checkpoint_dir, metrics, summary, n
                          f"batch is split evenly between them")
     relaunch_under_torchrun(nproc_per_node, nnodes, device)
 
-    from igsm.data import load_images
     from igsm.models import load_model
 
     device = start_process(device, threads)
+    images = training_data(data, settings.get("latents"))
     with readable_inputs():
         net = load_model(model_dir)
         teacher = load_model(teacher_dir) if teacher_dir else None
     try:
-        ema, timing = train_loop(net, load_images(data), options, checkpoint_dir, metrics, teacher=teacher,
+        ema, timing = train_loop(net, images, options, checkpoint_dir, metrics, teacher=teacher,
                                  schedule=forward_process(diffusion_of(settings)), device=device,
                                  conditioning=conditioning_of(settings))
     except Interrupted as err:
