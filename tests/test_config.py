@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import yaml
 
@@ -637,6 +638,34 @@ def test_paper_config_dry_run_lists_the_full_job_graph():
     assert uvit and all('"process": "vpsde"' in b and '"beta_max": 20.0' in b for b in uvit)
     assert unet and all('"process"' not in b and '"beta_end": 0.02' in b for b in unet)
     assert any("euler-maruyama" in b and '"num_steps": 1000' in b for b in jobs["sample"] if "cifar10_uvit/" in b)
+
+
+def test_latent_models_config_plans_imagenet_dit(tmp_path):
+    """config/latent_models.yaml, its ImageNet copy and ADM reference pointed at local files: the
+    autoencoder stored and the data encoded once, the hub DiT as teacher, NP / NP+KD / IGSM at two
+    ratios, every job of a latent experiment given its autoencoder and its conditioning, guided
+    250-step sampling (DiT's evaluation settings)."""
+    config = yaml.safe_load((REPO / "config" / "latent_models.yaml").read_text())
+    (tmp_path / "imagenet").mkdir()
+    config["datasets"]["imagenet256"]["path"] = str(tmp_path / "imagenet")
+    np.savez(tmp_path / "VIRTUAL_imagenet256_labeled.npz", mu=[0.0], sigma=[[1.0]])
+    config["experiments"]["imagenet_dit"]["fid"]["reference_statistics"] = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+    proc = dry_run(config, tmp_path, "-p", "results/tables/imagenet_dit.md")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    counts = job_counts(proc.stdout)
+    assert {k: counts.get(k) for k in ("autoencoder", "encode", "download", "dense_pretrained", "prune", "finetune",
+                                       "fid_reference")} == \
+        {"autoencoder": 1, "encode": 1, "download": 1, "dense_pretrained": 1, "prune": 2, "finetune": 6,
+         "fid_reference": None}  # the reference is the user's ADM batch
+    assert counts["sample"] == 7 * 16
+    jobs = planned(proc.stdout)
+    for block in jobs["finetune"] + jobs["prune"]:
+        assert "results/data/imagenet256/latents-sd_vae_ft_ema" in block
+        assert '"latents": {"autoencoder": "results/autoencoders/sd_vae_ft_ema/model", "image_channels": 3}' in block
+        assert '"num_classes": 1000' in block
+    assert all('"guidance_scale": 1.5' in b and '"num_steps": 250' in b and "sd_vae_ft_ema/model" in b
+               for b in jobs["sample"])
+    assert "stabilityai/sd-vae-ft-ema" in jobs["autoencoder"][0] and "facebook/DiT-XL-2-256" in jobs["dense_pretrained"][0]
 
 
 def test_per_dataset_target_exists():

@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, snakemake_in
+from igsm.sampling import load_samples
 
 pytestmark = pytest.mark.slow
 
@@ -199,8 +200,13 @@ def test_tiny_uvit_runs_through_the_workflow(tmp_path):
 
 
 def tiny_conditional_config():
-    """config/conditional.yaml (the class-conditional U-Net on the digits) at a few steps a stage."""
+    """config/conditional.yaml's class-conditional U-Net and config/latent.yaml's latent DiT on the
+    digits, at a few steps a stage (one workflow run for both: the DiT's pixel path is the U-Net's)."""
     config = yaml.safe_load((REPO / "config" / "conditional.yaml").read_text())
+    latent = yaml.safe_load((REPO / "config" / "latent.yaml").read_text())
+    assert latent["datasets"] == config["datasets"] and latent["objectives"] == config["objectives"]
+    config["autoencoders"] = latent["autoencoders"]
+    config["experiments"] = {"digits_class_unet": config["experiments"]["digits_class_unet"], **latent["experiments"]}
     for exp in config["experiments"].values():
         exp["dense"]["training"].update(num_steps=20, log_every=10, checkpoint_every=10)
         exp["finetune"]["training"].update(num_steps=4, batch_size=16, log_every=2, checkpoint_every=2)
@@ -210,11 +216,12 @@ def tiny_conditional_config():
     return config
 
 
-def test_class_conditional_unet_and_dit_run_through_the_workflow(tmp_path):
+def test_class_conditional_and_latent_models_run_through_the_workflow(tmp_path):
     """Labels from the store to dense training, pruning, NP and IGSM finetuning (student and teacher
-    under the same labels), guided DDIM sampling and FID, for a U-Net and a DiT; the samples and the
-    FID JSON say which conditioning and guidance made them."""
-    experiments = ("digits_class_unet", "digits_class_dit")
+    under the same labels), guided DDIM sampling and FID, for a U-Net on pixels and a DiT on an
+    autoencoder's latents (encoded once, decoded before FID); the samples and the FID JSON say which
+    conditioning and guidance made them."""
+    experiments = ("digits_class_unet", "digits_latent_dit")
     targets = [f"results/fid/{exp}/{v}.json" for exp in experiments for v in ("dense", "diff-pruning-cr0.3/igsm")]
     proc = snakemake_in(tmp_path, tiny_conditional_config(), *targets)
     assert proc.returncode == 0, proc.stdout[-8000:]
@@ -229,6 +236,13 @@ def test_class_conditional_unet_and_dit_run_through_the_workflow(tmp_path):
             score = json.loads((results / f"fid/{exp}/{variant}.json").read_text())
             assert math.isfinite(score["fid"]) and score["guidance_scale"] == 2.0
             assert score["conditioning"]["kind"] == "class" and score["conditioning"]["null_label"] == 10
+    # The DiT trained on the latent store and its samples are decoded images of the dataset's size.
+    latents = json.loads((results / "data/digits/latents-tiny_vae/index.json").read_text())
+    assert latents["dtype"] == "float16" and latents["image_shape"] == [8, 8, 4]
+    summary = json.loads((results / "finetune/digits_latent_dit/diff-pruning-cr0.3/igsm/summary.json").read_text())
+    assert summary["settings"]["latents"]["autoencoder"] == "results/autoencoders/tiny_vae/model"
+    images, _, metadata = load_samples(results / "samples/digits_latent_dit/dense/samples.npz")
+    assert images.shape == (12, 16, 16, 1) and metadata["latents"]["autoencoder"] == latents["latent"]["autoencoder"]
     pruned = json.loads((results / "prune/digits_class_unet/diff-pruning-cr0.3/model/architecture.json").read_text())
     assert pruned["config"]["num_class_embeds"] == 11
     # A column per class: 12 images of 16 px (drawn 64 px, 1 px apart) in rows of 10.
