@@ -213,8 +213,8 @@ def test_training_condition_drops_labels_to_the_null_label_at_its_rate():
 def test_settings_errors_name_the_key():
     assert kinds()[0] == "none" and "class" in kinds()
     assert conditioning_from_settings({"kind": "none"}) is None
-    with pytest.raises(ValueError, match="conditioning.kind: unknown 'text'"):
-        conditioning_from_settings({"kind": "text"})
+    with pytest.raises(ValueError, match="conditioning.kind: unknown 'audio'"):
+        conditioning_from_settings({"kind": "audio"})
     with pytest.raises(ValueError, match=r"conditioning.num_classes: required for kind 'class' \(its keys: "
                                          r"num_classes, drop_prob\)"):
         conditioning_from_settings({"kind": "class"})

@@ -58,7 +58,7 @@ def test_a_registered_family_is_found_like_the_shipped_ones():
 
 
 def test_unknown_family_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown model family 'mlp'; valid families: dit, unet, uvit"):
+    with pytest.raises(ValueError, match=r"unknown model family 'mlp'; valid families: dit, sd-unet, unet, uvit"):
         families.family_named("mlp")
     with pytest.raises(ValueError, match=r"list is of no model family; known families: dit: .*; unet: .*; uvit: "):
         families.family_of([])
@@ -72,7 +72,7 @@ def test_unknown_family_in_the_config_is_an_error_naming_the_key():
     config = demo_config()
     config["experiments"]["digits_unet"]["architecture"]["family"] = "mlp"
     with pytest.raises(ConfigError, match=r"experiments\.digits_unet\.architecture\.family: 'mlp' is not one "
-                                          r"of dit, unet, uvit"):
+                                          r"of dit, sd-unet, unet, uvit"):
         validate(config)
 
 

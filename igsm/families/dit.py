@@ -26,7 +26,7 @@ import functools
 from pathlib import Path
 
 from igsm.families import BlockGraph, Family, chain_consumers, register
-from igsm.families.unet import hub_offline, hub_reachable, looks_like_local_path
+from igsm.families.unet import load_diffusers_network, looks_like_local_path
 
 
 @functools.cache
@@ -110,28 +110,7 @@ class DiTFamily(Family):
     def load_pretrained(self, source: str, architecture: dict, cache_dir):
         """A diffusers folder (the transformer's own, or a pipeline's with it in transformer/) or a
         hub id, read from the hub cache first; ``ValueError`` naming the key and what to do."""
-        cls = _network_class()
-        local = Path(source).expanduser()
-        where = local if local.is_dir() else None
-        subfolders = [sub for sub in ("", "transformer") if where is None or (local / sub / "config.json").is_file()]
-        if where is not None and not subfolders:
-            raise ValueError(f"dense.pretrained: local folder {source} holds no diffusers DiT (neither config.json "
-                             f"nor transformer/config.json)")
-        errors = []
-        # Offline the hub client retries for about a minute: ask the network only where it answers.
-        online = where is None and hub_reachable()
-        for local_only in (True, False) if online else (True,):
-            for sub in subfolders:
-                try:
-                    return cls.from_pretrained(str(local) if where else source, local_files_only=local_only,
-                                               cache_dir=cache_dir, **({"subfolder": sub} if sub else {}))
-                except Exception as err:  # diffusers raises OSError, ValueError, …
-                    errors.append(f"{sub or '.'}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-        if where is None and not online:
-            errors.append("HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face hub is unreachable")
-        raise ValueError(f"dense.pretrained: could not load a DiT from {source} ({'; '.join(errors[-2:])}); "
-                         f"without internet, download it elsewhere (`hf download {source} --local-dir DIR`), "
-                         f"copy DIR here and set dense.pretrained to it")
+        return load_diffusers_network(_network_class(), source, "transformer", self.title, cache_dir)
 
     def pruning_plan(self, model) -> dict:
         """Each block's attention heads (q, k, v outputs and the output projection's input, equal

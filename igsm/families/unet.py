@@ -45,10 +45,14 @@ class UNetFamily(Family):
         return UNet2DModel
 
     def owns(self, net) -> bool:
+        from diffusers import ModelMixin
         from torch import nn
 
-        # Any ε-network whose last layer is conv_out prunes as a U-Net (tests plant such networks).
-        return isinstance(net, self.network_class()) or isinstance(getattr(net, "conv_out", None), nn.Module)
+        # Any ε-network whose last layer is conv_out prunes as a U-Net (tests plant such networks),
+        # but a diffusers network of another class is its own family's (UNet2DConditionModel has a
+        # conv_out too: igsm.families.sd_unet).
+        return isinstance(net, self.network_class()) or (
+            isinstance(getattr(net, "conv_out", None), nn.Module) and not isinstance(net, ModelMixin))
 
     def pretrained_errors(self, key: str, pretrained: str) -> list[str]:
         if pretrained.endswith(STATE_DICT_SUFFIXES):
@@ -305,6 +309,34 @@ def load_diffusers_unet(model_id: str):
         f"huggingface-cli download), copy DIR here and set the experiment's 'dense.pretrained' "
         "to that local path."
     )
+
+
+def load_diffusers_network(cls, source: str, subfolder: str, title: str, cache_dir):
+    """A diffusers network of class ``cls`` (its ``title`` in messages) from a local folder (the
+    network's own, or a pipeline's with it in ``subfolder``) or a hub id, read from the hub cache
+    first: DiT's (igsm.families.dit) and Stable Diffusion's U-Net (igsm.families.sd_unet).
+    ``ValueError`` naming dense.pretrained and what to do."""
+    local = Path(source).expanduser()
+    where = local if local.is_dir() else None
+    subfolders = [sub for sub in ("", subfolder) if where is None or (local / sub / "config.json").is_file()]
+    if where is not None and not subfolders:
+        raise ValueError(f"dense.pretrained: local folder {source} holds no diffusers {title} (neither config.json "
+                         f"nor {subfolder}/config.json)")
+    errors = []
+    # Offline the hub client retries for about a minute: ask the network only where it answers.
+    online = where is None and hub_reachable()
+    for local_only in (True, False) if online else (True,):
+        for sub in subfolders:
+            try:
+                return cls.from_pretrained(str(local) if where else source, local_files_only=local_only,
+                                           cache_dir=cache_dir, **({"subfolder": sub} if sub else {}))
+            except Exception as err:  # diffusers raises OSError, ValueError, …
+                errors.append(f"{sub or '.'}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    if where is None and not online:
+        errors.append("HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face hub is unreachable")
+    raise ValueError(f"dense.pretrained: could not load a {title} from {source} ({'; '.join(errors[-2:])}); "
+                     f"without internet, download it elsewhere (`hf download {source} --local-dir DIR`), "
+                     f"copy DIR here and set dense.pretrained to it")
 
 
 UNET = register(UNetFamily())
