@@ -204,8 +204,12 @@ class TextPrompts:
             with torch.no_grad():  # SD 1.5 passes no attention mask: CLIP's causal mask alone
                 states = model(input_ids=tokens.input_ids).last_hidden_state.float()
             self._loaded["table"] = states[[distinct.index(p) for p in prompts]]
-        table = self._loaded["table"]
-        return table if device is None else table.to(device)
+        if device is None:
+            return self._loaded["table"]
+        key = ("table", str(device))  # one copy per device: training indexes it every step
+        if key not in self._loaded:
+            self._loaded[key] = self._loaded["table"].to(device)
+        return self._loaded[key]
 
     def _embeddings(self, index: torch.Tensor, device=None) -> torch.Tensor:
         return self._table(device)[index.to(device)]
@@ -258,7 +262,9 @@ class TextPrompts:
 def load_text_encoder(source: str):
     """(CLIPTokenizer, CLIPTextModel in eval mode, sha256 of its weights) from a local folder or a
     hub id, either at its top level or in a pipeline's text_encoder/ and tokenizer/ subfolders;
-    ``ValueError`` naming conditioning.text_encoder and what to do otherwise."""
+    ``ValueError`` naming conditioning.text_encoder and what to do otherwise. A hub id not in the
+    hub cache is asked of the hub even where it is unreachable (the client then retries for minutes
+    unless HF_HUB_OFFLINE is set): the reachability check lives above this layer (igsm.families.unet)."""
     from transformers import CLIPTextModel, CLIPTokenizer
 
     local = Path(source).expanduser()
@@ -269,19 +275,23 @@ def load_text_encoder(source: str):
         raise ValueError(f"conditioning.text_encoder: local folder {source} does not exist")
     else:  # a hub id: a pipeline's (runwayml/stable-diffusion-v1-5) or a text encoder's own
         layouts = [(TEXT_ENCODER_SUBFOLDER, TOKENIZER_SUBFOLDER), ("", "")]
-    errors = []
-    for model_sub, tokenizer_sub in layouts:
-        try:
-            where = str(local) if local.is_dir() else source
-            tokenizer = CLIPTokenizer.from_pretrained(where, **({"subfolder": tokenizer_sub} if tokenizer_sub else {}))
-            model = CLIPTextModel.from_pretrained(where, **({"subfolder": model_sub} if model_sub else {}))
-        except Exception as err:  # transformers raises OSError, ValueError, …
-            errors.append(f"{model_sub or '.'}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            continue
-        model.eval().requires_grad_(False)  # frozen: an input of the diffusion networks, never trained
-        return tokenizer, model, weights_digest(model)
+    where, errors = (str(local) if local.is_dir() else source), []
+    # A hub id is looked up in the hub cache before the hub is asked (offline, that fails at once).
+    for local_only in (True,) if local.is_dir() else (True, False):
+        for model_sub, tokenizer_sub in layouts:
+            try:
+                tokenizer = CLIPTokenizer.from_pretrained(where, local_files_only=local_only,
+                                                          **({"subfolder": tokenizer_sub} if tokenizer_sub else {}))
+                model = CLIPTextModel.from_pretrained(where, local_files_only=local_only,
+                                                      **({"subfolder": model_sub} if model_sub else {}))
+            except Exception as err:  # transformers raises OSError, ValueError, …
+                errors.append(f"{model_sub or '.'}: {type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''}")
+                continue
+            model.eval().requires_grad_(False)  # frozen: an input of the diffusion networks, never trained
+            return tokenizer, model, weights_digest(model)
     raise ValueError(f"conditioning.text_encoder: could not load a CLIP text encoder and tokenizer from {source} "
-                     f"({'; '.join(errors)}); give a folder holding them (or a pipeline's text_encoder/ and "
+                     f"({'; '.join(errors[-2:])}); give a folder holding them (or a pipeline's text_encoder/ and "
                      f"tokenizer/), e.g. `hf download {source} --local-dir DIR` elsewhere, or one made by "
                      f"igsm.conditioning.save_tiny_text_encoder")
 
