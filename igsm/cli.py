@@ -235,6 +235,17 @@ COMMANDS = (
              _option("--plan", type=_file(exists=True), default=None,
                      help="A block-reuse gate table the sampler follows (needs --sampler-settings)."),
              *RUNS_ON), NetworkSettings),
+    Command("tiny-text-encoder", "text_encoder:tiny_text_encoder",
+            "Write a random-initialised tiny CLIP text encoder and a tokenizer knowing the prompts' words, offline: "
+            "a conditioning.text_encoder (kind text) for toy configs and tests, where no real one can be downloaded.",
+            (_option("--out", required=True, type=_folder(), help="Folder to write (transformers' save_pretrained)."),
+             _option("--prompt", "prompts", required=True, multiple=True,
+                     help="A prompt whose words the tokenizer keeps whole (repeat: one per label)."),
+             _option("--hidden-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Embedding width (the SD U-Net's cross_attention_dim)."),
+             _option("--layers", type=click.IntRange(min=1), default=2, show_default=True),
+             _option("--heads", type=click.IntRange(min=1), default=2, show_default=True),
+             _option("--seed", type=int, default=0, show_default=True))),
 )
 
 

@@ -7,6 +7,9 @@ An experiment's ``conditioning`` section names a kind, a member of this module's
   classifier-free guidance (Ho & Salimans 2022): DiT's LabelEmbedding keeps the same extra row
   (``num_classes`` + 1 embeddings when it drops labels), a U-Net gets it as
   ``num_class_embeds`` = K + 1 and a U-ViT as ``num_classes`` = K + 1.
+* ``text`` (:class:`TextPrompts`; issue 31, item 3): each label k captioned by a prompt, given to
+  the network as a frozen CLIP text encoder's embedding of it (Stable Diffusion's cross-attention
+  input, igsm.families.sd_unet); the null condition is the empty prompt's embedding, SD's.
 
 One interface, read by the training loop (:meth:`training_condition`: the batch's labels, each
 replaced by the null one with probability ``drop_prob``, so that the network also learns the
@@ -25,8 +28,10 @@ from __future__ import annotations
 # torch is imported inside the methods: the config checks read the registry while the workflow
 # builds its DAG, which must not pay torch's import.
 
+import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,11 +80,7 @@ class ClassLabels:
         per image from ``generator``, the step's)."""
         import torch
 
-        labels = self.data_condition(labels, device)
-        if self.drop_prob == 0:
-            return labels
-        drop = torch.rand(len(labels), generator=generator, device=generator.device).to(labels.device)
-        return torch.where(drop < self.drop_prob, torch.full_like(labels, self.null_label), labels)
+        return dropped_to_null(self.data_condition(labels, device), self.null_label, self.drop_prob, generator)
 
     def sampling_condition(self, seeds, device=None) -> torch.Tensor:
         """The class of the image of seed s: s mod num_classes (every class equally often over
@@ -106,6 +107,241 @@ class ClassLabels:
                           sort_keys=True).encode()
 
 
+def dropped_to_null(labels: torch.Tensor, null_label: int, drop_prob: float, generator: torch.Generator):
+    """``labels`` (a long tensor), each ``null_label`` with probability ``drop_prob``: one uniform
+    draw per image from ``generator``, none where ``drop_prob`` is 0 (every kind's caption/label
+    dropout, so that all kinds draw alike)."""
+    import torch
+
+    if drop_prob == 0:
+        return labels
+    drop = torch.rand(len(labels), generator=generator, device=generator.device).to(labels.device)
+    return torch.where(drop < drop_prob, torch.full_like(labels, null_label), labels)
+
+
+# ---- text prompts (Stable Diffusion's conditioning) -------------------------------------------
+
+# Where a diffusers pipeline keeps its text encoder and tokenizer; a transformers folder of its own
+# has both at the top level.
+TEXT_ENCODER_SUBFOLDER, TOKENIZER_SUBFOLDER = "text_encoder", "tokenizer"
+EMPTY_PROMPT = ""  # the null condition: SD's unconditional input for classifier-free guidance
+
+
+@dataclass(frozen=True)
+class TextPrompts:
+    """Image labels captioned by prompts: the image of label k is captioned ``prompts[k]`` (e.g.
+    Fashion-MNIST's "a photo of a trouser"), and the network gets the caption's embedding: the last
+    hidden state of the frozen CLIP text encoder ``text_encoder`` (a local folder or hub id holding a
+    transformers CLIPTextModel and CLIPTokenizer, at its top level or in ``text_encoder/`` and
+    ``tokenizer/`` as a diffusers pipeline has them) on the prompt padded to the tokenizer's max
+    length (77 for CLIP), as Stable Diffusion conditions its U-Net. A dropped caption becomes the
+    empty prompt "" (SD's classifier-free guidance), drawn with ``drop_prob`` as class labels are.
+
+    The embeddings are computed on the fly by the job that needs them, once per distinct prompt
+    (cached on the object), not stored in the data stage: there are a handful of prompts, and the
+    encoder stays one config key whose weights' digest the training fingerprint and the samples'
+    metadata record (:meth:`identity`, :meth:`describe`). Internally the condition is an index into
+    the table of the prompts' embeddings, ``len(prompts)`` the empty prompt's row.
+    """
+
+    text_encoder: str
+    prompts: list
+    drop_prob: float = 0.1
+    kind = "text"
+
+    def __post_init__(self):
+        if not isinstance(self.text_encoder, str) or not self.text_encoder.strip():
+            raise ValueError(f"conditioning.text_encoder: {self.text_encoder!r}, must name a folder or hub id "
+                             f"holding a CLIP text encoder and tokenizer")
+        if (not isinstance(self.prompts, (list, tuple)) or not self.prompts
+                or not all(isinstance(p, str) for p in self.prompts)):
+            raise ValueError(f"conditioning.prompts: {self.prompts!r}, must be a non-empty list of strings "
+                             f"(prompts[k] captions the images of label k)")
+        if not 0 <= self.drop_prob < 1:
+            raise ValueError(f"conditioning.drop_prob: {self.drop_prob}, must be in [0, 1)")
+        object.__setattr__(self, "prompts", tuple(self.prompts))  # frozen: hashable, unchangeable
+        object.__setattr__(self, "_loaded", {})  # the encoder, its digest and embedding tables, on first use
+
+    @property
+    def null_label(self) -> int:
+        return len(self.prompts)  # the empty prompt's row of the table
+
+    def check_labels(self, labels, where: str) -> None:
+        """``ValueError`` naming ``where`` (the dataset) if a label has no prompt."""
+        labels = np.asarray(labels)
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self.prompts)):
+            raise ValueError(f"{where}: labels {int(labels.min())}..{int(labels.max())} do not fit the "
+                             f"{len(self.prompts)} conditioning.prompts (labels 0..{len(self.prompts) - 1})")
+
+    def encoder_hidden_size(self) -> int | None:
+        """The encoder's embedding width from its config.json, where ``text_encoder`` is a local
+        folder (None otherwise: a hub id is not fetched to check a config). Reads no weights."""
+        folder = Path(self.text_encoder).expanduser()
+        for config in (folder / TEXT_ENCODER_SUBFOLDER / "config.json", folder / "config.json"):
+            if config.is_file():
+                try:
+                    return int(json.loads(config.read_text(encoding="utf-8"))["hidden_size"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    return None
+        return None
+
+    def _encoder(self):
+        """(tokenizer, text model, sha256 of its weights), loaded once."""
+        if "encoder" not in self._loaded:
+            self._loaded["encoder"] = load_text_encoder(self.text_encoder)
+        return self._loaded["encoder"]
+
+    def _table(self, device=None) -> torch.Tensor:
+        """(len(prompts) + 1, L, D) float32: each prompt's embedding, the empty prompt's last."""
+        import torch
+
+        if "table" not in self._loaded:
+            tokenizer, model, _ = self._encoder()
+            prompts = [*self.prompts, EMPTY_PROMPT]
+            distinct = list(dict.fromkeys(prompts))  # each distinct prompt encoded once
+            tokens = tokenizer(distinct, padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")
+            with torch.no_grad():  # SD 1.5 passes no attention mask: CLIP's causal mask alone
+                states = model(input_ids=tokens.input_ids).last_hidden_state.float()
+            self._loaded["table"] = states[[distinct.index(p) for p in prompts]]
+        if device is None:
+            return self._loaded["table"]
+        key = ("table", str(device))  # one copy per device: training indexes it every step
+        if key not in self._loaded:
+            self._loaded[key] = self._loaded["table"].to(device)
+        return self._loaded[key]
+
+    def _embeddings(self, index: torch.Tensor, device=None) -> torch.Tensor:
+        return self._table(device)[index.to(device)]
+
+    def data_condition(self, labels, device=None) -> torch.Tensor:
+        """(n, L, D): the images' own captions' embeddings (pruning; no dropout)."""
+        import torch
+
+        return self._embeddings(torch.as_tensor(np.asarray(labels), dtype=torch.long), device)
+
+    def training_condition(self, labels, generator: torch.Generator, device=None) -> torch.Tensor:
+        """The batch's captions' embeddings, each the empty prompt's with probability ``drop_prob``
+        (one uniform draw per image from ``generator``, drawn as :class:`ClassLabels` draws)."""
+        import torch
+
+        index = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
+        return self._embeddings(dropped_to_null(index, self.null_label, self.drop_prob, generator), device)
+
+    def sampling_condition(self, seeds, device=None) -> torch.Tensor:
+        """The image of seed s: prompts[s mod len(prompts)] (a function of its seed alone, like its
+        noise, as :meth:`ClassLabels.sampling_condition`)."""
+        import torch
+
+        return self._embeddings(torch.as_tensor(np.asarray(seeds), dtype=torch.long).remainder(len(self.prompts)),
+                                device)
+
+    def null_like(self, condition: torch.Tensor) -> torch.Tensor:
+        """The empty prompt's embedding for each row of ``condition`` (its device and dtype)."""
+        empty = self._table(condition.device)[self.null_label].to(condition.dtype)
+        return empty.expand(len(condition), *empty.shape)
+
+    def describe(self) -> dict:
+        """What the samples' metadata and the FID JSON record (loads the encoder)."""
+        tokenizer, _, digest = self._encoder()
+        return {"kind": self.kind, "text_encoder": self.text_encoder, "prompts": list(self.prompts),
+                "drop_prob": self.drop_prob, "max_length": tokenizer.model_max_length,
+                "text_encoder_sha256": digest,
+                "sampling_prompts": "the image of seed s: prompts[s mod len(prompts)]"}
+
+    def identity(self) -> bytes:
+        """Bytes naming the conditioning in training fingerprints: the settings, the encoder's weight
+        digest and the prompts' token ids (a changed encoder or tokenizer is another run)."""
+        tokenizer, _, digest = self._encoder()
+        tokens = tokenizer([*self.prompts, EMPTY_PROMPT], padding="max_length",
+                           max_length=tokenizer.model_max_length, truncation=True).input_ids
+        return json.dumps({"kind": self.kind, "prompts": list(self.prompts), "drop_prob": self.drop_prob,
+                           "text_encoder_sha256": digest, "tokens": tokens}, sort_keys=True).encode()
+
+
+def load_text_encoder(source: str):
+    """(CLIPTokenizer, CLIPTextModel in eval mode, sha256 of its weights) from a local folder or a
+    hub id, either at its top level or in a pipeline's text_encoder/ and tokenizer/ subfolders, the
+    hub asked only where it answers (igsm.hub); ``ValueError`` naming conditioning.text_encoder and
+    what to do otherwise (a folder made by :func:`save_tiny_text_encoder` offline)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from igsm.hub import load_local_or_hub
+
+    key = "conditioning.text_encoder"
+    tokenizer = load_local_or_hub(CLIPTokenizer.from_pretrained, source, subfolders=("", TOKENIZER_SUBFOLDER),
+                                  key=key, what="CLIP tokenizer", marker="tokenizer_config.json")
+    model = load_local_or_hub(CLIPTextModel.from_pretrained, source, subfolders=("", TEXT_ENCODER_SUBFOLDER),
+                              key=key, what="CLIP text encoder")
+    model.eval().requires_grad_(False)  # frozen: an input of the diffusion networks, never trained
+    return tokenizer, model, weights_digest(model)
+
+
+def weights_digest(model) -> str:
+    """sha256 of a network's tensors (names, dtypes, shapes, values), whatever file held them."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())  # the raw bytes, any dtype
+    return digest.hexdigest()
+
+
+def save_tiny_text_encoder(folder, prompts, hidden_size: int = 32, layers: int = 2, heads: int = 2,
+                           seed: int = 0, max_length: int = 77) -> Path:
+    """Write a random-initialised CLIPTextModel (transformers' CLIPTextConfig, tiny) and a
+    CLIPTokenizer built here, into ``folder`` (both at its top level), with ``save_pretrained``:
+    a text encoder for tests and toy configs, made offline (no hub, no weights downloaded).
+
+    The tokenizer's vocabulary is CLIP's byte-level alphabet (each of the 256 byte characters, alone
+    and ending a word) with BPE merges that build every word of ``prompts`` whole, so any text
+    encodes without unknown tokens and the prompts' words are single tokens, as in CLIP's own
+    vocabulary. ``max_length``: the padded prompt length (CLIP's 77)."""
+    import torch
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*alphabet, *(c + "</w>" for c in alphabet),
+                                                 "<|startoftext|>", "<|endoftext|>"])}
+
+    def tokenizer_with(merges):
+        (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges), encoding="utf-8")
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+
+    # The words as CLIP's tokenizer splits them (its normalizer and pre-tokenizer: lower case, letter
+    # runs, single digits, punctuation runs, byte-level characters).
+    backend = tokenizer_with([]).backend_tokenizer
+    words = sorted({word for prompt in prompts
+                    for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(prompt))})
+    merges = []
+    for word in words:  # merge left to right: c·a → ca, ca·t</w> → cat</w>
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            merges.append(f"{parts[0]} {parts[1]}")
+            parts = [parts[0] + parts[1], *parts[2:]]
+            vocab.setdefault(parts[0], len(vocab))
+    tokenizer = tokenizer_with(list(dict.fromkeys(merges)))
+    unknown = [p for p in prompts if tokenizer.unk_token in tokenizer.tokenize(p)]
+    if unknown:  # cannot happen with the whole byte alphabet in the vocabulary; a tokenizer change would show
+        raise RuntimeError(f"the tiny tokenizer encodes {unknown} with unknown tokens")
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_length,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 _KINDS: dict[str, type] = {}
 
 
@@ -120,6 +356,7 @@ def register(cls: type) -> type:
 
 
 register(ClassLabels)
+register(TextPrompts)
 
 
 def kinds() -> list[str]:

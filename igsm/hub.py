@@ -41,16 +41,19 @@ def looks_like_local_path(model_id: str) -> bool:
 
 
 def load_local_or_hub(load: Callable, source: str, *, subfolders: tuple[str, ...], key: str, what: str,
-                      cache_dir=None):
+                      cache_dir=None, marker: str = "config.json"):
     """``load(path_or_id, local_files_only=…, cache_dir=…[, subfolder=…])`` (a diffusers or
     transformers ``from_pretrained``) from a local folder (the part's own, or a pipeline's holding it
-    in one of ``subfolders``) or a hub id, the hub cache first. ``ValueError`` naming ``key`` (the
-    config key), ``what`` the part is, each attempt's error and what to do offline."""
+    in one of ``subfolders``, where its ``marker`` file is) or a hub id, the hub cache first.
+    ``ValueError`` naming ``key`` (the config key), ``what`` the part is, each attempt's error and
+    what to do offline."""
     local = Path(source).expanduser()
     where = local if local.is_dir() else None
-    tried = [sub for sub in subfolders if where is None or (local / sub / "config.json").is_file()]
+    if where is None and looks_like_local_path(source):
+        raise ValueError(f"{key}: local folder {source} does not exist")
+    tried = [sub for sub in subfolders if where is None or (local / sub / marker).is_file()]
     if where is not None and not tried:
-        inside = " nor ".join(f"{sub}/config.json" if sub else "config.json" for sub in subfolders)
+        inside = " nor ".join(f"{sub}/{marker}" if sub else marker for sub in subfolders)
         raise ValueError(f"{key}: local folder {source} holds no {what} (neither {inside})")
     errors = []
     online = where is None and hub_reachable()

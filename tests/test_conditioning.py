@@ -1,7 +1,9 @@
-"""Class conditioning through the objectives, the sampler and pruning (igsm.conditioning; issue 31).
+"""Class and text conditioning through the objectives, the sampler and pruning (igsm.conditioning;
+issue 31).
 
-Float64 brute force on tiny class-conditional U-Nets (diffusers UNet2DModel with num_class_embeds)
-and DiTs (igsm.families.dit):
+Float64 brute force on tiny class-conditional U-Nets (diffusers UNet2DModel with num_class_embeds),
+DiTs (igsm.families.dit), U-ViTs and text-conditional SD U-Nets (igsm.families.sd_unet, label k's
+condition the embedding of prompt k, the null label's the empty prompt's; more in test_sd_unet.py):
 the objective's terms with a condition against full per-sample Jacobians taken under that
 condition; the teacher given the student's condition; classifier-free guidance against its formula;
 batch invariance of guided sampling; pruning a conditional U-Net."""
@@ -9,11 +11,12 @@ batch invariance of guided sampling; pruning a conditional U-Net."""
 from __future__ import annotations
 
 import copy
+from typing import Callable, NamedTuple
 
 import pytest
 import torch
 
-from igsm.conditioning import ClassLabels, conditioning_from_settings, guided, kinds
+from igsm.conditioning import ClassLabels, TextPrompts, conditioning_from_settings, guided, kinds, save_tiny_text_encoder
 from igsm.diffusion import NoiseSchedule, antithetic_timesteps
 from igsm.models import condition_inputs, predict_noise
 from igsm.objectives import NAMES, build_objective, orthonormalize
@@ -98,39 +101,71 @@ def conditional_uvit(width, seed, dtype=torch.float64):
     return net.to(dtype).eval()
 
 
+def conditional_sd_unet(widths, seed, dtype=torch.float64):
+    """A tiny SD U-Net (diffusers UNet2DConditionModel): cross-attention on TEXT_WIDTH-wide text."""
+    from igsm.families import family_named
+
+    torch.manual_seed(seed)
+    net = family_named("sd-unet").build(dict(
+        sample_size=8, in_channels=2, out_channels=2, block_out_channels=widths, layers_per_block=1, norm_num_groups=4,
+        attention_head_dim=2, cross_attention_dim=TEXT_WIDTH, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+    return net.to(dtype).eval()
+
+
 PAIRS = {"unet": lambda: (conditional_unet((4, 8), seed=1), conditional_unet((8, 16), seed=2)),
          "dit": lambda: (conditional_dit(4, seed=1), conditional_dit(8, seed=2)),
-         "uvit": lambda: (conditional_uvit(8, seed=1), conditional_uvit(16, seed=2))}
+         "uvit": lambda: (conditional_uvit(8, seed=1), conditional_uvit(16, seed=2)),
+         "sd-unet": lambda: (conditional_sd_unet((4, 8), seed=1), conditional_sd_unet((8, 16), seed=2))}
+PROMPTS = ["a photo of a trouser", "a photo of a bag", "a photo of a sneaker"]  # NUM_CLASSES of them
+TEXT_WIDTH = 16
+
+
+class Pair(NamedTuple):
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    condition: Callable  # labels (the null label NUM_CLASSES among them) → the networks' condition
+
+
+@pytest.fixture(scope="module")
+def text_prompts(tmp_path_factory):
+    folder = save_tiny_text_encoder(tmp_path_factory.mktemp("clip"), PROMPTS, hidden_size=TEXT_WIDTH)
+    return TextPrompts(str(folder), PROMPTS)
 
 
 @pytest.fixture(scope="module", params=list(PAIRS))
 def pair(request):
-    return PAIRS[request.param]()
+    student, teacher = PAIRS[request.param]()
+    if request.param == "sd-unet":  # label k: prompt k's embedding; the null label (len(PROMPTS)): the empty prompt's
+        text = request.getfixturevalue("text_prompts")
+        return Pair(student, teacher, lambda labels: text.data_condition(labels).double())
+    return Pair(student, teacher, lambda labels: labels)
 
 
 @pytest.mark.parametrize("projection", ["vjp", "jvp"])
 def test_conditional_terms_equal_full_jacobians_under_the_condition(pair, projection):
     """Catches: the condition not reaching the Jacobian products (they would be those of another
     label's network), or the Jacobian taken through the condition's embedding."""
-    student, teacher = pair
+    student, teacher, condition_of = pair
     x_t, t, noise, labels = make_batch()
     v = orthonormalize(torch.randn((2, *x_t.shape), generator=torch.Generator().manual_seed(3), dtype=x_t.dtype))
     objective = build_objective(ALL_TERMS, projection, num_directions=2, directions=lambda x, t_, g: v)
-    total, terms = objective(student, teacher, x_t, t, noise, None, condition=labels)
-    expected = reference_terms(student, teacher, x_t, t, noise, labels, v, projection)
+    total, terms = objective(student, teacher, x_t, t, noise, None, condition=condition_of(labels))
+    expected = reference_terms(student, teacher, x_t, t, noise, condition_of(labels), v, projection)
     assert set(terms) == set(NAMES)
     for name in NAMES:
         torch.testing.assert_close(terms[name], expected[name], rtol=1e-6, atol=1e-12, msg=name)
     # The labels matter at all: under other labels the terms differ.
-    _, other = objective(student, teacher, x_t, t, noise, None, condition=labels.roll(1))
+    _, other = objective(student, teacher, x_t, t, noise, None, condition=condition_of(labels.roll(1)))
     assert not torch.allclose(other["kd"], terms["kd"])
 
 
 def test_jacobian_rows_get_their_own_condition(pair):
     """jacobian_fraction < 1 splits the batch: each part's networks must get that part's labels
     (catches slicing x_t but binding the whole batch's condition, or the wrong rows')."""
-    student, teacher = pair
+    student, teacher, condition_of = pair
     x_t, t, noise, labels = make_batch()
+    labels = condition_of(labels)
     v = orthonormalize(torch.randn((1, *x_t.shape), generator=torch.Generator().manual_seed(4), dtype=x_t.dtype))
     objective = build_objective(ALL_TERMS, directions=lambda x, t_, g: v[:, :len(x)],
                                 jacobian_fraction=0.5)
@@ -145,22 +180,25 @@ def test_jacobian_rows_get_their_own_condition(pair):
 def test_teacher_gets_the_students_condition(pair):
     """A student identical to its teacher has zero KD and Jacobian terms under any labels; with
     the condition dropped or replaced for the teacher (the null label, another class) they are not."""
-    student, _ = pair
+    student, _, condition_of = pair
     teacher = copy.deepcopy(student)
     x_t, t, noise, labels = make_batch()
     objective = build_objective({"np": 1.0, "kd": 1.0, "jm1": 1.0, "jm2": 1.0})
-    _, terms = objective(student, teacher, x_t, t, noise, torch.Generator().manual_seed(0), condition=labels)
+    _, terms = objective(student, teacher, x_t, t, noise, torch.Generator().manual_seed(0),
+                         condition=condition_of(labels))
     for name in ("kd", "jm1", "jm2"):
         assert float(terms[name].abs().max()) < 1e-20, name
     with torch.no_grad():
-        nulled = predict_noise(teacher, x_t, t, **condition_inputs(teacher, torch.full_like(labels, NUM_CLASSES)))
-        own = predict_noise(student, x_t, t, **condition_inputs(student, labels))
+        nulled = predict_noise(teacher, x_t, t, **condition_inputs(teacher, condition_of(torch.full_like(labels,
+                                                                                                      NUM_CLASSES))))
+        own = predict_noise(student, x_t, t, **condition_inputs(student, condition_of(labels)))
     assert float((own - nulled)[:3].square().sum()) > 1e-8  # a teacher given the null label would show (KD < 1e-20)
 
 
 def test_a_conditional_network_refuses_to_run_without_its_condition(pair):
-    student, _ = pair
-    with pytest.raises(ValueError, match="no condition for a conditional (UNet2DModel|DiTTransformer2DModel|UViT)"):
+    student, _, _ = pair
+    with pytest.raises(ValueError, match="no condition for a conditional "
+                                         "(UNet2DModel|DiTTransformer2DModel|UViT|UNet2DConditionModel)"):
         condition_inputs(student, None)
     x_t, t, noise, _ = make_batch()
     with pytest.raises(ValueError, match="no condition for a conditional"):
@@ -213,8 +251,8 @@ def test_training_condition_drops_labels_to_the_null_label_at_its_rate():
 def test_settings_errors_name_the_key():
     assert kinds()[0] == "none" and "class" in kinds()
     assert conditioning_from_settings({"kind": "none"}) is None
-    with pytest.raises(ValueError, match="conditioning.kind: unknown 'text'"):
-        conditioning_from_settings({"kind": "text"})
+    with pytest.raises(ValueError, match="conditioning.kind: unknown 'audio'"):
+        conditioning_from_settings({"kind": "audio"})
     with pytest.raises(ValueError, match=r"conditioning.num_classes: required for kind 'class' \(its keys: "
                                          r"num_classes, drop_prob\)"):
         conditioning_from_settings({"kind": "class"})

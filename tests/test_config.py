@@ -253,7 +253,7 @@ def set_conditional_reuse(c):
 
 
 def set_unknown_conditioning_kind(c):
-    experiment(c)["conditioning"] = {"kind": "text"}
+    experiment(c)["conditioning"] = {"kind": "audio"}
 
 
 TINY_VAE = {"in_channels": 1, "out_channels": 1, "block_out_channels": [8, 16], "latent_channels": 4,
@@ -324,7 +324,7 @@ def set_autoencoder_not_dividing_the_side(c):
     (set_class_on_uvit, r"experiments\.digits_unet\.architecture\.num_classes: unset, but conditioning\.num_classes "
                         r"10 needs 11"),
     (set_conditional_reuse, r"experiments\.digits_unet\.reuse\.models: block reuse of conditional models"),
-    (set_unknown_conditioning_kind, r"experiments\.digits_unet\.conditioning\.kind: 'text' is not one of none, class"),
+    (set_unknown_conditioning_kind, r"experiments\.digits_unet\.conditioning\.kind: 'audio' is not one of none, class, text"),
     (set_unknown_process, r"experiments\.digits_unet\.diffusion\.process: 'vp-sde' is not one of ddpm, vpsde"),
     (set_euler_maruyama_on_ddpm, r"experiments\.digits_unet\.diffusion\.process: 'ddpm', but sample\.sampler "
                                  r"'euler-maruyama' integrates the VP-SDE"),

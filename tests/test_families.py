@@ -14,7 +14,11 @@ from igsm import families
 from igsm.config import ConfigError, validate
 
 TINY_UVIT = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2)
-ARCHITECTURES = {"unet": TINY_ARCHITECTURE, "uvit": TINY_UVIT}
+TINY_SD_UNET = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
+                    norm_num_groups=4, attention_head_dim=2, cross_attention_dim=16,
+                    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+ARCHITECTURES = {"unet": TINY_ARCHITECTURE, "uvit": TINY_UVIT, "sd-unet": TINY_SD_UNET}
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -58,7 +62,7 @@ def test_a_registered_family_is_found_like_the_shipped_ones():
 
 
 def test_unknown_family_lists_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown model family 'mlp'; valid families: dit, unet, uvit"):
+    with pytest.raises(ValueError, match=r"unknown model family 'mlp'; valid families: dit, sd-unet, unet, uvit"):
         families.family_named("mlp")
     with pytest.raises(ValueError, match=r"list is of no model family; known families: dit: .*; unet: .*; uvit: "):
         families.family_of([])
@@ -72,7 +76,7 @@ def test_unknown_family_in_the_config_is_an_error_naming_the_key():
     config = demo_config()
     config["experiments"]["digits_unet"]["architecture"]["family"] = "mlp"
     with pytest.raises(ConfigError, match=r"experiments\.digits_unet\.architecture\.family: 'mlp' is not one "
-                                          r"of dit, unet, uvit"):
+                                          r"of dit, sd-unet, unet, uvit"):
         validate(config)
 
 
@@ -86,6 +90,16 @@ def test_a_family_that_the_keys_contradict_is_an_error_naming_the_key():
     assert re.search(r"experiments\.digits_unet\.architecture\.family: 'unet', but the architecture has "
                      r"U-ViT's key\(s\) img_size, patch_size, in_chans, embed_dim, depth, num_heads; set family: uvit",
                      str(info.value)), str(info.value)
+
+
+def test_a_unet_with_cross_attention_keys_is_told_to_be_an_sd_unet():
+    """UNet2DModel takes no cross_attention_dim: a config giving it means Stable Diffusion's U-Net."""
+    config = demo_config()
+    config["experiments"]["digits_unet"]["architecture"] = {"family": "unet", **TINY_ARCHITECTURE,
+                                                             "cross_attention_dim": 16}
+    with pytest.raises(ConfigError, match=r"architecture\.family: 'unet', but the architecture has SD U-Net's "
+                                          r"key\(s\) cross_attention_dim; set family: sd-unet"):
+        validate(config)
 
 
 @pytest.mark.parametrize("architecture, assumed", [

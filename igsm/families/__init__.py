@@ -25,7 +25,8 @@ REST = "rest"  # in a block graph: everything outside the blocks (it always runs
 # U-Net (diffusers' UNet2DModel takes every key as optional): the migration path keeps that reading.
 MIGRATION_DEFAULT = "unet"
 # The shipped members by name, imported on first use (each registers itself).
-MEMBER_MODULES = {"unet": "igsm.families.unet", "uvit": "igsm.families.uvit", "dit": "igsm.families.dit"}
+MEMBER_MODULES = {"unet": "igsm.families.unet", "uvit": "igsm.families.uvit", "dit": "igsm.families.dit",
+                  "sd-unet": "igsm.families.sd_unet"}
 # The families that configs written before architecture.family existed can mean (the migration path).
 MIGRATION_FAMILIES = ("unet", "uvit")
 

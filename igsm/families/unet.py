@@ -46,10 +46,14 @@ class UNetFamily(Family):
         return UNet2DModel
 
     def owns(self, net) -> bool:
+        from diffusers import ModelMixin
         from torch import nn
 
-        # Any ε-network whose last layer is conv_out prunes as a U-Net (tests plant such networks).
-        return isinstance(net, self.network_class()) or isinstance(getattr(net, "conv_out", None), nn.Module)
+        # Any ε-network whose last layer is conv_out prunes as a U-Net (tests plant such networks),
+        # but a diffusers network of another class is its own family's (UNet2DConditionModel has a
+        # conv_out too: igsm.families.sd_unet).
+        return isinstance(net, self.network_class()) or (
+            isinstance(getattr(net, "conv_out", None), nn.Module) and not isinstance(net, ModelMixin))
 
     def pretrained_errors(self, key: str, pretrained: str) -> list[str]:
         if pretrained.endswith(STATE_DICT_SUFFIXES):
