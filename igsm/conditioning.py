@@ -162,6 +162,17 @@ class TextPrompts:
         object.__setattr__(self, "prompts", tuple(self.prompts))  # frozen: hashable, unchangeable
         object.__setattr__(self, "_loaded", {})  # the encoder, its digest and embedding tables, on first use
 
+    def config_errors(self, key: str) -> list[str]:
+        """What the config alone shows: a local encoder folder that does not exist (``key``: the
+        experiment's); a hub id is checked by its first job."""
+        from igsm.hub import looks_like_local_path
+
+        if looks_like_local_path(self.text_encoder) and not Path(self.text_encoder).expanduser().is_dir():
+            return [f"{key}.conditioning.text_encoder: local folder {self.text_encoder} does not exist (offline, "
+                    f"`python -m igsm tiny-text-encoder --out {self.text_encoder} --prompt …` writes a random one "
+                    "for the prompts)"]
+        return []
+
     @property
     def null_label(self) -> int:
         return len(self.prompts)  # the empty prompt's row of the table

@@ -269,7 +269,7 @@ def _conditioning_errors(key: str, exp: dict, family: Family) -> list[str]:
         kind = conditioning.conditioning_from_settings(exp["conditioning"])
     except ValueError as err:
         return [f"{key}.{err}"]
-    errors = []
+    errors = kind.config_errors(key) if hasattr(kind, "config_errors") else []
     if kind is None and exp["sample"]["guidance_scale"] != 1.0:
         errors.append(f"{key}.sample.guidance_scale: {exp['sample']['guidance_scale']}, but the experiment is "
                       "unconditional (conditioning.kind none): guidance needs a condition")

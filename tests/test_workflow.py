@@ -199,11 +199,16 @@ def test_tiny_uvit_runs_through_the_workflow(tmp_path):
         assert score["sampler_kwargs"]["num_steps"] == 10
 
 
-def tiny_conditional_config():
-    """config/conditional.yaml's class-conditional U-Net and config/latent.yaml's latent DiT on the
-    digits, at a few steps a stage (one workflow run for both: the DiT's pixel path is the U-Net's)."""
+def tiny_conditional_config(workdir):
+    """config/conditional.yaml's class-conditional U-Net and config/latent.yaml's latent DiT and
+    caption-conditional SD U-Net on the digits, at a few steps a stage (one workflow run for all:
+    the DiT's pixel path is the U-Net's), with the tiny text encoder its README command writes."""
+    from igsm.conditioning import save_tiny_text_encoder
+
     config = yaml.safe_load((REPO / "config" / "conditional.yaml").read_text())
     latent = yaml.safe_load((REPO / "config" / "latent.yaml").read_text())
+    text = latent["experiments"]["digits_text_sd"]["conditioning"]
+    save_tiny_text_encoder(workdir / text["text_encoder"], [" ".join(text["prompts"])], hidden_size=32)
     assert latent["datasets"] == config["datasets"] and latent["objectives"] == config["objectives"]
     config["autoencoders"] = latent["autoencoders"]
     config["experiments"] = {"digits_class_unet": config["experiments"]["digits_class_unet"], **latent["experiments"]}
@@ -216,14 +221,14 @@ def tiny_conditional_config():
     return config
 
 
-def test_class_conditional_and_latent_models_run_through_the_workflow(tmp_path):
-    """Labels from the store to dense training, pruning, NP and IGSM finetuning (student and teacher
-    under the same labels), guided DDIM sampling and FID, for a U-Net on pixels and a DiT on an
-    autoencoder's latents (encoded once, decoded before FID); the samples and the FID JSON say which
-    conditioning and guidance made them."""
-    experiments = ("digits_class_unet", "digits_latent_dit")
+def test_conditional_and_latent_models_run_through_the_workflow(tmp_path):
+    """Labels (or their captions) from the store to dense training, pruning, NP and IGSM finetuning
+    (student and teacher under the same condition), guided DDIM sampling and FID, for a U-Net on
+    pixels, a DiT and an SD U-Net on an autoencoder's latents (encoded once, decoded before FID); the
+    samples and the FID JSON say which conditioning and guidance made them."""
+    experiments = ("digits_class_unet", "digits_latent_dit", "digits_text_sd")
     targets = [f"results/fid/{exp}/{v}.json" for exp in experiments for v in ("dense", "diff-pruning-cr0.3/igsm")]
-    proc = snakemake_in(tmp_path, tiny_conditional_config(), *targets)
+    proc = snakemake_in(tmp_path, tiny_conditional_config(tmp_path), *targets)
     assert proc.returncode == 0, proc.stdout[-8000:]
     results = tmp_path / "results"
     for exp in experiments:
@@ -235,7 +240,11 @@ def test_class_conditional_and_latent_models_run_through_the_workflow(tmp_path):
         for variant in ("dense", "diff-pruning-cr0.3/igsm"):
             score = json.loads((results / f"fid/{exp}/{variant}.json").read_text())
             assert math.isfinite(score["fid"]) and score["guidance_scale"] == 2.0
-            assert score["conditioning"]["kind"] == "class" and score["conditioning"]["null_label"] == 10
+            if exp == "digits_text_sd":  # the prompts and the encoder that embedded them
+                assert score["conditioning"]["kind"] == "text" and len(score["conditioning"]["prompts"]) == 10
+                assert len(score["conditioning"]["text_encoder_sha256"]) == 64
+            else:
+                assert score["conditioning"]["kind"] == "class" and score["conditioning"]["null_label"] == 10
     # The DiT trained on the latent store and its samples are decoded images of the dataset's size.
     latents = json.loads((results / "data/digits/latents-tiny_vae/index.json").read_text())
     assert latents["dtype"] == "float16" and latents["image_shape"] == [8, 8, 4]

@@ -135,11 +135,12 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
 
 
 def save_sample_grid(images, grid, metadata: dict) -> None:
-    """The first 64 images as a grid; for a class-conditional model with at most 16 classes, a
+    """The first 64 images as a grid; for a model conditioned on at most 16 classes (or prompts), a
     column per class (the image of seed s shows class s mod num_classes: igsm.conditioning)."""
     from igsm.plots import save_grid
 
-    classes = (metadata.get("conditioning") or {}).get("num_classes")
+    conditioning = metadata.get("conditioning") or {}
+    classes = conditioning.get("num_classes") or len(conditioning.get("prompts") or ())
     if classes and classes <= 16:
         save_grid(images[: classes * max(1, 64 // classes)], grid, nrow=classes)
     else:
