@@ -78,8 +78,6 @@ class ClassLabels:
     def training_condition(self, labels, generator: torch.Generator, device=None) -> torch.Tensor:
         """The batch's labels, each the null label with probability ``drop_prob`` (one uniform draw
         per image from ``generator``, the step's)."""
-        import torch
-
         return dropped_to_null(self.data_condition(labels, device), self.null_label, self.drop_prob, generator)
 
     def sampling_condition(self, seeds, device=None) -> torch.Tensor:

@@ -303,9 +303,9 @@ def _dense_source_errors(config: dict, name: str, exp: dict) -> list[str]:
 
 
 def _architecture_errors(config: dict, name: str, exp: dict, family: Family) -> list[str]:
-    """The pretrained model's reference, and an architecture where one is needed, fitting the
-    dataset's image size and channels."""
-    key, dense, data = f"experiments.{name}", exp["dense"], config["datasets"][exp["dataset"]]
+    """The pretrained model's reference, and an architecture where one is needed, fitting what the
+    networks model: the dataset's images' size and channels, or a latent experiment's latents'."""
+    key, dense = f"experiments.{name}", exp["dense"]
     errors = []
     pretrained = dense["pretrained"]
     # The architecture without its family: the network's keyword arguments.

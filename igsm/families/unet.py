@@ -7,12 +7,11 @@ Imports torch and diffusers only inside its functions (igsm.families)."""
 from __future__ import annotations
 
 import math
-import os
 import re
 from pathlib import Path
 
 from igsm.families import REST, BlockGraph, Family, chain_consumers, register
-from igsm.hub import hub_offline, hub_reachable, looks_like_local_path  # noqa: F401 (sd-unet, tests import them here)
+from igsm.hub import hub_offline, hub_reachable, looks_like_local_path
 from igsm.pickles import convert_command, error_chain, errors_behind, refused_pickle, unsafe_pickle_error
 
 # Plain state dicts (U-ViT's released checkpoints), which a U-Net experiment cannot load.
