@@ -37,7 +37,7 @@ SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
 CHANNELS = {"cifar10": 3, "fashion-mnist": 1, "sklearn-digits": 1, "lsun": 3}
 SKLEARN_DIGITS_SIZE = 1797
 # Each forward process's own keys under experiments.<name>.diffusion (schema: defaults per process).
-PROCESS_KEYS = {"ddpm": ("num_steps", "beta_start", "beta_end"), "vpsde": ("beta_min", "beta_max")}
+PROCESS_KEYS = {"ddpm": ("num_steps", "beta_start", "beta_end", "beta_schedule"), "vpsde": ("beta_min", "beta_max")}
 # Values (scalars, lists, mappings) a config file may hold once its YAML aliases are expanded: the
 # paper config has ~1,200. An alias bomb (aliases of aliases, 10^9 values from 1 kB) is refused
 # before anything walks it.
@@ -470,6 +470,8 @@ def _process_errors(config: dict, name: str, exp: dict, family: Family) -> list[
         # A teacher is finetuned on the process it learned (its family's released checkpoints').
         if process != family.process:
             errors.append(f"{key}.process: {process!r}, but {family.process_reason}; set process: {family.process}")
+        errors += [f"{key}.{k}: {diffusion.get(k)!r}, but the {family.title}'s released checkpoints learned "
+                   f"{k} {v!r}; set {k}: {v}" for k, v in family.pretrained_diffusion.items() if diffusion.get(k) != v]
     owner = exp["dense"]["from_experiment"]
     if owner in config["experiments"] and owner != name:
         theirs = config["experiments"][owner]["diffusion"]

@@ -4,7 +4,8 @@ Two processes with one small interface, chosen by the experiment's ``diffusion.p
 
 * ``ddpm`` (:class:`NoiseSchedule`): the U-Nets' discrete process, x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε
   with linear betas 1e-4..2e-2 over 1000 steps (Table 6); integer t ∈ {0..T−1}, which is also
-  what the network sees.
+  what the network sees. ``beta_schedule: scaled_linear`` is Stable Diffusion's (and DiT's VAE-era
+  LDMs'): √β linear from √β_start to √β_end (SD 1.5: 0.00085..0.012).
 * ``vpsde`` (:class:`VPSDE`): U-ViT's continuous VP-SDE (Table 7; U-ViT's ``sde.py``), linear
   β(t) from β_min 0.1 to β_max 20 on t ∈ [0, 1], x_t = α(t)·x_0 + σ(t)·ε with
   log α(t) = −¼t²(β_max − β_min) − ½t·β_min and σ² = 1 − α²; the network sees t·999.
@@ -44,8 +45,15 @@ class NoiseSchedule:
     kind = "ddpm"
 
     @classmethod
-    def linear(cls, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2):
-        betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+    def linear(cls, num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 2e-2,
+               beta_schedule: str = "linear"):
+        """β linear from β_start to β_end, or (``scaled_linear``) √β linear between their roots."""
+        if beta_schedule == "scaled_linear":
+            betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
+        elif beta_schedule == "linear":
+            betas = torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+        else:
+            raise ValueError(f"diffusion.beta_schedule: unknown {beta_schedule!r}; choose linear or scaled_linear")
         return cls(torch.cumprod(1.0 - betas, dim=0))
 
     @property
@@ -130,7 +138,8 @@ def process_from_settings(diffusion: dict):
     settings = {**section_defaults("diffusion", diffusion), **diffusion}
     kind = settings["process"]
     if kind == "ddpm":
-        return NoiseSchedule.linear(settings["num_steps"], settings["beta_start"], settings["beta_end"])
+        return NoiseSchedule.linear(settings["num_steps"], settings["beta_start"], settings["beta_end"],
+                                    settings["beta_schedule"])
     if kind == "vpsde":
         return VPSDE(settings["beta_min"], settings["beta_max"])
     raise ValueError(f"diffusion.process: unknown {kind!r}; choose one of {PROCESSES}")

@@ -160,7 +160,9 @@ def diffusion_settings(exp):
     goes without its 'process' key, as before the VP-SDE existed, so jobs made then stay valid
     (a settings change reruns them); igsm.diffusion reads a missing process as ddpm."""
     diffusion = EXPERIMENTS[exp]["diffusion"]
-    return {k: v for k, v in diffusion.items() if not (k == "process" and v == "ddpm")}
+    # Likewise DDPM's linear β schedule goes without its beta_schedule key (added for SD's scaled_linear).
+    return {k: v for k, v in diffusion.items()
+            if not (k == "process" and v == "ddpm") and not (k == "beta_schedule" and v == "linear")}
 
 
 def experiment_context(exp, runs_network=True):

@@ -303,7 +303,19 @@ def set_autoencoder_not_dividing_the_side(c):
     c["autoencoders"]["vae"]["architecture"]["up_block_types"] = ["UpDecoderBlock2D"] * 6
 
 
+def set_pretrained_sd_on_linear_betas(c):
+    """A pretrained SD U-Net finetuned on the paper's linear β: its checkpoints learned another."""
+    experiment(c)["architecture"] = {"family": "sd-unet"}
+    experiment(c)["dense"] = {"pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    experiment(c)["conditioning"] = {"kind": "text", "text_encoder": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                     "prompts": [str(i) for i in range(10)]}
+    experiment(c)["untrained_baseline"] = False
+    experiment(c)["reuse"] = {"models": []}
+
+
 @pytest.mark.parametrize("mutate, expected", [
+    (set_pretrained_sd_on_linear_betas, r"experiments\.digits_unet\.diffusion\.beta_schedule: 'linear', but the SD "
+                                        r"U-Net's released checkpoints learned beta_schedule 'scaled_linear'"),
     (set_unknown_autoencoder, r"experiments\.digits_unet\.autoencoder: unknown autoencoder 'sd_vae'; defined under "
                               r"'autoencoders': \['vae'\]"),
     (set_autoencoder_given_twice, r"autoencoders\.vae: give exactly one of 'pretrained' or 'architecture'"),

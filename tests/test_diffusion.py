@@ -214,3 +214,19 @@ def test_uvit_trains_on_the_vpsde_and_resumes(tiny_uvit, tmp_path):
     # The same run on the DDPM process: another fingerprint, so the VP-SDE snapshots are discarded.
     log = uvit_train(tiny_uvit, split, 25, process="ddpm")
     assert "written by a different run" in log and "resuming from" not in log
+
+
+def test_scaled_linear_is_stable_diffusions_schedule():
+    """diffusion.beta_schedule: scaled_linear with SD 1.5's β range gives diffusers' own ᾱ for it
+    (catches β linear instead of √β, or the roots taken twice); the default stays the paper's."""
+    from diffusers import DDPMScheduler
+
+    from igsm.diffusion import process_from_settings
+
+    sd = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    ours = process_from_settings({"process": "ddpm", "beta_start": 0.00085, "beta_end": 0.012,
+                                  "beta_schedule": "scaled_linear"})
+    torch.testing.assert_close(ours.alphas_cumprod.float(), sd.alphas_cumprod, rtol=1e-6, atol=1e-7)
+    paper = DDPMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02, num_train_timesteps=1000)
+    torch.testing.assert_close(process_from_settings({}).alphas_cumprod.float(), paper.alphas_cumprod,
+                               rtol=1e-6, atol=1e-7)

@@ -93,6 +93,9 @@ class Family:
     pretrained_help: str = ""
     pretrained_needs_architecture: bool = False
     pretrained_folders: bool = False
+    # Settings of the forward process (the experiment's 'diffusion' keys) its released checkpoints
+    # learned beyond ``process``: a pretrained teacher is finetuned and sampled on them (SD's β).
+    pretrained_diffusion: dict = {}
     condition_kinds: tuple[str, ...] = ()  # the conditioning kinds (igsm.conditioning) its networks take
     # The architecture key giving the rows of a class embedding that holds the classes and the null
     # label (num_classes + 1; unset or 0: unconditional), checked by the default conditioning_errors.

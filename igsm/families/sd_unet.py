@@ -19,8 +19,9 @@ importance), so the GEGLU projections are left out of pruning (their input, the 
 pruned with it). Blocks for reuse: the U-Net's graph (down blocks, mid block, up blocks with the
 skips they pop), the same structure.
 
-SD 1.5 learned the DDPM process on the scaled-linear β schedule (√β linear from 0.00085 to 0.012),
-which igsm.diffusion's ddpm (linear β) does not express yet: a pretrained SD teacher needs it.
+SD 1.5 learned the DDPM process on the scaled-linear β schedule (√β linear from 0.00085 to 0.012):
+``diffusion.beta_schedule: scaled_linear`` with that range, which the config checks require of an
+experiment finetuning a pretrained SD U-Net (``pretrained_diffusion``).
 
 Imports torch and diffusers only inside its functions (igsm.families)."""
 
@@ -57,6 +58,7 @@ class SDUNetFamily(UNetFamily):
     process_reason = "Stable Diffusion's U-Nets are DDPM ε-prediction models"
     pretrained_help = ("a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5) or a local diffusers folder "
                        "(a pipeline's, with the network in unet/, or the network's own)")
+    pretrained_diffusion = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     condition_kinds = ("text",)
     class_slots_key = None  # no class embedding: the text embedding is its only condition
     CROSS_ATTENTION_KEY = "cross_attention_dim"
