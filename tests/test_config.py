@@ -327,6 +327,22 @@ def set_pretrained_sd_on_linear_betas(c):
     (set_latent_reuse, r"experiments\.digits_unet\.reuse\.models: block reuse of latent models"),
     (set_autoencoder_not_dividing_the_side, r"experiments\.digits_unet\.autoencoder: 'vae' divides the image side by 32, "
                                             r"which does not divide datasets\.digits\.image_size 16"),
+])
+def test_config_check_names_the_key(mutate, expected):
+    """The checks of latent experiments and pretrained families, in process (igsm.config, as the
+    Snakefile calls it: that a failing check stops the workflow before any job, one line per error,
+    the cases above show through Snakemake)."""
+    from igsm.config import ConfigError, check_config, validate_schema
+
+    config = demo_config()
+    mutate(config)
+    with pytest.raises(ConfigError) as raised:
+        validate_schema(config)
+        check_config(config)
+    assert re.search(expected, str(raised.value), re.M), str(raised.value)
+
+
+@pytest.mark.parametrize("mutate, expected", [
     (set_class_embeds_without_null_label, r"experiments\.digits_unet\.architecture\.num_class_embeds: 10, but "
                                           r"conditioning\.num_classes 10 needs 11"),
     (set_class_embeds_unconditional, r"experiments\.digits_unet\.architecture\.num_class_embeds: 11 makes a "
