@@ -437,6 +437,20 @@ def test_demo_config_is_valid(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
 
 
+def test_conditional_config_plans_its_pixel_models(tmp_path):
+    """config/conditional.yaml (the pixel-space class-conditional U-Net and DiT; the workflow test
+    runs config/latent.yaml's latent ones through the same conditioning path): every stage planned,
+    labels and guidance in the jobs' settings."""
+    config = yaml.safe_load((REPO / "config" / "conditional.yaml").read_text())
+    proc = dry_run(config, tmp_path, "-p", "all_tables")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    counts = job_counts(proc.stdout)
+    assert counts["finetune"] == 4 and counts["dense_trained"] == 2 and counts["prune"] == 2
+    jobs = planned(proc.stdout)
+    assert all('"num_classes": 10' in b for b in jobs["finetune"] + jobs["prune"] + jobs["sample"])
+    assert all('"guidance_scale": 2.0' in b for b in jobs["sample"])
+
+
 def test_supplied_reference_statistics_replace_the_reference_job(tmp_path):
     """fid.reference_statistics: no Inception statistics of the training images are made, and every
     fid job reads the user's file."""

@@ -199,19 +199,15 @@ def test_tiny_uvit_runs_through_the_workflow(tmp_path):
         assert score["sampler_kwargs"]["num_steps"] == 10
 
 
-def tiny_conditional_config(workdir):
-    """config/conditional.yaml's class-conditional U-Net and config/latent.yaml's latent DiT and
-    caption-conditional SD U-Net on the digits, at a few steps a stage (one workflow run for all:
-    the DiT's pixel path is the U-Net's), with the tiny text encoder its README command writes."""
+def tiny_latent_config(workdir):
+    """config/latent.yaml (a class-conditional DiT and a caption-conditional SD U-Net on a tiny
+    autoencoder's latents of the digits; config/conditional.yaml's pixel models share their
+    conditioning path) at a few steps a stage, with the tiny text encoder its README command writes."""
     from igsm.conditioning import save_tiny_text_encoder
 
-    config = yaml.safe_load((REPO / "config" / "conditional.yaml").read_text())
-    latent = yaml.safe_load((REPO / "config" / "latent.yaml").read_text())
-    text = latent["experiments"]["digits_text_sd"]["conditioning"]
+    config = yaml.safe_load((REPO / "config" / "latent.yaml").read_text())
+    text = config["experiments"]["digits_text_sd"]["conditioning"]
     save_tiny_text_encoder(workdir / text["text_encoder"], [" ".join(text["prompts"])], hidden_size=32)
-    assert latent["datasets"] == config["datasets"] and latent["objectives"] == config["objectives"]
-    config["autoencoders"] = latent["autoencoders"]
-    config["experiments"] = {"digits_class_unet": config["experiments"]["digits_class_unet"], **latent["experiments"]}
     for exp in config["experiments"].values():
         exp["dense"]["training"].update(num_steps=20, log_every=10, checkpoint_every=10)
         exp["finetune"]["training"].update(num_steps=4, batch_size=16, log_every=2, checkpoint_every=2)
@@ -222,13 +218,13 @@ def tiny_conditional_config(workdir):
 
 
 def test_conditional_and_latent_models_run_through_the_workflow(tmp_path):
-    """Labels (or their captions) from the store to dense training, pruning, NP and IGSM finetuning
-    (student and teacher under the same condition), guided DDIM sampling and FID, for a U-Net on
-    pixels, a DiT and an SD U-Net on an autoencoder's latents (encoded once, decoded before FID); the
-    samples and the FID JSON say which conditioning and guidance made them."""
-    experiments = ("digits_class_unet", "digits_latent_dit", "digits_text_sd")
+    """Labels (or their captions) from the store to dense training, pruning, IGSM finetuning (student
+    and teacher under the same condition), guided DDIM sampling and FID, for a DiT and an SD U-Net on
+    an autoencoder's latents (encoded once, decoded before FID); the samples and the FID JSON say
+    which conditioning and guidance made them."""
+    experiments = ("digits_latent_dit", "digits_text_sd")
     targets = [f"results/fid/{exp}/{v}.json" for exp in experiments for v in ("dense", "diff-pruning-cr0.3/igsm")]
-    proc = snakemake_in(tmp_path, tiny_conditional_config(tmp_path), *targets)
+    proc = snakemake_in(tmp_path, tiny_latent_config(tmp_path), *targets)
     assert proc.returncode == 0, proc.stdout[-8000:]
     results = tmp_path / "results"
     for exp in experiments:
@@ -252,7 +248,8 @@ def test_conditional_and_latent_models_run_through_the_workflow(tmp_path):
     assert summary["settings"]["latents"]["autoencoder"] == "results/autoencoders/tiny_vae/model"
     images, _, metadata = load_samples(results / "samples/digits_latent_dit/dense/samples.npz")
     assert images.shape == (12, 16, 16, 1) and metadata["latents"]["autoencoder"] == latents["latent"]["autoencoder"]
-    pruned = json.loads((results / "prune/digits_class_unet/diff-pruning-cr0.3/model/architecture.json").read_text())
-    assert pruned["config"]["num_class_embeds"] == 11
-    # A column per class: 12 images of 16 px (drawn 64 px, 1 px apart) in rows of 10.
-    assert Image.open(results / "samples/digits_class_unet/dense/grid.png").size == (10 * 65 + 1, 2 * 65 + 1)
+    pruned = json.loads((results / "prune/digits_latent_dit/diff-pruning-cr0.3/model/architecture.json").read_text())
+    assert pruned["config"]["num_embeds_ada_norm"] == 10  # the label table kept whole
+    # A column per class (per prompt): 12 images of 16 px (drawn 64 px, 1 px apart) in rows of 10.
+    for exp in experiments:
+        assert Image.open(results / f"samples/{exp}/dense/grid.png").size == (10 * 65 + 1, 2 * 65 + 1)
