@@ -44,7 +44,7 @@ from igsm.config import (ConfigError, apply_scale, check_config, check_writable,
                          training_job)
 from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
-from igsm.families import FAMILY_KEY, assumed_family, family_of_architecture
+from igsm.families import FAMILY_KEY, MIGRATION_DEFAULT, assumed_family, family_of_architecture
 from igsm.plan import scored_models
 from igsm.pruning import report_pictures
 from igsm.paper.tables import FIGURES as PAPER_FIGURES
@@ -83,11 +83,14 @@ wildcard_constraints:
     variant=_one_of(sorted({variant for exp in EXPERIMENTS for variant in scored_variants(exp)})),
 
 
-# Experiments whose family loads its pretrained weights into a network built from the architecture
-# (plain state dicts: U-ViT's); check_config has named every experiment's family.
+# Experiments whose pretrained teacher is loaded by the family the architecture names: it builds a
+# network from the architecture (plain state dicts: U-ViT's), or it is not the U-Net that a bare
+# hub id means (DiT, SD's U-Net: their own diffusers classes); check_config has named every
+# experiment's family. Their rule passes the architecture; the U-Net rule's command is as it was.
 ARCHITECTURE_PRETRAINED_EXPERIMENTS = [
     exp for exp, spec in EXPERIMENTS.items()
     if family_of_architecture(spec["architecture"]).pretrained_needs_architecture
+    or family_of_architecture(spec["architecture"]).name != MIGRATION_DEFAULT
 ]
 
 

@@ -39,8 +39,9 @@ rule dense_pretrained:
         "python -m igsm pretrained --model-id {params.model_id:q} --out {output.model:q} > {log:q} 2>&1"
 
 
-# Families whose checkpoints are plain state dicts (U-ViT's): the architecture builds their skeleton.
-# A rule of its own, so that the U-Net rule's params (and the results made with it) stay as they were.
+# Families whose checkpoints are plain state dicts (U-ViT's: the architecture builds their skeleton),
+# or whose hub ids are not U-Nets (DiT, SD's U-Net: the architecture names their family). A rule of
+# its own, so that the U-Net rule's params (and the results made with it) stay as they were.
 rule dense_pretrained_uvit:
     conda:
         "../envs/train.yaml"

@@ -695,10 +695,10 @@ def test_latent_models_config_plans_imagenet_dit(tmp_path):
     proc = dry_run(config, tmp_path, "-p", "results/tables/imagenet_dit.md")
     assert proc.returncode == 0, proc.stdout[-4000:]
     counts = job_counts(proc.stdout)
-    assert {k: counts.get(k) for k in ("autoencoder", "encode", "download", "dense_pretrained", "prune", "finetune",
-                                       "fid_reference")} == \
-        {"autoencoder": 1, "encode": 1, "download": 1, "dense_pretrained": 1, "prune": 2, "finetune": 6,
-         "fid_reference": None}  # the reference is the user's ADM batch
+    assert {k: counts.get(k) for k in ("autoencoder", "encode", "download", "dense_pretrained_uvit", "prune",
+                                       "finetune", "fid_reference")} == \
+        {"autoencoder": 1, "encode": 1, "download": 1, "dense_pretrained_uvit": 1, "prune": 2, "finetune": 6,
+         "fid_reference": None}  # the reference is the user's ADM batch; the teacher's rule names its family
     assert counts["sample"] == 7 * 16
     jobs = planned(proc.stdout)
     for block in jobs["finetune"] + jobs["prune"]:
@@ -707,7 +707,9 @@ def test_latent_models_config_plans_imagenet_dit(tmp_path):
         assert '"num_classes": 1000' in block
     assert all('"guidance_scale": 1.5' in b and '"num_steps": 250' in b and "sd_vae_ft_ema/model" in b
                for b in jobs["sample"])
-    assert "stabilityai/sd-vae-ft-ema" in jobs["autoencoder"][0] and "facebook/DiT-XL-2-256" in jobs["dense_pretrained"][0]
+    assert "stabilityai/sd-vae-ft-ema" in jobs["autoencoder"][0]
+    teacher = jobs["dense_pretrained_uvit"][0]
+    assert "facebook/DiT-XL-2-256" in teacher and '--settings \'{"family": "dit"}\'' in teacher
 
 
 def test_per_dataset_target_exists():
