@@ -95,16 +95,16 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
     reuse = load_plan_for(plan, net, options, schedule) if plan else None
     micro_batch = batching["micro_batch"] or batch_size
     denoiser = denoiser_from_settings(net, options, micro_batch=micro_batch)
-    decoder = None
+    decode, decoder = None, None  # a latent experiment's: the function, and what the samples record of it
     if autoencoder_dir is not None:
         from igsm.latents import Autoencoder
 
         vae = Autoencoder(autoencoder_dir, device)
-        decoder = {"autoencoder": vae.identity(), "image_channels": image_channels or vae.record["in_channels"]}
+        channels = image_channels or vae.record["in_channels"]
+        decoder = {"autoencoder": vae.identity(), "image_channels": channels}
 
         def decode(latents):  # micro-batches, as the network runs: memory bounded alike
-            return torch.cat([vae.decode(part, decoder["image_channels"])
-                              for part in latents.split(micro_batch)])
+            return torch.cat([vae.decode(part, channels) for part in latents.split(micro_batch)])
     # Everything that makes the bits of the images: a resumed job reuses batches only if equal.
     fingerprint = {"model_digest": model_digest(model_dir), "sampler": options["sampler"],
                    "sampler_kwargs": sampler_kwargs, "image_shape": list(shape), "batch_size": batch_size,
@@ -121,7 +121,7 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
         sample_images(denoiser, seeds=seeds, image_shape=shape, batch_size=batch_size, sampler=options["sampler"],
                       schedule=schedule, device=device, partial=partial, rank=rank, world_size=world_size,
                       noise_threads=noise_threads, progress=True, conditioning=denoiser.conditioning,
-                      decode=decode if decoder else None, **sampler_kwargs)
+                      decode=decode, **sampler_kwargs)
     distributed.barrier()
     if rank != 0:
         return None
