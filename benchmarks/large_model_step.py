@@ -17,6 +17,7 @@ gradients included). A configuration that runs out of memory or fails is recorde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -32,6 +33,7 @@ from igsm.diffusion import NoiseSchedule  # noqa: E402
 from igsm.families import family_named  # noqa: E402
 from igsm.models import count_parameters  # noqa: E402
 from igsm.objectives import build_objective  # noqa: E402
+from igsm.objectives.products import math_attention  # noqa: E402
 
 SD15_UNET = dict(family="sd-unet", sample_size=64, in_channels=4, out_channels=4,
                  block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, cross_attention_dim=768,
@@ -66,6 +68,11 @@ def measure(name, architecture, objective_name, batch, checkpointing, steps, war
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     objective = build_objective(OBJECTIVES[objective_name])
+    # With checkpointing, the backward recomputes each segment, and a segment recomputed with another
+    # attention kernel than its forward saves other tensors (torch's CheckpointError): the Jacobian
+    # products ran their forwards under the math kernel (igsm.objectives.products.math_attention), so
+    # their backward must too. Without checkpointing nothing is recomputed and NP+KD keeps the fused one.
+    backward_kernel = (math_attention if checkpointing and objective.needs_jacobian else contextlib.nullcontext)
     schedule = NoiseSchedule.linear()
     generator = torch.Generator(device).manual_seed(0)
     shape = (batch, architecture["in_channels"], architecture["sample_size"], architecture["sample_size"])
@@ -84,7 +91,8 @@ def measure(name, architecture, objective_name, batch, checkpointing, steps, war
         with autocast:
             total, _ = objective(student, teacher, x_t, schedule.network_time(t), noise, generator, condition=condition)
         optimizer.zero_grad(set_to_none=True)
-        total.float().mean().backward()
+        with backward_kernel():
+            total.float().mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         if device.type == "cuda":
