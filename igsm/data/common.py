@@ -150,7 +150,7 @@ def fetch_cached(url: str, destination: str | os.PathLike, sha256: str, algorith
     """``destination`` if it already holds the file with this digest, else ``download`` it there."""
     destination = Path(destination)
     if not destination.exists() or file_digest(destination, algorithm) != sha256.lower():
-        download(url, destination, sha256, algorithm, url_key, digest_key)
+        download(url, destination, sha256, algorithm, url_key=url_key, digest_key=digest_key)
     return destination
 
 
