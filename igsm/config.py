@@ -34,7 +34,7 @@ from igsm.schema import schema_file
 
 SPLIT_SIZES = {"cifar10": {"train": 50_000, "test": 10_000},
                "fashion-mnist": {"train": 60_000, "test": 10_000}}
-CHANNELS = {"cifar10": 3, "fashion-mnist": 1, "sklearn-digits": 1, "lsun": 3}
+CHANNELS = {"cifar10": 3, "fashion-mnist": 1, "sklearn-digits": 1, "lsun": 3, "mscoco": 3}
 SKLEARN_DIGITS_SIZE = 1797
 # Each forward process's own keys under experiments.<name>.diffusion (schema: defaults per process).
 PROCESS_KEYS = {"ddpm": ("num_steps", "beta_start", "beta_end", "beta_schedule"), "vpsde": ("beta_min", "beta_max")}

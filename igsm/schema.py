@@ -42,11 +42,12 @@ def _satisfies(condition: dict, values: dict) -> bool:
 
 
 def _defaults_for(spec: dict, values: dict | None) -> dict:
-    """``spec``'s defaults, with those of the ``if``/``then``/``else`` branch ``values`` fall in."""
+    """``spec``'s defaults, with those of the ``if``/``then``/``else`` branch ``values`` fall in (a
+    branch may hold an ``if`` of its own: the dataset's else-if chain of per-source defaults)."""
     defaults = _defaults_of(spec)
     if "if" in spec:
         branch = spec["then"] if _satisfies(spec["if"], {**defaults, **(values or {})}) else spec.get("else", {})
-        defaults.update(_defaults_of(branch))
+        defaults.update(_defaults_for(branch, {**defaults, **(values or {})}))
     return defaults
 
 

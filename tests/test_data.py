@@ -282,12 +282,13 @@ def test_official_sources_when_url_and_sha256_unset(tmp_path, monkeypatch):
     """Empty url / no sha256 (the schema's defaults) mean the official archives; no network here."""
     calls = []
 
-    def fake_download(url, destination, sha256=None, algorithm="sha256"):
+    def fake_download(url, destination, sha256=None, algorithm="sha256", **keys):
         calls.append((url, Path(destination).name, sha256))
         raise DownloadError(f"could not download {url}: offline test")
 
     monkeypatch.setattr(igsm.data.common, "download", fake_download)
-    for spec in ({"source": "cifar10", "url": ""}, {"source": "fashion-mnist", "url": "", "split": "test"}):
+    for spec in ({"source": "cifar10", "url": ""}, {"source": "fashion-mnist", "url": "", "split": "test"},
+                 {"source": "mscoco"}):
         with pytest.raises(DownloadError):
             prepare_dataset(spec, tmp_path / "d", tmp_path / "raw")
     assert calls == [
@@ -295,6 +296,9 @@ def test_official_sources_when_url_and_sha256_unset(tmp_path, monkeypatch):
          "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"),
         ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/t10k-images-idx3-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229"),
+        # mscoco (2017 val by default) fetches the annotations first: the small archive
+        ("http://images.cocodataset.org/annotations/annotations_trainval2017.zip", "annotations_trainval2017.zip",
+         "113a836d90195ee1f884e704da6304dfaaecff1f023f49b6ca93c4aaae470268"),
     ]
 
 

@@ -138,6 +138,80 @@ def test_damage_is_reported_naming_the_file(store, tmp_path):
         load_images(store.directory)
 
 
+# ---- captions (issue 31, item 4): one text per image, for mscoco ---------------------------------
+
+# A small store written by the code before captions existed (commit 9ad6084): its index.json's
+# sha256 and its fingerprints, whole and limited to 3. Existing stores must keep their identity
+# (training runs identify their data by it), so a store without captions must still give these.
+PINNED_INDEX_SHA256 = "7e3890ffe082405ca5c8e9cec2d186c3a5dff6b655e85117278f413c89febdfb"
+PINNED_FINGERPRINT = "e200f492a2d97394b150f4b64a51738170b1711f76e20f8b9f5ba0c4ac8d0993"
+PINNED_FINGERPRINT_3 = "cf18878830b184813e84cb18d0cc699d056de45af8ab8718a513ef181fc76f64"
+
+
+def pinned_images():
+    return (np.arange(10 * 4 * 4 * 3) % 251).astype(np.uint8).reshape(10, 4, 4, 3), np.arange(10)
+
+
+@pytest.mark.parametrize("how", ["write_store", "append", "append captions=None"])
+def test_a_store_without_captions_keeps_its_index_and_fingerprint(tmp_path, how):
+    # Bug caught: a captions key (even null or empty) written into every index, which would change
+    # the fingerprint of every existing dataset and make resumed or compared runs see new data.
+    images, labels = pinned_images()
+    out, shard_bytes = tmp_path / "s", 4 * 4 * 3 * 4
+    if how == "write_store":
+        store = write_store(out, [(images[:6], labels[:6]), (images[6:], labels[6:])], shard_bytes=shard_bytes)
+    else:
+        with StoreWriter(out, shard_bytes) as writer:
+            for part in (slice(0, 6), slice(6, 10)):
+                if how == "append":
+                    writer.append(images[part], labels[part])
+                else:
+                    writer.append(images[part], labels[part], captions=None)
+        store = ImageStore(out)
+    import hashlib
+    assert hashlib.sha256((out / "index.json").read_bytes()).hexdigest() == PINNED_INDEX_SHA256
+    assert store.fingerprint() == PINNED_FINGERPRINT and store.limit(3).fingerprint() == PINNED_FINGERPRINT_3
+    assert store.captions is None and store.captions_info is None and not (out / "captions.json").exists()
+
+
+def test_captions_are_stored_aligned_checked_and_limited(tmp_path):
+    images, labels = pinned_images()
+    texts = [f"picture {i}: a caf\u00e9 \"quoted\"\nnext line" for i in range(10)]
+    info = {"source": "test", "rule": "first", "seed": None}
+    store = write_store(tmp_path / "c", [(images[:6], labels[:6], texts[:6]), (images[6:], labels[6:], texts[6:])],
+                        shard_bytes=4 * 4 * 3 * 4, extra={"captions_info": info})
+    assert store.captions == texts and store.captions_info == info
+    assert json.loads((tmp_path / "c" / "captions.json").read_text(encoding="utf-8")) == texts
+    from igsm.data import file_digest
+    assert store.index["captions_sha256"] == file_digest(tmp_path / "c" / "captions.json")
+    assert store.limit(3).captions == texts[:3]
+    # The same images with captions are another dataset; other captions, another again.
+    assert store.fingerprint() != PINNED_FINGERPRINT
+    other = write_store(tmp_path / "d", [(images, labels, texts[::-1])], shard_bytes=4 * 4 * 3 * 4,
+                        extra={"captions_info": info})
+    assert other.fingerprint() != store.fingerprint()
+    # A changed captions file is an error naming it, as a shard's is.
+    flip_byte(tmp_path / "c" / "captions.json", offset_from_end=3)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'c' / 'captions.json'} was changed or damaged"):
+        load_images(tmp_path / "c")
+
+
+def test_writer_refuses_captions_for_some_chunks_only(tmp_path, images):
+    with StoreWriter(tmp_path / "a") as writer:
+        writer.append(images[:2], np.zeros(2, np.int64), ["a", "b"])
+        with pytest.raises(ValueError, match="a chunk without captions after chunks with them"):
+            writer.append(images[:2], np.zeros(2, np.int64))
+        with pytest.raises(ValueError, match="expected 2 captions, got 1"):
+            writer.append(images[:2], np.zeros(2, np.int64), ["a"])
+        with pytest.raises(ValueError, match="list of str"):
+            writer.append(images[:2], np.zeros(2, np.int64), ["a", 3])
+    assert load_images(tmp_path / "a").captions == ["a", "b"]  # the refused chunks left nothing
+    with pytest.raises(ValueError, match="a chunk with captions after chunks without them"):
+        write_store(tmp_path / "b", [(images[:2], np.zeros(2, np.int64)),
+                                     (images[:2], np.zeros(2, np.int64), ["a", "b"])])
+    assert not (tmp_path / "b").exists()
+
+
 def test_workers_reopen_the_store_instead_of_copying_it(store, images):
     blob = pickle.dumps(store.limit(40))
     assert len(blob) < 1000  # the folder and the count, not the images

@@ -9,13 +9,15 @@ Each source is one module that registers itself (``igsm.data.sources``):
 * ``sklearn-digits`` (``sklearn_digits.py``): 8×8 digits shipped with scikit-learn (the demo).
 * ``image-folder`` (``image_folder.py``): a user's own images.
 * ``imagenet`` (``imagenet.py``): the user's ILSVRC2012 train copy, class labels, ADM's centre crop.
+* ``mscoco`` (``mscoco.py``): COCO 2014/2017 images with one caption each (labels = store positions).
 
 An empty ``url`` and an absent digest mean the source's official ones (constants in its module).
 ``check_dataset_spec`` reports the errors a config entry alone shows, before any job runs.
 
-A source yields its images in chunks (uint8 n×H×W×C with int64 labels); the data stage streams them
-into an on-disk image store (``store.py``: memory-mapped shards, digests recorded once), which
-training, pruning and the FID reference statistics read in batches.
+A source yields its images in chunks (uint8 n×H×W×C with int64 labels, and a list of n captions
+for mscoco); the data stage streams them into an on-disk image store (``store.py``: memory-mapped
+shards, digests recorded once), which training, pruning and the FID reference statistics read in
+batches.
 """
 
 from igsm.data.common import (REMAKE, URL_SCHEMES, DownloadError, download, fetch_cached, file_digest,
@@ -34,3 +36,4 @@ from igsm.data.lsun import LSUN_CATEGORIES, LSUN_URL, center_crop_arr, read_lmdb
 from igsm.data.sklearn_digits import load_sklearn_digits  # noqa: E402
 from igsm.data.image_folder import IMAGE_SUFFIXES, load_image_folder  # noqa: E402
 from igsm.data.imagenet import iter_imagenet  # noqa: E402
+from igsm.data.mscoco import COCO_SHA256, iter_mscoco  # noqa: E402

@@ -110,9 +110,10 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
 
 
 def download(url: str, destination: str | os.PathLike, sha256: str | None = None,
-             algorithm: str = "sha256") -> Path:
+             algorithm: str = "sha256", url_key: str = "url", digest_key: str | None = None) -> Path:
     """Fetch ``url`` (http(s) or file://) to ``destination``, checking its digest (``sha256``: the
-    expected hex digest of ``algorithm``; CelebA publishes MD5s).
+    expected hex digest of ``algorithm``; CelebA publishes MD5s). ``url_key``, ``digest_key``
+    (default ``algorithm``): the config keys an error tells the user to fix (mscoco has two URLs).
 
     The file appears under its final name only once complete and verified.
     """
@@ -129,7 +130,7 @@ def download(url: str, destination: str | os.PathLike, sha256: str | None = None
     except (urllib.error.URLError, OSError, ValueError) as err:
         partial.unlink(missing_ok=True)
         raise DownloadError(
-            f"could not download {url}: {err}. Point the dataset's 'url' at a reachable copy "
+            f"could not download {url}: {err}. Point the dataset's '{url_key}' at a reachable copy "
             "(a mirror, or file:///path/to/the/archive)."
         ) from None
     if sha256 is not None:
@@ -138,17 +139,18 @@ def download(url: str, destination: str | os.PathLike, sha256: str | None = None
             partial.unlink()
             raise DownloadError(
                 f"{algorithm} mismatch for {url}: expected {sha256}, got {actual}. The file is "
-                f"corrupt or not the archive the config names; fix 'url' or '{algorithm}'."
+                f"corrupt or not the archive the config names; fix '{url_key}' or '{digest_key or algorithm}'."
             )
     partial.replace(destination)
     return destination
 
 
-def fetch_cached(url: str, destination: str | os.PathLike, sha256: str, algorithm: str = "sha256") -> Path:
+def fetch_cached(url: str, destination: str | os.PathLike, sha256: str, algorithm: str = "sha256",
+                 url_key: str = "url", digest_key: str | None = None) -> Path:
     """``destination`` if it already holds the file with this digest, else ``download`` it there."""
     destination = Path(destination)
     if not destination.exists() or file_digest(destination, algorithm) != sha256.lower():
-        download(url, destination, sha256, algorithm)
+        download(url, destination, sha256, algorithm, url_key=url_key, digest_key=digest_key)
     return destination
 
 

@@ -22,8 +22,10 @@ from igsm.schema import dataset_defaults
 
 Fail = Callable[[str, str], None]  # fail(key, message) raises, naming the key
 # (entry, download cache) → (uint8 n×H×W×C images, int64 n labels) chunks, streamed into the store:
-# a source never needs to hold its whole dataset in memory.
-Prepare = Callable[[dict, Path], Iterable[tuple[np.ndarray, np.ndarray]]]
+# a source never needs to hold its whole dataset in memory. A captioned source (mscoco) yields
+# (images, labels, captions) instead, captions a list of n str (igsm/data/store.py).
+Chunk = tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, list[str]]
+Prepare = Callable[[dict, Path], Iterable[Chunk]]
 
 
 @dataclass(frozen=True)
@@ -31,22 +33,28 @@ class DataSource:
     name: str
     check: Callable[[dict, Fail], None]  # errors the config entry alone shows (no network, no reading)
     prepare: Prepare
+    # entry → keys its store's index adds (mscoco: how the captions were picked); None: none, so
+    # the stores of the other sources keep their index and fingerprint
+    store_record: Callable[[dict], dict] | None = None
 
 
 SOURCES: dict[str, DataSource] = {}
 
 
-def register(name: str, check: Callable[[dict, Fail], None], prepare: Prepare) -> DataSource:
+def register(name: str, check: Callable[[dict, Fail], None], prepare: Prepare,
+             store_record: Callable[[dict], dict] | None = None) -> DataSource:
     if name in SOURCES:
         raise registered_twice("data source", name, f"the name {name!r}", SOURCES[name].prepare, prepare)
-    SOURCES[name] = DataSource(name, check, prepare)
+    SOURCES[name] = DataSource(name, check, prepare, store_record)
     return SOURCES[name]
 
 
 def prepare_dataset(spec: dict, out_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> ImageStore:
     """Build the dataset described by a config ``datasets.<name>`` entry as an image store."""
     _check_spec(spec)
-    return write_store(out_dir, SOURCES[spec["source"]].prepare(with_defaults(spec), Path(cache_dir)))
+    source, spec = SOURCES[spec["source"]], with_defaults(spec)
+    extra = source.store_record(spec) if source.store_record else None
+    return write_store(out_dir, source.prepare(spec, Path(cache_dir)), extra=extra)
 
 
 def with_defaults(spec: dict) -> dict:
@@ -84,13 +92,14 @@ def check_split(spec: dict, fail: Fail, splits: tuple) -> None:
         fail("split", f"{split!r}: {spec.get('source')} has the splits {list(splits)}")
 
 
-def check_url(spec: dict, fail: Fail, required: str = "") -> None:
-    """An http(s):// or file:// URL; ``required`` (a hint where to get the files) when it has no default."""
-    url = spec.get("url") or ""
+def check_url(spec: dict, fail: Fail, required: str = "", key: str = "url") -> None:
+    """An http(s):// or file:// URL at ``key``; ``required`` (a hint where to get the files) when it
+    has no default."""
+    url = spec.get(key) or ""
     if not url and required:
-        fail("url", f"{spec.get('source')} has no official URL this workflow can download from: {required}")
+        fail(key, f"{spec.get('source')} has no official URL this workflow can download from: {required}")
     if url and urllib.parse.urlsplit(url).scheme not in URL_SCHEMES:
-        fail("url", f"{url!r} is not an http://, https:// or file:// URL")
+        fail(key, f"{url!r} is not an http://, https:// or file:// URL")
 
 
 def check_max_images(spec: dict, fail: Fail) -> None:

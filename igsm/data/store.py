@@ -5,6 +5,7 @@ A dataset is a folder written once by the data stage:
     index.json          format, image shape, count, each shard's file, count and sha256
     images-00000.npy    uint8 n×H×W×C, about ``SHARD_BYTES`` each (numpy's .npy format)
     labels.npy          int64 N
+    captions.json       only a captioned store (issue 31: mscoco): a JSON list of N str, one per image
     verified.json       each file's sha256 and the stat (inode, size, mtime, ctime) it had when hashed
 
 Readers memory-map the shards (``np.load(mmap_mode="r")``): a batch reads only its own images,
@@ -31,6 +32,13 @@ latents (float16 n×h×w×c, channels last like the images), written by igsm.lat
 what a reader compares with the autoencoder it was given. A uint8 store's index has neither key,
 so stores written before latents existed keep their fingerprint.
 
+Captions (issue 31, item 4): a source may give each image one text (MSCOCO's captions). The store
+then holds ``captions.json``, a JSON list of str aligned with the images, whose sha256 the index
+records as ``captions_sha256`` (checked on open like the shards and labels), beside a
+``captions_info`` record of how the source picked them (igsm.data.mscoco: the caption rule and its
+seed). A store without captions has neither key, so its index.json is byte for byte what it was
+before captions existed, and so is its fingerprint.
+
 The writer fills a temporary sibling folder (``.<name>.`` and 8 random characters) and renames it into place when
 complete: a folder named like a store is always a whole one. It first removes such folders that a
 killed writer of the same store left behind (Snakemake runs one job per output at a time).
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -57,6 +66,7 @@ from igsm.data.common import REMAKE, file_digest, numpy_error_text, reporting_wr
 FORMAT = "igsm-image-store/1"
 INDEX = "index.json"
 LABELS = "labels.npy"
+CAPTIONS = "captions.json"
 # Updated after the store is published; Snakemake dates a directory output by the
 # .snakemake_timestamp it puts inside, so this does not make the jobs that read the store outdated.
 VERIFIED = "verified.json"
@@ -115,6 +125,8 @@ class ImageStore:
         files = [(entry["file"], entry["sha256"]) for entry in self.index["shards"]]
         if "labels_sha256" in self.index:
             files.append((LABELS, self.index["labels_sha256"]))
+        if "captions_sha256" in self.index:
+            files.append((CAPTIONS, self.index["captions_sha256"]))
         with _verified_files(self.directory / VERIFIED) as verified:
             for name, expected in files:
                 path = self.directory / name
@@ -186,6 +198,29 @@ class ImageStore:
     def labels(self) -> np.ndarray:
         return np.load(self.directory / LABELS, allow_pickle=False)[: self._length]
 
+    @functools.cached_property
+    def captions(self) -> list[str] | None:
+        """Each image's text (``captions[k]`` goes with image k; a captioned source's labels are
+        these positions), or None for a store without captions. Read on first use (MSCOCO train's
+        118k captions are ≈6 MB); checked against its digest when the store was opened."""
+        if "captions_sha256" not in self.index:
+            return None
+        path = self.directory / CAPTIONS
+        try:
+            captions = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"dataset {self.directory}: {path} is unreadable ({err}); {REMAKE}") from None
+        if (not isinstance(captions, list) or len(captions) != self.index["num_images"]
+                or not all(isinstance(c, str) for c in captions)):
+            raise ValueError(f"dataset {self.directory}: {path} is not a list of {self.index['num_images']} "
+                             f"str, one per image; {REMAKE}")
+        return captions[: self._length]
+
+    @property
+    def captions_info(self) -> dict | None:
+        """How the source picked the captions (igsm.data.mscoco: rule and seed); None without captions."""
+        return self.index.get("captions_info")
+
     def fingerprint(self) -> str:
         """sha256 of what the images are: the index (with every shard's digest) and the count used."""
         canonical = json.dumps({**self.index, "used": self._length}, sort_keys=True)
@@ -239,7 +274,8 @@ class StoreWriter:
     """Write a store from chunks of images, shard by shard; ``close()`` publishes it.
 
     ``dtype``: the images' (a latent store's float16); ``extra``: keys added to the index (a latent
-    store's ``latent`` record)."""
+    store's ``latent`` record, a captioned store's ``captions_info``). Chunks carry captions (one
+    str per image) all or none: a store has a caption for every image or for none."""
 
     def __init__(self, directory: str | os.PathLike, shard_bytes: int = SHARD_BYTES, dtype: str = "uint8",
                  extra: dict | None = None):
@@ -256,6 +292,8 @@ class StoreWriter:
         self.shards: list[dict] = []
         self.verified: dict[str, dict] = {}  # verified.json: the stat of each file when it was hashed
         self.labels: list[np.ndarray] = []
+        self.captions: list[str] | None = None  # None until a chunk with captions came
+        self._chunks = 0
         self._pending: list[np.ndarray] = []
         self._pending_count = 0
 
@@ -277,7 +315,7 @@ class StoreWriter:
         self.verified[name]["sha256"] = digest = file_digest(path)
         return digest
 
-    def append(self, images: np.ndarray, labels: np.ndarray) -> None:
+    def append(self, images: np.ndarray, labels: np.ndarray, captions: list[str] | None = None) -> None:
         images, labels = np.asarray(images), np.asarray(labels)
         channels_ok = images.ndim == 4 and (images.shape[3] in (1, 3) or self.dtype != np.uint8)
         if images.dtype != self.dtype or not channels_ok:
@@ -285,12 +323,26 @@ class StoreWriter:
             raise ValueError(f"images: expected {self.dtype} {what}, got {images.dtype} {images.shape}")
         if labels.shape != (len(images),):
             raise ValueError(f"labels: expected {len(images)} labels, got shape {labels.shape}")
+        if captions is not None:
+            captions = [captions] if isinstance(captions, str) else list(captions)
+            if not all(isinstance(c, str) for c in captions):
+                raise ValueError("captions: expected a list of str, one per image")
+            if len(captions) != len(images):
+                raise ValueError(f"captions: expected {len(images)} captions, got {len(captions)}")
+        if self._chunks and (captions is None) != (self.captions is None):
+            this, earlier = ("without", "with") if captions is None else ("with", "without")
+            raise ValueError(f"a chunk {this} captions after chunks {earlier} them: a store has a caption "
+                             "for every image or for none")
         if self.image_shape is None:
             self.image_shape = images.shape[1:]
         elif images.shape[1:] != self.image_shape:
             raise ValueError(f"images of shape {images.shape[1:]} after {self.image_shape}: one dataset "
                              "has one image size")
         self.labels.append(labels.astype(np.int64))
+        if captions is not None:
+            self.captions = self.captions if self.captions is not None else []
+            self.captions.extend(captions)
+        self._chunks += 1
         per_shard = max(1, self.shard_bytes // (int(np.prod(self.image_shape)) * self.dtype.itemsize))
         while len(images):
             take = min(len(images), per_shard - self._pending_count)
@@ -319,6 +371,10 @@ class StoreWriter:
                  "shards": self.shards, "labels_sha256": labels_digest}
         if self.dtype != np.uint8:  # a uint8 store's index stays as before latents (its fingerprint)
             index["dtype"] = self.dtype.name
+        if self.captions is not None:  # likewise absent without captions: stores keep their identity
+            text = json.dumps(self.captions, ensure_ascii=False, indent=0)  # one caption a line
+            index["captions_sha256"] = self._write(CAPTIONS, lambda path: path.write_text(text + "\n",
+                                                                                      encoding="utf-8"))
         index.update(self.extra)
         for name, text in ((VERIFIED, json.dumps(self.verified, indent=1, sort_keys=True)),
                            (INDEX, json.dumps(index, indent=1))):  # the index last: it makes a store
@@ -343,12 +399,16 @@ class StoreWriter:
                 self.abort()
 
 
-def write_store(directory: str | os.PathLike, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
-                shard_bytes: int = SHARD_BYTES) -> ImageStore:
-    """Write ``(images, labels)`` chunks as a store at ``directory`` and open it."""
-    with StoreWriter(directory, shard_bytes) as writer:
-        for images, labels in chunks:
-            writer.append(images, labels)
+def write_store(directory: str | os.PathLike, chunks: Iterable[tuple], shard_bytes: int = SHARD_BYTES,
+                extra: dict | None = None) -> ImageStore:
+    """Write ``(images, labels)`` or ``(images, labels, captions)`` chunks as a store at ``directory``
+    and open it; ``extra``: keys added to the index (see :class:`StoreWriter`)."""
+    with StoreWriter(directory, shard_bytes, extra=extra) as writer:
+        for chunk in chunks:
+            if len(chunk) not in (2, 3):
+                raise ValueError(f"a source's chunk is (images, labels) or (images, labels, captions), not "
+                                 f"{len(chunk)} items")
+            writer.append(*chunk)
     return ImageStore(directory)
 
 
