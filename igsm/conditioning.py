@@ -10,8 +10,12 @@ An experiment's ``conditioning`` section names a kind, a member of this module's
 * ``text`` (:class:`TextPrompts`; issue 31, item 3): each label k captioned by a prompt, given to
   the network as a frozen CLIP text encoder's embedding of it (Stable Diffusion's cross-attention
   input, igsm.families.sd_unet); the null condition is the empty prompt's embedding, SD's.
+* ``captions`` (:class:`Captions`; issue 31, items 4 and 7): each image captioned by its own text,
+  the image store's (MSCOCO), embedded alike per batch; samples prompted by a seeded subset of a
+  captioned dataset's captions.
 
-One interface, read by the training loop (:meth:`training_condition`: the batch's labels, each
+One interface, bound to the store a job reads (:meth:`for_data`: a captions kind takes the store's
+captions), read by the training loop (:meth:`training_condition`: the batch's labels, each
 replaced by the null one with probability ``drop_prob``, so that the network also learns the
 unconditional prediction that guidance needs), the sampler (:meth:`sampling_condition`: an image's
 condition, a function of its seed alone, as its noise is, so that batch invariance is kept;
@@ -28,6 +32,7 @@ from __future__ import annotations
 # torch is imported inside the methods: the config checks read the registry while the workflow
 # builds its DAG, which must not pay torch's import.
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -57,6 +62,10 @@ class ClassLabels:
             raise ValueError(f"conditioning.num_classes: {self.num_classes}, must be ≥ 1")
         if not 0 <= self.drop_prob < 1:
             raise ValueError(f"conditioning.drop_prob: {self.drop_prob}, must be in [0, 1)")
+
+    def for_data(self, images) -> "ClassLabels":
+        """This conditioning for the store a job reads: labels are all it needs, as they are."""
+        return self
 
     @property
     def null_label(self) -> int:
@@ -171,6 +180,10 @@ class TextPrompts:
                     "for the prompts)"]
         return []
 
+    def for_data(self, images) -> "TextPrompts":
+        """This conditioning for the store a job reads: prompts per label need nothing from it."""
+        return self
+
     @property
     def null_label(self) -> int:
         return len(self.prompts)  # the empty prompt's row of the table
@@ -266,6 +279,180 @@ class TextPrompts:
                            max_length=tokenizer.model_max_length, truncation=True).input_ids
         return json.dumps({"kind": self.kind, "prompts": list(self.prompts), "drop_prob": self.drop_prob,
                            "text_encoder_sha256": digest, "tokens": tokens}, sort_keys=True).encode()
+
+
+@dataclass(frozen=True)
+class Captions:
+    """Each image captioned by its own text: the image store's captions (igsm.data.mscoco, whose labels
+    are the captions' positions in the store), embedded as :class:`TextPrompts` embeds its prompts
+    (the frozen CLIP text encoder ``text_encoder``'s last hidden state, padded to its max length; the
+    empty prompt is the null of guidance, a dropped caption drawn with ``drop_prob`` as labels are).
+
+    Embeddings are computed per batch, on the batch's device, by the job (SD trains so): a caption set
+    has up to 118k distinct texts, and a stored 77×768 float embedding per image would be 28 GB for
+    COCO train. The captions are bound from the store a job reads (:meth:`for_data`: training and
+    pruning), so the store's fingerprint identifies them.
+
+    Sampling: the image of seed s gets ``prompts[s mod n]``, where ``prompts`` are the first
+    ``num_prompts`` (0: all) captions of ``prompts_dataset``'s store (default: the experiment's own
+    dataset) in a permutation drawn with ``prompt_seed`` — the evaluation's prompt subset (e.g. 5k COCO
+    val captions), fixed by seed and recorded (:meth:`describe`). ``prompt_store`` is that store's
+    folder, which the workflow fills in (a job input), not a config key.
+    """
+
+    text_encoder: str
+    drop_prob: float = 0.1
+    prompts_dataset: str = ""
+    num_prompts: int = 0
+    prompt_seed: int = 0
+    prompt_store: str = ""
+    kind = "captions"
+    # Read by sampling alone: training and pruning jobs do not get them (a new prompt subset reruns
+    # the sampling, not the finetunes: sampling_section / training_section).
+    sampling_keys = ("prompts_dataset", "num_prompts", "prompt_seed", "prompt_store")
+
+    def prompt_dataset(self, dataset: str) -> str:
+        """The dataset whose captions prompt the samples (``dataset``: the experiment's)."""
+        return self.prompts_dataset or dataset
+
+    def __post_init__(self):
+        if not isinstance(self.text_encoder, str) or not self.text_encoder.strip():
+            raise ValueError(f"conditioning.text_encoder: {self.text_encoder!r}, must name a folder or hub id "
+                             f"holding a CLIP text encoder and tokenizer")
+        if not 0 <= self.drop_prob < 1:
+            raise ValueError(f"conditioning.drop_prob: {self.drop_prob}, must be in [0, 1)")
+        if not isinstance(self.num_prompts, int) or self.num_prompts < 0:
+            raise ValueError(f"conditioning.num_prompts: {self.num_prompts!r}, must be ≥ 0 (0: every caption)")
+        object.__setattr__(self, "_loaded", {})  # encoder, captions, prompts: on first use
+
+    # What the config alone shows, and the encoder's width: as for prompts per label.
+    config_errors = TextPrompts.config_errors
+    encoder_hidden_size = TextPrompts.encoder_hidden_size
+
+    def for_data(self, images) -> "Captions":
+        """This conditioning with the captions of the store ``images`` (``ValueError`` naming the
+        dataset if it has none); the encoder already loaded is shared."""
+        captions = getattr(images, "captions", None)
+        if captions is None:
+            where = getattr(images, "directory", "the training images")
+            raise ValueError(f"dataset {where}: no captions, but conditioning.kind captions reads each image's "
+                             f"own (source mscoco stores them; kind text captions labels with prompts)")
+        bound = dataclasses.replace(self)
+        bound._loaded.update({k: v for k, v in self._loaded.items() if k != "captions"})
+        bound._loaded["captions"] = captions
+        return bound
+
+    @property
+    def _captions(self) -> list:
+        if "captions" not in self._loaded:
+            raise RuntimeError("Captions: bind the data's captions first (for_data)")
+        return self._loaded["captions"]
+
+    @property
+    def null_label(self) -> int:
+        return len(self._captions)  # one past the captions: the empty prompt
+
+    def check_labels(self, labels, where: str) -> None:
+        """``ValueError`` naming ``where`` if a label is not a caption's position."""
+        labels = np.asarray(labels)
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= len(self._captions)):
+            raise ValueError(f"{where}: labels {int(labels.min())}..{int(labels.max())} are not positions of its "
+                             f"{len(self._captions)} captions")
+
+    def _encoder(self):
+        if "encoder" not in self._loaded:
+            self._loaded["encoder"] = load_text_encoder(self.text_encoder)
+        return self._loaded["encoder"]
+
+    def embed(self, texts, device=None) -> torch.Tensor:
+        """(n, L, D) float32 on ``device``: each text's embedding, each distinct text encoded once."""
+        import torch
+
+        tokenizer, model, _ = self._encoder()
+        key = ("model", str(device))
+        if key not in self._loaded:  # the encoder on the batch's device, kept there
+            self._loaded[key] = model if device is None else model.to(device)
+        distinct = list(dict.fromkeys(texts))
+        tokens = tokenizer(distinct, padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            states = self._loaded[key](input_ids=tokens.input_ids.to(device)).last_hidden_state.float()
+        return states[[distinct.index(text) for text in texts]]
+
+    def _texts(self, index) -> list:
+        captions = self._captions
+        return [captions[i] if i < len(captions) else EMPTY_PROMPT for i in np.asarray(index).tolist()]
+
+    def data_condition(self, labels, device=None) -> torch.Tensor:
+        """(n, L, D): the images' own captions' embeddings (pruning; no dropout)."""
+        return self.embed(self._texts(labels), device)
+
+    def training_condition(self, labels, generator: torch.Generator, device=None) -> torch.Tensor:
+        """The batch's captions' embeddings, each the empty prompt's with probability ``drop_prob``
+        (the draws of every kind: :func:`dropped_to_null`)."""
+        import torch
+
+        index = torch.as_tensor(np.asarray(labels), dtype=torch.long).to(device)
+        return self.embed(self._texts(dropped_to_null(index, self.null_label, self.drop_prob, generator).cpu()),
+                          device)
+
+    def _prompts(self) -> dict:
+        """{"prompts": the sampling prompts, "store": the prompt store's fingerprint}, read once."""
+        if "prompts" not in self._loaded:
+            from igsm.data import load_images
+
+            if not self.prompt_store:
+                raise ValueError("conditioning.prompt_store: not given (the workflow passes the store of "
+                                 "conditioning.prompts_dataset to the jobs that sample)")
+            store = load_images(self.prompt_store)
+            captions = store.captions
+            if captions is None:
+                raise ValueError(f"conditioning.prompts_dataset: dataset {self.prompt_store} has no captions "
+                                 f"(source mscoco stores them)")
+            count = self.num_prompts or len(captions)
+            if count > len(captions):
+                raise ValueError(f"conditioning.num_prompts: {count}, but dataset {self.prompt_store} has "
+                                 f"{len(captions)} captions")
+            order = np.random.default_rng(self.prompt_seed).permutation(len(captions))[:count]
+            self._loaded["prompts"] = {"prompts": [captions[i] for i in order.tolist()],
+                                       "store": store.fingerprint()}
+        return self._loaded["prompts"]
+
+    def sampling_prompts(self, seeds) -> list:
+        """The prompt of the image of seed s: prompts[s mod n] (a function of its seed alone)."""
+        prompts = self._prompts()["prompts"]
+        return [prompts[int(seed) % len(prompts)] for seed in np.asarray(seeds).tolist()]
+
+    def sampling_condition(self, seeds, device=None) -> torch.Tensor:
+        return self.embed(self.sampling_prompts(seeds), device)
+
+    def null_like(self, condition: torch.Tensor) -> torch.Tensor:
+        """The empty prompt's embedding for each row of ``condition`` (its device and dtype)."""
+        if ("null", str(condition.device)) not in self._loaded:
+            self._loaded[("null", str(condition.device))] = self.embed([EMPTY_PROMPT], condition.device)[0]
+        empty = self._loaded[("null", str(condition.device))].to(condition.dtype)
+        return empty.expand(len(condition), *empty.shape)
+
+    def describe(self) -> dict:
+        """What the samples' metadata and the FID JSON record (loads the encoder and the prompts)."""
+        tokenizer, _, digest = self._encoder()
+        prompts = self._prompts()
+        return {"kind": self.kind, "text_encoder": self.text_encoder, "text_encoder_sha256": digest,
+                "drop_prob": self.drop_prob, "max_length": tokenizer.model_max_length,
+                "prompts_dataset": self.prompts_dataset, "prompt_store_fingerprint": prompts["store"],
+                "num_prompts": len(prompts["prompts"]), "prompt_seed": self.prompt_seed,
+                "sampling_prompts": "the image of seed s: prompts[s mod num_prompts], the prompts the first "
+                                    "num_prompts captions of prompts_dataset in a permutation drawn with "
+                                    "prompt_seed (numpy default_rng)"}
+
+    def identity(self) -> bytes:
+        """Bytes naming the conditioning in training fingerprints: its settings, the encoder's weight
+        digest and its tokenizer's vocabulary (the captions are in the store's fingerprint)."""
+        tokenizer, _, digest = self._encoder()
+        vocabulary = hashlib.sha256(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
+        return json.dumps({"kind": self.kind, "drop_prob": self.drop_prob, "text_encoder_sha256": digest,
+                           "tokenizer_vocabulary_sha256": vocabulary,
+                           "max_length": tokenizer.model_max_length}, sort_keys=True).encode()
 
 
 def load_text_encoder(source: str):
@@ -366,6 +553,7 @@ def register(cls: type) -> type:
 
 register(ClassLabels)
 register(TextPrompts)
+register(Captions)
 
 
 def kinds() -> list[str]:
@@ -391,6 +579,24 @@ def conditioning_from_settings(settings: dict | None):
         key, what = (missing[0], "required") if missing else (unknown[0], "not a key")
         raise ValueError(f"conditioning.{key}: {what} for kind {kind!r} (its keys: {', '.join(names)})")
     return _KINDS[kind](**settings)
+
+
+def training_section(section: dict) -> dict:
+    """An experiment's ``conditioning`` section as the jobs that train or prune get it: without the
+    keys only sampling reads (a kind's ``sampling_keys``)."""
+    kind = conditioning_from_settings(section)
+    return {k: v for k, v in section.items() if k not in getattr(kind, "sampling_keys", ())}
+
+
+def sampling_section(section: dict, dataset: str, store_of) -> tuple[dict, str | None]:
+    """(the section as sampling jobs get it, the store they read prompts from or None): a kind that
+    prompts samples with a dataset's captions gets that dataset's store folder (``store_of(name)``,
+    a job input) as ``prompt_store``; ``dataset``: the experiment's."""
+    kind = conditioning_from_settings(section)
+    if not hasattr(kind, "prompt_dataset"):
+        return section, None
+    store = store_of(kind.prompt_dataset(dataset))
+    return {**section, "prompt_store": store}, store
 
 
 def guided(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ import yaml
 from igsm import conditioning, latents, plugins, pruning, reuse_methods
 from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIST_FILES, FASHION_MNIST_SHA256,
                        check_dataset_spec)
-from igsm.data.sources import with_defaults
+from igsm.data.sources import is_captioned, with_defaults
 from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
                             family_of_architecture, names)
 from igsm.plan import scored_model_names
@@ -208,7 +208,7 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     errors += _pruning_errors(key, exp)
     errors += _reuse_errors(key, exp)
     errors += _sample_and_fid_errors(config, name, exp)
-    errors += _conditioning_errors(key, exp, family)
+    errors += _conditioning_errors(config, key, exp, family)
     errors += _latent_errors(config, key, exp)
     return errors
 
@@ -262,14 +262,24 @@ def model_space(config: dict, exp: dict) -> dict | None:
             "source": source}
 
 
-def _conditioning_errors(key: str, exp: dict, family: Family) -> list[str]:
-    """The conditioning's settings, what the family's networks take, and the settings that need a
-    condition (guidance) or do not take one yet (block reuse)."""
+def _conditioning_errors(config: dict, key: str, exp: dict, family: Family) -> list[str]:
+    """The conditioning's settings, what the family's networks take, the datasets a captions kind
+    reads captions from, and the settings that need a condition (guidance) or do not take one yet
+    (block reuse)."""
     try:
         kind = conditioning.conditioning_from_settings(exp["conditioning"])
     except ValueError as err:
         return [f"{key}.{err}"]
     errors = kind.config_errors(key) if hasattr(kind, "config_errors") else []
+    if hasattr(kind, "prompt_dataset"):  # each image's own caption, and samples prompted by a dataset's
+        for what, dataset in (("dataset", exp["dataset"]),
+                              ("conditioning.prompts_dataset", kind.prompt_dataset(exp["dataset"]))):
+            spec = config["datasets"].get(dataset)
+            if spec is None:
+                errors.append(f"{key}.{what}: unknown dataset {dataset!r}; defined: {sorted(config['datasets'])}")
+            elif not is_captioned(spec.get("source")):
+                errors.append(f"{key}.{what}: dataset {dataset!r} (source {spec.get('source')}) stores no "
+                              f"captions, but conditioning.kind {kind.kind} reads them (source mscoco stores them)")
     if kind is None and exp["sample"]["guidance_scale"] != 1.0:
         errors.append(f"{key}.sample.guidance_scale: {exp['sample']['guidance_scale']}, but the experiment is "
                       "unconditional (conditioning.kind none): guidance needs a condition")

@@ -168,17 +168,22 @@ class Autoencoder:
 def encode_store(images: ImageStore, autoencoder: Autoencoder, out, batch_size: int = 64,
                  progress: bool = True) -> ImageStore:
     """Encode the image store ``images`` into a latent store at ``out``, ``batch_size`` at a time
-    (memory bounded as the image store's writer), with the labels and the record
-    :func:`check_latent_store` compares."""
+    (memory bounded as the image store's writer), with the labels, a captioned store's captions and
+    the record :func:`check_latent_store` compares."""
     from tqdm.auto import tqdm
 
     record = {"autoencoder": autoencoder.identity(), "images": images.fingerprint(),
               "image_shape": list(images.image_shape)}
-    with StoreWriter(out, dtype=LATENT_DTYPE, extra={"latent": record}) as writer:
+    extra = {"latent": record}
+    captions = images.captions  # a captioned store's (MSCOCO) go with its latents: what SD trains on
+    if captions is not None:
+        extra["captions_info"] = images.captions_info
+    with StoreWriter(out, dtype=LATENT_DTYPE, extra=extra) as writer:
         labels = images.labels
         for start in tqdm(range(0, len(images), batch_size), desc="encode", unit="batch", disable=not progress):
             stop = min(start + batch_size, len(images))
-            writer.append(autoencoder.encode(images[start:stop]), labels[start:stop])
+            writer.append(autoencoder.encode(images[start:stop]), labels[start:stop],
+                          None if captions is None else captions[start:stop])
     return ImageStore(out)
 
 

@@ -409,6 +409,7 @@ class _Run:
             if not isinstance(images, ImageStore):
                 raise ValueError("conditional training reads the labels of an image store; got an array")
             self.labels = images.labels
+            self.conditioning = conditioning = conditioning.for_data(images)  # a captions kind takes its captions
             conditioning.check_labels(self.labels, f"dataset {images.directory}")
         self.step_hook, self.checkpoint_dir, self.attempt_started = step_hook, checkpoint_dir, attempt_started
         self.rank, self.world_size = distributed.get_rank(), distributed.get_world_size()

@@ -40,6 +40,8 @@ wildcard_constraints:
 # jobs run it), each error naming its key.
 sys.path.insert(0, workflow.basedir)
 from igsm.conditioning import NONE as UNCONDITIONAL
+from igsm.conditioning import sampling_section as conditioning_for_sampling
+from igsm.conditioning import training_section as conditioning_for_training
 from igsm.config import (ConfigError, apply_scale, check_config, check_writable, dataset_channels, pruning_method,
                          training_job)
 from igsm.data import write_text_atomically
@@ -131,12 +133,17 @@ def autoencoder_folder(exp):
     return f"results/autoencoders/{name}/model" if name else None
 
 
+def pixel_store(dataset):
+    """The image store of a config dataset (rules/download.smk)."""
+    return f"results/data/{dataset}/train"
+
+
 def dataset_file(wildcards):
     """The store an experiment trains and prunes on: its dataset's images, or their latents."""
     exp = EXPERIMENTS[wildcards.exp]
     if exp["autoencoder"]:
         return f"results/data/{exp['dataset']}/latents-{exp['autoencoder']}"
-    return f"results/data/{exp['dataset']}/train"
+    return pixel_store(exp["dataset"])
 
 
 def autoencoder_input(wildcards):
@@ -176,11 +183,25 @@ def experiment_context(exp, runs_network=True):
     made before they existed stay valid."""
     context = {"diffusion": diffusion_settings(exp)}
     if runs_network and EXPERIMENTS[exp]["conditioning"]["kind"] != UNCONDITIONAL:
-        context["conditioning"] = EXPERIMENTS[exp]["conditioning"]
+        context["conditioning"] = conditioning_for_training(EXPERIMENTS[exp]["conditioning"])
     if runs_network and autoencoder_folder(exp):
         channels = dataset_channels(config["datasets"][EXPERIMENTS[exp]["dataset"]])
         context["latents"] = {"autoencoder": autoencoder_folder(exp), "image_channels": channels}
     return context
+
+
+def prompt_store(exp):
+    """The store whose captions prompt a captions-conditioned experiment's samples (a sample job's
+    input), or None."""
+    if EXPERIMENTS[exp]["conditioning"]["kind"] == UNCONDITIONAL:
+        return None
+    _, store = conditioning_for_sampling(EXPERIMENTS[exp]["conditioning"], EXPERIMENTS[exp]["dataset"],
+                                         pixel_store)
+    return store
+
+
+def prompt_store_input(wildcards):
+    return prompt_store(wildcards.exp) or []
 
 
 def stage_settings(exp, section, runs_network=False):
@@ -280,6 +301,10 @@ def sample_settings(exp, variant=None):
     export, so that changing those reruns nothing that exists. A block-reuse method may sample
     with its own number of steps (fewer-steps)."""
     context = experiment_context(exp)
+    if "conditioning" in context:  # with a captions kind's sampling keys and prompt store
+        context["conditioning"], _ = conditioning_for_sampling(EXPERIMENTS[exp]["conditioning"],
+                                                               EXPERIMENTS[exp]["dataset"],
+                                                               pixel_store)
     # guidance_scale only where there is a condition (it is 1 elsewhere): older jobs stay valid.
     dropped = ("num_shards", "png_export") + (() if "conditioning" in context else ("guidance_scale",))
     sample = {k: v for k, v in EXPERIMENTS[exp]["sample"].items() if k not in dropped}

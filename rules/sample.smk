@@ -13,6 +13,7 @@ rule sample:
         model=model_dir,
         plan=lambda w: reuse_plan_file(w.exp, w.variant) or [],
         autoencoder=autoencoder_input,
+        prompts=prompt_store_input,
     output:
         shard="results/samples/{exp}/{variant}/shard-{shard}-of-{num_shards}.npz",
     wildcard_constraints:

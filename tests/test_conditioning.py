@@ -13,10 +13,12 @@ from __future__ import annotations
 import copy
 from typing import Callable, NamedTuple
 
+import numpy as np
 import pytest
 import torch
 
-from igsm.conditioning import ClassLabels, TextPrompts, conditioning_from_settings, guided, kinds, save_tiny_text_encoder
+from igsm.conditioning import (Captions, ClassLabels, TextPrompts, conditioning_from_settings, guided, kinds,
+                               load_text_encoder, sampling_section, save_tiny_text_encoder, training_section)
 from igsm.diffusion import NoiseSchedule, antithetic_timesteps
 from igsm.models import condition_inputs, predict_noise
 from igsm.objectives import NAMES, build_objective, orthonormalize
@@ -279,3 +281,115 @@ def test_pruning_a_conditional_unet_keeps_it_conditional():
         out = predict_noise(pruned, images, torch.tensor([5, 5, 5, 5]), class_labels=torch.tensor([0, 1, 2, 3]))
     assert out.shape == images.shape
     assert count_params_macs(pruned, 8, 2)[0] == report["pruned_params"]
+
+
+# ---- captions: each image its own caption (MSCOCO; issue 31, items 4 and 7) --------------------
+
+CAPTIONS = ["a photo of a trouser", "a bag", "a photo of a sneaker on a bag", "a sneaker"]
+
+
+@pytest.fixture(scope="module")
+def captioned_store(tmp_path_factory, text_prompts):
+    """A store of four images with CAPTIONS (labels: their positions), and the encoder's folder."""
+    from igsm.data import write_store
+
+    folder = tmp_path_factory.mktemp("captioned")
+    images = np.zeros((len(CAPTIONS), 4, 4, 3), np.uint8)
+    store = write_store(folder / "store", [(images, np.arange(len(CAPTIONS)), CAPTIONS)],
+                        extra={"captions_info": {"source": "test"}})
+    return store, text_prompts.text_encoder
+
+
+def test_captions_embed_each_images_own_caption_and_drop_as_labels_do(captioned_store):
+    """A batch's condition is the encoder's embedding of each image's own caption (by its label, the
+    caption's position), a dropped one the empty prompt's, with the draws of ClassLabels (catches
+    captions taken by position in the batch, or a dropout drawn differently from the other kinds)."""
+    store, encoder = captioned_store
+    captions = Captions(encoder, drop_prob=0.5).for_data(store)
+    tokenizer, model, _ = load_text_encoder(encoder)
+
+    def by_hand(texts):
+        tokens = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt")
+        with torch.no_grad():
+            return model(input_ids=tokens.input_ids).last_hidden_state.float()
+
+    labels = np.array([2, 0, 3, 3, 1, 2, 0, 1])
+    condition = captions.training_condition(labels, torch.Generator().manual_seed(4))
+    dropped = ClassLabels(len(CAPTIONS), drop_prob=0.5).training_condition(labels, torch.Generator().manual_seed(4))
+    expected = by_hand([CAPTIONS[k] if k < len(CAPTIONS) else "" for k in dropped.tolist()])
+    assert 0 < int((dropped == len(CAPTIONS)).sum()) < len(labels)  # both kinds of row are checked
+    torch.testing.assert_close(condition, expected)
+    torch.testing.assert_close(captions.data_condition([1, 3]), by_hand([CAPTIONS[1], CAPTIONS[3]]))
+    torch.testing.assert_close(captions.null_like(condition[:3]), by_hand([""]).expand(3, -1, -1))
+    with pytest.raises(ValueError, match="labels 0..4 are not positions of its 4 captions"):
+        captions.check_labels([0, 4], "dataset x")
+
+
+def test_captions_need_a_captioned_store(captioned_store, tmp_path):
+    from igsm.data import write_store
+
+    _, encoder = captioned_store
+    plain = write_store(tmp_path / "plain", [(np.zeros((2, 4, 4, 3), np.uint8), np.arange(2))])
+    with pytest.raises(ValueError, match=f"dataset {plain.directory}: no captions"):
+        Captions(encoder).for_data(plain)
+    with pytest.raises(ValueError, match=f"conditioning.prompts_dataset: dataset {plain.directory} has no captions"):
+        Captions(encoder, prompt_store=str(plain.directory)).sampling_prompts([0])
+
+
+def test_sampling_prompts_are_a_seeded_subset_indexed_by_the_images_seed(captioned_store):
+    """The image of seed s gets prompts[s mod n], the prompts the first n captions of a permutation
+    drawn with prompt_seed: the same for any batch, another subset for another seed."""
+    store, encoder = captioned_store
+    captions = Captions(encoder, num_prompts=3, prompt_seed=7, prompt_store=str(store.directory))
+    order = np.random.default_rng(7).permutation(len(CAPTIONS))[:3]
+    seeds = [0, 1, 2, 3, 4, 10]
+    assert captions.sampling_prompts(seeds) == [CAPTIONS[order[s % 3]] for s in seeds]
+    assert captions.sampling_prompts([10]) == captions.sampling_prompts(seeds)[5:]
+    subsets = {tuple(Captions(encoder, num_prompts=3, prompt_seed=seed, prompt_store=str(store.directory))
+                     .sampling_prompts(range(3))) for seed in range(6)}
+    assert len(subsets) > 1
+    described = captions.describe()
+    assert described["num_prompts"] == 3 and described["prompt_store_fingerprint"] == store.fingerprint()
+    with pytest.raises(ValueError, match="conditioning.num_prompts: 9, but dataset .* has 4 captions"):
+        Captions(encoder, num_prompts=9, prompt_store=str(store.directory)).sampling_prompts([0])
+
+
+def test_training_jobs_do_not_get_the_sampling_keys():
+    """Changing the prompt subset must rerun sampling only: the finetunes' settings leave it out,
+    the sampling jobs' carry it and the prompt store (a job input); other kinds pass as they are."""
+    section = {"kind": "captions", "text_encoder": "enc", "drop_prob": 0.1, "prompts_dataset": "val",
+               "num_prompts": 50, "prompt_seed": 3}
+    assert training_section(section) == {"kind": "captions", "text_encoder": "enc", "drop_prob": 0.1}
+    sampling, store = sampling_section(section, "train", lambda name: f"results/data/{name}/train")
+    assert store == "results/data/val/train" and sampling == {**section, "prompt_store": store}
+    assert sampling_section({**section, "prompts_dataset": ""}, "train", lambda n: n)[1] == "train"
+    labels = {"kind": "class", "num_classes": 3, "drop_prob": 0.1}
+    assert training_section(labels) == labels and sampling_section(labels, "train", str) == (labels, None)
+
+
+def test_an_igsm_finetune_reads_the_captions_of_its_store(captioned_store, tmp_path):
+    """Two IGSM steps of a tiny SD U-Net on a captioned store, student and teacher under each image's
+    caption (catches a loop that does not bind the store's captions, or a kind that only works on
+    prompts per label)."""
+    import json
+
+    from igsm.data import load_images
+    from igsm.families import family_named
+    from igsm.training import TrainingOptions, train
+
+    store, encoder = captioned_store
+    rgb = load_images(store.directory)
+    architecture = dict(sample_size=4, in_channels=3, out_channels=3, block_out_channels=(4, 8), layers_per_block=1,
+                        norm_num_groups=4, attention_head_dim=2, cross_attention_dim=TEXT_WIDTH,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    torch.manual_seed(0)
+    student, teacher = family_named("sd-unet").build(architecture), family_named("sd-unet").build(architecture)
+    options = TrainingOptions.from_dict({"num_steps": 2, "batch_size": 4, "log_every": 1, "checkpoint_every": 2,
+                                         "hflip": False, "objective": {"weights": {"np": 1.0, "kd": 1.0, "jm2": 0.1}}})
+    train(student, rgb, options, tmp_path / "checkpoints", tmp_path / "metrics.jsonl", teacher=teacher.eval(),
+          conditioning=Captions(encoder, drop_prob=0.25))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r[k]) and r[k] > 0 for r in records for k in ("np", "kd", "jm2"))

@@ -313,7 +313,20 @@ def set_pretrained_sd_on_linear_betas(c):
     experiment(c)["reuse"] = {"models": []}
 
 
+def set_captions_on_the_digits(c):
+    """Each image's own caption from a dataset that stores none (the digits), prompted by another
+    that does not exist."""
+    set_pretrained_sd_on_linear_betas(c)
+    experiment(c)["diffusion"] = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    experiment(c)["conditioning"] = {"kind": "captions", "text_encoder": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                     "prompts_dataset": "coco_val"}
+
+
 @pytest.mark.parametrize("mutate, expected", [
+    (set_captions_on_the_digits, r"experiments\.digits_unet\.dataset: dataset 'digits' \(source sklearn-digits\) "
+                                 r"stores no captions, but conditioning\.kind captions reads them"),
+    (set_captions_on_the_digits, r"experiments\.digits_unet\.conditioning\.prompts_dataset: unknown dataset "
+                                 r"'coco_val'"),
     (set_pretrained_sd_on_linear_betas, r"experiments\.digits_unet\.diffusion\.beta_schedule: 'linear', but the SD "
                                         r"U-Net's released checkpoints learned beta_schedule 'scaled_linear'"),
     (set_unknown_autoencoder, r"experiments\.digits_unet\.autoencoder: unknown autoencoder 'sd_vae'; defined under "
@@ -682,17 +695,22 @@ def test_paper_config_dry_run_lists_the_full_job_graph():
     assert any("euler-maruyama" in b and '"num_steps": 1000' in b for b in jobs["sample"] if "cifar10_uvit/" in b)
 
 
-def test_latent_models_config_plans_imagenet_dit(tmp_path):
-    """config/latent_models.yaml, its ImageNet copy and ADM reference pointed at local files: the
-    autoencoder stored and the data encoded once, the hub DiT as teacher, NP / NP+KD / IGSM at two
-    ratios, every job of a latent experiment given its autoencoder and its conditioning, guided
-    250-step sampling (DiT's evaluation settings)."""
+def latent_models_config(tmp_path):
+    """config/latent_models.yaml with its ImageNet copy and ADM reference pointed at local files."""
     config = yaml.safe_load((REPO / "config" / "latent_models.yaml").read_text())
     (tmp_path / "imagenet").mkdir()
     config["datasets"]["imagenet256"]["path"] = str(tmp_path / "imagenet")
     np.savez(tmp_path / "VIRTUAL_imagenet256_labeled.npz", mu=[0.0], sigma=[[1.0]])
     config["experiments"]["imagenet_dit"]["fid"]["reference_statistics"] = str(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
-    proc = dry_run(config, tmp_path, "-p", "results/tables/imagenet_dit.md")
+    return config
+
+
+def test_latent_models_config_plans_imagenet_dit(tmp_path):
+    """config/latent_models.yaml, its ImageNet copy and ADM reference pointed at local files: the
+    autoencoder stored and the data encoded once, the hub DiT as teacher, NP / NP+KD / IGSM at two
+    ratios, every job of a latent experiment given its autoencoder and its conditioning, guided
+    250-step sampling (DiT's evaluation settings)."""
+    proc = dry_run(latent_models_config(tmp_path), tmp_path, "-p", "results/tables/imagenet_dit.md")
     assert proc.returncode == 0, proc.stdout[-4000:]
     counts = job_counts(proc.stdout)
     assert {k: counts.get(k) for k in ("autoencoder", "encode", "download", "dense_pretrained_uvit", "prune",
@@ -710,6 +728,29 @@ def test_latent_models_config_plans_imagenet_dit(tmp_path):
     assert "stabilityai/sd-vae-ft-ema" in jobs["autoencoder"][0]
     teacher = jobs["dense_pretrained_uvit"][0]
     assert "facebook/DiT-XL-2-256" in teacher and '--settings \'{"family": "dit"}\'' in teacher
+
+
+def test_latent_models_config_plans_mscoco_sd15(tmp_path):
+    """config/latent_models.yaml's mscoco_sd15: COCO train and val downloaded as image stores, the
+    train set encoded by SD's VAE, the hub SD U-Net as teacher; training jobs get the captions kind
+    without its sampling keys (a new prompt subset reruns no finetune), sampling jobs get the val
+    store as prompts (an input, and its folder in the settings) and SD's guided 50-step DDIM."""
+    proc = dry_run(latent_models_config(tmp_path), tmp_path, "-p", "results/tables/mscoco_sd15.md")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    counts = job_counts(proc.stdout)
+    assert {k: counts.get(k) for k in ("autoencoder", "encode", "download", "dense_pretrained_uvit", "prune",
+                                       "finetune")} == \
+        {"autoencoder": 1, "encode": 1, "download": 2, "dense_pretrained_uvit": 1, "prune": 1, "finetune": 3}
+    jobs = planned(proc.stdout)
+    for block in jobs["finetune"] + jobs["prune"]:
+        assert "results/data/coco2014_train/latents-sd15_vae" in block
+        assert '"kind": "captions"' in block and "prompt" not in block.split("--settings")[1].split("\n")[0]
+    for block in jobs["sample"]:
+        assert "results/data/coco2017_val/train" in block  # an input, and the settings' prompt_store
+        assert '"prompt_store": "results/data/coco2017_val/train"' in block
+        assert '"num_prompts": 5000' in block and '"guidance_scale": 7.5' in block and '"num_steps": 50' in block
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in jobs["dense_pretrained_uvit"][0]
+    assert '"family": "sd-unet"' in jobs["dense_pretrained_uvit"][0]
 
 
 def test_per_dataset_target_exists():

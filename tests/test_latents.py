@@ -84,6 +84,19 @@ def test_a_store_made_with_another_autoencoder_is_refused(stored):
         training_data(latents, {"autoencoder": str(root)})  # a folder that is no stored autoencoder
 
 
+def test_a_captioned_store_keeps_its_captions_in_its_latents(stored, tmp_path):
+    """MSCOCO's latents for SD: each latent with its image's caption and the caption rule (the
+    captions kind reads them from the store training reads: the latent one)."""
+    images = stored["images"][:5]
+    captions = [f"caption {i}" for i in range(5)]
+    pixels = write_store(tmp_path / "train", [(images[:3], np.arange(3), captions[:3]),
+                                              (images[3:], np.arange(3, 5), captions[3:])],
+                         extra={"captions_info": {"source": "mscoco", "rule": "first"}})
+    latents = encode_store(pixels, stored["vae"], tmp_path / "latents", batch_size=2, progress=False)
+    assert latents.captions == captions and latents.captions_info == {"source": "mscoco", "rule": "first"}
+    assert stored["latents"].captions is None  # and none where the pixels had none
+
+
 def test_greyscale_images_with_an_rgb_autoencoder(tmp_path):
     """Fashion-MNIST with SD's VAE: the channel repeated to encode, the mean of three decoded."""
     make_autoencoder({"architecture": RGB, "seed": 0, "scale_factor": 1.0}, tmp_path / "vae")

@@ -256,4 +256,4 @@ def store_record(spec: dict) -> dict:
     }}
 
 
-register("mscoco", check, prepare, store_record)
+register("mscoco", check, prepare, store_record, captioned=True)

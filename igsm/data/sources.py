@@ -36,17 +36,23 @@ class DataSource:
     # entry → keys its store's index adds (mscoco: how the captions were picked); None: none, so
     # the stores of the other sources keep their index and fingerprint
     store_record: Callable[[dict], dict] | None = None
+    captioned: bool = False  # its stores hold one caption per image (igsm.conditioning's captions kind)
 
 
 SOURCES: dict[str, DataSource] = {}
 
 
 def register(name: str, check: Callable[[dict, Fail], None], prepare: Prepare,
-             store_record: Callable[[dict], dict] | None = None) -> DataSource:
+             store_record: Callable[[dict], dict] | None = None, captioned: bool = False) -> DataSource:
     if name in SOURCES:
         raise registered_twice("data source", name, f"the name {name!r}", SOURCES[name].prepare, prepare)
-    SOURCES[name] = DataSource(name, check, prepare, store_record)
+    SOURCES[name] = DataSource(name, check, prepare, store_record, captioned)
     return SOURCES[name]
+
+
+def is_captioned(source: str) -> bool:
+    """Whether the stores of data source ``source`` hold a caption per image."""
+    return source in SOURCES and SOURCES[source].captioned
 
 
 def prepare_dataset(spec: dict, out_dir: str | os.PathLike, cache_dir: str | os.PathLike) -> ImageStore:

@@ -59,7 +59,7 @@ class SDUNetFamily(UNetFamily):
     pretrained_help = ("a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5) or a local diffusers folder "
                        "(a pipeline's, with the network in unet/, or the network's own)")
     pretrained_diffusion = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-    condition_kinds = ("text",)
+    condition_kinds = ("text", "captions")  # prompts per label, or each image's own caption
     class_slots_key = None  # no class embedding: the text embedding is its only condition
     CROSS_ATTENTION_KEY = "cross_attention_dim"
 

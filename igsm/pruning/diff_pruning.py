@@ -123,7 +123,8 @@ class DiffPruning(PruningMethod):
         generator = torch.Generator().manual_seed(settings.seed)
         pick = torch.randperm(len(images), generator=generator)[: settings.num_images]
         x0 = to_model_range(images[pick.numpy()]).to(device)
-        condition = None if conditioning is None else conditioning.data_condition(images.labels[pick.numpy()], device)
+        condition = (None if conditioning is None else
+                     conditioning.for_data(images).data_condition(images.labels[pick.numpy()], device))
         return prune(net.to(x0.device), criterion=criterion, channel_ratio=channel_ratio, images=x0,
                      # Diff-Pruning walks integer steps: a VP-SDE's at t = k/999.
                      schedule=schedule.integer_steps(), thr=settings.thr, seed=settings.seed, condition=condition)
