@@ -382,6 +382,7 @@ def _sample_and_fid_errors(config: dict, name: str, exp: dict) -> list[str]:
     if supplied and not (supplied.endswith(".npz") and Path(supplied).expanduser().is_file()):
         errors.append(f"{key}.fid.reference_statistics: {supplied} is not an existing .npz file (give "
                       "the path of a file holding 'mu' and 'sigma', or leave it empty)")
+    errors += _reference_dataset_errors(config, key, exp)
     known = dataset_size(data)
     if known is not None:
         for path, value in ((f"{key}.fid.num_reference", exp["fid"]["num_reference"]),
@@ -389,6 +390,24 @@ def _sample_and_fid_errors(config: dict, name: str, exp: dict) -> list[str]:
             if value > known:
                 errors.append(f"{path}: {value} images asked, dataset {exp['dataset']!r} holds {known}")
     return errors
+
+
+def _reference_dataset_errors(config: dict, key: str, exp: dict) -> list[str]:
+    """``fid.reference_dataset``: another config dataset of the experiment's image size and channels
+    (text-to-image models are scored against held-out images: COCO val), not beside a reference file."""
+    reference = exp["fid"].get("reference_dataset")
+    if not reference:
+        return []
+    if exp["fid"]["reference_statistics"]:
+        return [f"{key}.fid.reference_dataset: {reference!r} beside fid.reference_statistics; give one of them"]
+    if reference not in config["datasets"]:
+        return [f"{key}.fid.reference_dataset: unknown dataset {reference!r}; defined: {sorted(config['datasets'])}"]
+    own, other = (with_defaults(config["datasets"][d]) for d in (exp["dataset"], reference))
+    for what, of in (("image_size", lambda d: d["image_size"]), ("channels", dataset_channels)):
+        if of(own) != of(other):
+            return [f"{key}.fid.reference_dataset: dataset {reference!r} has {what} {of(other)}, the experiment's "
+                    f"dataset {exp['dataset']!r} {of(own)}: its samples are compared with images like its own"]
+    return []
 
 
 def _pretrained_folder_errors(config: dict, name: str, exp: dict) -> list[str]:

@@ -237,7 +237,9 @@ def fid_reference_file(exp):
     fid = settings["fid"]
     if fid["reference_statistics"]:  # the user's file (checked to exist by igsm.config)
         return os.path.expanduser(fid["reference_statistics"])
-    return f"results/fid_reference/{settings['dataset']}/{fid['mode']}-n{fid['num_reference']}.npz"
+    # Another dataset's images (fid.reference_dataset: COCO val for a model finetuned on COCO train).
+    dataset = fid.get("reference_dataset") or settings["dataset"]
+    return f"results/fid_reference/{dataset}/{fid['mode']}-n{fid['num_reference']}.npz"
 
 
 def paper_tables_of_config():

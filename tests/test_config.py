@@ -322,7 +322,14 @@ def set_captions_on_the_digits(c):
                                      "prompts_dataset": "coco_val"}
 
 
+def set_reference_dataset_of_another_size(c):
+    c["datasets"]["digits8"] = {"source": "sklearn-digits", "image_size": 8}
+    experiment(c)["fid"]["reference_dataset"] = "digits8"
+
+
 @pytest.mark.parametrize("mutate, expected", [
+    (set_reference_dataset_of_another_size, r"experiments\.digits_unet\.fid\.reference_dataset: dataset 'digits8' has "
+                                            r"image_size 8, the experiment's dataset 'digits' 16"),
     (set_captions_on_the_digits, r"experiments\.digits_unet\.dataset: dataset 'digits' \(source sklearn-digits\) "
                                  r"stores no captions, but conditioning\.kind captions reads them"),
     (set_captions_on_the_digits, r"experiments\.digits_unet\.conditioning\.prompts_dataset: unknown dataset "
@@ -751,6 +758,9 @@ def test_latent_models_config_plans_mscoco_sd15(tmp_path):
         assert '"num_prompts": 5000' in block and '"guidance_scale": 7.5' in block and '"num_steps": 50' in block
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in jobs["dense_pretrained_uvit"][0]
     assert '"family": "sd-unet"' in jobs["dense_pretrained_uvit"][0]
+    # FID against COCO val's images (fid.reference_dataset), whose captions prompted the samples
+    assert len(jobs["fid_reference"]) == 1 and "results/data/coco2017_val/train" in jobs["fid_reference"][0]
+    assert len(jobs["fid"]) == 4 and all("results/fid_reference/coco2017_val/clean-n0.npz" in b for b in jobs["fid"])
 
 
 def test_per_dataset_target_exists():

@@ -95,4 +95,6 @@ def fid_score(statistics, reference, out, settings: FidSettings, threads: int | 
                      "same_feature_extractor": same_features,
                      "image_precision": sample_metadata["image_precision"] or "unknown",
                      "sampler": sample_metadata["sampler"],
-                     "sampler_kwargs": sample_metadata["sampler_kwargs"], **conditional, **extractor_metadata})
+                     "sampler_kwargs": sample_metadata["sampler_kwargs"], **conditional, **extractor_metadata,
+                     # another dataset's images (fid.reference_dataset), named only where given
+                     **({"reference_dataset": settings.reference_dataset} if settings.reference_dataset else {})})

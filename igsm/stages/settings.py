@@ -47,6 +47,7 @@ class FidSettings(SectionSettings):
     num_reference: int
     reference_statistics: str
     diffusion: dict
+    reference_dataset: str = ""  # another dataset's images as the reference (no schema default: absent stays absent)
 
 
 @dataclass(frozen=True)
