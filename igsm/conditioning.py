@@ -258,6 +258,11 @@ class TextPrompts:
         return self._embeddings(torch.as_tensor(np.asarray(seeds), dtype=torch.long).remainder(len(self.prompts)),
                                 device)
 
+    def sampling_prompts(self, seeds) -> list[str]:
+        """The prompt of the image of seed s: prompts[s mod len(prompts)], the caption whose
+        embedding :meth:`sampling_condition` gives it (what its CLIP score compares it with)."""
+        return [self.prompts[int(seed) % len(self.prompts)] for seed in np.asarray(seeds).reshape(-1)]
+
     def null_like(self, condition: torch.Tensor) -> torch.Tensor:
         """The empty prompt's embedding for each row of ``condition`` (its device and dtype)."""
         empty = self._table(condition.device)[self.null_label].to(condition.dtype)
@@ -488,16 +493,37 @@ def weights_digest(model) -> str:
 def save_tiny_text_encoder(folder, prompts, hidden_size: int = 32, layers: int = 2, heads: int = 2,
                            seed: int = 0, max_length: int = 77) -> Path:
     """Write a random-initialised CLIPTextModel (transformers' CLIPTextConfig, tiny) and a
-    CLIPTokenizer built here, into ``folder`` (both at its top level), with ``save_pretrained``:
-    a text encoder for tests and toy configs, made offline (no hub, no weights downloaded).
-
-    The tokenizer's vocabulary is CLIP's byte-level alphabet (each of the 256 byte characters, alone
-    and ending a word) with BPE merges that build every word of ``prompts`` whole, so any text
-    encodes without unknown tokens and the prompts' words are single tokens, as in CLIP's own
-    vocabulary. ``max_length``: the padded prompt length (CLIP's 77)."""
+    CLIPTokenizer built here (:func:`tiny_tokenizer`), into ``folder`` (both at its top level),
+    with ``save_pretrained``: a text encoder for tests and toy configs, made offline (no hub, no
+    weights downloaded). ``max_length``: the padded prompt length (CLIP's 77)."""
     import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    tokenizer, vocab_size = tiny_tokenizer(folder, prompts, max_length)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_length,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_tokenizer(folder, prompts, max_length: int = 77):
+    """(a CLIPTokenizer whose vocabulary and merges are written to ``folder``, its vocabulary size):
+    the tokenizer of the tiny CLIP models made offline (:func:`save_tiny_text_encoder`; the tiny
+    CLIP of igsm.clip_score), not yet saved with ``save_pretrained``.
+
+    The vocabulary is CLIP's byte-level alphabet (each of the 256 byte characters, alone and ending
+    a word) with BPE merges that build every word of ``prompts`` whole, so any text encodes without
+    unknown tokens and the prompts' words are single tokens, as in CLIP's own vocabulary.
+    ``max_length``: the tokenizer's model_max_length (CLIP's 77)."""
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -526,16 +552,7 @@ def save_tiny_text_encoder(folder, prompts, hidden_size: int = 32, layers: int =
     unknown = [p for p in prompts if tokenizer.unk_token in tokenizer.tokenize(p)]
     if unknown:  # cannot happen with the whole byte alphabet in the vocabulary; a tokenizer change would show
         raise RuntimeError(f"the tiny tokenizer encodes {unknown} with unknown tokens")
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-                            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_length,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPTextModel(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tokenizer, len(vocab)
 
 
 _KINDS: dict[str, type] = {}
