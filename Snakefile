@@ -44,6 +44,7 @@ include: "rules/finetune.smk"
 include: "rules/reuse.smk"
 include: "rules/sample.smk"
 include: "rules/fid.smk"
+include: "rules/clip_score.smk"
 include: "rules/tables.smk"
 
 

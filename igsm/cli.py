@@ -18,7 +18,7 @@ import click
 from igsm import reuse_methods  # torch-free: the method names of `reuse-plan --method`
 from igsm.schema import section_defaults
 from igsm.stages.common import StageError
-from igsm.stages.settings import FidSettings, NetworkSettings, PruneSettings
+from igsm.stages.settings import ClipScoreSettings, FidSettings, NetworkSettings, PruneSettings
 
 
 def _json(ctx, param, value):
@@ -208,6 +208,11 @@ COMMANDS = (
                      help="Statistics .npz of the generated images (igsm fid-statistics)."),
              _option("--reference", required=True, type=_file(exists=True)),
              _option("--out", required=True, type=_file(), help="FID JSON."), SETTINGS, THREADS), FidSettings),
+    Command("clip-score", "clip_score:clip_score",
+            "CLIP score of a text-conditioned model's samples against the prompt of each image's seed "
+            "(torchmetrics' CLIPScore; settings: 'clip_score' + the experiment's 'conditioning').",
+            (_option("--samples", required=True, type=_file(exists=True), help="Samples .npz (images, seeds)."),
+             _option("--out", required=True, type=_file(), help="CLIP score JSON."), *RUNS_ON), ClipScoreSettings),
     Command("reuse-plan", "reuse:reuse_plan",
             "The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse_methods): "
             "DiP-GO learns it on the sampler's own chains; deepcache and reuse-eps follow a rule.",
@@ -245,6 +250,21 @@ COMMANDS = (
                      help="Embedding width (the SD U-Net's cross_attention_dim)."),
              _option("--layers", type=click.IntRange(min=1), default=2, show_default=True),
              _option("--heads", type=click.IntRange(min=1), default=2, show_default=True),
+             _option("--seed", type=int, default=0, show_default=True))),
+    Command("tiny-clip", "text_encoder:tiny_clip",
+            "Write a random-initialised tiny CLIP model (text and vision towers) and its processor, whose tokenizer "
+            "knows the prompts' words, offline: a clip_score.model for toy configs and tests (its scores measure "
+            "the path, not the images).",
+            (_option("--out", required=True, type=_folder(), help="Folder to write (transformers' save_pretrained)."),
+             _option("--prompt", "prompts", required=True, multiple=True,
+                     help="A prompt whose words the tokenizer keeps whole (repeat: one per label)."),
+             _option("--hidden-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Width of both towers and of the embedding."),
+             _option("--layers", type=click.IntRange(min=1), default=2, show_default=True),
+             _option("--heads", type=click.IntRange(min=1), default=2, show_default=True),
+             _option("--image-size", type=click.IntRange(min=1), default=32, show_default=True,
+                     help="Side the processor resizes and crops images to."),
+             _option("--patch-size", type=click.IntRange(min=1), default=8, show_default=True),
              _option("--seed", type=int, default=0, show_default=True))),
 )
 

@@ -28,6 +28,7 @@ from igsm.data import (CIFAR10_SHA256, DEBIAN_FASHION_MNIST_SHA256, FASHION_MNIS
 from igsm.data.sources import is_captioned, with_defaults
 from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
                             family_of_architecture, names)
+from igsm.hub import looks_like_local_path
 from igsm.plan import scored_model_names
 from igsm.schema import schema_file
 
@@ -54,8 +55,9 @@ DETAIL_VARIABLE = "IGSM_CONFIG_DETAIL"
 # experiment 'all' would have two rules write results/tables/all.md, and `snakemake table1` could
 # not mean an experiment table1.
 WORKFLOW_RULES = (
-    "all_sample_pngs", "all_tables", "autoencoder", "combined_table", "dense_pretrained", "dense_pretrained_uvit",
-    "dense_trained", "download", "efficiency", "encode", "fid", "fid_reference", "fid_statistics", "finetune",
+    "all_sample_pngs", "all_tables", "autoencoder", "clip_score", "combined_table", "dense_pretrained",
+    "dense_pretrained_uvit", "dense_trained", "download", "efficiency", "encode", "fid", "fid_reference",
+    "fid_statistics", "finetune",
     "paper_figure", "paper_samples", "paper_table", "prune", "prune_report_picture", "reuse_plan", "sample",
     "sample_gather", "sample_png", "tables", "untrained", "variant_metadata",
 )
@@ -209,6 +211,7 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     errors += _reuse_errors(key, exp)
     errors += _sample_and_fid_errors(config, name, exp)
     errors += _conditioning_errors(config, key, exp, family)
+    errors += _clip_score_errors(key, exp)
     errors += _latent_errors(config, key, exp)
     return errors
 
@@ -289,6 +292,29 @@ def _conditioning_errors(config: dict, key: str, exp: dict, family: Family) -> l
     if kind is not None and exp["reuse"]["models"]:
         errors.append(f"{key}.reuse.models: block reuse of conditional models (conditioning.kind "
                       f"{kind.kind!r}) is not supported yet; leave reuse.models empty")
+    return errors
+
+
+def _clip_score_errors(key: str, exp: dict) -> list[str]:
+    """A CLIP score asked for (clip_score.enabled) needs images with prompts: a conditioning that
+    has ``sampling_prompts`` (asked, never a kind's name: every kind with prompts qualifies), and a
+    local CLIP folder that exists (a hub id is checked by its job)."""
+    settings = exp["clip_score"]
+    if not settings["enabled"]:
+        return []
+    try:
+        kind = conditioning.conditioning_from_settings(exp["conditioning"])
+    except ValueError:
+        return []  # reported by _conditioning_errors
+    errors = []
+    if not hasattr(kind, "sampling_prompts"):
+        errors.append(f"{key}.clip_score.enabled: true, but conditioning.kind {exp['conditioning']['kind']!r} gives "
+                      "its images no prompts to score them against; a CLIP score needs a text-conditioned experiment "
+                      "(set enabled: false or remove clip_score)")
+    model = settings["model"]
+    if looks_like_local_path(model) and not Path(model).expanduser().is_dir():
+        errors.append(f"{key}.clip_score.model: local folder {model} does not exist (offline, `python -m igsm "
+                      f"tiny-clip --out {model} --prompt …` writes a random one for the prompts)")
     return errors
 
 

@@ -3,7 +3,8 @@
 One row per (dataset, model, channel ratio, objective): parameters, MACs, FID, training steps,
 and, where the paper reports the same experiment (same dense model, derived pruning-ratio label,
 criterion and objective settings), the published FID (igsm/paper/tables.yaml, the one home of the
-paper's numbers) and our difference to it.
+paper's numbers) and our difference to it. A text-conditioned experiment with CLIP scores (issue 31,
+item 5) also gets a CLIP column, headed with the CLIP model that made it; no other table does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_l
            "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
            "batch_size", "sec_per_step", "train_minutes", "peak_memory_GiB", "paper_fid", "delta_fid",
            "paper_source", "reuse", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup"]
+# Only in the tables of experiments with CLIP scores (clip_score.enabled), after the FID's columns.
+CLIP_COLUMNS = ["clip_score", "clip_model"]
 
 
 def _load(path):
@@ -58,12 +61,13 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
                objectives: dict | None = None) -> pd.DataFrame:
     """One table row per scored model; ``rows`` hold the paths of its JSON files (rules/common.smk
     ``table_rows``): ``metadata`` (what the model is: results/variants/<exp>/<variant>.json),
-    ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` where it has them; ``objectives``:
-    the config's objectives (their directions; the metadata holds the weights). A block-reuse
-    variant gets no paper value: the paper's FIDs are of the full sampler."""
+    ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` / ``clip_score`` where it has them;
+    ``objectives``: the config's objectives (their directions; the metadata holds the weights). A
+    block-reuse variant gets no paper value: the paper's FIDs are of the full sampler."""
     out = []
     for entry in rows:
         meta, fid, eff = _load(entry["metadata"]), _load(entry["fid"]), _load(entry["efficiency"])
+        clip = _load(entry.get("clip_score"))
         summary, report = _load(entry["summary"]), _load(entry["prune_report"])
         timing = summary.get("timing", {})
         variant = meta["variant"]
@@ -104,8 +108,14 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             "sampling_macs": eff.get("sampling_macs"),
             "sampling_images_per_s": eff.get("sampling_images_per_s"),
             "base": meta.get("base", variant),
+            "clip_score": clip.get("clip_score"),
+            "clip_model": clip.get("clip_model"),
         })
-    table = pd.DataFrame(out, columns=COLUMNS + ["sampling_macs", "base"])
+    columns = COLUMNS
+    if any(entry.get("clip_score") for entry in rows):
+        at = COLUMNS.index("fid_mode") + 1
+        columns = COLUMNS[:at] + CLIP_COLUMNS + COLUMNS[at:]
+    table = pd.DataFrame(out, columns=columns + ["sampling_macs", "base"])
     base = table.set_index("model")
     for column, ratio in (("sampling_macs", "mac_fraction"), ("sampling_images_per_s", "sampling_speedup")):
         reference = pd.to_numeric(table.base.map(base[column]), errors="coerce")
@@ -130,9 +140,25 @@ def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title
         "sampling_images_per_s": "samples/s", "sampling_speedup": "sampling speed-up"})
     if not table.reuse.astype(bool).any():  # no block reuse in this experiment: its columns stay out
         shown = shown.drop(columns=["reuse", "sampler steps", "MAC share", "samples/s", "sampling speed-up"])
+    shown = _clip_columns_shown(shown)
     shown = shown.astype(object).where(shown.notna(), None)  # blanks print as "–", not "nan"
     if markdown:
         text = shown.to_markdown(index=False, floatfmt=".2f", missingval="–")
         Path(markdown).write_text((f"## {title}\n\n" if title else "") + text + "\n")
     if latex:
         Path(latex).write_text(shown.to_latex(index=False, float_format="%.2f", na_rep="--"))
+
+
+def _clip_columns_shown(shown: pd.DataFrame) -> pd.DataFrame:
+    """The CLIP score's column headed with its CLIP model ("CLIP (openai/clip-vit-large-patch14)")
+    where one model made every score; a "CLIP model" column beside it where several did (the
+    combined table of experiments scored with different models); neither where no row has a score
+    (the combined table of experiments without one, or a CSV written before the column existed)."""
+    if "clip_score" not in shown:
+        return shown
+    if shown.clip_score.isna().all():
+        return shown.drop(columns=CLIP_COLUMNS)
+    models = shown.clip_model.dropna().unique()
+    if len(models) == 1:
+        return shown.drop(columns=["clip_model"]).rename(columns={"clip_score": f"CLIP ({models[0]})"})
+    return shown.rename(columns={"clip_score": "CLIP", "clip_model": "CLIP model"})

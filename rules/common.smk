@@ -275,6 +275,8 @@ def table_rows(exp):
         if meta["kind"] == "finetuned":
             row["summary"] = f"results/finetune/{exp}/{variant}/summary.json"
             row["prune_report"] = f"results/prune/{exp}/{meta['pruned']}/report.json"
+        if exp in clip_score_experiments():  # only there: other experiments' table jobs stay as they were
+            row["clip_score"] = f"results/clip_score/{exp}/{variant}.json"
         rows.append(row)
     return rows
 
@@ -328,6 +330,29 @@ def statistics_file(exp, variant):
             and EXPERIMENTS[exp]["fid"]["mode"] == EXPERIMENTS[owner]["fid"]["mode"]):
         return f"results/fid_stats/{owner}/dense.npz"
     return f"results/fid_stats/{exp}/{variant}.npz"
+
+
+def scored_samples_file(exp, variant):
+    """The samples a model's CLIP score reads: as statistics_file, a dense model taken from another
+    experiment and sampled with the same settings (seeds, count, sampler, conditioning) has the same
+    images, so the owner's are read instead of sampling them a second time."""
+    owner = dense_owner(exp)
+    if variant == "dense" and owner != exp and sample_settings(exp, "dense") == sample_settings(owner, "dense"):
+        return f"results/samples/{owner}/dense/samples.npz"
+    return f"results/samples/{exp}/{variant}/samples.npz"
+
+
+def clip_score_experiments():
+    """The experiments whose models get a CLIP score (clip_score.enabled; igsm.config has checked
+    that their conditioning gives each image a prompt)."""
+    return [exp for exp, spec in EXPERIMENTS.items() if spec["clip_score"]["enabled"]]
+
+
+def clip_score_settings(exp):
+    """JSON of what a CLIP score job needs: the CLIP model and its batch, and the experiment's
+    conditioning (each image's prompt from its seed); not 'enabled', which only makes the job."""
+    settings = {k: v for k, v in EXPERIMENTS[exp]["clip_score"].items() if k != "enabled"}
+    return as_json({"conditioning": EXPERIMENTS[exp]["conditioning"], **settings})
 
 
 def reuse_plan_file(exp, variant):

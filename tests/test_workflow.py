@@ -202,13 +202,16 @@ def test_tiny_uvit_runs_through_the_workflow(tmp_path):
 def tiny_latent_config(workdir):
     """config/latent.yaml (a class-conditional DiT and a caption-conditional SD U-Net on a tiny
     autoencoder's latents of the digits; config/conditional.yaml's pixel models share their
-    conditioning path) at a few steps a stage, with the tiny text encoder its README command writes."""
+    conditioning path) at a few steps a stage, with the tiny text encoder and CLIP model its README
+    commands write."""
+    from igsm.clip_score import save_tiny_clip
     from igsm.conditioning import save_tiny_text_encoder
 
     config = yaml.safe_load((REPO / "config" / "latent.yaml").read_text())
     text = config["experiments"]["digits_text_sd"]["conditioning"]
     # 16 tokens, not CLIP's 77 (the README command's): the prompts fit, and cross-attention costs less.
     save_tiny_text_encoder(workdir / text["text_encoder"], [" ".join(text["prompts"])], hidden_size=32, max_length=16)
+    save_tiny_clip(workdir / config["experiments"]["digits_text_sd"]["clip_score"]["model"], [" ".join(text["prompts"])])
     for exp in config["experiments"].values():
         exp["dense"]["training"].update(num_steps=20, log_every=10, checkpoint_every=10)
         exp["finetune"]["training"].update(num_steps=4, batch_size=16, log_every=2, checkpoint_every=2)

@@ -51,6 +51,18 @@ class FidSettings(SectionSettings):
 
 
 @dataclass(frozen=True)
+class ClipScoreSettings(SectionSettings):
+    """'clip_score' as its job runs it: the CLIP model and its batch (not ``enabled``, which only
+    decides whether the job exists), and the experiment's conditioning, whose sampling_prompts give
+    each image its prompt."""
+
+    SECTION: ClassVar[str] = "clip_score"
+    model: str
+    batch_size: int
+    conditioning: dict = field(default_factory=dict)  # the experiment's (igsm.conditioning), passed along
+
+
+@dataclass(frozen=True)
 class NetworkSettings(SectionSettings):
     """How a network runs, as in 'sample' (the efficiency stage's timing)."""
 
