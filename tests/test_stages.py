@@ -12,9 +12,9 @@ from click.testing import CliRunner
 from igsm import cli
 from igsm.diffusion import VPSDE, NoiseSchedule, process_from_settings
 from igsm.schema import schema_file, section_defaults
-from igsm.stages.settings import FidSettings, NetworkSettings, PruneSettings
+from igsm.stages.settings import ClipScoreSettings, FidSettings, NetworkSettings, PruneSettings
 
-SECTIONS = {FidSettings: "fid", NetworkSettings: "sample", PruneSettings: "prune"}
+SECTIONS = {FidSettings: "fid", NetworkSettings: "sample", PruneSettings: "prune", ClipScoreSettings: "clip_score"}
 
 
 @pytest.mark.parametrize("command", cli.COMMANDS, ids=lambda c: c.name)
