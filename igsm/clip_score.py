@@ -17,8 +17,8 @@ Two things torchmetrics 1.9.0 does that this module keeps, and one it cannot do 
   CLIP processor (resize, centre crop, normalisation) from uint8.
 * With transformers ≥ 5, ``CLIPModel.get_image_features`` / ``get_text_features`` return a
   ``BaseModelOutputWithPooling`` whose ``pooler_output`` is the projected embedding, and
-  torchmetrics 1.9.0 calls ``.norm`` on it (AttributeError; Lightning-AI/torchmetrics#3407, fixed
-  after 1.9.0). :class:`ProjectedFeatures` hands torchmetrics that tensor, as transformers 4 did.
+  torchmetrics 1.9.0 calls ``.norm`` on it (AttributeError; Lightning-AI/torchmetrics#3407).
+  :class:`ProjectedFeatures` hands torchmetrics that tensor, as transformers 4 did.
 
 Offline no CLIP model can be downloaded: :func:`save_tiny_clip` writes a random tiny one (its
 tokenizer igsm.conditioning.tiny_tokenizer's), whose scores measure the path, not the images.
