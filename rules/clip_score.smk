@@ -9,6 +9,7 @@ rule clip_score:
         "../envs/clip_score.yaml"
     input:
         samples=lambda w: scored_samples_file(w.exp, w.variant),
+        prompts=prompt_store_input,  # a captions kind's prompts: the captions of a store
     output:
         score="results/clip_score/{exp}/{variant}.json",
     wildcard_constraints:

@@ -350,9 +350,12 @@ def clip_score_experiments():
 
 def clip_score_settings(exp):
     """JSON of what a CLIP score job needs: the CLIP model and its batch, and the experiment's
-    conditioning (each image's prompt from its seed); not 'enabled', which only makes the job."""
+    conditioning as the sample jobs get it (each image's prompt from its seed; a captions kind's
+    sampling keys and prompt store, prompt_store_input); not 'enabled', which only makes the job."""
     settings = {k: v for k, v in EXPERIMENTS[exp]["clip_score"].items() if k != "enabled"}
-    return as_json({"conditioning": EXPERIMENTS[exp]["conditioning"], **settings})
+    conditioning, _ = conditioning_for_sampling(EXPERIMENTS[exp]["conditioning"], EXPERIMENTS[exp]["dataset"],
+                                                pixel_store)
+    return as_json({"conditioning": conditioning, **settings})
 
 
 def reuse_plan_file(exp, variant):

@@ -92,6 +92,32 @@ def test_score_equals_brute_force_with_each_seeds_prompt(tiny_clip, tmp_path, ch
     assert score["prompts"]["kind"] == "text" and score["prompts"]["num_distinct"] == 3
 
 
+def test_captions_experiment_scores_each_image_against_its_seeds_caption(tiny_clip, tmp_path):
+    """Kind captions (each image prompted by a seeded subset of a store's captions): the stage asks
+    the conditioning, which reads its prompt store; the brute force takes the subset by hand."""
+    from igsm.data import write_store
+
+    folder, model, processor = tiny_clip
+    captions = [f"a photo of a {w}" for w in ("cat", "dog", "boat", "drawing", "photo")]
+    store = write_store(tmp_path / "store", [(np.zeros((5, 4, 4, 3), np.uint8), np.arange(5), captions)],
+                        extra={"captions_info": {"source": "test"}})
+    conditioning = {"kind": "captions", "text_encoder": "unused-here", "num_prompts": 3, "prompt_seed": 7,
+                    "prompt_store": str(store.directory)}
+    samples, out = tmp_path / "samples.npz", tmp_path / "clip.json"
+    from igsm.sampling import save_samples
+
+    images = np.random.default_rng(1).integers(0, 256, (len(SEEDS), 16, 16, 3), dtype=np.uint8)
+    save_samples(samples, images, SEEDS, {"conditioning": {"kind": "captions", "prompt_seed": 7, "prompts_dataset": ""}})
+    result = run_cli("clip-score", "--samples", samples, "--out", out, "--device", "cpu", "--settings",
+                     json.dumps({"model": folder, "batch_size": 4, "conditioning": conditioning}))
+    assert result.exit_code == 0, result.output
+    subset = [captions[i] for i in np.random.default_rng(7).permutation(5)[:3]]
+    by_seed = brute_force(model, processor, images, [subset[s % 3] for s in SEEDS])
+    score = json.loads(out.read_text())
+    assert score["clip_score_unclipped"] == pytest.approx(by_seed.mean(), abs=1e-3)
+    assert score["prompts"]["kind"] == "captions" and sorted(score["prompts"]["listed"]) == sorted(subset)
+
+
 def test_sampling_prompts_are_the_prompts_sampling_condition_embeds(monkeypatch):
     """TextPrompts.sampling_prompts(seeds) names, for every seed, the prompt whose embedding row
     sampling_condition gives that seed's image (the table index instead of the embedding here)."""
@@ -114,7 +140,7 @@ def test_stage_refuses_conditionings_without_prompts_and_stale_samples(tmp_path)
     assert result.exit_code != 0 and "conditioning.kind 'class' gives its images no prompts" in result.output
     other = text_settings("./nowhere", prompts=["a photo of a bird", *PROMPTS[1:]])
     result = run_cli("clip-score", "--samples", samples, "--out", tmp_path / "b.json", "--settings", json.dumps(other))
-    assert result.exit_code != 0 and f"{samples}: sampled with other conditioning.prompts" in result.output
+    assert result.exit_code != 0 and f"{samples}: sampled with another conditioning.prompts than the config" in result.output
     result = run_cli("clip-score", "--samples", samples, "--out", tmp_path / "c.json",
                      "--settings", json.dumps(text_settings("./nowhere")))
     assert result.exit_code != 0 and "clip_score.model: local folder ./nowhere does not exist" in result.output
@@ -295,3 +321,24 @@ def test_latent_config_plans_clip_scores_for_the_text_experiment_only(tmp_path):
     assert set(others) == set(disabled)
     assert all(others[key][1] == disabled[key][1] for key in others)
     assert {key[1].split(",")[0] for key in others if others[key] != disabled[key]} == {"results/tables/digits_text_sd.md"}
+
+
+def test_captions_experiment_plans_clip_scores_with_its_prompt_store(tmp_path):
+    """config/latent_models.yaml's mscoco_sd15 (kind captions) with clip_score: its CLIP jobs read the
+    prompt store its sample jobs read (an input, and the settings' prompt_store)."""
+    from test_config import latent_models_config
+
+    config = latent_models_config(tmp_path)
+    config["experiments"]["mscoco_sd15"]["clip_score"] = {"enabled": True}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_snakemake("results/tables/mscoco_sd15.md", "-n", "-p", "-d", str(tmp_path), "-s", str(REPO / "Snakefile"),
+                         "--configfile", str(path), check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    clip = {out: job for (rule, out), job in planned_jobs(proc.stdout).items() if rule == "clip_score"}
+    assert len(clip) == 4  # dense and the three finetunes (config/latent_models.yaml)
+    for out, (inputs, shell) in clip.items():
+        assert "results/data/coco2017_val/train" in inputs
+        settings = json.loads(re.search(r"--settings '(\{.*?\})'", shell).group(1))
+        assert settings["conditioning"]["prompt_store"] == "results/data/coco2017_val/train"
+        assert settings["model"] == "openai/clip-vit-large-patch14" and settings["conditioning"]["kind"] == "captions"

@@ -20,16 +20,22 @@ LISTED_PROMPTS = 20
 SAMPLE_KEYS = ("sampler", "sampler_kwargs", "guidance_scale")
 
 
+# Settings of a conditioning that choose each image's prompt, where the samples record them
+# (igsm.conditioning's describe(): the prompts per label of kind text, the prompt subset of captions).
+PROMPT_KEYS = ("prompts", "prompts_dataset", "prompt_seed")
+
+
 def check_recorded_conditioning(samples, recorded: dict | None, conditioning) -> None:
     """``StageError`` naming ``samples`` if they were made under another conditioning kind or other
-    prompts than the settings' (stale samples: their prompts would not be these)."""
+    prompt settings than the settings' (stale samples: their prompts would not be these)."""
     recorded = recorded or {}
     if recorded.get("kind") != conditioning.kind:
         raise StageError(f"{samples}: sampled with conditioning kind {recorded.get('kind', 'none')!r}, but "
                          f"conditioning.kind is {conditioning.kind!r}; sample again")
-    prompts = getattr(conditioning, "prompts", None)
-    if "prompts" in recorded and prompts is not None and list(recorded["prompts"]) != list(prompts):
-        raise StageError(f"{samples}: sampled with other conditioning.prompts than the config's; sample again")
+    for key in PROMPT_KEYS:
+        ours = getattr(conditioning, key, None)
+        if key in recorded and ours is not None and recorded[key] != (list(ours) if key == "prompts" else ours):
+            raise StageError(f"{samples}: sampled with another conditioning.{key} than the config's; sample again")
 
 
 def clip_score(samples, out, settings: ClipScoreSettings, device: str, threads: int | None) -> str:
@@ -51,7 +57,8 @@ def clip_score(samples, out, settings: ClipScoreSettings, device: str, threads: 
     with readable_inputs():
         images, seeds, metadata = load_samples(samples)
     check_recorded_conditioning(samples, metadata.get("conditioning"), conditioning)
-    prompts = conditioning.sampling_prompts(seeds)
+    with readable_inputs():  # a captions kind reads its prompt store here
+        prompts = conditioning.sampling_prompts(seeds)
     try:
         model, processor, digest = clip.load_clip(settings.model)
         score = clip.clip_score(images, prompts, model, processor, batch_size=settings.batch_size,
