@@ -18,8 +18,6 @@ from igsm.stages.settings import ClipScoreSettings
 LISTED_PROMPTS = 20
 # Sample metadata the JSON repeats, as the FID JSON does: what made the images.
 SAMPLE_KEYS = ("sampler", "sampler_kwargs", "guidance_scale")
-
-
 # Settings of a conditioning that choose each image's prompt, where the samples record them
 # (igsm.conditioning's describe(): the prompts per label of kind text, the prompt subset of captions).
 PROMPT_KEYS = ("prompts", "prompts_dataset", "prompt_seed")
