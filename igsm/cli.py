@@ -58,6 +58,14 @@ DEVICE = _option("--device", default="auto", show_default=True, help="auto | cpu
 THREADS = _option("--threads", type=click.IntRange(min=1), default=None,
                   help="CPU threads for torch (default: torch's choice).")
 RUNS_ON = (SETTINGS, DEVICE, THREADS)
+# The tiny random models written offline (tiny-text-encoder, tiny-clip): what they share.
+TINY_MODEL_OPTIONS = (
+    _option("--out", required=True, type=_folder(), help="Folder to write (transformers' save_pretrained)."),
+    _option("--prompt", "prompts", required=True, multiple=True,
+            help="A prompt whose words the tokenizer keeps whole (repeat: one per label)."),
+    _option("--layers", type=click.IntRange(min=1), default=2, show_default=True),
+    _option("--heads", type=click.IntRange(min=1), default=2, show_default=True),
+    _option("--seed", type=int, default=0, show_default=True))
 MODEL = _option("--model", "model_dir", required=True, type=_folder(exists=True))
 DATA = _option("--data", required=True, type=click.Path(exists=True),
                help="Image store (results/data/<dataset>/train).")
@@ -243,29 +251,19 @@ COMMANDS = (
     Command("tiny-text-encoder", "text_encoder:tiny_text_encoder",
             "Write a random-initialised tiny CLIP text encoder and a tokenizer knowing the prompts' words, offline: "
             "a conditioning.text_encoder (kind text) for toy configs and tests, where no real one can be downloaded.",
-            (_option("--out", required=True, type=_folder(), help="Folder to write (transformers' save_pretrained)."),
-             _option("--prompt", "prompts", required=True, multiple=True,
-                     help="A prompt whose words the tokenizer keeps whole (repeat: one per label)."),
+            (*TINY_MODEL_OPTIONS,
              _option("--hidden-size", type=click.IntRange(min=1), default=32, show_default=True,
-                     help="Embedding width (the SD U-Net's cross_attention_dim)."),
-             _option("--layers", type=click.IntRange(min=1), default=2, show_default=True),
-             _option("--heads", type=click.IntRange(min=1), default=2, show_default=True),
-             _option("--seed", type=int, default=0, show_default=True))),
+                     help="Embedding width (the SD U-Net's cross_attention_dim)."))),
     Command("tiny-clip", "text_encoder:tiny_clip",
             "Write a random-initialised tiny CLIP model (text and vision towers) and its processor, whose tokenizer "
             "knows the prompts' words, offline: a clip_score.model for toy configs and tests (its scores measure "
             "the path, not the images).",
-            (_option("--out", required=True, type=_folder(), help="Folder to write (transformers' save_pretrained)."),
-             _option("--prompt", "prompts", required=True, multiple=True,
-                     help="A prompt whose words the tokenizer keeps whole (repeat: one per label)."),
+            (*TINY_MODEL_OPTIONS,
              _option("--hidden-size", type=click.IntRange(min=1), default=32, show_default=True,
                      help="Width of both towers and of the embedding."),
-             _option("--layers", type=click.IntRange(min=1), default=2, show_default=True),
-             _option("--heads", type=click.IntRange(min=1), default=2, show_default=True),
              _option("--image-size", type=click.IntRange(min=1), default=32, show_default=True,
                      help="Side the processor resizes and crops images to."),
-             _option("--patch-size", type=click.IntRange(min=1), default=8, show_default=True),
-             _option("--seed", type=int, default=0, show_default=True))),
+             _option("--patch-size", type=click.IntRange(min=1), default=8, show_default=True))),
 )
 
 

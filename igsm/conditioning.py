@@ -374,14 +374,13 @@ class Captions:
         import torch
 
         tokenizer, model, _ = self._encoder()
-        key = ("model", str(device))
-        if key not in self._loaded:  # the encoder on the batch's device, kept there
-            self._loaded[key] = model if device is None else model.to(device)
+        device = torch.device("cpu" if device is None else device)
+        model.to(device)  # the one encoder, moved to the batch's device (a no-op once there)
         distinct = list(dict.fromkeys(texts))
         tokens = tokenizer(distinct, padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
         with torch.no_grad():
-            states = self._loaded[key](input_ids=tokens.input_ids.to(device)).last_hidden_state.float()
+            states = model(input_ids=tokens.input_ids.to(device)).last_hidden_state.float()
         return states[[distinct.index(text) for text in texts]]
 
     def _texts(self, index) -> list:

@@ -7,7 +7,7 @@ CLIP model with its processor for the CLIP score (igsm.clip_score; issue 31, ite
 from __future__ import annotations
 
 
-def tiny_text_encoder(out, prompts: tuple[str, ...], hidden_size: int, layers: int, heads: int, seed: int) -> str:
+def tiny_text_encoder(out, prompts: tuple[str, ...], layers: int, heads: int, seed: int, hidden_size: int) -> str:
     """Write the encoder and tokenizer to ``out`` (igsm.conditioning.save_tiny_text_encoder)."""
     from igsm.conditioning import save_tiny_text_encoder
 
@@ -20,8 +20,8 @@ def tiny_text_encoder(out, prompts: tuple[str, ...], hidden_size: int, layers: i
             f"tokenizer with the words of {len(prompts)} prompt(s); architecture.cross_attention_dim: {hidden_size}")
 
 
-def tiny_clip(out, prompts: tuple[str, ...], hidden_size: int, layers: int, heads: int, image_size: int,
-              patch_size: int, seed: int) -> str:
+def tiny_clip(out, prompts: tuple[str, ...], layers: int, heads: int, seed: int, hidden_size: int, image_size: int,
+              patch_size: int) -> str:
     """Write the CLIP model and processor to ``out`` (igsm.clip_score.save_tiny_clip)."""
     from igsm.stages.common import StageError
 
