@@ -157,15 +157,11 @@ class TextPrompts:
     kind = "text"
 
     def __post_init__(self):
-        if not isinstance(self.text_encoder, str) or not self.text_encoder.strip():
-            raise ValueError(f"conditioning.text_encoder: {self.text_encoder!r}, must name a folder or hub id "
-                             f"holding a CLIP text encoder and tokenizer")
+        _check_text_settings(self.text_encoder, self.drop_prob)
         if (not isinstance(self.prompts, (list, tuple)) or not self.prompts
                 or not all(isinstance(p, str) for p in self.prompts)):
             raise ValueError(f"conditioning.prompts: {self.prompts!r}, must be a non-empty list of strings "
                              f"(prompts[k] captions the images of label k)")
-        if not 0 <= self.drop_prob < 1:
-            raise ValueError(f"conditioning.drop_prob: {self.drop_prob}, must be in [0, 1)")
         object.__setattr__(self, "prompts", tuple(self.prompts))  # frozen: hashable, unchangeable
         object.__setattr__(self, "_loaded", {})  # the encoder, its digest and embedding tables, on first use
 
@@ -215,17 +211,9 @@ class TextPrompts:
 
     def _table(self, device=None) -> torch.Tensor:
         """(len(prompts) + 1, L, D) float32: each prompt's embedding, the empty prompt's last."""
-        import torch
-
         if "table" not in self._loaded:
             tokenizer, model, _ = self._encoder()
-            prompts = [*self.prompts, EMPTY_PROMPT]
-            distinct = list(dict.fromkeys(prompts))  # each distinct prompt encoded once
-            tokens = tokenizer(distinct, padding="max_length", max_length=tokenizer.model_max_length,
-                               truncation=True, return_tensors="pt")
-            with torch.no_grad():  # SD 1.5 passes no attention mask: CLIP's causal mask alone
-                states = model(input_ids=tokens.input_ids).last_hidden_state.float()
-            self._loaded["table"] = states[[distinct.index(p) for p in prompts]]
+            self._loaded["table"] = embed_texts(tokenizer, model, [*self.prompts, EMPTY_PROMPT])
         if device is None:
             return self._loaded["table"]
         key = ("table", str(device))  # one copy per device: training indexes it every step
@@ -321,18 +309,15 @@ class Captions:
         return self.prompts_dataset or dataset
 
     def __post_init__(self):
-        if not isinstance(self.text_encoder, str) or not self.text_encoder.strip():
-            raise ValueError(f"conditioning.text_encoder: {self.text_encoder!r}, must name a folder or hub id "
-                             f"holding a CLIP text encoder and tokenizer")
-        if not 0 <= self.drop_prob < 1:
-            raise ValueError(f"conditioning.drop_prob: {self.drop_prob}, must be in [0, 1)")
+        _check_text_settings(self.text_encoder, self.drop_prob)
         if not isinstance(self.num_prompts, int) or self.num_prompts < 0:
             raise ValueError(f"conditioning.num_prompts: {self.num_prompts!r}, must be ≥ 0 (0: every caption)")
         object.__setattr__(self, "_loaded", {})  # encoder, captions, prompts: on first use
 
-    # What the config alone shows, and the encoder's width: as for prompts per label.
+    # What the config alone shows, the encoder's width and the encoder itself: as for prompts per label.
     config_errors = TextPrompts.config_errors
     encoder_hidden_size = TextPrompts.encoder_hidden_size
+    _encoder = TextPrompts._encoder
 
     def for_data(self, images) -> "Captions":
         """This conditioning with the captions of the store ``images`` (``ValueError`` naming the
@@ -364,24 +349,10 @@ class Captions:
             raise ValueError(f"{where}: labels {int(labels.min())}..{int(labels.max())} are not positions of its "
                              f"{len(self._captions)} captions")
 
-    def _encoder(self):
-        if "encoder" not in self._loaded:
-            self._loaded["encoder"] = load_text_encoder(self.text_encoder)
-        return self._loaded["encoder"]
-
     def embed(self, texts, device=None) -> torch.Tensor:
-        """(n, L, D) float32 on ``device``: each text's embedding, each distinct text encoded once."""
-        import torch
-
+        """(n, L, D) float32 on ``device``: each text's embedding (:func:`embed_texts`)."""
         tokenizer, model, _ = self._encoder()
-        device = torch.device("cpu" if device is None else device)
-        model.to(device)  # the one encoder, moved to the batch's device (a no-op once there)
-        distinct = list(dict.fromkeys(texts))
-        tokens = tokenizer(distinct, padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            states = model(input_ids=tokens.input_ids.to(device)).last_hidden_state.float()
-        return states[[distinct.index(text) for text in texts]]
+        return embed_texts(tokenizer, model, texts, device)
 
     def _texts(self, index) -> list:
         captions = self._captions
@@ -457,6 +428,31 @@ class Captions:
         return json.dumps({"kind": self.kind, "drop_prob": self.drop_prob, "text_encoder_sha256": digest,
                            "tokenizer_vocabulary_sha256": vocabulary,
                            "max_length": tokenizer.model_max_length}, sort_keys=True).encode()
+
+
+def _check_text_settings(text_encoder, drop_prob) -> None:
+    """The settings every text kind has: an encoder named, a dropout probability in [0, 1)."""
+    if not isinstance(text_encoder, str) or not text_encoder.strip():
+        raise ValueError(f"conditioning.text_encoder: {text_encoder!r}, must name a folder or hub id "
+                         f"holding a CLIP text encoder and tokenizer")
+    if not 0 <= drop_prob < 1:
+        raise ValueError(f"conditioning.drop_prob: {drop_prob}, must be in [0, 1)")
+
+
+def embed_texts(tokenizer, model, texts, device=None) -> torch.Tensor:
+    """(n, L, D) float32 on ``device`` (default the CPU): the text encoder's last hidden state of each
+    text padded to the tokenizer's max length, as Stable Diffusion conditions its U-Net; each distinct
+    text encoded once. The encoder is moved to ``device`` (a no-op once there)."""
+    import torch
+
+    device = torch.device("cpu" if device is None else device)
+    model.to(device)
+    distinct = list(dict.fromkeys(texts))
+    tokens = tokenizer(distinct, padding="max_length", max_length=tokenizer.model_max_length,
+                       truncation=True, return_tensors="pt")
+    with torch.no_grad():  # SD 1.5 passes no attention mask: CLIP's causal mask alone
+        states = model(input_ids=tokens.input_ids.to(device)).last_hidden_state.float()
+    return states[[distinct.index(text) for text in texts]]
 
 
 def load_text_encoder(source: str):

@@ -190,14 +190,19 @@ def experiment_context(exp, runs_network=True):
     return context
 
 
-def prompt_store(exp):
-    """The store whose captions prompt a captions-conditioned experiment's samples (a sample job's
-    input), or None."""
+def sampling_conditioning(exp):
+    """(the experiment's conditioning section as the jobs that read its samples get it, the store
+    whose captions prompt them or None): a captions kind's sampling keys and prompt store
+    (igsm.conditioning.sampling_section); (None, None) for an unconditional experiment."""
     if EXPERIMENTS[exp]["conditioning"]["kind"] == UNCONDITIONAL:
-        return None
-    _, store = conditioning_for_sampling(EXPERIMENTS[exp]["conditioning"], EXPERIMENTS[exp]["dataset"],
-                                         pixel_store)
-    return store
+        return None, None
+    return conditioning_for_sampling(EXPERIMENTS[exp]["conditioning"], EXPERIMENTS[exp]["dataset"], pixel_store)
+
+
+def prompt_store(exp):
+    """The store whose captions prompt a captions-conditioned experiment's samples (an input of the
+    jobs that sample or score them), or None."""
+    return sampling_conditioning(exp)[1]
 
 
 def prompt_store_input(wildcards):
@@ -306,9 +311,7 @@ def sample_settings(exp, variant=None):
     with its own number of steps (fewer-steps)."""
     context = experiment_context(exp)
     if "conditioning" in context:  # with a captions kind's sampling keys and prompt store
-        context["conditioning"], _ = conditioning_for_sampling(EXPERIMENTS[exp]["conditioning"],
-                                                               EXPERIMENTS[exp]["dataset"],
-                                                               pixel_store)
+        context["conditioning"] = sampling_conditioning(exp)[0]
     # guidance_scale only where there is a condition (it is 1 elsewhere): older jobs stay valid.
     dropped = ("num_shards", "png_export") + (() if "conditioning" in context else ("guidance_scale",))
     sample = {k: v for k, v in EXPERIMENTS[exp]["sample"].items() if k not in dropped}
@@ -324,22 +327,27 @@ def statistics_file(exp, variant):
     (dense.from_experiment) and sampled with the same settings (seeds, count, sampler) in the same
     FID mode makes the same images: its FID reads the owner's statistics instead of sampling
     10k images a second time."""
-    owner = dense_owner(exp)
-    if (variant == "dense" and owner != exp
-            and sample_settings(exp, "dense") == sample_settings(owner, "dense")
-            and EXPERIMENTS[exp]["fid"]["mode"] == EXPERIMENTS[owner]["fid"]["mode"]):
+    owner = owner_of_same_samples(exp, variant)
+    if owner and EXPERIMENTS[exp]["fid"]["mode"] == EXPERIMENTS[owner]["fid"]["mode"]:
         return f"results/fid_stats/{owner}/dense.npz"
     return f"results/fid_stats/{exp}/{variant}.npz"
+
+
+def owner_of_same_samples(exp, variant):
+    """The experiment whose dense samples are this variant's images (a dense model taken from it
+    through dense.from_experiment, sampled with the same settings), or None."""
+    owner = dense_owner(exp)
+    if variant == "dense" and owner != exp and sample_settings(exp, "dense") == sample_settings(owner, "dense"):
+        return owner
+    return None
 
 
 def scored_samples_file(exp, variant):
     """The samples a model's CLIP score reads: as statistics_file, a dense model taken from another
     experiment and sampled with the same settings (seeds, count, sampler, conditioning) has the same
     images, so the owner's are read instead of sampling them a second time."""
-    owner = dense_owner(exp)
-    if variant == "dense" and owner != exp and sample_settings(exp, "dense") == sample_settings(owner, "dense"):
-        return f"results/samples/{owner}/dense/samples.npz"
-    return f"results/samples/{exp}/{variant}/samples.npz"
+    owner = owner_of_same_samples(exp, variant)
+    return f"results/samples/{owner or exp}/{variant}/samples.npz"
 
 
 def clip_score_experiments():
@@ -353,9 +361,7 @@ def clip_score_settings(exp):
     conditioning as the sample jobs get it (each image's prompt from its seed; a captions kind's
     sampling keys and prompt store, prompt_store_input); not 'enabled', which only makes the job."""
     settings = {k: v for k, v in EXPERIMENTS[exp]["clip_score"].items() if k != "enabled"}
-    conditioning, _ = conditioning_for_sampling(EXPERIMENTS[exp]["conditioning"], EXPERIMENTS[exp]["dataset"],
-                                                pixel_store)
-    return as_json({"conditioning": conditioning, **settings})
+    return as_json({"conditioning": sampling_conditioning(exp)[0], **settings})
 
 
 def reuse_plan_file(exp, variant):
