@@ -226,9 +226,6 @@ def _latent_errors(config: dict, key: str, exp: dict) -> list[str]:
         return [f"{key}.autoencoder: unknown autoencoder {name!r}; defined under 'autoencoders': "
                 f"{sorted(config['autoencoders'])}"]
     errors = []
-    if exp["reuse"]["models"]:
-        errors.append(f"{key}.reuse.models: block reuse of latent models (autoencoder {name!r}) is not supported "
-                      "yet; leave reuse.models empty")
     for stage in ("dense", "finetune"):
         if exp[stage].get("training", {}).get("hflip"):
             errors.append(f"{key}.{stage}.training.hflip: a latent experiment trains on latents encoded once, "
@@ -267,8 +264,7 @@ def model_space(config: dict, exp: dict) -> dict | None:
 
 def _conditioning_errors(config: dict, key: str, exp: dict, family: Family) -> list[str]:
     """The conditioning's settings, what the family's networks take, the datasets a captions kind
-    reads captions from, and the settings that need a condition (guidance) or do not take one yet
-    (block reuse)."""
+    reads captions from, and the settings that need a condition (guidance)."""
     try:
         kind = conditioning.conditioning_from_settings(exp["conditioning"])
     except ValueError as err:
@@ -289,9 +285,6 @@ def _conditioning_errors(config: dict, key: str, exp: dict, family: Family) -> l
     # A pretrained network given without an architecture is checked once fetched (its first job).
     known = family.network_arguments(exp["architecture"]) or not exp["dense"]["pretrained"]
     errors += family.conditioning_errors(key, exp["architecture"] if known else None, kind)
-    if kind is not None and exp["reuse"]["models"]:
-        errors.append(f"{key}.reuse.models: block reuse of conditional models (conditioning.kind "
-                      f"{kind.kind!r}) is not supported yet; leave reuse.models empty")
     return errors
 
 

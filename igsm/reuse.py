@@ -44,10 +44,11 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.checkpoint import checkpoint
 
+from igsm.conditioning import guided
 from igsm.data import write_text_atomically
 from igsm.diffusion import VPSDE, NoiseSchedule
 from igsm.families import REST, BlockGraph, family_of  # REST: everything outside the blocks
-from igsm.models import predict_noise
+from igsm.models import check_condition, condition_keyword, example_condition, predict_noise
 from igsm.sampling.denoiser import Denoiser
 from igsm.sampling.noise import ImageGenerators
 from igsm.sampling.samplers import Sampler, make_sampler, run_sampler, sampler_class
@@ -83,6 +84,8 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
 def block_macs(net: nn.Module, image_shape, timestep: float = 500) -> dict[str, float]:
     """MACs of each block and of ``REST`` for one image, from ``FlopCounterMode`` on one forward
     (MACs = FLOPs / 2; matrix products, convolutions and attention: elementwise work is not counted).
+    With classifier-free guidance a step calls the network twice, on the same plan: shares of these
+    MACs (every ``mac_fraction``) are those of the guided sampler too.
     The CPU kernel of scaled-dot-product attention is not in torch's table: it is counted with
     torch's own attention formula, so CPU and GPU counts agree."""
     if isinstance(net, Denoiser):
@@ -91,10 +94,14 @@ def block_macs(net: nn.Module, image_shape, timestep: float = 500) -> dict[str, 
     parameter = next(net.parameters())
     x = torch.zeros(1, *image_shape, device=parameter.device, dtype=parameter.dtype)
     t = torch.full((1,), timestep, device=parameter.device)
+    # A conditional network is counted under its family's example condition (a class label, or a text
+    # embedding of the encoder's full length, as sampling passes it): one network call, one image.
+    keyword = condition_keyword(net)
+    condition = {} if keyword is None else {keyword: example_condition(net, 1, parameter.device)}
     counter = flop_counter.FlopCounterMode(
         display=False, custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop})
     with counter:
-        predict_noise(net, x, t)
+        predict_noise(net, x, t, **condition)
     counts = counter.get_flop_counts()
     prefix = type(net).__name__ + "."  # FlopCounterMode names modules from the root's class name
     macs = {name: sum(counts.get(prefix + name, {}).values()) / 2 for name in graph.names}
@@ -536,13 +543,35 @@ def _make_chain(sampler: str, num_steps: int, schedule, *, eta=0.0, spacing="uni
     return make_sampler(sampler, schedule, num_steps=num_steps, **{k: settings[k] for k in keywords})
 
 
+@dataclass(frozen=True)
+class _Condition:
+    """What a conditional network is called with in the SuperNet chain: each image's condition
+    under the network's keyword and, with classifier-free guidance (``scale`` ≠ 1), the null
+    condition of each image."""
+
+    keyword: str
+    condition: torch.Tensor
+    null: torch.Tensor | None = None
+    scale: float = 1.0
+
+    def eps(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε̂ as the guided sampler takes it. The conditional and the null halves run as one batch
+        [x; x], so each block's cache holds both halves and the null half reuses its own features
+        (as apply_plan keeps one cache per call at sampling time)."""
+        if self.null is None:
+            return predict_noise(net, x, t, **{self.keyword: self.condition})
+        both = predict_noise(net, torch.cat([x, x]), torch.cat([t, t]),
+                             **{self.keyword: torch.cat([self.condition, self.null])})
+        return guided(*both.chunk(2), self.scale)
+
+
 def _supernet_sample(net, graph: BlockGraph, chain: Sampler, noise: torch.Tensor, gates: torch.Tensor,
-                     step_noises, checkpointed: bool = True) -> torch.Tensor:
+                     step_noises, checkpointed: bool = True, condition: _Condition | None = None) -> torch.Tensor:
     """The SuperNet's sampling chain: ``run_sampler``'s loop over the same sampler ``chain``, with
     gradients; gates [num_steps, num_blocks, 2]; ``step_noises[i]``: step i's draw (None where
-    ``chain.draws_noise(i)`` is false). With ``checkpointed`` each step is recomputed in the backward
-    pass, so only the chain's state and the block caches are kept per step, not the activations
-    inside the network."""
+    ``chain.draws_noise(i)`` is false); ``condition``: a conditional network's (guided) inputs. With
+    ``checkpointed`` each step is recomputed in the backward pass, so only the chain's state and the
+    block caches are kept per step, not the activations inside the network."""
     x, cache = chain.start(noise), {}
     for step in range(len(gates)):
         spec_out = []
@@ -553,7 +582,7 @@ def _supernet_sample(net, graph: BlockGraph, chain: Sampler, noise: torch.Tensor
             with _supernet(net, graph) as state:
                 state.gates, state.cache = step_gates, _unflatten(cached, spec)
                 net_x, net_t = chain.network_input(x, step)
-                eps = predict_noise(net, net_x, net_t)
+                eps = predict_noise(net, net_x, net_t) if condition is None else condition.eps(net, net_x, net_t)
             tensors, spec_out[:] = _flatten(state.outputs)
             return (chain.update(x, eps, step, step_noises[step]), *tensors)
 
@@ -597,6 +626,7 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
                warmup_steps: int = 10, seed: int = 0, loss: str = "ssim", sparsity_weight: float = 1.0,
                query_dim: int = 64, num_heads: int = 4, eta: float = 0.0, spacing: str = "uniform",
                clip_x0: bool = False, t_min: float = 1e-3, device="cpu", checkpointed: bool = True,
+               conditioning=None, guidance_scale: float = 1.0, latents: bool = False,
                progress: bool = True) -> ReusePlan:
     """DiP-GO: train a :class:`ReusePruner` so that the SuperNet's final images match the dense
     sampler's, with a sparsity term pushing kept MACs down to ``mac_fraction`` (executed share),
@@ -608,6 +638,14 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
     MACs; the sparsity term is dropped while the kept (hard-gate, cascaded) MAC share is below
     ``mac_fraction`` (the notes' early stop). The network's weights are not trained.
     The scores and the loss history are kept in the plan's metadata.
+
+    A conditional network (``conditioning``: an igsm.conditioning kind) samples each seed under
+    the condition sampling gives it (a class, a prompt), guided with ``guidance_scale`` as the
+    sample stage guides: the conditional and null passes of a step follow one gate row (DiP-GO's
+    SD-1.5 setting). ``latents``: the chains end in an autoencoder's latents; the loss compares
+    the final latents, not decoded images (reconstructed: DiP-GO's code does not say which it
+    compares, and decoding inside the differentiable chain would cost an autoencoder backward per
+    step of training), with SSIM's dynamic range that of the dense latents of the batch.
     """
     if loss not in ("ssim", "mse"):
         raise ValueError(f"loss {loss!r}: choose 'ssim' or 'mse'")
@@ -615,6 +653,8 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
         raise ValueError(f"mac_fraction {mac_fraction}: the executed share of the dense MACs, in (0, 1]")
     if isinstance(net, Denoiser):
         net = net.net
+    keyword = condition_keyword(net)
+    check_condition(net, keyword, conditioning)  # a conditional network needs its conditioning, and the reverse
     device = torch.device(device)
     chain = _make_chain(sampler, num_steps, schedule, eta=eta, spacing=spacing, clip_x0=clip_x0, t_min=t_min)
     timesteps = sampler_timesteps(sampler, num_steps, schedule=schedule, spacing=spacing, t_min=t_min)
@@ -635,13 +675,14 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
     with _training_the_gates_only(net):
         for train_step in range(train_steps):
             seeds = range(seed + train_step * batch_size, seed + (train_step + 1) * batch_size)
-            noise, dense_images, step_noises = _dense_images_and_draws(chain, net, seeds, image_shape,
-                                                                       num_steps, device)
+            noise, dense_images, step_noises, condition = _dense_images_and_draws(
+                chain, net, seeds, image_shape, num_steps, device, conditioning, guidance_scale)
             gates = pruner()
-            images = _supernet_sample(net, graph, chain, noise, gates, step_noises, checkpointed)
+            images = _supernet_sample(net, graph, chain, noise, gates, step_noises, checkpointed, condition)
             total, consistency, sparsity, kept_fraction, sparsity_on = _dipgo_loss(
-                dense_images, images, gates, shares, graph, timesteps, macs,
-                loss=loss, sparsity_weight=sparsity_weight, mac_fraction=mac_fraction)
+                dense_images, images, gates, shares, graph, timesteps, macs, loss=loss,
+                sparsity_weight=sparsity_weight, mac_fraction=mac_fraction,
+                data_range=float(dense_images.max() - dense_images.min()) if latents else 2.0)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(pruner.parameters(), grad_clip)
@@ -659,7 +700,10 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
     settings = dict(sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing, clip_x0=clip_x0, t_min=t_min,
                     train_steps=train_steps, batch_size=batch_size, lr=lr, momentum=momentum,
                     weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps, seed=seed,
-                    loss=loss, sparsity_weight=sparsity_weight, query_dim=query_dim, num_heads=num_heads)
+                    loss=loss, sparsity_weight=sparsity_weight, query_dim=query_dim, num_heads=num_heads,
+                    latents=latents,
+                    **({} if conditioning is None else {"conditioning": conditioning.describe(),
+                                                        "guidance_scale": guidance_scale}))
     return plan_from_scores(scores, graph, macs, timesteps, mac_fraction, method="dipgo",
                             metadata={"settings": settings, "history": history,
                                       "scores": [[round(float(s), 6) for s in row] for row in scores]})
@@ -694,25 +738,33 @@ def _training_the_gates_only(net: nn.Module):
 
 
 def _dense_images_and_draws(chain, net: nn.Module, seeds: range, image_shape, num_steps: int,
-                            device: torch.device):
-    """The dense sampler's final images from per-image generators of ``seeds``, and the same draws
-    again (the initial noise and each step's, in the sampler's order) for the SuperNet chain."""
+                            device: torch.device, conditioning=None, guidance_scale: float = 1.0):
+    """The dense sampler's final images from per-image generators of ``seeds`` (under the seeds'
+    conditions, guided as sampling guides), the same draws again (the initial noise and each step's,
+    in the sampler's order) for the SuperNet chain, and its :class:`_Condition` (None if unconditional)."""
     dense_generators = ImageGenerators(seeds)
     noise = dense_generators.randn(image_shape, device=device)
-    dense_images = run_sampler(chain, net, noise, dense_generators)
+    condition = None if conditioning is None else conditioning.sampling_condition(seeds, device)
+    denoiser = Denoiser(net, guidance_scale=guidance_scale, conditioning=conditioning)
+    dense_images = run_sampler(chain, denoiser, noise, dense_generators, condition)
     generators = ImageGenerators(seeds)
     generators.randn(image_shape)
     step_noises = [generators.randn(image_shape, device=device, dtype=torch.float64)
                    if chain.draws_noise(s) else None for s in range(num_steps)]
-    return noise, dense_images, step_noises
+    if condition is None:
+        return noise, dense_images, step_noises, None
+    guided_inputs = (dict(null=conditioning.null_like(condition), scale=guidance_scale)
+                     if guidance_scale != 1.0 else {})
+    return noise, dense_images, step_noises, _Condition(denoiser.keyword, condition, **guided_inputs)
 
 
 def _dipgo_loss(dense_images, images, gates, shares, graph: BlockGraph, timesteps, macs: dict, *,
-                loss: str, sparsity_weight: float, mac_fraction: float):
-    """(1 − SSIM) or MSE of the SuperNet's final images against the dense ones, plus the sparsity
-    term while the kept (hard-gate, cascaded) MAC share is at or above ``mac_fraction``; returns
-    (total, consistency, sparsity, kept MAC share, whether the sparsity term was on)."""
-    consistency = ((1 - ssim(dense_images, images)).mean() if loss == "ssim"
+                loss: str, sparsity_weight: float, mac_fraction: float, data_range: float = 2.0):
+    """(1 − SSIM) (over ``data_range``) or MSE of the SuperNet's final images against the dense ones,
+    plus the sparsity term while the kept (hard-gate, cascaded) MAC share is at or above
+    ``mac_fraction``; returns (total, consistency, sparsity, kept MAC share, whether the sparsity
+    term was on)."""
+    consistency = ((1 - ssim(dense_images, images, data_range)).mean() if loss == "ssim"
                    else F.mse_loss(images, dense_images))
     keep = gates[..., KEEP]
     num_steps = keep.shape[0]

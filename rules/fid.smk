@@ -92,6 +92,8 @@ rule efficiency:
     input:
         model=model_dir,
         plan=lambda w: reuse_plan_file(w.exp, w.variant) or [],
+        # The sampler's prompts (a captions kind), where the sampling chains are timed.
+        prompts=lambda w: prompt_store_input(w) if EXPERIMENTS[w.exp]["reuse"]["models"] else [],
     output:
         info="results/efficiency/{exp}/{variant}.json",
     params:

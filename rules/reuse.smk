@@ -10,6 +10,7 @@ rule reuse_plan:
         "../envs/sample.yaml"
     input:
         model=model_dir,
+        prompts=prompt_store_input,  # DiP-GO's chains are prompted as the samples are (a captions kind)
     output:
         plan="results/reuse/{exp}/{variant}/plan.json",
         picture="results/reuse/{exp}/{variant}/plan.png",

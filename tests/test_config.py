@@ -226,7 +226,6 @@ def set_uvit_channel_mismatch(c):
 def set_class_conditioning(c, **architecture):
     experiment(c)["conditioning"] = {"kind": "class", "num_classes": 10}
     experiment(c)["architecture"].update(architecture)
-    experiment(c)["reuse"]["models"] = []
 
 
 def set_class_embeds_without_null_label(c):
@@ -245,11 +244,6 @@ def set_class_on_uvit(c):
     set_uvit_channel_mismatch(c)
     experiment(c)["architecture"]["in_chans"] = 1
     experiment(c)["conditioning"] = {"kind": "class", "num_classes": 10}
-
-
-def set_conditional_reuse(c):
-    set_class_conditioning(c, num_class_embeds=11)
-    experiment(c)["reuse"]["models"] = ["dense"]
 
 
 def set_unknown_conditioning_kind(c):
@@ -291,11 +285,6 @@ def set_latent_hflip(c):
     experiment(c)["finetune"]["training"]["hflip"] = True
 
 
-def set_latent_reuse(c):
-    set_latent(c)
-    experiment(c)["reuse"]["models"] = ["dense"]
-
-
 def set_autoencoder_not_dividing_the_side(c):
     set_latent(c)
     c["autoencoders"]["vae"]["architecture"]["block_out_channels"] = [8, 16, 16, 16, 16, 16]
@@ -310,7 +299,6 @@ def set_pretrained_sd_on_linear_betas(c):
     experiment(c)["conditioning"] = {"kind": "text", "text_encoder": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                                      "prompts": [str(i) for i in range(10)]}
     experiment(c)["untrained_baseline"] = False
-    experiment(c)["reuse"] = {"models": []}
 
 
 def set_captions_on_the_digits(c):
@@ -344,7 +332,6 @@ def set_reference_dataset_of_another_size(c):
     (set_latent_network_of_image_channels, r"experiments\.digits_unet\.architecture\.in_channels: 1, but the latent "
                                            r"space of autoencoder 'vae' on dataset 'digits' has 4 channel"),
     (set_latent_hflip, r"experiments\.digits_unet\.finetune\.training\.hflip: a latent experiment"),
-    (set_latent_reuse, r"experiments\.digits_unet\.reuse\.models: block reuse of latent models"),
     (set_autoencoder_not_dividing_the_side, r"experiments\.digits_unet\.autoencoder: 'vae' divides the image side by 32, "
                                             r"which does not divide datasets\.digits\.image_size 16"),
 ])
@@ -371,7 +358,6 @@ def test_config_check_names_the_key(mutate, expected):
                                      r"is unconditional"),
     (set_class_on_uvit, r"experiments\.digits_unet\.architecture\.num_classes: unset, but conditioning\.num_classes "
                         r"10 needs 11"),
-    (set_conditional_reuse, r"experiments\.digits_unet\.reuse\.models: block reuse of conditional models"),
     (set_unknown_conditioning_kind, r"experiments\.digits_unet\.conditioning\.kind: 'audio' is not one of none, class, text"),
     (set_unknown_process, r"experiments\.digits_unet\.diffusion\.process: 'vp-sde' is not one of ddpm, vpsde"),
     (set_euler_maruyama_on_ddpm, r"experiments\.digits_unet\.diffusion\.process: 'ddpm', but sample\.sampler "

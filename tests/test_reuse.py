@@ -525,3 +525,139 @@ def test_plan_save_load_round_trip_and_errors_name_the_file(unet, tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json"):
         reuse.ReusePlan.load(tmp_path / "broken.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditional networks with classifier-free guidance (issue 31: DiT, SD's U-Net)
+# ---------------------------------------------------------------------------------------------
+
+TEXT_WIDTH = 32
+TINY_DIT = dict(family="dit", sample_size=8, in_channels=1, patch_size=2, num_attention_heads=2, attention_head_dim=8,
+                num_layers=3, num_embeds_ada_norm=3, norm_num_groups=1)
+TINY_SD = dict(family="sd-unet", sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+               layers_per_block=1, norm_num_groups=4, attention_head_dim=4, cross_attention_dim=TEXT_WIDTH,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+PROMPTS = ["a photo of a trouser", "a photo of an ankle boot", "a sandal"]
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    """{"dit": (class-conditional DiT, its class kind), "sd": (SD U-Net, a text kind)}, random weights
+    (the DiT's adaLN-Zero layers too, so that every block changes its input)."""
+    from igsm.conditioning import ClassLabels, TextPrompts, save_tiny_text_encoder
+    from igsm.families import family_named
+
+    torch.manual_seed(0)
+    dit = family_named("dit").build(TINY_DIT).eval()
+    with torch.no_grad():
+        for name, param in dit.named_parameters():
+            if "norm1.linear" in name or "proj_out" in name:
+                param.normal_(0, 0.3)
+    sd = family_named("sd-unet").build(TINY_SD).eval()
+    encoder = save_tiny_text_encoder(tmp_path_factory.mktemp("clip"), PROMPTS, hidden_size=TEXT_WIDTH, max_length=8)
+    return {"dit": (dit, ClassLabels(3)), "sd": (sd, TextPrompts(str(encoder), PROMPTS))}
+
+
+@pytest.mark.parametrize("family", ["dit", "sd"])
+def test_block_macs_of_a_conditional_network_are_counted_under_its_condition(conditional, family):
+    """Blocks + rest = one forward under the family's example condition (SD: a text embedding of
+    CLIP's 77 tokens, whose keys and values every cross-attention computes; a count under a shorter
+    or no condition would miss them)."""
+    net, _ = conditional[family]
+    macs = reuse.block_macs(net, SHAPE)
+    counter = torch.utils.flop_counter.FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: reuse._cpu_sdpa_flop})
+    condition = ({"class_labels": torch.tensor([0, 1])} if family == "dit"
+                 else {"encoder_hidden_states": torch.randn(2, 77, TEXT_WIDTH)})
+    with counter, torch.no_grad():
+        net(torch.randn(2, *SHAPE), torch.tensor([7, 7]), **condition)
+    assert sum(macs.values()) == pytest.approx(counter.get_total_flops() / 2 / 2, rel=1e-6)
+    assert all(macs[name] > 0 for name in reuse.block_graph(net).names)
+
+
+def guided_denoiser(conditional, family, micro_batch=None, scale=3.0):
+    net, kind = conditional[family]
+    return Denoiser(net, micro_batch=micro_batch, guidance_scale=scale, conditioning=kind)
+
+
+@pytest.mark.parametrize("family", ["dit", "sd"])
+@pytest.mark.parametrize("micro_batch", [None, 2])
+def test_all_recompute_plan_reproduces_guided_ddim_bitwise(conditional, family, micro_batch):
+    net, kind = conditional[family]
+    num_steps = 5
+    plan = plan_for(net, torch.ones(num_steps, len(reuse.block_graph(net).names), dtype=torch.bool),
+                    reuse.sampler_timesteps("ddim", num_steps), "dense")
+    kwargs = dict(sampler="ddim", num_steps=num_steps, seeds=np.arange(3), image_shape=SHAPE, conditioning=kind)
+    dense = generate(guided_denoiser(conditional, family, micro_batch), **kwargs)
+    with reuse.apply_plan(net, plan):
+        assert torch.equal(generate(guided_denoiser(conditional, family, micro_batch), **kwargs), dense)
+    # and a plan that reuses changes the guided images (it is applied) but keeps them finite
+    deepcache = reuse.deepcache_plan(reuse.block_graph(net), plan.macs, plan.timesteps, interval=2)
+    with reuse.apply_plan(net, deepcache):
+        cached = generate(guided_denoiser(conditional, family, micro_batch), **kwargs)
+    assert torch.isfinite(cached).all() and not torch.equal(cached, dense)
+
+
+def test_guided_reuse_keeps_the_conditional_and_null_passes_apart(conditional):
+    """Reusing every block at a step returns the previous step's *guided* ε exactly: the null pass
+    reads its own cached features, not the conditional pass's (one cache for both would give
+    ε̂_c at the reused step, the guidance gone). On SD's U-Net, whose head after the last block
+    does not read t (DiT's final adaLN layer does: its ε changes with t even then)."""
+    family = "sd"
+    net, kind = conditional[family]
+    timesteps = reuse.sampler_timesteps("ddim", 5)
+    graph = reuse.block_graph(net)
+    plan = reuse.reuse_eps_plan(graph, reuse.block_macs(net, SHAPE), timesteps, skipped_steps=[2])
+    denoiser, condition = guided_denoiser(conditional, family), kind.sampling_condition(np.arange(2))
+    eps = []
+    with reuse.apply_plan(net, plan):
+        for t in timesteps:  # a new x at every step: only the caches can make ε repeat
+            eps.append(denoiser(torch.randn(2, *SHAPE), torch.full((2,), t), condition))
+    assert torch.equal(eps[2], eps[1]) and not torch.equal(eps[3], eps[1])
+    with torch.no_grad():
+        unguided = net(torch.randn(2, *SHAPE), torch.full((2,), timesteps[1]),
+                       **{denoiser.keyword: condition}).sample
+    assert not torch.allclose(eps[1], unguided, atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["dit", "sd"])
+def test_supernet_with_every_gate_kept_is_the_guided_sampler(conditional, family):
+    """DiP-GO's chain of a conditional network: each seed's condition for both the dense chain and
+    the SuperNet's, guided alike (the SuperNet runs the conditional and null halves as one batch,
+    so equal up to rounding); against the chain without guidance the images clearly differ (a
+    guidance on the wrong half, or a dropped condition, would not match)."""
+    net, kind = conditional[family]
+    num_steps, seeds = 4, range(3)
+    chain = reuse._make_chain("ddim", num_steps, None, eta=0.5)
+    noise, dense, step_noises, condition = reuse._dense_images_and_draws(
+        chain, net, seeds, SHAPE, num_steps, torch.device("cpu"), kind, guidance_scale=3.0)
+    assert condition.scale == 3.0 and torch.equal(condition.null, kind.null_like(condition.condition))
+    gates = keep_gates(num_steps, len(reuse.block_graph(net).names))
+    images = reuse._supernet_sample(net, reuse.block_graph(net), chain, noise, gates, step_noises, condition=condition)
+    torch.testing.assert_close(images, dense, rtol=1e-4, atol=1e-4)  # guidance ×3 scales the rounding too
+    unguided = reuse._dense_images_and_draws(chain, net, seeds, SHAPE, num_steps, torch.device("cpu"), kind)[1]
+    assert (images - unguided).abs().max() > 1e-2
+    images.square().sum().backward()
+    assert (gates.grad[1:, :, reuse.REUSE].abs().sum(1) > 0).all()
+
+
+def test_dipgo_learns_a_guided_plan_from_the_sample_settings(conditional):
+    """The registry's DiP-GO (the `reuse-plan` stage) reads the conditioning and guidance of the
+    'sample' settings, and for a latent experiment compares latents; the plan it learns runs in
+    the guided sampler."""
+    net, kind = conditional["dit"]
+    options = {"sampler": "ddim", "num_steps": 4, "eta": 0.0, "spacing": "uniform", "clip_x0": False,
+               "guidance_scale": 2.0, "conditioning": {"kind": "class", "num_classes": 3, "drop_prob": 0.1},
+               "latents": {"autoencoder": "results/autoencoders/vae/model", "image_channels": 1}}
+    learn = dict(train_steps=2, batch_size=2, query_dim=16, num_heads=2, progress=False)
+    plan = reuse_methods.make_plan(net, "dipgo", 0.7, options, SCHEDULE, learn)
+    assert plan.recompute[0].all() and plan.mac_fraction() <= 0.7
+    settings = plan.metadata["settings"]
+    assert settings["guidance_scale"] == 2.0 and settings["conditioning"]["kind"] == "class"
+    assert settings["latents"] is True and np.isfinite([h["loss"] for h in plan.metadata["history"]]).all()
+    with pytest.raises(ValueError, match="no condition for a conditional DiTTransformer2DModel"):
+        reuse.learn_plan(net, num_steps=4, image_shape=SHAPE, mac_fraction=0.7, train_steps=1, progress=False)
+    with reuse.apply_plan(net, plan):
+        images = generate(guided_denoiser(conditional, "dit", scale=2.0), sampler="ddim", num_steps=4,
+                          seeds=np.arange(2), image_shape=SHAPE, conditioning=kind)
+    assert torch.isfinite(images).all()

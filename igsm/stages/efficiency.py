@@ -45,8 +45,8 @@ def efficiency(model_dir, out, batch_size: int, throughput: bool | None, sampler
 
 def _sampler_speed(net, shape, macs: int, sampler_settings: dict, plan, batch_size: int, device,
                    measure: bool) -> dict:
-    """The sampler's steps and MACs per image (a reuse plan executes a fraction of them) and, if
-    ``measure``, its whole chains per second."""
+    """The sampler's steps and MACs per image (a reuse plan executes a fraction of them; guidance
+    doubles them) and, if ``measure``, its whole chains per second."""
     from igsm.reuse import load_plan_for
     from igsm.sampling import sampler_kwargs
 
@@ -56,8 +56,12 @@ def _sampler_speed(net, shape, macs: int, sampler_settings: dict, plan, batch_si
         with readable_inputs():
             reuse = load_plan_for(plan, net, sampler_settings, schedule)
     fraction = reuse.mac_fraction() if reuse else 1.0
+    # Classifier-free guidance calls the network twice a step (conditional and null), on one plan.
+    guided = bool(sampler_settings.get("conditioning")) and sampler_settings.get("guidance_scale", 1.0) != 1.0
+    calls = 2 if guided else 1
     result = {"sampler_steps": sampler_settings["num_steps"], "reuse_mac_fraction": fraction,
-              "sampling_macs": macs * sampler_settings["num_steps"] * fraction, "sampling_images_per_s": None}
+              "network_calls_per_step": calls,
+              "sampling_macs": macs * sampler_settings["num_steps"] * calls * fraction, "sampling_images_per_s": None}
     if measure:
         denoiser = make_denoiser(net.to(device), {**sampler_settings, "compile": False})
         result["sampling_images_per_s"] = sampling_images_per_s(
