@@ -32,6 +32,19 @@ def reuse_variant(base: str, method: str, fraction: float) -> str:
     return f"{base}/reuse-{method}-f{float(fraction):g}"
 
 
+def parse_reuse_variant(name: str) -> tuple[str, str, float] | None:
+    """(base, method, target MAC fraction) of a block-reuse variant's name (:func:`reuse_variant`),
+    None for another model's."""
+    base, _, last = name.rpartition("/")
+    if not base or not last.startswith("reuse-") or "-f" not in last:
+        return None
+    method, _, fraction = last.removeprefix("reuse-").rpartition("-f")
+    try:
+        return base, method, float(fraction)
+    except ValueError:
+        return None
+
+
 def scored_models(exp: dict, objectives: dict | None = None) -> dict[str, dict]:
     """{variant: row} for every scored model of one experiment's (validated) settings ``exp``, in
     table order; ``objectives`` is the config's 'objectives' (each row carries its weights; without

@@ -49,6 +49,7 @@ from igsm.reuse_methods import METHODS as REUSE_METHODS
 from igsm.families import FAMILY_KEY, MIGRATION_DEFAULT, assumed_family, family_of_architecture
 from igsm.plan import scored_models
 from igsm.pruning import report_pictures
+from igsm.paper.reuse import published_for as published_reuse
 from igsm.paper.tables import FIGURES as PAPER_FIGURES
 from igsm.paper.tables import SAMPLE_FIGURES as PAPER_SAMPLE_FIGURES
 from igsm.paper.tables import experiments_of, sample_grids, table_names
@@ -252,11 +253,22 @@ def paper_tables_of_config():
     return [t for t in PAPER_TABLES if any(exp in EXPERIMENTS for exp in experiments_of(t))]
 
 
+def reuse_published_of(exp):
+    """The published block-reuse results (igsm/paper/tables.yaml `reuse_published`) of an experiment
+    that samples with block reuse: those of its pretrained teacher, sampler and steps."""
+    experiment = EXPERIMENTS[exp]
+    pretrained = EXPERIMENTS[dense_owner(exp)]["dense"]["pretrained"]
+    if not experiment["reuse"]["models"] or not pretrained:
+        return []
+    return published_reuse(pretrained, experiment["sample"]["sampler"], experiment["sample"]["num_steps"])
+
+
 def all_table_files():
     return (
         [f"results/tables/{exp}.md" for exp in EXPERIMENTS]
         + (["results/tables/all.md"] if EXPERIMENTS else [])
         + [f"results/paper_tables/{table}.md" for table in paper_tables_of_config()]
+        + [f"results/paper_tables/reuse_{exp}.md" for exp in EXPERIMENTS if reuse_published_of(exp)]
         + [f"results/paper_figures/{figure}.png" for figure, (table, _) in PAPER_FIGURES.items()
            if table in paper_tables_of_config()]
         + [f"results/paper_figures/{figure}.png" for figure in PAPER_SAMPLE_FIGURES

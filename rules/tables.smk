@@ -21,6 +21,7 @@ localrules:
     tables,
     combined_table,
     paper_table,
+    reuse_published_table,
     paper_figure,
     paper_samples,
 
@@ -118,6 +119,30 @@ rule paper_table:
         runtime=resource("tables", "runtime"),
     script:
         "../scripts/paper_table.py"
+
+
+# An experiment's block reuse beside the published results of the same method, model, sampler and
+# MAC share (igsm/paper/reuse.py; DiP-GO's SD-1.5 headline for mscoco_sd15).
+rule reuse_published_table:
+    conda:
+        "../envs/tables.yaml"
+    input:
+        csv="results/tables/{exp}.csv",
+    output:
+        markdown="results/paper_tables/reuse_{exp}.md",
+        csv="results/paper_tables/reuse_{exp}.csv",
+    params:
+        published=lambda w: reuse_published_of(w.exp),
+    wildcard_constraints:
+        exp="|".join(re.escape(exp) for exp in EXPERIMENTS) or "$^",
+    log:
+        "results/logs/paper_tables/reuse_{exp}.log",
+    threads: 1
+    resources:
+        mem_mb=resource("tables", "mem_mb"),
+        runtime=resource("tables", "runtime"),
+    script:
+        "../scripts/reuse_table.py"
 
 
 # Figures drawn from the paper's tables (ours solid, the paper's dashed): PNG and PDF.

@@ -710,14 +710,14 @@ def test_latent_models_config_plans_imagenet_dit(tmp_path):
                                        "finetune", "fid_reference")} == \
         {"autoencoder": 1, "encode": 1, "download": 1, "dense_pretrained_uvit": 1, "prune": 2, "finetune": 6,
          "fid_reference": None}  # the reference is the user's ADM batch; the teacher's rule names its family
-    assert counts["sample"] == 7 * 16
+    assert counts["sample"] == (7 + 4) * 16  # the scored models, and the dense sampler's four reuse variants
     jobs = planned(proc.stdout)
     for block in jobs["finetune"] + jobs["prune"]:
         assert "results/data/imagenet256/latents-sd_vae_ft_ema" in block
         assert '"latents": {"autoencoder": "results/autoencoders/sd_vae_ft_ema/model", "image_channels": 3}' in block
         assert '"num_classes": 1000' in block
-    assert all('"guidance_scale": 1.5' in b and '"num_steps": 250' in b and "sd_vae_ft_ema/model" in b
-               for b in jobs["sample"])
+    assert all('"guidance_scale": 1.5' in b and "sd_vae_ft_ema/model" in b for b in jobs["sample"])
+    assert all(('"num_steps": 125' if "reuse-fewer-steps-f0.5" in b else '"num_steps": 250') in b for b in jobs["sample"])
     assert "stabilityai/sd-vae-ft-ema" in jobs["autoencoder"][0]
     teacher = jobs["dense_pretrained_uvit"][0]
     assert "facebook/DiT-XL-2-256" in teacher and '--settings \'{"family": "dit"}\'' in teacher
@@ -727,8 +727,10 @@ def test_latent_models_config_plans_mscoco_sd15(tmp_path):
     """config/latent_models.yaml's mscoco_sd15: COCO train and val downloaded as image stores, the
     train set encoded by SD's VAE, the hub SD U-Net as teacher; training jobs get the captions kind
     without its sampling keys (a new prompt subset reruns no finetune), sampling jobs get the val
-    store as prompts (an input, and its folder in the settings) and SD's guided 50-step DDIM."""
-    proc = dry_run(latent_models_config(tmp_path), tmp_path, "-p", "results/tables/mscoco_sd15.md")
+    store as prompts (an input, and its folder in the settings) and SD's guided 50-step DDIM; block
+    reuse of the teacher and the IGSM student at DiP-GO's 0.8 pruned MACs, its gate tables learnt
+    on the same prompts and guidance, and the table against DiP-GO's published numbers."""
+    proc = dry_run(latent_models_config(tmp_path), tmp_path, "-p", "results/paper_tables/reuse_mscoco_sd15.md")
     assert proc.returncode == 0, proc.stdout[-4000:]
     counts = job_counts(proc.stdout)
     assert {k: counts.get(k) for k in ("autoencoder", "encode", "download", "dense_pretrained_uvit", "prune",
@@ -741,12 +743,23 @@ def test_latent_models_config_plans_mscoco_sd15(tmp_path):
     for block in jobs["sample"]:
         assert "results/data/coco2017_val/train" in block  # an input, and the settings' prompt_store
         assert '"prompt_store": "results/data/coco2017_val/train"' in block
-        assert '"num_prompts": 5000' in block and '"guidance_scale": 7.5' in block and '"num_steps": 50' in block
+        assert '"num_prompts": 5000' in block and '"guidance_scale": 7.5' in block
+        assert ('"num_steps": 10' if "reuse-fewer-steps" in block else '"num_steps": 50') in block
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in jobs["dense_pretrained_uvit"][0]
     assert '"family": "sd-unet"' in jobs["dense_pretrained_uvit"][0]
     # FID against COCO val's images (fid.reference_dataset), whose captions prompted the samples
     assert len(jobs["fid_reference"]) == 1 and "results/data/coco2017_val/train" in jobs["fid_reference"][0]
-    assert len(jobs["fid"]) == 4 and all("results/fid_reference/coco2017_val/clean-n0.npz" in b for b in jobs["fid"])
+    assert len(jobs["fid"]) == 4 + 2 * 4 and all("results/fid_reference/coco2017_val/clean-n0.npz" in b
+                                                 for b in jobs["fid"])
+    # Gate tables of dipgo, deepcache and reuse-eps for the teacher and the IGSM student (fewer-steps
+    # samples 10 of the 50 steps instead), for the prompted, guided sampler.
+    plans = jobs["reuse_plan"]
+    assert sorted(re.search(r"--method (\S+)", b).group(1) for b in plans) == ["deepcache", "deepcache", "dipgo", "dipgo",
+                                                                              "reuse-eps", "reuse-eps"]
+    assert all("--mac-fraction 0.2" in b and '"guidance_scale": 7.5' in b and "results/data/coco2017_val/train" in b
+               for b in plans)
+    assert any("dense/reuse-fewer-steps-f0.2" in b and '"num_steps": 10' in b for b in jobs["sample"])
+    assert len(jobs["clip_score"]) == 4 + 2 * 4 and len(jobs["reuse_published_table"]) == 1
 
 
 def test_per_dataset_target_exists():

@@ -468,3 +468,44 @@ def test_default_config_builds_every_paper_table(tmp_path):
         assert f"results/fid/{exp}/{model}.json" in proc.stdout, model
     for figure in (*paper_tables.FIGURES, *paper_tables.SAMPLE_FIGURES):
         assert f"results/paper_figures/{figure}.pdf" in proc.stdout, figure
+
+
+def test_reuse_table_sets_dipgo_published_numbers_beside_the_same_method_and_share(tmp_path):
+    """igsm/paper/reuse.py: DiP-GO's SD-1.5 headline (CLIP 30.16, 4.4×, 0.8 of the MACs pruned)
+    stands beside our DiP-GO variant of the pretrained model at executed share 0.2 only — not
+    beside the student's, another method's or another share's (the published pruned share read
+    as the executed one would put it on f0.8) — and a model reused by no variant is left out."""
+    from igsm.paper.reuse import comparison, published_for, write
+    from igsm.plan import parse_reuse_variant
+
+    assert parse_reuse_variant("diff-pruning-cr0.3/igsm/reuse-fewer-steps-f0.2") == (
+        "diff-pruning-cr0.3/igsm", "fewer-steps", 0.2)
+    assert parse_reuse_variant("diff-pruning-cr0.3/igsm") is None
+    entries = published_for("runwayml/stable-diffusion-v1-5", "ddim", 50)
+    assert [e["clip_score"] for e in entries] == [30.16]
+    notes = SHARED / "reference" / "pruning-methods-notes.md"
+    if notes.is_file():  # the numbers as the reference notes quote them
+        assert "CLIP 30.16 (DDIM) on 5k COCO prompts at p=0.8" in notes.read_text()
+        assert "4.4 x speedup for SD-1.5" in (SHARED / "reference" / "dip-go-abstract.txt").read_text()
+    else:
+        skip_or_fail_in_ci(f"{notes} is missing")
+    assert published_for("stable-diffusion-v1-5/stable-diffusion-v1-5", "ddim", 50) == entries
+    assert published_for("stable-diffusion-v1-5/stable-diffusion-v1-5", "ddim", 25) == []
+    models = ["dense", "dense/reuse-dipgo-f0.2", "dense/reuse-dipgo-f0.8", "dense/reuse-deepcache-f0.2",
+              "diff-pruning-cr0.5/np", "diff-pruning-cr0.3/igsm", "diff-pruning-cr0.3/igsm/reuse-dipgo-f0.2"]
+    table = pd.DataFrame({"model": models, "fid": [20.0, 21.0, 20.5, 22.0, 30.0, 25.0, 26.0],
+                          "fid_images": 5000, "clip_score": [31.0, 30.5, 30.9, 29.0, 28.0, 29.5, 29.2],
+                          "mac_fraction": [1.0, 0.199, 0.79, 0.2, 1.0, 1.0, 0.198],
+                          "sampler_steps": 50, "sampling_speedup": [1.0, 3.9, 1.2, 2.5, None, 1.0, 4.1]})
+    cells = comparison(table, entries).set_index("model")
+    assert list(cells.index) == [m for m in models if m != "diff-pruning-cr0.5/np"]
+    published = cells.paper_clip_score.dropna()
+    assert list(published.index) == ["dense/reuse-dipgo-f0.2"] and published.iloc[0] == 30.16
+    row = cells.loc["dense/reuse-dipgo-f0.2"]
+    assert row.delta_clip_score == pytest.approx(30.5 - 30.16) and row.paper_speedup == 4.4
+    assert row.reuse == "dipgo" and row.target_mac_share == 0.2 and "5k COCO captions" in row.paper_source
+    assert cells.loc["dense"].reuse == "full sampler" and cells.loc["dense"].target_mac_share == 1.0
+    write(comparison(table, entries), "mscoco_sd15", tmp_path / "t.md", tmp_path / "t.csv", clip_model="openai/clip")
+    text = (tmp_path / "t.md").read_text()
+    assert "30.16" in text and "openai/clip" in text and "–" in text
+    assert pd.read_csv(tmp_path / "t.csv").paper_speedup.notna().sum() == 1

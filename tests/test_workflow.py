@@ -227,9 +227,16 @@ def test_conditional_and_latent_models_run_through_the_workflow(tmp_path):
     an autoencoder's latents (encoded once, decoded before FID); the samples and the FID JSON say
     which conditioning and guidance made them."""
     experiments = ("digits_latent_dit", "digits_text_sd")
-    scored = {"digits_latent_dit": ("dense", "diff-pruning-cr0.3/igsm"), "digits_text_sd": ("diff-pruning-cr0.3/igsm",)}
+    # Block reuse of the guided latent samplers too: DiP-GO's table for the DiT, DeepCache's for SD.
+    scored = {"digits_latent_dit": ("dense", "diff-pruning-cr0.3/igsm", "dense/reuse-dipgo-f0.6"),
+              "digits_text_sd": ("diff-pruning-cr0.3/igsm", "dense/reuse-deepcache-f0.8")}
     targets = [f"results/fid/{exp}/{v}.json" for exp in experiments for v in scored[exp]]
-    proc = snakemake_in(tmp_path, tiny_latent_config(tmp_path), *targets)
+    targets.append("results/efficiency/digits_text_sd/dense/reuse-deepcache-f0.8.json")
+    config = tiny_latent_config(tmp_path)
+    config["experiments"]["digits_latent_dit"]["reuse"]["learn"]["train_steps"] = 3
+    # At 4 sampler steps DeepCache's cheapest plan still runs 0.67 of SD's MACs (the outer blocks are big).
+    config["experiments"]["digits_text_sd"]["reuse"]["mac_fractions"] = [0.8]
+    proc = snakemake_in(tmp_path, config, *targets)
     assert proc.returncode == 0, proc.stdout[-8000:]
     results = tmp_path / "results"
     for exp in experiments:
@@ -253,6 +260,16 @@ def test_conditional_and_latent_models_run_through_the_workflow(tmp_path):
     assert summary["settings"]["latents"]["autoencoder"] == "results/autoencoders/tiny_vae/model"
     images, _, metadata = load_samples(results / "samples/digits_latent_dit/dense/samples.npz")
     assert images.shape == (12, 16, 16, 1) and metadata["latents"]["autoencoder"] == latents["latent"]["autoencoder"]
+    # The reuse variants: the DiT's table learnt on its guided latent chains, SD's sampled with its
+    # deepcache table; a guided step costs two network calls, on the one gate row.
+    plan = json.loads((results / "reuse/digits_latent_dit/dense/reuse-dipgo-f0.6/plan.json").read_text())
+    settings = plan["metadata"]["settings"]
+    assert settings["guidance_scale"] == 2.0 and settings["latents"] and settings["conditioning"]["kind"] == "class"
+    _, _, metadata = load_samples(results / "samples/digits_text_sd/dense/reuse-deepcache-f0.8/samples.npz")
+    assert metadata["reuse_plan"] and metadata["guidance_scale"] == 2.0
+    efficiency = json.loads((results / "efficiency/digits_text_sd/dense/reuse-deepcache-f0.8.json").read_text())
+    assert efficiency["network_calls_per_step"] == 2 and efficiency["sampling_macs"] == pytest.approx(
+        efficiency["macs"] * 4 * 2 * efficiency["reuse_mac_fraction"])
     pruned = json.loads((results / "prune/digits_latent_dit/diff-pruning-cr0.3/model/architecture.json").read_text())
     assert pruned["config"]["num_embeds_ada_norm"] == 10  # the label table kept whole
     # A column per class (per prompt): 12 images of 16 px (drawn 64 px, 1 px apart) in rows of 10.
