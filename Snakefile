@@ -45,6 +45,7 @@ include: "rules/reuse.smk"
 include: "rules/sample.smk"
 include: "rules/fid.smk"
 include: "rules/clip_score.smk"
+include: "rules/consistency.smk"
 include: "rules/tables.smk"
 
 

@@ -221,6 +221,15 @@ COMMANDS = (
             "(torchmetrics' CLIPScore; settings: 'clip_score' + the experiment's 'conditioning').",
             (_option("--samples", required=True, type=_file(exists=True), help="Samples .npz (images, seeds)."),
              _option("--out", required=True, type=_file(), help="CLIP score JSON."), *RUNS_ON), ClipScoreSettings),
+    Command("consistency", "consistency:consistency",
+            "SSIM and PSNR of a model's samples to the dense model's samples of the same seeds (torchmetrics; "
+            "Diff-Pruning's consistency).",
+            (_option("--samples", required=True, type=_file(exists=True), help="Samples .npz of the model."),
+             _option("--reference", required=True, type=_file(exists=True),
+                     help="Samples .npz of the dense model, holding every seed of --samples."),
+             _option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+                     help="Image pairs per metric call."),
+             _option("--out", required=True, type=_file(), help="Consistency JSON."), THREADS)),
     Command("reuse-plan", "reuse:reuse_plan",
             "The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse_methods): "
             "DiP-GO learns it on the sampler's own chains; deepcache and reuse-eps follow a rule.",

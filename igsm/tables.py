@@ -23,6 +23,8 @@ COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_l
            "paper_source", "reuse", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup"]
 # Only in the tables of experiments with CLIP scores (clip_score.enabled), after the FID's columns.
 CLIP_COLUMNS = ["clip_score", "clip_model"]
+# Only in the tables of experiments compared with their dense samples (consistency.enabled), after those.
+CONSISTENCY_COLUMNS = ["ssim_to_dense", "psnr_to_dense"]
 
 
 def _load(path):
@@ -61,13 +63,14 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
                objectives: dict | None = None) -> pd.DataFrame:
     """One table row per scored model; ``rows`` hold the paths of its JSON files (rules/common.smk
     ``table_rows``): ``metadata`` (what the model is: results/variants/<exp>/<variant>.json),
-    ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` / ``clip_score`` where it has them;
+    ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` / ``clip_score`` / ``consistency``
+    where it has them;
     ``objectives``: the config's objectives (their directions; the metadata holds the weights). A
     block-reuse variant gets no paper value: the paper's FIDs are of the full sampler."""
     out = []
     for entry in rows:
         meta, fid, eff = _load(entry["metadata"]), _load(entry["fid"]), _load(entry["efficiency"])
-        clip = _load(entry.get("clip_score"))
+        clip, consistency = _load(entry.get("clip_score")), _load(entry.get("consistency"))
         summary, report = _load(entry["summary"]), _load(entry["prune_report"])
         timing = summary.get("timing", {})
         variant = meta["variant"]
@@ -110,11 +113,13 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             "base": meta.get("base", variant),
             "clip_score": clip.get("clip_score"),
             "clip_model": clip.get("clip_model"),
+            "ssim_to_dense": consistency.get("ssim"),
+            "psnr_to_dense": consistency.get("psnr"),
         })
-    columns = COLUMNS
-    if any(entry.get("clip_score") for entry in rows):
-        at = COLUMNS.index("fid_mode") + 1
-        columns = COLUMNS[:at] + CLIP_COLUMNS + COLUMNS[at:]
+    at = COLUMNS.index("fid_mode") + 1
+    extra = (CLIP_COLUMNS if any(entry.get("clip_score") for entry in rows) else []) + \
+        (CONSISTENCY_COLUMNS if any(entry.get("consistency") for entry in rows) else [])
+    columns = COLUMNS[:at] + extra + COLUMNS[at:]
     table = pd.DataFrame(out, columns=columns + ["sampling_macs", "base"])
     base = table.set_index("model")
     for column, ratio in (("sampling_macs", "mac_fraction"), ("sampling_images_per_s", "sampling_speedup")):
@@ -137,7 +142,11 @@ def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title
         "fid_mode": "FID mode", "pr_label": "PR label", "sec_per_step": "s/step",
         "train_minutes": "train min", "peak_memory_GiB": "peak GiB", "channel_ratio": "channel ratio",
         "paper_source": "paper source", "sampler_steps": "sampler steps", "mac_fraction": "MAC share",
-        "sampling_images_per_s": "samples/s", "sampling_speedup": "sampling speed-up"})
+        "sampling_images_per_s": "samples/s", "sampling_speedup": "sampling speed-up",
+        "ssim_to_dense": "SSIM to dense", "psnr_to_dense": "PSNR to dense (dB)"})
+    # Experiments not compared with their dense samples (the combined table) show no such columns.
+    shown = shown.drop(columns=[c for c in ("SSIM to dense", "PSNR to dense (dB)")
+                                if c in shown and shown[c].isna().all()])
     if not table.reuse.astype(bool).any():  # no block reuse in this experiment: its columns stay out
         shown = shown.drop(columns=["reuse", "sampler steps", "MAC share", "samples/s", "sampling speed-up"])
     shown = _clip_columns_shown(shown)

@@ -294,6 +294,8 @@ def table_rows(exp):
             row["prune_report"] = f"results/prune/{exp}/{meta['pruned']}/report.json"
         if exp in clip_score_experiments():  # only there: other experiments' table jobs stay as they were
             row["clip_score"] = f"results/clip_score/{exp}/{variant}.json"
+        if exp in consistency_experiments() and variant != "dense":  # the dense model is the reference
+            row["consistency"] = f"results/consistency/{exp}/{variant}.json"
         rows.append(row)
     return rows
 
@@ -360,6 +362,11 @@ def scored_samples_file(exp, variant):
     images, so the owner's are read instead of sampling them a second time."""
     owner = owner_of_same_samples(exp, variant)
     return f"results/samples/{owner or exp}/{variant}/samples.npz"
+
+
+def consistency_experiments():
+    """The experiments whose models are compared with their dense model's samples (consistency.enabled)."""
+    return [exp for exp, spec in EXPERIMENTS.items() if spec["consistency"]["enabled"]]
 
 
 def clip_score_experiments():

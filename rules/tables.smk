@@ -134,7 +134,7 @@ rule reuse_published_table:
     params:
         published=lambda w: reuse_published_of(w.exp),
     wildcard_constraints:
-        exp="|".join(re.escape(exp) for exp in EXPERIMENTS) or "$^",
+        exp=_one_of(EXPERIMENTS),
     log:
         "results/logs/paper_tables/reuse_{exp}.log",
     threads: 1

@@ -231,7 +231,9 @@ def test_conditional_and_latent_models_run_through_the_workflow(tmp_path):
     scored = {"digits_latent_dit": ("dense", "diff-pruning-cr0.3/igsm", "dense/reuse-dipgo-f0.6"),
               "digits_text_sd": ("diff-pruning-cr0.3/igsm", "dense/reuse-deepcache-f0.8")}
     targets = [f"results/fid/{exp}/{v}.json" for exp in experiments for v in scored[exp]]
-    targets.append("results/efficiency/digits_text_sd/dense/reuse-deepcache-f0.8.json")
+    targets += ["results/efficiency/digits_text_sd/dense/reuse-deepcache-f0.8.json",
+                "results/consistency/digits_latent_dit/diff-pruning-cr0.3/igsm.json",
+                "results/consistency/digits_latent_dit/dense/reuse-dipgo-f0.6.json"]
     config = tiny_latent_config(tmp_path)
     config["experiments"]["digits_latent_dit"]["reuse"]["learn"]["train_steps"] = 3
     # At 4 sampler steps DeepCache's cheapest plan still runs 0.67 of SD's MACs (the outer blocks are big).
@@ -270,6 +272,11 @@ def test_conditional_and_latent_models_run_through_the_workflow(tmp_path):
     efficiency = json.loads((results / "efficiency/digits_text_sd/dense/reuse-deepcache-f0.8.json").read_text())
     assert efficiency["network_calls_per_step"] == 2 and efficiency["sampling_macs"] == pytest.approx(
         efficiency["macs"] * 4 * 2 * efficiency["reuse_mac_fraction"])
+    # SSIM / PSNR to the dense model's images of the same seeds (decoded images, both guided)
+    for variant in ("diff-pruning-cr0.3/igsm", "dense/reuse-dipgo-f0.6"):
+        score = json.loads((results / f"consistency/digits_latent_dit/{variant}.json").read_text())
+        assert score["num_images"] == 12 and -1 < score["ssim"] <= 1
+        assert score["reference"] == "results/samples/digits_latent_dit/dense/samples.npz"
     pruned = json.loads((results / "prune/digits_latent_dit/diff-pruning-cr0.3/model/architecture.json").read_text())
     assert pruned["config"]["num_embeds_ada_norm"] == 10  # the label table kept whole
     # A column per class (per prompt): 12 images of 16 px (drawn 64 px, 1 px apart) in rows of 10.
