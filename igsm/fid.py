@@ -71,6 +71,18 @@ DOWNLOAD_TIMEOUT_S = 60.0
 # Weights
 # ---------------------------------------------------------------------------------------------
 
+def library_versions() -> dict[str, str]:
+    """The versions that can move a FID's last digits: torch (the Inception features), numpy and
+    scipy (the statistics, ``sqrtm``), clean-fid (its resizer and reference arithmetic)."""
+    from importlib import metadata
+
+    import scipy
+
+    # torch's own string names its CUDA build too (2.14.1+cu130); clean-fid has no __version__.
+    return {"torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "clean-fid": metadata.version("clean-fid")}
+
+
 def default_cache_dir() -> Path:
     """``$IGSM_CACHE_DIR``, else ``$XDG_CACHE_HOME/igsm``, else ``~/.cache/igsm``."""
     if os.environ.get(CACHE_DIR_ENV):
@@ -226,10 +238,10 @@ class FeatureExtractor:
 
     @property
     def metadata(self) -> dict:
-        """What a statistics file records about how its features were made."""
+        """What a statistics file records about how its features were made (and the FID JSON repeats)."""
         return {"mode": self.mode, "feature_extractor": self.name, "weights_file": self.weights_file,
                 "weights_sha1": self.weights_sha1, "precision": self.precision, "device": str(self.device),
-                "channels_last": self.channels_last}
+                "channels_last": self.channels_last, "feature_versions": library_versions()}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         precision = strict_fp32() if self.device.type == "cuda" else contextlib.nullcontext()

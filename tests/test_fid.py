@@ -6,6 +6,7 @@ distance of 2048-D statistics costs ~10 s here (sqrtm): the tests that only chec
 use small synthetic statistics.
 """
 
+import inspect
 import json
 
 import numpy as np
@@ -74,9 +75,13 @@ def fid_ab(extractor, features):
 
 
 @pytest.mark.slow  # ~20–40 s of Inception on a CPU: `make test` only, not test-quick
-def test_fid_equals_clean_fid_compute_fid_on_png_folders(extractor, sets, features, fid_ab, tmp_path_factory):
+def test_fid_equals_clean_fid_compute_fid_on_png_folders(extractor, sets, features, fid_ab, tmp_path_factory,
+                                                         request):
     # clean-fid end to end (its folder reader, resizer, statistics and frechet_distance with its
-    # sqrtm(disp=False)): the installed SciPy must be one where clean-fid still works (< 1.18).
+    # sqrtm(disp=False): on SciPy ≥ 1.18 through clean_fid_runnable's shim, the only change to it).
+    monkeypatch = pytest.MonkeyPatch()
+    clean_fid_runnable(monkeypatch)
+    request.addfinalizer(monkeypatch.undo)
     root = tmp_path_factory.mktemp("folders")
     folder_a, folder_b = (save_pngs(images, root / name) for images, name in zip(sets, "ab"))
     theirs = fid.cleanfid_fid.compute_fid(str(folder_a), str(folder_b), mode="clean",
@@ -149,20 +154,45 @@ def test_fid_of_non_commuting_gaussians_equals_brute_force():
     assert fid.frechet_distance((mu_a, sigma_c), (mu_b, sigma_d)) == pytest.approx(expected, rel=1e-6)
 
 
-def test_fid_equals_clean_fid_frechet_distance_bit_for_bit():
-    # Same sqrtm, same steps: the numbers stay those clean-fid reported with this SciPy.
-    rng = np.random.default_rng(3)
-    dim = 64
-    stats = [(rng.normal(0, 1, dim), random_spd(dim, rng, rank=40)) for _ in range(2)]
-    theirs = fid.cleanfid_fid.frechet_distance(*stats[0], *stats[1])
-    assert fid.frechet_distance(*stats) == theirs
-
-
 def sqrtm_without_disp(original):
     """scipy.linalg.sqrtm as SciPy 1.18 has it: no `disp` (nor `blocksize`)."""
     def sqrtm(A):
         return original(A)
     return sqrtm
+
+
+def clean_fid_runnable(monkeypatch):
+    """clean-fid 0.1.35 calls ``scipy.linalg.sqrtm(A, disp=False)``, which SciPy 1.18 removed: there
+    (or wherever sqrtm takes no ``disp``), its functions run with a sqrtm that takes it again and
+    returns what ``disp=False`` returned, (root, SciPy's error estimate ‖root² − A‖_F / ‖A‖_F) — the
+    only change to clean-fid; on an older SciPy nothing is patched. Returns whether it patched."""
+    current = scipy.linalg.sqrtm
+    if "disp" in inspect.signature(current).parameters:
+        return False
+
+    def sqrtm(A, disp=True, blocksize=64):
+        root = current(A)
+        root = root[0] if isinstance(root, tuple) else root
+        return root if disp else (root, np.linalg.norm(root @ root - A, "fro") / np.linalg.norm(A, "fro"))
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm)
+    return True
+
+
+@pytest.mark.parametrize("scipy_1_18", [False, True])
+def test_fid_equals_clean_fid_frechet_distance_bit_for_bit(monkeypatch, scipy_1_18):
+    # Same sqrtm, same steps: the numbers stay those clean-fid reported with this SciPy, and with a
+    # SciPy whose sqrtm has no `disp` (simulated here; the real one on the GPU machine's SciPy 1.18)
+    # clean-fid is run through clean_fid_runnable's shim.
+    rng = np.random.default_rng(3)
+    dim = 64
+    stats = [(rng.normal(0, 1, dim), random_spd(dim, rng, rank=40)) for _ in range(2)]
+    if scipy_1_18:
+        monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp(scipy.linalg.sqrtm))
+    patched = clean_fid_runnable(monkeypatch)
+    assert patched or not scipy_1_18
+    theirs = fid.cleanfid_fid.frechet_distance(*stats[0], *stats[1])
+    assert fid.frechet_distance(*stats) == theirs
 
 
 def test_fid_runs_where_sqrtm_has_no_disp_argument(monkeypatch):
@@ -372,7 +402,13 @@ def test_fid_command_needs_only_the_statistics_files(extractor, sets, features, 
     assert set(payload) == {"fid", "num_images", "samples", "statistics", "reference", "reference_kind", "num_reference",
                             "reference_feature_extractor", "same_feature_extractor",
                             "image_precision", "sampler", "sampler_kwargs", "mode", "feature_extractor",
-                            "weights_file", "weights_sha1", "precision", "device", "channels_last"}
+                            "weights_file", "weights_sha1", "precision", "device", "channels_last",
+                            "feature_versions", "distance_versions"}
+    # the libraries that can move its last digits (issue 32): the features' and the distance's
+    import scipy
+
+    assert payload["distance_versions"]["scipy"] == scipy.__version__
+    assert payload["feature_versions"]["torch"] == torch.__version__ and "clean-fid" in payload["feature_versions"]
     assert payload["same_feature_extractor"] is True  # the workflow's own reference
     assert payload["fid"] == pytest.approx(fid_ab, rel=1e-6)
     assert (payload["num_images"], payload["num_reference"], payload["samples"], payload["statistics"],

@@ -96,5 +96,7 @@ def fid_score(statistics, reference, out, settings: FidSettings, threads: int | 
                      "image_precision": sample_metadata["image_precision"] or "unknown",
                      "sampler": sample_metadata["sampler"],
                      "sampler_kwargs": sample_metadata["sampler_kwargs"], **conditional, **extractor_metadata,
+                     # The Fréchet distance's own (numpy, scipy's sqrtm); the features' are feature_versions.
+                     "distance_versions": fid.library_versions(),
                      # another dataset's images (fid.reference_dataset), named only where given
                      **({"reference_dataset": settings.reference_dataset} if settings.reference_dataset else {})})
