@@ -133,10 +133,19 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
     return table
 
 
-def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title: str = "") -> None:
+# The combined table's Markdown (results/tables/all.md, what `make demo` prints): the columns a reader
+# compares across experiments, each shown only where some row has a value; the CSV keeps them all.
+SUMMARY_COLUMNS = ["experiment", "model", "PR label", "params (M)", "MACs (G)", "FID", "FID images", "CLIP",
+                   "SSIM to dense", "speed", "MAC share", "sampling speed-up", "paper FID", "Δ FID"]
+
+
+def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title: str = "",
+                 summary: bool = False) -> None:
+    """The table as CSV (every column), Markdown and LaTeX; ``summary``: the Markdown and LaTeX show
+    SUMMARY_COLUMNS only (the combined table of every experiment)."""
     if csv:
         table.to_csv(csv, index=False)
-    shown = table.drop(columns=["experiment"]).rename(columns={
+    shown = table.drop(columns=[] if summary else ["experiment"]).rename(columns={
         "params_M": "params (M)", "macs_G": "MACs (G)", "images_per_s": "images/s", "speed": "speed", "fid": "FID", "paper_fid": "paper FID",
         "delta_fid": "Δ FID", "training_steps": "steps", "batch_size": "batch", "fid_images": "FID images",
         "fid_mode": "FID mode", "pr_label": "PR label", "sec_per_step": "s/step",
@@ -150,10 +159,19 @@ def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title
     if not table.reuse.astype(bool).any():  # no block reuse in this experiment: its columns stay out
         shown = shown.drop(columns=["reuse", "sampler steps", "MAC share", "samples/s", "sampling speed-up"])
     shown = _clip_columns_shown(shown)
+    legend = ""
+    if summary:
+        def rank(column):  # SUMMARY_COLUMNS' order; "CLIP (<model>)" where "CLIP" stands
+            return SUMMARY_COLUMNS.index("CLIP" if column.startswith("CLIP (") else column)
+
+        kept = [c for c in shown if (c in SUMMARY_COLUMNS or c.startswith("CLIP (")) and shown[c].notna().any()]
+        shown = shown[sorted(kept, key=rank)]
+        legend = ("The main columns; every column of every model: all.csv beside this file, and each "
+                  "experiment's own table (results/tables/<experiment>.md).\n\n")
     shown = shown.astype(object).where(shown.notna(), None)  # blanks print as "–", not "nan"
     if markdown:
         text = shown.to_markdown(index=False, floatfmt=".2f", missingval="–")
-        Path(markdown).write_text((f"## {title}\n\n" if title else "") + text + "\n")
+        Path(markdown).write_text((f"## {title}\n\n" if title else "") + legend + text + "\n")
     if latex:
         Path(latex).write_text(shown.to_latex(index=False, float_format="%.2f", na_rep="--"))
 

@@ -9,4 +9,4 @@ from igsm.tables import write_tables
 
 sys.stderr = open(snakemake.log[0], "w")
 table = pd.concat([pd.read_csv(path) for path in snakemake.input.csv], ignore_index=True)
-write_tables(table, snakemake.output.markdown, snakemake.output.csv, title="All experiments")
+write_tables(table, snakemake.output.markdown, snakemake.output.csv, title="All experiments", summary=True)

@@ -146,3 +146,19 @@ def test_written_tables_put_each_number_in_its_column(table, tmp_path):
                  if "diff-pruning-cr0.3/igsm" in line)
     row = dict(zip(header, cells))
     assert (row["FID"], row["paper FID"], row["Δ FID"]) == ("4.50", "4.58", "-0.08")
+
+
+def test_combined_summary_shows_the_main_columns_that_have_values(table, tmp_path):
+    """results/tables/all.md (what `make demo` prints): the experiment, the model and the columns
+    compared across experiments, those without any value left out; the CSV keeps every column
+    (catches the summary dropping the experiment, keeping the 20-odd training columns, or losing a
+    column in the CSV)."""
+    md, csv = tmp_path / "all.md", tmp_path / "all.csv"
+    tables.write_tables(table.reset_index(), markdown=md, csv=csv, title="All experiments", summary=True)
+    lines = md.read_text().splitlines()
+    header = [c.strip() for c in next(line for line in lines if line.startswith("|")).strip("|").split("|")]
+    assert header[:2] == ["experiment", "model"] and "FID" in header and "paper FID" in header
+    assert set(header) <= set(tables.SUMMARY_COLUMNS)
+    assert not {"steps", "batch", "s/step", "train min", "paper source", "CLIP", "SSIM to dense"} & set(header)
+    assert "all.csv" in md.read_text()
+    assert list(pd.read_csv(csv).columns) == list(table.reset_index().columns)
