@@ -227,9 +227,9 @@ COMMANDS = (
             (_option("--samples", required=True, type=_file(exists=True), help="Samples .npz of the model."),
              _option("--reference", required=True, type=_file(exists=True),
                      help="Samples .npz of the dense model, holding every seed of --samples."),
+             _option("--out", required=True, type=_file(), help="Consistency JSON."),
              _option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Image pairs per metric call."),
-             _option("--out", required=True, type=_file(), help="Consistency JSON."), THREADS)),
+                     help="Image pairs per metric call."), THREADS)),
     Command("reuse-plan", "reuse:reuse_plan",
             "The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse_methods): "
             "DiP-GO learns it on the sampler's own chains; deepcache and reuse-eps follow a rule.",

@@ -304,6 +304,7 @@ def test_latent_config_plans_clip_scores_for_the_text_experiment_only(tmp_path):
     disabled = plan("disabled", {"enabled": False})
     clip = {out: shell for (rule, out), (_, shell) in enabled.items() if rule == "clip_score"}
     variants = ["dense", "untrained", "diff-pruning-cr0.3/np", "diff-pruning-cr0.3/igsm"]
+    variants += [f"dense/reuse-{method}-f0.6" for method in ("dipgo", "deepcache", "reuse-eps", "fewer-steps")]
     assert sorted(clip) == sorted(f"results/clip_score/digits_text_sd/{v}.json" for v in variants)
     for variant in variants:
         shell = clip[f"results/clip_score/digits_text_sd/{variant}.json"]
@@ -336,7 +337,7 @@ def test_captions_experiment_plans_clip_scores_with_its_prompt_store(tmp_path):
                          "--configfile", str(path), check=False)
     assert proc.returncode == 0, proc.stdout[-4000:]
     clip = {out: job for (rule, out), job in planned_jobs(proc.stdout).items() if rule == "clip_score"}
-    assert len(clip) == 4  # dense and the three finetunes (config/latent_models.yaml)
+    assert len(clip) == 4 + 2 * 4  # dense, the three finetunes, and 4 reuse variants of dense and of IGSM
     for out, (inputs, shell) in clip.items():
         assert "results/data/coco2017_val/train" in inputs
         settings = json.loads(re.search(r"--settings '(\{.*?\})'", shell).group(1))

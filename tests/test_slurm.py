@@ -175,7 +175,8 @@ VOLATILE_COLUMNS = ("sec_per_step", "train_minutes", "peak_memory_GiB")
 
 # What an experiment with block reuse adds to every model's efficiency file and table row (the
 # SLURM run has no reuse section): the sampler's MACs and speed beside the network's.
-SAMPLER_KEYS = ("sampler_steps", "reuse_mac_fraction", "sampling_macs", "sampling_images_per_s")
+SAMPLER_KEYS = ("sampler_steps", "reuse_mac_fraction", "network_calls_per_step", "sampling_macs",
+                "sampling_images_per_s")
 SAMPLER_COLUMNS = ("reuse", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup")
 
 
