@@ -16,7 +16,7 @@ EXPERIMENTS = config["experiments"]
 # --use-conda, `python` is the interpreter running Snakemake (e.g. .venv/bin/snakemake called
 # without activating the venv), not whichever python comes first on PATH.
 _use_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-_python_path = "" if _use_conda else f"export PATH={shlex.quote(os.path.dirname(sys.executable))}:\"$PATH\"; "
+_python_path = "" if _use_conda else f'export PATH={shlex.quote(os.path.dirname(sys.executable))}:"$PATH"; '
 shell.prefix(f"{_python_path}export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 
@@ -42,8 +42,15 @@ sys.path.insert(0, workflow.basedir)
 from igsm.conditioning import NONE as UNCONDITIONAL
 from igsm.conditioning import sampling_section as conditioning_for_sampling
 from igsm.conditioning import training_section as conditioning_for_training
-from igsm.config import (ConfigError, apply_scale, check_config, check_writable, dataset_channels, pruning_method,
-                         training_job)
+from igsm.config import (
+    ConfigError,
+    apply_scale,
+    check_config,
+    check_writable,
+    dataset_channels,
+    pruning_method,
+    training_job,
+)
 from igsm.data import write_text_atomically
 from igsm.reuse_methods import METHODS as REUSE_METHODS
 from igsm.families import FAMILY_KEY, MIGRATION_DEFAULT, assumed_family, family_of_architecture
@@ -91,7 +98,8 @@ wildcard_constraints:
 # hub id means (DiT, SD's U-Net: their own diffusers classes); check_config has named every
 # experiment's family. Their rule passes the architecture; the U-Net rule's command is as it was.
 ARCHITECTURE_PRETRAINED_EXPERIMENTS = [
-    exp for exp, spec in EXPERIMENTS.items()
+    exp
+    for exp, spec in EXPERIMENTS.items()
     if family_of_architecture(spec["architecture"]).pretrained_needs_architecture
     or family_of_architecture(spec["architecture"]).name != MIGRATION_DEFAULT
 ]
@@ -172,8 +180,11 @@ def diffusion_settings(exp):
     (a settings change reruns them); igsm.diffusion reads a missing process as ddpm."""
     diffusion = EXPERIMENTS[exp]["diffusion"]
     # Likewise DDPM's linear β schedule goes without its beta_schedule key (added for SD's scaled_linear).
-    return {k: v for k, v in diffusion.items()
-            if not (k == "process" and v == "ddpm") and not (k == "beta_schedule" and v == "linear")}
+    return {
+        k: v
+        for k, v in diffusion.items()
+        if not (k == "process" and v == "ddpm") and not (k == "beta_schedule" and v == "linear")
+    }
 
 
 def experiment_context(exp, runs_network=True):
@@ -221,9 +232,11 @@ def objective_settings(name):
     gives it, bar those that mean nothing here (OTD's settings without OTD directions, an unset
     timestep range), so that a new option reaches the jobs without being listed here."""
     spec = config["objectives"][name]
-    return {key: value for key, value in spec.items()
-            if not (key == "otd" and spec["directions"] != "otd")
-            and not (key == "jacobian_timesteps" and value is None)}
+    return {
+        key: value
+        for key, value in spec.items()
+        if not (key == "otd" and spec["directions"] != "otd") and not (key == "jacobian_timesteps" and value is None)
+    }
 
 
 def resource(stage, key):
@@ -269,10 +282,16 @@ def all_table_files():
         + (["results/tables/all.md"] if EXPERIMENTS else [])
         + [f"results/paper_tables/{table}.md" for table in paper_tables_of_config()]
         + [f"results/paper_tables/reuse_{exp}.md" for exp in EXPERIMENTS if reuse_published_of(exp)]
-        + [f"results/paper_figures/{figure}.png" for figure, (table, _) in PAPER_FIGURES.items()
-           if table in paper_tables_of_config()]
-        + [f"results/paper_figures/{figure}.png" for figure in PAPER_SAMPLE_FIGURES
-           if sample_grids(figure, EXPERIMENTS)]
+        + [
+            f"results/paper_figures/{figure}.png"
+            for figure, (table, _) in PAPER_FIGURES.items()
+            if table in paper_tables_of_config()
+        ]
+        + [
+            f"results/paper_figures/{figure}.png"
+            for figure in PAPER_SAMPLE_FIGURES
+            if sample_grids(figure, EXPERIMENTS)
+        ]
     )
 
 
@@ -405,8 +424,12 @@ def sample_shard_files(exp, variant):
 
 def sample_png_dirs():
     """PNG folders of every scored model of the experiments with sample.png_export."""
-    return [f"results/samples/{exp}/{variant}/png" for exp in EXPERIMENTS
-            if EXPERIMENTS[exp]["sample"]["png_export"] for variant in scored_variants(exp)]
+    return [
+        f"results/samples/{exp}/{variant}/png"
+        for exp in EXPERIMENTS
+        if EXPERIMENTS[exp]["sample"]["png_export"]
+        for variant in scored_variants(exp)
+    ]
 
 
 def exclusive_gpu_slots():

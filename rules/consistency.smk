@@ -4,23 +4,23 @@
 
 
 rule consistency:
-    conda:
-        "../envs/clip_score.yaml"  # torchmetrics, torch, numpy: what the stage imports
     input:
         samples=lambda w: scored_samples_file(w.exp, w.variant),
         reference=lambda w: scored_samples_file(w.exp, "dense"),
     output:
         score="results/consistency/{exp}/{variant}.json",
-    wildcard_constraints:
-        exp=_one_of(consistency_experiments()),
-    params:
-        batch_size=lambda w: EXPERIMENTS[w.exp]["consistency"]["batch_size"],
     log:
         "results/logs/consistency/{exp}/{variant}.log",
+    wildcard_constraints:
+        exp=_one_of(consistency_experiments()),
+    conda:
+        "../envs/clip_score.yaml"  # torchmetrics, torch, numpy: what the stage imports
     threads: 1
     resources:
         mem_mb=resource("fid", "mem_mb"),
         runtime=resource("fid", "runtime"),
+    params:
+        batch_size=lambda w: EXPERIMENTS[w.exp]["consistency"]["batch_size"],
     shell:
         "python -m igsm consistency --samples {input.samples:q} --reference {input.reference:q} "
         "--batch-size {params.batch_size:q} --out {output.score:q} --threads {threads} > {log:q} 2>&1"

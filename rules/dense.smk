@@ -3,38 +3,38 @@
 
 
 rule untrained:
-    conda:
-        "../envs/train.yaml"
     output:
         model=directory("results/untrained/{exp}/model"),
-    params:
-        settings=lambda w: architecture_settings(w.exp),
-        seed=lambda w: EXPERIMENTS[w.exp]["dense"].get("training", {}).get("seed", 0),
     log:
         "results/logs/untrained/{exp}.log",
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
+    params:
+        settings=lambda w: architecture_settings(w.exp),
+        seed=lambda w: EXPERIMENTS[w.exp]["dense"].get("training", {}).get("seed", 0),
     shell:
         "python -m igsm init --settings {params.settings:q} --seed {params.seed:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule dense_pretrained:
-    conda:
-        "../envs/train.yaml"
     output:
         model=directory("results/dense/{exp}/pretrained/model"),
-    wildcard_constraints:
-        exp=_one_of([e for e in EXPERIMENTS if e not in ARCHITECTURE_PRETRAINED_EXPERIMENTS]),
-    params:
-        model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
     log:
         "results/logs/dense/{exp}.log",
+    wildcard_constraints:
+        exp=_one_of([e for e in EXPERIMENTS if e not in ARCHITECTURE_PRETRAINED_EXPERIMENTS]),
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
+    params:
+        model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
     shell:
         "python -m igsm pretrained --model-id {params.model_id:q} --out {output.model:q} > {log:q} 2>&1"
 
@@ -43,30 +43,28 @@ rule dense_pretrained:
 # or whose hub ids are not U-Nets (DiT, SD's U-Net: the architecture names their family). A rule of
 # its own, so that the U-Net rule's params (and the results made with it) stay as they were.
 rule dense_pretrained_uvit:
-    conda:
-        "../envs/train.yaml"
     output:
         model=directory("results/dense/{exp}/pretrained/model"),
-    wildcard_constraints:
-        exp=_one_of(ARCHITECTURE_PRETRAINED_EXPERIMENTS),
-    params:
-        model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
-        settings=lambda w: architecture_settings(w.exp),
-        cache="results/dense/{exp}/pretrained/download",
     log:
         "results/logs/dense/{exp}.log",
+    wildcard_constraints:
+        exp=_one_of(ARCHITECTURE_PRETRAINED_EXPERIMENTS),
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
+    params:
+        model_id=lambda w: EXPERIMENTS[w.exp]["dense"]["pretrained"],
+        settings=lambda w: architecture_settings(w.exp),
+        cache="results/dense/{exp}/pretrained/download",
     shell:
         "python -m igsm pretrained --model-id {params.model_id:q} --settings {params.settings:q} "
         "--cache-dir {params.cache:q} --out {output.model:q} > {log:q} 2>&1"
 
 
 rule dense_trained:
-    conda:
-        "../envs/train.yaml"
     input:
         init="results/untrained/{exp}/model",
         data=dataset_file,
@@ -75,6 +73,15 @@ rule dense_trained:
         model=directory("results/dense/{exp}/trained/model"),
         metrics="results/dense/{exp}/trained/metrics.jsonl",
         summary="results/dense/{exp}/trained/summary.json",
+    log:
+        "results/logs/dense/{exp}.log",
+    benchmark:
+        "results/benchmarks/dense/{exp}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: training_threads("dense")
+    resources:
+        **training_resources("dense"),
     params:
         settings=lambda w: as_json(
             {
@@ -83,13 +90,6 @@ rule dense_trained:
             }
         ),
         checkpoints="results/dense/{exp}/trained/checkpoints",
-    log:
-        "results/logs/dense/{exp}.log",
-    benchmark:
-        "results/benchmarks/dense/{exp}.tsv"
-    threads: training_threads("dense")
-    resources:
-        **training_resources("dense"),
     shell:  # exec and processes: as rule finetune
         "exec python -m igsm train --model {input.init:q} --data {input.data:q} --settings {params.settings:q} "
         "--out {output.model:q} --checkpoint-dir {params.checkpoints:q} --metrics {output.metrics:q} "

@@ -3,23 +3,23 @@
 
 
 rule download:
-    conda:
-        "../envs/download.yaml"
     output:
         data=directory("results/data/{dataset}/train"),
-    params:
-        settings=lambda w: as_json(config["datasets"][w.dataset]),
-        cache="results/data/{dataset}/raw",
     log:
         "results/logs/download/{dataset}.log",
     benchmark:
         "results/benchmarks/download/{dataset}.tsv"
+    conda:
+        "../envs/download.yaml"
     threads: resource("download", "threads")
     resources:
         mem_mb=resource("download", "mem_mb"),
         runtime=resource("download", "runtime"),
         gpu=resource("download", "gpu"),
         gpu_mem_mb=gpu_memory("download"),
+    params:
+        settings=lambda w: as_json(config["datasets"][w.dataset]),
+        cache="results/data/{dataset}/raw",
     shell:
         "python -m igsm download --settings {params.settings:q} --cache-dir {params.cache:q} "
         "--out {output.data:q} > {log:q} 2>&1"

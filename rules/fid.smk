@@ -12,24 +12,24 @@ localrules:
 
 
 rule fid_reference:
-    conda:
-        "../envs/fid.yaml"
     input:
         data="results/data/{dataset}/train",
     output:
         stats="results/fid_reference/{dataset}/{mode}-n{num}.npz",
-    params:
-        settings=lambda w: as_json({"mode": w.mode, "num_reference": int(w.num)}),
     log:
         "results/logs/fid_reference/{dataset}/{mode}-n{num}.log",
     benchmark:
         "results/benchmarks/fid_reference/{dataset}/{mode}-n{num}.tsv"
+    conda:
+        "../envs/fid.yaml"
     threads: resource("fid", "threads")
     resources:
         mem_mb=resource("fid", "mem_mb"),
         runtime=resource("fid", "runtime"),
         gpu=resource("fid", "gpu"),
         gpu_mem_mb=gpu_memory("fid"),
+    params:
+        settings=lambda w: as_json({"mode": w.mode, "num_reference": int(w.num)}),
     shell:
         "python -m igsm fid-reference --data {input.data:q} --settings {params.settings:q} "
         "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"
@@ -37,46 +37,46 @@ rule fid_reference:
 
 # Only the mode changes the features: another num_reference reruns the distance, not this.
 rule fid_statistics:
-    conda:
-        "../envs/fid.yaml"
     input:
         samples="results/samples/{exp}/{variant}/samples.npz",
     output:
         stats="results/fid_stats/{exp}/{variant}.npz",
-    params:
-        settings=lambda w: as_json({"mode": EXPERIMENTS[w.exp]["fid"]["mode"]}),
     log:
         "results/logs/fid_statistics/{exp}/{variant}.log",
     benchmark:
         "results/benchmarks/fid_statistics/{exp}/{variant}.tsv"
+    conda:
+        "../envs/fid.yaml"
     threads: resource("fid", "threads")
     resources:
         mem_mb=resource("fid", "mem_mb"),
         runtime=resource("fid", "runtime"),
         gpu=resource("fid", "gpu"),
         gpu_mem_mb=gpu_memory("fid"),
+    params:
+        settings=lambda w: as_json({"mode": EXPERIMENTS[w.exp]["fid"]["mode"]}),
     shell:
         "python -m igsm fid-statistics --samples {input.samples:q} --settings {params.settings:q} "
         "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule fid:
-    conda:
-        "../envs/fid.yaml"
     input:
         statistics=lambda w: statistics_file(w.exp, w.variant),
         reference=lambda w: fid_reference_file(w.exp),
     output:
         score="results/fid/{exp}/{variant}.json",
-    params:
-        settings=lambda w: stage_settings(w.exp, "fid"),
     log:
         "results/logs/fid/{exp}/{variant}.log",
+    conda:
+        "../envs/fid.yaml"
     threads: 1
     resources:
         mem_mb=resource("tables", "mem_mb"),
         runtime=resource("tables", "runtime"),
         gpu=0,
+    params:
+        settings=lambda w: stage_settings(w.exp, "fid"),
     shell:
         "python -m igsm fid --statistics {input.statistics:q} --reference {input.reference:q} "
         "--settings {params.settings:q} --out {output.score:q} --threads {threads} > {log:q} 2>&1"
@@ -87,8 +87,6 @@ rule fid:
 # Experiments with block reuse also get the sampler's MACs per image and, on a GPU, whole sampling
 # chains per second (with the variant's gate table or number of steps).
 rule efficiency:
-    conda:
-        "../envs/prune.yaml"
     input:
         model=model_dir,
         plan=lambda w: reuse_plan_file(w.exp, w.variant) or [],
@@ -96,13 +94,10 @@ rule efficiency:
         prompts=lambda w: prompt_store_input(w) if EXPERIMENTS[w.exp]["reuse"]["models"] else [],
     output:
         info="results/efficiency/{exp}/{variant}.json",
-    params:
-        settings=lambda w: efficiency_settings(w.exp),
-        batch_size=lambda w: EXPERIMENTS[w.exp]["efficiency"]["batch_size"],
-        sampler=lambda w: ["--sampler-settings", sample_settings(w.exp, w.variant)] if EXPERIMENTS[w.exp]["reuse"]["models"] else [],
-        plan=lambda w: plan_option(w.exp, w.variant),
     log:
         "results/logs/efficiency/{exp}/{variant}.log",
+    conda:
+        "../envs/prune.yaml"
     threads: 1
     resources:
         mem_mb=resource("sample", "mem_mb"),
@@ -110,6 +105,13 @@ rule efficiency:
         # The GPU alone, whatever the run's sharing limit: timings of shared GPUs are contention.
         gpu=exclusive_gpu_slots() if resource("sample", "gpu") else 0,
         gpu_mem_mb=gpu_memory("sample", min(1, resource("sample", "gpu"))),
+    params:
+        settings=lambda w: efficiency_settings(w.exp),
+        batch_size=lambda w: EXPERIMENTS[w.exp]["efficiency"]["batch_size"],
+        sampler=lambda w: (
+            ["--sampler-settings", sample_settings(w.exp, w.variant)] if EXPERIMENTS[w.exp]["reuse"]["models"] else []
+        ),
+        plan=lambda w: plan_option(w.exp, w.variant),
     shell:
         "python -m igsm efficiency --model {input.model:q} --settings {params.settings:q} {params.sampler:q} "
         "{params.plan:q} --batch-size {params.batch_size:q} --out {output.info:q} --threads {threads} > {log:q} 2>&1"

@@ -4,8 +4,6 @@
 
 
 rule finetune:
-    conda:
-        "../envs/train.yaml"
     input:
         student="results/prune/{exp}/{criterion}-cr{ratio}/model",
         teacher=dense_model,
@@ -15,6 +13,15 @@ rule finetune:
         model=directory("results/finetune/{exp}/{criterion}-cr{ratio}/{objective}/model"),
         metrics="results/finetune/{exp}/{criterion}-cr{ratio}/{objective}/metrics.jsonl",
         summary="results/finetune/{exp}/{criterion}-cr{ratio}/{objective}/summary.json",
+    log:
+        "results/logs/finetune/{exp}/{criterion}-cr{ratio}/{objective}.log",
+    benchmark:
+        "results/benchmarks/finetune/{exp}/{criterion}-cr{ratio}/{objective}.tsv"
+    conda:
+        "../envs/train.yaml"
+    threads: training_threads("finetune")
+    resources:
+        **training_resources("finetune"),
     params:
         settings=lambda w: as_json(
             {
@@ -26,13 +33,6 @@ rule finetune:
             }
         ),
         checkpoints="results/finetune/{exp}/{criterion}-cr{ratio}/{objective}/checkpoints",
-    log:
-        "results/logs/finetune/{exp}/{criterion}-cr{ratio}/{objective}.log",
-    benchmark:
-        "results/benchmarks/finetune/{exp}/{criterion}-cr{ratio}/{objective}.tsv"
-    threads: training_threads("finetune")
-    resources:
-        **training_resources("finetune"),
     # exec: the training is the job's process, so SLURM's SIGTERM (time limit, preemption) reaches
     # it with no shell in between to die first; it snapshots and the rerun continues.
     shell:

@@ -2,8 +2,6 @@
 
 
 rule prune:
-    conda:
-        "../envs/prune.yaml"
     input:
         model=dense_model,
         data=dataset_file,
@@ -11,18 +9,20 @@ rule prune:
     output:
         model=directory("results/prune/{exp}/{criterion}-cr{ratio}/model"),
         report="results/prune/{exp}/{criterion}-cr{ratio}/report.json",
-    params:
-        settings=lambda w: stage_settings(w.exp, "prune", runs_network=True),
     log:
         "results/logs/prune/{exp}/{criterion}-cr{ratio}.log",
     benchmark:
         "results/benchmarks/prune/{exp}/{criterion}-cr{ratio}.tsv"
+    conda:
+        "../envs/prune.yaml"
     threads: resource("prune", "threads")
     resources:
         mem_mb=resource("prune", "mem_mb"),
         runtime=resource("prune", "runtime"),
         gpu=resource("prune", "gpu"),
         gpu_mem_mb=gpu_memory("prune"),
+    params:
+        settings=lambda w: stage_settings(w.exp, "prune", runs_network=True),
     shell:
         "python -m igsm prune --model {input.model:q} --data {input.data:q} --criterion {wildcards.criterion:q} "
         "--channel-ratio {wildcards.ratio:q} --settings {params.settings:q} --out {output.model:q} "
@@ -32,17 +32,21 @@ rule prune:
 # The picture a pruning method draws of its report (its report_picture; gradient flow: the masks over
 # the flow, final widths), for the methods that declare one.
 rule prune_report_picture:
-    conda:
-        "../envs/tables.yaml"
     input:
         report="results/prune/{exp}/{criterion}-cr{ratio}/report.json",
     output:
-        picture=report("results/prune/{exp}/{criterion}-cr{ratio}/{picture}", caption="../report/prune_picture.rst",
-                       category="Pruning", labels={"experiment": "{exp}", "pruning": "{criterion}-cr{ratio}"}),
-    wildcard_constraints:
-        picture="|".join(re.escape(name) for name in report_pictures()) or "(?!)",
+        picture=report(
+            "results/prune/{exp}/{criterion}-cr{ratio}/{picture}",
+            caption="../report/prune_picture.rst",
+            category="Pruning",
+            labels={"experiment": "{exp}", "pruning": "{criterion}-cr{ratio}"},
+        ),
     log:
         "results/logs/prune_report_picture/{exp}/{criterion}-cr{ratio}/{picture}.log",
+    wildcard_constraints:
+        picture="|".join(re.escape(name) for name in report_pictures()) or "(?!)",
+    conda:
+        "../envs/tables.yaml"
     threads: 1
     resources:
         mem_mb=resource("tables", "mem_mb"),

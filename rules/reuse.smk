@@ -6,29 +6,29 @@
 
 
 rule reuse_plan:
-    conda:
-        "../envs/sample.yaml"
     input:
         model=model_dir,
         prompts=prompt_store_input,  # DiP-GO's chains are prompted as the samples are (a captions kind)
     output:
         plan="results/reuse/{exp}/{variant}/plan.json",
         picture="results/reuse/{exp}/{variant}/plan.png",
-    params:
-        method=lambda w: variant_metadata(w.exp)[w.variant]["reuse_method"],
-        mac_fraction=lambda w: variant_metadata(w.exp)[w.variant]["mac_fraction"],
-        sample=lambda w: sample_settings(w.exp, w.variant),
-        learn=lambda w: as_json(EXPERIMENTS[w.exp]["reuse"]["learn"]),
     log:
         "results/logs/reuse_plan/{exp}/{variant}.log",
     benchmark:
         "results/benchmarks/reuse_plan/{exp}/{variant}.tsv"
+    conda:
+        "../envs/sample.yaml"
     threads: resource("sample", "threads")
     resources:
         mem_mb=resource("sample", "mem_mb"),
         runtime=resource("sample", "runtime"),
         gpu=min(1, resource("sample", "gpu")),
         gpu_mem_mb=gpu_memory("sample", min(1, resource("sample", "gpu"))),
+    params:
+        method=lambda w: variant_metadata(w.exp)[w.variant]["reuse_method"],
+        mac_fraction=lambda w: variant_metadata(w.exp)[w.variant]["mac_fraction"],
+        sample=lambda w: sample_settings(w.exp, w.variant),
+        learn=lambda w: as_json(EXPERIMENTS[w.exp]["reuse"]["learn"]),
     shell:
         "python -m igsm reuse-plan --model {input.model:q} --method {params.method:q} "
         "--mac-fraction {params.mac_fraction:q} --sample-settings {params.sample:q} "

@@ -7,8 +7,6 @@
 
 
 rule sample:
-    conda:
-        "../envs/sample.yaml"
     input:
         model=model_dir,
         plan=lambda w: reuse_plan_file(w.exp, w.variant) or [],
@@ -16,18 +14,15 @@ rule sample:
         prompts=prompt_store_input,
     output:
         shard="results/samples/{exp}/{variant}/shard-{shard}-of-{num_shards}.npz",
-    wildcard_constraints:
-        shard="[0-9]+",
-        num_shards="[0-9]+",
-    params:
-        settings=lambda w: sample_settings(w.exp, w.variant),
-        plan=lambda w: plan_option(w.exp, w.variant),
-        num_images=lambda w: EXPERIMENTS[w.exp]["sample"]["num_images"],
-        first_seed=lambda w: EXPERIMENTS[w.exp]["sample"]["seed"],
     log:
         "results/logs/sample/{exp}/{variant}/shard-{shard}-of-{num_shards}.log",
     benchmark:
         "results/benchmarks/sample/{exp}/{variant}/shard-{shard}-of-{num_shards}.tsv"
+    wildcard_constraints:
+        shard="[0-9]+",
+        num_shards="[0-9]+",
+    conda:
+        "../envs/sample.yaml"
     threads: resource("sample", "threads")
     resources:
         mem_mb=resource("sample", "mem_mb"),
@@ -37,6 +32,11 @@ rule sample:
         # A resource, not a param: another GPU count does not make finished shards stale (images
         # do not depend on it).
         nproc_per_node=max(1, resource("sample", "gpu")),
+    params:
+        settings=lambda w: sample_settings(w.exp, w.variant),
+        plan=lambda w: plan_option(w.exp, w.variant),
+        num_images=lambda w: EXPERIMENTS[w.exp]["sample"]["num_images"],
+        first_seed=lambda w: EXPERIMENTS[w.exp]["sample"]["seed"],
     shell:
         "python -m igsm sample --model {input.model:q} --num-images {params.num_images:q} "
         "--first-seed {params.first_seed:q} --shard {wildcards.shard:q}/{wildcards.num_shards:q} "
@@ -45,23 +45,28 @@ rule sample:
 
 
 rule sample_gather:
-    conda:
-        "../envs/sample.yaml"
     input:
         shards=lambda w: sample_shard_files(w.exp, w.variant),
     output:
         samples="results/samples/{exp}/{variant}/samples.npz",
-        grid=report("results/samples/{exp}/{variant}/grid.png", caption="../report/samples.rst",
-                    category="Samples", subcategory="{exp}", labels={"experiment": "{exp}", "model": "{variant}"}),
-    params:
-        num_images=lambda w: EXPERIMENTS[w.exp]["sample"]["num_images"],
-        first_seed=lambda w: EXPERIMENTS[w.exp]["sample"]["seed"],
+        grid=report(
+            "results/samples/{exp}/{variant}/grid.png",
+            caption="../report/samples.rst",
+            category="Samples",
+            subcategory="{exp}",
+            labels={"experiment": "{exp}", "model": "{variant}"},
+        ),
     log:
         "results/logs/sample_gather/{exp}/{variant}.log",
+    conda:
+        "../envs/sample.yaml"
     threads: 1
     resources:
         mem_mb=resource("tables", "mem_mb"),
         runtime=resource("tables", "runtime"),
+    params:
+        num_images=lambda w: EXPERIMENTS[w.exp]["sample"]["num_images"],
+        first_seed=lambda w: EXPERIMENTS[w.exp]["sample"]["seed"],
     shell:
         "python -m igsm gather-samples --first-seed {params.first_seed:q} --num-images {params.num_images:q} "
         "--out {output.samples:q} --grid {output.grid:q} {input.shards:q} > {log:q} 2>&1"
@@ -70,14 +75,14 @@ rule sample_gather:
 # PNG files of a model's samples, for users who want them (FID reads samples.npz directly):
 # `snakemake all_sample_pngs` with `sample.png_export: true`, or ask for one folder.
 rule sample_png:
-    conda:
-        "../envs/sample.yaml"
     input:
         samples="results/samples/{exp}/{variant}/samples.npz",
     output:
         folder=directory("results/samples/{exp}/{variant}/png"),
     log:
         "results/logs/sample_png/{exp}/{variant}.log",
+    conda:
+        "../envs/sample.yaml"
     threads: 1
     resources:
         mem_mb=resource("tables", "mem_mb"),
