@@ -44,15 +44,13 @@ class DipGo(ReuseMethod):
     learns = True
 
     def plan(self, net, mac_fraction, options, schedule, learn, device="cpu"):
-        from igsm.conditioning import conditioning_from_settings
         from igsm.models import image_shape
         from igsm.reuse import learn_plan
-        from igsm.sampling import sampler_kwargs
+        from igsm.sampling import guidance_from_settings, sampler_kwargs
 
         # A conditional model's chains as the sample stage runs them: each seed's condition, guided.
-        conditioning = conditioning_from_settings(options.get("conditioning"))
-        guidance = {} if conditioning is None else {"conditioning": conditioning,
-                                                    "guidance_scale": options.get("guidance_scale", 1.0)}
+        conditioning, guidance_scale = guidance_from_settings(options)
+        guidance = {} if conditioning is None else {"conditioning": conditioning, "guidance_scale": guidance_scale}
         return learn_plan(net, sampler=options["sampler"], schedule=schedule, image_shape=image_shape(net),
                           mac_fraction=mac_fraction, device=device, latents=bool(options.get("latents")),
                           **guidance, **sampler_kwargs(options), **learn)

@@ -18,7 +18,8 @@ import-linter contracts in pyproject.toml check it). The names below are re-expo
 """
 
 from igsm.sampling.denoiser import (COMPILE_MODES, PRECISIONS, ChannelStatsGroupNorm, Denoiser, as_denoiser,
-                                    denoiser_from_settings, numerics, use_channel_stats_group_norm)
+                                    denoiser_from_settings, guidance_from_settings, numerics,
+                                    use_channel_stats_group_norm)
 from igsm.sampling.files import SHARD_INVARIANTS, PartialBatches, gather_shards, load_samples, save_samples
 from igsm.sampling.noise import ImageGenerators
 from igsm.sampling.samplers import (DDIM, REGISTRY, SAMPLERS, EulerMaruyama, Sampler, ddim_sample, ddim_step,

@@ -174,14 +174,21 @@ def as_denoiser(net) -> Denoiser:
     return net if isinstance(net, Denoiser) else Denoiser(net)
 
 
-def denoiser_from_settings(net: nn.Module, options: dict, micro_batch: int | None = None) -> "Denoiser":
-    """The network as the 'sample' settings run it: precision, channels_last, compile (+ compile_mode),
-    the schema's defaults where unset."""
+def guidance_from_settings(options: dict) -> tuple[object | None, float]:
+    """(the conditioning kind, None if unconditional; the guidance scale) of 'sample' settings, the
+    schema's default where unset: what sampling, DiP-GO's chains and the sampling MACs all read."""
     from igsm.conditioning import conditioning_from_settings
 
     run = {**section_defaults("sample"), **options}
+    return conditioning_from_settings(run.get("conditioning")), run["guidance_scale"]
+
+
+def denoiser_from_settings(net: nn.Module, options: dict, micro_batch: int | None = None) -> "Denoiser":
+    """The network as the 'sample' settings run it: precision, channels_last, compile (+ compile_mode),
+    the schema's defaults where unset."""
+    run = {**section_defaults("sample"), **options}
+    conditioning, guidance_scale = guidance_from_settings(options)
     return Denoiser(net, micro_batch=micro_batch, precision=run["precision"], channels_last=run["channels_last"],
                     compile_mode=run["compile_mode"] if run["compile"] else None,
-                    guidance_scale=run["guidance_scale"],
-                    conditioning=conditioning_from_settings(run.get("conditioning")))
+                    guidance_scale=guidance_scale, conditioning=conditioning)
 

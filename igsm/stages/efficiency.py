@@ -48,7 +48,7 @@ def _sampler_speed(net, shape, macs: int, sampler_settings: dict, plan, batch_si
     """The sampler's steps and MACs per image (a reuse plan executes a fraction of them; guidance
     doubles them) and, if ``measure``, its whole chains per second."""
     from igsm.reuse import load_plan_for
-    from igsm.sampling import sampler_kwargs
+    from igsm.sampling import guidance_from_settings, sampler_kwargs
 
     schedule = forward_process(diffusion_of(sampler_settings))
     reuse = None
@@ -57,8 +57,8 @@ def _sampler_speed(net, shape, macs: int, sampler_settings: dict, plan, batch_si
             reuse = load_plan_for(plan, net, sampler_settings, schedule)
     fraction = reuse.mac_fraction() if reuse else 1.0
     # Classifier-free guidance calls the network twice a step (conditional and null), on one plan.
-    guided = bool(sampler_settings.get("conditioning")) and sampler_settings.get("guidance_scale", 1.0) != 1.0
-    calls = 2 if guided else 1
+    conditioning, guidance_scale = guidance_from_settings(sampler_settings)
+    calls = 2 if conditioning is not None and guidance_scale != 1.0 else 1
     result = {"sampler_steps": sampler_settings["num_steps"], "reuse_mac_fraction": fraction,
               "network_calls_per_step": calls,
               "sampling_macs": macs * sampler_settings["num_steps"] * calls * fraction, "sampling_images_per_s": None}
