@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from conftest import REPO
+from igsm.paper.tables import table_names
 
 
 def test_citation_names_the_package_version():
@@ -35,3 +36,24 @@ def test_workflow_files_are_snakefmt_formatted():
     snakefmt = Path(sys.executable).with_name("snakefmt")
     proc = subprocess.run([str(snakefmt), "--check", "Snakefile", "rules"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, f"run `.venv/bin/snakefmt Snakefile rules`:\n{proc.stdout}{proc.stderr}"
+
+
+def github_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation but '-' and '_' dropped,
+    spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_contents_links_reach_headings():
+    """The README's contents list links by anchor: a heading renamed without its link (or a link
+    mistyped) is a dead link on GitHub; and every Snakemake target rule the targets table names exists."""
+    readme = (REPO / "README.md").read_text()
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", readme, flags=re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", readme)
+    assert len(links) >= 10 and not [link for link in links if link not in anchors]
+    assert github_anchor("Sampling and FID (paper Sec. 5.1)") == "sampling-and-fid-paper-sec-51"
+    workflow = [REPO / "Snakefile", *(REPO / "rules").glob("*.smk")]
+    rules = set(re.findall(r"^rule (\w+):", "".join(p.read_text() for p in workflow), re.M)) | set(table_names())
+    table = readme.split("### Targets", 1)[1].split("\n### ", 1)[0]
+    for target in re.findall(r"^\| `(\w+)`", table, flags=re.M):
+        assert target in rules, f"README's targets table names `{target}`, which no rule in rules/ defines"
