@@ -199,6 +199,10 @@ def set_unknown_process(c):
     experiment(c)["diffusion"] = {"process": "vp-sde"}
 
 
+def set_unknown_dpm_solver_algorithm(c):
+    experiment(c)["sample"].update(sampler="dpm-solver", algorithm="dpm++")
+
+
 def set_euler_maruyama_on_ddpm(c):
     experiment(c)["sample"]["sampler"] = "euler-maruyama"
 
@@ -362,6 +366,8 @@ def test_config_check_names_the_key(mutate, expected):
     (set_unknown_process, r"experiments\.digits_unet\.diffusion\.process: 'vp-sde' is not one of ddpm, vpsde"),
     (set_euler_maruyama_on_ddpm, r"experiments\.digits_unet\.diffusion\.process: 'ddpm', but sample\.sampler "
                                  r"'euler-maruyama' integrates the VP-SDE"),
+    (set_unknown_dpm_solver_algorithm, r"experiments\.digits_unet\.sample\.algorithm: 'dpm\+\+' is not one of "
+                                       r"dpmsolver\+\+, dpmsolver"),
     (set_ddpm_key_on_vpsde, r"experiments\.digits_unet\.diffusion\.beta_end: a key of process 'ddpm'"),
     (set_pretrained_unet_on_vpsde, r"experiments\.digits_unet\.diffusion\.process: 'vpsde', but pretrained "
                                    r"diffusers U-Nets are DDPM models"),
@@ -872,7 +878,8 @@ def test_unwritable_results_folder_is_named(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("sample, steps", [({"sampler": "euler-maruyama"}, 1000), ({"sampler": "ddim"}, 100),
-                                           ({}, 100), ({"sampler": "euler-maruyama", "num_steps": 50}, 50)])
+                                           ({}, 100), ({"sampler": "euler-maruyama", "num_steps": 50}, 50),
+                                           ({"sampler": "dpm-solver"}, 20)])
 def test_sampler_steps_default_per_sampler(sample, steps):
     """The schema alone fills sample.num_steps, per sampler (an Euler–Maruyama config without it
     once ran DDIM's 100 steps)."""
@@ -882,3 +889,7 @@ def test_sampler_steps_default_per_sampler(sample, steps):
     experiment(config)["sample"] = dict(sample)
     validate(config, str(REPO / "schemas" / "config.schema.yaml"))
     assert experiment(config)["sample"]["num_steps"] == steps
+    # The stages' reading of the schema (igsm.schema.section_defaults) agrees.
+    from igsm.schema import section_defaults
+
+    assert {**section_defaults("sample", sample), **sample}["num_steps"] == steps
