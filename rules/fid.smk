@@ -108,9 +108,7 @@ rule efficiency:
     params:
         settings=lambda w: efficiency_settings(w.exp),
         batch_size=lambda w: EXPERIMENTS[w.exp]["efficiency"]["batch_size"],
-        sampler=lambda w: (
-            ["--sampler-settings", sample_settings(w.exp, w.variant)] if times_samplers(w.exp) else []
-        ),
+        sampler=lambda w: (["--sampler-settings", sample_settings(w.exp, w.variant)] if times_samplers(w.exp) else []),
         plan=lambda w: plan_option(w.exp, w.variant),
     shell:
         "python -m igsm efficiency --model {input.model:q} --settings {params.settings:q} {params.sampler:q} "
