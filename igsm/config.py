@@ -29,7 +29,7 @@ from igsm.data.sources import is_captioned, with_defaults
 from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
                             family_of_architecture, names)
 from igsm.hub import looks_like_local_path
-from igsm.plan import sampler_variant, scored_model_names
+from igsm.plan import scored_model_names
 from igsm.schema import schema_file
 
 
@@ -509,18 +509,13 @@ def _compare_samplers_errors(key: str, exp: dict) -> list[str]:
     known = scored_model_names(exp)
     errors = [f"{key}.compare_samplers.models: {model!r} is not a scored model of this experiment; "
               f"choose among {known}" for model in compare["models"] if model not in known]
-    names = set()
-    for index, entry in enumerate(compare["settings"]):
+    for index, entry in enumerate(compare["settings"]):  # the schema refuses two equal entries
         where = f"{key}.compare_samplers.settings[{index}]"
         if "algorithm" in entry and entry["sampler"] != "dpm-solver":
             errors.append(f"{where}.algorithm: only sampler dpm-solver takes an algorithm, not {entry['sampler']!r}")
         if entry["sampler"] == "euler-maruyama" and exp["diffusion"]["process"] != "vpsde":
             errors.append(f"{where}.sampler: 'euler-maruyama' integrates the VP-SDE, but diffusion.process is "
                           f"{exp['diffusion']['process']!r}; choose ddim or dpm-solver")
-        name = sampler_variant("", entry)
-        if name in names:
-            errors.append(f"{where}: a second entry named {name.lstrip('/')!r}")
-        names.add(name)
     return errors
 
 

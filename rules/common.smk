@@ -437,12 +437,14 @@ def sample_shard_files(exp, variant):
 
 
 def sample_png_dirs():
-    """PNG folders of every scored model of the experiments with sample.png_export."""
+    """PNG folders of every scored model of the experiments with sample.png_export (bar sampler
+    variants that read their base model's samples)."""
     return [
         f"results/samples/{exp}/{variant}/png"
         for exp in EXPERIMENTS
         if EXPERIMENTS[exp]["sample"]["png_export"]
         for variant in scored_variants(exp)
+        if not same_sampler_as_base(exp, variant)
     ]
 
 

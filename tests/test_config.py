@@ -203,6 +203,23 @@ def set_unknown_dpm_solver_algorithm(c):
     experiment(c)["sample"].update(sampler="dpm-solver", algorithm="dpm++")
 
 
+def set_compare_samplers_of_unknown_model(c):
+    experiment(c)["compare_samplers"] = {"models": ["nope"], "settings": [{"sampler": "ddim", "num_steps": 5}]}
+
+
+def set_compare_samplers_algorithm_on_ddim(c):
+    experiment(c)["compare_samplers"] = {"models": ["dense"],
+                                         "settings": [{"sampler": "ddim", "num_steps": 5, "algorithm": "dpmsolver"}]}
+
+
+def set_compare_samplers_euler_maruyama_on_ddpm(c):
+    experiment(c)["compare_samplers"] = {"models": ["dense"], "settings": [{"sampler": "euler-maruyama", "num_steps": 5}]}
+
+
+def set_compare_samplers_unknown_sampler(c):
+    experiment(c)["compare_samplers"] = {"models": ["dense"], "settings": [{"sampler": "dpm", "num_steps": 5}]}
+
+
 def set_euler_maruyama_on_ddpm(c):
     experiment(c)["sample"]["sampler"] = "euler-maruyama"
 
@@ -368,6 +385,14 @@ def test_config_check_names_the_key(mutate, expected):
                                  r"'euler-maruyama' integrates the VP-SDE"),
     (set_unknown_dpm_solver_algorithm, r"experiments\.digits_unet\.sample\.algorithm: 'dpm\+\+' is not one of "
                                        r"dpmsolver\+\+, dpmsolver"),
+    (set_compare_samplers_of_unknown_model, r"experiments\.digits_unet\.compare_samplers\.models: 'nope' is not a "
+                                            r"scored model of this experiment; choose among \['dense', 'untrained'"),
+    (set_compare_samplers_algorithm_on_ddim, r"experiments\.digits_unet\.compare_samplers\.settings\[0\]\.algorithm: "
+                                             r"only sampler dpm-solver takes an algorithm, not 'ddim'"),
+    (set_compare_samplers_euler_maruyama_on_ddpm, r"experiments\.digits_unet\.compare_samplers\.settings\[0\]\."
+                                                  r"sampler: 'euler-maruyama' integrates the VP-SDE"),
+    (set_compare_samplers_unknown_sampler, r"experiments\.digits_unet\.compare_samplers\.settings\[0\]\.sampler: "
+                                           r"'dpm' is not one of ddim, euler-maruyama, dpm-solver"),
     (set_ddpm_key_on_vpsde, r"experiments\.digits_unet\.diffusion\.beta_end: a key of process 'ddpm'"),
     (set_pretrained_unet_on_vpsde, r"experiments\.digits_unet\.diffusion\.process: 'vpsde', but pretrained "
                                    r"diffusers U-Nets are DDPM models"),

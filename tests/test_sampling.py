@@ -447,7 +447,9 @@ def test_dag_has_one_job_per_shard_a_gather_and_optional_pngs(tmp_path):
                          "all_tables", "all_sample_pngs")
     table = proc.stdout.split("Job stats:")[1]
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
-    variants = 4 + 4  # dense, untrained, np, igsm; the demo's four block-reuse variants of dense
+    # dense, untrained, np, igsm; the demo's four block-reuse variants of dense and its five sampler
+    # variants that sample (compare_samplers: its DDIM-20 entry is the dense model's own sampler)
+    variants = 4 + 4 + 5
     assert counts["sample"] == 3 * variants and counts["sample_gather"] == variants
     assert counts["sample_png"] == variants
     assert "--nproc-per-node 2" in proc.stdout
