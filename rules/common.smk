@@ -355,6 +355,8 @@ def sample_settings(exp, variant=None):
         sample["num_steps"] = method.sampler_steps(sample["num_steps"], meta["mac_fraction"])
     if meta.get("kind") == "sampler":
         sample.update(meta["sample"])
+    if sample["sampler"] != "dpm-solver":  # DPM-Solver's key only there: older jobs stay valid
+        sample.pop("algorithm", None)
     return as_json({**context, **sample})
 
 
