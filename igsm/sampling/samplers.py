@@ -271,8 +271,9 @@ def dpm_solver_step(x: torch.Tensor, model: torch.Tensor, model_prev: torch.Tens
 @register
 class DPMSolver(Sampler):
     """Multistep DPM-Solver, 2nd order: ``algorithm`` "dpmsolver++" (data prediction, Lu et al.
-    2022b Algorithm 2, DPM-Solver++(2M)) or "dpmsolver" (noise prediction, the same multistep
-    midpoint form applied to ε̂, Lu et al. 2022a Sec. 3.3 / 2022b App. B). Draws no noise.
+    2022b Algorithm 2, DPM-Solver++(2M)) or "dpmsolver" (noise prediction: the same multistep
+    midpoint update applied to ε̂, multistep DPM-Solver-2 as diffusers' algorithm_type
+    "dpmsolver"). Draws no noise.
 
     On a DDPM schedule (discrete): exactly diffusers' ``DPMSolverMultistepScheduler`` at its
     defaults (solver_order 2, solver_type "midpoint", timestep_spacing "linspace",
@@ -281,7 +282,7 @@ class DPMSolver(Sampler):
     below 15 steps) are first order, the others second order. On the VP-SDE (continuous time):
     λ(t) of DPM-Solver's ``NoiseScheduleVP('linear')``, N steps from t = 1 to ``t_min`` = 1e-3
     uniform in λ (``skip_type='logSNR'``, the default of the DPM-Solver code U-ViT's
-    ``eval_ldm.py`` calls; uniform in t is 3–10× less accurate at 10–20 steps on a Gaussian
+    ``eval_ldm.py`` calls; uniform in t left 10–17× larger errors at 10–20 steps on a Gaussian
     target), the network at t·``VPSDE_TIME_SCALE``; the last step first order below 10 steps
     (DPM-Solver's ``lower_order_final``); the image is x at ``t_min``, no final denoising step.
 
