@@ -20,7 +20,8 @@ from igsm.schema import schema_defaults
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
            "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
            "batch_size", "sec_per_step", "train_minutes", "peak_memory_GiB", "paper_fid", "delta_fid",
-           "paper_source", "reuse", "sampler", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup"]
+           "paper_source", "reuse", "sampler", "sampler_steps", "mac_fraction", "sampling_images_per_s",
+           "sampling_speedup"]
 # Only in the tables of experiments with CLIP scores (clip_score.enabled), after the FID's columns.
 CLIP_COLUMNS = ["clip_score", "clip_model"]
 # Only in the tables of experiments compared with their dense samples (consistency.enabled), after those.
@@ -143,7 +144,8 @@ def _sampler_label(settings: dict) -> str:
 # The combined table's Markdown (results/tables/all.md, what `make demo` prints): the columns a reader
 # compares across experiments, each shown only where some row has a value; the CSV keeps them all.
 SUMMARY_COLUMNS = ["experiment", "model", "PR label", "params (M)", "MACs (G)", "FID", "FID images", "CLIP",
-                   "SSIM to dense", "speed", "sampler", "sampler steps", "MAC share", "sampling speed-up", "paper FID", "Δ FID"]
+                   "SSIM to dense", "speed", "sampler", "sampler steps", "MAC share", "sampling speed-up", "paper FID",
+                   "Δ FID"]
 
 
 def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title: str = "",

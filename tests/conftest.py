@@ -63,7 +63,8 @@ def tiny_demo_config():
     exp["fid"].update(num_reference=64)
     # One sampler variant that samples (DPM-Solver) and one that is the dense model's own sampler
     # (DDIM at its 10 steps: the dense model's samples, no job of its own).
-    exp["compare_samplers"]["settings"] = [{"sampler": "ddim", "num_steps": 10}, {"sampler": "dpm-solver", "num_steps": 10}]
+    exp["compare_samplers"]["settings"] = [{"sampler": "ddim", "num_steps": 10},
+                                           {"sampler": "dpm-solver", "num_steps": 10}]
     return config
 
 

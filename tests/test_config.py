@@ -213,7 +213,8 @@ def set_compare_samplers_algorithm_on_ddim(c):
 
 
 def set_compare_samplers_euler_maruyama_on_ddpm(c):
-    experiment(c)["compare_samplers"] = {"models": ["dense"], "settings": [{"sampler": "euler-maruyama", "num_steps": 5}]}
+    experiment(c)["compare_samplers"] = {"models": ["dense"],
+                                         "settings": [{"sampler": "euler-maruyama", "num_steps": 5}]}
 
 
 def set_compare_samplers_unknown_sampler(c):
