@@ -209,6 +209,7 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     errors += _finetune_errors(config, name, exp)
     errors += _pruning_errors(key, exp)
     errors += _reuse_errors(key, exp)
+    errors += _compare_samplers_errors(key, exp)
     errors += _sample_and_fid_errors(config, name, exp)
     errors += _conditioning_errors(config, key, exp, family)
     errors += _clip_score_errors(key, exp)
@@ -499,6 +500,22 @@ def _reuse_errors(key: str, exp: dict) -> list[str]:
                 method.sampler_steps(sample["num_steps"], fraction)
             except ValueError as err:
                 errors.append(f"{key}.reuse.mac_fractions: {err} (method {name})")
+    return errors
+
+
+def _compare_samplers_errors(key: str, exp: dict) -> list[str]:
+    """compare_samplers: its models are scored models, its entries samplers the model's process runs."""
+    compare = exp["compare_samplers"]
+    known = scored_model_names(exp)
+    errors = [f"{key}.compare_samplers.models: {model!r} is not a scored model of this experiment; "
+              f"choose among {known}" for model in compare["models"] if model not in known]
+    for index, entry in enumerate(compare["settings"]):  # the schema refuses two equal entries
+        where = f"{key}.compare_samplers.settings[{index}]"
+        if "algorithm" in entry and entry["sampler"] != "dpm-solver":
+            errors.append(f"{where}.algorithm: only sampler dpm-solver takes an algorithm, not {entry['sampler']!r}")
+        if entry["sampler"] == "euler-maruyama" and exp["diffusion"]["process"] != "vpsde":
+            errors.append(f"{where}.sampler: 'euler-maruyama' integrates the VP-SDE, but diffusion.process is "
+                          f"{exp['diffusion']['process']!r}; choose ddim or dpm-solver")
     return errors
 
 

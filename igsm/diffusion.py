@@ -108,6 +108,20 @@ class VPSDE:
         # σ² = 1 − α² = −expm1(2 log α): exact near t = 0, where 1 − α² cancels.
         return log_alpha.exp(), (-torch.expm1(2 * log_alpha)).sqrt()
 
+    def log_snr_half(self, t: torch.Tensor) -> torch.Tensor:
+        """λ(t) = log α(t) − log σ(t), half the log signal-to-noise ratio (DPM-Solver's λ), float64."""
+        alpha, sigma = self.alpha_sigma(t)
+        return alpha.log() - sigma.log()
+
+    def time_at(self, lam: torch.Tensor) -> torch.Tensor:
+        """The t of λ(t) = ``lam`` (the inverse of :meth:`log_snr_half`; DPM-Solver's
+        ``NoiseScheduleVP.inverse_lambda`` for the linear schedule): log α = −½ log(1 + e^{−2λ}),
+        then the positive root of ¼(β_max − β_min)t² + ½β_min·t + log α = 0, written without
+        cancellation."""
+        lam = lam.double()
+        c = 2 * (self.beta_max - self.beta_min) * torch.logaddexp(-2 * lam, torch.zeros_like(lam))
+        return c / ((self.beta_min**2 + c).sqrt() + self.beta_min) / (self.beta_max - self.beta_min)
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.alpha_sigma(t.to(x0.device))
         return _per_sample(alpha, x0) * x0 + _per_sample(sigma, x0) * noise

@@ -2,11 +2,12 @@
 
 Every model the workflow samples and scores is one row here: the dense model, the untrained
 baseline (``untrained_baseline``), each finetuning run's pruning criterion × channel ratio ×
-objective, and each block-reuse variant of ``reuse.models`` × ``reuse.methods`` ×
-``reuse.mac_fractions``. The config checks (igsm/config.py), the workflow's rules
+objective, each block-reuse variant of ``reuse.models`` × ``reuse.methods`` ×
+``reuse.mac_fractions``, and each sampler variant of ``compare_samplers.models`` ×
+``compare_samplers.settings``. The config checks (igsm/config.py), the workflow's rules
 (rules/common.smk) and the paper tables (igsm/paper/tables.py) all read these rows instead of
 enumerating ``finetune.runs`` themselves; result paths are named from them
-(``<criterion>-cr<ratio>/<objective>``, ``…/reuse-<method>-f<fraction>``).
+(``<criterion>-cr<ratio>/<objective>``, ``…/reuse-<method>-f<fraction>``, ``…/<sampler>-<num_steps>``).
 
 Torch-free on purpose: Snakemake builds its DAG from this module.
 """
@@ -45,14 +46,22 @@ def parse_reuse_variant(name: str) -> tuple[str, str, float] | None:
         return None
 
 
+def sampler_variant(base: str, settings: dict) -> str:
+    """The name of the scored model ``base`` sampled with other sampler ``settings`` (an entry of
+    ``compare_samplers.settings``): '<base>/<sampler>-<num_steps>', '-<algorithm>' where it names one."""
+    algorithm = f"-{settings['algorithm']}" if settings.get("algorithm") else ""
+    return f"{base}/{settings['sampler']}-{settings['num_steps']}{algorithm}"
+
+
 def scored_models(exp: dict, objectives: dict | None = None) -> dict[str, dict]:
     """{variant: row} for every scored model of one experiment's (validated) settings ``exp``, in
     table order; ``objectives`` is the config's 'objectives' (each row carries its weights; without
     it, for the names alone, weights are None).
 
-    A row: variant, kind (dense / untrained / finetuned / reuse), objective, criterion,
+    A row: variant, kind (dense / untrained / finetuned / reuse / sampler), objective, criterion,
     channel_ratio, weights, pruned (the pruned model's name); reuse rows add base, reuse_method and
-    mac_fraction and otherwise repeat their base model's row."""
+    mac_fraction, sampler rows base and sample (the 'sample' settings they override), and both
+    otherwise repeat their base model's row."""
     plain = {"criterion": "", "channel_ratio": None, "weights": None, "pruned": None}
     rows = {"dense": {"variant": "dense", "kind": "dense", "objective": "dense", **plain}}
     if exp["untrained_baseline"]:
@@ -75,9 +84,17 @@ def scored_models(exp: dict, objectives: dict | None = None) -> dict[str, dict]:
                 variant = reuse_variant(base, method, fraction)
                 rows[variant] = {**rows[base], "variant": variant, "kind": "reuse", "base": base,
                                  "reuse_method": method, "mac_fraction": fraction}
+    compare = exp.get("compare_samplers", {})
+    for base in compare.get("models", []):
+        if base not in rows or rows[base]["kind"] in ("reuse", "sampler"):  # igsm.config names the error
+            continue
+        for settings in compare["settings"]:
+            variant = sampler_variant(base, settings)
+            rows[variant] = {**rows[base], "variant": variant, "kind": "sampler", "base": base,
+                             "sample": dict(settings)}
     return rows
 
 
 def scored_model_names(exp: dict) -> list[str]:
-    """The models an experiment samples and scores, bar block-reuse variants."""
-    return [variant for variant, row in scored_models(exp).items() if row["kind"] != "reuse"]
+    """The models an experiment samples and scores, bar block-reuse and sampler variants."""
+    return [variant for variant, row in scored_models(exp).items() if row["kind"] not in ("reuse", "sampler")]

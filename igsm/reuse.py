@@ -535,10 +535,11 @@ def _unflatten(tensors, spec) -> dict:
 
 
 def _make_chain(sampler: str, num_steps: int, schedule, *, eta=0.0, spacing="uniform", clip_x0=False,
-                t_min=1e-3) -> Sampler:
+                t_min=1e-3, algorithm="dpmsolver++") -> Sampler:
     """The sampler ``sampler`` as the sample stage runs it, from DiP-GO's settings (each sampler takes
-    the ones it knows: DDIM eta, spacing and clip_x0, Euler–Maruyama t_min)."""
-    settings = dict(eta=eta, spacing=spacing, clip_x0=clip_x0, t_min=t_min)
+    the ones it knows: DDIM eta, spacing and clip_x0, Euler–Maruyama t_min, DPM-Solver algorithm
+    and t_min)."""
+    settings = dict(eta=eta, spacing=spacing, clip_x0=clip_x0, t_min=t_min, algorithm=algorithm)
     keywords = sampler_class(sampler).keywords
     return make_sampler(sampler, schedule, num_steps=num_steps, **{k: settings[k] for k in keywords})
 
@@ -625,7 +626,8 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
                lr: float = 0.2, momentum: float = 0.0, weight_decay: float = 1e-4, grad_clip: float = 1.0,
                warmup_steps: int = 10, seed: int = 0, loss: str = "ssim", sparsity_weight: float = 1.0,
                query_dim: int = 64, num_heads: int = 4, eta: float = 0.0, spacing: str = "uniform",
-               clip_x0: bool = False, t_min: float = 1e-3, device="cpu", checkpointed: bool = True,
+               clip_x0: bool = False, t_min: float = 1e-3, algorithm: str = "dpmsolver++", device="cpu",
+               checkpointed: bool = True,
                conditioning=None, guidance_scale: float = 1.0, latents: bool = False,
                progress: bool = True) -> ReusePlan:
     """DiP-GO: train a :class:`ReusePruner` so that the SuperNet's final images match the dense
@@ -656,7 +658,8 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
     keyword = condition_keyword(net)
     check_condition(net, keyword, conditioning)  # a conditional network needs its conditioning, and the reverse
     device = torch.device(device)
-    chain = _make_chain(sampler, num_steps, schedule, eta=eta, spacing=spacing, clip_x0=clip_x0, t_min=t_min)
+    chain = _make_chain(sampler, num_steps, schedule, eta=eta, spacing=spacing, clip_x0=clip_x0, t_min=t_min,
+                        algorithm=algorithm)
     timesteps = sampler_timesteps(sampler, num_steps, schedule=schedule, spacing=spacing, t_min=t_min)
     graph = block_graph(net)
     macs = block_macs(net, image_shape)
@@ -698,6 +701,7 @@ def learn_plan(net: nn.Module, *, sampler: str = "ddim", schedule: NoiseSchedule
 
     scores = pruner.scores().cpu()
     settings = dict(sampler=sampler, num_steps=num_steps, eta=eta, spacing=spacing, clip_x0=clip_x0, t_min=t_min,
+                    **({"algorithm": algorithm} if sampler == "dpm-solver" else {}),
                     train_steps=train_steps, batch_size=batch_size, lr=lr, momentum=momentum,
                     weight_decay=weight_decay, grad_clip=grad_clip, warmup_steps=warmup_steps, seed=seed,
                     loss=loss, sparsity_weight=sparsity_weight, query_dim=query_dim, num_heads=num_heads,

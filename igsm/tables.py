@@ -20,7 +20,8 @@ from igsm.schema import schema_defaults
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
            "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
            "batch_size", "sec_per_step", "train_minutes", "peak_memory_GiB", "paper_fid", "delta_fid",
-           "paper_source", "reuse", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup"]
+           "paper_source", "reuse", "sampler", "sampler_steps", "mac_fraction", "sampling_images_per_s",
+           "sampling_speedup"]
 # Only in the tables of experiments with CLIP scores (clip_score.enabled), after the FID's columns.
 CLIP_COLUMNS = ["clip_score", "clip_model"]
 # Only in the tables of experiments compared with their dense samples (consistency.enabled), after those.
@@ -66,7 +67,7 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
     ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` / ``clip_score`` / ``consistency``
     where it has them;
     ``objectives``: the config's objectives (their directions; the metadata holds the weights). A
-    block-reuse variant gets no paper value: the paper's FIDs are of the full sampler."""
+    block-reuse or sampler variant gets no paper value: the paper's FIDs are of the paper's sampler."""
     out = []
     for entry in rows:
         meta, fid, eff = _load(entry["metadata"]), _load(entry["fid"]), _load(entry["efficiency"])
@@ -78,7 +79,7 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
         objective = None
         if meta["weights"] is not None:
             objective = {**(objectives or {}).get(meta["objective"], {}), "weights": meta["weights"]}
-        paper_fid, where = (None, "") if meta["kind"] == "reuse" else \
+        paper_fid, where = (None, "") if meta["kind"] in ("reuse", "sampler") else \
             paper_value(dense_model, label, meta["criterion"], objective)
         out.append({
             "experiment": experiment,
@@ -107,6 +108,8 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             # Block reuse (experiments with reuse.models): the sampler's MACs per image and whole
             # chains per second, against the base model's below.
             "reuse": meta.get("reuse_method", ""),
+            # A sampler variant's own sampler (compare_samplers); the others sample as the experiment says.
+            "sampler": _sampler_label(meta.get("sample")) if meta["kind"] == "sampler" else None,
             "sampler_steps": eff.get("sampler_steps"),
             "sampling_macs": eff.get("sampling_macs"),
             "sampling_images_per_s": eff.get("sampling_images_per_s"),
@@ -133,10 +136,16 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
     return table
 
 
+def _sampler_label(settings: dict) -> str:
+    """'dpm-solver' or, where the entry names its algorithm, 'dpm-solver (dpmsolver)'."""
+    return settings["sampler"] + (f" ({settings['algorithm']})" if settings.get("algorithm") else "")
+
+
 # The combined table's Markdown (results/tables/all.md, what `make demo` prints): the columns a reader
 # compares across experiments, each shown only where some row has a value; the CSV keeps them all.
 SUMMARY_COLUMNS = ["experiment", "model", "PR label", "params (M)", "MACs (G)", "FID", "FID images", "CLIP",
-                   "SSIM to dense", "speed", "MAC share", "sampling speed-up", "paper FID", "Δ FID"]
+                   "SSIM to dense", "speed", "sampler", "sampler steps", "MAC share", "sampling speed-up", "paper FID",
+                   "Δ FID"]
 
 
 def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title: str = "",
@@ -154,10 +163,12 @@ def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title
         "sampling_images_per_s": "samples/s", "sampling_speedup": "sampling speed-up",
         "ssim_to_dense": "SSIM to dense", "psnr_to_dense": "PSNR to dense (dB)"})
     # Experiments not compared with their dense samples (the combined table) show no such columns.
-    shown = shown.drop(columns=[c for c in ("SSIM to dense", "PSNR to dense (dB)")
+    shown = shown.drop(columns=[c for c in ("SSIM to dense", "PSNR to dense (dB)", "sampler")
                                 if c in shown and shown[c].isna().all()])
-    if not table.reuse.astype(bool).any():  # no block reuse in this experiment: its columns stay out
-        shown = shown.drop(columns=["reuse", "sampler steps", "MAC share", "samples/s", "sampling speed-up"])
+    if not table.reuse.astype(bool).any():  # no block reuse in this experiment: its columns stay out,
+        # the sampler's unless its models differ in sampler (compare_samplers: their efficiency counts it)
+        shown = shown.drop(columns=["reuse"] + [c for c in ("sampler steps", "MAC share", "samples/s",
+                                                            "sampling speed-up") if shown[c].isna().all()])
     shown = _clip_columns_shown(shown)
     legend = ""
     if summary:

@@ -121,9 +121,9 @@ def dense_model(wildcards):
 
 
 def variant_model_dir(exp, variant):
-    """The folder of a scored model variant (a block-reuse variant samples its base model)."""
+    """The folder of a scored model variant (a block-reuse or sampler variant samples its base model)."""
     meta = variant_metadata(exp)[variant]
-    if meta["kind"] == "reuse":
+    if meta["kind"] in ("reuse", "sampler"):
         return variant_model_dir(exp, meta["base"])
     if variant == "dense":
         return f"{dense_folder(exp)}/model"
@@ -341,7 +341,8 @@ def prune_report_pictures(exp):
 def sample_settings(exp, variant=None):
     """The 'sample' settings that make a variant's images: not how many jobs make them, nor PNG
     export, so that changing those reruns nothing that exists. A block-reuse method may sample
-    with its own number of steps (fewer-steps)."""
+    with its own number of steps (fewer-steps); a sampler variant (compare_samplers) overrides
+    the experiment's settings with its entry."""
     context = experiment_context(exp)
     if "conditioning" in context:  # with a captions kind's sampling keys and prompt store
         context["conditioning"] = sampling_conditioning(exp)[0]
@@ -352,14 +353,27 @@ def sample_settings(exp, variant=None):
     if meta.get("kind") == "reuse":
         method = REUSE_METHODS[meta["reuse_method"]]
         sample["num_steps"] = method.sampler_steps(sample["num_steps"], meta["mac_fraction"])
+    if meta.get("kind") == "sampler":
+        sample.update(meta["sample"])
+    if sample["sampler"] != "dpm-solver":  # DPM-Solver's key only there: older jobs stay valid
+        sample.pop("algorithm", None)
     return as_json({**context, **sample})
+
+
+def same_sampler_as_base(exp, variant):
+    """Whether a sampler variant (compare_samplers) samples as its base model does (an entry equal
+    to the experiment's own sampler): then it reads its base's samples instead of making them again."""
+    meta = variant_metadata(exp)[variant]
+    return meta["kind"] == "sampler" and sample_settings(exp, variant) == sample_settings(exp, meta["base"])
 
 
 def statistics_file(exp, variant):
     """The Inception statistics a model's FID reads. A dense model taken from another experiment
     (dense.from_experiment) and sampled with the same settings (seeds, count, sampler) in the same
     FID mode makes the same images: its FID reads the owner's statistics instead of sampling
-    10k images a second time."""
+    10k images a second time; a sampler variant with its base model's sampler reads its base's."""
+    if same_sampler_as_base(exp, variant):
+        return statistics_file(exp, variant_metadata(exp)[variant]["base"])
     owner = owner_of_same_samples(exp, variant)
     if owner and EXPERIMENTS[exp]["fid"]["mode"] == EXPERIMENTS[owner]["fid"]["mode"]:
         return f"results/fid_stats/{owner}/dense.npz"
@@ -379,6 +393,8 @@ def scored_samples_file(exp, variant):
     """The samples a model's CLIP score reads: as statistics_file, a dense model taken from another
     experiment and sampled with the same settings (seeds, count, sampler, conditioning) has the same
     images, so the owner's are read instead of sampling them a second time."""
+    if same_sampler_as_base(exp, variant):
+        return scored_samples_file(exp, variant_metadata(exp)[variant]["base"])
     owner = owner_of_same_samples(exp, variant)
     return f"results/samples/{owner or exp}/{variant}/samples.npz"
 
@@ -423,12 +439,14 @@ def sample_shard_files(exp, variant):
 
 
 def sample_png_dirs():
-    """PNG folders of every scored model of the experiments with sample.png_export."""
+    """PNG folders of every scored model of the experiments with sample.png_export (bar sampler
+    variants that read their base model's samples)."""
     return [
         f"results/samples/{exp}/{variant}/png"
         for exp in EXPERIMENTS
         if EXPERIMENTS[exp]["sample"]["png_export"]
         for variant in scored_variants(exp)
+        if not same_sampler_as_base(exp, variant)
     ]
 
 
@@ -438,6 +456,12 @@ def exclusive_gpu_slots():
     limit = workflow.global_resources.get("gpu")
     limit = getattr(limit, "value", limit)
     return limit if isinstance(limit, int) and limit > 1 else 1
+
+
+def times_samplers(exp):
+    """Whether an experiment's efficiency jobs count (and on a GPU time) the sampler of each model:
+    where models differ in their sampler's steps or gate table (block reuse, compare_samplers)."""
+    return bool(EXPERIMENTS[exp]["reuse"]["models"] or EXPERIMENTS[exp]["compare_samplers"]["models"])
 
 
 def efficiency_settings(exp):

@@ -84,14 +84,14 @@ rule fid:
 
 # Parameters and MACs everywhere; images/s of the network only where the job has a GPU (the
 # sample stage's GPUs, precision and memory format), else null: the demo stays cheap on a CPU.
-# Experiments with block reuse also get the sampler's MACs per image and, on a GPU, whole sampling
-# chains per second (with the variant's gate table or number of steps).
+# Experiments with block reuse or sampler variants (compare_samplers) also get the sampler's MACs per
+# image and, on a GPU, whole sampling chains per second (with the variant's gate table or sampler).
 rule efficiency:
     input:
         model=model_dir,
         plan=lambda w: reuse_plan_file(w.exp, w.variant) or [],
         # The sampler's prompts (a captions kind), where the sampling chains are timed.
-        prompts=lambda w: prompt_store_input(w) if EXPERIMENTS[w.exp]["reuse"]["models"] else [],
+        prompts=lambda w: prompt_store_input(w) if times_samplers(w.exp) else [],
     output:
         info="results/efficiency/{exp}/{variant}.json",
     log:
@@ -108,9 +108,7 @@ rule efficiency:
     params:
         settings=lambda w: efficiency_settings(w.exp),
         batch_size=lambda w: EXPERIMENTS[w.exp]["efficiency"]["batch_size"],
-        sampler=lambda w: (
-            ["--sampler-settings", sample_settings(w.exp, w.variant)] if EXPERIMENTS[w.exp]["reuse"]["models"] else []
-        ),
+        sampler=lambda w: (["--sampler-settings", sample_settings(w.exp, w.variant)] if times_samplers(w.exp) else []),
         plan=lambda w: plan_option(w.exp, w.variant),
     shell:
         "python -m igsm efficiency --model {input.model:q} --settings {params.settings:q} {params.sampler:q} "

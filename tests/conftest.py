@@ -61,6 +61,10 @@ def tiny_demo_config():
     # Inception features on the CPU are most of this DAG's time (~0.1 s an image): few images.
     exp["sample"].update(num_images=32, num_steps=10, batch_size=32)
     exp["fid"].update(num_reference=64)
+    # One sampler variant that samples (DPM-Solver) and one that is the dense model's own sampler
+    # (DDIM at its 10 steps: the dense model's samples, no job of its own).
+    exp["compare_samplers"]["settings"] = [{"sampler": "ddim", "num_steps": 10},
+                                           {"sampler": "dpm-solver", "num_steps": 10}]
     return config
 
 

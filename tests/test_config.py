@@ -199,6 +199,28 @@ def set_unknown_process(c):
     experiment(c)["diffusion"] = {"process": "vp-sde"}
 
 
+def set_unknown_dpm_solver_algorithm(c):
+    experiment(c)["sample"].update(sampler="dpm-solver", algorithm="dpm++")
+
+
+def set_compare_samplers_of_unknown_model(c):
+    experiment(c)["compare_samplers"] = {"models": ["nope"], "settings": [{"sampler": "ddim", "num_steps": 5}]}
+
+
+def set_compare_samplers_algorithm_on_ddim(c):
+    experiment(c)["compare_samplers"] = {"models": ["dense"],
+                                         "settings": [{"sampler": "ddim", "num_steps": 5, "algorithm": "dpmsolver"}]}
+
+
+def set_compare_samplers_euler_maruyama_on_ddpm(c):
+    experiment(c)["compare_samplers"] = {"models": ["dense"],
+                                         "settings": [{"sampler": "euler-maruyama", "num_steps": 5}]}
+
+
+def set_compare_samplers_unknown_sampler(c):
+    experiment(c)["compare_samplers"] = {"models": ["dense"], "settings": [{"sampler": "dpm", "num_steps": 5}]}
+
+
 def set_euler_maruyama_on_ddpm(c):
     experiment(c)["sample"]["sampler"] = "euler-maruyama"
 
@@ -362,6 +384,16 @@ def test_config_check_names_the_key(mutate, expected):
     (set_unknown_process, r"experiments\.digits_unet\.diffusion\.process: 'vp-sde' is not one of ddpm, vpsde"),
     (set_euler_maruyama_on_ddpm, r"experiments\.digits_unet\.diffusion\.process: 'ddpm', but sample\.sampler "
                                  r"'euler-maruyama' integrates the VP-SDE"),
+    (set_unknown_dpm_solver_algorithm, r"experiments\.digits_unet\.sample\.algorithm: 'dpm\+\+' is not one of "
+                                       r"dpmsolver\+\+, dpmsolver"),
+    (set_compare_samplers_of_unknown_model, r"experiments\.digits_unet\.compare_samplers\.models: 'nope' is not a "
+                                            r"scored model of this experiment; choose among \['dense', 'untrained'"),
+    (set_compare_samplers_algorithm_on_ddim, r"experiments\.digits_unet\.compare_samplers\.settings\[0\]\.algorithm: "
+                                             r"only sampler dpm-solver takes an algorithm, not 'ddim'"),
+    (set_compare_samplers_euler_maruyama_on_ddpm, r"experiments\.digits_unet\.compare_samplers\.settings\[0\]\."
+                                                  r"sampler: 'euler-maruyama' integrates the VP-SDE"),
+    (set_compare_samplers_unknown_sampler, r"experiments\.digits_unet\.compare_samplers\.settings\[0\]\.sampler: "
+                                           r"'dpm' is not one of ddim, euler-maruyama, dpm-solver"),
     (set_ddpm_key_on_vpsde, r"experiments\.digits_unet\.diffusion\.beta_end: a key of process 'ddpm'"),
     (set_pretrained_unet_on_vpsde, r"experiments\.digits_unet\.diffusion\.process: 'vpsde', but pretrained "
                                    r"diffusers U-Nets are DDPM models"),
@@ -872,7 +904,8 @@ def test_unwritable_results_folder_is_named(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("sample, steps", [({"sampler": "euler-maruyama"}, 1000), ({"sampler": "ddim"}, 100),
-                                           ({}, 100), ({"sampler": "euler-maruyama", "num_steps": 50}, 50)])
+                                           ({}, 100), ({"sampler": "euler-maruyama", "num_steps": 50}, 50),
+                                           ({"sampler": "dpm-solver"}, 20)])
 def test_sampler_steps_default_per_sampler(sample, steps):
     """The schema alone fills sample.num_steps, per sampler (an Euler–Maruyama config without it
     once ran DDIM's 100 steps)."""
@@ -882,3 +915,7 @@ def test_sampler_steps_default_per_sampler(sample, steps):
     experiment(config)["sample"] = dict(sample)
     validate(config, str(REPO / "schemas" / "config.schema.yaml"))
     assert experiment(config)["sample"]["num_steps"] == steps
+    # The stages' reading of the schema (igsm.schema.section_defaults) agrees.
+    from igsm.schema import section_defaults
+
+    assert {**section_defaults("sample", sample), **sample}["num_steps"] == steps

@@ -56,3 +56,25 @@ def test_every_objective_option_of_the_schema_reaches_the_finetune_job(tmp_path)
     igsm = [s["training"]["objective"] for s in settings
             if s.get("training", {}).get("objective", {}).get("weights") == config["objectives"]["igsm"]["weights"]]
     assert len(igsm) == 1 and set(igsm[0]) == options
+
+
+def test_sampler_variants_follow_their_base_models():
+    # Bug caught: a sampler variant without its base model's columns (the tables group by them),
+    # two entries with another algorithm under one name, a variant of an unknown model planned.
+    from igsm.plan import sampler_variant
+
+    experiment = {**EXPERIMENT, "compare_samplers": {
+        "models": ["dense", "magnitude-cr0.5/igsm", "nope"],
+        "settings": [{"sampler": "dpm-solver", "num_steps": 10},
+                     {"sampler": "dpm-solver", "num_steps": 10, "algorithm": "dpmsolver"}]}}
+    rows = scored_models(experiment, OBJECTIVES)
+    added = [name for name, row in rows.items() if row["kind"] == "sampler"]
+    assert added == ["dense/dpm-solver-10", "dense/dpm-solver-10-dpmsolver",
+                     "magnitude-cr0.5/igsm/dpm-solver-10", "magnitude-cr0.5/igsm/dpm-solver-10-dpmsolver"]
+    row = rows["magnitude-cr0.5/igsm/dpm-solver-10-dpmsolver"]
+    assert (row["base"], row["criterion"], row["channel_ratio"], row["objective"]) == \
+        ("magnitude-cr0.5/igsm", "magnitude", 0.5, "igsm")
+    assert row["sample"] == {"sampler": "dpm-solver", "num_steps": 10, "algorithm": "dpmsolver"}
+    assert sampler_variant("dense", {"sampler": "ddim", "num_steps": 25}) == "dense/ddim-25"
+    # Not bases of block reuse or of other sampler variants: scored_model_names leaves them out.
+    assert scored_model_names(experiment) == scored_model_names(EXPERIMENT)

@@ -426,6 +426,7 @@ def test_efficiency_jobs_time_the_network_the_config_names(network, expected, tm
     experiment["sample"].update(precision="bf16", channels_last=True, compile=True)
     experiment["efficiency"] = {"network": network, "batch_size": 64}
     experiment["reuse"] = {}  # block reuse samples eagerly: not with compile (tests/test_config.py)
+    experiment["compare_samplers"] = {}  # the four models alone
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     proc = run_snakemake("-n", "-p", "--configfile", str(path), "-d", str(tmp_path), "-s", str(REPO / "Snakefile"),
@@ -447,11 +448,22 @@ def test_dag_has_one_job_per_shard_a_gather_and_optional_pngs(tmp_path):
                          "all_tables", "all_sample_pngs")
     table = proc.stdout.split("Job stats:")[1]
     counts = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
-    variants = 4 + 4  # dense, untrained, np, igsm; the demo's four block-reuse variants of dense
+    # dense, untrained, np, igsm; the demo's four block-reuse variants of dense and its five sampler
+    # variants that sample (compare_samplers: its DDIM-20 entry is the dense model's own sampler)
+    variants = 4 + 4 + 5
     assert counts["sample"] == 3 * variants and counts["sample_gather"] == variants
     assert counts["sample_png"] == variants
     assert "--nproc-per-node 2" in proc.stdout
     assert "--shard 2/3" in proc.stdout and "shard-2-of-3.npz" in proc.stdout
+    # A sampler variant's jobs get its entry over the sample settings; DPM-Solver's algorithm
+    # reaches only DPM-Solver's jobs (the others' settings, and so their finished images, unchanged).
+    settings = {re.search(r"--out '?results/samples/digits_unet/(\S+?)/shard-0", line).group(1):
+                json.loads(re.search(r"--settings '([^']*)'", line).group(1))
+                for line in proc.stdout.splitlines() if "-m igsm sample " in line and "shard-0-of-3" in line}
+    assert settings["dense"]["sampler"] == "ddim" and "algorithm" not in settings["dense"]
+    assert {k: settings["dense/dpm-solver-25"][k] for k in ("sampler", "num_steps", "algorithm")} == \
+        {"sampler": "dpm-solver", "num_steps": 25, "algorithm": "dpmsolver++"}
+    assert settings["dense/ddim-10"]["num_steps"] == 10 and "dense/ddim-20" not in settings  # the dense model's
 
 
 def test_euler_maruyama_walks_u_vits_time_grid():

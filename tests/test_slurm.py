@@ -94,6 +94,7 @@ def slurm_run(slurm_cluster, tmp_path_factory, request):
     # Without the demo's block-reuse variants: every SLURM job starts its own Snakemake and Python,
     # and their ~23 jobs more than doubled this run's time; test_workflow.py runs them locally.
     config["experiments"]["digits_unet"].pop("reuse")
+    config["experiments"]["digits_unet"].pop("compare_samplers")  # its sampler variants too, for the same reason
     # The finetunes ask for a (fake) GPU: --gpus=1, CUDA_VISIBLE_DEVICES set, and they still run
     # on the CPU, so their weights stay comparable with the local run.
     # 1 GB per job (requested, not enforced: the cluster has no cgroups), so that the node's
@@ -177,7 +178,7 @@ VOLATILE_COLUMNS = ("sec_per_step", "train_minutes", "peak_memory_GiB")
 # SLURM run has no reuse section): the sampler's MACs and speed beside the network's.
 SAMPLER_KEYS = ("sampler_steps", "reuse_mac_fraction", "network_calls_per_step", "sampling_macs",
                 "sampling_images_per_s")
-SAMPLER_COLUMNS = ("reuse", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup")
+SAMPLER_COLUMNS = ("reuse", "sampler", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup")
 
 
 def _same(local, remote):
@@ -202,6 +203,8 @@ def _same(local, remote):
             frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
             if "reuse" in frame:
                 frame = frame[frame.reuse.isna()]  # the models both runs have
+            if "sampler" in frame:
+                frame = frame[frame.sampler.isna()]
             return frame.drop(columns=[*VOLATILE_COLUMNS, *SAMPLER_COLUMNS], errors="ignore").reset_index(drop=True)
         return table(local).equals(table(remote))
     return None  # .md/.tex: the same tables as the .csv, with the volatile columns in them
@@ -209,7 +212,11 @@ def _same(local, remote):
 
 def test_outputs_equal_the_local_run(slurm_run, demo_run):
     workdir, _, _, _ = slurm_run
-    local_dir, _ = demo_run
+    local_dir, local_config = demo_run
+    from igsm.plan import sampler_variant
+
+    sampler_variants = {sampler_variant("", entry).lstrip("/") for entry in
+                        local_config["experiments"]["digits_unet"]["compare_samplers"]["settings"]}
     compared, different = [], []
     for local in sorted((local_dir / "results").rglob("*")):
         relative = local.relative_to(local_dir)
@@ -221,6 +228,8 @@ def test_outputs_equal_the_local_run(slurm_run, demo_run):
             continue
         if relative.parts[1] == "reuse" or any(part.startswith("reuse-") for part in relative.parts):
             continue  # block-reuse variants: not in the SLURM run
+        if any(part.removesuffix(".json").removesuffix(".npz") in sampler_variants for part in relative.parts):
+            continue  # nor sampler variants (compare_samplers)
         remote = workdir / relative
         assert remote.exists(), relative
         same = _same(local, remote)

@@ -16,6 +16,7 @@ from igsm.sampling import load_samples
 pytestmark = pytest.mark.slow
 
 REUSE_VARIANTS = [f"dense/reuse-{method}-f0.6" for method in ("dipgo", "deepcache", "reuse-eps", "fewer-steps")]
+SAMPLER_VARIANTS = ["dense/ddim-10", "dense/dpm-solver-10"]  # conftest.tiny_demo_config's compare_samplers
 
 
 def test_every_table_row_present_with_real_numbers(demo_run):
@@ -24,7 +25,7 @@ def test_every_table_row_present_with_real_numbers(demo_run):
 
     table = pd.read_csv(workdir / "results" / "tables" / "digits_unet.csv")
     assert sorted(table.model) == sorted(
-        ["dense", "untrained", "diff-pruning-cr0.3/np", "diff-pruning-cr0.3/igsm"] + REUSE_VARIANTS)
+        ["dense", "untrained", "diff-pruning-cr0.3/np", "diff-pruning-cr0.3/igsm"] + REUSE_VARIANTS + SAMPLER_VARIANTS)
     assert all(math.isfinite(f) and f > 0 for f in table.fid)
     fid = dict(zip(table.model, table.fid))
     assert fid["dense"] < fid["untrained"], fid
@@ -36,6 +37,17 @@ def test_every_table_row_present_with_real_numbers(demo_run):
     steps = dict(zip(table.model, table.training_steps))
     assert steps["dense"] == 150 and steps["diff-pruning-cr0.3/igsm"] == 10
     assert set(table.fid_images) == {32}
+    # The sampler variants: DDIM at the dense model's own 10 steps is its samples (the same FID, no
+    # samples of its own); DPM-Solver's images are its own, its row names its sampler and steps.
+    assert fid["dense/ddim-10"] == fid["dense"] and fid["dense/dpm-solver-10"] != fid["dense"]
+    assert not (workdir / "results" / "samples" / "digits_unet" / "dense" / "ddim-10").exists()
+    sampler = dict(zip(table.model, table.sampler.fillna("")))
+    assert sampler["dense/dpm-solver-10"] == "dpm-solver" and sampler["dense"] == ""
+    assert dict(zip(table.model, table.sampler_steps))["dense/dpm-solver-10"] == 10
+    _, _, metadata = load_samples(workdir / "results" / "samples" / "digits_unet" / "dense" / "dpm-solver-10" /
+                                  "samples.npz")
+    assert metadata["sampler"] == "dpm-solver" and metadata["sampler_kwargs"] == {"num_steps": 10,
+                                                                                   "algorithm": "dpmsolver++"}
     for name in ("digits_unet.md", "digits_unet.tex", "all.md", "all.csv"):
         assert (workdir / "results" / "tables" / name).stat().st_size > 0
     score = json.loads((workdir / "results" / "fid" / "digits_unet" / "dense.json").read_text())
@@ -80,7 +92,7 @@ def test_block_reuse_variants_meet_their_mac_fraction(demo_run):
 def test_grids_are_images(demo_run):
     workdir, _ = demo_run
     grids = sorted((workdir / "results" / "samples").rglob("grid.png"))
-    assert len(grids) == 4 + len(REUSE_VARIANTS)
+    assert len(grids) == 4 + len(REUSE_VARIANTS) + 1  # and DPM-Solver's (DDIM-10 is the dense model's)
     for grid in grids:
         with Image.open(grid) as img:
             pixels = np.asarray(img)
@@ -95,7 +107,7 @@ def test_html_report_of_the_demo(demo_run):
     assert proc.returncode == 0, proc.stdout[-5000:]
     html = report.read_text()
     grids = sorted((workdir / "results" / "samples").rglob("grid.png"))
-    assert proc.stdout.count("Adding grid.png") == len(grids) == 4 + len(REUSE_VARIANTS)
+    assert proc.stdout.count("Adding grid.png") == len(grids) == 4 + len(REUSE_VARIANTS) + 1
     assert "Samples" in html and "Tables" in html and "digits_unet" in html
     assert "<script" in html and len(html) > 100_000  # the images are embedded, not linked
 

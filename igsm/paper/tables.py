@@ -132,10 +132,10 @@ def variant(model: dict) -> str:
 def _rows_of(frame: pd.DataFrame, model: dict) -> pd.DataFrame:
     """The rows of a per-experiment table that hold ``model``, chosen by its columns (criterion,
     channel ratio, objective; the dense and untrained models by objective alone), never a block-reuse
-    variant of it."""
+    or sampler variant of it."""
     def text(column):
-        return frame[column].fillna("").astype(str)
-    chosen = (text("objective") == model["objective"]) & (text("reuse") == "")
+        return frame[column].fillna("").astype(str) if column in frame else pd.Series("", index=frame.index)
+    chosen = (text("objective") == model["objective"]) & (text("reuse") == "") & (text("sampler") == "")
     if model["objective"] not in ("dense", "untrained"):
         chosen &= (text("criterion") == model["criterion"]) & (frame.channel_ratio == model["channel_ratio"])
     return frame[chosen]

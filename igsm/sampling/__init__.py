@@ -1,7 +1,7 @@
 """Sampling (paper Sec. 5.1): samplers as pure functions of (network, initial noise, schedule,
 per-image generators), and the sample files of the 50k-image FID sets.
 
-* ``samplers.py``: DDIM and Euler–Maruyama as step objects, their registry (``REGISTRY``, by the
+* ``samplers.py``: DDIM, Euler–Maruyama and DPM-Solver as step objects, their registry (``REGISTRY``, by the
   config's ``sample.sampler``), the one loop that runs them (``run_sampler``) and one batch of
   images from their seeds (``generate``); DiP-GO's differentiable chains (``igsm.reuse``) run
   the same objects.
@@ -22,7 +22,8 @@ from igsm.sampling.denoiser import (COMPILE_MODES, PRECISIONS, ChannelStatsGroup
                                     use_channel_stats_group_norm)
 from igsm.sampling.files import SHARD_INVARIANTS, PartialBatches, gather_shards, load_samples, save_samples
 from igsm.sampling.noise import ImageGenerators
-from igsm.sampling.samplers import (DDIM, REGISTRY, SAMPLERS, EulerMaruyama, Sampler, ddim_sample, ddim_step,
-                                    ddim_timesteps, euler_maruyama_grid, euler_maruyama_sample,
+from igsm.sampling.samplers import (DDIM, REGISTRY, SAMPLERS, DPMSolver, EulerMaruyama, Sampler, ddim_sample,
+                                    ddim_step, ddim_timesteps, dpm_solver_grid, dpm_solver_step,
+                                    dpm_solver_timesteps, euler_maruyama_grid, euler_maruyama_sample,
                                     euler_maruyama_step, generate, make_sampler, run_sampler, sampler_class,
                                     sampler_kwargs)
