@@ -219,8 +219,8 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
 
 def _prdc_errors(config: dict, key: str, exp: dict) -> list[str]:
     """PRDC (prdc.enabled) reads features the FID reference job keeps of the reference images: none
-    beside a supplied reference file (mu and sigma only); and each set needs more than nearest_k
-    features (its k-th neighbour is another point), where the config fixes the set's size."""
+    beside a supplied reference file (mu and sigma only); and each set needs nearest_k + 2 features
+    (the prdc package's least, igsm.fid.prdc_min_features), where the config fixes the set's size."""
     prdc = exp["prdc"]
     if not prdc["enabled"]:
         return []
@@ -233,9 +233,10 @@ def _prdc_errors(config: dict, key: str, exp: dict) -> list[str]:
                                                      if reference in config["datasets"] else None)
     sizes = {"prdc.num_features": prdc["num_features"], "sample.num_images": exp["sample"]["num_images"],
              "fid.num_reference": reference_size}
-    return [f"{key}.prdc.nearest_k: {prdc['nearest_k']} needs more than {prdc['nearest_k']} features in each set, "
+    least = prdc["nearest_k"] + 2  # igsm.fid.prdc_min_features (not imported here: igsm.fid pulls torch)
+    return [f"{key}.prdc.nearest_k: {prdc['nearest_k']} needs at least {least} features in each set, "
             f"but {name} is {size}; lower prdc.nearest_k or raise {name}"
-            for name, size in sizes.items() if size is not None and size <= prdc["nearest_k"]]
+            for name, size in sizes.items() if size is not None and size < least]
 
 
 def _latent_errors(config: dict, key: str, exp: dict) -> list[str]:

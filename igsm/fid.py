@@ -475,20 +475,26 @@ def prdc_versions() -> dict[str, str]:
             "numpy": np.__version__}
 
 
+def prdc_min_features(nearest_k: int) -> int:
+    """The fewest features of a set that ``prdc.compute_prdc`` takes with ``nearest_k``: k + 2, one
+    more than the point and its k neighbours, as it partitions each row of distances at index k + 1."""
+    return nearest_k + 2
+
+
 def precision_recall_density_coverage(real_features: np.ndarray, fake_features: np.ndarray,
                                       nearest_k: int) -> dict[str, float]:
     """Precision, recall, density and coverage of ``fake_features`` against ``real_features``
     (Naeem et al. 2020, Sec. 3-4), by the authors' ``prdc.compute_prdc`` unchanged: k-nearest-
     neighbour balls in Euclidean distance, each point's radius its k-th neighbour's distance (the
-    point itself not counted), "inside" strictly. Both sets need more than ``nearest_k`` rows."""
+    point itself not counted), "inside" strictly. Both sets need ``prdc_min_features(nearest_k)`` rows."""
     import prdc
 
     real, fake = np.asarray(real_features, np.float32), np.asarray(fake_features, np.float32)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"features of shapes {real.shape} and {fake.shape}: expected N×D and M×D.")
-    if min(len(real), len(fake)) <= nearest_k:
-        raise ValueError(f"nearest_k {nearest_k} needs more than {nearest_k} features in each set; got "
-                         f"{len(real)} real and {len(fake)} generated.")
+    if min(len(real), len(fake)) < prdc_min_features(nearest_k):
+        raise ValueError(f"nearest_k {nearest_k} needs at least {prdc_min_features(nearest_k)} features in each "
+                         f"set; got {len(real)} real and {len(fake)} generated.")
     # compute_prdc prints the set sizes to stdout: into the job's log, with everything else.
     scores = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=nearest_k)
     return {name: float(scores[name]) for name in ("precision", "recall", "density", "coverage")}

@@ -29,9 +29,10 @@ def prdc(statistics, reference, out, nearest_k: int, threads: int | None) -> str
         raise StageError(f"{statistics}: features of Inception mode {modes[0]!r}, but {reference} holds mode "
                          f"{modes[1]!r} (fid.mode); PRDC compares features of one network: recompute one of them")
     for path, found in ((statistics, fake), (reference, real)):
-        if len(found) <= nearest_k:
-            raise StageError(f"prdc.nearest_k: {nearest_k} needs more than {nearest_k} features in each set, but "
-                             f"{path} keeps {len(found)} (prdc.num_features, sample.num_images, fid.num_reference)")
+        if len(found) < fid.prdc_min_features(nearest_k):
+            raise StageError(f"prdc.nearest_k: {nearest_k} needs at least {fid.prdc_min_features(nearest_k)} features "
+                             f"in each set, but {path} keeps {len(found)} (prdc.num_features, sample.num_images, "
+                             "fid.num_reference)")
     try:
         scores = fid.precision_recall_density_coverage(real, fake, nearest_k)
     except ValueError as err:
