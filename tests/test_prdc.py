@@ -49,10 +49,10 @@ def save_features(path, features, mode="clean"):
 def test_prdc_of_a_set_against_itself_is_the_packages_reference_values(tmp_path, nearest_k):
     """The prdc package gives a set against itself precision = recall = density = coverage = 1 for
     any k (each point lies in its own ball; each ball, radius its k-th other point, holds strictly
-    the point and k − 1 others: density k/k). The stage returns exactly those values. Bugs caught:
-    a version or replacement of the package with "≤" balls (density (k + 1)/k) or radii counting the
-    point itself as a neighbour (density (k − 1)/k), or features stored at a lower precision that
-    makes points coincide."""
+    the point and k − 1 others: density k/k). The stage returns exactly those values, from two files
+    holding the same features. Bugs caught: a version or replacement of the package with "≤" balls
+    (density (k + 1)/k) or radii counting the point itself as a neighbour (density (k − 1)/k), a
+    stage that reads another set than the files' features."""
     features = np.random.default_rng(0).normal(size=(60, 16)).astype(np.float32)
     direct = prdc_package.compute_prdc(real_features=features, fake_features=features.copy(), nearest_k=nearest_k)
     assert {m: float(direct[m]) for m in METRICS} == dict.fromkeys(METRICS, 1.0)
@@ -109,13 +109,15 @@ def test_stage_equals_compute_prdc_on_the_images_each_file_keeps(kept, tmp_path)
     prdc.compute_prdc(real = the reference's, fake = the model's) on exactly those. The sets are
     built so that precision and recall differ by far. Bugs caught: another subset (unseeded, first
     images of the reference, the model's last ones), real and generated sets swapped (precision
-    and recall exchanged), another k than nearest_k, statistics changed by keeping features."""
+    and recall exchanged), another k than nearest_k, features stored rounded (float16), statistics
+    changed by keeping features."""
     real, real_rows, real_metadata = fid.load_features(kept["reference"])
     fake, fake_rows, fake_metadata = fid.load_features(kept["statistics"])
     np.testing.assert_array_equal(real_rows, kept["chosen"])
     np.testing.assert_array_equal(real, kept["real"][kept["chosen"]])
     np.testing.assert_array_equal(fake_rows, np.arange(60))
     np.testing.assert_array_equal(fake, kept["fake"][:60])
+    assert real.dtype == fake.dtype == np.float32  # Inception's own precision, not rounded to keep files small
     assert real_metadata["kept_features"] == {"num": 100, "of": 150, "asked": 100, "chosen": "at random, seed 3"}
     assert fake_metadata["kept_features"] == {"num": 60, "of": 80, "asked": 60, "chosen": "first images"}
     stats = fid.load_statistics(kept["reference"])  # mu and sigma still of all 150 images
