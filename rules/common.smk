@@ -277,7 +277,7 @@ def reference_settings(wildcards):
     settings = {"mode": wildcards.mode, "num_reference": int(wildcards.num)}
     if wildcards.features:
         num_features, seed = re.fullmatch(r"-features([0-9]+)-seed([0-9]+)", wildcards.features).groups()
-        settings.update(prdc_num_features=int(num_features), prdc_seed=int(seed))
+        settings["prdc"] = {"num_features": int(num_features), "seed": int(seed)}
     return as_json(settings)
 
 
@@ -285,7 +285,7 @@ def statistics_settings(exp):
     """The 'fid' settings of a model's statistics job: the mode, and where PRDC is enabled, how
     many features it keeps (other experiments' jobs get the settings they had before PRDC)."""
     prdc = EXPERIMENTS[exp]["prdc"]
-    kept = {"prdc_num_features": prdc["num_features"]} if prdc["enabled"] else {}
+    kept = {"prdc": {"num_features": prdc["num_features"]}} if prdc["enabled"] else {}
     return {"mode": EXPERIMENTS[exp]["fid"]["mode"], **kept}
 
 

@@ -93,10 +93,10 @@ def kept(tmp_path, monkeypatch):
     write_store(tmp_path / "train", [(real_images, np.zeros(150, np.int64))])
     reference, statistics = tmp_path / "reference.npz", tmp_path / "stats.npz"
     fid_stage.fid_reference(str(tmp_path / "train"), reference, FidSettings.from_dict(
-        {"mode": "clean", "num_reference": 150, "prdc_num_features": 100, "prdc_seed": 3}), "cpu", 1, 50)
+        {"mode": "clean", "num_reference": 150, "prdc": {"num_features": 100, "seed": 3}}), "cpu", 1, 50)
     save_samples(tmp_path / "samples.npz", fake_images, np.arange(500, 580), {"sampler": "ddim"})
     fid_stage.fid_statistics(str(tmp_path / "samples.npz"), statistics,
-                             FidSettings.from_dict({"mode": "clean", "prdc_num_features": 60}), "cpu", 1, 50)
+                             FidSettings.from_dict({"mode": "clean", "prdc": {"num_features": 60}}), "cpu", 1, 50)
     chosen = np.sort(np.random.default_rng(3).choice(150, size=100, replace=False))
     return {"reference": reference, "statistics": statistics, "chosen": chosen,
             "real": real_images.reshape(150, -1).astype(np.float32),
@@ -147,7 +147,7 @@ def test_all_images_kept_when_fewer_than_num_features_and_none_without_prdc(tmp_
     monkeypatch.setattr(fid_stage, "features", pixel_features)
     save_samples(tmp_path / "samples.npz", gaussian_images(1, 20, 12.0), np.arange(20), {})
     fid_stage.fid_statistics(str(tmp_path / "samples.npz"), tmp_path / "all.npz",
-                             FidSettings.from_dict({"mode": "clean", "prdc_num_features": 10000}), "cpu", 1, 50)
+                             FidSettings.from_dict({"mode": "clean", "prdc": {"num_features": 10000}}), "cpu", 1, 50)
     assert len(fid.load_features(tmp_path / "all.npz")[0]) == 20
     fid_stage.fid_statistics(str(tmp_path / "samples.npz"), tmp_path / "none.npz",
                              FidSettings.from_dict({"mode": "clean"}), "cpu", 1, 50)

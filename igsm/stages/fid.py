@@ -39,20 +39,21 @@ def fid_reference(data, out, settings: FidSettings, device: str, threads: int | 
     if num > len(images):
         raise StageError(f"fid.num_reference: {num} images asked, {data} holds {len(images)}")
     found, metadata = features(images.limit(num), settings, device, threads, batch_size)
-    keep = kept_features(found, settings, metadata, settings.prdc_seed)
+    keep = kept_features(found, settings, metadata, settings.prdc.get("seed", 0))
     fid.save_statistics(out, found, keep=keep, source=data, **metadata)
 
 
 def kept_features(found, settings: FidSettings, metadata: dict, seed: int | None):
-    """The rows of ``found`` a statistics file keeps for PRDC (settings.prdc_num_features of them,
+    """The rows of ``found`` a statistics file keeps for PRDC (settings.prdc's num_features of them,
     chosen by ``seed``, or the first ones: igsm.fid.kept_indices), recorded in ``metadata``; None
     where PRDC is off."""
     from igsm import fid
 
-    if not settings.prdc_num_features:
+    asked = settings.prdc.get("num_features", 0)
+    if not asked:
         return None
-    keep = fid.kept_indices(len(found), settings.prdc_num_features, seed)
-    metadata["kept_features"] = {"num": len(keep), "of": len(found), "asked": settings.prdc_num_features,
+    keep = fid.kept_indices(len(found), asked, seed)
+    metadata["kept_features"] = {"num": len(keep), "of": len(found), "asked": asked,
                                  "chosen": "first images" if seed is None else f"at random, seed {seed}"}
     return keep
 
