@@ -41,10 +41,11 @@ rule fid_reference:
 
 
 # Only the mode changes the features: another num_reference reruns the distance, not this. With
-# PRDC, the file also keeps the first prdc.num_features images' features.
+# PRDC, the file also keeps the first prdc.num_features images' features. A dense model borrowed
+# with the same samples but other statistics settings (mode, PRDC) reads the owner's samples.
 rule fid_statistics:
     input:
-        samples="results/samples/{exp}/{variant}/samples.npz",
+        samples=lambda w: scored_samples_file(w.exp, w.variant),
     output:
         stats="results/fid_stats/{exp}/{variant}.npz",
     log:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
 from igsm import fid
 from igsm.cli import main as cli
 from igsm.sampling import save_samples
@@ -307,3 +307,44 @@ def test_prdc_columns_only_where_models_were_scored(tmp_path):
     (tmp_path / "all-table.md").write_text("\n".join(table_lines))  # without the legend above it
     header, row = header_and_row(tmp_path / "all-table.md", "untrained")
     assert [row[m] for m in METRICS] == ["0.25", "0.12", "0.06", "0.38"]
+
+
+# ---- the workflow's plan -----------------------------------------------------------------------------
+
+
+def test_a_borrowed_dense_model_with_prdc_keeps_features_of_the_owners_samples(tmp_path):
+    """config/fashion_mnist.yaml's fmnist_reuse borrows fmnist_unet's teacher with the same samples
+    and reads fmnist_unet's statistics. With PRDC on fmnist_reuse alone, its dense statistics must
+    keep features, which the owner's file does not: it gets its own statistics job, reading the
+    owner's samples, and a reference file that keeps features; nothing else changes. Bugs caught:
+    a prdc job given a statistics file without features (failing after the GPU jobs), the teacher's
+    images sampled a second time, jobs of experiments without PRDC changed by it."""
+    from test_config import job_counts, planned
+
+    config = yaml.safe_load((REPO / "config" / "fashion_mnist.yaml").read_text())
+    path = tmp_path / "config.yaml"
+
+    def dry_run():
+        path.write_text(yaml.safe_dump(config))
+        proc = run_snakemake("all_tables", "-n", "-p", "--configfile", str(path), check=False)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        jobs = planned(proc.stdout)
+        commands = {rule: sorted(next(line for line in block.splitlines() if "python -m igsm" in line)
+                                 for block in blocks if "python -m igsm" in block)
+                    for rule, blocks in jobs.items()}
+        return job_counts(proc.stdout), commands
+
+    counts, commands = dry_run()
+    config["experiments"]["fmnist_reuse"]["prdc"] = {"enabled": True}
+    with_prdc, prdc_commands = dry_run()
+    scored = sum("results/fid/fmnist_reuse/" in c for c in commands["fid"])
+    assert with_prdc["prdc"] == scored and with_prdc["sample"] == counts["sample"]
+    assert with_prdc["fid_statistics"] == counts["fid_statistics"] + 1
+    assert with_prdc["fid_reference"] == counts["fid_reference"] + 1
+    statistics = [c for c in prdc_commands["fid_statistics"] if "--out results/fid_stats/fmnist_reuse/dense.npz" in c]
+    assert len(statistics) == 1 and "--samples results/samples/fmnist_unet/dense/samples.npz" in statistics[0]
+    assert '"prdc": {"num_features": 10000}' in statistics[0]
+    assert all("-features10000-seed0.npz" in c for c in prdc_commands["prdc"])
+    for rule in ("sample", "fid_statistics", "fid_reference", "fid"):  # the other experiments' jobs, unchanged
+        others = [c for c in commands[rule] if "fmnist_reuse/" not in c]
+        assert others and set(others) <= set(prdc_commands[rule]), rule
