@@ -19,6 +19,11 @@ Precision: on CUDA, features are always extracted in strict fp32. cuDNN's defaul
 convolutions perturb the features enough to move FID digits (reference NOTES §3); the precision
 used is part of every extractor's metadata and of every saved statistics file.
 
+A statistics file can also keep some of its features (``save_statistics(keep=…)``,
+``kept_indices``, ``load_features``) for precision, recall, density and coverage on the same
+Inception features (Naeem et al. 2020: ``precision_recall_density_coverage``, the authors' prdc
+package unchanged).
+
 Typical use::
 
     fx = feature_extractor("clean", device="cuda")
