@@ -46,6 +46,7 @@ include: "rules/sample.smk"
 include: "rules/fid.smk"
 include: "rules/clip_score.smk"
 include: "rules/consistency.smk"
+include: "rules/prdc.smk"
 include: "rules/tables.smk"
 
 

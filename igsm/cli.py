@@ -230,6 +230,19 @@ COMMANDS = (
              _option("--out", required=True, type=_file(), help="Consistency JSON."),
              _option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
                      help="Image pairs per metric call."), THREADS)),
+    Command("prdc", "prdc:prdc",
+            "Precision, recall, density and coverage (Naeem et al. 2020; the prdc package) of a model's samples "
+            "against the FID reference images, from the Inception features their statistics files kept "
+            "(prdc.enabled).",
+            (_option("--statistics", required=True, type=_file(exists=True),
+                     help="Statistics .npz of the generated images, with kept features (igsm fid-statistics)."),
+             _option("--reference", required=True, type=_file(exists=True),
+                     help="Reference statistics .npz with kept features (igsm fid-reference)."),
+             _option("--out", required=True, type=_file(), help="PRDC JSON."),
+             _option("--nearest-k", type=click.IntRange(min=1),
+                     default=lambda: section_defaults("prdc")["nearest_k"],
+                     show_default="the schema's prdc.nearest_k", help="k of the k-nearest-neighbour balls."),
+             THREADS)),
     Command("reuse-plan", "reuse:reuse_plan",
             "The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse_methods): "
             "DiP-GO learns it on the sampler's own chains; deepcache and reuse-eps follow a rule.",

@@ -58,7 +58,7 @@ WORKFLOW_RULES = (
     "all_sample_pngs", "all_tables", "autoencoder", "clip_score", "combined_table", "consistency", "dense_pretrained",
     "dense_pretrained_uvit", "dense_trained", "download", "efficiency", "encode", "fid", "fid_reference",
     "fid_statistics", "finetune",
-    "paper_figure", "paper_samples", "paper_table", "prune", "prune_report_picture", "reuse_plan", "reuse_published_table", "sample",
+    "paper_figure", "paper_samples", "paper_table", "prdc", "prune", "prune_report_picture", "reuse_plan", "reuse_published_table", "sample",
     "sample_gather", "sample_png", "tables", "untrained", "variant_metadata",
 )
 
@@ -213,8 +213,31 @@ def _experiment_errors(config: dict, name: str, exp: dict) -> list[str]:
     errors += _sample_and_fid_errors(config, name, exp)
     errors += _conditioning_errors(config, key, exp, family)
     errors += _clip_score_errors(key, exp)
+    errors += _prdc_errors(config, key, exp)
     errors += _latent_errors(config, key, exp)
     return errors
+
+
+def _prdc_errors(config: dict, key: str, exp: dict) -> list[str]:
+    """PRDC (prdc.enabled) reads features the FID reference job keeps of the reference images: none
+    beside a supplied reference file (mu and sigma only); and each set needs nearest_k + 2 features
+    (the prdc package's least, igsm.fid.prdc_min_features), where the config fixes the set's size."""
+    prdc = exp["prdc"]
+    if not prdc["enabled"]:
+        return []
+    if exp["fid"]["reference_statistics"]:
+        return [f"{key}.prdc.enabled: true beside fid.reference_statistics: a file of mu and sigma keeps no "
+                "features of its images, which PRDC needs; leave fid.reference_statistics empty (the reference "
+                "computed from the dataset's images) or set prdc.enabled: false"]
+    reference = exp["fid"].get("reference_dataset") or exp["dataset"]
+    reference_size = exp["fid"]["num_reference"] or (dataset_size(config["datasets"][reference])
+                                                     if reference in config["datasets"] else None)
+    sizes = {"prdc.num_features": prdc["num_features"], "sample.num_images": exp["sample"]["num_images"],
+             "fid.num_reference": reference_size}
+    least = prdc["nearest_k"] + 2  # igsm.fid.prdc_min_features (not imported here: igsm.fid pulls torch)
+    return [f"{key}.prdc.nearest_k: {prdc['nearest_k']} needs at least {least} features in each set, "
+            f"but {name} is {size}; lower prdc.nearest_k or raise {name}"
+            for name, size in sizes.items() if size is not None and size < least]
 
 
 def _latent_errors(config: dict, key: str, exp: dict) -> list[str]:

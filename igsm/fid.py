@@ -19,6 +19,11 @@ Precision: on CUDA, features are always extracted in strict fp32. cuDNN's defaul
 convolutions perturb the features enough to move FID digits (reference NOTES §3); the precision
 used is part of every extractor's metadata and of every saved statistics file.
 
+A statistics file can also keep some of its features (``save_statistics(keep=…)``,
+``kept_indices``, ``load_features``) for precision, recall, density and coverage on the same
+Inception features (Naeem et al. 2020: ``precision_recall_density_coverage``, the authors' prdc
+package unchanged).
+
 Typical use::
 
     fx = feature_extractor("clean", device="cuda")
@@ -398,12 +403,21 @@ def statistics(features: np.ndarray, **metadata) -> Statistics:
     return Statistics(mu, sigma, len(features), dict(metadata))
 
 
-def save_statistics(path: str | os.PathLike, features_or_stats, **metadata) -> Statistics:
+def save_statistics(path: str | os.PathLike, features_or_stats, keep=None, **metadata) -> Statistics:
     """Write mu, sigma, num_images and JSON metadata (mode, extractor, sha1, precision, …) to ``.npz``.
 
     ``features_or_stats``: an N×D feature array, a ``Statistics``, or a (mu, sigma) pair (then pass
     ``num_images=``). Keyword metadata is added to (and overrides) that of a ``Statistics``.
+    ``keep``: indices of feature rows to store too (``features``, float32, and ``feature_indices``),
+    for metrics that need the features themselves (PRDC: ``kept_indices``, ``load_features``);
+    only with a feature array.
     """
+    kept = None
+    if keep is not None:
+        if isinstance(features_or_stats, (Statistics, tuple)):
+            raise ValueError("keep= needs the features themselves, not statistics.")
+        keep = np.asarray(keep, dtype=np.int64)
+        kept = {"features": np.asarray(features_or_stats, dtype=np.float32)[keep], "feature_indices": keep}
     if isinstance(features_or_stats, Statistics):
         stats = Statistics(features_or_stats.mu, features_or_stats.sigma,
                            metadata.pop("num_images", features_or_stats.num_images),
@@ -422,9 +436,73 @@ def save_statistics(path: str | os.PathLike, features_or_stats, **metadata) -> S
     with reporting_write_errors(path), open(tmp, "wb") as f:
         np.savez(f, mu=stats.mu, sigma=stats.sigma,
                  num_images=np.int64(-1 if stats.num_images is None else stats.num_images),
-                 metadata=np.array(json.dumps(stats.metadata, sort_keys=True)))
+                 metadata=np.array(json.dumps(stats.metadata, sort_keys=True)), **(kept or {}))
     os.replace(tmp, path)
     return stats
+
+
+def kept_indices(num_images: int, num: int, seed: int | None = None) -> np.ndarray:
+    """Which of ``num_images`` feature rows a statistics file keeps for PRDC, sorted: all of them if
+    ``num`` ≥ ``num_images``; else ``num`` drawn without replacement by numpy's ``default_rng(seed)``
+    (a reference's images, stored in some order of the dataset), or, with ``seed`` None, the first
+    ``num`` (a model's samples: image k has seed first_seed + k, already a random draw)."""
+    if num >= num_images:
+        return np.arange(num_images, dtype=np.int64)
+    if seed is None:
+        return np.arange(num, dtype=np.int64)
+    return np.sort(np.random.default_rng(seed).choice(num_images, size=num, replace=False)).astype(np.int64)
+
+
+def load_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(features N×D float32, their rows among the file's images, metadata) that ``save_statistics``
+    kept in a statistics file; ``ValueError`` naming the file if it kept none or they are malformed."""
+    remedy = ("it was written without kept features (prdc.enabled off, or a supplied mu/sigma file): "
+              "rerun the workflow with prdc.enabled, which rewrites it; if it was written with them, "
+              "it was not written completely: delete it and rerun")
+    arrays, keys = read_npz(path, ("features", "feature_indices", "metadata"), "statistics", remedy)
+    if "features" not in arrays or "feature_indices" not in arrays:
+        raise ValueError(f"{path}: no kept Inception features ('features', 'feature_indices'); keys are {keys}; "
+                         f"{remedy}")
+    features, indices = arrays["features"], arrays["feature_indices"]
+    if features.ndim != 2 or indices.shape != (len(features),) or not np.isfinite(features).all():
+        raise ValueError(f"{path}: kept features of shape {features.shape} with indices {indices.shape}, or "
+                         f"non-finite values; expected N×D and N; {remedy}")
+    metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays else {}
+    return features, indices, metadata
+
+
+def prdc_versions() -> dict[str, str]:
+    """The versions that can move PRDC's digits: the prdc package, and the scikit-learn and numpy
+    it computes the distances and k-th nearest neighbours with."""
+    from importlib import metadata
+
+    return {"prdc": metadata.version("prdc"), "scikit-learn": metadata.version("scikit-learn"),
+            "numpy": np.__version__}
+
+
+def prdc_min_features(nearest_k: int) -> int:
+    """The fewest features of a set that ``prdc.compute_prdc`` takes with ``nearest_k``: k + 2, one
+    more than the point and its k neighbours, as it partitions each row of distances at index k + 1."""
+    return nearest_k + 2
+
+
+def precision_recall_density_coverage(real_features: np.ndarray, fake_features: np.ndarray,
+                                      nearest_k: int) -> dict[str, float]:
+    """Precision, recall, density and coverage of ``fake_features`` against ``real_features``
+    (Naeem et al. 2020, Sec. 3-4), by the authors' ``prdc.compute_prdc`` unchanged: k-nearest-
+    neighbour balls in Euclidean distance, each point's radius its k-th neighbour's distance (the
+    point itself not counted), "inside" strictly. Both sets need ``prdc_min_features(nearest_k)`` rows."""
+    import prdc
+
+    real, fake = np.asarray(real_features, np.float32), np.asarray(fake_features, np.float32)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features of shapes {real.shape} and {fake.shape}: expected N×D and M×D.")
+    if min(len(real), len(fake)) < prdc_min_features(nearest_k):
+        raise ValueError(f"nearest_k {nearest_k} needs at least {prdc_min_features(nearest_k)} features in each "
+                         f"set; got {len(real)} real and {len(fake)} generated.")
+    # compute_prdc prints the set sizes to stdout: into the job's log, with everything else.
+    scores = prdc.compute_prdc(real_features=real, fake_features=fake, nearest_k=nearest_k)
+    return {name: float(scores[name]) for name in ("precision", "recall", "density", "coverage")}
 
 
 # ADM's evaluator (openai/guided-diffusion, evaluations/evaluator.py) publishes its reference batches

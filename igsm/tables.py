@@ -26,6 +26,8 @@ COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_l
 CLIP_COLUMNS = ["clip_score", "clip_model"]
 # Only in the tables of experiments compared with their dense samples (consistency.enabled), after those.
 CONSISTENCY_COLUMNS = ["ssim_to_dense", "psnr_to_dense"]
+# Only in the tables of experiments with PRDC (prdc.enabled), after those.
+PRDC_COLUMNS = ["precision", "recall", "density", "coverage"]
 
 
 def _load(path):
@@ -64,14 +66,15 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
                objectives: dict | None = None) -> pd.DataFrame:
     """One table row per scored model; ``rows`` hold the paths of its JSON files (rules/common.smk
     ``table_rows``): ``metadata`` (what the model is: results/variants/<exp>/<variant>.json),
-    ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` / ``clip_score`` / ``consistency``
-    where it has them;
+    ``fid``, ``efficiency``, and ``summary`` / ``prune_report`` / ``clip_score`` / ``consistency`` /
+    ``prdc`` where it has them;
     ``objectives``: the config's objectives (their directions; the metadata holds the weights). A
     block-reuse or sampler variant gets no paper value: the paper's FIDs are of the paper's sampler."""
     out = []
     for entry in rows:
         meta, fid, eff = _load(entry["metadata"]), _load(entry["fid"]), _load(entry["efficiency"])
         clip, consistency = _load(entry.get("clip_score")), _load(entry.get("consistency"))
+        prdc = _load(entry.get("prdc"))
         summary, report = _load(entry["summary"]), _load(entry["prune_report"])
         timing = summary.get("timing", {})
         variant = meta["variant"]
@@ -118,10 +121,12 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             "clip_model": clip.get("clip_model"),
             "ssim_to_dense": consistency.get("ssim"),
             "psnr_to_dense": consistency.get("psnr"),
+            **{column: prdc.get(column) for column in PRDC_COLUMNS},
         })
     at = COLUMNS.index("fid_mode") + 1
     extra = (CLIP_COLUMNS if any(entry.get("clip_score") for entry in rows) else []) + \
-        (CONSISTENCY_COLUMNS if any(entry.get("consistency") for entry in rows) else [])
+        (CONSISTENCY_COLUMNS if any(entry.get("consistency") for entry in rows) else []) + \
+        (PRDC_COLUMNS if any(entry.get("prdc") for entry in rows) else [])
     columns = COLUMNS[:at] + extra + COLUMNS[at:]
     table = pd.DataFrame(out, columns=columns + ["sampling_macs", "base"])
     base = table.set_index("model")
@@ -144,8 +149,8 @@ def _sampler_label(settings: dict) -> str:
 # The combined table's Markdown (results/tables/all.md, what `make demo` prints): the columns a reader
 # compares across experiments, each shown only where some row has a value; the CSV keeps them all.
 SUMMARY_COLUMNS = ["experiment", "model", "PR label", "params (M)", "MACs (G)", "FID", "FID images", "CLIP",
-                   "SSIM to dense", "speed", "sampler", "sampler steps", "MAC share", "sampling speed-up", "paper FID",
-                   "Δ FID"]
+                   "SSIM to dense", *PRDC_COLUMNS, "speed", "sampler", "sampler steps", "MAC share",
+                   "sampling speed-up", "paper FID", "Δ FID"]
 
 
 def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title: str = "",
@@ -162,8 +167,9 @@ def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title
         "paper_source": "paper source", "sampler_steps": "sampler steps", "mac_fraction": "MAC share",
         "sampling_images_per_s": "samples/s", "sampling_speedup": "sampling speed-up",
         "ssim_to_dense": "SSIM to dense", "psnr_to_dense": "PSNR to dense (dB)"})
-    # Experiments not compared with their dense samples (the combined table) show no such columns.
-    shown = shown.drop(columns=[c for c in ("SSIM to dense", "PSNR to dense (dB)", "sampler")
+    # Experiments not compared with their dense samples, without PRDC or with one sampler (the combined
+    # table) show no such columns.
+    shown = shown.drop(columns=[c for c in ("SSIM to dense", "PSNR to dense (dB)", *PRDC_COLUMNS, "sampler")
                                 if c in shown and shown[c].isna().all()])
     if not table.reuse.astype(bool).any():  # no block reuse in this experiment: its columns stay out,
         # the sampler's unless its models differ in sampler (compare_samplers: their efficiency counts it)

@@ -258,7 +258,35 @@ def fid_reference_file(exp):
         return os.path.expanduser(fid["reference_statistics"])
     # Another dataset's images (fid.reference_dataset: COCO val for a model finetuned on COCO train).
     dataset = fid.get("reference_dataset") or settings["dataset"]
-    return f"results/fid_reference/{dataset}/{fid['mode']}-n{fid['num_reference']}.npz"
+    return f"results/fid_reference/{dataset}/{fid['mode']}-n{fid['num_reference']}{reference_features(exp)}.npz"
+
+
+# The part of a reference statistics file's name that says which features it keeps for PRDC
+# (prdc.enabled: '-features<num_features>-seed<seed>'; otherwise empty, the file as before PRDC).
+REFERENCE_FEATURES = "(-features[0-9]+-seed[0-9]+)?"
+
+
+def reference_features(exp):
+    prdc = EXPERIMENTS[exp]["prdc"]
+    return f"-features{prdc['num_features']}-seed{prdc['seed']}" if prdc["enabled"] else ""
+
+
+def reference_settings(wildcards):
+    """JSON 'fid' settings of a reference statistics job, from its file name (its dataset's
+    experiments share it): the mode, the number of images and the features it keeps for PRDC."""
+    settings = {"mode": wildcards.mode, "num_reference": int(wildcards.num)}
+    if wildcards.features:
+        num_features, seed = re.fullmatch(r"-features([0-9]+)-seed([0-9]+)", wildcards.features).groups()
+        settings["prdc"] = {"num_features": int(num_features), "seed": int(seed)}
+    return as_json(settings)
+
+
+def statistics_settings(exp):
+    """The 'fid' settings of a model's statistics job: the mode, and where PRDC is enabled, how
+    many features it keeps (other experiments' jobs get the settings they had before PRDC)."""
+    prdc = EXPERIMENTS[exp]["prdc"]
+    kept = {"prdc": {"num_features": prdc["num_features"]}} if prdc["enabled"] else {}
+    return {"mode": EXPERIMENTS[exp]["fid"]["mode"], **kept}
 
 
 def paper_tables_of_config():
@@ -315,6 +343,8 @@ def table_rows(exp):
             row["clip_score"] = f"results/clip_score/{exp}/{variant}.json"
         if exp in consistency_experiments() and variant != "dense":  # the dense model is the reference
             row["consistency"] = f"results/consistency/{exp}/{variant}.json"
+        if exp in prdc_experiments():
+            row["prdc"] = f"results/prdc/{exp}/{variant}.json"
         rows.append(row)
     return rows
 
@@ -371,11 +401,12 @@ def statistics_file(exp, variant):
     """The Inception statistics a model's FID reads. A dense model taken from another experiment
     (dense.from_experiment) and sampled with the same settings (seeds, count, sampler) in the same
     FID mode makes the same images: its FID reads the owner's statistics instead of sampling
-    10k images a second time; a sampler variant with its base model's sampler reads its base's."""
+    10k images a second time (if it also keeps the same features for PRDC); a sampler variant with its
+    base model's sampler reads its base's."""
     if same_sampler_as_base(exp, variant):
         return statistics_file(exp, variant_metadata(exp)[variant]["base"])
     owner = owner_of_same_samples(exp, variant)
-    if owner and EXPERIMENTS[exp]["fid"]["mode"] == EXPERIMENTS[owner]["fid"]["mode"]:
+    if owner and statistics_settings(exp) == statistics_settings(owner):  # the same mode and kept features
         return f"results/fid_stats/{owner}/dense.npz"
     return f"results/fid_stats/{exp}/{variant}.npz"
 
@@ -397,6 +428,11 @@ def scored_samples_file(exp, variant):
         return scored_samples_file(exp, variant_metadata(exp)[variant]["base"])
     owner = owner_of_same_samples(exp, variant)
     return f"results/samples/{owner or exp}/{variant}/samples.npz"
+
+
+def prdc_experiments():
+    """The experiments whose models get precision, recall, density and coverage (prdc.enabled)."""
+    return [exp for exp, spec in EXPERIMENTS.items() if spec["prdc"]["enabled"]]
 
 
 def consistency_experiments():

@@ -11,15 +11,20 @@ localrules:
     fid,
 
 
+# With PRDC (prdc.enabled), the file also keeps some images' features and its name says which
+# (common.smk reference_features); without, name, settings and command are those from before PRDC.
 rule fid_reference:
     input:
         data="results/data/{dataset}/train",
     output:
-        stats="results/fid_reference/{dataset}/{mode}-n{num}.npz",
+        stats="results/fid_reference/{dataset}/{mode}-n{num}{features}.npz",
     log:
-        "results/logs/fid_reference/{dataset}/{mode}-n{num}.log",
+        "results/logs/fid_reference/{dataset}/{mode}-n{num}{features}.log",
     benchmark:
-        "results/benchmarks/fid_reference/{dataset}/{mode}-n{num}.tsv"
+        "results/benchmarks/fid_reference/{dataset}/{mode}-n{num}{features}.tsv"
+    wildcard_constraints:
+        num="[0-9]+",
+        features=REFERENCE_FEATURES,
     conda:
         "../envs/fid.yaml"
     threads: resource("fid", "threads")
@@ -29,16 +34,18 @@ rule fid_reference:
         gpu=resource("fid", "gpu"),
         gpu_mem_mb=gpu_memory("fid"),
     params:
-        settings=lambda w: as_json({"mode": w.mode, "num_reference": int(w.num)}),
+        settings=reference_settings,
     shell:
         "python -m igsm fid-reference --data {input.data:q} --settings {params.settings:q} "
         "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"
 
 
-# Only the mode changes the features: another num_reference reruns the distance, not this.
+# Only the mode changes the features: another num_reference reruns the distance, not this. With
+# PRDC, the file also keeps the first prdc.num_features images' features. A dense model borrowed
+# with the same samples but other statistics settings (mode, PRDC) reads the owner's samples.
 rule fid_statistics:
     input:
-        samples="results/samples/{exp}/{variant}/samples.npz",
+        samples=lambda w: scored_samples_file(w.exp, w.variant),
     output:
         stats="results/fid_stats/{exp}/{variant}.npz",
     log:
@@ -54,7 +61,7 @@ rule fid_statistics:
         gpu=resource("fid", "gpu"),
         gpu_mem_mb=gpu_memory("fid"),
     params:
-        settings=lambda w: as_json({"mode": EXPERIMENTS[w.exp]["fid"]["mode"]}),
+        settings=lambda w: as_json(statistics_settings(w.exp)),
     shell:
         "python -m igsm fid-statistics --samples {input.samples:q} --settings {params.settings:q} "
         "--out {output.stats:q} --threads {threads} > {log:q} 2>&1"

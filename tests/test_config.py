@@ -498,6 +498,7 @@ def test_supplied_reference_statistics_replace_the_reference_job(tmp_path):
     np.savez(supplied, mu=np.zeros(4), sigma=np.eye(4))
     config = demo_config()
     experiment(config)["fid"]["reference_statistics"] = str(supplied)
+    experiment(config)["prdc"] = {"enabled": False}  # the demo's PRDC needs the reference images' features
     proc = dry_run(config, tmp_path, "--printshellcmds")
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "rule fid_reference" not in proc.stdout

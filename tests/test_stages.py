@@ -30,10 +30,12 @@ def test_each_command_runs_a_stage_function_taking_exactly_its_arguments(command
 @pytest.mark.parametrize("settings_class", SECTIONS, ids=lambda c: c.__name__)
 def test_typed_settings_are_the_schema_section_with_its_defaults(settings_class):
     """No second copy of a default: an empty --settings gives the schema's, and every field but the
-    passed-along 'diffusion', 'conditioning' and 'latents' (and the methods' sections) is a key of the section."""
+    passed-along 'diffusion', 'conditioning', 'latents' and 'prdc' (and the methods' sections) is a key
+    of the section."""
     section = SECTIONS[settings_class]
     keys = schema_file()["$defs"]["experiment"]["properties"][section]["properties"]
-    fields = {f.name for f in dataclasses.fields(settings_class)} - {"diffusion", "conditioning", "latents", "sections"}
+    fields = {f.name for f in dataclasses.fields(settings_class)} - {"diffusion", "conditioning", "latents", "sections",
+                                                                     "prdc"}
     assert fields <= set(keys)
     settings = settings_class.from_dict({})
     defaults = section_defaults(section)

@@ -89,6 +89,28 @@ def test_block_reuse_variants_meet_their_mac_fraction(demo_run):
     assert len(history) == reuse["learn"]["train_steps"]
 
 
+def test_prdc_of_every_model_from_the_features_the_fid_jobs_kept(demo_run):
+    """The demo's prdc section (enabled, k = 5): precision, recall, density and coverage of every
+    model in its table and in the combined one, from the FID's own reference file, which kept all
+    64 reference images' features (fewer than num_features), and each model's 32. Bugs caught: no
+    PRDC columns in the demo's tables, PRDC against another reference than the FID's, a subset
+    other than asked."""
+    workdir, _ = demo_run
+    import pandas as pd
+
+    metrics = ["precision", "recall", "density", "coverage"]
+    table = pd.read_csv(workdir / "results" / "tables" / "digits_unet.csv")
+    assert table[metrics].notna().all().all(), table[["model"] + metrics]
+    bounded = table[["precision", "recall", "coverage"]]
+    assert ((bounded >= 0) & (bounded <= 1)).all().all() and (table.density >= 0).all()
+    score = json.loads((workdir / "results" / "prdc" / "digits_unet" / "dense.json").read_text())
+    fid_score = json.loads((workdir / "results" / "fid" / "digits_unet" / "dense.json").read_text())
+    assert score["reference"] == fid_score["reference"] == "results/fid_reference/digits/clean-n64-features10000-seed0.npz"
+    assert (score["num_real"], score["num_fake"], score["nearest_k"], score["mode"]) == (64, 32, 5, "clean")
+    header = (workdir / "results" / "tables" / "all.md").read_text()
+    assert all(f" {metric} " in header for metric in metrics)
+
+
 def test_grids_are_images(demo_run):
     workdir, _ = demo_run
     grids = sorted((workdir / "results" / "samples").rglob("grid.png"))

@@ -39,7 +39,23 @@ def fid_reference(data, out, settings: FidSettings, device: str, threads: int | 
     if num > len(images):
         raise StageError(f"fid.num_reference: {num} images asked, {data} holds {len(images)}")
     found, metadata = features(images.limit(num), settings, device, threads, batch_size)
-    fid.save_statistics(out, found, source=data, **metadata)
+    keep = kept_features(found, settings, metadata, settings.prdc.get("seed", 0))
+    fid.save_statistics(out, found, keep=keep, source=data, **metadata)
+
+
+def kept_features(found, settings: FidSettings, metadata: dict, seed: int | None):
+    """The rows of ``found`` a statistics file keeps for PRDC (settings.prdc's num_features of them,
+    chosen by ``seed``, or the first ones: igsm.fid.kept_indices), recorded in ``metadata``; None
+    where PRDC is off."""
+    from igsm import fid
+
+    asked = settings.prdc.get("num_features", 0)
+    if not asked:
+        return None
+    keep = fid.kept_indices(len(found), asked, seed)
+    metadata["kept_features"] = {"num": len(keep), "of": len(found), "asked": asked,
+                                 "chosen": "first images" if seed is None else f"at random, seed {seed}"}
+    return keep
 
 
 def fid_statistics(samples, out, settings: FidSettings, device: str, threads: int | None, batch_size: int) -> None:
@@ -51,7 +67,9 @@ def fid_statistics(samples, out, settings: FidSettings, device: str, threads: in
     with readable_inputs():
         images, _, sample_metadata = load_samples(samples)
     found, metadata = features(images, settings, device, threads, batch_size)
-    fid.save_statistics(out, found, samples=samples,
+    # A model's images are random draws already (image k: seed first_seed + k): its first ones.
+    keep = kept_features(found, settings, metadata, None)
+    fid.save_statistics(out, found, keep=keep, samples=samples,
                         image_precision=sample_metadata.get("precision", "unknown"),
                         sampler=sample_metadata.get("sampler"),
                         sampler_kwargs=sample_metadata.get("sampler_kwargs"), **metadata,

@@ -48,6 +48,9 @@ class FidSettings(SectionSettings):
     reference_statistics: str
     diffusion: dict
     reference_dataset: str = ""  # another dataset's images as the reference (no schema default: absent stays absent)
+    # Where PRDC is enabled, the 'prdc' section's num_features and (the reference's) seed, passed along
+    # to the statistics jobs, which keep that many features (igsm.fid.kept_indices); empty: none.
+    prdc: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
