@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -106,6 +107,10 @@ def diffusers_form(net, config: dict) -> tuple[dict | None, str]:
             return candidate, ""
         if nearest is None or len(differences) < len(nearest):
             nearest = differences
+    # Rarest first: a layer of its own (the time embedding) before the fourth attention of a kind.
+    pattern = [re.sub(r"\.\d+", "", re.sub(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.", "", line.split(":")[0]))
+               for line in nearest]
+    nearest = [line for _, line in sorted(zip(pattern, nearest), key=lambda pair: pattern.count(pair[0]))]
     shown = "; ".join(nearest[:3]) + (f"; and {len(nearest) - 3} more layer(s)" if len(nearest) > 3 else "")
     return None, (f"no {type(net).__name__} config has its layer widths (pruning set them layer group by "
                   f"layer group; the nearest config differs at {shown})")
