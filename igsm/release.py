@@ -120,7 +120,7 @@ def _same_noise_prediction(folder: Path, net) -> str:
     """'' if diffusers' from_pretrained(folder) predicts the noise ``net`` predicts, else why not."""
     import torch
 
-    from igsm.models import example_condition, image_shape, predict_noise
+    from igsm.models import condition_inputs, example_condition, image_shape, predict_noise
 
     try:
         loaded = type(net).from_pretrained(str(folder), low_cpu_mem_usage=False).eval()
@@ -129,8 +129,7 @@ def _same_noise_prediction(folder: Path, net) -> str:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, *image_shape(net), generator=generator)
     t = torch.tensor([10, 500])
-    condition = example_condition(net, 2)
-    keyword = {} if condition is None else {"class_labels": condition}
+    keyword = condition_inputs(net, example_condition(net, 2))  # a conditional network's keyword
     with torch.no_grad():
         ours, theirs = predict_noise(net, x, t, **keyword), predict_noise(loaded, x, t, **keyword)
     gap = (ours - theirs).abs().max().item()
@@ -155,8 +154,10 @@ def fid_name(fid: dict, dataset: str) -> str:
     """The metric's name on the card: 'FID (<n> images, <mode> mode, vs <reference>)'."""
     if fid.get("reference_kind") == "supplied":
         reference = f"supplied statistics {Path(str(fid.get('reference', ''))).name}"
+    elif fid.get("reference_dataset"):  # another dataset's images (fid.reference_dataset: COCO val)
+        reference = f"{fid.get('num_reference')} images of {fid['reference_dataset']}"
     else:
-        reference = f"{fid.get('num_reference')} training images of {fid.get('reference_dataset') or dataset}"
+        reference = f"{fid.get('num_reference')} training images of {dataset}"
     return f"FID ({fid['num_images']} images, {fid['mode']} mode, vs {reference})"
 
 
@@ -253,8 +254,9 @@ def model_card(*, row: dict, context: dict, fid: dict | None, efficiency: dict |
     if kind in ("finetuned", "dense") and summary and summary.get("num_steps") is not None:
         lines.append(f"| {'finetune' if kind == 'finetuned' else 'training'} steps | {summary['num_steps']:,} |")
     if fid is None:
-        lines += ["", "This model is not sampled by the workflow (it is the starting point of the finetunes), "
-                      "so its card reports no FID."]
+        lines += ["", "The workflow does not sample this model" + (
+            " (a pruned model before finetuning is the finetunes' starting point)" if kind == "pruned" else "")
+            + ", so its card reports no FID."]
     source = context.get("repo_id") or "DIR"
     get = (f"`hf download {context['repo_id']} --local-dir DIR`, then " if context.get("repo_id") else "")
     lines += ["", "## How to load it", "",

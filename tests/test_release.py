@@ -224,3 +224,54 @@ def test_a_repo_prefix_the_hub_refuses_is_a_config_error_naming_the_key():
     for prefix in ("someone/igsm--", "someone/a/b-", "someone/" + "x" * 90):
         with pytest.raises(ConfigError, match=r"publish\.repo_prefix: .* makes the repo id"):
             check_config(demo_with(repo_prefix=prefix))
+
+
+def dry_run(tmp_path, target, **publish):
+    from conftest import run_snakemake
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load((REPO / "config" / "demo.yaml").read_text()),
+                                    "publish": publish}))
+    return run_snakemake("-n", "-p", target, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+                         "--configfile", str(path), check=False)
+
+
+def test_publish_models_needs_a_repo_prefix_and_names_each_repository_from_it(tmp_path):
+    """Off by default (the target says which key to set); with a prefix, one upload per released model to
+    prefix + '<experiment>-<release>', after its release folder, with its receipt."""
+    proc = dry_run(tmp_path, "publish_models")
+    assert proc.returncode != 0 and "publish.repo_prefix is not set" in proc.stdout, proc.stdout[-3000:]
+    proc = dry_run(tmp_path, "publish_models", repo_prefix="someone/igsm-", revision="v1")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    for release in released_models(demo_with()["experiments"]["digits_unet"]):
+        repo_id = "someone/igsm-" + release_repo_name("digits_unet", release)
+        assert (f"python -m igsm publish --folder results/release/digits_unet/{release} --repo-id {repo_id} "
+                f"--private --revision v1 --receipt results/publish/digits_unet/{release}.json") in proc.stdout
+
+
+def test_a_class_conditional_dense_unet_loads_with_diffusers_and_a_uvit_with_igsm_only(tmp_path):
+    """diffusers' loading is checked with the network's own condition (a class-conditional U-Net's
+    labels); U-ViT is igsm's own class: no diffusers files, and the card says why."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    conditional = build_model({**ARCHITECTURE, "num_class_embeds": 11})
+    save_model(conditional, tmp_path / "conditional")
+    folder = release(tmp_path / "conditional", tmp_path / "conditional-release", DENSE_ROW, files=())
+    assert {p.name for p in folder.iterdir()} == IGSM_FILES | DIFFUSERS_FILES
+    labels = torch.tensor([0, 3, 10])
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = predict_noise(UNet2DModel.from_pretrained(str(folder), low_cpu_mem_usage=False).eval(), x,
+                               torch.tensor([1, 400, 999]), class_labels=labels)
+        ours = predict_noise(load_model(folder), x, torch.tensor([1, 400, 999]), class_labels=labels)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-6)
+
+    uvit = build_model({"family": "uvit", "img_size": 16, "patch_size": 4, "in_chans": 1, "embed_dim": 16,
+                        "depth": 2, "num_heads": 2})
+    save_model(uvit, tmp_path / "uvit")
+    folder = release(tmp_path / "uvit", tmp_path / "uvit-release", DENSE_ROW, files=(),
+                     context={"family": "uvit", "family_title": "U-ViT"})
+    assert {p.name for p in folder.iterdir()} == IGSM_FILES
+    card = load_card(folder)
+    assert "it is igsm's own UViT, not a diffusers model" in card.text and card.data.eval_results is None
