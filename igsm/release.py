@@ -42,6 +42,8 @@ TASKS = {"none": "unconditional-image-generation", "text": "text-to-image", "cap
          "class": "class-conditional-image-generation"}
 # Hub dataset ids of the dataset sources that have one: the card's `datasets` links to them.
 HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "fashion-mnist": "zalando-datasets/fashion_mnist"}
+# Not uploaded: Snakemake's marker in a directory() output (.snakemake_timestamp), any hidden file.
+HIDDEN = [".*"]
 # ε̂ of diffusers' loading of a release against igsm's: the same tensors, so float round-off only.
 EPS_TOLERANCE = 1e-5
 CITATION = Path(__file__).resolve().parents[1] / "CITATION.cff"
@@ -393,9 +395,10 @@ def publish_folder(folder, repo_id: str, private: bool = True, revision: str | N
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
-                                   commit_message=f"igsm release of {folder.name}")
+                                   commit_message=f"igsm release of {folder.name}", ignore_patterns=HIDDEN)
     except Exception as err:  # huggingface_hub and httpx raise many kinds; each means "not uploaded"
         raise ReleaseError(f"{where} ({_cause(err)})") from None
     return {"repo_id": repo_id, "revision": revision or "main", "private": private, "endpoint": endpoint,
             "commit_url": getattr(commit, "commit_url", None), "commit_oid": getattr(commit, "oid", None),
-            "files": {p.name: sha256_of(p) for p in sorted(folder.iterdir()) if p.is_file()}}
+            "files": {p.name: sha256_of(p) for p in sorted(folder.iterdir())
+                      if p.is_file() and not p.name.startswith(".")}}
