@@ -55,8 +55,8 @@ DETAIL_VARIABLE = "IGSM_CONFIG_DETAIL"
 # experiment 'all' would have two rules write results/tables/all.md, and `snakemake table1` could
 # not mean an experiment table1.
 WORKFLOW_RULES = (
-    "all_results", "all_sample_pngs", "all_tables", "autoencoder", "clip_score", "combined_table", "consistency", "dense_pretrained",
-    "dense_pretrained_uvit", "dense_trained", "download", "efficiency", "encode", "fid", "fid_reference",
+    "all_results", "all_sample_pngs", "all_tables", "autoencoder", "clip_score", "combined_table", "consistency",
+    "dense_pretrained", "dense_pretrained_uvit", "dense_trained", "download", "efficiency", "encode", "fid", "fid_reference",
     "fid_statistics", "finetune", "model_cards", "publish", "publish_models", "release",
     "paper_figure", "paper_samples", "paper_table", "prune", "prune_report_picture", "reuse_plan", "reuse_published_table", "sample",
     "sample_gather", "sample_png", "tables", "untrained", "variant_metadata",
