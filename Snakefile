@@ -1,4 +1,4 @@
-# IGSM workflow: download → dense → prune → finetune → sample → FID → tables.
+# IGSM workflow: download → dense → prune → finetune → sample → FID → tables → model releases.
 # The paper's experiments by default; `--configfile config/demo.yaml` for the offline CPU demo.
 import sys
 
@@ -48,6 +48,7 @@ include: "rules/clip_score.smk"
 include: "rules/consistency.smk"
 include: "rules/prdc.smk"
 include: "rules/tables.smk"
+include: "rules/release.smk"
 
 
 # results/ belongs to one config (results/.config, igsm.results_owner): a run that executes jobs
@@ -62,7 +63,14 @@ onstart:
         raise WorkflowError(str(err)) from None
 
 
-rule all_tables:
+# The default target: every table and figure, and every released model's folder with its model card.
+rule all_results:
     default_target: True
+    input:
+        all_table_files(),
+        release_folders(),
+
+
+rule all_tables:
     input:
         all_table_files(),

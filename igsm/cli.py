@@ -270,6 +270,29 @@ COMMANDS = (
              _option("--plan", type=_file(exists=True), default=None,
                      help="A block-reuse gate table the sampler follows (needs --sampler-settings)."),
              *RUNS_ON), NetworkSettings),
+    Command("release", "release:release",
+            "A released model's folder: the model's files, a Hugging Face model card (README.md, with model-index "
+            "metadata) made from the workflow's JSON files and, where diffusers can express the network, diffusers' "
+            "config.json and weights (settings: the release's row and context, as the workflow's release rule "
+            "gives them).",
+            (MODEL, _option("--out", required=True, type=_folder(), help="Release folder to write."),
+             _option("--fid", type=_file(exists=True), default=None, help="The model's FID JSON."),
+             _option("--efficiency", type=_file(exists=True), default=None, help="Its efficiency JSON."),
+             _option("--summary", type=_file(exists=True), default=None, help="Its training summary JSON."),
+             _option("--prune-report", type=_file(exists=True), default=None,
+                     help="The prune report of its pruning."),
+             _option("--settings", callback=_json, required=True, help="JSON: row, context, objective."))),
+    Command("publish", "release:publish",
+            "Upload a release folder to a Hugging Face Hub model repository (created if missing) with "
+            "huggingface_hub; needs a token (HF_TOKEN or `hf auth login`) and the Hub (HF_ENDPOINT).",
+            (_option("--folder", required=True, type=_folder(exists=True),
+                     help="A release folder (results/release/<experiment>/<release>)."),
+             _option("--repo-id", required=True, help="owner/name of the model repository."),
+             _option("--private/--public", default=True, show_default=True,
+                     help="Visibility of a repository this creates (an existing one keeps its own)."),
+             _option("--revision", default=None, help="Branch to upload to (made if missing). [default: main]"),
+             _option("--receipt", type=_file(), default=None,
+                     help="JSON to write: repo id, commit url and oid, each file's sha256."))),
     Command("tiny-text-encoder", "text_encoder:tiny_text_encoder",
             "Write a random-initialised tiny CLIP text encoder and a tokenizer knowing the prompts' words, offline: "
             "a conditioning.text_encoder (kind text) for toy configs and tests, where no real one can be downloaded.",

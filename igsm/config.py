@@ -29,7 +29,7 @@ from igsm.data.sources import is_captioned, with_defaults
 from igsm.families import (FAMILY_KEY, Family, assumed_family, contradicting_keys, family_named,
                             family_of_architecture, names)
 from igsm.hub import looks_like_local_path
-from igsm.plan import scored_model_names
+from igsm.plan import release_repo_name, released_models, scored_model_names
 from igsm.schema import schema_file
 
 
@@ -55,10 +55,11 @@ DETAIL_VARIABLE = "IGSM_CONFIG_DETAIL"
 # experiment 'all' would have two rules write results/tables/all.md, and `snakemake table1` could
 # not mean an experiment table1.
 WORKFLOW_RULES = (
-    "all_sample_pngs", "all_tables", "autoencoder", "clip_score", "combined_table", "consistency", "dense_pretrained",
-    "dense_pretrained_uvit", "dense_trained", "download", "efficiency", "encode", "fid", "fid_reference",
-    "fid_statistics", "finetune",
-    "paper_figure", "paper_samples", "paper_table", "prdc", "prune", "prune_report_picture", "reuse_plan", "reuse_published_table", "sample",
+    "all_results", "all_sample_pngs", "all_tables", "autoencoder", "clip_score", "combined_table", "consistency",
+    "dense_pretrained", "dense_pretrained_uvit", "dense_trained", "download", "efficiency", "encode", "fid",
+    "fid_reference", "fid_statistics", "finetune", "model_cards", "paper_figure", "paper_samples", "paper_table",
+    "prdc", "prune", "prune_report_picture", "publish", "publish_models", "release", "reuse_plan",
+    "reuse_published_table", "sample",
     "sample_gather", "sample_png", "tables", "untrained", "variant_metadata",
 )
 
@@ -154,8 +155,30 @@ def check_config(config: dict) -> None:
             continue
         errors += _experiment_errors(config, name, exp)
         errors += _pretrained_folder_errors(config, name, exp)
+    errors += publish_errors(config)
     if errors:
         raise ConfigError("\n".join(sorted(errors)))
+
+
+def publish_errors(config: dict) -> list[str]:
+    """publish.repo_prefix against the Hub's rules for repository ids (huggingface_hub's own check):
+    every release's whole id (prefix + '<experiment>-<release>', igsm.plan), before any job, so that
+    no upload fails on a name after the others went through. Nothing to check while it is empty."""
+    prefix = config.get("publish", {}).get("repo_prefix", "")
+    if not prefix:
+        return []
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    errors = []
+    for name, exp in config["experiments"].items():
+        for release in released_models(exp, config["objectives"]):
+            repo_id = prefix + release_repo_name(name, release)
+            try:
+                validate_repo_id(repo_id)
+            except HFValidationError as err:
+                errors.append(f"publish.repo_prefix: {prefix!r} makes the repo id {repo_id!r} for "
+                              f"experiments.{name}'s release {release}, which the Hub refuses ({err})")
+    return errors
 
 
 def name_families(config: dict) -> list[str]:

@@ -98,3 +98,36 @@ def scored_models(exp: dict, objectives: dict | None = None) -> dict[str, dict]:
 def scored_model_names(exp: dict) -> list[str]:
     """The models an experiment samples and scores, bar block-reuse and sampler variants."""
     return [variant for variant, row in scored_models(exp).items() if row["kind"] not in ("reuse", "sampler")]
+
+
+def released_models(exp: dict, objectives: dict | None = None) -> dict[str, dict]:
+    """{release: row} of the models an experiment releases (results/release/<exp>/<release>/: model
+    files and a model card, igsm.release): the dense model where the workflow trains it (a
+    pretrained one is someone else's release; one taken through dense.from_experiment is released
+    by that experiment), every pruned model before finetuning ('pruned/<criterion>-cr<ratio>') and
+    every finetuned one ('finetuned/<criterion>-cr<ratio>/<objective>'). The kind prefix keeps the
+    folders apart: a pruned model's release does not hold its finetunes'.
+
+    A row: release, kind (dense / pruned / finetuned), variant (the scored model whose FID and
+    efficiency files it reports; None for a pruned model, which is not sampled), objective,
+    criterion, channel_ratio, weights, pruned."""
+    rows = {}
+    scored = scored_models(exp, objectives)
+    if not exp["dense"].get("pretrained") and not exp["dense"].get("from_experiment"):
+        rows["dense"] = {**scored["dense"], "release": "dense"}
+    for variant, row in scored.items():
+        if row["kind"] != "finetuned":
+            continue
+        pruned = f"pruned/{row['pruned']}"
+        rows.setdefault(pruned, {**row, "release": pruned, "kind": "pruned", "variant": None, "objective": "",
+                                 "weights": None})
+    for variant, row in scored.items():
+        if row["kind"] == "finetuned":
+            rows[f"finetuned/{variant}"] = {**row, "release": f"finetuned/{variant}"}
+    return rows
+
+
+def release_repo_name(experiment: str, release: str) -> str:
+    """The Hub repository name of a release (after the config's publish.repo_prefix):
+    '<experiment>-<release with / as ->', e.g. 'digits_unet-finetuned-diff-pruning-cr0.3-igsm'."""
+    return f"{experiment}-{release.replace('/', '-')}"

@@ -557,3 +557,91 @@ def training_resources(stage):
         "nproc_per_node": lambda w: max(1, settings(w)["gpu"]),
         "nnodes": lambda w: settings(w)["nodes"],
     }
+
+
+# ---- model releases (rules/release.smk) and their upload ------------------------------------------
+from igsm.hub import looks_like_local_path
+from igsm.plan import release_repo_name, released_models
+
+
+def releases(exp):
+    """{release: row} of the models an experiment releases."""
+    return released_models(EXPERIMENTS[exp], config["objectives"])
+
+
+def release_folders():
+    return [f"results/release/{exp}/{release}" for exp in EXPERIMENTS for release in releases(exp)]
+
+
+def publish_repo_id(exp, release):
+    """The Hub repository of a release: publish.repo_prefix, then '<exp>-<release>' (igsm.config has
+    checked every one against the Hub's rules); a WorkflowError where the prefix is not set."""
+    prefix = config["publish"]["repo_prefix"]
+    if not prefix:
+        raise WorkflowError(
+            "publish.repo_prefix is not set: give it (e.g. publish: {repo_prefix: 'your-name/igsm-'}) to upload the "
+            "released models to the Hugging Face Hub"
+        )
+    return f"{prefix}{release_repo_name(exp, release)}"
+
+
+def release_inputs(wildcards):
+    """The files a release's folder is made from: the model and, where it has them, its FID,
+    efficiency, training summary and prune report."""
+    row = releases(wildcards.exp)[wildcards.release]
+    variant = row["variant"]
+    inputs = {}
+    if row["kind"] == "dense":
+        inputs["model"] = f"{dense_folder(wildcards.exp)}/model"
+        inputs["summary"] = f"{dense_folder(wildcards.exp)}/summary.json"
+    elif row["kind"] == "pruned":
+        inputs["model"] = f"results/prune/{wildcards.exp}/{row['pruned']}/model"
+    else:
+        inputs["model"] = f"results/finetune/{wildcards.exp}/{variant}/model"
+        inputs["summary"] = f"results/finetune/{wildcards.exp}/{variant}/summary.json"
+    if variant:
+        inputs["fid"] = f"results/fid/{wildcards.exp}/{variant}.json"
+        inputs["efficiency"] = f"results/efficiency/{wildcards.exp}/{variant}.json"
+    if row["pruned"]:
+        inputs["prune_report"] = f"results/prune/{wildcards.exp}/{row['pruned']}/report.json"
+    return inputs
+
+
+def release_file_options(wildcards, input):
+    """`--fid FILE` … for the inputs a release has, as a list for Snakemake's :q quoting."""
+    return [
+        word
+        for key in ("fid", "efficiency", "summary", "prune_report")
+        if key in input.keys()
+        for word in (f"--{key.replace('_', '-')}", input[key])
+    ]
+
+
+def release_settings(exp, release):
+    """JSON of what a release's card says besides its files: the row, the experiment's context (its
+    dataset, family, conditioning; the dense model's hub id as base_model and for the paper's numbers;
+    the repo id where publishing is configured) and the finetune objective's settings."""
+    row = releases(exp)[release]
+    owner = dense_owner(exp)
+    pretrained = EXPERIMENTS[owner]["dense"]["pretrained"]
+    prefix = config["publish"]["repo_prefix"]
+    base_model = None
+    if pretrained and not looks_like_local_path(pretrained):
+        base_model = pretrained
+    elif prefix and row["kind"] != "dense" and "dense" in releases(owner):
+        base_model = f"{prefix}{release_repo_name(owner, 'dense')}"
+    family = family_of_architecture(EXPERIMENTS[exp]["architecture"])
+    dataset = EXPERIMENTS[exp]["dataset"]
+    context = {
+        "experiment": exp,
+        "dataset": dataset,
+        "dataset_source": config["datasets"][dataset]["source"],
+        "conditioning_kind": EXPERIMENTS[exp]["conditioning"]["kind"],
+        "family": family.name,
+        "family_title": family.title,
+        "base_model": base_model,
+        "dense_model": pretrained or "",
+        "repo_id": f"{prefix}{release_repo_name(exp, release)}" if prefix else None,
+    }
+    objective = objective_settings(row["objective"]) if row["kind"] == "finetuned" else None
+    return as_json({"row": row, "context": context, "objective": objective})

@@ -403,7 +403,7 @@ def test_config_check_names_the_key(mutate, expected):
     (set_unknown_key, r"experiments\.digits_unet\.finetune\.trainig: unknown key; did you mean 'training'\? "
                       r"valid here: runs, training"),
     (set_top_level_typo, r"experiment: unknown key; did you mean 'experiments'\? valid here: datasets, objectives, "
-                         r"autoencoders, experiments, resources, plugins, scale"),
+                         r"autoencoders, experiments, resources, plugins, publish, scale"),
     (set_wrong_type, r"experiments\.digits_unet\.sample\.num_images: 'many' is not of type 'integer'"),
     (set_ratio_above_range, r"experiments\.digits_unet\.finetune\.runs\[0\]\.channel_ratio: 1\.2 is greater than "
                             r"or equal to the maximum of 1"),

@@ -190,6 +190,42 @@ def test_failed_job_leaves_nothing_that_looks_complete(demo_run):
     assert "loss is" in log
 
 
+def test_the_demo_writes_model_cards_huggingface_hubs_parser_reads(demo_run, tmp_path):
+    """`make demo`'s default target writes a release folder per dense, pruned and finetuned model
+    (issue 32, item 3), each card's model-index holding the FID file's value and image count; only the
+    dense U-Net gets diffusers' files. Run on a copy: the session's demo stays as other tests expect it."""
+    import shutil
+    import time
+
+    from huggingface_hub import ModelCard
+
+    workdir, config = demo_run
+    copied = tmp_path / "demo"
+    shutil.copytree(workdir, copied, symlinks=True)
+    started = time.monotonic()
+    proc = snakemake_in(copied, config, "model_cards")
+    seconds = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert planned_jobs(proc.stdout) == {"release", "model_cards"}, proc.stdout[-5000:]
+    release = copied / "results" / "release" / "digits_unet"
+    folders = {"dense": True, "pruned/diff-pruning-cr0.3": False, "finetuned/diff-pruning-cr0.3/np": False,
+               "finetuned/diff-pruning-cr0.3/igsm": False}
+    for name, loads_with_diffusers in folders.items():
+        # Bar Snakemake's .snakemake_timestamp in a directory() output, which publishing leaves out.
+        files = {p.name for p in (release / name).iterdir() if p.name != ".snakemake_timestamp"}
+        assert files == {"README.md", "architecture.json", "model.safetensors"} | (
+            {"config.json", "diffusion_pytorch_model.safetensors"} if loads_with_diffusers else set()), (name, files)
+        card = ModelCard.load(release / name / "README.md")
+        if name.startswith("pruned/"):
+            assert card.data.eval_results is None
+            continue
+        fid = json.loads((copied / "results" / "fid" / "digits_unet" / f"{name.removeprefix('finetuned/')}.json")
+                         .read_text())
+        (result,) = card.data.eval_results
+        assert result.metric_value == fid["fid"] and result.metric_args["num_images"] == fid["num_images"] == 32
+    print(f"model_cards: {seconds:.1f} s for {len(folders)} release folders")  # the demo's extra time
+
+
 def tiny_uvit_config():
     """A tiny U-ViT on the VP-SDE through every stage: dense training, Diff-Pruning, IGSM
     finetuning, Euler–Maruyama sampling and FID, on the digits, in well under a minute of jobs."""

@@ -11,6 +11,7 @@ imports a stage. A stage's failure the user can act on is a ``StageError`` (igsm
 * ``fid.py``: Inception statistics and the FID.
 * ``reuse.py``: a block-reuse gate table (DiP-GO and its baselines).
 * ``efficiency.py``: parameters, MACs, network and sampler throughput.
+* ``release.py``: a released model's folder with its model card; its upload to the Hub.
 * ``check_config.py``: the workflow's config check as a command.
 * ``settings.py``: the stages' typed settings, filled once from the schema's defaults.
 * ``common.py``, ``process.py``: what stages share; a job's device, threads and torchrun.
