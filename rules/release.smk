@@ -63,7 +63,7 @@ rule publish:
         visibility="--private" if config["publish"]["private"] else "--public",
         revision=["--revision", config["publish"]["revision"]] if config["publish"]["revision"] else [],
     shell:
-        "python -m igsm publish --folder {input.folder:q} --repo-id {params.repo_id:q} {params.visibility} "
+        "python -m igsm publish --folder {input.folder:q} --repo-id {params.repo_id:q} {params.visibility:q} "
         "{params.revision:q} --receipt {output.receipt:q} > {log:q} 2>&1"
 
 
