@@ -148,6 +148,7 @@ def _sampler_label(settings: dict) -> str:
     return settings["sampler"] + (f" ({settings['algorithm']})" if settings.get("algorithm") else "")
 
 
+# The printed tables' column headings (the CSV keeps the names).
 HEADINGS = {"params_M": "params (M)", "macs_G": "MACs (G)", "images_per_s": "images/s", "fid": "FID",
             "paper_fid": "paper FID", "delta_fid": "Δ FID", "training_steps": "steps", "batch_size": "batch",
             "fid_images": "FID images", "fid_mode": "FID mode", "pr_label": "PR label", "sec_per_step": "s/step",
@@ -186,8 +187,9 @@ def summary_sections(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     section of each experiment that has rows and, besides naming the model, a value to show."""
     table = _blanks_as_missing(table)
     kind = pd.Series("models", index=table.index)
-    kind[table.sampler.notna()] = "sampling"  # one model may not be both (igsm.plan)
-    kind[table.reuse.notna()] = "block reuse"
+    for column, section in (("sampler", "sampling"), ("reuse", "block reuse")):  # igsm.plan: never both
+        if column in table:  # (CSVs written before compare_samplers have no sampler column)
+            kind[table[column].notna()] = section
     sections = []
     for (experiment, dataset), rows in table.groupby(["experiment", "dataset"], sort=False, dropna=False):
         for section, columns in SUMMARY_SECTIONS.items():
