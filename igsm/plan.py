@@ -33,19 +33,6 @@ def reuse_variant(base: str, method: str, fraction: float) -> str:
     return f"{base}/reuse-{method}-f{float(fraction):g}"
 
 
-def parse_reuse_variant(name: str) -> tuple[str, str, float] | None:
-    """(base, method, target MAC fraction) of a block-reuse variant's name (:func:`reuse_variant`),
-    None for another model's."""
-    base, _, last = name.rpartition("/")
-    if not base or not last.startswith("reuse-") or "-f" not in last:
-        return None
-    method, _, fraction = last.removeprefix("reuse-").rpartition("-f")
-    try:
-        return base, method, float(fraction)
-    except ValueError:
-        return None
-
-
 def sampler_variant(base: str, settings: dict) -> str:
     """The name of the scored model ``base`` sampled with other sampler ``settings`` (an entry of
     ``compare_samplers.settings``): '<base>/<sampler>-<num_steps>', '-<algorithm>' where it names one."""

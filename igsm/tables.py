@@ -20,8 +20,8 @@ from igsm.schema import schema_defaults
 COLUMNS = ["experiment", "dataset", "model", "criterion", "channel_ratio", "pr_label", "objective",
            "params_M", "macs_G", "images_per_s", "speed", "fid", "fid_images", "fid_mode", "training_steps",
            "batch_size", "sec_per_step", "train_minutes", "peak_memory_GiB", "paper_fid", "delta_fid",
-           "paper_source", "reuse", "sampler", "sampler_steps", "mac_fraction", "sampling_images_per_s",
-           "sampling_speedup"]
+           "paper_source", "base_model", "reuse", "target_mac_fraction", "sampler", "sampler_steps", "mac_fraction",
+           "sampling_images_per_s", "sampling_speedup"]
 # Only in the tables of experiments with CLIP scores (clip_score.enabled), after the FID's columns.
 CLIP_COLUMNS = ["clip_score", "clip_model"]
 # Only in the tables of experiments compared with their dense samples (consistency.enabled), after those.
@@ -108,15 +108,16 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
             "paper_fid": paper_fid,
             "delta_fid": None if paper_fid is None else fid["fid"] - paper_fid,
             "paper_source": where,
-            # Block reuse (experiments with reuse.models): the sampler's MACs per image and whole
-            # chains per second, against the base model's below.
-            "reuse": meta.get("reuse_method", ""),
+            # Block-reuse and sampler variants sample the scored model ``base_model`` otherwise; their
+            # sampler's MACs per image and whole chains per second are set against its below.
+            "base_model": meta.get("base"),
+            "reuse": meta.get("reuse_method", ""),  # block reuse (reuse.models): the method and its
+            "target_mac_fraction": meta.get("mac_fraction"),  # configured share; mac_fraction: the executed one
             # A sampler variant's own sampler (compare_samplers); the others sample as the experiment says.
             "sampler": _sampler_label(meta.get("sample")) if meta["kind"] == "sampler" else None,
             "sampler_steps": eff.get("sampler_steps"),
             "sampling_macs": eff.get("sampling_macs"),
             "sampling_images_per_s": eff.get("sampling_images_per_s"),
-            "base": meta.get("base", variant),
             "clip_score": clip.get("clip_score"),
             "clip_model": clip.get("clip_model"),
             "ssim_to_dense": consistency.get("ssim"),
@@ -128,12 +129,13 @@ def build_rows(experiment: str, dataset: str, dense_model: str, rows: list[dict]
         (CONSISTENCY_COLUMNS if any(entry.get("consistency") for entry in rows) else []) + \
         (PRDC_COLUMNS if any(entry.get("prdc") for entry in rows) else [])
     columns = COLUMNS[:at] + extra + COLUMNS[at:]
-    table = pd.DataFrame(out, columns=columns + ["sampling_macs", "base"])
-    base = table.set_index("model")
+    table = pd.DataFrame(out, columns=columns + ["sampling_macs"])
+    by_model = table.set_index("model")
+    reference_model = table.base_model.fillna(table.model)  # a model without a base: its own sampler
     for column, ratio in (("sampling_macs", "mac_fraction"), ("sampling_images_per_s", "sampling_speedup")):
-        reference = pd.to_numeric(table.base.map(base[column]), errors="coerce")
+        reference = pd.to_numeric(reference_model.map(by_model[column]), errors="coerce")
         table[ratio] = pd.to_numeric(table[column], errors="coerce") / reference
-    table = table.drop(columns=["sampling_macs", "base"])
+    table = table.drop(columns=["sampling_macs"])
     # The paper's "Speed" column: network throughput relative to the dense model (GPU jobs only).
     dense_speed = table.loc[table.model == "dense", "images_per_s"]
     if len(dense_speed) and pd.notna(dense_speed.iloc[0]):
@@ -146,62 +148,103 @@ def _sampler_label(settings: dict) -> str:
     return settings["sampler"] + (f" ({settings['algorithm']})" if settings.get("algorithm") else "")
 
 
-# The combined table's Markdown (results/tables/all.md, what `make demo` prints): the columns a reader
-# compares across experiments, each shown only where some row has a value; the CSV keeps them all.
-SUMMARY_COLUMNS = ["experiment", "model", "PR label", "params (M)", "MACs (G)", "FID", "FID images", "CLIP",
-                   "SSIM to dense", *PRDC_COLUMNS, "speed", "sampler", "sampler steps", "MAC share",
-                   "sampling speed-up", "paper FID", "Δ FID"]
+# The printed tables' column headings (the CSV keeps the names).
+HEADINGS = {"params_M": "params (M)", "macs_G": "MACs (G)", "images_per_s": "images/s", "fid": "FID",
+            "paper_fid": "paper FID", "delta_fid": "Δ FID", "training_steps": "steps", "batch_size": "batch",
+            "fid_images": "FID images", "fid_mode": "FID mode", "pr_label": "PR label", "sec_per_step": "s/step",
+            "train_minutes": "train min", "peak_memory_GiB": "peak GiB", "channel_ratio": "channel ratio",
+            "paper_source": "paper source", "base_model": "base model", "target_mac_fraction": "target MAC share",
+            "sampler_steps": "sampler steps", "mac_fraction": "MAC share", "sampling_images_per_s": "samples/s",
+            "sampling_speedup": "sampling speed-up", "ssim_to_dense": "SSIM to dense",
+            "psnr_to_dense": "PSNR to dense (dB)"}
+
+# The combined table's Markdown (results/tables/all.md, what `make demo` prints): per experiment,
+# small tables a terminal shows whole (~100 characters wide for the demo), each of the rows and
+# columns that answer one question; the CSV (and each experiment's own table) keeps every column.
+# A row is a block-reuse variant where it has a reuse method, a sampler variant where it has a
+# sampler of its own, otherwise a model of its own; "quality" holds every row.
+SUMMARY_SECTIONS = {
+    "models": ["model", "pr_label", "params_M", "macs_G", "fid", "speed", "train_minutes", "paper_fid", "delta_fid"],
+    "sampling": ["base_model", "sampler", "sampler_steps", "mac_fraction", "sampling_speedup", "fid"],
+    "block reuse": ["base_model", "reuse", "mac_fraction", "sampling_speedup", "fid"],
+    "quality": ["model", "clip_score", "clip_model", "ssim_to_dense", "psnr_to_dense", *PRDC_COLUMNS],
+}
+# Shorter headings where the full ones would widen the summary past a terminal; the legend says
+# what they stand for.
+SUMMARY_HEADINGS = {"pr_label": "PR", "ssim_to_dense": "SSIM", "psnr_to_dense": "PSNR", "sampling_speedup": "speed-up"}
+SUMMARY_LEGEND = """\
+Per experiment: its models, other samplers of a model, block reuse and sample quality. Every column
+of every model: all.csv beside this file, each experiment's own table (results/tables/<exp>.md) and
+the HTML report (snakemake --report). PR: the paper's pruning-ratio label. MAC share and speed-up:
+against the base model's own sampler (speed-up and speed: GPU jobs only). SSIM and PSNR (dB): to
+the dense model's samples at the same seeds. Precision, recall, density, coverage: Naeem et al.
+(2020) on the FID's Inception features. "–": no value.
+"""
+
+
+def summary_sections(table: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """("<experiment> (<dataset>): <section>", its rows and columns) for each SUMMARY_SECTIONS
+    section of each experiment that has rows and, besides naming the model, a value to show."""
+    table = _blanks_as_missing(table)
+    kind = pd.Series("models", index=table.index)
+    for column, section in (("sampler", "sampling"), ("reuse", "block reuse")):  # igsm.plan: never both
+        if column in table:  # (CSVs written before compare_samplers have no sampler column)
+            kind[table[column].notna()] = section
+    sections = []
+    for (experiment, dataset), rows in table.groupby(["experiment", "dataset"], sort=False, dropna=False):
+        for section, columns in SUMMARY_SECTIONS.items():
+            picked = rows if section == "quality" else rows[kind[rows.index] == section]
+            shown = _with_values(picked[[c for c in columns if c in picked]])
+            if len(shown) and set(shown.columns) - {"model", "base_model"}:
+                sections.append((f"{experiment} ({dataset}): {section}", shown))
+    return sections
 
 
 def write_tables(table: pd.DataFrame, markdown=None, csv=None, latex=None, title: str = "",
                  summary: bool = False) -> None:
-    """The table as CSV (every column), Markdown and LaTeX; ``summary``: the Markdown and LaTeX show
-    SUMMARY_COLUMNS only (the combined table of every experiment)."""
+    """The table as CSV (every column), Markdown and LaTeX (every column with a value);
+    ``summary``: the Markdown in :func:`summary_sections` instead (the combined table of every
+    experiment, results/tables/all.md)."""
     if csv:
         table.to_csv(csv, index=False)
-    shown = table.drop(columns=[] if summary else ["experiment"]).rename(columns={
-        "params_M": "params (M)", "macs_G": "MACs (G)", "images_per_s": "images/s", "speed": "speed", "fid": "FID", "paper_fid": "paper FID",
-        "delta_fid": "Δ FID", "training_steps": "steps", "batch_size": "batch", "fid_images": "FID images",
-        "fid_mode": "FID mode", "pr_label": "PR label", "sec_per_step": "s/step",
-        "train_minutes": "train min", "peak_memory_GiB": "peak GiB", "channel_ratio": "channel ratio",
-        "paper_source": "paper source", "sampler_steps": "sampler steps", "mac_fraction": "MAC share",
-        "sampling_images_per_s": "samples/s", "sampling_speedup": "sampling speed-up",
-        "ssim_to_dense": "SSIM to dense", "psnr_to_dense": "PSNR to dense (dB)"})
-    # Experiments not compared with their dense samples, without PRDC or with one sampler (the combined
-    # table) show no such columns.
-    shown = shown.drop(columns=[c for c in ("SSIM to dense", "PSNR to dense (dB)", *PRDC_COLUMNS, "sampler")
-                                if c in shown and shown[c].isna().all()])
-    if not table.reuse.astype(bool).any():  # no block reuse in this experiment: its columns stay out,
-        # the sampler's unless its models differ in sampler (compare_samplers: their efficiency counts it)
-        shown = shown.drop(columns=["reuse"] + [c for c in ("sampler steps", "MAC share", "samples/s",
-                                                            "sampling speed-up") if shown[c].isna().all()])
-    shown = _clip_columns_shown(shown)
-    legend = ""
-    if summary:
-        def rank(column):  # SUMMARY_COLUMNS' order; "CLIP (<model>)" where "CLIP" stands
-            return SUMMARY_COLUMNS.index("CLIP" if column.startswith("CLIP (") else column)
-
-        kept = [c for c in shown if (c in SUMMARY_COLUMNS or c.startswith("CLIP (")) and shown[c].notna().any()]
-        shown = shown[sorted(kept, key=rank)]
-        legend = ("The main columns; every column of every model: all.csv beside this file, and each "
-                  "experiment's own table (results/tables/<experiment>.md).\n\n")
-    shown = shown.astype(object).where(shown.notna(), None)  # blanks print as "–", not "nan"
-    if markdown:
-        text = shown.to_markdown(index=False, floatfmt=".2f", missingval="–")
-        Path(markdown).write_text((f"## {title}\n\n" if title else "") + legend + text + "\n")
+    heading = f"## {title}\n\n" if title else ""
+    full = _with_values(_blanks_as_missing(table).drop(columns=["experiment"]))
+    if markdown and summary:
+        parts = [f"### {name}\n\n{_markdown(shown, SUMMARY_HEADINGS)}" for name, shown in summary_sections(table)]
+        Path(markdown).write_text(heading + SUMMARY_LEGEND + "\n" + "\n\n".join(parts) + "\n")
+    elif markdown:
+        Path(markdown).write_text(heading + _markdown(full) + "\n")
     if latex:
-        Path(latex).write_text(shown.to_latex(index=False, float_format="%.2f", na_rep="--"))
+        Path(latex).write_text(_printable(full).to_latex(index=False, float_format="%.2f", na_rep="--"))
+
+
+def _blanks_as_missing(table: pd.DataFrame) -> pd.DataFrame:
+    """Empty strings (no reuse method, no paper source) as missing values, as a CSV read back has them."""
+    return table.where(table.ne(""))
+
+
+def _with_values(shown: pd.DataFrame) -> pd.DataFrame:
+    """The one rule for optional columns in every printed table: a column no row has a value for
+    (no PRDC, CLIP or SSIM scored, no block reuse, no paper number, no GPU timing) is left out."""
+    return shown.loc[:, shown.notna().any()]
+
+
+def _markdown(shown: pd.DataFrame, headings: dict | None = None) -> str:
+    return _printable(shown, headings).to_markdown(index=False, floatfmt=".2f", missingval="–")
+
+
+def _printable(shown: pd.DataFrame, headings: dict | None = None) -> pd.DataFrame:
+    """Columns under their headings; blanks print as "–", not "nan"."""
+    shown = _clip_columns_shown(shown.rename(columns={**HEADINGS, **(headings or {})}))
+    return shown.astype(object).where(shown.notna(), None)
 
 
 def _clip_columns_shown(shown: pd.DataFrame) -> pd.DataFrame:
     """The CLIP score's column headed with its CLIP model ("CLIP (openai/clip-vit-large-patch14)")
     where one model made every score; a "CLIP model" column beside it where several did (the
-    combined table of experiments scored with different models); neither where no row has a score
-    (the combined table of experiments without one, or a CSV written before the column existed)."""
-    if "clip_score" not in shown:
+    combined table of experiments scored with different models)."""
+    if "clip_score" not in shown:  # none scored (_with_values left the column out)
         return shown
-    if shown.clip_score.isna().all():
-        return shown.drop(columns=CLIP_COLUMNS)
     models = shown.clip_model.dropna().unique()
     if len(models) == 1:
         return shown.drop(columns=["clip_model"]).rename(columns={"clip_score": f"CLIP ({models[0]})"})

@@ -51,9 +51,27 @@ def cifar_subset():
 # ---- the tiny demo DAG (test_workflow.py, test_slurm.py) ------------------------------------
 
 
+def demo_config() -> dict:
+    """config/demo.yaml as written (the schema has not filled its defaults)."""
+    return yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+
+
+def config_errors(config: dict) -> str:
+    """What the workflow would refuse ``config`` for before its first job (the schema, then
+    igsm.config's cross-field checks), one error a line; '' for a config it accepts."""
+    from igsm.config import ConfigError, check_config, validate_schema
+
+    try:
+        validate_schema(config)
+        check_config(config)
+    except ConfigError as err:
+        return str(err)
+    return ""
+
+
 def tiny_demo_config():
     """config/demo.yaml with tiny settings: every stage for real, in a few minutes on a CPU."""
-    config = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    config = demo_config()
     exp = config["experiments"]["digits_unet"]
     exp["dense"]["training"].update(num_steps=150, log_every=25, checkpoint_every=50)
     exp["prune"].update(num_images=16)
@@ -160,6 +178,23 @@ def metrics_without_wall_clock(path):
 def metric_records(out):
     """Training metrics of a training folder without the wall-clock columns."""
     return metrics_without_wall_clock(Path(out) / "metrics.jsonl")
+
+
+def markdown_tables(path) -> dict[str, list[dict]]:
+    """{heading: one {column heading: cell} per row} of each Markdown table in the file at ``path``,
+    under the '### ' heading above it ('' above the first heading: a file of one table)."""
+    tables, heading, header = {}, "", None
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("### "):
+            heading, header = line.removeprefix("### "), None
+        elif not line.startswith("|"):
+            header = None
+        elif header is None:
+            header = [cell.strip() for cell in line.strip("|").split("|")]
+            tables[heading] = []
+        elif not line.startswith("|:") and not line.startswith("|-"):
+            tables[heading].append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))))
+    return tables
 
 
 # ---- optional inputs: skipped on a user's subset run, a failure in CI (issue 19) ---------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, config_errors, demo_config, run_snakemake
 
 PROMPTS = ["a photo of a cat", "a photo of a dog", "a drawing of a boat"]
 SEEDS = np.arange(7, 14)  # not from 0: a prompt chosen by an image's place in the file differs from its seed's
@@ -150,10 +150,6 @@ def test_stage_refuses_conditionings_without_prompts_and_stale_samples(tmp_path)
 # ---- config checks ----------------------------------------------------------------------------
 
 
-def demo_config():
-    return yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-
-
 def text_experiment(c, tmp_path):
     """digits_unet as a text-conditioned SD U-Net (a local encoder folder: only its config.json is read)."""
     encoder = tmp_path / "text_encoder"
@@ -169,17 +165,6 @@ def text_experiment(c, tmp_path):
     return exp
 
 
-def check(config):
-    from igsm.config import ConfigError, check_config, validate_schema
-
-    try:
-        validate_schema(config)
-        check_config(config)
-    except ConfigError as err:
-        return str(err)
-    return ""
-
-
 @pytest.mark.parametrize("conditioning", [None, {"kind": "class", "num_classes": 10}])
 def test_clip_score_without_prompts_is_a_config_error_naming_the_key(conditioning):
     config = demo_config()
@@ -189,24 +174,24 @@ def test_clip_score_without_prompts_is_a_config_error_naming_the_key(conditionin
         exp["architecture"]["num_class_embeds"] = 11
         exp["reuse"] = {"models": []}
     exp["clip_score"] = {"enabled": True}
-    errors = check(config)
+    errors = config_errors(config)
     kind = conditioning["kind"] if conditioning else "none"
     assert re.search(rf"^experiments\.digits_unet\.clip_score\.enabled: true, but conditioning\.kind '{kind}' gives "
                      "its images no prompts", errors, re.M), errors
     exp["clip_score"] = {"enabled": False, "model": "./anything"}  # a section that asks for nothing is fine
-    assert check(config) == ""
+    assert config_errors(config) == ""
 
 
 def test_text_experiment_takes_clip_score_and_a_missing_folder_is_named(tmp_path):
     config = demo_config()
     exp = text_experiment(config, tmp_path)
     exp["clip_score"] = {"enabled": True}  # the default model, a hub id: checked by its job
-    assert check(config) == ""
+    assert config_errors(config) == ""
     exp["clip_score"] = {"enabled": True, "model": str(tmp_path / "clip")}
     assert re.search(r"^experiments\.digits_unet\.clip_score\.model: local folder .*/clip does not exist \(offline, "
-                     r"`python -m igsm tiny-clip --out", check(config), re.M)
+                     r"`python -m igsm tiny-clip --out", config_errors(config), re.M)
     exp["clip_score"] = {"enabled": True, "batch_size": 0}
-    assert "experiments.digits_unet.clip_score.batch_size" in check(config)
+    assert "experiments.digits_unet.clip_score.batch_size" in config_errors(config)
 
 
 # ---- tables ---------------------------------------------------------------------------------------

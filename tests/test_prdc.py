@@ -20,7 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, config_errors, demo_config, markdown_tables, run_snakemake
 from igsm import fid
 from igsm.cli import main as cli
 from igsm.sampling import save_samples
@@ -228,59 +228,44 @@ def test_other_mode_and_too_few_features_are_refused_naming_file_and_key(tmp_pat
 # ---- config ------------------------------------------------------------------------------------------
 
 
-def demo_config():
-    return yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-
-
-def check(config):
-    from igsm.config import ConfigError, check_config, validate_schema
-
-    try:
-        validate_schema(config)
-        check_config(config)
-    except ConfigError as err:
-        return str(err)
-    return ""
-
-
 def test_prdc_config_errors_name_their_key(tmp_path):
     """Bugs caught: PRDC beside a supplied reference file (mu and sigma: no features to read) or with
     a k no set can reach accepted until a job fails hours later; a bad value without its key."""
     config = demo_config()
     exp = config["experiments"]["digits_unet"]
-    assert exp["prdc"]["enabled"] and check(config) == ""  # the demo scores PRDC
+    assert exp["prdc"]["enabled"] and config_errors(config) == ""  # the demo scores PRDC
     supplied = tmp_path / "published.npz"
     np.savez(supplied, mu=np.zeros(2), sigma=np.eye(2))
     exp["fid"]["reference_statistics"] = str(supplied)
     exp["fid"]["num_reference"] = 0
-    errors = check(config)
+    errors = config_errors(config)
     assert re.search(r"^experiments\.digits_unet\.prdc\.enabled: true beside fid\.reference_statistics", errors,
                      re.M), errors
     exp["prdc"]["enabled"] = False  # the same reference without PRDC is fine
-    assert check(config) == ""
+    assert config_errors(config) == ""
     exp["fid"]["reference_statistics"] = ""
     exp["fid"]["num_reference"] = 200
     exp["prdc"] = {"enabled": True, "nearest_k": 99}  # the demo's models have 100 images, k + 2 = 101
-    errors = check(config)
+    errors = config_errors(config)
     assert re.search(r"^experiments\.digits_unet\.prdc\.nearest_k: 99 needs at least 101 features in each set, but "
                      r"sample\.num_images is 100", errors, re.M), errors
     assert "fid.num_reference" not in errors  # its 200 images are enough
     exp["prdc"] = {"enabled": True, "nearest_k": 98}
-    assert check(config) == ""
+    assert config_errors(config) == ""
     exp["prdc"] = {"enabled": True, "nearest_k": 5, "num_features": 6}
-    assert re.search(r"^experiments\.digits_unet\.prdc\.nearest_k: 5 .* but prdc\.num_features is 6", check(config),
-                     re.M)
+    assert re.search(r"^experiments\.digits_unet\.prdc\.nearest_k: 5 .* but prdc\.num_features is 6",
+                     config_errors(config), re.M)
     for bad in ({"nearest_k": 0}, {"num_features": 1}, {"seed": -1}, {"enabled": "yes"}):
         exp["prdc"] = {"enabled": True, **bad}
         key = next(iter(bad))
-        assert f"experiments.digits_unet.prdc.{key}" in check(config), (bad, check(config))
+        assert f"experiments.digits_unet.prdc.{key}" in config_errors(config), (bad, config_errors(config))
 
 
 def test_prdc_columns_only_where_models_were_scored(tmp_path):
     """The experiment's table reads each model's PRDC JSON (rules/common.smk table_rows, every model
     of an experiment with prdc.enabled): four columns with its numbers, none in a table without
-    them, and the combined table's short Markdown shows them. Bugs caught: another file's number in
-    a column, a metric in the wrong column, empty PRDC columns in every table."""
+    them, and the combined table's summary shows them in its quality section. Bugs caught: another
+    file's number in a column, a metric in the wrong column, empty PRDC columns in every table."""
     import pandas as pd
 
     from igsm.tables import build_rows, write_tables
@@ -303,9 +288,8 @@ def test_prdc_columns_only_where_models_were_scored(tmp_path):
     assert not set(METRICS) & set(header)
     combined = pd.concat([pd.read_csv(tmp_path / f"{n}.csv") for n in ("p", "s")], ignore_index=True)
     write_tables(combined, markdown=tmp_path / "all.md", summary=True)
-    table_lines = [line for line in (tmp_path / "all.md").read_text().splitlines() if line.startswith("|")]
-    (tmp_path / "all-table.md").write_text("\n".join(table_lines))  # without the legend above it
-    header, row = header_and_row(tmp_path / "all-table.md", "untrained")
+    quality = markdown_tables(tmp_path / "all.md")["unet (digits): quality"]  # its section of the summary
+    row = next(row for row in quality if row["model"] == "untrained")
     assert [row[m] for m in METRICS] == ["0.25", "0.12", "0.06", "0.38"]
 
 

@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+from conftest import demo_config, markdown_tables
 from igsm import tables
 from igsm.paper import tables as paper_tables
 
@@ -37,15 +38,18 @@ def write(path, payload):
 
 
 def results(tmp_path, variant, fid, params, macs, label=None, steps=None, criterion="", ratio=None,
-            objective=None, kind=None):
+            objective=None, kind=None, reuse=None):
     """The files the workflow writes for one scored model (rules/common.smk table_rows): what it
-    is (results/variants/…json, from the config) and its numbers."""
+    is (results/variants/…json, from the config; ``reuse``: a block-reuse variant's base model,
+    method and MAC fraction, igsm.plan's row) and its numbers."""
     base = tmp_path / variant.replace("/", "__")
     finetuned = objective is not None
     meta = {"variant": variant, "kind": kind or ("finetuned" if finetuned else variant), "criterion": criterion,
             "channel_ratio": ratio, "objective": objective or variant,
             "weights": OBJECTIVES[objective]["weights"] if finetuned else None,
             "pruned": variant.split("/")[0] if finetuned else None}
+    if reuse:
+        meta.update(kind="reuse", **dict(zip(("base", "reuse_method", "mac_fraction"), reuse)))
     entry = {
         "metadata": write(base / "variant.json", meta),
         "fid": write(base / "fid.json", {"fid": fid, "num_images": 50000, "mode": "clean",
@@ -75,7 +79,7 @@ def table(tmp_path):
             results(tmp_path, "diff-pruning-cr0.3/otd", 4.70, 19.85e6, 3.39e9, "0.44", 100000,
                     "diff-pruning", 0.3, "otd"),
             results(tmp_path, "diff-pruning-cr0.3/igsm/reuse-cache-f0.5", 4.80, 19.85e6, 3.39e9, "0.44", 100000,
-                    "diff-pruning", 0.3, "igsm", kind="reuse")]
+                    "diff-pruning", 0.3, "igsm", reuse=("diff-pruning-cr0.3/igsm", "cache", 0.5))]
     return tables.build_rows("cifar10_unet", "cifar10", DENSE, rows, OBJECTIVES).set_index("model")
 
 
@@ -148,17 +152,111 @@ def test_written_tables_put_each_number_in_its_column(table, tmp_path):
     assert (row["FID"], row["paper FID"], row["Δ FID"]) == ("4.50", "4.58", "-0.08")
 
 
-def test_combined_summary_shows_the_main_columns_that_have_values(table, tmp_path):
-    """results/tables/all.md (what `make demo` prints): the experiment, the model and the columns
-    compared across experiments, those without any value left out; the CSV keeps every column
-    (catches the summary dropping the experiment, keeping the 20-odd training columns, or losing a
-    column in the CSV)."""
+@pytest.fixture
+def demo_table(tmp_path):
+    """The table of config/demo.yaml's experiment as igsm.tables builds it from the workflow's files:
+    every model of its plan (igsm.plan.scored_models, whose rows the variant_metadata rule writes),
+    each with the files rules/common.smk table_rows names (FID, efficiency, training summary, PRDC,
+    SSIM/PSNR to the dense model), at the demo's sizes and with GPU timings, the widest case."""
+    from igsm.config import validate_schema
+    from igsm.plan import scored_models
+
+    config = demo_config()
+    validate_schema(config)  # the schema's defaults, as the workflow reads the config
+    rows = []
+    for variant, meta in scored_models(config["experiments"]["digits_unet"], config["objectives"]).items():
+        folder = tmp_path / variant
+        pruned = meta["kind"] == "finetuned"
+        steps = meta.get("sample", {}).get("num_steps", 20)
+        macs = 9.15e6 if pruned else 16.25e6
+        fraction = meta.get("mac_fraction", 1.0)
+        entry = {
+            "metadata": write(folder / "variant.json", meta),
+            "fid": write(folder / "fid.json", {"fid": 226.46 + 17.3 * len(rows), "num_images": 100, "mode": "clean"}),
+            "efficiency": write(folder / "eff.json", {
+                "params": 98381 if pruned else 176849, "macs": macs, "images_per_s": 1500.0 if pruned else 1000.0,
+                "sampler_steps": steps, "sampling_macs": macs * steps * fraction,
+                "sampling_images_per_s": 50.0 * 20 / steps / fraction}),
+            "summary": None, "prune_report": None,
+            "prdc": write(folder / "prdc.json", {"precision": 0.16, "recall": 0.72, "density": 0.08, "coverage": 0.12}),
+        }
+        if variant != "dense":  # the dense model is the reference of SSIM and PSNR
+            entry["consistency"] = write(folder / "consistency.json", {"ssim": 0.91, "psnr": 17.25})
+        if meta["kind"] in ("dense", "finetuned"):
+            entry["summary"] = write(folder / "summary.json", {"num_steps": 150, "timing": {
+                "wall_time_s": 65.0, "sec_per_step": 0.4, "peak_memory_mib": 512.0}})
+        if pruned:
+            entry["prune_report"] = write(folder / "report.json", {"paper_label": "0.43"})
+        rows.append(entry)
+    return tables.build_rows("digits_unet", "digits", "", rows, config["objectives"])
+
+
+def test_combined_summary_fits_a_terminal(demo_table, tmp_path):
+    """results/tables/all.md, what `make demo` prints: every line of every table at most 100
+    characters, the CSV with every column. Catches the summary growing back into one wide table
+    (26 columns, most cells "–", when issue 32 was filed) or a section taking on columns until it
+    wraps in a terminal."""
     md, csv = tmp_path / "all.md", tmp_path / "all.csv"
-    tables.write_tables(table.reset_index(), markdown=md, csv=csv, title="All experiments", summary=True)
-    lines = md.read_text().splitlines()
-    header = [c.strip() for c in next(line for line in lines if line.startswith("|")).strip("|").split("|")]
-    assert header[:2] == ["experiment", "model"] and "FID" in header and "paper FID" in header
-    assert set(header) <= set(tables.SUMMARY_COLUMNS)
-    assert not {"steps", "batch", "s/step", "train min", "paper source", "CLIP", "SSIM to dense"} & set(header)
+    tables.write_tables(demo_table, markdown=md, csv=csv, title="All experiments", summary=True)
+    widths = {line: len(line) for line in md.read_text().splitlines()}
+    assert max(widths.values()) <= 100, max(widths, key=widths.get)
+    assert list(pd.read_csv(csv).columns) == list(demo_table.columns)
     assert "all.csv" in md.read_text()
-    assert list(pd.read_csv(csv).columns) == list(table.reset_index().columns)
+
+
+def test_combined_summary_puts_each_model_in_its_section(demo_table, tmp_path):
+    """Each model of the demo's plan in the section of its kind, with the columns of that section's
+    question; quality (SSIM, PRDC) for every model. Catches a sampler or reuse variant among the
+    models (or the other way round), a variant's base model or method lost, a section's number
+    read from another column, and a section without any value printed."""
+    md = tmp_path / "all.md"
+    tables.write_tables(demo_table, markdown=md, summary=True)
+    sections = markdown_tables(md)
+    name = "digits_unet (digits): "
+    assert list(sections) == [name + s for s in ("models", "sampling", "block reuse", "quality")]
+    kinds = demo_table.set_index("model")
+    models = sections[name + "models"]
+    assert [r["model"] for r in models] == ["dense", "untrained", "diff-pruning-cr0.3/np", "diff-pruning-cr0.3/igsm"]
+    assert list(models[0]) == ["model", "PR", "params (M)", "MACs (G)", "FID", "speed", "train min"]
+    assert (models[2]["PR"], models[2]["params (M)"], models[2]["speed"]) == ("0.43", "0.10", "1.50")
+    sampling = sections[name + "sampling"]
+    samplers = kinds[kinds.sampler.notna()]
+    assert [(r["base model"], r["sampler"], int(r["sampler steps"])) for r in sampling] == \
+        list(zip(samplers.base_model, samplers.sampler, samplers.sampler_steps))
+    assert {r["sampler"] for r in sampling} == {"ddim", "dpm-solver"}
+    dpm_10 = next(r for r in sampling if r["sampler"] == "dpm-solver" and r["sampler steps"] == "10")
+    assert (dpm_10["MAC share"], dpm_10["speed-up"]) == ("0.50", "2.00")  # against DDIM's 20 steps
+    reuse = sections[name + "block reuse"]
+    reused = kinds[kinds.reuse != ""]
+    assert [(r["base model"], r["reuse"], r["MAC share"]) for r in reuse] == \
+        [(b, m, f"{f:.2f}") for b, m, f in zip(reused.base_model, reused.reuse, reused.mac_fraction)]
+    quality = sections[name + "quality"]
+    assert [r["model"] for r in quality] == list(demo_table.model)
+    assert list(quality[0]) == ["model", "SSIM", "PSNR", "precision", "recall", "density", "coverage"]
+    assert quality[0]["SSIM"] == "–" and quality[1]["SSIM"] == "0.91" and quality[1]["coverage"] == "0.12"
+    without_quality = demo_table.drop(columns=["ssim_to_dense", "psnr_to_dense", *tables.PRDC_COLUMNS])
+    tables.write_tables(without_quality, markdown=md, summary=True)
+    assert name + "quality" not in markdown_tables(md)
+
+
+def test_reuse_and_sampler_variants_say_what_they_vary(demo_table):
+    """The table carries what the plan says of a variant (for the reuse table, igsm/paper/reuse.py:
+    no name parsed): catches a base model, method or configured share lost on the way."""
+    row = demo_table.set_index("model").loc["dense/reuse-dipgo-f0.6"]
+    assert (row.base_model, row.reuse, row.target_mac_fraction) == ("dense", "dipgo", 0.6)
+    row = demo_table.set_index("model").loc["dense/dpm-solver-10"]
+    assert (row.base_model, row.sampler, row.reuse) == ("dense", "dpm-solver", "")
+    assert pd.isna(demo_table.set_index("model").loc["diff-pruning-cr0.3/np", "base_model"])
+
+
+def test_columns_without_values_are_left_out_of_printed_tables(table, tmp_path):
+    """One rule for every optional column of an experiment's own table: shown where some row has a
+    value. Catches empty columns printed as a wall of "–" (GPU timings on a CPU run, block reuse in
+    an experiment without it) and a column with a value dropped."""
+    md = tmp_path / "t.md"
+    tables.write_tables(table.reset_index(), markdown=md)
+    header = list(markdown_tables(md)[""][0])
+    assert "reuse" in header and "paper FID" in header  # one row of each has a value
+    assert not {"images/s", "speed", "SSIM to dense", "precision", "sampler", "experiment"} & set(header)
+    tables.write_tables(table.reset_index().iloc[:2], markdown=md)
+    assert "reuse" not in markdown_tables(md)[""][0]

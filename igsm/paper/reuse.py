@@ -16,7 +16,6 @@ from pathlib import Path
 import pandas as pd
 
 from igsm.paper.tables import load_spec
-from igsm.plan import parse_reuse_variant
 
 COLUMNS = ["model", "reuse", "target_mac_share", "mac_share", "sampler_steps", "fid", "fid_images", "clip_score",
            "paper_clip_score", "delta_clip_score", "sampling_speedup", "paper_speedup", "paper_source"]
@@ -45,15 +44,19 @@ def _published_row(entries: list[dict], base: str, method: str, target: float) -
 def comparison(table: pd.DataFrame, entries: list[dict]) -> pd.DataFrame:
     """A row per block-reuse variant of the experiment's table ``table`` and per model it reuses
     (its full sampler, share 1), with the published CLIP score and speed-up where ``entries`` have
-    the same method at the same share."""
-    reused = {parsed[0] for parsed in map(parse_reuse_variant, table.model) if parsed}
+    the same method at the same share. Which model a variant reuses, by which method and at which
+    configured share: the table's own columns (igsm.plan's rows, through the variant's metadata)."""
+    if "base_model" not in table:
+        raise ValueError("the experiment's table predates its base_model column: rebuild it "
+                         "(snakemake --forcerun tables)")
+    methods = table.reuse.where(table.reuse.notna(), "")  # "" (or blank in a CSV): no block reuse
+    reused = set(table.base_model[methods != ""])
     rows = []
-    for _, row in table.iterrows():
-        parsed = parse_reuse_variant(row.model)
-        if parsed is None and row.model not in reused:
+    for (_, row), method in zip(table.iterrows(), methods):
+        if not method and row.model not in reused:
             continue
-        base, method, target = parsed or (row.model, "", 1.0)
-        published = _published_row(entries, base, method, target) if parsed else None
+        base, target = (row.base_model, row.target_mac_fraction) if method else (row.model, 1.0)
+        published = _published_row(entries, base, method, target) if method else None
         ours_clip = row.get("clip_score")
         paper_clip = published.get("clip_score") if published else None
         rows.append({
