@@ -292,13 +292,13 @@ def test_prdc_config_errors_name_their_key(tmp_path):
     exp["prdc"]["enabled"] = False  # the same reference without PRDC is fine
     assert check(config) == ""
     exp["fid"]["reference_statistics"] = ""
-    exp["fid"]["num_reference"] = 200
-    exp["prdc"] = {"enabled": True, "nearest_k": 99}  # the demo's models have 100 images, k + 2 = 101
+    exp["fid"]["num_reference"] = 100
+    exp["prdc"] = {"enabled": True, "nearest_k": 49}  # the demo's models have 50 images, k + 2 = 51
     errors = check(config)
-    assert re.search(r"^experiments\.digits_unet\.prdc\.nearest_k: 99 needs at least 101 features in each set, but "
-                     r"sample\.num_images is 100", errors, re.M), errors
-    assert "fid.num_reference" not in errors  # its 200 images are enough
-    exp["prdc"] = {"enabled": True, "nearest_k": 98}
+    assert re.search(r"^experiments\.digits_unet\.prdc\.nearest_k: 49 needs at least 51 features in each set, but "
+                     r"sample\.num_images is 50", errors, re.M), errors
+    assert "fid.num_reference" not in errors  # its 100 images are enough
+    exp["prdc"] = {"enabled": True, "nearest_k": 48}
     assert check(config) == ""
     exp["prdc"] = {"enabled": True, "nearest_k": 5, "num_features": 6}
     assert re.search(r"^experiments\.digits_unet\.prdc\.nearest_k: 5 .* but prdc\.num_features is 6", check(config),

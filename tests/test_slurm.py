@@ -95,6 +95,7 @@ def slurm_run(slurm_cluster, tmp_path_factory, request):
     # and their ~23 jobs more than doubled this run's time; test_workflow.py runs them locally.
     config["experiments"]["digits_unet"].pop("reuse")
     config["experiments"]["digits_unet"].pop("compare_samplers")  # its sampler variants too, for the same reason
+    config["experiments"]["digits_unet"].pop("consistency")  # and its SSIM/PSNR jobs (one per model but the dense)
     # The finetunes ask for a (fake) GPU: --gpus=1, CUDA_VISIBLE_DEVICES set, and they still run
     # on the CPU, so their weights stay comparable with the local run.
     # 1 GB per job (requested, not enforced: the cluster has no cgroups), so that the node's
