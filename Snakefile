@@ -46,7 +46,6 @@ include: "rules/sample.smk"
 include: "rules/fid.smk"
 include: "rules/clip_score.smk"
 include: "rules/consistency.smk"
-include: "rules/prdc.smk"
 include: "rules/tables.smk"
 include: "rules/release.smk"
 

@@ -71,6 +71,8 @@ DATA = _option("--data", required=True, type=click.Path(exists=True),
                help="Image store (results/data/<dataset>/train).")
 FID_BATCH = _option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True,
                     help="Images per Inception call.")
+NEAREST_K = _option("--nearest-k", type=click.IntRange(min=1), default=lambda: section_defaults("prdc")["nearest_k"],
+                    show_default="the schema's prdc.nearest_k", help="k of PRDC's k-nearest-neighbour balls.")
 GRID = _option("--grid", type=_file(), help="PNG grid of the first 64 images.")
 # Mirrors igsm.sampling.PRECISIONS (not imported here: the CLI starts without torch).
 PRECISION_CHOICES = ("fp32", "tf32", "bf16")
@@ -191,13 +193,13 @@ COMMANDS = (
              _option("--plan", type=_file(exists=True), default=None,
                      help="A block-reuse gate table (igsm reuse-plan) the network follows."),
              *RUNS_ON)),
-    Command("gather-samples", "sample:gather_samples",
+    Command("gather-samples", "sample_files:gather_samples",
             "Concatenate shard files in seed order, checking that every seed is there exactly once.",
             (click.Argument(["shards"], nargs=-1, required=True, type=_file(exists=True)),
              _option("--out", required=True, type=_file(), help="The whole set, .npz."), GRID,
              _option("--first-seed", type=click.IntRange(min=0), required=True),
              _option("--num-images", type=click.IntRange(min=1), required=True))),
-    Command("export-png", "sample:export_png",
+    Command("export-png", "sample_files:export_png",
             "Write a samples file's images as PNG files (lossless: their FID equals the array's).",
             (_option("--samples", required=True, type=_file(exists=True)),
              _option("--out", required=True, type=_folder(),
@@ -211,11 +213,16 @@ COMMANDS = (
              _option("--out", required=True, type=_file(), help="Statistics .npz."), *RUNS_ON, FID_BATCH), FidSettings),
     Command("fid", "fid:fid_score",
             "FID of generated images' statistics against reference statistics (settings: 'fid').\n\n"
-            "Reads two statistics files only: a failure here never costs the Inception features again.",
+            "Reads two statistics files only: a failure here never costs the Inception features again. With "
+            "--prdc-out, also precision, recall, density and coverage of the features both files kept (as "
+            "`igsm prdc`), in the same process.",
             (_option("--statistics", required=True, type=_file(exists=True),
                      help="Statistics .npz of the generated images (igsm fid-statistics)."),
              _option("--reference", required=True, type=_file(exists=True)),
-             _option("--out", required=True, type=_file(), help="FID JSON."), SETTINGS, THREADS), FidSettings),
+             _option("--out", required=True, type=_file(), help="FID JSON."),
+             _option("--prdc-out", type=_file(), default=None,
+                     help="PRDC JSON to write too (both files must keep features: prdc.enabled)."),
+             NEAREST_K, SETTINGS, THREADS), FidSettings),
     Command("clip-score", "clip_score:clip_score",
             "CLIP score of a text-conditioned model's samples against the prompt of each image's seed "
             "(torchmetrics' CLIPScore; settings: 'clip_score' + the experiment's 'conditioning').",
@@ -239,10 +246,7 @@ COMMANDS = (
              _option("--reference", required=True, type=_file(exists=True),
                      help="Reference statistics .npz with kept features (igsm fid-reference)."),
              _option("--out", required=True, type=_file(), help="PRDC JSON."),
-             _option("--nearest-k", type=click.IntRange(min=1),
-                     default=lambda: section_defaults("prdc")["nearest_k"],
-                     show_default="the schema's prdc.nearest_k", help="k of the k-nearest-neighbour balls."),
-             THREADS)),
+             NEAREST_K, THREADS)),
     Command("reuse-plan", "reuse:reuse_plan",
             "The block-reuse gate table of METHOD for MODEL's sampler at MAC_FRACTION (igsm.reuse_methods): "
             "DiP-GO learns it on the sampler's own chains; deepcache and reuse-eps follow a rule.",

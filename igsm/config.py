@@ -57,10 +57,10 @@ DETAIL_VARIABLE = "IGSM_CONFIG_DETAIL"
 WORKFLOW_RULES = (
     "all_results", "all_sample_pngs", "all_tables", "autoencoder", "clip_score", "combined_table", "consistency",
     "dense_pretrained", "dense_pretrained_uvit", "dense_trained", "download", "efficiency", "encode", "fid",
-    "fid_reference", "fid_statistics", "finetune", "model_cards", "paper_figure", "paper_samples", "paper_table",
-    "prdc", "prune", "prune_report_picture", "publish", "publish_models", "release", "reuse_plan",
-    "reuse_published_table", "sample",
-    "sample_gather", "sample_png", "tables", "untrained", "variant_metadata",
+    "fid_prdc", "fid_reference", "fid_statistics", "finetune", "model_cards", "paper_figure", "paper_samples",
+    "paper_table", "prune", "prune_report_picture", "publish", "publish_models", "release", "reuse_plan",
+    "reuse_published_table", "sample", "sample_gather", "sample_png", "tables", "untrained",
+    "variant_metadata",
 )
 
 

@@ -7,19 +7,33 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def save_grid(images: np.ndarray, path, nrow: int | None = None) -> None:
-    """uint8 N×H×W×C images → one PNG grid (torchvision's make_grid layout)."""
-    from torchvision.utils import save_image
+    """uint8 N×H×W×C images → one PNG grid, pixel for pixel what torchvision's ``save_image`` writes
+    of them (``make_grid``: ``nrow`` images a row, 1-pixel black padding, one channel shown as RGB, a
+    single image unpadded), in numpy and PIL: the sample gathering job that draws it starts without
+    torch (tests/test_sampling.py compares the two)."""
+    from PIL import Image
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    images = np.asarray(images)
     # Tiny images (the 16×16 demo) are enlarged with nearest neighbours to stay legible.
-    scale = max(1, 64 // x.shape[-1])
-    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    scale = max(1, 64 // images.shape[2])
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    if images.shape[-1] == 1:
+        images = images.repeat(3, axis=-1)
+    count, height, width, channels = images.shape
+    columns = min(nrow or math.ceil(math.sqrt(count)), count)
+    if count == 1:
+        grid = images[0]
+    else:
+        step_y, step_x = height + 1, width + 1
+        grid = np.zeros((math.ceil(count / columns) * step_y + 1, columns * step_x + 1, channels), np.uint8)
+        for k, image in enumerate(images):
+            row, column = divmod(k, columns)
+            grid[row * step_y + 1:row * step_y + 1 + height, column * step_x + 1:column * step_x + 1 + width] = image
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_image(x, path, nrow=nrow or math.ceil(math.sqrt(len(x))), padding=1)
+    Image.fromarray(grid).save(path)
 
 
 def plot_training_curves(metrics_files: dict, path) -> None:

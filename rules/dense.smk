@@ -77,6 +77,10 @@ rule dense_trained:
         "results/logs/dense/{exp}.log",
     benchmark:
         "results/benchmarks/dense/{exp}.tsv"
+    # The longest chain (dense → prune → finetune → sample → FID) starts each link as soon as it can: Snakemake
+    # otherwise runs whatever is ready first (the demo's prune waited 90 s behind the dense model's
+    # sampler variants and reuse plans, BENCHMARKS.md "CPU demo").
+    priority: 10
     conda:
         "../envs/train.yaml"
     threads: training_threads("dense")

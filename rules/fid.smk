@@ -75,6 +75,8 @@ rule fid:
         score="results/fid/{exp}/{variant}.json",
     log:
         "results/logs/fid/{exp}/{variant}.log",
+    wildcard_constraints:
+        exp=_one_of([exp for exp in EXPERIMENTS if exp not in prdc_experiments()]),
     conda:
         "../envs/fid.yaml"
     threads: 1
@@ -84,9 +86,30 @@ rule fid:
         gpu=0,
     params:
         settings=lambda w: stage_settings(w.exp, "fid"),
+        prdc=[],
     shell:
         "python -m igsm fid --statistics {input.statistics:q} --reference {input.reference:q} "
-        "--settings {params.settings:q} --out {output.score:q} --threads {threads} > {log:q} 2>&1"
+        "--out {output.score:q} {params.prdc:q} --settings {params.settings:q} --threads {threads} > {log:q} 2>&1"
+
+
+# Stage 6d (issue 32 item 4): with prdc.enabled, the FID job also writes precision, recall, density
+# and coverage (Naeem et al. 2020; igsm/stages/prdc.py) of the model's samples against the FID
+# reference images, from the Inception features both statistics files keep beside mu and sigma (no
+# Inception run here): one process reads the two files for both (a job of its own was ~5 s of
+# start-up each for milliseconds of work, BENCHMARKS.md). A cluster job, not the login node's: on
+# 10k × 10k features PRDC holds three float32 distance matrices and argpartition's indices, ~2 GB.
+use rule fid as fid_prdc with:
+    output:
+        score="results/fid/{exp}/{variant}.json",
+        prdc="results/prdc/{exp}/{variant}.json",
+    wildcard_constraints:
+        exp=_one_of(prdc_experiments()),
+    resources:
+        mem_mb=resource("fid", "mem_mb"),
+        runtime=resource("fid", "runtime"),
+        gpu=0,
+    params:
+        prdc=lambda w, output: ["--prdc-out", output.prdc, "--nearest-k", EXPERIMENTS[w.exp]["prdc"]["nearest_k"]],
 
 
 # Parameters and MACs everywhere; images/s of the network only where the job has a GPU (the

@@ -17,6 +17,8 @@ rule finetune:
         "results/logs/finetune/{exp}/{criterion}-cr{ratio}/{objective}.log",
     benchmark:
         "results/benchmarks/finetune/{exp}/{criterion}-cr{ratio}/{objective}.tsv"
+    # The longest chain first (rules/dense.smk).
+    priority: 10
     conda:
         "../envs/train.yaml"
     threads: training_threads("finetune")

@@ -13,6 +13,8 @@ rule prune:
         "results/logs/prune/{exp}/{criterion}-cr{ratio}.log",
     benchmark:
         "results/benchmarks/prune/{exp}/{criterion}-cr{ratio}.tsv"
+    # The longest chain first (rules/dense.smk).
+    priority: 10
     conda:
         "../envs/prune.yaml"
     threads: resource("prune", "threads")

@@ -86,6 +86,16 @@ def tiny_demo_config():
     return config
 
 
+def modules_loaded_by_command(*args, modules=("torch", "torchvision", "cleanfid")):
+    """Run ``igsm <args>`` in a fresh interpreter; the top-level packages of ``modules`` it loaded
+    (a job's start-up: torch alone is ~2 s of CPU, with torchvision and clean-fid ~4 s)."""
+    code = (f"import sys; from igsm.cli import main; main({[str(a) for a in args]!r}, standalone_mode=False); "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {set(modules)!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
 def snakemake_in(workdir, config, *args, profile="local", timeout=1800):
     """Snakemake on the repository's Snakefile in ``workdir`` with ``config`` (targets in args)."""
     path = Path(workdir) / "config.yaml"

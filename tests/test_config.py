@@ -192,7 +192,7 @@ def set_dataset_named_like_a_rule(c):
 
 
 def set_samples_scaled_below_fid(c):
-    c["scale"] = {"samples": 0.01}  # the demo's 100 images → 1: no covariance, a traceback after sampling
+    c["scale"] = {"samples": 0.01}  # the demo's 50 images → 1: no covariance, a traceback after sampling
 
 
 def set_unknown_process(c):

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import REPO, config_errors, demo_config, markdown_tables, run_snakemake
+from conftest import REPO, config_errors, demo_config, markdown_tables, modules_loaded_by_command, run_snakemake
 from igsm import fid
 from igsm.cli import main as cli
 from igsm.sampling import save_samples
@@ -139,6 +139,39 @@ def test_stage_equals_compute_prdc_on_the_images_each_file_keeps(kept, tmp_path)
     assert set(payload["prdc_versions"]) == {"prdc", "scikit-learn", "numpy"}
 
 
+def test_the_fid_job_writes_the_prdc_stages_json_and_an_unchanged_fid(kept, tmp_path):
+    """With --prdc-out, `igsm fid` (the workflow's fid_prdc jobs) also writes PRDC of the same two
+    files: the JSON `igsm prdc` writes alone, beside the FID JSON `igsm fid` writes without the option.
+    Bugs caught: the FID job's PRDC computed on other features or with another k (its own default
+    instead of --nearest-k), real and generated swapped there only, the FID moved by the PRDC option."""
+    settings = json.dumps({"mode": "clean", "num_reference": 150})
+    plain = invoke("fid", "--statistics", kept["statistics"], "--reference", kept["reference"],
+                   "--out", tmp_path / "plain.json", "--settings", settings, "--threads", 1)
+    both = invoke("fid", "--statistics", kept["statistics"], "--reference", kept["reference"],
+                  "--out", tmp_path / "fid.json", "--prdc-out", tmp_path / "prdc.json", "--nearest-k", 4,
+                  "--settings", settings, "--threads", 1)
+    assert plain.exit_code == 0 and both.exit_code == 0, (plain.output, both.output)
+    assert (tmp_path / "fid.json").read_text() == (tmp_path / "plain.json").read_text()
+    alone, payload = run_prdc(kept["statistics"], kept["reference"], tmp_path / "alone.json", 4)
+    assert alone.exit_code == 0, alone.output
+    assert json.loads((tmp_path / "prdc.json").read_text()) == payload
+    expected = prdc_package.compute_prdc(real_features=kept["real"][kept["chosen"]],
+                                         fake_features=kept["fake"][:60], nearest_k=4)
+    assert {m: payload[m] for m in METRICS} == {m: float(expected[m]) for m in METRICS}
+
+
+def test_the_fid_and_prdc_jobs_start_without_torch(kept, tmp_path):
+    """The FID's distance and PRDC read statistics files only (numpy, SciPy, scikit-learn): their
+    process imports no torch, torchvision or clean-fid. Bug caught: a module-level import of them on
+    that path (igsm.feature_statistics, the fid or prdc stage, the CLI), which costs each of the demo's
+    14 FID jobs ~4 s of CPU again (BENCHMARKS.md, "CPU demo")."""
+    loaded = modules_loaded_by_command("fid", "--statistics", kept["statistics"], "--reference", kept["reference"],
+                                       "--out", tmp_path / "f.json", "--prdc-out", tmp_path / "p.json",
+                                       "--nearest-k", 4, "--threads", 1)
+    assert loaded == "[]", loaded
+    assert (tmp_path / "f.json").is_file() and (tmp_path / "p.json").is_file()
+
+
 def test_all_images_kept_when_fewer_than_num_features_and_none_without_prdc(tmp_path, monkeypatch):
     """prdc.num_features is at most: a set smaller than it keeps every image; a statistics job
     without PRDC keeps none (its file as before PRDC), and the stage names that file."""
@@ -244,13 +277,13 @@ def test_prdc_config_errors_name_their_key(tmp_path):
     exp["prdc"]["enabled"] = False  # the same reference without PRDC is fine
     assert config_errors(config) == ""
     exp["fid"]["reference_statistics"] = ""
-    exp["fid"]["num_reference"] = 200
-    exp["prdc"] = {"enabled": True, "nearest_k": 99}  # the demo's models have 100 images, k + 2 = 101
+    exp["fid"]["num_reference"] = 100
+    exp["prdc"] = {"enabled": True, "nearest_k": 49}  # the demo's models have 50 images, k + 2 = 51
     errors = config_errors(config)
-    assert re.search(r"^experiments\.digits_unet\.prdc\.nearest_k: 99 needs at least 101 features in each set, but "
-                     r"sample\.num_images is 100", errors, re.M), errors
-    assert "fid.num_reference" not in errors  # its 200 images are enough
-    exp["prdc"] = {"enabled": True, "nearest_k": 98}
+    assert re.search(r"^experiments\.digits_unet\.prdc\.nearest_k: 49 needs at least 51 features in each set, but "
+                     r"sample\.num_images is 50", errors, re.M), errors
+    assert "fid.num_reference" not in errors  # its 100 images are enough
+    exp["prdc"] = {"enabled": True, "nearest_k": 48}
     assert config_errors(config) == ""
     exp["prdc"] = {"enabled": True, "nearest_k": 5, "num_features": 6}
     assert re.search(r"^experiments\.digits_unet\.prdc\.nearest_k: 5 .* but prdc\.num_features is 6",
@@ -322,13 +355,16 @@ def test_a_borrowed_dense_model_with_prdc_keeps_features_of_the_owners_samples(t
     config["experiments"]["fmnist_reuse"]["prdc"] = {"enabled": True}
     with_prdc, prdc_commands = dry_run()
     scored = sum("results/fid/fmnist_reuse/" in c for c in commands["fid"])
-    assert with_prdc["prdc"] == scored and with_prdc["sample"] == counts["sample"]
+    # Its FID jobs also write PRDC (rule fid_prdc); the other experiments' stay plain FID jobs.
+    assert with_prdc["fid_prdc"] == scored and with_prdc["fid"] == counts["fid"] - scored
+    assert with_prdc["sample"] == counts["sample"]
     assert with_prdc["fid_statistics"] == counts["fid_statistics"] + 1
     assert with_prdc["fid_reference"] == counts["fid_reference"] + 1
     statistics = [c for c in prdc_commands["fid_statistics"] if "--out results/fid_stats/fmnist_reuse/dense.npz" in c]
     assert len(statistics) == 1 and "--samples results/samples/fmnist_unet/dense/samples.npz" in statistics[0]
     assert '"prdc": {"num_features": 10000}' in statistics[0]
-    assert all("-features10000-seed0.npz" in c for c in prdc_commands["prdc"])
+    assert all("-features10000-seed0.npz" in c and "--prdc-out results/prdc/fmnist_reuse/" in c
+               for c in prdc_commands["fid_prdc"])
     for rule in ("sample", "fid_statistics", "fid_reference", "fid"):  # the other experiments' jobs, unchanged
         others = [c for c in commands[rule] if "fmnist_reuse/" not in c]
         assert others and set(others) <= set(prdc_commands[rule]), rule

@@ -25,7 +25,7 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import REPO, run_snakemake, TINY_GRAY_UNET as TINY_UNET
+from conftest import REPO, modules_loaded_by_command, run_snakemake, TINY_GRAY_UNET as TINY_UNET
 from igsm import sampling
 from igsm.stages import sample as sample_stage
 from igsm.cli import main as cli
@@ -319,6 +319,41 @@ def test_stale_partial_batches_are_discarded(model_dir, tmp_path, monkeypatch):
     fresh = tmp_path / "fresh.npz"
     sample_shard(model_dir, fresh, "0/1", settings=changed)
     assert np.array_equal(sampling.load_samples(out)[0], sampling.load_samples(fresh)[0])
+
+
+def test_gather_starts_without_torch_and_draws_torchvisions_grid(model_dir, uninterrupted, tmp_path):
+    """The gather job (one per scored model, most of them one shard long) reads and writes sample
+    files and draws the grid without torch: it loads none of torch, torchvision, clean-fid, and its
+    grid is, pixel for pixel, torchvision's save_image of the same images (make_grid's layout, one
+    channel as RGB, the 16×16 demo's images enlarged). Bugs caught: a torch import back on the
+    gather's path (igsm.sampling's package, igsm.plots, the stage module: ~2-4 s of CPU per job
+    again, BENCHMARKS.md), a grid with another padding, row length or channel count."""
+    import math
+
+    from torchvision.utils import save_image
+
+    from igsm.plots import save_grid
+
+    shard = tmp_path / "shard-0-of-1.npz"
+    sample_shard(model_dir, shard, "0/1")
+    loaded = modules_loaded_by_command("gather-samples", "--out", tmp_path / "samples.npz", "--grid",
+                                       tmp_path / "grid.png", "--first-seed", 7, "--num-images", NUM_IMAGES, shard)
+    assert loaded == "[]", loaded
+    images, seeds, _ = sampling.load_samples(tmp_path / "samples.npz")
+    assert np.array_equal(images, uninterrupted[0]) and np.array_equal(seeds, uninterrupted[1])
+    rng = np.random.default_rng(0)
+    for count, side, channels, nrow in ((NUM_IMAGES, 8, 1, None), (1, 16, 1, None), (5, 16, 3, 3), (7, 100, 3, 10)):
+        batch = images if count == NUM_IMAGES else rng.integers(0, 256, (count, side, side, channels), dtype=np.uint8)
+        save_grid(batch, tmp_path / "ours.png", nrow)
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+        scale = max(1, 64 // side)
+        x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+        save_image(x, tmp_path / "torchvision.png", nrow=nrow or math.ceil(math.sqrt(count)), padding=1)
+        ours, theirs = (np.asarray(Image.open(tmp_path / name)) for name in ("ours.png", "torchvision.png"))
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (count, side, channels, nrow)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    save_grid(images, tmp_path / "ours.png")
+    assert np.array_equal(grid, np.asarray(Image.open(tmp_path / "ours.png")))
 
 
 def test_gather_refuses_missing_duplicate_or_mismatched_shards(model_dir, tmp_path):

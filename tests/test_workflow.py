@@ -113,6 +113,26 @@ def test_prdc_of_every_model_from_the_features_the_fid_jobs_kept(demo_run):
     assert all(row[metric] != "–" for row in quality for metric in metrics), quality
 
 
+def test_ssim_and_psnr_of_every_model_to_the_dense_samples(demo_run):
+    """The demo's consistency section (issue 32's Done-when: the demo's table has SSIM to the
+    teacher and PSNR): every model but the dense one compared seed by seed with the dense model's
+    samples. DDIM at the dense model's own 10 steps is the dense samples themselves: SSIM exactly 1,
+    every pair identical (PSNR over no differing pair: none). Bugs caught: no SSIM/PSNR columns in
+    the demo's tables, a model compared with its own samples or with another model's, the dense
+    model compared with itself (a row of 1s that says nothing)."""
+    workdir, _ = demo_run
+    import pandas as pd
+
+    table = pd.read_csv(workdir / "results" / "tables" / "digits_unet.csv").set_index("model")
+    assert table.loc["dense", ["ssim_to_dense", "psnr_to_dense"]].isna().all()
+    assert not (workdir / "results" / "consistency" / "digits_unet" / "dense.json").exists()
+    same = json.loads((workdir / "results" / "consistency" / "digits_unet" / "dense" / "ddim-10.json").read_text())
+    assert (same["ssim"], same["psnr"], same["identical_images"], same["num_images"]) == (1.0, None, 32, 32)
+    others = table.drop(["dense", "dense/ddim-10"])
+    assert others.ssim_to_dense.notna().all() and (others.ssim_to_dense < 1).all(), others.ssim_to_dense
+    assert others.psnr_to_dense.notna().all() and (others.psnr_to_dense > 0).all(), others.psnr_to_dense
+
+
 def test_grids_are_images(demo_run):
     workdir, _ = demo_run
     grids = sorted((workdir / "results" / "samples").rglob("grid.png"))
@@ -170,10 +190,11 @@ def test_changed_finetune_setting_reruns_only_what_depends_on_it(demo_run):
     proc = snakemake_in(workdir, changed, "-n", "all_tables")
     assert proc.returncode == 0, proc.stdout[-3000:]
     jobs = planned_jobs(proc.stdout)
-    assert {"finetune", "sample", "fid", "tables"} <= jobs
+    assert {"finetune", "sample", "fid_prdc", "consistency", "tables"} <= jobs
     assert not jobs & {"download", "dense_trained", "untrained", "prune", "fid_reference"}
-    # Only the finetuned variants are resampled: the dense and untrained samples stay.
-    assert "results/samples/digits_unet/dense/" not in proc.stdout
+    # Only the finetuned variants are resampled: the dense and untrained samples stay (they are read,
+    # as the SSIM reference of the finetuned models' consistency jobs, but no job writes them).
+    assert not re.search(r"output: results/samples/digits_unet/(dense|untrained)/", proc.stdout)
 
 
 def test_failed_job_leaves_nothing_that_looks_complete(demo_run):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 
 from igsm.stages.common import StageError, readable_inputs, write_json
-from igsm.stages.process import device as torch_device, set_threads
+from igsm.stages.prdc import prdc
+from igsm.stages.process import device as torch_device, set_blas_threads, set_threads
 from igsm.stages.settings import FidSettings
 
 # Sample metadata that the FID JSON reports, carried from the samples file by the statistics file.
@@ -76,13 +77,17 @@ def fid_statistics(samples, out, settings: FidSettings, device: str, threads: in
                         **{key: sample_metadata[key] for key in CONDITIONAL_KEYS if key in sample_metadata})
 
 
-def fid_score(statistics, reference, out, settings: FidSettings, threads: int | None) -> None:
-    """FID of generated images' statistics against reference statistics (settings: 'fid').
+def fid_score(statistics, reference, out, prdc_out, nearest_k: int, settings: FidSettings,
+              threads: int | None) -> str | None:
+    """FID of generated images' statistics against reference statistics (settings: 'fid'); with
+    ``prdc_out``, also precision, recall, density and coverage (k = ``nearest_k``) of the features the
+    two files kept (prdc.enabled; igsm.stages.prdc), so one job reads them for both.
 
-    Reads two statistics files only: a failure here never costs the Inception features again."""
-    from igsm import fid
+    Reads two statistics files only: a failure here never costs the Inception features again. Imports
+    no torch (igsm.feature_statistics): seconds of start-up less for each of these small jobs."""
+    from igsm import feature_statistics as fid
 
-    set_threads(threads)
+    set_blas_threads(threads)
     with readable_inputs():
         stats = fid.load_statistics(statistics)
         reference_stats = fid.load_statistics(reference)
@@ -115,6 +120,9 @@ def fid_score(statistics, reference, out, settings: FidSettings, threads: int | 
                      "sampler": sample_metadata["sampler"],
                      "sampler_kwargs": sample_metadata["sampler_kwargs"], **conditional, **extractor_metadata,
                      # The Fréchet distance's own (numpy, scipy's sqrtm); the features' are feature_versions.
-                     "distance_versions": fid.library_versions(),
+                     "distance_versions": fid.distance_versions(),
                      # another dataset's images (fid.reference_dataset), named only where given
                      **({"reference_dataset": settings.reference_dataset} if settings.reference_dataset else {})})
+    if prdc_out:
+        return prdc(statistics, reference, prdc_out, nearest_k, threads)
+    return None

@@ -11,30 +11,31 @@ the features are those of the FID's mode. Real = the reference's kept features, 
 from __future__ import annotations
 
 from igsm.stages.common import StageError, readable_inputs, write_json
-from igsm.stages.process import set_threads
+from igsm.stages.process import set_blas_threads
 
 
 def prdc(statistics, reference, out, nearest_k: int, threads: int | None) -> str:
     """PRDC of the features kept in ``statistics`` (a model's samples) against those kept in
     ``reference`` (the FID reference images), with k = ``nearest_k``, into ``out``."""
-    from igsm import fid
+    from igsm import feature_statistics  # numpy and scikit-learn: no torch to start
     from igsm.data import file_digest
 
-    set_threads(threads)
+    set_blas_threads(threads)
     with readable_inputs():
-        fake, _, fake_metadata = fid.load_features(statistics)
-        real, _, real_metadata = fid.load_features(reference)
+        fake, _, fake_metadata = feature_statistics.load_features(statistics)
+        real, _, real_metadata = feature_statistics.load_features(reference)
     modes = fake_metadata.get("mode"), real_metadata.get("mode")
     if modes[0] != modes[1]:
         raise StageError(f"{statistics}: features of Inception mode {modes[0]!r}, but {reference} holds mode "
                          f"{modes[1]!r} (fid.mode); PRDC compares features of one network: recompute one of them")
+    needed = feature_statistics.prdc_min_features(nearest_k)
     for path, found in ((statistics, fake), (reference, real)):
-        if len(found) < fid.prdc_min_features(nearest_k):
-            raise StageError(f"prdc.nearest_k: {nearest_k} needs at least {fid.prdc_min_features(nearest_k)} features "
+        if len(found) < needed:
+            raise StageError(f"prdc.nearest_k: {nearest_k} needs at least {needed} features "
                              f"in each set, but {path} keeps {len(found)} (prdc.num_features, sample.num_images, "
                              "fid.num_reference)")
     try:
-        scores = fid.precision_recall_density_coverage(real, fake, nearest_k)
+        scores = feature_statistics.precision_recall_density_coverage(real, fake, nearest_k)
     except ValueError as err:
         raise StageError(f"{statistics} against {reference}: {err}") from None
     write_json(out, {
@@ -48,7 +49,7 @@ def prdc(statistics, reference, out, nearest_k: int, threads: int | None) -> str
         "real_features": real_metadata.get("kept_features"), "fake_features": fake_metadata.get("kept_features"),
         "mode": modes[0], "feature_extractor": fake_metadata.get("feature_extractor"),
         "feature_versions": fake_metadata.get("feature_versions"),
-        "prdc_versions": fid.prdc_versions(),
+        "prdc_versions": feature_statistics.prdc_versions(),
     })
     return (f"{out}: precision {scores['precision']:.4f}, recall {scores['recall']:.4f}, density "
             f"{scores['density']:.4f}, coverage {scores['coverage']:.4f} ({len(fake)} generated against "

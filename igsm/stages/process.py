@@ -32,6 +32,16 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def set_blas_threads(threads: int | None) -> None:
+    """numpy's and SciPy's BLAS threads (OpenBLAS, MKL: threadpoolctl, which scikit-learn brings), for a
+    job whose work is numpy's, not torch's (the FID's matrix square root, PRDC's distances): without it
+    OpenBLAS takes every core whatever the job's ``threads``, and two such jobs on two cores thrash."""
+    if threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads, user_api="blas")
+
+
 def relaunch_under_torchrun(nproc_per_node: int, nnodes: int = 1, device_name: str = "auto") -> None:
     """With several processes asked for, replace this one by torchrun running the same command.
 

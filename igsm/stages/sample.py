@@ -1,6 +1,6 @@
 """The sample stage (paper Sec. 5.1): the 50k-image FID sets, in batches that survive an
 interruption, split into shards and across GPUs, with a block-reuse plan applied where the variant
-has one; the shards gathered into one set, and the set exported as PNG files.
+has one (the shards gathered into one set and the set exported as PNG files: igsm.stages.sample_files).
 
 Reproducibility: image k is made from seed ``first_seed + k`` alone (``ImageGenerators``) by a
 ``Denoiser`` at a fixed network batch (``micro_batch``), so for a fixed ``micro_batch``, precision
@@ -30,6 +30,7 @@ from igsm.sampling.files import PartialBatches, save_samples
 from igsm.sampling.samplers import generate
 from igsm.schema import section_defaults
 from igsm.stages.common import StageError, diffusion_of, forward_process, readable_inputs
+from igsm.stages.sample_files import save_sample_grid
 from igsm.stages.process import relaunch_under_torchrun, start_process
 
 
@@ -134,19 +135,6 @@ def sample_shard(model_dir, out, *, seeds: np.ndarray, shard: tuple[int, int], o
     return f"{out}: {len(images)} images, seeds {seeds[0]}..{seeds[-1]}, {denoiser.precision}"
 
 
-def save_sample_grid(images, grid, metadata: dict) -> None:
-    """The first 64 images as a grid; for a model conditioned on at most 16 classes (or prompts), a
-    column per class (the image of seed s shows class s mod num_classes: igsm.conditioning)."""
-    from igsm.plots import save_grid
-
-    conditioning = metadata.get("conditioning") or {}
-    classes = conditioning.get("num_classes") or len(conditioning.get("prompts") or ())
-    if classes and classes <= 16:
-        save_grid(images[: classes * max(1, 64 // classes)], grid, nrow=classes)
-    else:
-        save_grid(images[:64], grid)
-
-
 def shard_range(num_images: int, num_shards: int, index: int) -> tuple[int, int]:
     """[start, stop) image offsets of shard ``index``: shard i covers i·n/shards … (i+1)·n/shards."""
     if not 0 <= index < num_shards:
@@ -202,40 +190,3 @@ def sample(model_dir, out, grid, first_seed: int, num_images: int, shard: tuple[
                 autoencoder_dir=latents.get("autoencoder"), image_channels=latents.get("image_channels"))
     finally:
         distributed.shutdown()
-
-
-def gather_samples(shards, out, grid, first_seed: int, num_images: int) -> str:
-    """Concatenate shard files in seed order, checking that every seed is there exactly once."""
-    from igsm import sampling
-
-    try:
-        images, seeds, metadata = sampling.gather_shards(list(shards), first_seed, num_images)
-    except ValueError as err:
-        raise StageError(str(err)) from None
-    sampling.save_samples(out, images, seeds, metadata)
-    if grid:
-        save_sample_grid(images, grid, metadata)
-    return f"{out}: {len(images)} images from {len(shards)} shards"
-
-
-def export_png(samples, out) -> str:
-    """Write a samples file's images as PNG files named by their seed (lossless: their FID equals the
-    array's); the folder appears complete or not at all."""
-    import os
-    import shutil
-
-    from PIL import Image
-
-    from igsm.sampling import load_samples
-
-    with readable_inputs():
-        images, seeds, _ = load_samples(samples)
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for image, seed in zip(images, seeds):
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(tmp / f"{int(seed):06d}.png")
-    if Path(out).exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return f"{out}: {len(images)} PNG files"
