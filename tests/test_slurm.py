@@ -180,7 +180,8 @@ VOLATILE_COLUMNS = ("sec_per_step", "train_minutes", "peak_memory_GiB")
 # SLURM run has no reuse section): the sampler's MACs and speed beside the network's.
 SAMPLER_KEYS = ("sampler_steps", "reuse_mac_fraction", "network_calls_per_step", "sampling_macs",
                 "sampling_images_per_s")
-SAMPLER_COLUMNS = ("reuse", "sampler", "sampler_steps", "mac_fraction", "sampling_images_per_s", "sampling_speedup")
+SAMPLER_COLUMNS = ("base_model", "reuse", "target_mac_fraction", "sampler", "sampler_steps", "mac_fraction",
+                   "sampling_images_per_s", "sampling_speedup")
 # SSIM/PSNR to the dense model: consistency is left out of the SLURM run (slurm_run).
 CONSISTENCY_COLUMNS = ("ssim_to_dense", "psnr_to_dense")
 
