@@ -83,11 +83,8 @@ def library_versions() -> dict[str, str]:
     scipy (the statistics, ``sqrtm``), clean-fid (its resizer and reference arithmetic)."""
     from importlib import metadata
 
-    import scipy
-
     # torch's own string names its CUDA build too (2.14.1+cu130); clean-fid has no __version__.
-    return {"torch": torch.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "clean-fid": metadata.version("clean-fid")}
+    return {"torch": torch.__version__, **distance_versions(), "clean-fid": metadata.version("clean-fid")}
 
 
 def default_cache_dir() -> Path:
