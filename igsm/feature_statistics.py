@@ -218,7 +218,28 @@ def matrix_sqrt(a: np.ndarray) -> np.ndarray:
     return np.asarray(result)
 
 
-def frechet_distance(stats_a, stats_b, eps: float = 1e-6) -> float:
+# How the FID takes tr √(Σa Σb) (the config's fid.square_root): SciPy's sqrtm of the product, as
+# clean-fid (its numbers bit for bit), or two symmetric eigendecompositions (trace_sqrt_product).
+SQUARE_ROOTS = ("sqrtm", "eigh")
+
+
+def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
+    """tr √(Σa Σb) of two covariances by two symmetric eigendecompositions instead of ``sqrtm``.
+
+    With Σa = V D Vᵀ and B = V √D, the symmetric Bᵀ Σb B = √D Vᵀ Σb V √D is similar to
+    √Σa Σb √Σa, whose eigenvalues are those of Σa Σb (real, ≥ 0 for covariances): the trace of the
+    root is the sum of their square roots. Negative eigenvalues are round-off of a positive
+    semi-definite matrix and count as 0. About 5× faster than ``sqrtm`` at 2048 dimensions and never
+    complex, but it differs from clean-fid's number in the last digits (~1e-7 relative on the
+    rank-deficient covariances of a few hundred images).
+    """
+    eigenvalues, eigenvectors = np.linalg.eigh(sigma_a)
+    half = eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))
+    product_eigenvalues = np.linalg.eigvalsh(half.T @ sigma_b @ half)
+    return float(np.sqrt(np.clip(product_eigenvalues, 0, None)).sum())
+
+
+def frechet_distance(stats_a, stats_b, eps: float = 1e-6, square_root: str = "sqrtm") -> float:
     """FID between two ``Statistics`` or (mu, sigma) pairs: clean-fid 0.1.35's ``frechet_distance``,
     step for step, but without ``sqrtm(disp=False)`` (see ``matrix_sqrt``), so it also runs on
     SciPy ≥ 1.18, where clean-fid's own function fails.
@@ -230,7 +251,8 @@ def frechet_distance(stats_a, stats_b, eps: float = 1e-6) -> float:
     bit for bit. (A root through eigendecompositions of the symmetric √Σa Σb √Σa is ~5x faster
     and immune to complex round-off, but differs from clean-fid by up to ~3e-7 relative on
     rank-deficient covariances, N < 2048 images, where sqrtm's round-off on the null space counts:
-    matching clean-fid's numbers exactly won.)
+    matching clean-fid's numbers exactly won; ``square_root="eigh"`` takes that route,
+    ``trace_sqrt_product``, where seconds matter more than the last digits: the CPU demo.)
 
     Refuses statistics whose recorded modes differ: such a number means nothing.
     """
@@ -246,6 +268,11 @@ def frechet_distance(stats_a, stats_b, eps: float = 1e-6) -> float:
         raise ValueError(f"Statistics of different shapes: mu {mu_a.shape} and {mu_b.shape}, "
                          f"sigma {sigma_a.shape} and {sigma_b.shape}.")
     diff = mu_a - mu_b
+    if square_root not in SQUARE_ROOTS:
+        raise ValueError(f"square_root {square_root!r}: expected one of {', '.join(SQUARE_ROOTS)}")
+    if square_root == "eigh":
+        trace_root = trace_sqrt_product(sigma_a, sigma_b)
+        return float(diff.dot(diff) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_root)
 
     covmean = matrix_sqrt(sigma_a.dot(sigma_b))
     if not np.isfinite(covmean).all():

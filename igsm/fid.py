@@ -57,9 +57,9 @@ from tqdm.auto import tqdm
 from igsm.data import ImageStore, file_digest
 # The statistics files, the distance and PRDC: torch-free, for the jobs that need nothing else.
 from igsm.feature_statistics import (  # noqa: F401 (re-exported: igsm.fid is FID's one name)
-    ADM_FEATURES, ADM_KEYS, IMAGINARY_ATOL, Statistics, distance_versions, frechet_distance, kept_indices,
-    load_features, load_statistics, matrix_sqrt, prdc_min_features, prdc_versions,
-    precision_recall_density_coverage, save_statistics, statistics)
+    ADM_FEATURES, ADM_KEYS, IMAGINARY_ATOL, SQUARE_ROOTS, Statistics, distance_versions, frechet_distance,
+    kept_indices, load_features, load_statistics, matrix_sqrt, prdc_min_features, prdc_versions,
+    precision_recall_density_coverage, save_statistics, statistics, trace_sqrt_product)
 
 MODES = ("clean", "legacy_pytorch")
 CACHE_DIR_ENV = "IGSM_CACHE_DIR"

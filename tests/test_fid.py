@@ -6,6 +6,7 @@ distance of 2048-D statistics costs ~10 s here (sqrtm): the tests that only chec
 use small synthetic statistics.
 """
 
+import functools
 import inspect
 import json
 
@@ -128,14 +129,16 @@ def commuting_pair(dim: int, rng, rotate: bool):
     return (mu_a, (q * a) @ q.T), (mu_b, (q * b) @ q.T), exact
 
 
+@pytest.mark.parametrize("square_root", fid.SQUARE_ROOTS)
 @pytest.mark.parametrize("rotate", [False, True], ids=["diagonal", "commuting"])
-def test_fid_of_commuting_gaussians_is_the_closed_form(rotate):
+def test_fid_of_commuting_gaussians_is_the_closed_form(rotate, square_root):
     stats_a, stats_b, exact = commuting_pair(64, np.random.default_rng(1), rotate)
-    assert fid.frechet_distance(stats_a, stats_b) == pytest.approx(exact, rel=1e-10)
-    assert fid.frechet_distance(stats_b, stats_a) == pytest.approx(exact, rel=1e-10)
+    assert fid.frechet_distance(stats_a, stats_b, square_root=square_root) == pytest.approx(exact, rel=1e-10)
+    assert fid.frechet_distance(stats_b, stats_a, square_root=square_root) == pytest.approx(exact, rel=1e-10)
 
 
-def test_fid_of_non_commuting_gaussians_equals_brute_force():
+@pytest.mark.parametrize("square_root", fid.SQUARE_ROOTS)
+def test_fid_of_non_commuting_gaussians_equals_brute_force(square_root):
     rng = np.random.default_rng(2)
     dim = 48
     mu_a, mu_b = rng.normal(0, 1, dim), rng.normal(0, 1, dim)
@@ -147,11 +150,21 @@ def test_fid_of_non_commuting_gaussians_equals_brute_force():
     wrong = float((mu_a - mu_b) @ (mu_a - mu_b) + np.trace(sigma_a) + np.trace(sigma_b)
                   - 2 * np.trace(spd_sqrt(sigma_a) @ spd_sqrt(sigma_b)))
     assert abs(wrong - expected) > 1e-3 * expected
-    assert fid.frechet_distance((mu_a, sigma_a), (mu_b, sigma_b)) == pytest.approx(expected, rel=1e-9)
-    # Rank-deficient covariances (fewer images than dimensions, as in small-sample FIDs).
+    distance = functools.partial(fid.frechet_distance, square_root=square_root)
+    assert distance((mu_a, sigma_a), (mu_b, sigma_b)) == pytest.approx(expected, rel=1e-9)
+    # Rank-deficient covariances (fewer images than dimensions, as in small-sample FIDs), either
+    # one the smaller (eigh's route takes Σa's eigenvectors: a rank-20 Σa leaves 28 zero columns).
     sigma_c, sigma_d = random_spd(dim, rng, rank=20), random_spd(dim, rng, rank=30)
     expected = brute_force_fid(mu_a, sigma_c, mu_b, sigma_d)
-    assert fid.frechet_distance((mu_a, sigma_c), (mu_b, sigma_d)) == pytest.approx(expected, rel=1e-6)
+    assert distance((mu_a, sigma_c), (mu_b, sigma_d)) == pytest.approx(expected, rel=1e-6)
+    assert distance((mu_b, sigma_d), (mu_a, sigma_c)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_refuses_an_unknown_square_root():
+    rng = np.random.default_rng(2)
+    stats = [(rng.normal(0, 1, 8), random_spd(8, rng)) for _ in range(2)]
+    with pytest.raises(ValueError, match="square_root 'cholesky': expected one of sqrtm, eigh"):
+        fid.frechet_distance(*stats, square_root="cholesky")
 
 
 def sqrtm_without_disp(original):
@@ -403,7 +416,8 @@ def test_fid_command_needs_only_the_statistics_files(extractor, sets, features, 
                             "reference_feature_extractor", "same_feature_extractor",
                             "image_precision", "sampler", "sampler_kwargs", "mode", "feature_extractor",
                             "weights_file", "weights_sha1", "precision", "device", "channels_last",
-                            "feature_versions", "distance_versions"}
+                            "feature_versions", "distance_versions", "square_root"}
+    assert payload["square_root"] == "sqrtm"  # unset: clean-fid's root
     # the libraries that can move its last digits (issue 32): the features' and the distance's
     import scipy
 
@@ -450,6 +464,13 @@ def test_fid_command_needs_only_the_statistics_files(extractor, sets, features, 
     assert (payload["reference_kind"], payload["reference"], payload["num_reference"]) == (
         "supplied", str(supplied), None)
     assert payload["fid"] == pytest.approx(fid_ab, rel=1e-6)
+
+    # fid.square_root: eigh (the demo's): the same distance to ~1e-7, and the JSON says which root.
+    result = invoke("fid", "--statistics", stats, "--reference", reference, "--out", score, "--settings",
+                    json.dumps({"mode": "clean", "num_reference": NUM_IMAGES, "square_root": "eigh"}))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(score.read_text())
+    assert payload["square_root"] == "eigh" and payload["fid"] == pytest.approx(json.loads(first)["fid"], rel=1e-6)
 
 
 def test_fid_command_refuses_mismatched_modes(extractor, features, tmp_path):

@@ -95,7 +95,7 @@ def fid_score(statistics, reference, out, prdc_out, nearest_k: int, settings: Fi
         raise StageError(f"{statistics}: features of mode {stats.metadata.get('mode')!r}, "
                          f"but the settings ask for {settings.mode!r}; recompute them.")
     try:
-        score = fid.frechet_distance(stats, reference_stats)
+        score = fid.frechet_distance(stats, reference_stats, square_root=settings.square_root)
     except ValueError as err:
         raise StageError(f"{statistics} against {reference}: {err}") from None
     sample_metadata = {key: stats.metadata.get(key) for key in SAMPLE_KEYS}
@@ -120,7 +120,7 @@ def fid_score(statistics, reference, out, prdc_out, nearest_k: int, settings: Fi
                      "sampler": sample_metadata["sampler"],
                      "sampler_kwargs": sample_metadata["sampler_kwargs"], **conditional, **extractor_metadata,
                      # The Fréchet distance's own (numpy, scipy's sqrtm); the features' are feature_versions.
-                     "distance_versions": fid.distance_versions(),
+                     "distance_versions": fid.distance_versions(), "square_root": settings.square_root,
                      # another dataset's images (fid.reference_dataset), named only where given
                      **({"reference_dataset": settings.reference_dataset} if settings.reference_dataset else {})})
     if prdc_out:

@@ -48,6 +48,9 @@ class FidSettings(SectionSettings):
     reference_statistics: str
     diffusion: dict
     reference_dataset: str = ""  # another dataset's images as the reference (no schema default: absent stays absent)
+    # How the distance takes its matrix square root (igsm.feature_statistics.SQUARE_ROOTS); no schema
+    # default either, so that the FID jobs of configs without the key keep their settings.
+    square_root: str = "sqrtm"
     # Where PRDC is enabled, the 'prdc' section's num_features and (the reference's) seed, passed along
     # to the statistics jobs, which keep that many features (igsm.fid.kept_indices); empty: none.
     prdc: dict = field(default_factory=dict)
