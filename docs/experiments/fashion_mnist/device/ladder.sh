@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the lent GPU: run.sh's ladder (issue 33) on run 10's teacher, over several calls of one lease
+# On the lent GPU: run.sh's ladder (issue 33) on the staged teacher, over several calls of one lease
 # (README "What the next run needs"; the machine goes back 30 s after a call ends):
 #
 #   ladder.sh stage         each call before the launch: installs the wheels and data if this call
