@@ -286,7 +286,10 @@ class StoreWriter:
         with reporting_write_errors(self.directory.parent):
             self.directory.parent.mkdir(parents=True, exist_ok=True)
             self._remove_stale_partials()
-            self.partial = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent))
+            # Beside the store, in the form its path was given: mkdtemp returns an absolute path from
+            # Python 3.12 on, which would put the caller's cwd into every error message.
+            created = tempfile.mkdtemp(prefix=f".{self.directory.name}.", dir=self.directory.parent)
+            self.partial = self.directory.parent / Path(created).name
         self.shard_bytes = shard_bytes
         self.image_shape: tuple | None = None
         self.shards: list[dict] = []
