@@ -251,7 +251,7 @@ def frechet_distance(stats_a, stats_b, eps: float = 1e-6, square_root: str = "sq
     bit for bit. (A root through eigendecompositions of the symmetric √Σa Σb √Σa is ~5x faster
     and immune to complex round-off, but differs from clean-fid by up to ~3e-7 relative on
     rank-deficient covariances, N < 2048 images, where sqrtm's round-off on the null space counts:
-    matching clean-fid's numbers exactly won; ``square_root="eigh"`` takes that route,
+    matching clean-fid's numbers exactly won. ``square_root="eigh"`` takes that route,
     ``trace_sqrt_product``, where seconds matter more than the last digits: the CPU demo.)
 
     Refuses statistics whose recorded modes differ: such a number means nothing.
@@ -270,14 +270,18 @@ def frechet_distance(stats_a, stats_b, eps: float = 1e-6, square_root: str = "sq
     diff = mu_a - mu_b
     if square_root not in SQUARE_ROOTS:
         raise ValueError(f"square_root {square_root!r}: expected one of {', '.join(SQUARE_ROOTS)}")
-    if square_root == "eigh":
-        trace_root = trace_sqrt_product(sigma_a, sigma_b)
-        return float(diff.dot(diff) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_root)
+    trace_root = (trace_sqrt_product(sigma_a, sigma_b) if square_root == "eigh"
+                  else _sqrtm_trace(sigma_a, sigma_b, eps))
+    return float(diff.dot(diff) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * trace_root)
 
+
+def _sqrtm_trace(sigma_a: np.ndarray, sigma_b: np.ndarray, eps: float):
+    """tr √(Σa Σb) as clean-fid takes it (``frechet_distance``'s docstring): ``sqrtm`` of the product,
+    retried with ``eps``·I on a singular product, the real part of a complex root."""
     covmean = matrix_sqrt(sigma_a.dot(sigma_b))
     if not np.isfinite(covmean).all():
         warnings.warn(f"FID: the product of the covariances is singular; adding {eps} to their diagonals.",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)  # frechet_distance's caller
         offset = np.eye(sigma_a.shape[0]) * eps
         covmean = matrix_sqrt((sigma_a + offset).dot(sigma_b + offset))
 
@@ -289,5 +293,4 @@ def frechet_distance(stats_a, stats_b, eps: float = 1e-6, square_root: str = "sq
                 f"(diagonal tolerance {IMAGINARY_ATOL}): the statistics are not valid covariances "
                 f"(too few images, non-finite features?), so the distance would be meaningless.")
         covmean = covmean.real
-
-    return float(diff.dot(diff) + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covmean))
+    return np.trace(covmean)
