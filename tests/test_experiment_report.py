@@ -223,7 +223,24 @@ def test_a_lease_can_run_one_seed_and_leave_the_teacher_unscored(ladder_inputs, 
     assert counts.get("finetune") == 2 and counts.get("sample") == 2, done.stdout[-3000:]
 
 
+def test_a_lease_can_run_a_long_finetune_of_one_seed_beside_a_short_one_of_the_other(ladder_inputs, tmp_path):
+    # Bug caught: OBJECTIVE@SEED read as an objective name (refused) or its seed ignored, so the
+    # lease trains both objectives for both seeds and ends with the long ones unscored.
+    work = tmp_path / "work"
+    done = plan_the_ladder(ladder_inputs, work, ladder_inputs / "shared.tar", LADDER_SEEDS="0 1",
+                           LADDER_TEACHER_FID="no", LADDER_OBJECTIVES="igsm@0 np_kd@1", LADDER_FIRST="igsm")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = work / "teacher_curve" / "config-ladder-600.yaml"
+    assert Path(f"{plan}.targets").read_text().split() == [
+        "results/fid/fmnist_unet/diff-pruning-cr0.3/igsm.json",
+        "results/fid/fmnist_unet_seed1/diff-pruning-cr0.3/np_kd.json"]
+    assert Path(f"{plan}.first").read_text().split() == ["results/fid/fmnist_unet/diff-pruning-cr0.3/igsm.json"]
+
+
 def test_a_seed_the_ladder_does_not_have_is_refused_naming_the_variable(ladder_inputs, tmp_path):
     done = plan_the_ladder(ladder_inputs, tmp_path / "work", ladder_inputs / "shared.tar", LADDER_SEEDS="0 2")
     assert done.returncode != 0
     assert "LADDER_SEEDS: 2 is not the finetune seed of fmnist_unet (0), fmnist_unet_seed1 (1)" in done.stderr
+    done = plan_the_ladder(ladder_inputs, tmp_path / "work2", ladder_inputs / "shared.tar", LADDER_OBJECTIVES="igsm@2")
+    assert done.returncode != 0
+    assert "LADDER_OBJECTIVES: 2 is not the finetune seed of fmnist_unet (0)" in done.stderr

@@ -29,7 +29,9 @@
 #   LADDER_STEPS   the ladder's rungs (default "600 2400 6000")
 #   LADDER_RATIOS  the ladder's channel ratios (default "0.3 0.5"; one lease fits about one ratio's rung 600)
 #   LADDER_OBJECTIVES  the ladder's objectives (default "np_kd igsm igsm_lam1e-2 igsm_t10"; a lease that
-#                  continues a split run names the ones still to score)
+#                  continues a split run names the ones still to score); OBJECTIVE@SEED runs that one
+#                  for that seed only (e.g. "igsm@0 np_kd@1": a long finetune of one seed beside a short
+#                  one of the other)
 #   LADDER_FIRST   objectives whose models Snakemake runs first (--prioritize; default "np_kd igsm"),
 #                  so that a lease that ends mid-rung leaves the main comparison scored
 #   LADDER_SEEDS   the finetune seeds to run (default "0 1": fmnist_unet and fmnist_unet_seed1, by their
@@ -91,24 +93,27 @@ ladder_config() {  # ladder_config OUT STEPS: the ladder's experiments, finetune
 import sys, yaml
 out, steps, ratios, first, log_every, objectives, seeds, teacher_fid = sys.argv[1:]
 config = yaml.safe_load(open(out))
-objectives, seeds = objectives.split(), seeds.split()
-unknown = sorted(set(objectives) - set(config["objectives"]))
+seeds = seeds.split()
+objectives = [item.partition("@")[::2] for item in objectives.split()]  # (objective, seed or "")
+unknown = sorted({objective for objective, _ in objectives} - set(config["objectives"]))
 if unknown:
     sys.exit(f"LADDER_OBJECTIVES: {', '.join(unknown)} not among the config's objectives")
 if teacher_fid not in ("yes", "no"):
     sys.exit(f"LADDER_TEACHER_FID: {teacher_fid!r}, expected yes or no")
-runs = [{"channel_ratio": float(ratio), "objectives": objectives} for ratio in ratios.split()]
 experiments = {name: config["experiments"][name] for name in ("fmnist_unet", "fmnist_unet_seed1")}
 seed_of = {name: str(settings["finetune"]["training"].get("seed", 0)) for name, settings in experiments.items()}
-unknown = sorted(set(seeds) - set(seed_of.values()))
-if unknown:
-    sys.exit(f"LADDER_SEEDS: {', '.join(unknown)} is not the finetune seed of "
-             + ", ".join(f"{name} ({seed})" for name, seed in seed_of.items()))
+for variable, asked in (("LADDER_SEEDS", seeds), ("LADDER_OBJECTIVES", [s for _, s in objectives if s])):
+    unknown = sorted(set(asked) - set(seed_of.values()))
+    if unknown:
+        sys.exit(f"{variable}: {', '.join(unknown)} is not the finetune seed of "
+                 + ", ".join(f"{name} ({seed})" for name, seed in seed_of.items()))
 # An experiment whose seed is left out stays, with no finetunes: fmnist_unet_seed1 takes its teacher
 # from fmnist_unet (dense.from_experiment).
 config["experiments"] = experiments
 for name, settings in experiments.items():
-    settings["finetune"]["runs"] = runs if seed_of[name] in seeds else []
+    own = [objective for objective, seed in objectives if seed in ("", seed_of[name])]
+    runs = [{"channel_ratio": float(ratio), "objectives": own} for ratio in ratios.split()]
+    settings["finetune"]["runs"] = runs if seed_of[name] in seeds and own else []
     settings["finetune"]["training"]["num_steps"] = int(steps)
     settings["finetune"]["training"]["log_every"] = int(log_every)
 yaml.safe_dump(config, open(out, "w"), sort_keys=False)
