@@ -7,7 +7,8 @@
 #                          the two Fashion-MNIST train archives into DIR/data
 #   device.sh unpack DIR   (there) installs each wheel whose distribution is not already
 #                          installed into /tmp/site (prepend it to PYTHONPATH), copies the archives
-#                          to the config's file:// folder
+#                          to the config's file:// folder (either may be missing: two calls can
+#                          carry them)
 set -euo pipefail
 # The workflow's dependencies (pyproject.toml, the `workflow` extra) that the GPU image lacks, and
 # theirs, with the versions `make install` resolves here; connection_pool has no wheel on PyPI.
@@ -47,6 +48,7 @@ unpack)
     mkdir -p /tmp/site "$DATA"
     missing=()
     for wheel in "$src"/wheels/*.whl; do
+        [ -f "$wheel" ] || continue
         dist=$(basename "$wheel" | cut -d- -f1)
         python3 -c "import importlib.metadata as m, sys; m.version(sys.argv[1])" "$dist" 2>/dev/null \
             || missing+=("$wheel")
@@ -55,7 +57,7 @@ unpack)
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
             "${missing[@]}"
     fi
-    cp "$src"/data/*.gz "$DATA"/
+    if compgen -G "$src/data/*.gz" > /dev/null; then cp "$src"/data/*.gz "$DATA"/; fi
     echo "installed ${#missing[@]} wheels into /tmp/site" ;;
 *)
     echo "usage: $0 pack DIR | unpack DIR" >&2; exit 2 ;;

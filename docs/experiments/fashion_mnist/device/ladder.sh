@@ -3,7 +3,7 @@
 # (README "What the next run needs"; the machine goes back 30 s after a call ends):
 #
 #   ladder.sh stage         each call before the launch: installs the wheels and data if this call
-#                           carried .device/wheels and .device/data (device.sh unpack), keeps the
+#                           carried .device/wheels or .device/data (device.sh unpack), keeps the
 #                           teacher (.device/teacher/model) and the Inception parts
 #                           (.device/inception/part.*) under /root, where later calls still find them,
 #                           and a split run's shared inputs (.device/shared.tar.xz → /root/shared.tar; or,
@@ -22,7 +22,7 @@ cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/tmp/site:/root/repo PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 
 stage() {
-    if [ -d .device/wheels ]; then
+    if [ -d .device/wheels ] || [ -d .device/data ]; then
         bash docs/experiments/fashion_mnist/device/device.sh unpack .device
         command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
     fi
