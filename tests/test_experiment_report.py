@@ -107,13 +107,62 @@ def test_collect_then_build_reports_the_ladder_from_the_raw_files_alone(report, 
                                     hashlib.sha256(b"reference statistics").hexdigest()}
     report.build(raws, tmp_path / "out")
     with open(tmp_path / "out" / "ladder.csv") as f:
-        gaps = {(int(r["steps"]), int(r["seed"])): float(r["gap"]) for r in csv.DictReader(f)}
+        ladder = list(csv.DictReader(f))
+    gaps = {(int(r["steps"]), int(r["seed"])): float(r["gap"]) for r in ladder if r["objective"] == "igsm"}
     # FID(IGSM) − FID(NP+KD) of the same seed and rung.
     assert gaps == pytest.approx({(600, 0): 10.0, (600, 1): 11.0, (2400, 0): 2.0, (2400, 1): 1.0})
+    assert {(r["steps"], r["seed"], r["fid"]) for r in ladder if r["objective"] == "np_kd"} == {
+        ("600", "0", "8.0"), ("600", "1", "7.5"), ("2400", "0", "7.0"), ("2400", "1", "7.1")}
     assert (tmp_path / "out" / "ladder.png").stat().st_size > 0
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {r["run"] for r in rows} == {"600", "2400"}
+
+
+def test_a_model_whose_summary_was_lost_mid_rung_takes_its_length_from_recovered_json(report, tmp_path):
+    # Bug caught: a model collected while the next rung trained (its summary.json removed, its
+    # metrics.jsonl already past the rung) reported with the next rung's final losses, or silently
+    # left out of the ladder.
+    fids = LADDER[600]
+    work = fake_run(tmp_path / "work", 600, fids)
+    igsm = work / "results" / "finetune" / "fmnist_unet" / "diff-pruning-cr0.3" / "igsm"
+    (igsm / "summary.json").unlink()
+    with open(igsm / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 800, "loss": 9.0, "np": 9.0, "kd": 9.0}) + "\n")
+    report.collect(work, tmp_path / "lease")
+    report.build([tmp_path / "lease"], tmp_path / "out")
+    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))
+            if r["experiment"] == "fmnist_unet"}
+    assert rows["diff-pruning-cr0.3/igsm"]["training_steps"] == ""  # nothing says how long it trained
+    write_json(tmp_path / "lease" / "recovered.json",
+               {"training_steps": 600, "seeds": {"fmnist_unet": 0, "fmnist_unet_seed1": 1}, "why": "test"})
+    report.build([tmp_path / "lease"], tmp_path / "out")
+    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))
+            if r["experiment"] == "fmnist_unet"}
+    igsm_row = rows["diff-pruning-cr0.3/igsm"]
+    assert (igsm_row["training_steps"], igsm_row["training_from"]) == ("600", "recovered.json")
+    assert float(igsm_row["final_kd"]) == 0.5  # step 550's record, not the next rung's step 800
+    assert rows["diff-pruning-cr0.3/np_kd"]["training_from"] == "summary.json"
+
+
+def test_the_ladder_compares_with_np_kd_of_the_same_run_and_refuses_an_unclear_choice(report, tmp_path):
+    # Bug caught: two draws of NP+KD of one seed (two leases) keyed alike, so the gap silently used
+    # whichever came last instead of the one trained beside the Jacobian model.
+    raws = []
+    for name, fids in (("a", {("fmnist_unet", "diff-pruning-cr0.3/np_kd"): 8.0,
+                              ("fmnist_unet", "diff-pruning-cr0.3/igsm_t10"): 8.5}),
+                       ("b", {("fmnist_unet", "diff-pruning-cr0.3/np_kd"): 7.0}),
+                       ("c", {("fmnist_unet", "diff-pruning-cr0.3/igsm"): 20.0})):
+        report.collect(fake_run(tmp_path / f"work_{name}", 600, fids), tmp_path / name)
+        raws.append(tmp_path / name)
+    gaps = {(r["objective"], r["run"]): r for r in report.ladder_rows(
+        [row for raw in raws[:2] for row in report.model_rows(raw, raw.name)])}
+    assert (gaps[("igsm_t10", "a")]["np_kd_run"], gaps[("igsm_t10", "a")]["gap"]) == ("a", pytest.approx(0.5))
+    with pytest.raises(SystemExit, match=r"igsm of run c: NP\+KD of seed 0 has draws in runs a, b and none"):
+        report.ladder_rows([row for raw in raws for row in report.model_rows(raw, raw.name)])
+    (tmp_path / "again").mkdir()
+    with pytest.raises(SystemExit, match=r"RAW folders of the same name \(a\)"):
+        report.build([raws[0], shutil.copytree(raws[0], tmp_path / "again" / "a")], tmp_path / "out")
 
 
 def test_runs_with_different_students_are_not_reported_together(report, tmp_path):

@@ -15,12 +15,15 @@ and of each pruned student that the run used, so that runs split over several GP
 checked to share them.
 
 ``build`` makes every table, figure and number of the report from RAW folders alone (several when a
-run was split over GPU leases; each is a "run" column value): results.csv, report.json,
-teacher_curve.png, samples_teacher_curve.png, loss_curves.png, loss_curves_gradient_flow.png,
-samples*.png, gradient_share.png and, where models were scored at several finetune lengths (run.sh
-``ladder``), ladder.csv and ladder.png (the gap of each Jacobian objective to NP+KD per rung, with its
-seed spread). It refuses RAW folders whose reference statistics or pruned students differ
-(digests.json), naming both.
+run was split over GPU leases; each folder's name is a "run" column value, so names must differ):
+results.csv, report.json, teacher_curve.png, samples_teacher_curve.png, loss_curves.png,
+loss_curves_gradient_flow.png, samples*.png, gradient_share.png and, where models were scored at
+several finetune lengths (run.sh ``ladder``), ladder.csv (every ladder model's FID, and each Jacobian
+objective's gap to NP+KD of the same seed, preferably of the same run) and ladder.png (the gaps per
+rung, with their seed spread). It refuses RAW folders whose reference statistics or pruned students
+differ (digests.json), naming both. A model without its summary.json (a lease lost mid-rung) takes
+its finetune length and seed from its RAW's hand-written ``recovered.json``, whose "why" cites the
+evidence; its rows say so (``training_from``).
 
 ``check`` reads the report's README: every number written as ``<number><!-- = FILE SELECTOR -->``
 must be what FILE (relative to the README) gives, rounded to the decimals written. SELECTOR is
@@ -166,6 +169,24 @@ def check_shared_inputs(raws: list[Path]) -> None:
             seen.setdefault(key, (value, raw))
 
 
+def finetune_record(raw: Path, exp: str, folder: Path) -> tuple[dict, str, list[dict]]:
+    """A scored model's training summary, the file it comes from, and its metrics up to its last step.
+
+    Where summary.json is missing and RAW has a recovered.json (written by hand, its evidence in its
+    "why": the finetune length and seeds of models scored in a lease that was lost before their
+    summary.json came back, run 19), the summary is that file's; a metrics.jsonl collected while a
+    longer rung ran holds that rung's records past these steps, which are left out."""
+    summary, source = read_json(folder / "summary.json"), "summary.json"
+    recovered = read_json(raw / "recovered.json")
+    if summary is None and recovered and folder.parent.name != exp:  # a finetune, not the teacher
+        summary = {"num_steps": recovered["training_steps"], "settings": {"training": {"seed": recovered["seeds"][exp]}}}
+        source = "recovered.json"
+    summary = summary or {}
+    steps = summary.get("num_steps")
+    history = [m for m in metrics(folder / "metrics.jsonl") if steps is None or m.get("step", 0) <= steps]
+    return summary, source if summary else "", history
+
+
 def model_rows(raw: Path, run: str) -> list[dict]:
     rows = []
     for score in sorted((raw / "models").glob("*/**/fid.json")):
@@ -175,9 +196,9 @@ def model_rows(raw: Path, run: str) -> list[dict]:
         fid = read_json(score)
         eff = read_json(folder / "efficiency.json") or {}
         meta = read_json(folder / "variant.json") or {}
-        summary = read_json(folder / "summary.json") or {}
+        summary, source, history = finetune_record(raw, exp, folder)
         timing = summary.get("timing", {})
-        history = metrics(folder / "metrics.jsonl")
+        steps = summary.get("num_steps")
         last = history[-1] if history else {}
         rows.append({
             "run": run, "experiment": exp, "model": variant,
@@ -190,7 +211,7 @@ def model_rows(raw: Path, run: str) -> list[dict]:
             "fid": fid["fid"], "fid_images": fid["num_images"], "fid_mode": fid["mode"],
             "params_M": eff.get("params", float("nan")) / 1e6, "macs_G": eff.get("macs", float("nan")) / 1e9,
             "images_per_s": eff.get("images_per_s"),
-            "training_steps": summary.get("num_steps"), "sec_per_step": timing.get("sec_per_step"),
+            "training_steps": steps, "training_from": source, "sec_per_step": timing.get("sec_per_step"),
             "train_minutes": timing.get("wall_time_s", float("nan")) / 60,
             "peak_memory_GiB": (timing.get("peak_memory_mib") or float("nan")) / 1024,
             "final_loss": last.get("loss"), "final_np": last.get("np"), "final_kd": last.get("kd"),
@@ -212,24 +233,38 @@ def model_rows(raw: Path, run: str) -> list[dict]:
 
 
 def ladder_rows(rows: list[dict]) -> list[dict]:
-    """Per channel ratio, finetune length and Jacobian objective: FID minus NP+KD's of the same seed
-    (experiments fmnist_unet = seed 0, fmnist_unet_seed1 = seed 1), its mean and the spread over seeds."""
-    fids: dict[tuple, float] = {}
-    for r in rows:
-        if r["experiment"] in ("fmnist_unet", "fmnist_unet_seed1") and r["training_steps"]:
-            fids[(r["channel_ratio"], r["training_steps"], r["objective"], r["seed"])] = r["fid"]
+    """Every ladder model's FID per channel ratio, finetune length, objective and seed (experiments
+    fmnist_unet = seed 0, fmnist_unet_seed1 = seed 1), and for the Jacobian objectives the gap to
+    NP+KD's of the same seed: NP+KD of the same run where it has one, else the one run that does
+    (several draws of one seed and no NP+KD in the run itself: an error naming the runs)."""
+    ladder = [r for r in rows if r["experiment"] in ("fmnist_unet", "fmnist_unet_seed1") and r["training_steps"]]
+    np_kd: dict[tuple, dict[str, float]] = {}
+    for r in ladder:
+        if r["objective"] == "np_kd":
+            np_kd.setdefault((r["channel_ratio"], r["training_steps"], r["seed"]), {})[r["run"]] = r["fid"]
     out = []
-    for (ratio, steps, objective, seed), fid in sorted(fids.items(), key=lambda kv: tuple(map(str, kv[0]))):
-        if objective in JACOBIAN_OBJECTIVES and (ratio, steps, "np_kd", seed) in fids:
-            out.append({"channel_ratio": ratio, "steps": steps, "objective": objective, "seed": seed,
-                        "fid": fid, "np_kd_fid": fids[(ratio, steps, "np_kd", seed)],
-                        "gap": fid - fids[(ratio, steps, "np_kd", seed)]})
+    for r in sorted(ladder, key=lambda r: tuple(map(str, (r["channel_ratio"], r["training_steps"], r["objective"],
+                                                          r["seed"], r["run"])))):
+        if r["objective"] not in ("np_kd", *JACOBIAN_OBJECTIVES):
+            continue
+        row = {"channel_ratio": r["channel_ratio"], "steps": r["training_steps"], "objective": r["objective"],
+               "seed": r["seed"], "run": r["run"], "fid": r["fid"], "np_kd_fid": None, "np_kd_run": None, "gap": None}
+        draws = np_kd.get((r["channel_ratio"], r["training_steps"], r["seed"]), {})
+        if r["objective"] in JACOBIAN_OBJECTIVES and draws:
+            if r["run"] not in draws and len(draws) > 1:
+                sys.exit(f"{r['model']} of run {r['run']}: NP+KD of seed {r['seed']} has draws in runs "
+                         f"{', '.join(sorted(draws))} and none in its own; which one it compares to is not clear")
+            row["np_kd_run"] = r["run"] if r["run"] in draws else next(iter(draws))
+            row["np_kd_fid"] = draws[row["np_kd_run"]]
+            row["gap"] = r["fid"] - row["np_kd_fid"]
+        out.append(row)
     return out
 
 
 def ladder_plot(gaps: list[dict], out: Path) -> None:
     """The gap FID(objective) − FID(NP+KD) against finetune steps, one panel per ratio; the line
     through the seeds' mean, the bar their range."""
+    gaps = [g for g in gaps if g["gap"] is not None]
     ratios = sorted({g["channel_ratio"] for g in gaps})
     fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
     for axis, ratio in zip(axes[0], ratios):
@@ -261,8 +296,8 @@ def loss_plot(raws: list[Path], out: Path, experiments=("fmnist_unet", "fmnist_u
     """The finetunes' loss terms, one colour per objective (and pruning), seed 1 dashed."""
     teacher = next((metrics(p) for p in (r / "models" / TEACHER / "dense" / "metrics.jsonl"
                                          for r in raws) if p.exists()), [])  # none when pretrained
-    runs = [(exp, "--" if exp.endswith("seed1") else "-", path) for exp in experiments for raw in raws
-            for path in sorted((raw / "models" / exp).glob("*/*/metrics.jsonl"))]
+    runs = [(exp, "--" if exp.endswith("seed1") else "-", path, finetune_record(raw, exp, path.parent)[2])
+            for exp in experiments for raw in raws for path in sorted((raw / "models" / exp).glob("*/*/metrics.jsonl"))]
     if not runs:
         return
     fig, axes = plt.subplots(1, 4 if teacher else 3, figsize=(21 if teacher else 16, 4.5))
@@ -273,10 +308,9 @@ def loss_plot(raws: list[Path], out: Path, experiments=("fmnist_unet", "fmnist_u
         axes = [None, *axes]
 
     # One colour per objective in every panel (a seed repeats its objective's colour, dashed).
-    objectives = sorted({model_label(path) for _, _, path in runs})
+    objectives = sorted({model_label(path) for _, _, path, _ in runs})
     colour = {name: f"C{i % 10}" for i, name in enumerate(objectives)}
-    for exp, style, path in runs:
-        history = metrics(path)
+    for exp, style, path, history in runs:
         label = model_label(path) + (" (seed 1)" if exp.endswith("seed1") else "")
         steps = [r["step"] for r in history]
         for axis, term in zip(axes[1:], ("np", "kd", "jm2")):
@@ -353,6 +387,10 @@ def build(raws: list[Path], out: Path) -> None:
     for raw in raws:
         if not (raw / "digests.json").exists():
             sys.exit(f"{raw}: no digests.json (not a folder written by `report.py collect`)")
+    names = [raw.name for raw in raws]
+    if len(set(names)) < len(names):  # the "run" column tells their models apart
+        twice = sorted({name for name in names if names.count(name) > 1})
+        sys.exit(f"RAW folders of the same name ({', '.join(twice)}): their models would share one run value")
     check_shared_inputs(raws)
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for raw in raws for row in model_rows(raw, raw.name)]
@@ -390,7 +428,9 @@ def build(raws: list[Path], out: Path) -> None:
     diagnosed = {f"{model_label(path)}, {path.parent.parent.parent.name}, {raw.name}": path
                  for raw in raws for exp in EXPERIMENTS
                  for path in sorted((raw / "models" / exp).glob("*/*/metrics.jsonl"))
-                 if any(k.startswith("jm") for k in (metrics(path) or [{}])[0])}
+                 if any(k.startswith("jm") for k in (metrics(path) or [{}])[0])
+                 # (the plot reads whole files: a recovered model's holds a longer rung's records)
+                 and finetune_record(raw, exp, path.parent)[1] != "recovered.json"}
     if diagnosed:
         plot_gradient_share(diagnosed, out / "gradient_share.png")
 

@@ -14,7 +14,8 @@
 #                           starts `run.sh ladder` in the background (WORK=/root/fm; SHARED=/root/shared.tar
 #                           if staged; LADDER_*, GPU_JOBS and GPU_MEM_MB from the environment, defaults below)
 #   ladder.sh wait SECONDS  waits until run.sh ends or SECONDS pass, prints progress, and writes the
-#                           raw files so far (report.py collect) to $OUT/raw.tgz; once run.sh has ended,
+#                           raw files so far (report.py collect) and each finished rung's (fm/ladder/<steps>)
+#                           to $OUT/raw.tgz; once run.sh has ended,
 #                           also its shared.tar (pruned students, FID reference) in 15 MB parts
 #                           (join here: cat shared.tar.part* > shared.tar)
 set -euo pipefail
@@ -74,7 +75,9 @@ wait)
         [ -f "$log" ] && echo "$log: $(tail -c 200 "$log" | tr '\r' '\n' | tail -n 1)"
     done
     python3 /root/repo/docs/experiments/fashion_mnist/report.py collect /root/fm /root/raw || true
-    tar -czf "$OUT/raw.tgz" -C /root raw fm.log fm/results/logs fm/teacher_curve fm/results/benchmarks || true
+    # (fm/ladder: run.sh's collect after each finished rung, complete where /root/raw, taken mid-rung,
+    # lacks the summary.json that the next rung's finetune removed: run 19's lost lease)
+    tar -czf "$OUT/raw.tgz" -C /root raw fm.log fm/ladder fm/results/logs fm/teacher_curve fm/results/benchmarks || true
     if [ "$running" = no ] && [ -f /root/fm/shared.tar ]; then
         split -b 15M /root/fm/shared.tar "$OUT/shared.tar.part"
         sha256sum /root/fm/shared.tar
