@@ -293,3 +293,27 @@ def test_a_seed_the_ladder_does_not_have_is_refused_naming_the_variable(ladder_i
     done = plan_the_ladder(ladder_inputs, tmp_path / "work2", ladder_inputs / "shared.tar", LADDER_OBJECTIVES="igsm@2")
     assert done.returncode != 0
     assert "LADDER_OBJECTIVES: 2 is not the finetune seed of fmnist_unet (0)" in done.stderr
+
+
+# ---- device/calls.py: what a lease needs, laid out into calls of at most 64 MiB -------------------
+
+def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
+    # Bug caught: a part boundary off by one (the joined xz is corrupt on the machine, found only
+    # after the staging calls), or a call over the limit (refused, a lease's minutes lost).
+    spec = importlib.util.spec_from_file_location("device_calls", EXPERIMENT / "device" / "calls.py")
+    calls_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calls_module)
+    whole = {"wheels": 21_531_305, "data": 26_451_347, "teacher/model": 35_852_468}
+    streams = {"inception.xz": 80_344_604, "shared.xz": 62_543_984}
+    capacity = 44_000_000
+    calls = calls_module.plan(capacity, whole, streams)
+    assert all(sum(length for _, _, length in call) <= capacity for call in calls)
+    pieces = [piece for call in calls for piece in call]
+    assert sorted((n, length) for n, _, length in pieces if n in whole) == sorted(whole.items())
+    for name, length in streams.items():
+        cuts = [(offset, size) for n, offset, size in pieces if n == name]
+        assert [offset for offset, _ in cuts] == [sum(size for _, size in cuts[:i]) for i in range(len(cuts))]
+        assert sum(size for _, size in cuts) == length
+    assert len(calls) == -(-(sum(whole.values()) + sum(streams.values())) // capacity)  # none wasted here
+    with pytest.raises(SystemExit, match="teacher/model: 35,852,468 bytes, more than one call carries"):
+        calls_module.plan(30_000_000, whole, streams)

@@ -1,0 +1,101 @@
+"""Lays what a lease needs out into calls of the device tool (README "What the next run needs").
+
+A call carries at most 64 MiB, the working tree included, and the tree grows with every committed
+run (17.6 MB at run 18, 20 MB at run 19), so fixed part sizes stop fitting. This script, run here
+from the repository root, packs the whole folders (wheels, data, the teacher) into calls first-fit
+by size, then cuts the two xz streams (the Inception weights, the shared inputs) into numbered
+parts that fill each call's space left, and new calls for the rest:
+
+    python docs/experiments/fashion_mnist/device/calls.py [.device]
+
+It writes DIR/inception/part.NN and DIR/shared/part.NN (from DIR/inception.xz and DIR/shared.xz;
+`ladder.sh launch` joins each in name order) and prints each call's carry list, the last one for
+`ladder.sh launch`, all the others for `ladder.sh stage`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+LIMIT = 64 << 20             # what one call carries, the working tree included
+MARGIN = 2_000_000           # the tool counts more than the files' bytes: 66.7 MB failed, 65.6 passed
+WHOLE = ("wheels", "data", "teacher/model")
+STREAMS = (("inception.xz", "inception"), ("shared.xz", "shared"))
+
+
+def size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def plan(capacity: int, whole: dict[str, int], streams: dict[str, int]) -> list[list[tuple[str, int, int]]]:
+    """Calls, each a list of (name, offset, length): whole items first-fit by size (offset 0, their
+    whole length), then each stream in order, cut to fill the calls' space left, then new calls."""
+    calls: list[list[tuple[str, int, int]]] = []
+    free: list[int] = []
+    for name, length in sorted(whole.items(), key=lambda item: -item[1]):
+        if length > capacity:
+            sys.exit(f"{name}: {length:,} bytes, more than one call carries beside the tree ({capacity:,})")
+        slot = next((i for i, space in enumerate(free) if space >= length), None)
+        if slot is None:
+            calls.append([]), free.append(capacity)
+            slot = len(calls) - 1
+        calls[slot].append((name, 0, length))
+        free[slot] -= length
+    for name, length in streams.items():
+        offset, slot = 0, 0
+        while offset < length:
+            if slot == len(calls):
+                calls.append([]), free.append(capacity)
+            piece = min(free[slot], length - offset)
+            if piece > 0:
+                calls[slot].append((name, offset, piece))
+                free[slot] -= piece
+                offset += piece
+            slot += 1
+    return calls
+
+
+def tree_bytes() -> int:
+    """The working tree that travels with every call: tracked and untracked-not-ignored files."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, check=True).stdout.split(b"\0")
+    return sum(Path(name.decode()).stat().st_size for name in listed if name and Path(name.decode()).is_file())
+
+
+def main(folder: Path) -> None:
+    whole = {name: size(folder / name) for name in WHOLE if (folder / name).exists()}
+    streams = {source: size(folder / source) for source, _ in STREAMS if (folder / source).exists()}
+    missing = [name for name in (*WHOLE, *(s for s, _ in STREAMS)) if name not in whole and name not in streams]
+    if missing:
+        sys.exit(f"{folder}: no {', '.join(missing)} (README 'What the next run needs' says how to make them)")
+    tree = tree_bytes()
+    calls = plan(LIMIT - tree - MARGIN, whole, streams)
+    parts = {source: 0 for source, _ in STREAMS}
+    carries = [[] for _ in calls]
+    for (source, target) in STREAMS:
+        for old in (folder / target).glob("part.*"):
+            old.unlink()
+        (folder / target).mkdir(exist_ok=True)
+    with_parts = dict(STREAMS)
+    for index, call in enumerate(calls):
+        for name, offset, length in call:
+            if name in with_parts:
+                parts[name] += 1
+                part = folder / with_parts[name] / f"part.{parts[name]:02d}"
+                with open(folder / name, "rb") as f:
+                    f.seek(offset)
+                    part.write_bytes(f.read(length))
+                carries[index].append(str(part))
+            else:
+                carries[index].append(str(folder / name))
+    for index, carry in enumerate(carries):
+        command = "launch" if index == len(carries) - 1 else "stage"
+        total = tree + sum(length for _, _, length in calls[index])
+        print(f"call {index + 1} ({command}, {total / 1e6:.1f} MB with the {tree / 1e6:.1f} MB tree): "
+              f"carry {carry}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else ".device"))
