@@ -317,3 +317,53 @@ def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
     assert len(calls) == -(-(sum(whole.values()) + sum(streams.values())) // capacity)  # none wasted here
     with pytest.raises(SystemExit, match="teacher/model: 35,852,468 bytes, more than one call carries"):
         calls_module.plan(30_000_000, whole, streams)
+
+
+# ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
+
+def ladder_sh(*args, **env):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}  # python3: torch's
+    return subprocess.run(["bash", str(EXPERIMENT / "device" / "ladder.sh"), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_its_step(tmp_path):
+    # Bug caught: the oldest snapshot sent (a resumed lease redoes steps), a part lost or sent twice
+    # between calls, parts joined cut short (torch cannot read it: the finetune starts again from
+    # step 0), or the carried file named so that the loop never finds it.
+    import torch
+
+    checkpoints, parts, placed = (tmp_path / name for name in ("checkpoints", "parts", "placed"))
+    checkpoints.mkdir(), parts.mkdir()
+    torch.save({"step": 400, "net": torch.zeros(3)}, checkpoints / "step-0000400.pt")
+    torch.save({"step": 1200, "net": torch.arange(5_000_000, dtype=torch.float32)}, checkpoints / "step-0001200.pt")
+    calls = {"SNAPSHOT_OUTBOX": str(tmp_path / "outbox"), "SNAPSHOT_PARTS": "1"}  # one 15 MB part a call
+    sent = []
+    for call in range(3):
+        out = tmp_path / f"out{call}"
+        out.mkdir()
+        done = ladder_sh("snapshot-out", checkpoints, out, **calls)
+        assert done.returncode == 0, done.stderr
+        sent.append(sorted(p.name for p in out.iterdir()))
+        for part in out.iterdir():  # as device/calls.py names them here
+            part.rename(parts / f"part.{part.name[-2:]}")
+        if call == 0:
+            assert hashlib.sha256((checkpoints / "step-0001200.pt").read_bytes()).hexdigest() in done.stdout
+    assert sent == [["step-0001200.pt.partaa"], ["step-0001200.pt.partab"], []]  # 20 MB; then "sent already"
+    done = ladder_sh("snapshot-in", parts, placed)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in placed.iterdir()] == ["step-0001200.pt"]
+    assert (placed / "step-0001200.pt").read_bytes() == (checkpoints / "step-0001200.pt").read_bytes()
+
+
+def test_a_carried_file_that_is_no_snapshot_is_refused_and_leaves_nothing(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "part.01").write_bytes(b"not a snapshot")
+    done = ladder_sh("snapshot-in", tmp_path / "parts", tmp_path / "placed")
+    assert done.returncode == 1
+    assert f"{tmp_path / 'parts'}/part.*: not a training snapshot" in done.stderr
+    assert list((tmp_path / "placed").iterdir()) == []

@@ -9,8 +9,9 @@ parts that fill each call's space left, and new calls for the rest:
     python docs/experiments/fashion_mnist/device/calls.py [.device]
 
 It writes DIR/inception/part.NN and DIR/shared/part.NN (from DIR/inception.xz and DIR/shared.xz;
-`ladder.sh launch` joins each in name order) and prints each call's carry list, the last one for
-`ladder.sh launch`, all the others for `ladder.sh stage`.
+`ladder.sh launch` joins each in name order), DIR/snapshot/part.NN where DIR/snapshot.pt is there (a
+finetune's snapshot to resume, `LADDER_SNAPSHOT`), and prints each call's carry list, the last one
+for `ladder.sh launch`, all the others for `ladder.sh stage`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 LIMIT = 64 << 20             # what one call carries, the working tree included
 MARGIN = 2_000_000           # the tool counts more than the files' bytes: 66.7 MB failed, 65.6 passed
 WHOLE = ("wheels", "data", "teacher/model")
-STREAMS = (("inception.xz", "inception"), ("shared.xz", "shared"))
+STREAMS = (("inception.xz", "inception"), ("shared.xz", "shared"), ("snapshot.pt", "snapshot"))
+OPTIONAL = ("snapshot.pt",)
 
 
 def size(path: Path) -> int:
@@ -67,7 +69,8 @@ def tree_bytes() -> int:
 def main(folder: Path) -> None:
     whole = {name: size(folder / name) for name in WHOLE if (folder / name).exists()}
     streams = {source: size(folder / source) for source, _ in STREAMS if (folder / source).exists()}
-    missing = [name for name in (*WHOLE, *(s for s, _ in STREAMS)) if name not in whole and name not in streams]
+    missing = [name for name in (*WHOLE, *(s for s, _ in STREAMS))
+               if name not in whole and name not in streams and name not in OPTIONAL]
     if missing:
         sys.exit(f"{folder}: no {', '.join(missing)} (README 'What the next run needs' says how to make them)")
     tree = tree_bytes()

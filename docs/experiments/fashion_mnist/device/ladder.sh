@@ -17,7 +17,20 @@
 #                           raw files so far (report.py collect) and each finished rung's (fm/ladder/<steps>)
 #                           to $OUT/raw.tgz; once run.sh has ended,
 #                           also its shared.tar (pruned students, FID reference) in 15 MB parts
-#                           (join here: cat shared.tar.part* > shared.tar)
+#                           (join here: cat shared.tar.part* > shared.tar), unless they are the carried ones
+#   LADDER_SNAPSHOT=EXP/PRUNED/OBJECTIVE (at launch, e.g. fmnist_unet/diff-pruning-cr0.5/igsm): that
+#                           finetune's snapshot travels between machines. Each `wait` also returns its
+#                           newest snapshot (snapshot-out), so a lost lease costs only the steps since the
+#                           last call; a snapshot carried to the next lease (.device/snapshot/part.*, by
+#                           device/calls.py from .device/snapshot.pt) is placed in its checkpoints/ before
+#                           the workflow starts (snapshot-in), and the finetune resumes from it (its log
+#                           says "resuming from"; a snapshot of another student or setting is not used).
+#   ladder.sh snapshot-out CHECKPOINTS OUT   the newest step-*.pt of CHECKPOINTS, if not sent already, in
+#                           15 MB parts (step-NNNNNNN.pt.partaa, …; join here with cat in suffix order),
+#                           with its sha256; at most SNAPSHOT_PARTS (3) parts a call, the rest in the next
+#                           calls (a ratio-0.3 snapshot, 80 MB, is more than one call returns)
+#   ladder.sh snapshot-in PARTS CHECKPOINTS  joins PARTS/part.* into CHECKPOINTS/step-NNNNNNN.pt, named by
+#                           the step it holds
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/tmp/site:/root/repo PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
@@ -38,7 +51,43 @@ stage() {
     mkdir -p /root/inception /root/shared-parts
     for part in .device/inception/part.*; do [ -f "$part" ] && cp "$part" /root/inception/; done
     for part in .device/shared/part.*; do [ -f "$part" ] && cp "$part" /root/shared-parts/; done
+    mkdir -p /root/snapshot-parts
+    for part in .device/snapshot/part.*; do [ -f "$part" ] && cp "$part" /root/snapshot-parts/; done
     ls -la /root/inception /root/teacher 2>/dev/null || true
+}
+
+snapshot_out() {  # snapshot_out CHECKPOINTS OUT: at most SNAPSHOT_PARTS parts a call (what a call returns)
+    local outbox=${SNAPSHOT_OUTBOX:-/root/snapshot-outbox} newest copy
+    mkdir -p "$outbox"
+    if ! compgen -G "$outbox/*.part*" > /dev/null; then  # nothing left to send: the newest, if new
+        for _ in 1 2 3; do  # the loop may replace the newest (a new one, then the old one goes) meanwhile
+            newest=$(find "$1" -maxdepth 1 -name 'step-*.pt' 2>/dev/null | sort | tail -n 1)
+            [ -n "$newest" ] || { echo "no snapshot yet in $1"; return 0; }
+            [ "$(basename "$newest")" != "$(cat "$outbox/sent" 2>/dev/null)" ] \
+                || { echo "snapshot $(basename "$newest"): sent already"; return 0; }
+            copy=$outbox/$(basename "$newest")
+            cp "$newest" "$copy" 2>/dev/null && break
+        done
+        [ -f "$copy" ] || { echo "$newest: could not be copied" >&2; return 1; }
+        echo "snapshot $(basename "$copy"): $(sha256sum < "$copy" | cut -c1-64)"
+        split -b 15M "$copy" "$copy.part" && rm "$copy"
+        basename "$copy" > "$outbox/sent"
+    fi
+    local parts=("$outbox"/*.part*)
+    for part in "${parts[@]:0:${SNAPSHOT_PARTS:-3}}"; do mv "$part" "$2/"; done
+    local left=$(( ${#parts[@]} > ${SNAPSHOT_PARTS:-3} ? ${#parts[@]} - ${SNAPSHOT_PARTS:-3} : 0 ))
+    echo "snapshot $(cat "$outbox/sent"): ${#parts[@]} parts to send, $left left for the next call"
+}
+
+snapshot_in() {  # snapshot_in PARTS CHECKPOINTS
+    compgen -G "$1/part.*" > /dev/null || return 0
+    mkdir -p "$2"
+    cat "$1"/part.* > "$2/carried.tmp"
+    local step
+    step=$(python3 -c "import sys, torch; print(int(torch.load(sys.argv[1], map_location='cpu', weights_only=True)['step']))" \
+        "$2/carried.tmp") || { echo "$1/part.*: not a training snapshot" >&2; rm -f "$2/carried.tmp"; exit 1; }
+    mv "$2/carried.tmp" "$2/$(printf 'step-%07d.pt' "$step")"
+    echo "carried snapshot at step $step: $(sha256sum < "$2/$(printf 'step-%07d.pt' "$step")" | cut -c1-64) in $2"
 }
 
 case "${1:-}" in
@@ -56,6 +105,12 @@ launch)
         sha256sum /root/shared.tar
     fi
     mkdir -p /root/repo /root/fm
+    if [ -n "${LADDER_SNAPSHOT:-}" ]; then
+        [[ "$LADDER_SNAPSHOT" =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ && "$LADDER_SNAPSHOT" != *..* ]] \
+            || { echo "LADDER_SNAPSHOT: '$LADDER_SNAPSHOT' is not EXPERIMENT/PRUNED/OBJECTIVE" >&2; exit 2; }
+        echo "$LADDER_SNAPSHOT" > /root/snapshot-model
+        snapshot_in /root/snapshot-parts "/root/fm/results/finetune/$LADDER_SNAPSHOT/checkpoints"
+    fi
     tar --exclude=./.device -cf - . | tar -xf - -C /root/repo
     python3 -c "import snakemake, igsm.cli, torch_pruning, diffusers, cleanfid, matplotlib; print('imports ok')"
     nvidia-smi --query-gpu=name,memory.total --format=csv
@@ -78,11 +133,23 @@ wait)
     # (fm/ladder: run.sh's collect after each finished rung, complete where /root/raw, taken mid-rung,
     # lacks the summary.json that the next rung's finetune removed: run 19's lost lease)
     tar -czf "$OUT/raw.tgz" -C /root raw fm.log fm/ladder fm/results/logs fm/teacher_curve fm/results/benchmarks || true
+    if [ -f /root/snapshot-model ]; then
+        snapshot_out "/root/fm/results/finetune/$(cat /root/snapshot-model)/checkpoints" "$OUT" || true
+    fi
     if [ "$running" = no ] && [ -f /root/fm/shared.tar ]; then
-        split -b 15M /root/fm/shared.tar "$OUT/shared.tar.part"
-        sha256sum /root/fm/shared.tar
+        if [ -f /root/shared.tar ] && tar -xOf /root/shared.tar shared-digests.txt | cmp -s - /root/fm/shared-digests.txt; then
+            echo "shared inputs: the carried ones (shared-digests.txt the same), not returned"
+        else
+            split -b 15M /root/fm/shared.tar "$OUT/shared.tar.part"
+            sha256sum /root/fm/shared.tar
+        fi
     fi
     ls -la "$OUT" ;;
+snapshot-out)
+    snapshot_out "$2" "$3" ;;
+snapshot-in)
+    snapshot_in "$2" "$3" ;;
 *)
-    echo "usage: $0 stage | launch | wait SECONDS" >&2; exit 2 ;;
+    echo "usage: $0 stage | launch | wait SECONDS | snapshot-out CHECKPOINTS OUT | snapshot-in PARTS CHECKPOINTS" >&2
+    exit 2 ;;
 esac
