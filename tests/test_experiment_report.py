@@ -255,35 +255,32 @@ def test_shared_inputs_that_differ_from_the_machines_own_stop_the_run_naming_bot
     assert f"{work / REFERENCE} differs from {REFERENCE} in {ladder_inputs / 'shared.tar'}" in done.stderr
 
 
-def test_a_lease_can_run_one_seed_and_leave_the_teacher_unscored(ladder_inputs, tmp_path):
+FID = "results/fid/{}/diff-pruning-cr0.3/{}.json"
+
+
+@pytest.mark.parametrize("ladder, targets, first", [
     # Bug caught: LADDER_SEEDS or LADDER_TEACHER_FID ignored, so a lease planned for one seed's long
     # finetunes starts the other seed's too (or samples the teacher again) and ends with neither scored.
+    ({"LADDER_SEEDS": "1", "LADDER_OBJECTIVES": "np_kd igsm_t10", "LADDER_FIRST": "igsm_t10"},
+     [FID.format("fmnist_unet_seed1", "np_kd"), FID.format("fmnist_unet_seed1", "igsm_t10")],
+     [FID.format("fmnist_unet_seed1", "igsm_t10")]),
+    # Bug caught: OBJECTIVE@SEED read as an objective name (refused) or its seed ignored, so the
+    # lease trains both objectives for both seeds and ends with the long ones unscored.
+    ({"LADDER_SEEDS": "0 1", "LADDER_OBJECTIVES": "igsm@0 np_kd@1", "LADDER_FIRST": "igsm"},
+     [FID.format("fmnist_unet", "igsm"), FID.format("fmnist_unet_seed1", "np_kd")],
+     [FID.format("fmnist_unet", "igsm")]),
+], ids=["one seed", "objective@seed"])
+def test_a_lease_runs_only_the_finetunes_it_names_and_leaves_the_teacher_unscored(ladder_inputs, tmp_path, ladder,
+                                                                                   targets, first):
     work = tmp_path / "work"
-    done = plan_the_ladder(ladder_inputs, work, ladder_inputs / "shared.tar", LADDER_SEEDS="1",
-                           LADDER_TEACHER_FID="no", LADDER_OBJECTIVES="np_kd igsm_t10", LADDER_FIRST="igsm_t10")
+    done = plan_the_ladder(ladder_inputs, work, ladder_inputs / "shared.tar", LADDER_TEACHER_FID="no", **ladder)
     assert done.returncode == 0, done.stderr[-3000:]
     plan = work / "teacher_curve" / "config-ladder-600.yaml"
-    assert Path(f"{plan}.targets").read_text().split() == [
-        "results/fid/fmnist_unet_seed1/diff-pruning-cr0.3/np_kd.json",
-        "results/fid/fmnist_unet_seed1/diff-pruning-cr0.3/igsm_t10.json"]
-    assert Path(f"{plan}.first").read_text().split() == ["results/fid/fmnist_unet_seed1/diff-pruning-cr0.3/igsm_t10.json"]
+    assert Path(f"{plan}.targets").read_text().split() == targets
+    assert Path(f"{plan}.first").read_text().split() == first
     counts = {line.split()[0]: int(line.split()[-1]) for line in done.stdout.splitlines()
               if line.strip() and line.split()[-1].isdigit()}
     assert counts.get("finetune") == 2 and counts.get("sample") == 2, done.stdout[-3000:]
-
-
-def test_a_lease_can_run_a_long_finetune_of_one_seed_beside_a_short_one_of_the_other(ladder_inputs, tmp_path):
-    # Bug caught: OBJECTIVE@SEED read as an objective name (refused) or its seed ignored, so the
-    # lease trains both objectives for both seeds and ends with the long ones unscored.
-    work = tmp_path / "work"
-    done = plan_the_ladder(ladder_inputs, work, ladder_inputs / "shared.tar", LADDER_SEEDS="0 1",
-                           LADDER_TEACHER_FID="no", LADDER_OBJECTIVES="igsm@0 np_kd@1", LADDER_FIRST="igsm")
-    assert done.returncode == 0, done.stderr[-3000:]
-    plan = work / "teacher_curve" / "config-ladder-600.yaml"
-    assert Path(f"{plan}.targets").read_text().split() == [
-        "results/fid/fmnist_unet/diff-pruning-cr0.3/igsm.json",
-        "results/fid/fmnist_unet_seed1/diff-pruning-cr0.3/np_kd.json"]
-    assert Path(f"{plan}.first").read_text().split() == ["results/fid/fmnist_unet/diff-pruning-cr0.3/igsm.json"]
 
 
 def test_a_seed_the_ladder_does_not_have_is_refused_naming_the_variable(ladder_inputs, tmp_path):
