@@ -120,6 +120,8 @@ launch)
         ladder > /root/fm.log 2>&1 < /dev/null &
     echo "launched run.sh ladder (pid $!)" ;;
 wait)
+    [ -f /root/fm.log ] || { echo "no ladder run on this machine (/root/fm.log missing): a fresh machine" \
+        "answered, the lease's machine is gone; stage and launch again (a snapshot: LADDER_SNAPSHOT)" >&2; exit 3; }
     end=$((SECONDS + $2))
     while [ $SECONDS -lt $end ] && pgrep -f "run.sh ladder" > /dev/null; do sleep 10; done
     running=$(pgrep -f "run.sh ladder" > /dev/null && echo yes || echo no)
