@@ -39,17 +39,18 @@ def plan(capacity: int, whole: dict[str, int], streams: dict[str, int]) -> list[
     for name, length in sorted(whole.items(), key=lambda item: -item[1]):
         if length > capacity:
             sys.exit(f"{name}: {length:,} bytes, more than one call carries beside the tree ({capacity:,})")
-        slot = next((i for i, space in enumerate(free) if space >= length), None)
-        if slot is None:
-            calls.append([]), free.append(capacity)
-            slot = len(calls) - 1
+        slot = next((i for i, space in enumerate(free) if space >= length), len(calls))
+        if slot == len(calls):
+            calls.append([])
+            free.append(capacity)
         calls[slot].append((name, 0, length))
         free[slot] -= length
     for name, length in streams.items():
         offset, slot = 0, 0
         while offset < length:
             if slot == len(calls):
-                calls.append([]), free.append(capacity)
+                calls.append([])
+                free.append(capacity)
             piece = min(free[slot], length - offset)
             if piece > 0:
                 calls[slot].append((name, offset, piece))
@@ -77,7 +78,7 @@ def main(folder: Path) -> None:
     calls = plan(LIMIT - tree - MARGIN, whole, streams)
     parts = {source: 0 for source, _ in STREAMS}
     carries = [[] for _ in calls]
-    for (source, target) in STREAMS:
+    for source, target in STREAMS:
         for old in (folder / target).glob("part.*"):
             old.unlink()
         (folder / target).mkdir(exist_ok=True)
