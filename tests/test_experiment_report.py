@@ -14,12 +14,28 @@ import pytest
 EXPERIMENT = Path(__file__).resolve().parent.parent / "docs" / "experiments" / "fashion_mnist"
 
 
-@pytest.fixture(scope="module")
-def report():
-    spec = importlib.util.spec_from_file_location("fmnist_report", EXPERIMENT / "report.py")
+def load_script(path: Path):
+    """One of the experiment's scripts, imported as a module (they are not in a package)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_bash(script: Path, *args, timeout: int, **env):
+    """One of the experiment's shell scripts, with this interpreter's python (and its packages) first."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
+    return subprocess.run(["bash", str(script), *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return load_script(EXPERIMENT / "report.py")
 
 
 @pytest.mark.parametrize("readme", [EXPERIMENT / "README.md", EXPERIMENT.parents[2] / "BENCHMARKS.md"],
@@ -130,15 +146,16 @@ def test_a_model_whose_summary_was_lost_mid_rung_takes_its_length_from_recovered
     with open(igsm / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 800, "loss": 9.0, "np": 9.0, "kd": 9.0}) + "\n")
     report.collect(work, tmp_path / "lease")
-    report.build([tmp_path / "lease"], tmp_path / "out")
-    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))
-            if r["experiment"] == "fmnist_unet"}
-    assert rows["diff-pruning-cr0.3/igsm"]["training_steps"] == ""  # nothing says how long it trained
+
+    def built_rows():
+        report.build([tmp_path / "lease"], tmp_path / "out")
+        with open(tmp_path / "out" / "results.csv") as f:
+            return {r["model"]: r for r in csv.DictReader(f) if r["experiment"] == "fmnist_unet"}
+
+    assert built_rows()["diff-pruning-cr0.3/igsm"]["training_steps"] == ""  # nothing says how long it trained
     write_json(tmp_path / "lease" / "recovered.json",
                {"training_steps": 600, "seeds": {"fmnist_unet": 0, "fmnist_unet_seed1": 1}, "why": "test"})
-    report.build([tmp_path / "lease"], tmp_path / "out")
-    rows = {r["model"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))
-            if r["experiment"] == "fmnist_unet"}
+    rows = built_rows()
     igsm_row = rows["diff-pruning-cr0.3/igsm"]
     assert (igsm_row["training_steps"], igsm_row["training_from"]) == ("600", "recovered.json")
     assert float(igsm_row["final_kd"]) == 0.5  # step 550's record, not the next rung's step 800
@@ -221,15 +238,9 @@ def ladder_inputs(tmp_path_factory):
 
 
 def plan_the_ladder(inputs: Path, work: Path, shared: Path, **ladder):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "TEACHER": str(inputs / "teacher"), "WORK": str(work), "SHARED": str(shared),
-           "DRY_RUN": "1", "LADDER_STEPS": "600", "LADDER_RATIOS": "0.3", "CORES": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **ladder}
-    return subprocess.run(["bash", str(EXPERIMENT / "run.sh"), "ladder"], env=env, capture_output=True, text=True,
-                          timeout=600)
+    env = {"TEACHER": str(inputs / "teacher"), "WORK": str(work), "SHARED": str(shared),
+           "DRY_RUN": "1", "LADDER_STEPS": "600", "LADDER_RATIOS": "0.3", "CORES": "1", **ladder}
+    return run_bash(EXPERIMENT / "run.sh", "ladder", timeout=600, **env)
 
 
 def test_a_split_runs_next_machine_plans_no_pruning_and_no_reference(ladder_inputs, tmp_path):
@@ -297,9 +308,7 @@ def test_a_seed_the_ladder_does_not_have_is_refused_naming_the_variable(ladder_i
 def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
     # Bug caught: a part boundary off by one (the joined xz is corrupt on the machine, found only
     # after the staging calls), or a call over the limit (refused, a lease's minutes lost).
-    spec = importlib.util.spec_from_file_location("device_calls", EXPERIMENT / "device" / "calls.py")
-    calls_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(calls_module)
+    calls_module = load_script(EXPERIMENT / "device" / "calls.py")
     whole = {"wheels": 21_531_305, "data": 26_451_347, "teacher/model": 35_852_468}
     streams = {"inception.xz": 80_344_604, "shared.xz": 62_543_984}
     capacity = 44_000_000
@@ -319,13 +328,7 @@ def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
 # ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
 
 def ladder_sh(*args, **env):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}  # python3: torch's
-    return subprocess.run(["bash", str(EXPERIMENT / "device" / "ladder.sh"), *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_bash(EXPERIMENT / "device" / "ladder.sh", *args, timeout=120, **env)  # python3: with torch
 
 
 def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_its_step(tmp_path):

@@ -83,11 +83,12 @@ snapshot_in() {  # snapshot_in PARTS CHECKPOINTS
     compgen -G "$1/part.*" > /dev/null || return 0
     mkdir -p "$2"
     cat "$1"/part.* > "$2/carried.tmp"
-    local step
+    local step placed
     step=$(python3 -c "import sys, torch; print(int(torch.load(sys.argv[1], map_location='cpu', weights_only=True)['step']))" \
         "$2/carried.tmp") || { echo "$1/part.*: not a training snapshot" >&2; rm -f "$2/carried.tmp"; exit 1; }
-    mv "$2/carried.tmp" "$2/$(printf 'step-%07d.pt' "$step")"
-    echo "carried snapshot at step $step: $(sha256sum < "$2/$(printf 'step-%07d.pt' "$step")" | cut -c1-64) in $2"
+    placed=$2/$(printf 'step-%07d.pt' "$step")  # the loop's own name for it (igsm.training save_snapshot)
+    mv "$2/carried.tmp" "$placed"
+    echo "carried snapshot at step $step: $(sha256sum < "$placed" | cut -c1-64) in $2"
 }
 
 case "${1:-}" in
