@@ -130,9 +130,30 @@ def test_collect_then_build_reports_the_ladder_from_the_raw_files_alone(report, 
     assert {(r["steps"], r["seed"], r["fid"]) for r in ladder if r["objective"] == "np_kd"} == {
         ("600", "0", "8.0"), ("600", "1", "7.5"), ("2400", "0", "7.0"), ("2400", "1", "7.1")}
     assert (tmp_path / "out" / "ladder.png").stat().st_size > 0
+    # The gap's line in log4(steps): seed 0 falls 10 → 2 over one fourfold budget, so it reaches 0 a
+    # quarter fourfold later (2400·4^0.25); seed 1 falls 11 → 1, 2400·4^0.1.
+    with open(tmp_path / "out" / "ladder_rates.csv") as f:
+        rates = {int(r["seed"]): r for r in csv.DictReader(f)}
+    assert float(rates[0]["change_per_fourfold"]) == pytest.approx(-8.0)
+    assert float(rates[0]["closes_at_steps"]) == pytest.approx(2400 * 4 ** 0.25)
+    assert float(rates[1]["closes_at_steps"]) == pytest.approx(2400 * 4 ** 0.1)
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {r["run"] for r in rows} == {"600", "2400"}
+
+
+def test_a_rungs_collect_leaves_out_finetunes_of_another_length(report, tmp_path):
+    # Bug caught (run 20): a second launch in the same working directory collected the first
+    # launch's 2,400-step model into its rung-600 folder.
+    work = fake_run(tmp_path / "work", 600, LADDER[600])
+    longer = work / "results" / "finetune" / "fmnist_unet" / "diff-pruning-cr0.3" / "igsm" / "summary.json"
+    write_json(longer, {**json.loads(longer.read_text()), "num_steps": 2400})
+    report.collect(work, tmp_path / "rung600", 600)
+    kept = {str(p.parent.relative_to(tmp_path / "rung600" / "models")) for p in (tmp_path / "rung600").rglob("fid.json")}
+    assert kept == {"fmnist_unet/dense", "fmnist_unet/diff-pruning-cr0.3/np_kd",
+                    "fmnist_unet_seed1/diff-pruning-cr0.3/np_kd", "fmnist_unet_seed1/diff-pruning-cr0.3/igsm"}
+    report.collect(work, tmp_path / "all")  # without a rung: every scored model
+    assert len(list((tmp_path / "all").rglob("fid.json"))) == 5
 
 
 def test_a_model_whose_summary_was_lost_mid_rung_takes_its_length_from_recovered_json(report, tmp_path):

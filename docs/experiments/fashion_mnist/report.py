@@ -1,7 +1,7 @@
 """The Fashion-MNIST experiment's report, in two steps, so that every number of the report traces to a
 committed file (issue 33):
 
-    python docs/experiments/fashion_mnist/report.py collect WORK RAW
+    python docs/experiments/fashion_mnist/report.py collect WORK RAW [STEPS]
     python docs/experiments/fashion_mnist/report.py build RAW [RAW ...] OUT
     python docs/experiments/fashion_mnist/report.py check [README]
 
@@ -12,7 +12,8 @@ to at most ``MAX_METRIC_LINES`` lines, the last always kept), efficiency and var
 grid under ``models/<experiment>/<model>/``; the teacher's stage scores (``teacher_curve/``); the
 seconds per stage; and ``digests.json``: the sha256 of the FID reference statistics, of the teacher
 and of each pruned student that the run used, so that runs split over several GPU machines can be
-checked to share them.
+checked to share them. With STEPS (run.sh ``ladder`` collects each rung so), finetunes that trained
+another number of steps are left out.
 
 ``build`` makes every table, figure and number of the report from RAW folders alone (several when a
 run was split over GPU leases; each folder's name is a "run" column value, so names must differ):
@@ -20,7 +21,8 @@ results.csv, report.json, teacher_curve.png, samples_teacher_curve.png, loss_cur
 loss_curves_gradient_flow.png, samples*.png, gradient_share.png and, where models were scored at
 several finetune lengths (run.sh ``ladder``), ladder.csv (every ladder model's FID, and each Jacobian
 objective's gap to NP+KD of the same seed, preferably of the same run) and ladder.png (the gaps per
-rung, with their seed spread). It refuses RAW folders whose reference statistics or pruned students
+rung, with their seed spread) and ladder_rates.csv (each gap's change per fourfold budget, and the
+budget where that line would reach 0: an extrapolation). It refuses RAW folders whose reference statistics or pruned students
 differ (digests.json), naming both. A model without its summary.json (a lease lost mid-rung) takes
 its finetune length and seed from its RAW's hand-written ``recovered.json``, whose "why" cites the
 evidence; its rows say so (``training_from``).
@@ -87,7 +89,9 @@ def thinned(lines: list[str], limit: int = MAX_METRIC_LINES) -> list[str]:
     return [line for i, line in enumerate(lines) if i in keep]
 
 
-def collect(work: Path, raw: Path) -> None:
+def collect(work: Path, raw: Path, steps: int | None = None) -> None:
+    """With ``steps`` (a ladder rung's collect), finetunes whose summary.json says another length are
+    left out: a finetune of an earlier launch in the same WORK is not this rung's (run 20)."""
     results = work / "results"
     if not results.is_dir():
         sys.exit(f"{work}: no results/ folder (not a run.sh working directory)")
@@ -98,6 +102,11 @@ def collect(work: Path, raw: Path) -> None:
     for exp in EXPERIMENTS:
         for score in sorted((results / "fid" / exp).rglob("*.json")):
             variant = str(score.relative_to(results / "fid" / exp).with_suffix(""))
+            folder = teacher_folder(results) if variant == "dense" else (results / "finetune" / exp / variant)
+            summary = read_json(folder / "summary.json") if variant != "dense" else None
+            if steps is not None and summary and summary.get("num_steps") != steps:
+                print(f"{exp}/{variant}: trained {summary.get('num_steps')} steps, not this rung's {steps}; left out")
+                continue
             out = raw / "models" / exp / variant
             out.mkdir(parents=True)
             shutil.copy(score, out / "fid.json")
@@ -105,7 +114,6 @@ def collect(work: Path, raw: Path) -> None:
             reference = reference if reference.is_absolute() else work / reference
             if reference.exists():
                 digests["reference"][str(reference.relative_to(work))] = file_digest(reference)
-            folder = teacher_folder(results) if variant == "dense" else (results / "finetune" / exp / variant)
             if (folder / "summary.json").exists():
                 shutil.copy(folder / "summary.json", out / "summary.json")
             if (folder / "metrics.jsonl").exists():
@@ -260,6 +268,31 @@ def ladder_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def ladder_rates(gaps: list[dict]) -> list[dict]:
+    """How fast each Jacobian objective's gap to NP+KD moves with budget: per channel ratio, objective
+    and seed scored at two or more rungs, the least-squares line gap = a + b·log4(steps) (exact through
+    two rungs). ``change_per_fourfold`` is b; ``closes_at_steps`` is where that line reaches 0, where
+    a positive gap is shrinking — an extrapolation of the line, not a measurement."""
+    by_series: dict[tuple, dict[int, list[float]]] = {}
+    for g in gaps:
+        if g["gap"] is not None:
+            by_series.setdefault((g["channel_ratio"], g["objective"], g["seed"]), {}).setdefault(
+                g["steps"], []).append(g["gap"])
+    out = []
+    for (ratio, objective, seed), rungs in sorted(by_series.items(), key=lambda item: tuple(map(str, item[0]))):
+        if len(rungs) < 2:
+            continue
+        steps = sorted(rungs)
+        x = np.log(steps) / np.log(4)
+        y = np.array([float(np.mean(rungs[s])) for s in steps])
+        slope, intercept = np.polyfit(x, y, 1)
+        closes = float(4 ** (-intercept / slope)) if slope < 0 and y[-1] > 0 else None
+        out.append({"channel_ratio": ratio, "objective": objective, "seed": seed,
+                    "rungs": " ".join(map(str, steps)), "first_gap": y[0], "last_gap": y[-1],
+                    "change_per_fourfold": float(slope), "closes_at_steps": closes})
+    return out
+
+
 def ladder_plot(gaps: list[dict], out: Path) -> None:
     """The gap FID(objective) − FID(NP+KD) against finetune steps, one panel per ratio; the line
     through the seeds' mean, the bar their range."""
@@ -399,10 +432,13 @@ def build(raws: list[Path], out: Path) -> None:
     if len({g["steps"] for g in gaps}) > 1:
         write_csv(gaps, out / "ladder.csv")
         ladder_plot(gaps, out / "ladder.png")
+        rates = ladder_rates(gaps)
+        if rates:
+            write_csv(rates, out / "ladder_rates.csv")
     # The teacher curve: of the (first) RAW that grew one.
     curve_raw = next((raw for raw in raws if teacher_scores(raw)), raws[0])
     scores = teacher_scores(curve_raw)
-    report = {"models": rows, "ladder": gaps,
+    report = {"models": rows, "ladder": gaps, "ladder_rates": ladder_rates(gaps),
               "teacher_fid_by_steps": {steps: score["fid"] for steps, score in scores.items()},
               "stage_seconds": {raw.name: read_json(raw / "stage_seconds.json") for raw in raws},
               "digests": {raw.name: read_json(raw / "digests.json") for raw in raws}}
@@ -517,12 +553,12 @@ def check(readme: Path) -> int:
 
 
 if __name__ == "__main__":
-    usage = "usage: report.py collect WORK RAW | build RAW [RAW ...] OUT | check [README]"
+    usage = "usage: report.py collect WORK RAW [STEPS] | build RAW [RAW ...] OUT | check [README]"
     if len(sys.argv) < 2 or sys.argv[1] not in ("collect", "build", "check"):
         sys.exit(usage)
     command, args = sys.argv[1], sys.argv[2:]
-    if command == "collect" and len(args) == 2:
-        collect(Path(args[0]), Path(args[1]))
+    if command == "collect" and len(args) in (2, 3) and (len(args) == 2 or args[2].isdigit()):
+        collect(Path(args[0]), Path(args[1]), int(args[2]) if len(args) == 3 else None)
     elif command == "build" and len(args) >= 2:
         build([Path(arg) for arg in args[:-1]], Path(args[-1]))
     elif command == "check" and len(args) <= 1:

@@ -175,7 +175,7 @@ if [ -n "${TEACHER:-}" ]; then  # a teacher trained by an earlier run: no teache
                 --configfile "$WORK/teacher_curve/config-ladder-$steps.yaml" || status=$?
             if [ -n "${DRY_RUN:-}" ]; then [ "$status" = 0 ] || exit "$status"; continue; fi
             share_inputs
-            python "$REPO/docs/experiments/fashion_mnist/report.py" collect "$WORK" "$WORK/ladder/$steps"
+            python "$REPO/docs/experiments/fashion_mnist/report.py" collect "$WORK" "$WORK/ladder/$steps" "$steps"
             [ "$status" = 0 ] || exit "$status"
         done
         exit 0
