@@ -218,7 +218,9 @@ def model_rows(raw: Path, run: str) -> list[dict]:
             "fid": fid["fid"], "fid_images": fid["num_images"], "fid_mode": fid["mode"],
             "params_M": eff.get("params", float("nan")) / 1e6, "macs_G": eff.get("macs", float("nan")) / 1e9,
             "images_per_s": eff.get("images_per_s"),
-            "training_steps": summary.get("num_steps"), "training_from": source, "sec_per_step": timing.get("sec_per_step"),
+            "training_steps": summary.get("num_steps"), "training_from": source,
+            # (a finetune resumed on another machine, attempts > 1, times its legs together: mixed cards)
+            "training_attempts": timing.get("attempts"), "sec_per_step": timing.get("sec_per_step"),
             "train_minutes": timing.get("wall_time_s", float("nan")) / 60,
             "peak_memory_GiB": (timing.get("peak_memory_mib") or float("nan")) / 1024,
             "final_loss": last.get("loss"), "final_np": last.get("np"), "final_kd": last.get("kd"),
