@@ -22,8 +22,8 @@ loss_curves_gradient_flow.png, samples*.png, gradient_share.png and, where model
 several finetune lengths (run.sh ``ladder``), ladder.csv (every ladder model's FID, and each Jacobian
 objective's gap to NP+KD of the same seed, preferably of the same run) and ladder.png (the gaps per
 rung, with their seed spread) and ladder_rates.csv (each gap's change per fourfold budget, and the
-budget where that line would reach 0: an extrapolation). It refuses RAW folders whose reference statistics or pruned students
-differ (digests.json), naming both. A model without its summary.json (a lease lost mid-rung) takes
+budget where that line would reach 0: an extrapolation). It refuses RAW folders whose reference
+statistics or pruned students differ (digests.json), naming both. A model without its summary.json (a lease lost mid-rung) takes
 its finetune length and seed from its RAW's hand-written ``recovered.json``, whose "why" cites the
 evidence; its rows say so (``training_from``).
 
@@ -430,7 +430,7 @@ def build(raws: list[Path], out: Path) -> None:
     rows = [row for raw in raws for row in model_rows(raw, raw.name)]
     if rows:  # a run stopped early has fewer (or no) scored models: report what exists
         write_csv(rows, out / "results.csv")
-    gaps = ladder_rows(rows)
+    gaps, rates = ladder_rows(rows), None
     if len({g["steps"] for g in gaps}) > 1:
         write_csv(gaps, out / "ladder.csv")
         ladder_plot(gaps, out / "ladder.png")
@@ -440,7 +440,7 @@ def build(raws: list[Path], out: Path) -> None:
     # The teacher curve: of the (first) RAW that grew one.
     curve_raw = next((raw for raw in raws if teacher_scores(raw)), raws[0])
     scores = teacher_scores(curve_raw)
-    report = {"models": rows, "ladder": gaps, "ladder_rates": ladder_rates(gaps),
+    report = {"models": rows, "ladder": gaps, "ladder_rates": rates or [],
               "teacher_fid_by_steps": {steps: score["fid"] for steps, score in scores.items()},
               "stage_seconds": {raw.name: read_json(raw / "stage_seconds.json") for raw in raws},
               "digests": {raw.name: read_json(raw / "digests.json") for raw in raws}}
