@@ -6,7 +6,10 @@ import csv
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,10 +27,6 @@ def load_script(path: Path):
 
 def run_bash(script: Path, *args, timeout: int, **env):
     """One of the experiment's shell scripts, with this interpreter's python (and its packages) first."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
     return subprocess.run(["bash", str(script), *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -149,7 +148,8 @@ def test_a_rungs_collect_leaves_out_finetunes_of_another_length(report, tmp_path
     longer = work / "results" / "finetune" / "fmnist_unet" / "diff-pruning-cr0.3" / "igsm" / "summary.json"
     write_json(longer, {**json.loads(longer.read_text()), "num_steps": 2400})
     report.collect(work, tmp_path / "rung600", 600)
-    kept = {str(p.parent.relative_to(tmp_path / "rung600" / "models")) for p in (tmp_path / "rung600").rglob("fid.json")}
+    models = tmp_path / "rung600" / "models"
+    kept = {str(p.parent.relative_to(models)) for p in models.rglob("fid.json")}
     assert kept == {"fmnist_unet/dense", "fmnist_unet/diff-pruning-cr0.3/np_kd",
                     "fmnist_unet_seed1/diff-pruning-cr0.3/np_kd", "fmnist_unet_seed1/diff-pruning-cr0.3/igsm"}
     report.collect(work, tmp_path / "all")  # without a rung: every scored model

@@ -23,9 +23,9 @@ several finetune lengths (run.sh ``ladder``), ladder.csv (every ladder model's F
 objective's gap to NP+KD of the same seed, preferably of the same run) and ladder.png (the gaps per
 rung, with their seed spread) and ladder_rates.csv (each gap's change per fourfold budget, and the
 budget where that line would reach 0: an extrapolation). It refuses RAW folders whose reference
-statistics or pruned students differ (digests.json), naming both. A model without its summary.json (a lease lost mid-rung) takes
-its finetune length and seed from its RAW's hand-written ``recovered.json``, whose "why" cites the
-evidence; its rows say so (``training_from``).
+statistics or pruned students differ (digests.json), naming both. A model without its summary.json
+(a lease lost mid-rung) takes its finetune length and seed from its RAW's hand-written
+``recovered.json``, whose "why" cites the evidence; its rows say so (``training_from``).
 
 ``check`` reads the report's README: every number written as ``<number><!-- = FILE SELECTOR -->``
 must be what FILE (relative to the README) gives, rounded to the decimals written. SELECTOR is
@@ -187,7 +187,8 @@ def finetune_record(raw: Path, exp: str, folder: Path) -> tuple[dict, str, list[
     summary, source = read_json(folder / "summary.json"), "summary.json"
     recovered = read_json(raw / "recovered.json")
     if summary is None and recovered and folder.parent.name != exp:  # a finetune, not the teacher
-        summary = {"num_steps": recovered["training_steps"], "settings": {"training": {"seed": recovered["seeds"][exp]}}}
+        summary = {"num_steps": recovered["training_steps"],
+                   "settings": {"training": {"seed": recovered["seeds"][exp]}}}
         source = "recovered.json"
     summary = summary or {}
     steps = summary.get("num_steps")
