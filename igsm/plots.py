@@ -179,18 +179,17 @@ def gradient_shares(records: list[dict], index: int) -> tuple[list[int], list[fl
     return steps, shares
 
 
-def plot_gradient_share(metrics_files: dict, path) -> None:
-    """Where the Jacobian term's gradient comes from (issue 20): per run (``metrics_files`` maps a
-    label to a metrics JSONL with the training loop's ``by_timestep`` diagnostics) and timestep
-    range, the Jacobian terms' share ‖g_jac‖ / (‖g_np‖ + ‖g_kd‖ + ‖g_jac‖) of the gradient norms
-    from that range's rows, over training."""
+def plot_gradient_share(runs: dict[str, list[dict]], path) -> None:
+    """Where the Jacobian term's gradient comes from (issue 20): per run (``runs`` maps a label to
+    its metrics records, the training loop's JSONL lines with its ``by_timestep`` diagnostics) and
+    timestep range, the Jacobian terms' share ‖g_jac‖ / (‖g_np‖ + ‖g_kd‖ + ‖g_jac‖) of the gradient
+    norms from that range's rows, over training. Records, not files: a caller may trim a run's
+    records (a finetune scored at an earlier rung than its file reaches)."""
     plt = _pyplot()
-    runs = {label: [json.loads(line) for line in Path(file).read_text().splitlines() if line]
-            for label, file in metrics_files.items()}
     ranges = next((r["by_timestep"]["ranges"] for records in runs.values() for r in records
                    if "by_timestep" in r), None)
     if ranges is None:
-        raise ValueError(f"no by_timestep diagnostics in {sorted(map(str, metrics_files.values()))}")
+        raise ValueError(f"no by_timestep diagnostics in the records of {sorted(runs)}")
     fig, axes = plt.subplots(1, len(ranges), figsize=(4 * len(ranges), 3.4), sharey=True)
     for axis, (index, (low, high)) in zip(np.atleast_1d(axes), enumerate(ranges)):
         for label, records in runs.items():
