@@ -463,11 +463,13 @@ def build(raws: list[Path], out: Path) -> None:
         models = sorted({r["model"] for r in rows if r["experiment"] == exp and "/" in r["model"]})
         if models:
             sample_montage(teacher + [(m, grid(exp, m)) for m in models], out / picture)
-    diagnosed = {f"{model_label(path)}, {path.parent.parent.parent.name}, {raw.name}":
-                 finetune_record(raw, exp, path.parent)[2]  # up to its rung (a recovered model's file runs on)
-                 for raw in raws for exp in EXPERIMENTS
-                 for path in sorted((raw / "models" / exp).glob("*/*/metrics.jsonl"))
-                 if any(k.startswith("jm") for k in (metrics(path) or [{}])[0])}
+    diagnosed = {}  # each Jacobian finetune's records up to its rung (a recovered model's file runs on)
+    for raw in raws:
+        for exp in EXPERIMENTS:
+            for path in sorted((raw / "models" / exp).glob("*/*/metrics.jsonl")):
+                history = finetune_record(raw, exp, path.parent)[2]
+                if history and any(k.startswith("jm") for k in history[0]):
+                    diagnosed[f"{model_label(path)}, {path.parent.parent.parent.name}, {raw.name}"] = history
     if diagnosed:
         plot_gradient_share(diagnosed, out / "gradient_share.png")
 
