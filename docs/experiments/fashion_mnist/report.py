@@ -245,8 +245,9 @@ def model_rows(raw: Path, run: str) -> list[dict]:
 def ladder_rows(rows: list[dict]) -> list[dict]:
     """Every ladder model's FID per channel ratio, finetune length, objective and seed (experiments
     fmnist_unet = seed 0, fmnist_unet_seed1 = seed 1), and for the Jacobian objectives the gap to
-    NP+KD's of the same seed: NP+KD of the same run where it has one, else the one run that does
-    (several draws of one seed and no NP+KD in the run itself: an error naming the runs)."""
+    NP+KD's of the same seed: NP+KD of the same run where it has one, else the mean of its draws in
+    the other runs (the GPU kernels are not deterministic: each draw is one sample of the same
+    finetune), ``np_kd_run`` naming the runs it averages."""
     ladder = [r for r in rows if r["experiment"] in ("fmnist_unet", "fmnist_unet_seed1") and r["training_steps"]]
     np_kd: dict[tuple, dict[str, float]] = {}
     for r in ladder:
@@ -261,11 +262,9 @@ def ladder_rows(rows: list[dict]) -> list[dict]:
                "seed": r["seed"], "run": r["run"], "fid": r["fid"], "np_kd_fid": None, "np_kd_run": None, "gap": None}
         draws = np_kd.get((r["channel_ratio"], r["training_steps"], r["seed"]), {})
         if r["objective"] in JACOBIAN_OBJECTIVES and draws:
-            if r["run"] not in draws and len(draws) > 1:
-                sys.exit(f"{r['model']} of run {r['run']}: NP+KD of seed {r['seed']} has draws in runs "
-                         f"{', '.join(sorted(draws))} and none in its own; which one it compares to is not clear")
-            row["np_kd_run"] = r["run"] if r["run"] in draws else next(iter(draws))
-            row["np_kd_fid"] = draws[row["np_kd_run"]]
+            compared = [r["run"]] if r["run"] in draws else sorted(draws)
+            row["np_kd_run"] = " ".join(compared)
+            row["np_kd_fid"] = float(np.mean([draws[run] for run in compared]))
             row["gap"] = r["fid"] - row["np_kd_fid"]
         out.append(row)
     return out
@@ -288,7 +287,10 @@ def ladder_rates(gaps: list[dict]) -> list[dict]:
         steps = sorted(rungs)
         x = np.log(steps) / np.log(4)
         y = np.array([float(np.mean(rungs[s])) for s in steps])
-        slope, intercept = np.polyfit(x, y, 1)
+        # the least-squares line in closed form: np.polyfit goes through LAPACK, whose last digit
+        # differs between machines, and a rebuild should give the committed files byte for byte
+        slope = float(np.sum((x - x.mean()) * (y - y.mean())) / np.sum((x - x.mean()) ** 2))
+        intercept = float(y.mean() - slope * x.mean())
         closes = float(4 ** (-intercept / slope)) if slope < 0 and y[-1] > 0 else None
         out.append({"channel_ratio": ratio, "objective": objective, "seed": seed,
                     "rungs": " ".join(map(str, steps)), "first_gap": y[0], "last_gap": y[-1],
