@@ -191,11 +191,13 @@ def plot_gradient_share(runs: dict[str, list[dict]], path) -> None:
     if ranges is None:
         raise ValueError(f"no by_timestep diagnostics in the records of {sorted(runs)}")
     fig, axes = plt.subplots(1, len(ranges), figsize=(4 * len(ranges), 3.4), sharey=True)
+    # one colour per run: the default cycle repeats after ten, and a ladder report draws more
+    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     for axis, (index, (low, high)) in zip(np.atleast_1d(axes), enumerate(ranges)):
-        for label, records in runs.items():
+        for i, (label, records) in enumerate(runs.items()):
             steps, shares = gradient_shares(records, index)
             if steps:
-                axis.plot(steps, shares, marker=".", label=label)
+                axis.plot(steps, shares, marker=".", label=label, color=colours(i % colours.N))
         axis.set_title(f"t in [{low:g}, {'T' if high is None else f'{high:g}'})", fontsize=9)
         axis.set_xlabel("training step")
         axis.set_ylim(-0.02, 1.02)
