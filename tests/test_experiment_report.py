@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "docs" / "experiments" / "fashion_mnist"
@@ -195,15 +196,25 @@ def test_the_ladder_compares_with_np_kd_of_the_same_run_else_the_mean_of_its_dra
         report.collect(fake_run(tmp_path / f"work_{name}", 600, fids), tmp_path / name)
         raws.append(tmp_path / name)
     gaps = {(r["objective"], r["run"]): r for r in report.ladder_rows(
-        [row for raw in raws[:2] for row in report.model_rows(raw, raw.name)])}
-    assert (gaps[("igsm_t10", "a")]["np_kd_run"], gaps[("igsm_t10", "a")]["gap"]) == ("a", pytest.approx(0.5))
-    gaps = {(r["objective"], r["run"]): r for r in report.ladder_rows(
         [row for raw in raws for row in report.model_rows(raw, raw.name)])}
+    assert (gaps[("igsm_t10", "a")]["np_kd_run"], gaps[("igsm_t10", "a")]["gap"]) == ("a", pytest.approx(0.5))
     assert (gaps[("igsm", "c")]["np_kd_run"], gaps[("igsm", "c")]["np_kd_fid"]) == ("a b", pytest.approx(7.5))
     assert gaps[("igsm", "c")]["gap"] == pytest.approx(12.5)
     (tmp_path / "again").mkdir()
     with pytest.raises(SystemExit, match=r"RAW folders of the same name \(a\)"):
         report.build([raws[0], shutil.copytree(raws[0], tmp_path / "again" / "a")], tmp_path / "out")
+
+
+def test_the_gap_rate_is_the_least_squares_line_through_three_rungs(report):
+    # Bug caught: a closed form that is exact through two rungs only (the end points' slope, or an
+    # uncentred sum) giving a wrong rate once rung 6,000 is in.
+    steps, gap = [600, 2400, 6000], [30.0, 22.0, 20.0]
+    rows = [{"channel_ratio": 0.5, "objective": "igsm", "seed": 0, "steps": s, "gap": g} for s, g in zip(steps, gap)]
+    slope, intercept = np.polyfit(np.log(steps) / np.log(4), gap, 1)
+    (rate,) = report.ladder_rates(rows)
+    assert rate["change_per_fourfold"] == pytest.approx(slope)
+    assert rate["closes_at_steps"] == pytest.approx(4 ** (-intercept / slope))
+    assert (rate["first_gap"], rate["last_gap"], rate["rungs"]) == (30.0, 20.0, "600 2400 6000")
 
 
 def test_runs_with_different_students_are_not_reported_together(report, tmp_path):
