@@ -142,9 +142,10 @@ def test_collect_then_build_reports_the_ladder_from_the_raw_files_alone(report, 
     assert len(rows) == 10 and {r["run"] for r in rows} == {"600", "2400"}
 
 
-def test_a_rungs_collect_leaves_out_finetunes_of_another_length(report, tmp_path):
-    # Bug caught (run 20): a second launch in the same working directory collected the first
-    # launch's 2,400-step model into its rung-600 folder.
+def test_a_rungs_collect_leaves_out_finetunes_of_another_length_and_keeps_its_earlier_ones(report, tmp_path):
+    # Bugs caught: a second launch in the same working directory collected the first launch's
+    # 2,400-step model into its rung-600 folder (run 20); or its rung-600 collect deleted the first
+    # launch's rung-600 model, trained on to 2,400 since (run 21: only an earlier wait had it).
     work = fake_run(tmp_path / "work", 600, LADDER[600])
     longer = work / "results" / "finetune" / "fmnist_unet" / "diff-pruning-cr0.3" / "igsm" / "summary.json"
     write_json(longer, {**json.loads(longer.read_text()), "num_steps": 2400})
@@ -153,6 +154,13 @@ def test_a_rungs_collect_leaves_out_finetunes_of_another_length(report, tmp_path
     kept = {str(p.parent.relative_to(models)) for p in models.rglob("fid.json")}
     assert kept == {"fmnist_unet/dense", "fmnist_unet/diff-pruning-cr0.3/np_kd",
                     "fmnist_unet_seed1/diff-pruning-cr0.3/np_kd", "fmnist_unet_seed1/diff-pruning-cr0.3/igsm"}
+    seed1 = work / "results" / "finetune" / "fmnist_unet_seed1" / "diff-pruning-cr0.3" / "igsm" / "summary.json"
+    write_json(seed1, {**json.loads(seed1.read_text()), "num_steps": 2400})  # trained on to the next rung
+    report.collect(work, tmp_path / "rung600", 600)  # the next launch's rung-600 collect
+    assert json.loads((models / "fmnist_unet_seed1" / "diff-pruning-cr0.3" / "igsm" / "summary.json").read_text())[
+        "num_steps"] == 600
+    assert len(list(models.rglob("fid.json"))) == 4
+    assert not (models / "fmnist_unet" / "diff-pruning-cr0.3" / "igsm").exists()  # never this rung's
     report.collect(work, tmp_path / "all")  # without a rung: every scored model
     assert len(list((tmp_path / "all").rglob("fid.json"))) == 5
 

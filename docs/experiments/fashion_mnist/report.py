@@ -91,10 +91,20 @@ def thinned(lines: list[str], limit: int = MAX_METRIC_LINES) -> list[str]:
 
 def collect(work: Path, raw: Path, steps: int | None = None) -> None:
     """With ``steps`` (a ladder rung's collect), finetunes whose summary.json says another length are
-    left out: a finetune of an earlier launch in the same WORK is not this rung's (run 20)."""
+    left out: a finetune of an earlier launch in the same WORK is not this rung's (run 20). And a
+    model RAW already holds at this rung's length stays where WORK's finetune has since trained on to
+    another (run 21: a second launch's rung-600 collect would have deleted the first's)."""
     results = work / "results"
     if not results.is_dir():
         sys.exit(f"{work}: no results/ folder (not a run.sh working directory)")
+    earlier = raw.with_name(raw.name + ".earlier")
+    if earlier.exists():
+        shutil.rmtree(earlier)
+    if raw.exists() and steps is not None:
+        for summary in sorted(raw.glob("models/*/*/*/summary.json")):
+            if read_json(summary).get("num_steps") == steps:
+                (earlier / summary.parent.relative_to(raw)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(summary.parent, earlier / summary.parent.relative_to(raw))
     if raw.exists():
         shutil.rmtree(raw)
     raw.mkdir(parents=True)
@@ -128,6 +138,18 @@ def collect(work: Path, raw: Path, steps: int | None = None) -> None:
                 student = results / "prune" / exp / variant.split("/")[0] / "model"
                 if student.is_dir():
                     digests["students"][f"{exp}/{variant.split('/')[0]}"] = folder_digest(student)
+    for folder in sorted(earlier.glob("models/*/*/*")):
+        exp, pruned, _ = folder.relative_to(earlier / "models").parts
+        summary = read_json(results / "finetune" / exp / pruned / folder.name / "summary.json") or {}
+        if not (raw / folder.relative_to(earlier)).exists() and summary.get("num_steps") != steps:
+            (raw / folder.relative_to(earlier)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(folder, raw / folder.relative_to(earlier))
+            print(f"{exp}/{pruned}/{folder.name}: kept from this rung's earlier collect (trained on since)")
+            student = results / "prune" / exp / pruned / "model"
+            if student.is_dir():
+                digests["students"][f"{exp}/{pruned}"] = folder_digest(student)
+    if earlier.exists():
+        shutil.rmtree(earlier)
     if (teacher_folder(results) / "model").is_dir():
         digests["teacher"] = folder_digest(teacher_folder(results) / "model")
     (raw / "digests.json").write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")

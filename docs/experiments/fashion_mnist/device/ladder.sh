@@ -135,7 +135,8 @@ wait)
     python3 /root/repo/docs/experiments/fashion_mnist/report.py collect /root/fm /root/raw || true
     # (fm/ladder: run.sh's collect after each finished rung, complete where /root/raw, taken mid-rung,
     # lacks the summary.json that the next rung's finetune removed: run 19's lost lease)
-    tar -czf "$OUT/raw.tgz" -C /root raw fm.log fm/ladder fm/results/logs fm/teacher_curve fm/results/benchmarks || true
+    tar -czf "$OUT/raw.tgz" -C /root raw fm.log fm/ladder fm/results/logs fm/teacher_curve fm/results/benchmarks \
+        fm/.snakemake/log || true  # (.snakemake/log: each launch's own log; fm.log is the last launch's)
     if [ -f /root/snapshot-model ]; then
         snapshot_out "/root/fm/results/finetune/$(cat /root/snapshot-model)/checkpoints" "$OUT" || true
     fi
