@@ -134,22 +134,18 @@ def collect(work: Path, raw: Path, steps: int | None = None) -> None:
                                  (results / "samples" / exp / variant / "grid.png", "grid.png")):
                 if source.exists():
                     shutil.copy(source, out / name)
-            if "/" in variant:
-                student = results / "prune" / exp / variant.split("/")[0] / "model"
-                if student.is_dir():
-                    digests["students"][f"{exp}/{variant.split('/')[0]}"] = folder_digest(student)
-    for folder in sorted(earlier.glob("models/*/*/*")):
-        exp, pruned, _ = folder.relative_to(earlier / "models").parts
-        summary = read_json(results / "finetune" / exp / pruned / folder.name / "summary.json") or {}
-        if not (raw / folder.relative_to(earlier)).exists() and summary.get("num_steps") != steps:
+    for folder in sorted(earlier.glob("models/*/*/*")):  # none of it collected now: trained on since
+        if not (raw / folder.relative_to(earlier)).exists():
             (raw / folder.relative_to(earlier)).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(folder, raw / folder.relative_to(earlier))
-            print(f"{exp}/{pruned}/{folder.name}: kept from this rung's earlier collect (trained on since)")
-            student = results / "prune" / exp / pruned / "model"
-            if student.is_dir():
-                digests["students"][f"{exp}/{pruned}"] = folder_digest(student)
+            print(f"{folder.relative_to(earlier / 'models')}: kept from this rung's earlier collect")
     if earlier.exists():
         shutil.rmtree(earlier)
+    scored = [score.relative_to(raw / "models").parts for score in raw.glob("models/**/fid.json")]
+    for exp, pruned in sorted({parts[:2] for parts in scored if len(parts) > 3}):  # EXP/PRUNED/…/fid.json
+        student = results / "prune" / exp / pruned / "model"
+        if student.is_dir():
+            digests["students"][f"{exp}/{pruned}"] = folder_digest(student)
     if (teacher_folder(results) / "model").is_dir():
         digests["teacher"] = folder_digest(teacher_folder(results) / "model")
     (raw / "digests.json").write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
