@@ -20,8 +20,8 @@ run was split over GPU leases; each folder's name is a "run" column value, so na
 results.csv, report.json, teacher_curve.png, samples_teacher_curve.png, loss_curves.png,
 loss_curves_gradient_flow.png, samples*.png, gradient_share.png and, where models were scored at
 several finetune lengths (run.sh ``ladder``), ladder.csv (every ladder model's FID, and each Jacobian
-objective's gap to NP+KD of the same seed, preferably of the same run) and ladder.png (the gaps per
-rung, with their seed spread) and ladder_rates.csv (each gap's change per fourfold budget, and the
+objective's gap to NP+KD of the same seed, preferably of the same run) and ladder.png (each objective's
+FID and gap per rung, with their seed spread) and ladder_rates.csv (each gap's change per fourfold budget, and the
 budget where that line would reach 0: an extrapolation). It refuses RAW folders whose reference
 statistics or pruned students differ (digests.json), naming both. A model without its summary.json
 (a lease lost mid-rung) takes its finetune length and seed from its RAW's hand-written
@@ -316,32 +316,41 @@ def ladder_rates(gaps: list[dict]) -> list[dict]:
     return out
 
 
-def ladder_plot(gaps: list[dict], out: Path) -> None:
-    """The gap FID(objective) − FID(NP+KD) against finetune steps, one panel per ratio; the line
-    through the seeds' mean, the bar their range."""
-    gaps = [g for g in gaps if g["gap"] is not None]
+def ladder_plot(gaps: list[dict], teacher_fids: list[float], out: Path) -> None:
+    """One column per channel ratio. Top: each objective's FID against finetune steps, with the dense
+    teacher's (its range over the experiments' samplings) — where NP+KD has no model at a rung, the
+    Jacobian objective's FID still shows against NP+KD's at the others. Bottom: the gap
+    FID(objective) − FID(NP+KD) of the same seed. In both, the line goes through the mean of the
+    scored models, the bar spans their range."""
     ratios = sorted({g["channel_ratio"] for g in gaps})
-    fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
-    for axis, ratio in zip(axes[0], ratios):
-        for i, objective in enumerate(JACOBIAN_OBJECTIVES):
-            points = {}
-            for g in gaps:
-                if g["channel_ratio"] == ratio and g["objective"] == objective:
-                    points.setdefault(g["steps"], []).append(g["gap"])
-            if not points:
-                continue
-            steps = sorted(points)
-            mean = [float(np.mean(points[s])) for s in steps]
-            low = [m - min(points[s]) for m, s in zip(mean, steps)]
-            high = [max(points[s]) - m for m, s in zip(mean, steps)]
-            axis.errorbar(steps, mean, yerr=[low, high], marker="o", capsize=3, color=f"C{i}", label=objective)
-        axis.axhline(0, color="black", linewidth=0.8)
-        axis.set(title=f"channel ratio {ratio}: FID − FID(NP+KD), same seed", xlabel="finetune steps",
-                 xscale="log", ylabel="FID gap (below 0: the Jacobian objective wins)")
-        rungs = sorted({g["steps"] for g in gaps})
-        axis.set_xticks(rungs, [f"{s:,}" for s in rungs])
-        axis.minorticks_off()
-        axis.legend(fontsize=8)
+    fig, axes = plt.subplots(2, len(ratios), figsize=(5.5 * len(ratios), 8), squeeze=False)
+    for column, ratio in enumerate(ratios):
+        top, bottom = axes[0][column], axes[1][column]
+        for i, objective in enumerate(("np_kd", *JACOBIAN_OBJECTIVES)):
+            for axis, key in ((top, "fid"), (bottom, "gap")):
+                points: dict[int, list[float]] = {}
+                for g in gaps:
+                    if g["channel_ratio"] == ratio and g["objective"] == objective and g[key] is not None:
+                        points.setdefault(g["steps"], []).append(g[key])
+                if not points:
+                    continue
+                steps = sorted(points)
+                mean = [float(np.mean(points[s])) for s in steps]
+                low = [m - min(points[s]) for m, s in zip(mean, steps)]
+                high = [max(points[s]) - m for m, s in zip(mean, steps)]
+                axis.errorbar(steps, mean, yerr=[low, high], marker="o", capsize=3, color=f"C{i}", label=objective)
+        if teacher_fids:
+            top.axhspan(min(teacher_fids), max(teacher_fids), color="grey", alpha=0.3, label="dense teacher")
+        bottom.axhline(0, color="black", linewidth=0.8)
+        top.set(title=f"channel ratio {ratio}: 10k-sample FID", ylabel="FID")
+        bottom.set(title=f"channel ratio {ratio}: FID − FID(NP+KD), same seed",
+                   ylabel="FID gap (below 0: the Jacobian objective wins)")
+        rungs = sorted({g["steps"] for g in gaps if g["channel_ratio"] == ratio})
+        for axis in (top, bottom):
+            axis.set(xlabel="finetune steps", xscale="log")
+            axis.set_xticks(rungs, [f"{s:,}" for s in rungs])
+            axis.minorticks_off()
+            axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -454,7 +463,9 @@ def build(raws: list[Path], out: Path) -> None:
     gaps, rates = ladder_rows(rows), None
     if len({g["steps"] for g in gaps}) > 1:
         write_csv(gaps, out / "ladder.csv")
-        ladder_plot(gaps, out / "ladder.png")
+        teacher = [r["fid"] for r in rows if r["objective"] == "dense"
+                   and r["experiment"] in ("fmnist_unet", "fmnist_unet_seed1")]
+        ladder_plot(gaps, teacher, out / "ladder.png")
         rates = ladder_rates(gaps)
         if rates:
             write_csv(rates, out / "ladder_rates.csv")
