@@ -61,6 +61,7 @@ STAGES = ("download", "dense", "prune", "finetune", "sample", "fid_reference", "
 TEACHER = "fmnist_unet"          # the experiment that trains (or loads) the teacher
 MAX_METRIC_LINES = 400           # a committed metrics.jsonl keeps at most this many records
 JACOBIAN_OBJECTIVES = ("igsm", "igsm_lam1e-2", "igsm_t10")  # the ladder's, against np_kd
+LADDER_EXPERIMENTS = ("fmnist_unet", "fmnist_unet_seed1")  # the ladder's seeds 0 and 1
 
 
 def read_json(path: Path):
@@ -266,7 +267,7 @@ def ladder_rows(rows: list[dict]) -> list[dict]:
     NP+KD's of the same seed: NP+KD of the same run where it has one, else the mean of its draws in
     the other runs (the GPU kernels are not deterministic: each draw is one sample of the same
     finetune), ``np_kd_run`` naming the runs it averages."""
-    ladder = [r for r in rows if r["experiment"] in ("fmnist_unet", "fmnist_unet_seed1") and r["training_steps"]]
+    ladder = [r for r in rows if r["experiment"] in LADDER_EXPERIMENTS and r["training_steps"]]
     np_kd: dict[tuple, dict[str, float]] = {}
     for r in ladder:
         if r["objective"] == "np_kd":
@@ -356,7 +357,7 @@ def ladder_plot(gaps: list[dict], teacher_fids: list[float], out: Path) -> None:
     plt.close(fig)
 
 
-def loss_plot(raws: list[Path], out: Path, experiments=("fmnist_unet", "fmnist_unet_seed1")) -> None:
+def loss_plot(raws: list[Path], out: Path, experiments=LADDER_EXPERIMENTS) -> None:
     """The finetunes' loss terms, one colour per objective (and pruning), seed 1 dashed."""
     teacher = next((metrics(p) for p in (r / "models" / TEACHER / "dense" / "metrics.jsonl"
                                          for r in raws) if p.exists()), [])  # none when pretrained
@@ -463,8 +464,7 @@ def build(raws: list[Path], out: Path) -> None:
     gaps, rates = ladder_rows(rows), None
     if len({g["steps"] for g in gaps}) > 1:
         write_csv(gaps, out / "ladder.csv")
-        teacher = [r["fid"] for r in rows if r["objective"] == "dense"
-                   and r["experiment"] in ("fmnist_unet", "fmnist_unet_seed1")]
+        teacher = [r["fid"] for r in rows if r["objective"] == "dense" and r["experiment"] in LADDER_EXPERIMENTS]
         ladder_plot(gaps, teacher, out / "ladder.png")
         rates = ladder_rates(gaps)
         if rates:
