@@ -140,6 +140,12 @@ def test_collect_then_build_reports_the_ladder_from_the_raw_files_alone(report, 
     with open(tmp_path / "out" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {r["run"] for r in rows} == {"600", "2400"}
+    # Bug caught: the sample montage showed each model name's first RAW's grid (rung 600) under a
+    # bare model name, so the picture of a ladder's newest build showed none of its newest models.
+    for order in (raws, raws[::-1]):
+        rows = [row for raw in order for row in report.model_rows(raw, raw.name)]
+        assert dict(report.furthest_grids(rows, order, "fmnist_unet"))["diff-pruning-cr0.3/igsm, 2,400 steps"] == (
+            raws[1] / "models" / "fmnist_unet" / "diff-pruning-cr0.3" / "igsm" / "grid.png")
 
 
 def test_a_rungs_collect_leaves_out_finetunes_of_another_length_and_keeps_its_earlier_ones(report, tmp_path):

@@ -441,6 +441,21 @@ def sample_montage(grids: list[tuple[str, Path]], out: Path, per_row: int = 6) -
     plt.close(fig)
 
 
+def furthest_grids(rows: list[dict], raws: list[Path], experiment: str) -> list[tuple[str, Path]]:
+    """(title, grid.png) per finetuned model of ``experiment``, each at its furthest rung: a ladder scores
+    one model name at several budgets, each in its own RAW, and the title says which one the panel shows.
+    Of equal budgets, the first RAW's."""
+    by_name = {raw.name: raw for raw in raws}
+    furthest: dict[str, dict] = {}
+    for r in rows:  # in RAW order
+        if r["experiment"] == experiment and "/" in r["model"]:
+            best = furthest.get(r["model"])
+            if best is None or (r["training_steps"] or 0) > (best["training_steps"] or 0):
+                furthest[r["model"]] = r
+    return [(f"{model}, {r['training_steps']:,} steps" if r["training_steps"] else model,
+             by_name[r["run"]] / "models" / experiment / model / "grid.png") for model, r in sorted(furthest.items())]
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -483,17 +498,15 @@ def build(raws: list[Path], out: Path) -> None:
     loss_plot(raws, out / "loss_curves.png")
     loss_plot(raws, out / "loss_curves_gradient_flow.png", experiments=("fmnist_gradient_flow",))
 
-    def grid(exp, model):  # a model's sample grid, from the RAW that has it
-        paths = [raw / "models" / exp / model / "grid.png" for raw in raws]
-        return next((p for p in paths if p.exists()), paths[0])
-
-    # Sample grids: the teacher (its images are fmnist_unet's), then each experiment's models.
-    teacher = [("dense", grid(TEACHER, "dense"))]
+    # Sample grids: the teacher (its images are fmnist_unet's, from the first RAW that has them), then
+    # each experiment's models.
+    teacher_grids = [raw / "models" / TEACHER / "dense" / "grid.png" for raw in raws]
+    teacher = [("dense", next((p for p in teacher_grids if p.exists()), teacher_grids[0]))]
     for exp, picture in (("fmnist_unet", "samples.png"), ("fmnist_unet_variants", "samples_variants.png"),
                          ("fmnist_gradient_flow", "samples_gradient_flow.png"), ("fmnist_reuse", "samples_reuse.png")):
-        models = sorted({r["model"] for r in rows if r["experiment"] == exp and "/" in r["model"]})
-        if models:
-            sample_montage(teacher + [(m, grid(exp, m)) for m in models], out / picture)
+        panels = furthest_grids(rows, raws, exp)
+        if panels:
+            sample_montage(teacher + panels, out / picture)
     diagnosed = {}  # each Jacobian finetune's records up to its rung (a recovered model's file runs on)
     for raw in raws:
         for exp in EXPERIMENTS:
