@@ -18,12 +18,13 @@ another number of steps are left out.
 ``build`` makes every table, figure and number of the report from RAW folders alone (several when a
 run was split over GPU leases; each folder's name is a "run" column value, so names must differ):
 results.csv, report.json, teacher_curve.png, samples_teacher_curve.png, loss_curves.png,
-loss_curves_gradient_flow.png, samples*.png, gradient_share.png and, where models were scored at
-several finetune lengths (run.sh ``ladder``), ladder.csv (every ladder model's FID, and each Jacobian
-objective's gap to NP+KD of the same seed, preferably of the same run) and ladder.png (each objective's
-FID and gap per rung, with their seed spread) and ladder_rates.csv (each gap's change per fourfold budget, and the
-budget where that line would reach 0: an extrapolation). It refuses RAW folders whose reference
-statistics or pruned students differ (digests.json), naming both. A model without its summary.json
+loss_curves_gradient_flow.png, samples*.png (each model at its furthest rung), gradient_share.png
+and, where models were scored at several finetune lengths (run.sh ``ladder``), ladder.csv (every
+ladder model's FID, and each Jacobian objective's gap to NP+KD of the same seed, preferably of the
+same run), ladder.png (each objective's FID and gap per rung, with their seed spread) and
+ladder_rates.csv (each gap's change per fourfold budget, and the budget where that line would
+reach 0: an extrapolation). It refuses RAW folders whose reference statistics or pruned students
+differ (digests.json), naming both. A model without its summary.json
 (a lease lost mid-rung) takes its finetune length and seed from its RAW's hand-written
 ``recovered.json``, whose "why" cites the evidence; its rows say so (``training_from``).
 
@@ -479,8 +480,8 @@ def build(raws: list[Path], out: Path) -> None:
     gaps, rates = ladder_rows(rows), None
     if len({g["steps"] for g in gaps}) > 1:
         write_csv(gaps, out / "ladder.csv")
-        teacher = [r["fid"] for r in rows if r["objective"] == "dense" and r["experiment"] in LADDER_EXPERIMENTS]
-        ladder_plot(gaps, teacher, out / "ladder.png")
+        teacher_fids = [r["fid"] for r in rows if r["objective"] == "dense" and r["experiment"] in LADDER_EXPERIMENTS]
+        ladder_plot(gaps, teacher_fids, out / "ladder.png")
         rates = ladder_rates(gaps)
         if rates:
             write_csv(rates, out / "ladder_rates.csv")
