@@ -358,9 +358,9 @@ def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
     # Bug caught: a part boundary off by one (the joined xz is corrupt on the machine, found only
     # after the staging calls), or a call over the limit (refused, a lease's minutes lost).
     calls_module = load_script(EXPERIMENT / "device" / "calls.py")
-    whole = {"wheels": 21_531_305, "data": 26_451_347, "teacher/model": 35_852_468}
-    streams = {"inception.xz": 80_344_604, "shared.xz": 62_543_984}
-    capacity = 44_000_000
+    whole = {"wheels": 21_531_305, "data": 26_451_347}
+    streams = {"teacher.tar": 35_864_576, "inception.xz": 80_344_604, "shared.xz": 62_543_984}
+    capacity = 32_000_000
     calls = calls_module.plan(capacity, whole, streams)
     assert all(sum(length for _, _, length in call) <= capacity for call in calls)
     pieces = [piece for call in calls for piece in call]
@@ -370,8 +370,41 @@ def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
         assert [offset for offset, _ in cuts] == [sum(size for _, size in cuts[:i]) for i in range(len(cuts))]
         assert sum(size for _, size in cuts) == length
     assert len(calls) == -(-(sum(whole.values()) + sum(streams.values())) // capacity)  # none wasted here
-    with pytest.raises(SystemExit, match="teacher/model: 35,852,468 bytes, more than one call carries"):
-        calls_module.plan(30_000_000, whole, streams)
+    with pytest.raises(SystemExit, match="data: 26,451,347 bytes, more than one call carries"):
+        calls_module.plan(25_000_000, whole, streams)
+
+
+def test_the_teacher_travels_in_parts_and_is_unpacked_whole_or_not_at_all(tmp_path, monkeypatch):
+    # Bug caught: the teacher carried whole while the tree leaves less than its 36 MB beside it (run
+    # 25's tree: calls.py refused), its tar's parts joined out of order or one missing and a cut-short
+    # model unpacked where the workflow reads it (a half-read safetensors fails only in the first job).
+    calls_module = load_script(EXPERIMENT / "device" / "calls.py")
+    device = tmp_path / ".device"
+    (device / "teacher" / "model").mkdir(parents=True)
+    weights = np.random.default_rng(0).bytes(5_000_000)
+    (device / "teacher" / "model" / "model.safetensors").write_bytes(weights)
+    (device / "teacher" / "model" / "architecture.json").write_text('{"kind": "unet"}')
+    for folder in ("wheels", "data"):
+        (device / folder).mkdir()
+        (device / folder / "file").write_bytes(b"x" * 1_000_000)
+    for stream in ("inception.xz", "shared.xz"):
+        (device / stream).write_bytes(b"y" * 1_000_000)
+    monkeypatch.setattr(calls_module, "tree_bytes", lambda: 0)
+    monkeypatch.setattr(calls_module, "LIMIT", calls_module.MARGIN + 2_000_000)  # 2 MB a call
+    calls_module.main(device)
+    parts = sorted((device / "teacher-parts").glob("part.*"))
+    assert len(parts) >= 3
+    done = ladder_sh("teacher-in", device / "teacher-parts", tmp_path / "teacher")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "teacher").iterdir()) == ["architecture.json", "model.safetensors"]
+    assert (tmp_path / "teacher" / "model.safetensors").read_bytes() == weights
+    assert hashlib.sha256(weights).hexdigest() in done.stdout
+
+    parts[-1].unlink()  # the last call's part never came
+    done = ladder_sh("teacher-in", device / "teacher-parts", tmp_path / "cut")
+    assert done.returncode == 1
+    assert "not a whole teacher tar" in done.stderr or "no model.safetensors" in done.stderr
+    assert not (tmp_path / "cut").exists() and not (tmp_path / "cut.tmp").exists()
 
 
 # ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next

