@@ -76,7 +76,7 @@ def pack_teacher(folder: Path) -> None:
     model = folder / "teacher" / "model"
     if not (model / "model.safetensors").is_file():
         sys.exit(f"{model}: no model.safetensors (README 'What the next run needs' says how to make it)")
-    with tarfile.open(folder / "teacher.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+    with tarfile.open(folder / "teacher.tar", "w") as tar:
         for path in sorted(p for p in model.iterdir() if p.is_file()):
             tar.add(path, arcname=path.name)
 

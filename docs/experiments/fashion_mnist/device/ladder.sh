@@ -47,12 +47,11 @@ stage() {
         xz -dc .device/shared.tar.xz > /root/shared.tar.tmp && mv /root/shared.tar.tmp /root/shared.tar
         sha256sum /root/shared.tar
     fi
-    mkdir -p /root/teacher-parts /root/inception /root/shared-parts
-    for part in .device/teacher-parts/part.*; do [ -f "$part" ] && cp "$part" /root/teacher-parts/; done
-    for part in .device/inception/part.*; do [ -f "$part" ] && cp "$part" /root/inception/; done
-    for part in .device/shared/part.*; do [ -f "$part" ] && cp "$part" /root/shared-parts/; done
-    mkdir -p /root/snapshot-parts
-    for part in .device/snapshot/part.*; do [ -f "$part" ] && cp "$part" /root/snapshot-parts/; done
+    local streams="teacher-parts:teacher-parts inception:inception shared:shared-parts snapshot:snapshot-parts"
+    for pair in $streams; do  # device/calls.py's part folders: .device/<from> → /root/<to>, joined at launch
+        mkdir -p "/root/${pair#*:}"
+        for part in ".device/${pair%%:*}"/part.*; do [ -f "$part" ] && cp "$part" "/root/${pair#*:}/"; done
+    done
     ls -la /root/teacher-parts /root/inception 2>/dev/null || true
 }
 
