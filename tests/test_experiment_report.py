@@ -152,14 +152,27 @@ def test_a_rungs_collect_leaves_out_finetunes_of_another_length_and_keeps_its_ea
     # Bugs caught: a second launch in the same working directory collected the first launch's
     # 2,400-step model into its rung-600 folder (run 20); or its rung-600 collect deleted the first
     # launch's rung-600 model, trained on to 2,400 since (run 21: only an earlier wait had it).
+    # And (run 26) its stage_seconds.json counted the left-out model's jobs as this rung's.
     work = fake_run(tmp_path / "work", 600, LADDER[600])
     longer = work / "results" / "finetune" / "fmnist_unet" / "diff-pruning-cr0.3" / "igsm" / "summary.json"
     write_json(longer, {**json.loads(longer.read_text()), "num_steps": 2400})
+    benchmarks = work / "results" / "benchmarks"
+    for job, seconds in (("finetune/fmnist_unet/diff-pruning-cr0.3/igsm.tsv", 500.0),
+                         ("finetune/fmnist_unet/diff-pruning-cr0.3/np_kd.tsv", 60.0),
+                         ("sample/fmnist_unet/diff-pruning-cr0.3/igsm/shard-0-of-1.tsv", 40.0),
+                         ("sample/fmnist_unet/diff-pruning-cr0.3/igsm_t10/shard-0-of-1.tsv", 7.0),
+                         ("sample/fmnist_unet/diff-pruning-cr0.3/np_kd/shard-0-of-1.tsv", 30.0),
+                         ("prune/fmnist_unet/diff-pruning-cr0.3.tsv", 9.0)):
+        (benchmarks / job).parent.mkdir(parents=True, exist_ok=True)
+        (benchmarks / job).write_text(f"s\th:m:s\n{seconds}\t0:00:00\n")
     report.collect(work, tmp_path / "rung600", 600)
     models = tmp_path / "rung600" / "models"
     kept = {str(p.parent.relative_to(models)) for p in models.rglob("fid.json")}
     assert kept == {"fmnist_unet/dense", "fmnist_unet/diff-pruning-cr0.3/np_kd",
                     "fmnist_unet_seed1/diff-pruning-cr0.3/np_kd", "fmnist_unet_seed1/diff-pruning-cr0.3/igsm"}
+    seconds = json.loads((tmp_path / "rung600" / "stage_seconds.json").read_text())
+    # igsm's 500 s and 40 s are the other rung's; igsm_t10 only shares igsm's name as a prefix.
+    assert (seconds["finetune"], seconds["sample"], seconds["prune"]) == (60.0, 37.0, 9.0)
     seed1 = work / "results" / "finetune" / "fmnist_unet_seed1" / "diff-pruning-cr0.3" / "igsm" / "summary.json"
     write_json(seed1, {**json.loads(seed1.read_text()), "num_steps": 2400})  # trained on to the next rung
     report.collect(work, tmp_path / "rung600", 600)  # the next launch's rung-600 collect

@@ -111,6 +111,7 @@ def collect(work: Path, raw: Path, steps: int | None = None) -> None:
         shutil.rmtree(raw)
     raw.mkdir(parents=True)
     digests = {"reference": {}, "teacher": None, "students": {}}
+    left_out = set()  # EXP/VARIANT of another rung's finetunes: their jobs' seconds are not this rung's
     for exp in EXPERIMENTS:
         for score in sorted((results / "fid" / exp).rglob("*.json")):
             variant = str(score.relative_to(results / "fid" / exp).with_suffix(""))
@@ -118,6 +119,7 @@ def collect(work: Path, raw: Path, steps: int | None = None) -> None:
             summary = read_json(folder / "summary.json") if variant != "dense" else None
             if steps is not None and summary and summary.get("num_steps") != steps:
                 print(f"{exp}/{variant}: trained {summary.get('num_steps')} steps, not this rung's {steps}; left out")
+                left_out.add(f"{exp}/{variant}")
                 continue
             out = raw / "models" / exp / variant
             out.mkdir(parents=True)
@@ -151,7 +153,7 @@ def collect(work: Path, raw: Path, steps: int | None = None) -> None:
     if (teacher_folder(results) / "model").is_dir():
         digests["teacher"] = folder_digest(teacher_folder(results) / "model")
     (raw / "digests.json").write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
-    (raw / "stage_seconds.json").write_text(json.dumps(stage_wall_times(results), indent=1) + "\n")
+    (raw / "stage_seconds.json").write_text(json.dumps(stage_wall_times(results, left_out), indent=1) + "\n")
     curve = work / "teacher_curve"
     for path in sorted(curve.glob("fid-*.json")) + sorted(curve.glob("grid-*.png")):
         (raw / "teacher_curve").mkdir(exist_ok=True)
@@ -166,12 +168,17 @@ def teacher_folder(results: Path) -> Path:
     return trained if trained.exists() else results / "dense" / TEACHER / "pretrained"
 
 
-def stage_wall_times(results: Path) -> dict:
-    """Seconds per stage: the sum of the jobs' benchmark files (last attempt of each job)."""
+def stage_wall_times(results: Path, left_out: set[str] = frozenset()) -> dict:
+    """Seconds per stage: the sum of the jobs' benchmark files (last attempt of each job), leaving out
+    the jobs of the models named in ``left_out`` (EXP/VARIANT): a second launch's rung in the same
+    WORK counted the first launch's finetune as its own (run 26)."""
     out = {}
     for stage in STAGES:
         total = 0.0
         for tsv in (results / "benchmarks" / stage).rglob("*.tsv"):
+            job = tsv.relative_to(results / "benchmarks" / stage).with_suffix("").as_posix()
+            if any(job == model or job.startswith(model + "/") for model in left_out):
+                continue  # finetune/EXP/VARIANT.tsv, sample/EXP/VARIANT/shard-….tsv
             with open(tsv) as f:
                 total += float(next(csv.DictReader(f, delimiter="\t"))["s"])
         out[stage] = round(total, 1)
