@@ -171,7 +171,9 @@ def teacher_folder(results: Path) -> Path:
 def stage_wall_times(results: Path, left_out: set[str] = frozenset()) -> dict:
     """Seconds per stage: the sum of the jobs' benchmark files (last attempt of each job), leaving out
     the jobs of the models named in ``left_out`` (EXP/VARIANT): a second launch's rung in the same
-    WORK counted the first launch's finetune as its own (run 26)."""
+    WORK counted the first launch's finetune as its own (run 26). A model kept from this rung's
+    earlier collect is left out too: WORK's benchmark of it is the longer finetune's, so its own
+    seconds are only in that earlier collect's file."""
     out = {}
     for stage in STAGES:
         total = 0.0
