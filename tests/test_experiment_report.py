@@ -420,6 +420,40 @@ def test_the_teacher_travels_in_parts_and_is_unpacked_whole_or_not_at_all(tmp_pa
     assert not (tmp_path / "cut").exists() and not (tmp_path / "cut.tmp").exists()
 
 
+def test_the_shared_inputs_are_unpacked_whole_or_not_at_all(tmp_path):
+    # Bug caught: `cat parts | xz -d > tmp && mv` under set -e went on after a cut-short stream (a part
+    # that never came): the workflow ran without SHARED, re-pruned the students and recomputed the
+    # reference, or a later launch read a cut-short shared.tar.
+    import tarfile
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    (folder / "shared-digests.txt").write_text("digests\n")
+    (folder / "student.pt").write_bytes(np.random.default_rng(0).bytes(300_000))  # xz cannot shrink it
+    with tarfile.open(tmp_path / "shared.tar", "w") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    packed = subprocess.run(["xz", "-c", tmp_path / "shared.tar"], capture_output=True, check=True).stdout
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i in range(3):
+        (parts / f"part.{i + 1:02d}").write_bytes(packed[i * 110_000:(i + 1) * 110_000])
+    done = ladder_sh("shared-in", f"{parts}/part.*", tmp_path / "joined.tar")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "joined.tar").read_bytes() == (tmp_path / "shared.tar").read_bytes()
+    assert hashlib.sha256((tmp_path / "shared.tar").read_bytes()).hexdigest() in done.stdout
+
+    for missing in ("part.03", "part.02"):  # the last call's part never came; one in the middle
+        kept = sorted(p for p in parts.glob("part.*") if p.name != missing)
+        (cut := tmp_path / f"without-{missing}").mkdir()
+        for part in kept:
+            shutil.copy(part, cut / part.name)
+        done = ladder_sh("shared-in", f"{cut}/part.*", tmp_path / "cut.tar")
+        assert done.returncode == 1, missing
+        assert "not a whole xz of the shared inputs" in done.stderr
+        assert not (tmp_path / "cut.tar").exists() and not (tmp_path / "cut.tar.tmp").exists()
+
+
 # ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
 
 def ladder_sh(*args, **env):

@@ -34,6 +34,8 @@
 #   ladder.sh snapshot-in PARTS CHECKPOINTS  joins PARTS/part.* into CHECKPOINTS/step-NNNNNNN.pt, named by
 #                           the step it holds
 #   ladder.sh teacher-in PARTS DIR  joins PARTS/part.* (a tar of the teacher's model folder) into DIR
+#   ladder.sh shared-in XZ FILE  unpacks XZ (the shared inputs' xz, or a quoted glob of its parts) into
+#                           FILE; a cut-short stream, or a tar without shared-digests.txt, is refused
 set -euo pipefail
 cd "$(dirname "$0")/../../../.."
 export PYTHONPATH=/tmp/site:/root/repo PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
@@ -43,10 +45,7 @@ stage() {
         bash docs/experiments/fashion_mnist/device/device.sh unpack .device
         command -v python >/dev/null || ln -sf "$(command -v python3)" /usr/local/bin/python
     fi
-    if [ -f .device/shared.tar.xz ]; then
-        xz -dc .device/shared.tar.xz > /root/shared.tar.tmp && mv /root/shared.tar.tmp /root/shared.tar
-        sha256sum /root/shared.tar
-    fi
+    if [ -f .device/shared.tar.xz ]; then shared_in .device/shared.tar.xz /root/shared.tar; fi
     local streams="teacher-parts:teacher-parts inception:inception shared:shared-parts snapshot:snapshot-parts"
     for pair in $streams; do  # device/calls.py's part folders: .device/<from> → /root/<to>, joined at launch
         mkdir -p "/root/${pair#*:}"
@@ -63,6 +62,17 @@ teacher_in() {  # teacher_in PARTS DIR: all parts must be there (a cut-short tar
     [ -f "$2.tmp/model.safetensors" ] || { echo "$1/part.*: no model.safetensors in it" >&2; rm -rf "$2.tmp"; exit 1; }
     rm -rf "$2" && mv "$2.tmp" "$2"
     sha256sum "$2/model.safetensors"
+}
+
+shared_in() {  # shared_in XZ FILE: XZ (a file, or a quoted glob of parts joined in name order) into FILE,
+    # whole or not at all: a cut-short stream would leave the workflow without SHARED (it would re-prune
+    # the students and recompute the reference, minutes of the lease) or unpack a cut-short tar
+    local parts=($1)
+    [ -f "${parts[0]}" ] || { echo "$1: no shared inputs there: stage them first" >&2; exit 1; }
+    cat "${parts[@]}" | xz -d > "$2.tmp" && tar -xOf "$2.tmp" shared-digests.txt > /dev/null \
+        || { echo "$1: not a whole xz of the shared inputs (a part missing?)" >&2; rm -f "$2.tmp"; exit 1; }
+    mv "$2.tmp" "$2"
+    sha256sum "$2"
 }
 
 snapshot_out() {  # snapshot_out CHECKPOINTS OUT: at most SNAPSHOT_PARTS parts a call (what a call returns)
@@ -110,10 +120,7 @@ launch)
     cat /root/inception/part.* | xz -d > $helper/default_1.pt
     echo "a16e4d89c0ecbc17a915dd76ea9e41211aa82562  $helper/default_1.pt" | sha1sum -c
     teacher_in /root/teacher-parts /root/teacher
-    if compgen -G "/root/shared-parts/part.*" > /dev/null; then
-        cat /root/shared-parts/part.* | xz -d > /root/shared.tar.tmp && mv /root/shared.tar.tmp /root/shared.tar
-        sha256sum /root/shared.tar
-    fi
+    if compgen -G "/root/shared-parts/part.*" > /dev/null; then shared_in "/root/shared-parts/part.*" /root/shared.tar; fi
     mkdir -p /root/repo /root/fm
     if [ -n "${LADDER_SNAPSHOT:-}" ]; then
         [[ "$LADDER_SNAPSHOT" =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ && "$LADDER_SNAPSHOT" != *..* ]] \
@@ -164,7 +171,9 @@ snapshot-in)
     snapshot_in "$2" "$3" ;;
 teacher-in)
     teacher_in "$2" "$3" ;;
+shared-in)
+    shared_in "$2" "$3" ;;
 *)
-    echo "usage: $0 stage | launch | wait SECONDS | snapshot-out CHECKPOINTS OUT | snapshot-in PARTS CHECKPOINTS | teacher-in PARTS DIR" >&2
+    echo "usage: $0 stage | launch | wait SECONDS | snapshot-out CHECKPOINTS OUT | snapshot-in PARTS CHECKPOINTS | teacher-in PARTS DIR | shared-in XZ FILE" >&2
     exit 2 ;;
 esac
