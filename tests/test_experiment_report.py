@@ -420,6 +420,32 @@ def test_the_teacher_travels_in_parts_and_is_unpacked_whole_or_not_at_all(tmp_pa
     assert not (tmp_path / "cut").exists() and not (tmp_path / "cut.tmp").exists()
 
 
+def test_a_picture_another_report_has_byte_for_byte_is_not_kept_twice(report, tmp_path):
+    # Bugs caught: each build committing its unchanged pictures again (runs 24-26: one 1.3 MB
+    # samples.png three times, carried by every GPU call); a report dropping its own pictures when
+    # rebuilt in place; a changed picture dropped; "earlier" read as "run10" < "run9".
+    raws = []
+    for steps, fids in LADDER.items():
+        raws.append(tmp_path / "raw" / str(steps))
+        report.collect(fake_run(tmp_path / f"work{steps}", steps, fids), raws[-1])
+    reports = tmp_path / "reports"
+    report.build(raws, reports / "run9")
+    drawn = sorted(p.name for p in (reports / "run9").glob("*.png"))
+    assert "ladder.png" in drawn and "loss_curves.png" in drawn
+    report.build(raws, reports / "run9")  # in place: nothing to compare but itself
+    assert sorted(p.name for p in (reports / "run9").glob("*.png")) == drawn
+    assert json.loads((reports / "run9" / "report.json").read_text())["pictures_elsewhere"] == {}
+
+    shutil.copytree(reports / "run9", reports / "run10")
+    report.build(raws, reports / "run11")
+    assert list((reports / "run11").glob("*.png")) == []
+    assert json.loads((reports / "run11" / "report.json").read_text())["pictures_elsewhere"] == {
+        name: f"run9/{name}" for name in drawn}
+    report.build(raws[:1], reports / "run12")  # one rung: another loss plot, no ladder
+    elsewhere = json.loads((reports / "run12" / "report.json").read_text())["pictures_elsewhere"]
+    assert (reports / "run12" / "loss_curves.png").exists() and "loss_curves.png" not in elsewhere
+
+
 def test_the_shared_inputs_are_unpacked_whole_or_not_at_all(tmp_path):
     # Bug caught: `cat parts | xz -d > tmp && mv` under set -e went on after a cut-short stream (a part
     # that never came): the workflow ran without SHARED, re-pruned the students and recomputed the

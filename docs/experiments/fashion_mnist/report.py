@@ -23,7 +23,9 @@ and, where models were scored at several finetune lengths (run.sh ``ladder``), l
 ladder model's FID, and each Jacobian objective's gap to NP+KD of the same seed, preferably of the
 same run), ladder.png (each objective's FID and gap per rung, with their seed spread) and
 ladder_rates.csv (each gap's change per fourfold budget, and the budget where that line would
-reach 0: an extrapolation). It refuses RAW folders whose reference statistics or pruned students
+reach 0: an extrapolation). A picture that is byte for byte one of another report beside OUT (a
+folder of OUT's parent) is not kept twice: report.json's ``pictures_elsewhere`` names that file. It
+refuses RAW folders whose reference statistics or pruned students
 differ (digests.json), naming both. A model without its summary.json
 (a lease lost mid-rung) takes its finetune length and seed from its RAW's hand-written
 ``recovered.json``, whose "why" cites the evidence; its rows say so (``training_from``).
@@ -40,6 +42,7 @@ Exit 1, listing each number that does not match the files.
 from __future__ import annotations
 
 import csv
+import filecmp
 import hashlib
 import json
 import re
@@ -501,7 +504,6 @@ def build(raws: list[Path], out: Path) -> None:
               "teacher_fid_by_steps": {steps: score["fid"] for steps, score in scores.items()},
               "stage_seconds": {raw.name: read_json(raw / "stage_seconds.json") for raw in raws},
               "digests": {raw.name: read_json(raw / "digests.json") for raw in raws}}
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     teacher_curve_plot(curve_raw, scores, out / "teacher_curve.png")
     sample_montage([(f"teacher, {steps} steps", curve_raw / "teacher_curve" / f"grid-{steps}.png")
                     for steps in scores], out / "samples_teacher_curve.png")
@@ -526,6 +528,27 @@ def build(raws: list[Path], out: Path) -> None:
                     diagnosed[f"{model_label(path)}, {path.parent.parent.parent.name}, {raw.name}"] = history
     if diagnosed:
         plot_gradient_share(diagnosed, out / "gradient_share.png")
+    report["pictures_elsewhere"] = drop_repeated_pictures(out)
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def drop_repeated_pictures(out: Path) -> dict[str, str]:
+    """Removes each picture of ``out`` that is byte for byte one of another report beside it (a folder
+    of ``out``'s parent, the first by run number), and returns {picture: that file, relative to
+    ``out``'s parent}. Each build draws every picture again, and a rung that adds no model to a montage
+    draws the same one: runs 24–26 committed one 1.3 MB samples.png three times, and the committed tree
+    travels with every call of a GPU lease (64 MiB a call, README "What the next run needs")."""
+    def run_order(path: Path) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.parent.name)]
+    elsewhere = {}
+    for picture in sorted(out.glob("*.png")):
+        same = (other for other in sorted(out.parent.glob(f"*/{picture.name}"), key=run_order)
+                if other.parent.resolve() != out.resolve() and filecmp.cmp(other, picture, shallow=False))
+        earlier = next(same, None)
+        if earlier is not None:
+            picture.unlink()
+            elsewhere[picture.name] = earlier.relative_to(out.parent).as_posix()
+    return elsewhere
 
 
 # --- check: the README's numbers against the files -------------------------------------------------
