@@ -544,10 +544,10 @@ def drop_repeated_pictures(out: Path) -> dict[str, str]:
     for picture in sorted(out.glob("*.png")):
         same = (other for other in sorted(out.parent.glob(f"*/{picture.name}"), key=run_order)
                 if other.parent.resolve() != out.resolve() and filecmp.cmp(other, picture, shallow=False))
-        earlier = next(same, None)
-        if earlier is not None:
+        kept = next(same, None)
+        if kept is not None:
             picture.unlink()
-            elsewhere[picture.name] = earlier.relative_to(out.parent).as_posix()
+            elsewhere[picture.name] = kept.relative_to(out.parent).as_posix()
     return elsewhere
 
 
