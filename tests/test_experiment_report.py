@@ -259,6 +259,32 @@ def test_long_metrics_are_thinned_keeping_the_last_record(report):
     assert len(kept) == 10 and kept[0] == "0" and kept[-1] == "999"
 
 
+def test_a_picture_another_report_has_byte_for_byte_is_not_kept_twice(report, tmp_path):
+    # Bugs caught: each build committing its unchanged pictures again (runs 24-26: one 1.3 MB
+    # samples.png three times, carried by every GPU call); a report dropping its own pictures when
+    # rebuilt in place; a changed picture dropped; "earlier" read as "run10" < "run9".
+    raws = []
+    for steps, fids in LADDER.items():
+        raws.append(tmp_path / "raw" / str(steps))
+        report.collect(fake_run(tmp_path / f"work{steps}", steps, fids), raws[-1])
+    reports = tmp_path / "reports"
+    report.build(raws, reports / "run9")
+    drawn = sorted(p.name for p in (reports / "run9").glob("*.png"))
+    assert "ladder.png" in drawn and "loss_curves.png" in drawn
+    report.build(raws, reports / "run9")  # in place: nothing to compare but itself
+    assert sorted(p.name for p in (reports / "run9").glob("*.png")) == drawn
+    assert json.loads((reports / "run9" / "report.json").read_text())["pictures_elsewhere"] == {}
+
+    shutil.copytree(reports / "run9", reports / "run10")
+    report.build(raws, reports / "run11")
+    assert list((reports / "run11").glob("*.png")) == []
+    assert json.loads((reports / "run11" / "report.json").read_text())["pictures_elsewhere"] == {
+        name: f"run9/{name}" for name in drawn}
+    report.build(raws[:1], reports / "run12")  # one rung: another loss plot, no ladder
+    elsewhere = json.loads((reports / "run12" / "report.json").read_text())["pictures_elsewhere"]
+    assert (reports / "run12" / "loss_curves.png").exists() and "loss_curves.png" not in elsewhere
+
+
 # ---- run.sh SHARED: a split run's next machine takes the first one's students and reference -------
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")   # config/fashion_mnist.yaml's file:// URL
@@ -387,6 +413,12 @@ def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
         calls_module.plan(25_000_000, whole, streams)
 
 
+# ---- device/ladder.sh teacher-in / shared-in: a lease's streams, joined whole or not at all ------
+
+def ladder_sh(*args, **env):
+    return run_bash(EXPERIMENT / "device" / "ladder.sh", *args, timeout=120, **env)  # python3: with torch
+
+
 def test_the_teacher_travels_in_parts_and_is_unpacked_whole_or_not_at_all(tmp_path, monkeypatch):
     # Bug caught: the teacher carried whole while the tree leaves less than its 36 MB beside it (run
     # 25's tree: calls.py refused), its tar's parts joined out of order or one missing and a cut-short
@@ -418,32 +450,6 @@ def test_the_teacher_travels_in_parts_and_is_unpacked_whole_or_not_at_all(tmp_pa
     assert done.returncode == 1
     assert "not a whole teacher tar" in done.stderr or "no model.safetensors" in done.stderr
     assert not (tmp_path / "cut").exists() and not (tmp_path / "cut.tmp").exists()
-
-
-def test_a_picture_another_report_has_byte_for_byte_is_not_kept_twice(report, tmp_path):
-    # Bugs caught: each build committing its unchanged pictures again (runs 24-26: one 1.3 MB
-    # samples.png three times, carried by every GPU call); a report dropping its own pictures when
-    # rebuilt in place; a changed picture dropped; "earlier" read as "run10" < "run9".
-    raws = []
-    for steps, fids in LADDER.items():
-        raws.append(tmp_path / "raw" / str(steps))
-        report.collect(fake_run(tmp_path / f"work{steps}", steps, fids), raws[-1])
-    reports = tmp_path / "reports"
-    report.build(raws, reports / "run9")
-    drawn = sorted(p.name for p in (reports / "run9").glob("*.png"))
-    assert "ladder.png" in drawn and "loss_curves.png" in drawn
-    report.build(raws, reports / "run9")  # in place: nothing to compare but itself
-    assert sorted(p.name for p in (reports / "run9").glob("*.png")) == drawn
-    assert json.loads((reports / "run9" / "report.json").read_text())["pictures_elsewhere"] == {}
-
-    shutil.copytree(reports / "run9", reports / "run10")
-    report.build(raws, reports / "run11")
-    assert list((reports / "run11").glob("*.png")) == []
-    assert json.loads((reports / "run11" / "report.json").read_text())["pictures_elsewhere"] == {
-        name: f"run9/{name}" for name in drawn}
-    report.build(raws[:1], reports / "run12")  # one rung: another loss plot, no ladder
-    elsewhere = json.loads((reports / "run12" / "report.json").read_text())["pictures_elsewhere"]
-    assert (reports / "run12" / "loss_curves.png").exists() and "loss_curves.png" not in elsewhere
 
 
 def test_the_shared_inputs_are_unpacked_whole_or_not_at_all(tmp_path):
@@ -481,10 +487,6 @@ def test_the_shared_inputs_are_unpacked_whole_or_not_at_all(tmp_path):
 
 
 # ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
-
-def ladder_sh(*args, **env):
-    return run_bash(EXPERIMENT / "device" / "ladder.sh", *args, timeout=120, **env)  # python3: with torch
-
 
 def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_its_step(tmp_path):
     # Bug caught: the oldest snapshot sent (a resumed lease redoes steps), a part lost or sent twice
