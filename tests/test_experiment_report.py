@@ -491,7 +491,8 @@ def test_the_shared_inputs_are_unpacked_whole_or_not_at_all(tmp_path):
 def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_its_step(tmp_path):
     # Bug caught: the oldest snapshot sent (a resumed lease redoes steps), a part lost or sent twice
     # between calls, parts joined cut short (torch cannot read it: the finetune starts again from
-    # step 0), or the carried file named so that the loop never finds it.
+    # step 0), the carried file named so that the loop never finds it, or, on a second launch on the
+    # machine, the carried snapshot placed again or the new model's snapshot taken as sent (same name).
     import torch
 
     checkpoints, parts, placed = (tmp_path / name for name in ("checkpoints", "parts", "placed"))
@@ -515,6 +516,16 @@ def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_i
     assert done.returncode == 0, done.stderr
     assert [p.name for p in placed.iterdir()] == ["step-0001200.pt"]
     assert (placed / "step-0001200.pt").read_bytes() == (checkpoints / "step-0001200.pt").read_bytes()
+    # A second launch on the machine, another model: the carried snapshot is not placed in its
+    # checkpoints too, and its own snapshot of the same step name still goes out.
+    done = ladder_sh("snapshot-in", parts, tmp_path / "second")
+    assert done.returncode == 0 and not (tmp_path / "second").exists(), done.stdout
+    (second := tmp_path / "second-checkpoints").mkdir()
+    torch.save({"step": 1200, "net": torch.ones(3)}, second / "step-0001200.pt")
+    (out := tmp_path / "out-second").mkdir()
+    done = ladder_sh("snapshot-out", second, out, **calls)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["step-0001200.pt.partaa"]
 
 
 def test_a_carried_file_that_is_no_snapshot_is_refused_and_leaves_nothing(tmp_path):

@@ -32,7 +32,7 @@
 #                           with its sha256; at most SNAPSHOT_PARTS (3) parts a call, the rest in the next
 #                           calls (a ratio-0.3 snapshot, 80 MB, is more than one call returns)
 #   ladder.sh snapshot-in PARTS CHECKPOINTS  joins PARTS/part.* into CHECKPOINTS/step-NNNNNNN.pt, named by
-#                           the step it holds
+#                           the step it holds, and removes the parts (a second launch: another model)
 #   ladder.sh teacher-in PARTS DIR  joins PARTS/part.* (a tar of the teacher's model folder) into DIR
 #   ladder.sh shared-in XZ FILE  unpacks XZ (the shared inputs' xz, or a quoted glob of its parts) into
 #                           FILE; a cut-short stream, or a tar without shared-digests.txt, is refused
@@ -82,7 +82,8 @@ snapshot_out() {  # snapshot_out CHECKPOINTS OUT: at most SNAPSHOT_PARTS parts a
         for _ in 1 2 3; do  # the loop may replace the newest (a new one, then the old one goes) meanwhile
             newest=$(find "$1" -maxdepth 1 -name 'step-*.pt' 2>/dev/null | sort | tail -n 1)
             [ -n "$newest" ] || { echo "no snapshot yet in $1"; return 0; }
-            [ "$(basename "$newest")" != "$(cat "$outbox/sent" 2>/dev/null)" ] \
+            # by its path: a second launch on the machine (another model) has its own step-0002400.pt
+            [ "$newest" != "$(cat "$outbox/sent" 2>/dev/null)" ] \
                 || { echo "snapshot $(basename "$newest"): sent already"; return 0; }
             copy=$outbox/$(basename "$newest")
             cp "$newest" "$copy" 2>/dev/null && break
@@ -90,12 +91,12 @@ snapshot_out() {  # snapshot_out CHECKPOINTS OUT: at most SNAPSHOT_PARTS parts a
         [ -f "$copy" ] || { echo "$newest: could not be copied" >&2; return 1; }
         echo "snapshot $(basename "$copy"): $(sha256sum < "$copy" | cut -c1-64)"
         split -b 15M "$copy" "$copy.part" && rm "$copy"
-        basename "$copy" > "$outbox/sent"
+        echo "$newest" > "$outbox/sent"
     fi
     local parts=("$outbox"/*.part*)
     for part in "${parts[@]:0:${SNAPSHOT_PARTS:-3}}"; do mv "$part" "$2/"; done
     local left=$(( ${#parts[@]} > ${SNAPSHOT_PARTS:-3} ? ${#parts[@]} - ${SNAPSHOT_PARTS:-3} : 0 ))
-    echo "snapshot $(cat "$outbox/sent"): ${#parts[@]} parts to send, $left left for the next call"
+    echo "snapshot $(basename "$(cat "$outbox/sent")"): ${#parts[@]} parts to send, $left left for the next call"
 }
 
 snapshot_in() {  # snapshot_in PARTS CHECKPOINTS
@@ -107,6 +108,7 @@ snapshot_in() {  # snapshot_in PARTS CHECKPOINTS
         "$2/carried.tmp") || { echo "$1/part.*: not a training snapshot" >&2; rm -f "$2/carried.tmp"; exit 1; }
     placed=$2/$(printf 'step-%07d.pt' "$step")  # the loop's own name for it (igsm.training save_snapshot)
     mv "$2/carried.tmp" "$placed"
+    rm -f "$1"/part.*  # placed once: a second launch on the machine (another model) must not get it too
     echo "carried snapshot at step $step: $(sha256sum < "$placed" | cut -c1-64) in $2"
 }
 
