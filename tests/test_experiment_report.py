@@ -413,7 +413,7 @@ def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
         calls_module.plan(25_000_000, whole, streams)
 
 
-# ---- device/ladder.sh teacher-in / shared-in: a lease's streams, joined whole or not at all ------
+# ---- device/ladder.sh teacher-in / shared-in / inception-in: a lease's streams, whole or not at all
 
 def ladder_sh(*args, **env):
     return run_bash(EXPERIMENT / "device" / "ladder.sh", *args, timeout=120, **env)  # python3: with torch

