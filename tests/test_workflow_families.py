@@ -1,7 +1,7 @@
 """The model families beside the demo's U-Net end to end through Snakemake, with tiny settings: a
 U-ViT on the VP-SDE, and the conditional latent models (a DiT, an SD U-Net). Apart from
 test_workflow.py, which shares the session's demo run with test_slurm.py in one test process, so
-that these ~9 minutes run in another (tests/conftest.py schedules by module)."""
+that these 5–9 minutes (measured in the full suite) run in another (tests/conftest.py schedules by module)."""
 
 import json
 import math
