@@ -510,6 +510,19 @@ def test_the_inception_weights_are_joined_whole_or_not_at_all(tmp_path):
         assert not (tmp_path / target).exists() and not (tmp_path / f"{target}.tmp").exists()
 
 
+def test_the_inception_weights_are_checked_against_igsm_fids_sha1_by_default(tmp_path):
+    # Bug caught: ladder.sh's own copy of the sha1 drifting from igsm.fid's (the one the FID jobs check),
+    # or a sed that finds no line and checks against an empty digest.
+    from igsm.fid import FID_HELPER_SHA1
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "part.01").write_bytes(subprocess.run(["xz", "-c"], input=b"not the weights", capture_output=True,
+                                                   check=True).stdout)
+    done = ladder_sh("inception-in", parts, tmp_path / "default_1.pt")
+    assert done.returncode == 1 and f"not the Inception weights, sha1 {FID_HELPER_SHA1}" in done.stderr
+    assert not (tmp_path / "default_1.pt").exists()
+
 # ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
 
 def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_its_step(tmp_path):

