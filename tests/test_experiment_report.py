@@ -2,6 +2,7 @@
 README quotes is what the committed files give, the report is built from the committed raw files
 alone, and runs that did not share their inputs are not reported together."""
 
+import ast
 import csv
 import hashlib
 import importlib.util
@@ -413,6 +414,38 @@ def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
         calls_module.plan(25_000_000, whole, streams)
 
 
+
+def test_calls_count_the_whole_checkout_and_name_carries_from_its_root_wherever_they_are_run(tmp_path):
+    # Bug caught: the tree measured from the folder the script runs in (run 29's README listed a
+    # 28.0 MB tree from docs/experiments/fashion_mnist, the checkout's 30.4 MB), so calls planned
+    # there go over the 64 MiB the tool takes; carry paths printed absolute or relative to that
+    # folder, which the device tool, reading them from the checkout's root, does not find.
+    repo = tmp_path / "checkout"
+    (repo / "docs").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "big.bin").write_bytes(b"\0" * 3_000_000)                 # outside the folder it runs from
+    (repo / ".gitignore").write_text(".device/\n")
+    device = repo / ".device"
+    (device / "teacher" / "model").mkdir(parents=True)
+    (device / "teacher" / "model" / "model.safetensors").write_bytes(b"w" * 1000)
+    for name in ("wheels", "data"):
+        (device / name).mkdir()
+        (device / name / "file").write_bytes(b"x" * 1000)
+    for name in ("inception.xz", "shared.xz"):
+        (device / name).write_bytes(b"y" * 1000)
+    done = subprocess.run([sys.executable, str(EXPERIMENT / "device" / "calls.py"), str(device)],
+                          cwd=repo / "docs", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "with the 3.0 MB tree" in done.stdout
+    carried = [path for line in done.stdout.splitlines() for path in ast.literal_eval(line.split("carry ", 1)[1])]
+    assert sorted(carried) == [".device/data", ".device/inception/part.01", ".device/shared/part.01",
+                               ".device/teacher-parts/part.01", ".device/wheels"]
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(device, outside)
+    refused = subprocess.run([sys.executable, str(EXPERIMENT / "device" / "calls.py"), str(outside)],
+                             cwd=repo, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "not inside a git checkout" in refused.stderr
+
 # ---- device/ladder.sh teacher-in / shared-in / inception-in: a lease's streams, whole or not at all
 
 def ladder_sh(*args, **env):
@@ -434,7 +467,8 @@ def test_the_teacher_travels_in_parts_and_is_unpacked_whole_or_not_at_all(tmp_pa
         (device / folder / "file").write_bytes(b"x" * 1_000_000)
     for stream in ("inception.xz", "shared.xz"):
         (device / stream).write_bytes(b"y" * 1_000_000)
-    monkeypatch.setattr(calls_module, "tree_bytes", lambda: 0)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # calls name carries from a checkout's root
+    monkeypatch.setattr(calls_module, "tree_bytes", lambda root: 0)
     monkeypatch.setattr(calls_module, "LIMIT", calls_module.MARGIN + 2_000_000)  # 2 MB a call
     calls_module.main(device)
     parts = sorted((device / "teacher-parts").glob("part.*"))

@@ -2,7 +2,7 @@
 
 A call carries at most 64 MiB, the working tree included, and the tree grows with every committed
 run (17.6 MB at run 18, 20 MB at run 19, 31 MB at run 25), so fixed part sizes stop fitting. This
-script, run here from the repository root, packs the whole folders (wheels, data) into calls
+script packs the whole folders (wheels, data) into calls
 first-fit by size, then cuts the streams (the teacher as a tar, the Inception weights, the shared
 inputs, a snapshot) into numbered parts that fill each call's space left, and new calls for the
 rest. (The teacher, 36 MB, travelled whole until run 25's tree left less than that beside it.)
@@ -13,7 +13,8 @@ It writes DIR/teacher.tar (DIR/teacher/model's files) and its parts DIR/teacher-
 DIR/inception/part.NN and DIR/shared/part.NN (from DIR/inception.xz and DIR/shared.xz; `ladder.sh
 launch` joins each in name order), DIR/snapshot/part.NN where DIR/snapshot.pt is there (a finetune's
 snapshot to resume, `LADDER_SNAPSHOT`), and prints each call's carry list, the last one for
-`ladder.sh launch`, all the others for `ladder.sh stage`.
+`ladder.sh launch`, all the others for `ladder.sh stage`. The tree's size and the carry paths are
+the checkout's, relative to its root, from wherever the script runs (DIR may be relative or absolute).
 """
 
 from __future__ import annotations
@@ -64,11 +65,20 @@ def plan(capacity: int, whole: dict[str, int], streams: dict[str, int]) -> list[
     return calls
 
 
-def tree_bytes() -> int:
-    """The working tree that travels with every call: tracked and untracked-not-ignored files."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+def repository_root(folder: Path) -> Path:
+    """The checkout FOLDER is in: the device tool copies its whole tree and takes carry paths from its root."""
+    found = subprocess.run(["git", "-C", str(folder), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if found.returncode != 0:
+        sys.exit(f"{folder}: not inside a git checkout (a call carries paths of the checkout the device tool copies)")
+    return Path(found.stdout.strip()).resolve()
+
+
+def tree_bytes(root: Path) -> int:
+    """The working tree that travels with every call: ROOT's tracked and untracked-not-ignored files
+    (all of them, not only those under the folder this script runs from)."""
+    listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             capture_output=True, check=True).stdout.split(b"\0")
-    return sum(Path(name.decode()).stat().st_size for name in listed if name and Path(name.decode()).is_file())
+    return sum((root / name.decode()).stat().st_size for name in listed if name and (root / name.decode()).is_file())
 
 
 def pack_teacher(folder: Path) -> None:
@@ -82,6 +92,9 @@ def pack_teacher(folder: Path) -> None:
 
 
 def main(folder: Path) -> None:
+    root = repository_root(folder)
+    if not folder.resolve().is_relative_to(root):  # a symlink out of the checkout
+        sys.exit(f"{folder}: not inside the checkout {root} (a call carries only paths under it)")
     pack_teacher(folder)
     whole = {name: size(folder / name) for name in WHOLE if (folder / name).exists()}
     streams = {source: size(folder / source) for source, _ in STREAMS if (folder / source).exists()}
@@ -89,7 +102,7 @@ def main(folder: Path) -> None:
                if name not in whole and name not in streams and name not in OPTIONAL]
     if missing:
         sys.exit(f"{folder}: no {', '.join(missing)} (README 'What the next run needs' says how to make them)")
-    tree = tree_bytes()
+    tree = tree_bytes(root)
     calls = plan(LIMIT - tree - MARGIN, whole, streams)
     parts = {source: 0 for source, _ in STREAMS}
     carries = [[] for _ in calls]
@@ -106,9 +119,9 @@ def main(folder: Path) -> None:
                 with open(folder / name, "rb") as f:
                     f.seek(offset)
                     part.write_bytes(f.read(length))
-                carries[index].append(str(part))
+                carries[index].append(part.resolve().relative_to(root).as_posix())
             else:
-                carries[index].append(str(folder / name))
+                carries[index].append((folder / name).resolve().relative_to(root).as_posix())
     for index, carry in enumerate(carries):
         command = "launch" if index == len(carries) - 1 else "stage"
         total = tree + sum(length for _, _, length in calls[index])
