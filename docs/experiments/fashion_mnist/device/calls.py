@@ -67,6 +67,8 @@ def plan(capacity: int, whole: dict[str, int], streams: dict[str, int]) -> list[
 
 def repository_root(folder: Path) -> Path:
     """The checkout FOLDER is in: the device tool copies its whole tree and takes carry paths from its root."""
+    if not folder.is_dir():
+        sys.exit(f"{folder}: no such folder (README 'What the next run needs' says how to make it)")
     found = subprocess.run(["git", "-C", str(folder), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
     if found.returncode != 0:
         sys.exit(f"{folder}: not inside a git checkout (a call carries paths of the checkout the device tool copies)")
