@@ -61,6 +61,28 @@ def _pyplot():
     return plt
 
 
+def legend_below(fig, axes, fontsize: int = 7, columns: int = 3) -> None:
+    """One legend for all ``axes`` under them, each label once (the first line drawn with it): a
+    legend inside an axis hides its lines once a report draws twenty runs, and one per line repeats
+    a label for each rung or seed drawn in the same style. The figure grows by the legend's rows, so
+    the panels keep their size; then it lays itself out (``tight_layout``) above the legend."""
+    handles = {}
+    for axis in np.atleast_1d(axes):
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if not handles:
+        fig.tight_layout()
+        return
+    columns = max(1, min(columns, len(handles)))
+    rows = math.ceil(len(handles) / columns)
+    width, height = fig.get_size_inches()
+    legend_height = 0.2 + rows * fontsize * 1.9 / 72  # inches: a row of text and its spacing
+    fig.set_size_inches(width, height + legend_height)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=columns, fontsize=fontsize,
+               frameon=False)
+    fig.tight_layout(rect=(0, legend_height / (height + legend_height), 1, 1))
+
+
 def _save(fig, paths, dpi: int = 130) -> None:
     for path in paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -191,19 +213,20 @@ def plot_gradient_share(runs: dict[str, list[dict]], path) -> None:
     if ranges is None:
         raise ValueError(f"no by_timestep diagnostics in the records of {sorted(runs)}")
     fig, axes = plt.subplots(1, len(ranges), figsize=(4 * len(ranges), 3.4), sharey=True)
-    # one colour per run: the default cycle repeats after ten, and a ladder report draws more
+    # one colour per run: the default cycle repeats after ten, and a ladder report draws more;
+    # past tab20's twenty colours, the next twenty runs are dashed
     colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     for axis, (index, (low, high)) in zip(np.atleast_1d(axes), enumerate(ranges)):
         for i, (label, records) in enumerate(runs.items()):
             steps, shares = gradient_shares(records, index)
             if steps:
-                axis.plot(steps, shares, marker=".", label=label, color=colours(i % colours.N))
+                axis.plot(steps, shares, marker=".", label=label, color=colours(i % colours.N),
+                          linestyle=("-", "--", ":")[i // colours.N % 3])
         axis.set_title(f"t in [{low:g}, {'T' if high is None else f'{high:g}'})", fontsize=9)
         axis.set_xlabel("training step")
         axis.set_ylim(-0.02, 1.02)
     np.atleast_1d(axes)[0].set_ylabel("Jacobian terms' share of ‖gradient‖")
-    np.atleast_1d(axes)[-1].legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig, axes)
     _save(fig, [path], dpi=120)
     plt.close(fig)
 

@@ -173,3 +173,27 @@ def test_gradient_shares_skip_steps_without_the_jacobian_term(tiny_training, tmp
     norms = {name: first[name]["grad_norm"][index] for name in WEIGHTS}
     assert shares[0] == pytest.approx(norms["jm2"] / sum(norms.values()))
     assert 0 < shares[0] < 1
+
+
+def test_the_legend_of_many_runs_goes_under_the_panels_once_per_label():
+    """Bug caught: a legend inside a panel hides its lines once a report draws twenty runs (run 29's
+    gradient_share.png and loss_curves.png), a label repeated for each rung drawn alike, or a legend
+    placed below the figure's edge and cut off."""
+    from igsm.plots import _pyplot, legend_below
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for axis in axes:
+        for run in range(25):
+            axis.plot([0, 1], [run / 25, 1 - run / 25], label=f"run {run % 22}")  # 22 labels, 3 twice
+    legend_below(fig, axes)
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    assert [text.get_text() for text in legend.get_texts()] == [f"run {i}" for i in range(22)]
+    box = legend.get_window_extent()
+    figure = fig.bbox
+    assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and box.y1 <= figure.y1
+    for axis in axes:
+        panel = axis.get_tightbbox()  # the panel with its tick labels and axis label
+        assert not panel.overlaps(box), (panel, box)
+    plt.close(fig)

@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from igsm.data import file_digest  # noqa: E402
-from igsm.plots import plot_gradient_share  # noqa: E402
+from igsm.plots import legend_below, plot_gradient_share  # noqa: E402
 
 EXPERIMENTS = ("fmnist_unet", "fmnist_unet_seed1", "fmnist_unet_variants", "fmnist_gradient_flow", "fmnist_reuse")
 STAGES = ("download", "dense", "prune", "finetune", "sample", "fid_reference", "fid_statistics")
@@ -387,7 +387,8 @@ def loss_plot(raws: list[Path], out: Path, experiments=LADDER_EXPERIMENTS) -> No
 
     # One colour per objective in every panel (a seed repeats its objective's colour, dashed).
     objectives = sorted({model_label(path) for _, _, path, _ in runs})
-    colour = {name: f"C{i % 10}" for i, name in enumerate(objectives)}
+    palette = plt.get_cmap("tab10" if len(objectives) <= 10 else "tab20")  # tab10 repeats after ten
+    colour = {name: palette(i % palette.N) for i, name in enumerate(objectives)}
     for exp, style, path, history in runs:
         label = model_label(path) + (" (seed 1)" if exp.endswith("seed1") else "")
         steps = [r["step"] for r in history]
@@ -396,8 +397,7 @@ def loss_plot(raws: list[Path], out: Path, experiments=LADDER_EXPERIMENTS) -> No
                 axis.plot(steps, [r[term] for r in history], style, color=colour[model_label(path)], label=label)
     for axis, title in zip(axes[1:], ("NP term", "KD term", "Jacobian term (jm2, unweighted)")):
         axis.set(title=f"finetunes: {title}", xlabel="step", yscale="log")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig, [axis for axis in axes if axis is not None], columns=4)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
