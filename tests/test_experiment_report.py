@@ -414,7 +414,6 @@ def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
         calls_module.plan(25_000_000, whole, streams)
 
 
-
 def test_calls_count_the_whole_checkout_and_name_carries_from_its_root_wherever_they_are_run(tmp_path):
     # Bug caught: the tree measured from the folder the script runs in (run 29's README listed a
     # 28.0 MB tree from docs/experiments/fashion_mnist, the checkout's 30.4 MB), so calls planned
@@ -445,6 +444,7 @@ def test_calls_count_the_whole_checkout_and_name_carries_from_its_root_wherever_
     refused = subprocess.run([sys.executable, str(EXPERIMENT / "device" / "calls.py"), str(outside)],
                              cwd=repo, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "not inside a git checkout" in refused.stderr
+
 
 # ---- device/ladder.sh teacher-in / shared-in / inception-in: a lease's streams, whole or not at all
 
