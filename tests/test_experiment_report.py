@@ -414,6 +414,19 @@ def test_calls_fit_the_limit_and_cut_each_stream_into_contiguous_parts():
         calls_module.plan(25_000_000, whole, streams)
 
 
+def device_folder(device: Path, weights: bytes, filler: int) -> None:
+    """What `device/calls.py` lays out, at test size: the teacher's model (WEIGHTS), the wheels and
+    data folders and the Inception and shared-inputs streams (FILLER bytes each)."""
+    (device / "teacher" / "model").mkdir(parents=True)
+    (device / "teacher" / "model" / "model.safetensors").write_bytes(weights)
+    (device / "teacher" / "model" / "architecture.json").write_text('{"kind": "unet"}')
+    for folder in ("wheels", "data"):
+        (device / folder).mkdir()
+        (device / folder / "file").write_bytes(b"x" * filler)
+    for stream in ("inception.xz", "shared.xz"):
+        (device / stream).write_bytes(b"y" * filler)
+
+
 def test_calls_count_the_whole_checkout_and_name_carries_from_its_root_wherever_they_are_run(tmp_path):
     # Bug caught: the tree measured from the folder the script runs in (run 29's README listed a
     # 28.0 MB tree from docs/experiments/fashion_mnist, the checkout's 30.4 MB), so calls planned
@@ -425,13 +438,7 @@ def test_calls_count_the_whole_checkout_and_name_carries_from_its_root_wherever_
     (repo / "big.bin").write_bytes(b"\0" * 3_000_000)                 # outside the folder it runs from
     (repo / ".gitignore").write_text(".device/\n")
     device = repo / ".device"
-    (device / "teacher" / "model").mkdir(parents=True)
-    (device / "teacher" / "model" / "model.safetensors").write_bytes(b"w" * 1000)
-    for name in ("wheels", "data"):
-        (device / name).mkdir()
-        (device / name / "file").write_bytes(b"x" * 1000)
-    for name in ("inception.xz", "shared.xz"):
-        (device / name).write_bytes(b"y" * 1000)
+    device_folder(device, b"w" * 1000, 1000)
     done = subprocess.run([sys.executable, str(EXPERIMENT / "device" / "calls.py"), str(device)],
                           cwd=repo / "docs", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -458,15 +465,8 @@ def test_the_teacher_travels_in_parts_and_is_unpacked_whole_or_not_at_all(tmp_pa
     # model unpacked where the workflow reads it (a half-read safetensors fails only in the first job).
     calls_module = load_script(EXPERIMENT / "device" / "calls.py")
     device = tmp_path / ".device"
-    (device / "teacher" / "model").mkdir(parents=True)
     weights = np.random.default_rng(0).bytes(5_000_000)
-    (device / "teacher" / "model" / "model.safetensors").write_bytes(weights)
-    (device / "teacher" / "model" / "architecture.json").write_text('{"kind": "unet"}')
-    for folder in ("wheels", "data"):
-        (device / folder).mkdir()
-        (device / folder / "file").write_bytes(b"x" * 1_000_000)
-    for stream in ("inception.xz", "shared.xz"):
-        (device / stream).write_bytes(b"y" * 1_000_000)
+    device_folder(device, weights, 1_000_000)
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # calls name carries from a checkout's root
     monkeypatch.setattr(calls_module, "tree_bytes", lambda root: 0)
     monkeypatch.setattr(calls_module, "LIMIT", calls_module.MARGIN + 2_000_000)  # 2 MB a call
