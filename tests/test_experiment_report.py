@@ -63,6 +63,14 @@ def test_a_number_that_disagrees_with_its_file_is_named(report, tmp_path, capsys
     assert "7.76" in out and "the file gives 7.6698" in out
 
 
+def test_a_tag_with_no_number_before_it_is_named(report, tmp_path, capsys):
+    # Bug caught: a tag whose number was left out (run 30's draft read "took <!-- = … --> s") matched
+    # nothing, so the check passed while the README gave no number at all.
+    readme = readme_with(tmp_path, "**7.67**<!-- = run9/results.csv", "**<!-- = run9/results.csv")
+    assert report.check(readme) == 1
+    assert "a tag with no number before it: '<!-- = run9/results.csv'" in capsys.readouterr().out
+
+
 def test_a_ratio_of_two_files_reads_the_second_file(report, tmp_path, capsys):
     # Bug caught: "A over @OTHER B" dividing by A's own file (a ratio of 1.00 would then pass).
     tag = "1.69×**<!-- = run10/solo/igsm_every4/summary.json json timing.sec_per_step over @run10/solo/np_kd/"

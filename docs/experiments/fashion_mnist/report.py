@@ -627,6 +627,14 @@ def check(readme: Path) -> int:
             number, decimals = _number(written)
             if round(value, decimals) != number:
                 problems.append(f"{where}: the file gives {value:.{decimals + 2}f}")
+    # A tag with no number right before it is not matched above, so it would check nothing unseen
+    # (the README's own mentions of the syntax, in `code`, are not tags).
+    numbered = {match.start("file") for match in TAG.finditer(text)}
+    for opening in re.finditer(r"<!-- = (\S+)", text):
+        in_code = text.count("`", text.rfind("\n", 0, opening.start()) + 1, opening.start()) % 2 == 1
+        if opening.start(1) not in numbered and not in_code:
+            line = text.count("\n", 0, opening.start()) + 1
+            problems.append(f"{readme}:{line}: a tag with no number before it: {opening.group(0)!r}")
     for problem in problems:
         print(problem)
     print(f"{readme}: {count} tagged numbers, {len(problems)} not what the files give")
