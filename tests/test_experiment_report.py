@@ -565,6 +565,7 @@ def test_the_inception_weights_are_checked_against_igsm_fids_sha1_by_default(tmp
     assert done.returncode == 1 and f"not the Inception weights, sha1 {FID_HELPER_SHA1}" in done.stderr
     assert not (tmp_path / "default_1.pt").exists()
 
+
 # ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
 
 def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_its_step(tmp_path):

@@ -586,9 +586,10 @@ def _select(path: Path, selector: str) -> list[float]:
 def check(readme: Path) -> int:
     """0 when every tagged number of ``readme`` is what its file gives, else 1 (each mismatch printed)."""
     text = readme.read_text()
-    problems, count = [], 0
+    problems, count, numbered = [], 0, set()
     for match in TAG.finditer(text):
         count += 1
+        numbered.add(match.start("file"))
         line = text.count("\n", 0, match.start()) + 1
         where = f"{readme}:{line}: {match.group(0)!r}"
         path = readme.parent / match.group("file")
@@ -629,7 +630,6 @@ def check(readme: Path) -> int:
                 problems.append(f"{where}: the file gives {value:.{decimals + 2}f}")
     # A tag with no number right before it is not matched above, so it would check nothing unseen
     # (the README's own mentions of the syntax, in `code`, are not tags).
-    numbered = {match.start("file") for match in TAG.finditer(text)}
     for opening in re.finditer(r"<!-- = (\S+)", text):
         in_code = text.count("`", text.rfind("\n", 0, opening.start()) + 1, opening.start()) % 2 == 1
         if opening.start(1) not in numbered and not in_code:
