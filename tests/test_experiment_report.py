@@ -568,6 +568,25 @@ def test_the_inception_weights_are_checked_against_igsm_fids_sha1_by_default(tmp
 
 # ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
 
+def test_a_wait_returns_the_raw_files_and_logs_there_so_far_and_names_no_missing_one(tmp_path):
+    # Bug caught: `wait` tarred a fixed list, so before the first rung ended tar named fm/ladder as an
+    # error in every lease's output (runs 29–31), reading like a failure; a path dropped from the list
+    # would stop the finetune logs or the Snakemake log from coming back.
+    root, out = tmp_path / "root", tmp_path / "out"
+    for path in ["raw/models/m/fid.json", "fm.log", "fm/results/logs/finetune/m.log",
+                 "fm/results/benchmarks/finetune/m.tsv", "fm/.snakemake/log/launch.snakemake.log",
+                 "fm/results/finetune/m/checkpoints/step-0000200.pt"]:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(path)
+    out.mkdir()
+    done = ladder_sh("raw-out", root, out)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    listed = subprocess.run(["tar", "-tzf", str(out / "raw.tgz")], capture_output=True, text=True, check=True)
+    files = sorted(name for name in listed.stdout.split() if not name.endswith("/"))
+    assert files == ["fm.log", "fm/.snakemake/log/launch.snakemake.log", "fm/results/benchmarks/finetune/m.tsv",
+                     "fm/results/logs/finetune/m.log", "raw/models/m/fid.json"]  # no snapshot: it has its parts
+
+
 def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_its_step(tmp_path):
     # Bug caught: the oldest snapshot sent (a resumed lease redoes steps), a part lost or sent twice
     # between calls, parts joined cut short (torch cannot read it: the finetune starts again from

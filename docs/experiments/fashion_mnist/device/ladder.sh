@@ -27,6 +27,8 @@
 #                           device/calls.py from .device/snapshot.pt) is placed in its checkpoints/ before
 #                           the workflow starts (snapshot-in), and the finetune resumes from it (its log
 #                           says "resuming from"; a snapshot of another student or setting is not used).
+#   ladder.sh raw-out ROOT OUT   what `wait` returns of ROOT (/root): OUT/raw.tgz of raw/, fm.log and the
+#                           workflow's per-rung collects and logs, those of them there so far
 #   ladder.sh snapshot-out CHECKPOINTS OUT   the newest step-*.pt of CHECKPOINTS, if not sent already, in
 #                           15 MB parts (step-NNNNNNN.pt.partaa, …; join here with cat in suffix order),
 #                           with its sha256; at most SNAPSHOT_PARTS (3) parts a call, the rest in the next
@@ -91,6 +93,19 @@ inception_in() {  # inception_in PARTS FILE: igsm.fid checks the weights' sha1 o
     [ -n "$want" ] || { echo "igsm/fid.py: no FID_HELPER_SHA1 = \"<sha1>\" line" >&2; exit 1; }
     xz_in "$1/part.*" "$2" "the Inception weights, sha1 $want" has_sha1 "$want"
     echo "$2: OK"
+}
+
+raw_out() {  # raw_out ROOT OUT: OUT/raw.tgz of what of the raw files, logs and run.sh's per-rung collects
+    # is under ROOT so far (before the first rung ends there is no fm/ladder: tar named it as an error)
+    # (fm/ladder: run.sh's collect after each finished rung, whole where raw/, collected mid-rung, may
+    # lack the summary.json the next rung's finetune removed: run 19's lost lease; fm/.snakemake/log:
+    # each launch's own log, fm.log is the last launch's)
+    local present=() path
+    for path in raw fm.log fm/ladder fm/results/logs fm/teacher_curve fm/results/benchmarks fm/.snakemake/log; do
+        [ -e "$1/$path" ] && present+=("$path")
+    done
+    [ ${#present[@]} -gt 0 ] || { echo "$1: no raw files or logs yet"; return 0; }
+    tar -czf "$2/raw.tgz" -C "$1" "${present[@]}"
 }
 
 snapshot_out() {  # snapshot_out CHECKPOINTS OUT: at most SNAPSHOT_PARTS parts a call (what a call returns)
@@ -168,10 +183,7 @@ wait)
         [ -f "$log" ] && echo "$log: $(tail -c 200 "$log" | tr '\r' '\n' | tail -n 1)"
     done
     python3 /root/repo/docs/experiments/fashion_mnist/report.py collect /root/fm /root/raw || true
-    # (fm/ladder: run.sh's collect after each finished rung, complete where /root/raw, taken mid-rung,
-    # lacks the summary.json that the next rung's finetune removed: run 19's lost lease)
-    tar -czf "$OUT/raw.tgz" -C /root raw fm.log fm/ladder fm/results/logs fm/teacher_curve fm/results/benchmarks \
-        fm/.snakemake/log || true  # (.snakemake/log: each launch's own log; fm.log is the last launch's)
+    raw_out /root "$OUT" || true  # (a log that grows while tar reads it: tar says so, the rest still goes)
     if [ -f /root/snapshot-model ]; then
         snapshot_out "/root/fm/results/finetune/$(cat /root/snapshot-model)/checkpoints" "$OUT" || true
     fi
@@ -184,6 +196,8 @@ wait)
         fi
     fi
     ls -la "$OUT" ;;
+raw-out)
+    raw_out "$2" "$3" ;;
 snapshot-out)
     snapshot_out "$2" "$3" ;;
 snapshot-in)
@@ -195,6 +209,6 @@ teacher-in)
 shared-in)
     shared_in "$2" "$3" ;;
 *)
-    echo "usage: $0 stage | launch | wait SECONDS | snapshot-out CHECKPOINTS OUT | snapshot-in PARTS CHECKPOINTS | teacher-in PARTS DIR | shared-in XZ FILE" >&2
+    echo "usage: $0 stage | launch | wait SECONDS | raw-out ROOT OUT | snapshot-out CHECKPOINTS OUT | snapshot-in PARTS CHECKPOINTS | teacher-in PARTS DIR | shared-in XZ FILE" >&2
     exit 2 ;;
 esac
