@@ -83,6 +83,12 @@ def legend_below(fig, axes, fontsize: int = 7, columns: int = 3) -> None:
     fig.tight_layout(rect=(0, legend_height / (height + legend_height), 1, 1))
 
 
+def line_colours(count: int):
+    """A colour map with distinct colours for ``count`` lines (call it with ``i % .N``): matplotlib's
+    default cycle repeats after ten, and a ladder report draws more."""
+    return _pyplot().get_cmap("tab10" if count <= 10 else "tab20")
+
+
 def _save(fig, paths, dpi: int = 130) -> None:
     for path in paths:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -213,9 +219,8 @@ def plot_gradient_share(runs: dict[str, list[dict]], path) -> None:
     if ranges is None:
         raise ValueError(f"no by_timestep diagnostics in the records of {sorted(runs)}")
     fig, axes = plt.subplots(1, len(ranges), figsize=(4 * len(ranges), 3.4), sharey=True)
-    # one colour per run: the default cycle repeats after ten, and a ladder report draws more;
-    # past tab20's twenty colours, the next twenty runs are dashed
-    colours = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    # one colour per run; past tab20's twenty colours, the next twenty runs are dashed
+    colours = line_colours(len(runs))
     for axis, (index, (low, high)) in zip(np.atleast_1d(axes), enumerate(ranges)):
         for i, (label, records) in enumerate(runs.items()):
             steps, shares = gradient_shares(records, index)

@@ -566,7 +566,7 @@ def test_the_inception_weights_are_checked_against_igsm_fids_sha1_by_default(tmp
     assert not (tmp_path / "default_1.pt").exists()
 
 
-# ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
+# ---- device/ladder.sh raw-out: what each `wait` returns
 
 def test_a_wait_returns_the_raw_files_and_logs_there_so_far_and_names_no_missing_one(tmp_path):
     # Bug caught: `wait` tarred a fixed list, so before the first rung ended tar named fm/ladder as an
@@ -586,6 +586,8 @@ def test_a_wait_returns_the_raw_files_and_logs_there_so_far_and_names_no_missing
     assert files == ["fm.log", "fm/.snakemake/log/launch.snakemake.log", "fm/results/benchmarks/finetune/m.tsv",
                      "fm/results/logs/finetune/m.log", "raw/models/m/fid.json"]  # no snapshot: it has its parts
 
+
+# ---- device/ladder.sh snapshot-out / snapshot-in: a finetune's snapshot from one machine to the next
 
 def test_the_newest_snapshot_goes_out_in_parts_over_calls_and_comes_back_under_its_step(tmp_path):
     # Bug caught: the oldest snapshot sent (a resumed lease redoes steps), a part lost or sent twice

@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from igsm.data import file_digest  # noqa: E402
-from igsm.plots import legend_below, plot_gradient_share  # noqa: E402
+from igsm.plots import legend_below, line_colours, plot_gradient_share  # noqa: E402
 
 EXPERIMENTS = ("fmnist_unet", "fmnist_unet_seed1", "fmnist_unet_variants", "fmnist_gradient_flow", "fmnist_reuse")
 STAGES = ("download", "dense", "prune", "finetune", "sample", "fid_reference", "fid_statistics")
@@ -387,7 +387,7 @@ def loss_plot(raws: list[Path], out: Path, experiments=LADDER_EXPERIMENTS) -> No
 
     # One colour per objective in every panel (a seed repeats its objective's colour, dashed).
     objectives = sorted({model_label(path) for _, _, path, _ in runs})
-    palette = plt.get_cmap("tab10" if len(objectives) <= 10 else "tab20")  # tab10 repeats after ten
+    palette = line_colours(len(objectives))
     colour = {name: palette(i % palette.N) for i, name in enumerate(objectives)}
     for exp, style, path, history in runs:
         label = model_label(path) + (" (seed 1)" if exp.endswith("seed1") else "")
