@@ -451,6 +451,7 @@ def test_calls_count_the_whole_checkout_and_name_carries_from_its_root_wherever_
                           cwd=repo / "docs", capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "with the 3.0 MB tree" in done.stdout
+    assert "committed runs" not in done.stdout  # none here
     carried = [path for line in done.stdout.splitlines() for path in ast.literal_eval(line.split("carry ", 1)[1])]
     assert sorted(carried) == [".device/data", ".device/inception/part.01", ".device/shared/part.01",
                                ".device/teacher-parts/part.01", ".device/wheels"]
@@ -459,6 +460,32 @@ def test_calls_count_the_whole_checkout_and_name_carries_from_its_root_wherever_
     refused = subprocess.run([sys.executable, str(EXPERIMENT / "device" / "calls.py"), str(outside)],
                              cwd=repo, capture_output=True, text=True, timeout=60)
     assert refused.returncode != 0 and "not inside a git checkout" in refused.stderr
+
+
+def test_calls_say_what_of_the_tree_the_committed_runs_are_and_leave_them_out_once_moved(tmp_path):
+    # Bug caught: the runs' share counted from files outside run folders (the experiment's README,
+    # report.py: moving the runs aside would then not shrink the tree as the line says), or a
+    # tracked file moved out of the checkout still counted (calls.py would plan the 8 calls of a
+    # 33 MB tree where run 32 needed 4).
+    repo = tmp_path / "checkout"
+    runs = repo / "docs" / "experiments" / "fashion_mnist"
+    (runs / "run7").mkdir(parents=True)
+    (runs / "run7" / "samples.png").write_bytes(b"\0" * 2_500_000)
+    (runs / "README.md").write_bytes(b"r" * 1_500_000)
+    (runs / "running.txt").write_bytes(b"n" * 1_000_000)  # not a run folder
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / ".gitignore").write_text(".device/\n")
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
+    device_folder(repo / ".device", b"w" * 1000, 1000)
+    command = [sys.executable, str(EXPERIMENT / "device" / "calls.py"), str(repo / ".device")]
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "with the 5.0 MB tree" in done.stdout
+    assert "the committed runs, docs/experiments/fashion_mnist/run*/, are 2.5 MB of the tree" in done.stdout
+    shutil.move(runs / "run7", tmp_path / "run7")  # tracked, moved out: it no longer travels
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "with the 2.5 MB tree" in done.stdout and "committed runs" not in done.stdout
 
 
 # ---- device/ladder.sh teacher-in / shared-in / inception-in: a lease's streams, whole or not at all
@@ -476,7 +503,7 @@ def test_the_teacher_travels_in_parts_and_is_unpacked_whole_or_not_at_all(tmp_pa
     weights = np.random.default_rng(0).bytes(5_000_000)
     device_folder(device, weights, 1_000_000)
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)  # calls name carries from a checkout's root
-    monkeypatch.setattr(calls_module, "tree_bytes", lambda root: 0)
+    monkeypatch.setattr(calls_module, "tree_files", lambda root: {})
     monkeypatch.setattr(calls_module, "LIMIT", calls_module.MARGIN + 2_000_000)  # 2 MB a call
     calls_module.main(device)
     parts = sorted((device / "teacher-parts").glob("part.*"))

@@ -19,6 +19,7 @@ the checkout's, relative to its root, from wherever the script runs (DIR may be 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tarfile
@@ -30,6 +31,8 @@ WHOLE = ("wheels", "data")
 STREAMS = (("teacher.tar", "teacher-parts"), ("inception.xz", "inception"), ("shared.xz", "shared"),
            ("snapshot.pt", "snapshot"))
 OPTIONAL = ("snapshot.pt",)
+RUNS = "docs/experiments/fashion_mnist"
+RUN_FOLDER = re.compile(re.escape(RUNS) + r"/run[0-9]+/")
 
 
 def size(path: Path) -> int:
@@ -75,12 +78,19 @@ def repository_root(folder: Path) -> Path:
     return Path(found.stdout.strip()).resolve()
 
 
-def tree_bytes(root: Path) -> int:
-    """The working tree that travels with every call: ROOT's tracked and untracked-not-ignored files
-    (all of them, not only those under the folder this script runs from)."""
+def tree_files(root: Path) -> dict[str, int]:
+    """The working tree that travels with every call, path → bytes: ROOT's tracked and
+    untracked-not-ignored files there now (all of them, not only those under the folder this script
+    runs from; a tracked file moved out of the checkout does not travel)."""
     listed = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                             capture_output=True, check=True).stdout.split(b"\0")
-    return sum((root / name.decode()).stat().st_size for name in listed if name and (root / name.decode()).is_file())
+    return {name.decode(): (root / name.decode()).stat().st_size
+            for name in listed if name and (root / name.decode()).is_file()}
+
+
+def runs_bytes(files: dict[str, int]) -> int:
+    """What of the tree the committed runs' folders (RUNS/runN/) are: no lease reads them."""
+    return sum(length for name, length in files.items() if RUN_FOLDER.match(name))
 
 
 def pack_teacher(folder: Path) -> None:
@@ -102,7 +112,8 @@ def main(folder: Path) -> None:
                if name not in whole and name not in streams and name not in OPTIONAL]
     if missing:
         sys.exit(f"{folder}: no {', '.join(missing)} (README 'What the next run needs' says how to make them)")
-    tree = tree_bytes(root)
+    files = tree_files(root)
+    tree = sum(files.values())
     calls = plan(LIMIT - tree - MARGIN, whole, streams)
     parts = {source: 0 for source, _ in STREAMS}
     carries = [[] for _ in calls]
@@ -127,6 +138,11 @@ def main(folder: Path) -> None:
         total = tree + sum(length for _, _, length in calls[index])
         print(f"call {index + 1} ({command}, {total / 1e6:.1f} MB with the {tree / 1e6:.1f} MB tree): "
               f"carry {carry}")
+    runs = runs_bytes(files)
+    if runs > 1e6:  # each call carries the tree: at 33 MB, 8 calls; without the runs 4
+        print(f"(the committed runs, {RUNS}/run*/, are {runs / 1e6:.1f} MB of the tree and no lease reads "
+              f"them: `mkdir -p /tmp/runs-aside && mv {RUNS}/run[0-9]* /tmp/runs-aside/` and run this "
+              f"again for fewer calls; `mv /tmp/runs-aside/run* {RUNS}/` once the lease is over)")
 
 
 if __name__ == "__main__":
