@@ -15,6 +15,8 @@ launch` joins each in name order), DIR/snapshot/part.NN where DIR/snapshot.pt is
 snapshot to resume, `LADDER_SNAPSHOT`), and prints each call's carry list, the last one for
 `ladder.sh launch`, all the others for `ladder.sh stage`. The tree's size and the carry paths are
 the checkout's, relative to its root, from wherever the script runs (DIR may be relative or absolute).
+Under the list it says how much of the tree the committed runs' folders are: no lease reads them,
+so moved out of the checkout for the lease they leave each call that much more to carry.
 """
 
 from __future__ import annotations
